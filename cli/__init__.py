@@ -1,0 +1,1 @@
+"""Click front end for dsgonnx, installed as the ``dsgonnx_cli`` package (see README)."""

@@ -1,0 +1,31 @@
+"""``dsgonnx inspect MODEL``."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from dsgonnx.graph.onnx_io import parse_input_shape
+
+
+def input_shape_option(func):
+    return click.option(
+        "--input-shape",
+        metavar="NxCxHxW",
+        default=None,
+        help="Fix dynamic input dimensions, e.g. 1x3x224x224.",
+    )(func)
+
+
+@click.command("inspect")
+@click.argument("model", type=click.Path(dir_okay=False, path_type=str))
+@input_shape_option
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the summary.")
+def inspect_cmd(model: str, input_shape: str | None, as_json: bool) -> None:
+    """Show MODEL's input, classes, ops, BatchNorm layers and torch-vs-ORT parity."""
+    from dsgonnx.inspection import format_inspection, inspect_model
+
+    shape = parse_input_shape(input_shape) if input_shape else None
+    info = inspect_model(model, shape)
+    click.echo(json.dumps(info, indent=2) if as_json else format_inspection(info))

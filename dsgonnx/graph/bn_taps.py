@@ -1,0 +1,116 @@
+"""BatchNorm layers: their stored statistics (the target) and hooks on their inputs (the probe).
+
+The running mean/var of each BatchNormalization node are the only "data" a data-free
+method has. onnx2torch turns a BN node into ``nn.BatchNorm2d`` when its parameters are
+initializers and into a functional module otherwise; both are handled here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+from .to_torch import TorchModel
+
+
+@dataclass(frozen=True)
+class BNLayer:
+    """One BatchNormalization node: ONNX name, the torch module that runs it, statistics."""
+
+    name: str
+    module_name: str
+    channels: int
+    running_mean: np.ndarray
+    running_var: np.ndarray
+    eps: float
+
+
+def find_bn_layers(model: TorchModel) -> list[BNLayer]:
+    """Every BN node of ``model`` in graph order, with its statistics."""
+    graph = model.graph.graph
+    initializers = {t.name: t for t in graph.initializer}
+    layers = []
+    missing = []
+    for node in graph.node:
+        if node.op_type != "BatchNormalization":
+            continue
+        eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+        module_name = model.module_names[node.name]
+        module = model.module.get_submodule(module_name)
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            mean, var = module.running_mean.detach().cpu().numpy(), module.running_var.detach().cpu().numpy()
+        elif node.input[3] in initializers and node.input[4] in initializers:
+            mean = numpy_helper.to_array(initializers[node.input[3]])
+            var = numpy_helper.to_array(initializers[node.input[4]])
+        else:
+            missing.append((node, module_name, eps))
+            continue
+        layers.append(_layer(node.name, module_name, mean, var, eps))
+    if missing:
+        layers = _with_computed_statistics(model, layers, missing)
+    order = {n.name: i for i, n in enumerate(graph.node)}
+    return sorted(layers, key=lambda layer: order[layer.name])
+
+
+def _layer(name: str, module_name: str, mean, var, eps: float) -> BNLayer:
+    mean = np.asarray(mean, dtype=np.float32).reshape(-1)
+    var = np.asarray(var, dtype=np.float32).reshape(-1)
+    return BNLayer(name, module_name, int(mean.shape[0]), mean, var, float(eps))
+
+
+def _with_computed_statistics(model: TorchModel, layers: list[BNLayer], missing) -> list[BNLayer]:
+    """BN statistics produced by other nodes: read them from one forward pass."""
+    captured: dict[str, tuple] = {}
+    handles = []
+    for node, module_name, _ in missing:
+        def hook(_module, args, _name=node.name):
+            captured[_name] = (args[3].detach().cpu().numpy(), args[4].detach().cpu().numpy())
+
+        handles.append(model.module.get_submodule(module_name).register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            model(torch.zeros((1, *model.loaded.input.chw), dtype=model.dtype))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return layers + [_layer(node.name, module_name, *captured[node.name], eps) for node, module_name, eps in missing]
+
+
+def bn_folded(model: onnx.ModelProto) -> bool:
+    """True when the graph has no BN nodes but Conv layers with a bias: the signature of
+    BN folded into Conv (torch.onnx.export's default, ORT's optimiser, quant_pre_process)."""
+    ops = [n for n in model.graph.node if n.op_type == "BatchNormalization"]
+    return not ops and any(n.op_type == "Conv" and len(n.input) > 2 and n.input[2] for n in model.graph.node)
+
+
+class BNProbe:
+    """Forward pre-hooks that hand each BN layer's input to ``callback(layer, tensor)``.
+
+    Works for ``nn.BatchNorm2d`` and onnx2torch's functional BN alike (the input is the
+    first positional argument of both). Use as a context manager or call :meth:`remove`.
+    """
+
+    def __init__(self, model: TorchModel, layers: list[BNLayer], callback: Callable[[BNLayer, torch.Tensor], None]):
+        self._handles = []
+        for layer in layers:
+            def hook(_module, args, _layer=layer):
+                callback(_layer, args[0])
+
+            self._handles.append(model.module.get_submodule(layer.module_name).register_forward_pre_hook(hook))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __enter__(self) -> "BNProbe":
+        return self
+
+    def __exit__(self, *exc) -> Optional[bool]:
+        self.remove()
+        return None

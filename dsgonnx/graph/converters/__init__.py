@@ -1,0 +1,23 @@
+"""Converters dsgonnx adds to onnx2torch's registry.
+
+onnx2torch 1.5.x registers converters up to about opset 17 and misses some opset-1..7
+versions. Each module here covers one op family; importing it registers its converters
+through onnx2torch's own ``add_converter`` decorator (nothing in site-packages is patched).
+Call :func:`register_all` before converting; it is idempotent.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_FAMILIES = ("passthrough", "reshape", "reduce", "pad", "split", "resize", "legacy")
+_registered = False
+
+
+def register_all() -> None:
+    """Import every family module once (each registers its converters on import)."""
+    global _registered
+    if not _registered:
+        for family in _FAMILIES:
+            importlib.import_module(f"{__name__}.{family}")
+        _registered = True

@@ -1,0 +1,275 @@
+"""Load an ONNX classifier safely and find its image input.
+
+``load_model`` is the single entry point: it reads the file (external data confined to
+the model's folder), runs ``onnx.checker`` and shape inference, finds the one image
+input (4-D float, NCHW), resolves dynamic dimensions, and counts the classes.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import onnx
+from google.protobuf.message import DecodeError
+from onnx import TensorProto, external_data_helper, helper, shape_inference
+
+from ..errors import InputSpecError, ModelLoadError
+
+_FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
+_IMAGE_CHANNELS = (1, 3, 4)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """The model's image input. ``shape`` is NCHW with the batch as given by the model
+    (``None`` when dynamic); C, H and W are always resolved."""
+
+    name: str
+    shape: tuple[Optional[int], int, int, int]
+    elem_type: int  # onnx.TensorProto data type
+
+    @property
+    def dtype(self) -> np.dtype:
+        return helper.tensor_dtype_to_np_dtype(self.elem_type)
+
+    @property
+    def dynamic_batch(self) -> bool:
+        return self.shape[0] is None
+
+    @property
+    def chw(self) -> tuple[int, int, int]:
+        return self.shape[1], self.shape[2], self.shape[3]
+
+    def batch_shape(self, batch: int) -> tuple[int, int, int, int]:
+        """The concrete shape of a batch; a model with a fixed batch only takes that."""
+        if self.shape[0] is not None and self.shape[0] != batch:
+            raise InputSpecError(f"input '{self.name}' has a fixed batch of {self.shape[0]}, not {batch}")
+        return (batch, *self.chw)
+
+
+@dataclass
+class LoadedModel:
+    """A checked ONNX model with its resolved image input (external data in memory)."""
+
+    path: Path
+    model: onnx.ModelProto
+    sha256: str
+    input: InputSpec
+    output_names: list[str]
+    num_classes: Optional[int]
+    opset: int
+    producer: str
+    op_histogram: dict[str, int] = field(default_factory=dict)
+    has_external_data: bool = False
+
+    @property
+    def initializer_names(self) -> set[str]:
+        return {t.name for t in self.model.graph.initializer}
+
+
+def parse_input_shape(text: str) -> tuple[int, int, int, int]:
+    """Parse ``1x3x224x224`` (also ``1,3,224,224``) into four positive ints."""
+    parts = text.lower().replace(",", "x").split("x")
+    try:
+        dims = tuple(int(p) for p in parts)
+    except ValueError:
+        dims = ()
+    if len(dims) != 4 or min(dims) <= 0:
+        raise InputSpecError(f"--input-shape must look like 1x3x224x224 (four positive sizes), got {text!r}")
+    return dims  # type: ignore[return-value]
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_model(path: str | os.PathLike, input_shape: Optional[tuple[int, int, int, int]] = None) -> LoadedModel:
+    """Load, check and describe the classifier at ``path``.
+
+    ``input_shape`` (NCHW) fixes dynamic dimensions and must agree with static ones.
+    Raises :class:`ModelLoadError` / :class:`InputSpecError` with a one-line message.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"model file not found: {path}")
+    if not path.is_file():
+        raise ModelLoadError(f"not a file: {path}")
+    model = _read_proto(path)
+    has_external = _load_external_data(model, path)
+    _check(model, path)
+    spec = _image_input(model, input_shape)
+    model = _infer_shapes(_with_input_shape(model, spec), path)
+    return LoadedModel(
+        path=path,
+        model=model,
+        sha256=sha256_of(path),
+        input=spec,
+        output_names=[o.name for o in model.graph.output],
+        num_classes=_num_classes(model),
+        opset=opset_of(model),
+        producer=" ".join(p for p in (model.producer_name, model.producer_version) if p),
+        op_histogram=dict(sorted(collections.Counter(n.op_type for n in model.graph.node).items())),
+        has_external_data=has_external,
+    )
+
+
+def opset_of(model: onnx.ModelProto) -> int:
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            return opset.version
+    return 1  # ONNX: an absent default-domain import means opset 1
+
+
+def _read_proto(path: Path) -> onnx.ModelProto:
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except (DecodeError, RuntimeWarning, ValueError, TypeError) as exc:
+        raise ModelLoadError(f"{path} is not a valid ONNX model (protobuf parse failed: {exc})") from None
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read {path}: {exc.strerror or exc}") from None
+    # A text or truncated file can parse as an almost empty message: demand a real graph.
+    if model.ir_version <= 0 or not model.graph.node or not model.graph.output:
+        raise ModelLoadError(f"{path} is not a valid ONNX model (no IR version, nodes or outputs; truncated?)")
+    return model
+
+
+def _external_tensors(model: onnx.ModelProto):
+    return [t for t in external_data_helper._get_all_tensors(model) if external_data_helper.uses_external_data(t)]
+
+
+def _load_external_data(model: onnx.ModelProto, path: Path) -> bool:
+    tensors = _external_tensors(model)
+    if not tensors:
+        return False
+    base = path.parent.resolve()
+    for tensor in tensors:
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        target = (base / location).resolve()
+        if not location or os.path.isabs(location) or ".." in Path(location).parts or not target.is_relative_to(base):
+            raise ModelLoadError(
+                f"tensor '{tensor.name}' points its external data outside the model's folder ({location!r}); refused"
+            )
+        if not target.is_file():
+            raise ModelLoadError(f"external data file for tensor '{tensor.name}' not found: {target}")
+    try:
+        external_data_helper.load_external_data_for_model(model, str(base))
+    except (OSError, ValueError, onnx.checker.ValidationError) as exc:
+        raise ModelLoadError(f"cannot load external data of {path}: {exc}") from None
+    return True
+
+
+def _check(model: onnx.ModelProto, path: Path) -> None:
+    try:
+        if model.ByteSize() < 2**31 - 1:
+            onnx.checker.check_model(model)
+        else:  # protobuf cannot serialise >2 GB: check from the file instead
+            onnx.checker.check_model(str(path))
+    except (onnx.checker.ValidationError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"{path} fails the ONNX checker: {first}") from None
+
+
+def _dims(value_info: onnx.ValueInfoProto) -> list[Optional[int]]:
+    shape = value_info.type.tensor_type.shape
+    return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in shape.dim]
+
+
+def _image_input(model: onnx.ModelProto, given: Optional[tuple[int, int, int, int]]) -> InputSpec:
+    initializers = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in initializers]
+    if not inputs:
+        raise InputSpecError("model has no graph input (every input is an initializer)")
+    if len(inputs) > 1:
+        names = ", ".join(repr(i.name) for i in inputs)
+        raise InputSpecError(f"model has {len(inputs)} inputs ({names}); dsgonnx needs a single image input")
+    value = inputs[0]
+    name = value.name
+    tensor_type = value.type.tensor_type
+    if not value.type.HasField("tensor_type") or tensor_type.elem_type not in _FLOAT_TYPES:
+        type_name = TensorProto.DataType.Name(tensor_type.elem_type) if value.type.HasField("tensor_type") else "non-tensor"
+        raise InputSpecError(f"input '{name}' is {type_name}, not a float image tensor")
+    if not tensor_type.HasField("shape"):
+        if given is None:
+            raise InputSpecError(f"input '{name}' has no shape; pass --input-shape NxCxHxW (e.g. 1x3x224x224)")
+        dims: list[Optional[int]] = [None] * 4
+    else:
+        dims = _dims(value)
+    if len(dims) != 4:
+        raise InputSpecError(f"input '{name}' has rank {len(dims)}; dsgonnx needs a 4-D NCHW image input")
+    if _looks_nhwc(dims, given):
+        shown = "x".join("?" if d is None else str(d) for d in dims)
+        raise InputSpecError(
+            f"input '{name}' looks NHWC ({shown}: channels last); dsgonnx needs NCHW input "
+            "(export the model channels-first or add a Transpose in front)"
+        )
+    if given is not None:
+        for axis, (have, want) in enumerate(zip(dims, given)):
+            if have is not None and have != want:
+                raise InputSpecError(
+                    f"--input-shape {'x'.join(map(str, given))} conflicts with input '{name}' "
+                    f"(axis {axis} is fixed to {have})"
+                )
+        batch = None if dims[0] is None else dims[0]
+        return InputSpec(name, (batch, given[1], given[2], given[3]), tensor_type.elem_type)
+    unresolved = [label for label, d in zip("NCHW", dims) if d is None and label != "N"]
+    if unresolved:
+        shown = "x".join(label if d is None else str(d) for label, d in zip("NCHW", dims))
+        raise InputSpecError(
+            f"input '{name}' has dynamic {'/'.join(unresolved)} ({shown}); pass --input-shape, e.g. 1x3x224x224"
+        )
+    if dims[1] not in _IMAGE_CHANNELS:
+        raise InputSpecError(f"input '{name}' has {dims[1]} channels; an image input has 1, 3 or 4 (NCHW)")
+    return InputSpec(name, (dims[0], dims[1], dims[2], dims[3]), tensor_type.elem_type)  # type: ignore[arg-type]
+
+
+def _looks_nhwc(dims: list[Optional[int]], given: Optional[tuple[int, int, int, int]]) -> bool:
+    channels_last = dims[3] in _IMAGE_CHANNELS and dims[1] not in _IMAGE_CHANNELS and dims[1] is not None
+    if given is not None:
+        return channels_last or (given[3] in _IMAGE_CHANNELS and given[1] not in _IMAGE_CHANNELS)
+    return channels_last
+
+
+def _with_input_shape(model: onnx.ModelProto, spec: InputSpec) -> onnx.ModelProto:
+    """Write resolved C/H/W into the graph input so shape inference can propagate them."""
+    for value in model.graph.input:
+        if value.name == spec.name:
+            dims = value.type.tensor_type.shape.dim
+            if len(dims) != 4:
+                value.type.tensor_type.shape.Clear()
+                for _ in range(4):
+                    value.type.tensor_type.shape.dim.add()
+                dims = value.type.tensor_type.shape.dim
+                dims[0].dim_param = "N"
+            for axis in (1, 2, 3):
+                dims[axis].Clear()
+                dims[axis].dim_value = spec.shape[axis]
+    return model
+
+
+def _infer_shapes(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
+    if model.ByteSize() >= 2**31 - 1:
+        return model  # in-memory inference cannot serialise >2 GB; shapes come from the run instead
+    try:
+        return shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise ModelLoadError(f"{path}: shape inference failed: {first}") from None
+
+
+def _num_classes(model: onnx.ModelProto) -> Optional[int]:
+    """Classes = product of the first output's non-batch dims (N×1000 and N×1000×1×1 alike)."""
+    dims = _dims(model.graph.output[0]) if model.graph.output else []
+    if not dims or any(d is None for d in dims[1:]):
+        return None
+    count = int(np.prod(dims[1:])) if len(dims) > 1 else dims[0]
+    return count

@@ -1,0 +1,194 @@
+"""Convert a loaded ONNX classifier into an eval-mode, differentiable torch graph.
+
+onnx2torch does the conversion, extended by :mod:`dsgonnx.graph.converters` for the op
+versions it lacks; :func:`check_parity` proves the result against ONNX Runtime.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import onnx
+import torch
+from onnx2torch import convert as onnx2torch_convert
+from onnx2torch.node_converters.registry import get_converter
+from onnx2torch.onnx_graph import OnnxGraph
+from torch import fx
+
+from ..errors import ParityError, UnsupportedModelError
+from . import normalize
+from .converters import register_all
+from .onnx_io import LoadedModel, opset_of
+
+
+@dataclass
+class TorchModel:
+    """The torch twin of a loaded ONNX model."""
+
+    module: fx.GraphModule
+    loaded: LoadedModel
+    graph: onnx.ModelProto  # the normalised ONNX graph the module was built from
+    module_names: dict[str, str]  # ONNX node name -> torch submodule name
+    dtype: torch.dtype  # what the torch module computes in (float16 models run in float32)
+
+    def __call__(self, images: torch.Tensor):
+        return self.module(images)
+
+    def submodule(self, onnx_node_name: str) -> torch.nn.Module:
+        return self.module.get_submodule(self.module_names[onnx_node_name])
+
+
+@dataclass(frozen=True)
+class ParityResult:
+    max_abs_diff: float
+    tolerance: float
+    top1_agreement: float
+    samples: int
+    worst_output: str
+    per_output: dict[str, float]
+
+    @property
+    def ok(self) -> bool:
+        return self.max_abs_diff <= self.tolerance
+
+
+def to_torch(loaded: LoadedModel) -> TorchModel:
+    """Convert ``loaded`` to torch (eval mode). Unsupported ops raise a one-line error
+    naming the op, its version and the node."""
+    register_all()
+    graph = normalize.for_torch(loaded.model)
+    try:
+        module = onnx2torch_convert(graph)
+    except Exception as exc:  # onnx2torch raises bare NotImplementedError/KeyError/...
+        raise _conversion_error(graph, exc) from None
+    module.eval()  # onnx2torch returns train mode; BN must use its running statistics
+    names = {node.proto.name: unique for unique, node in OnnxGraph(graph.graph).nodes.items()}
+    float_params = [p.dtype for p in module.parameters() if p.is_floating_point()]
+    float_params += [b.dtype for b in module.buffers() if b.is_floating_point()]
+    dtype = torch.float64 if float_params and all(d == torch.float64 for d in float_params) else torch.float32
+    return TorchModel(module=module, loaded=loaded, graph=graph, module_names=names, dtype=dtype)
+
+
+def _conversion_error(graph: onnx.ModelProto, exc: Exception) -> UnsupportedModelError:
+    """Find the node onnx2torch failed on by converting node by node."""
+    opset = {o.domain or "": o.version for o in graph.opset_import}
+    opset.setdefault("ai.onnx", opset.get("", 1))
+    onnx_graph = OnnxGraph(graph.graph)
+    for node in onnx_graph.nodes.values():
+        domain = node.domain or ""
+        version = opset.get(domain, opset[""])
+        where = f"{node.operation_type} (opset {version}{', domain ' + domain if domain else ''}), node '{node.name}'"
+        try:
+            converter = get_converter(operation_type=node.operation_type, version=version, domain=domain)
+        except NotImplementedError:
+            since = _since_version(node.operation_type, version, domain)
+            return UnsupportedModelError(
+                f"unsupported operator {node.operation_type}-{since} "
+                f"(model opset {version}{', domain ' + domain if domain else ''}) at node '{node.name}'"
+            )
+        try:
+            converter(node, onnx_graph)
+        except Exception as node_exc:
+            return UnsupportedModelError(f"cannot convert {where}: {_one_line(node_exc)}")
+    return UnsupportedModelError(f"torch conversion failed: {type(exc).__name__}: {_one_line(exc)}")
+
+
+def _since_version(op_type: str, opset: int, domain: str) -> int:
+    try:
+        return onnx.defs.get_schema(op_type, opset, domain).since_version
+    except Exception:
+        return opset
+
+
+def _one_line(exc: Exception) -> str:
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
+
+
+def _flatten_outputs(output) -> list[torch.Tensor]:
+    if isinstance(output, torch.Tensor):
+        return [output]
+    flat: list[torch.Tensor] = []
+    for item in output:
+        flat.extend(_flatten_outputs(item))
+    return flat
+
+
+def random_inputs(loaded: LoadedModel, count: int, seed: int = 0) -> np.ndarray:
+    """Standard-normal NCHW inputs in float32 (the scale of normalised images)."""
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((count, *loaded.input.chw)).astype(np.float32)
+
+
+def run_torch(model: TorchModel, images: np.ndarray, batch: Optional[int] = None) -> list[np.ndarray]:
+    """Run the torch model on float32 NCHW ``images``; returns each output as numpy."""
+    batch = batch or _batch_for(model.loaded, len(images))
+    results: list[list[np.ndarray]] = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch):
+            chunk = torch.from_numpy(images[start : start + batch]).to(model.dtype)
+            results.append([t.detach().float().numpy() for t in _flatten_outputs(model(chunk))])
+    return [np.concatenate(parts) for parts in zip(*results)]
+
+
+def run_onnxruntime(loaded: LoadedModel, images: np.ndarray, batch: Optional[int] = None) -> list[np.ndarray]:
+    """Run the original ONNX file in ONNX Runtime (CPU) on ``images``."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(loaded.path), options, providers=["CPUExecutionProvider"])
+    batch = batch or _batch_for(loaded, len(images))
+    results = []
+    for start in range(0, len(images), batch):
+        chunk = images[start : start + batch].astype(loaded.input.dtype)
+        results.append([np.asarray(o, dtype=np.float32) for o in session.run(None, {loaded.input.name: chunk})])
+    return [np.concatenate(parts) for parts in zip(*results)]
+
+
+def _batch_for(loaded: LoadedModel, count: int) -> int:
+    return loaded.input.shape[0] or count
+
+
+def check_parity(model: TorchModel, samples: int = 4, seed: int = 0) -> ParityResult:
+    """Compare torch with ONNX Runtime on ``samples`` random inputs.
+
+    Tolerance: 2e-4 of the output's magnitude (at least 1) for float32 graphs, 5e-2 for
+    float16 graphs, which ONNX Runtime computes in half precision. A conversion error
+    (wrong attribute, layout, epsilon) shows up orders of magnitude above that. Raises :class:`ParityError` naming
+    the worst output when it is exceeded.
+    """
+    images = random_inputs(model.loaded, samples, seed)
+    reference = run_onnxruntime(model.loaded, images)
+    converted = run_torch(model, images)
+    names = model.loaded.output_names
+    if len(converted) != len(reference):
+        converted = converted[: len(reference)]
+    rel = 5e-2 if model.loaded.input.elem_type == onnx.TensorProto.FLOAT16 else 2e-4
+    per_output: dict[str, float] = {}
+    worst, worst_excess, tolerance = names[0], -np.inf, 0.0
+    max_diff = 0.0
+    for name, ref, got in zip(names, reference, converted):
+        if ref.shape != got.shape:
+            raise ParityError(f"torch conversion does not match ONNX Runtime: output '{name}' has shape "
+                              f"{tuple(got.shape)} in torch but {tuple(ref.shape)} in ONNX Runtime")
+        diff = float(np.max(np.abs(ref.astype(np.float64) - got))) if ref.size else 0.0
+        tol = rel * max(1.0, float(np.max(np.abs(ref))) if ref.size else 1.0)
+        per_output[name] = diff
+        if diff - tol > worst_excess:
+            worst, worst_excess, tolerance = name, diff - tol, tol
+        max_diff = max(max_diff, diff)
+    first_ref, first_got = reference[0].reshape(samples, -1), converted[0].reshape(samples, -1)
+    agreement = float(np.mean(first_ref.argmax(1) == first_got.argmax(1)))
+    result = ParityResult(max_diff, tolerance, agreement, samples, worst, per_output)
+    if worst_excess > 0:
+        raise ParityError(
+            f"torch conversion does not match ONNX Runtime: output '{worst}' differs by up to "
+            f"{per_output[worst]:.4g} (tolerance {tolerance:.3g}) on {samples} random inputs"
+        )
+    return result
+
+
+__all__ = ["TorchModel", "ParityResult", "to_torch", "check_parity", "run_torch", "run_onnxruntime", "opset_of"]

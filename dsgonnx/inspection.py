@@ -1,0 +1,90 @@
+"""``dsgonnx inspect``: what a model is, whether it converts, and its BN layers."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Optional
+
+from .graph.onnx_io import load_model
+from .graph.to_torch import check_parity, to_torch
+from .graph.bn_taps import bn_folded, find_bn_layers
+
+
+def inspect_model(
+    path: str | os.PathLike,
+    input_shape: Optional[tuple[int, int, int, int]] = None,
+    parity_samples: int = 4,
+) -> dict[str, Any]:
+    """Load, convert and parity-check ``path``; return a JSON-ready description.
+
+    Keys: ``file``, ``sha256``, ``opset``, ``ir_version``, ``producer``, ``input``
+    {``name``, ``shape`` (batch ``null`` when dynamic), ``dtype``, ``layout``},
+    ``outputs``, ``num_classes``, ``op_histogram``, ``bn_count``, ``bn_layers``
+    [{``name``, ``channels``, ``eps``}], ``bn_folded``, ``torch_parity``
+    {``max_abs_diff``, ``tolerance``, ``top1_agreement``, ``samples``, ``worst_output``},
+    ``seconds``.
+    """
+    start = time.perf_counter()
+    loaded = load_model(path, input_shape)
+    torch_model = to_torch(loaded)
+    parity = check_parity(torch_model, samples=parity_samples)
+    layers = find_bn_layers(torch_model)
+    num_classes = loaded.num_classes
+    if num_classes is None:  # output shape unknown statically: take it from the run
+        from .graph.to_torch import random_inputs, run_onnxruntime
+
+        num_classes = int(run_onnxruntime(loaded, random_inputs(loaded, 1))[0].reshape(1, -1).shape[1])
+    return {
+        "file": str(loaded.path),
+        "sha256": loaded.sha256,
+        "opset": loaded.opset,
+        "ir_version": loaded.model.ir_version,
+        "producer": loaded.producer,
+        "input": {
+            "name": loaded.input.name,
+            "shape": list(loaded.input.shape),
+            "dtype": str(loaded.input.dtype),
+            "layout": "NCHW",
+        },
+        "outputs": loaded.output_names,
+        "num_classes": num_classes,
+        "op_histogram": loaded.op_histogram,
+        "bn_count": len(layers),
+        "bn_layers": [{"name": l.name, "channels": l.channels, "eps": l.eps} for l in layers],
+        "bn_folded": bn_folded(loaded.model),
+        "torch_parity": {
+            "max_abs_diff": parity.max_abs_diff,
+            "tolerance": parity.tolerance,
+            "top1_agreement": parity.top1_agreement,
+            "samples": parity.samples,
+            "worst_output": parity.worst_output,
+        },
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+
+
+def format_inspection(info: dict[str, Any]) -> str:
+    """A readable multi-line summary of :func:`inspect_model`'s result."""
+    shape = "x".join("N" if d is None else str(d) for d in info["input"]["shape"])
+    parity = info["torch_parity"]
+    lines = [
+        f"model        {info['file']}",
+        f"opset        {info['opset']} (IR {info['ir_version']}, producer {info['producer'] or 'unknown'})",
+        f"input        {info['input']['name']}: {shape} {info['input']['dtype']} NCHW",
+        f"classes      {info['num_classes']} (outputs: {', '.join(info['outputs'])})",
+        "ops          " + ", ".join(f"{op} {n}" for op, n in sorted(info["op_histogram"].items(), key=lambda kv: -kv[1])),
+    ]
+    if info["bn_count"]:
+        lines.append(f"batchnorm    {info['bn_count']} layers")
+        width = max(len(layer["name"]) for layer in info["bn_layers"])
+        lines += [f"  {layer['name']:<{width}}  {layer['channels']:>5} ch" for layer in info["bn_layers"]]
+    elif info["bn_folded"]:
+        lines.append("batchnorm    none: Conv layers carry biases, BN was likely folded into Conv (bn_folded)")
+    else:
+        lines.append("batchnorm    none")
+    lines.append(
+        f"torch parity max |diff| {parity['max_abs_diff']:.3g} (tolerance {parity['tolerance']:.3g}), "
+        f"top-1 agreement {parity['top1_agreement']:.0%} on {parity['samples']} random inputs"
+    )
+    return "\n".join(lines)
