@@ -3,6 +3,8 @@
 - every node gets a unique, non-empty name (the names BN layers are reported by);
 - weights held in ``Constant`` nodes become initializers (onnx2torch builds real
   ``nn.BatchNorm2d``/``Conv`` parameters only from initializers);
+- nodes computed only from constants are folded into initializers (torch's dynamo
+  exporter, unoptimised, builds a Conv's zero bias as Expand(CastLike(0, x), Shape(W)));
 - initializers are dropped from the graph inputs (old exporters list weights as inputs);
 - float16 models are computed in float32 (a differentiable torch graph in fp16 on CPU
   is slow and loses the small gradients synthesis needs).
@@ -16,7 +18,7 @@ import copy
 
 import numpy as np
 import onnx
-from onnx import TensorProto, numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
 
 def for_torch(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -25,6 +27,7 @@ def for_torch(model: onnx.ModelProto) -> onnx.ModelProto:
     name_nodes(model.graph)
     constants_to_initializers(model.graph)
     drop_initializer_inputs(model.graph)
+    fold_constants(model)
     if _uses_float16(model.graph):
         float16_to_float32(model.graph)
     return model
@@ -72,6 +75,79 @@ def _constant_tensor(node: onnx.NodeProto):
     if attr.name == "value_ints":
         return numpy_helper.from_array(np.array(list(attr.ints), dtype=np.int64))
     return None  # strings and sparse tensors stay Constant nodes
+
+
+# Never folded: their value is not a function of their inputs, or they hold subgraphs.
+_NOT_FOLDABLE = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike", "Multinomial",
+                 "Bernoulli", "If", "Loop", "Scan", "Dropout"}
+_FOLD_LIMIT_BYTES = 64 << 20
+
+
+def fold_constants(model: onnx.ModelProto) -> None:
+    """Replace nodes whose inputs are all initializers by initializers holding their output.
+
+    ``CastLike`` whose target type is known statically becomes ``Cast`` first, so
+    constant-only chains through it fold too. Evaluated with ONNX's reference runtime.
+    """
+    from onnx.reference import ReferenceEvaluator
+
+    graph = model.graph
+    constants = {t.name: t for t in graph.initializer}
+    elem_types = _known_elem_types(graph)
+    graph_outputs = {o.name for o in graph.output}
+    kept = []
+    for node in graph.node:
+        if node.op_type == "CastLike" and node.input[0] in constants and node.input[1] in elem_types:
+            target = elem_types[node.input[1]]
+            node = helper.make_node("Cast", [node.input[0]], list(node.output), name=node.name, to=target)
+        inputs = [name for name in node.input if name]
+        foldable = (
+            node.domain in ("", "ai.onnx")
+            and node.op_type not in _NOT_FOLDABLE
+            and inputs
+            and all(name in constants for name in inputs)
+            and not graph_outputs.intersection(node.output)
+        )
+        values = _evaluate(ReferenceEvaluator, node, constants, model) if foldable else None
+        if values is None:
+            kept.append(node)
+            continue
+        for name, value in zip(node.output, values):
+            tensor = numpy_helper.from_array(np.asarray(value), name)
+            constants[name] = tensor
+            graph.initializer.append(tensor)
+            elem_types[name] = tensor.data_type
+    del graph.node[:]
+    graph.node.extend(kept)
+    used = {name for node in graph.node for name in node.input} | graph_outputs
+    unused = [t for t in graph.initializer if t.name not in used]
+    for tensor in unused:
+        graph.initializer.remove(tensor)
+
+
+def _known_elem_types(graph: onnx.GraphProto) -> dict[str, int]:
+    types = {v.name: v.type.tensor_type.elem_type for v in list(graph.input) + list(graph.value_info)
+             if v.type.HasField("tensor_type") and v.type.tensor_type.elem_type}
+    types.update({t.name: t.data_type for t in graph.initializer})
+    return types
+
+
+def _evaluate(evaluator_cls, node: onnx.NodeProto, constants: dict, model: onnx.ModelProto):
+    feeds = {name: numpy_helper.to_array(constants[name]) for name in node.input if name}
+    inputs = [helper.make_tensor_value_info(name, constants[name].data_type, None) for name in feeds]
+    outputs = [helper.make_tensor_value_info(name, onnx.TensorProto.UNDEFINED, None) for name in node.output if name]
+    single = helper.make_model(
+        helper.make_graph([node], "fold", inputs, outputs),
+        opset_imports=list(model.opset_import),
+        ir_version=model.ir_version,
+    )
+    try:
+        values = evaluator_cls(single).run(None, feeds)
+    except Exception:  # the reference runtime lacks the op or rejects it: leave the node alone
+        return None
+    if sum(np.asarray(v).nbytes for v in values) > _FOLD_LIMIT_BYTES:
+        return None
+    return values
 
 
 def drop_initializer_inputs(graph: onnx.GraphProto) -> None:

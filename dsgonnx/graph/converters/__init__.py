@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 
-_FAMILIES = ("passthrough", "reshape", "reduce", "pad", "split", "resize", "legacy")
+_FAMILIES = ("passthrough", "cast", "reshape", "reduce", "pad", "split", "resize", "legacy")
 _registered = False
 
 

@@ -9,7 +9,6 @@ from onnx2torch.node_converters.registry import (
     _CONVERTER_REGISTRY,
     OperationDescription,
     add_converter,
-    get_converter,
 )
 from onnx2torch.onnx_graph import OnnxGraph
 from onnx2torch.onnx_node import OnnxNode
@@ -59,9 +58,19 @@ def wrap_existing(op_type: str, versions: Iterable[int], handles: Callable[[Onnx
     return deco
 
 
+def existing_converter(op_type: str, version: int) -> Converter:
+    """onnx2torch's converter registered under exactly ``version`` (no schema lookup,
+    which would route an old version straight back to dsgonnx's own converter)."""
+    key = OperationDescription(domain=defs.ONNX_DOMAIN, operation_type=op_type, version=version)
+    try:
+        return _CONVERTER_REGISTRY[key]
+    except KeyError:
+        raise NotImplementedError(f"onnx2torch has no {op_type}-{version} converter to reuse") from None
+
+
 def delegate(node: OnnxNode, graph: OnnxGraph, version: int) -> OperationConverterResult:
     """Convert ``node`` with onnx2torch's converter for an older, equivalent version."""
-    return get_converter(operation_type=node.operation_type, version=version)(node, graph)
+    return existing_converter(node.operation_type, version)(node, graph)
 
 
 def const_input(node: OnnxNode, graph: OnnxGraph, index: int) -> Any | None:

@@ -1,5 +1,5 @@
 """Opset 1-7 versions onnx2torch skips, as found in old vendor graphs (e.g. opset-7 Caffe2
-exports): MaxPool-1, AveragePool-1, Dropout-1/6/7, BatchNormalization-6/7, Gemm-6/7,
+exports): MaxPool-1, AveragePool-1, Dropout-1/6/7, BatchNormalization-6/7, Gemm-6/7, Flatten-1, Slice-1,
 Sum/Max/Min/Mean-6. Each maps onto a newer version with the same inference semantics.
 """
 
@@ -66,3 +66,33 @@ def _variadic(node: OnnxNode, graph: OnnxGraph):
 
 for _op in ("Sum", "Max", "Min", "Mean"):
     register(_op, (6,))(_variadic)
+
+
+@register("Flatten", (1,))
+def _flatten(node: OnnxNode, graph: OnnxGraph):
+    # Flatten-9 only widened the types.
+    return delegate(node, graph, 9)
+
+
+class OnnxSliceAttributes(nn.Module, OnnxToTorchModule):
+    """Slice-1: starts/ends/axes as attributes, step 1, ends clamped like ONNX."""
+
+    def __init__(self, starts: list[int], ends: list[int], axes: list[int] | None):
+        super().__init__()
+        self.starts, self.ends = starts, ends
+        self.axes = axes if axes is not None else list(range(len(starts)))
+
+    def forward(self, data: torch.Tensor) -> torch.Tensor:
+        index = [slice(None)] * data.dim()
+        for axis, start, end in zip(self.axes, self.starts, self.ends):
+            index[axis % data.dim()] = slice(start, end)
+        return data[tuple(index)]
+
+
+@register("Slice", (1,))
+def _slice(node: OnnxNode, graph: OnnxGraph):
+    # Attribute-based Slice (opsets 1-9). onnx2torch files a converter for it under
+    # version 9 (never an ONNX version, so unreachable) that also fails on list attributes.
+    attrs = node.attributes
+    module = OnnxSliceAttributes(list(attrs["starts"]), list(attrs["ends"]), attrs.get("axes"))
+    return OperationConverterResult(module, onnx_mapping_from_node(node))

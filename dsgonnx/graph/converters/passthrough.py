@@ -10,7 +10,7 @@ from __future__ import annotations
 from onnx2torch.onnx_graph import OnnxGraph
 from onnx2torch.onnx_node import OnnxNode
 
-from ._common import delegate, register, unsupported
+from ._common import delegate, existing_converter, register, unsupported
 
 # op type -> (onnx2torch version to reuse, newer versions that only widen types)
 TYPE_ONLY = {
@@ -57,7 +57,9 @@ TYPE_ONLY = {
 }
 
 
-def _reuse(base_version: int):
+def _reuse(op_type: str, base_version: int):
+    existing_converter(op_type, base_version)  # fail at import if onnx2torch moved it
+
     def convert(node: OnnxNode, graph: OnnxGraph):
         return delegate(node, graph, base_version)
 
@@ -65,14 +67,7 @@ def _reuse(base_version: int):
 
 
 for _op, (_base, _versions) in TYPE_ONLY.items():
-    register(_op, _versions)(_reuse(_base))
-
-
-@register("Cast", (19, 21, 23, 24, 25))
-def _cast(node: OnnxNode, graph: OnnxGraph):
-    # `saturate` (19+) and `round_mode` (24+) only affect casts to float8/float4 types,
-    # which onnx2torch's Cast converter rejects by itself.
-    return delegate(node, graph, 13)
+    register(_op, _versions)(_reuse(_op, _base))
 
 
 @register("AveragePool", (19, 22))

@@ -1,0 +1,147 @@
+"""`dsgonnx inspect` end to end, and every bad input: one line on stderr, exit 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper
+
+from dsgonnx_cli.main import _COMMANDS, cli
+from zoo import export_torchscript, make_model
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli")
+    return {
+        "kept": export_torchscript(folder / "kept.onnx", keep_bn=True),
+        "folded": export_torchscript(folder / "folded.onnx", keep_bn=False),
+        "dynhw": export_torchscript(folder / "dynhw.onnx", keep_bn=True, dynamic_hw=True),
+        "folder": folder,
+    }
+
+
+def _run(*args):
+    return CliRunner().invoke(cli, list(map(str, args)))
+
+
+def test_help_lists_commands_and_does_not_import_torch():
+    code = "import sys; from dsgonnx_cli.main import main; sys.argv=['dsgonnx','--help']\n" \
+           "try:\n    main()\nexcept SystemExit:\n    pass\nprint('TORCH' if 'torch' in sys.modules else 'NO-TORCH')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "inspect" in out and out.strip().endswith("NO-TORCH")
+
+
+@pytest.mark.parametrize("command", sorted(_COMMANDS))
+def test_every_subcommand_has_help(command):
+    result = _run(command, "--help")
+    assert result.exit_code == 0, result.output
+    assert "Usage: " in result.output
+
+
+def test_inspect_json(models):
+    result = _run("inspect", models["kept"], "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert info["opset"] == 13
+    assert info["input"] == {"name": "input", "shape": [None, 3, 16, 16], "dtype": "float32", "layout": "NCHW"}
+    assert info["num_classes"] == 10
+    assert [layer["channels"] for layer in info["bn_layers"]] == [8, 16]
+    assert info["bn_folded"] is False
+    assert info["torch_parity"]["max_abs_diff"] < 1e-4 and info["torch_parity"]["top1_agreement"] == 1.0
+
+
+def test_inspect_text_for_folded_model(models):
+    result = _run("inspect", models["folded"])
+    assert result.exit_code == 0, result.output
+    assert "BN was likely folded" in result.output and "torch parity" in result.output
+
+
+def test_inspect_dynamic_hw_with_input_shape(models):
+    result = _run("inspect", models["dynhw"], "--input-shape", "1x3x20x20", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["input"]["shape"] == [None, 3, 20, 20]
+
+
+def _vi(name, elem, shape):
+    return helper.make_tensor_value_info(name, elem, shape)
+
+
+def _bad_models(folder, kept):
+    data = kept.read_bytes()
+    (folder / "notes.txt").write_text("this is not a model\n")
+    (folder / "truncated.onnx").write_bytes(data[: len(data) // 2])
+    (folder / "random.onnx").write_bytes(np.random.default_rng(0).bytes(4096))
+    (folder / "empty.onnx").write_bytes(b"")
+    two = make_model([helper.make_node("Add", ["a", "b"], ["y"])],
+                     [_vi("a", TensorProto.FLOAT, [1, 3, 8, 8]), _vi("b", TensorProto.FLOAT, [1, 3, 8, 8])],
+                     [_vi("y", TensorProto.FLOAT, [1])])
+    onnx.save(two, str(folder / "two_inputs.onnx"))
+    tokens = make_model([helper.make_node("Cast", ["ids"], ["y"], to=TensorProto.FLOAT)],
+                        [_vi("ids", TensorProto.INT64, [1, 16])], [_vi("y", TensorProto.FLOAT, [1])])
+    onnx.save(tokens, str(folder / "tokens.onnx"))
+    flat = make_model([helper.make_node("Relu", ["x"], ["y"])],
+                      [_vi("x", TensorProto.FLOAT, [1, 100])], [_vi("y", TensorProto.FLOAT, [1])])
+    onnx.save(flat, str(folder / "flat.onnx"))
+    nhwc = make_model([helper.make_node("Relu", ["x"], ["y"])],
+                      [_vi("x", TensorProto.FLOAT, [1, 32, 32, 3])], [_vi("y", TensorProto.FLOAT, [1])])
+    onnx.save(nhwc, str(folder / "nhwc.onnx"))
+    gelu = make_model([helper.make_node("Gelu", ["x"], ["y"])],
+                      [_vi("x", TensorProto.FLOAT, [1, 3, 8, 8])], [_vi("y", TensorProto.FLOAT, [1])], opset=20)
+    onnx.save(gelu, str(folder / "gelu.onnx"))
+    custom = make_model([helper.make_node("Frobnicate", ["x"], ["y"], domain="com.vendor")],
+                        [_vi("x", TensorProto.FLOAT, [1, 3, 8, 8])], [_vi("y", TensorProto.FLOAT, [1])])
+    custom.opset_import.append(helper.make_opsetid("com.vendor", 1))
+    onnx.save(custom, str(folder / "custom.onnx"))
+    invalid = onnx.load(str(kept))
+    invalid.graph.node[0].input[0] = "does_not_exist"
+    onnx.save(invalid, str(folder / "dangling.onnx"))
+
+
+BAD_INPUTS = [
+    ("missing.onnx", [], "not found"),
+    ("notes.txt", [], "not a valid ONNX model"),
+    ("truncated.onnx", [], "not a valid ONNX model"),
+    ("random.onnx", [], "not a valid ONNX model"),
+    ("empty.onnx", [], "not a valid ONNX model"),
+    ("two_inputs.onnx", [], "2 inputs ('a', 'b')"),
+    ("tokens.onnx", [], "INT64, not a float image tensor"),
+    ("flat.onnx", [], "rank 2"),
+    ("nhwc.onnx", [], "looks NHWC"),
+    ("gelu.onnx", [], "unsupported operator Gelu-20"),
+    ("custom.onnx", [], "Frobnicate"),
+    ("dangling.onnx", [], "fails the ONNX checker"),
+    ("dynhw.onnx", [], "dynamic H/W"),
+    ("kept.onnx", ["--input-shape", "1x3x224"], "--input-shape must look like"),
+    ("kept.onnx", ["--input-shape", "1x3x32x32"], "conflicts"),
+]
+
+
+@pytest.mark.parametrize("name,extra,message", BAD_INPUTS, ids=[b[0] + "".join(b[1]) for b in BAD_INPUTS])
+def test_bad_input_exits_2_with_one_line(models, name, extra, message):
+    folder = models["folder"]
+    if not (folder / "notes.txt").exists():
+        _bad_models(folder, models["kept"])
+    result = CliRunner().invoke(cli, ["inspect", str(folder / name), *extra])
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("dsgonnx: error: "), result.stderr
+    assert message in lines[0]
+    assert "Traceback" not in result.output
+
+
+def test_console_script_exit_code_and_stderr(models, tmp_path):
+    (tmp_path / "x.onnx").write_text("garbage")
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-c", "from dsgonnx_cli.main import main; main()", "inspect",
+                           str(tmp_path / "x.onnx")], capture_output=True, text=True, env=env)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("dsgonnx: error: ")

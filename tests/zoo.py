@@ -1,0 +1,120 @@
+"""A test zoo of tiny real classifiers, exported the ways vendors export them.
+
+Each builder writes an ONNX file and returns its path. The torch model behind them has
+non-trivial BN statistics, so BN kept vs folded and wrong conversions are visible.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper, numpy_helper
+from torch import nn
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+class TinyNet(nn.Module):
+    """Conv-BN-ReLU ×2, global average pool, linear head: 10 classes on 3×16×16."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(16)
+        self.fc = nn.Linear(16, classes)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        x = x.mean((2, 3))
+        return self.fc(x.reshape(x.shape[0], -1))
+
+
+def tiny_net(seed: int = 0) -> TinyNet:
+    torch.manual_seed(seed)
+    net = TinyNet()
+    with torch.no_grad():
+        for bn in (net.bn1, net.bn2):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.2, 0.2)
+    return net.eval()
+
+
+def _example() -> torch.Tensor:
+    return torch.randn(2, 3, 16, 16)
+
+
+def export_torchscript(path: Path, *, keep_bn: bool, opset: int = 13, dynamic_hw: bool = False) -> Path:
+    """TorchScript exporter; ``keep_bn`` = training=PRESERVE without constant folding."""
+    axes = {"input": {0: "N", 2: "H", 3: "W"} if dynamic_hw else {0: "N"}, "logits": {0: "N"}}
+    kwargs = dict(training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False) if keep_bn else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            tiny_net(), (_example(),), str(path), dynamo=False, opset_version=opset,
+            input_names=["input"], output_names=["logits"], dynamic_axes=axes, **kwargs,
+        )
+    return path
+
+
+def export_dynamo(path: Path, *, opset: int = 18, keep_bn: bool = True) -> Path:
+    """torch's dynamo exporter (opset >= 18); optimize=False keeps the BN nodes."""
+    batch = torch.export.Dim("batch", min=1, max=64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            tiny_net(), (_example(),), str(path), dynamo=True, opset_version=opset, optimize=not keep_bn,
+            input_names=["input"], output_names=["logits"], dynamic_shapes=({0: batch},), verbose=False,
+        )
+    return path
+
+
+def with_constant_weights(src: Path, dst: Path) -> Path:
+    """Move every initializer into a Constant node (some converters emit weights that way)."""
+    model = onnx.load(str(src))
+    constants = [
+        helper.make_node("Constant", [], [t.name], name=f"const_{i}", value=copy.deepcopy(t))
+        for i, t in enumerate(model.graph.initializer)
+    ]
+    names = {t.name for t in model.graph.initializer}
+    inputs = [i for i in model.graph.input if i.name not in names]
+    del model.graph.initializer[:]
+    del model.graph.input[:]
+    model.graph.input.extend(inputs)
+    nodes = list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(constants + nodes)
+    onnx.save(model, str(dst))
+    return dst
+
+
+def with_external_data(src: Path, dst: Path, location: str = "weights.bin") -> Path:
+    model = onnx.load(str(src))
+    onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=location, size_threshold=0)
+    return dst
+
+
+def reference_logits(images: np.ndarray) -> np.ndarray:
+    with torch.no_grad():
+        return tiny_net()(torch.from_numpy(images)).numpy()
+
+
+def make_model(nodes, inputs, outputs, initializers=(), opset: int = 13, ir_version: int | None = None):
+    graph = helper.make_graph(nodes, "g", inputs, outputs, [numpy_helper.from_array(a, n) for n, a in initializers])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    if ir_version is not None:
+        model.ir_version = ir_version
+        if ir_version < 4:  # IR 3 requires initializers to be listed as graph inputs (old exporters)
+            graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in graph.initializer)
+            model.graph.CopyFrom(graph)
+    return model
