@@ -1,0 +1,112 @@
+"""Which integer-math instructions this CPU has (AVX2, AVX-512, VNNI).
+
+Why it matters: ONNX Runtime picks its int8 kernels by CPU feature. Without VNNI
+(``avx512_vnni`` or ``avx_vnni``) the x86 kernels multiply u8×s8 with ``vpmaddubsw``,
+whose 16-bit intermediate sums can saturate, so the same QDQ model can give different
+results on two machines. The validation report records these flags next to the accuracy,
+and the quantize stage uses :func:`needs_reduce_range` to quantize weights to 7 bits
+(``reduce_range=True``) where saturation is possible.
+
+Detection reads the ``flags`` line of ``/proc/cpuinfo`` (Linux, x86). Elsewhere (macOS,
+Windows, containers without /proc) the flags are *unknown* — reported as such, never
+guessed. On non-x86 machines (Arm) these x86 extensions are simply absent.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass
+
+CPUINFO_PATH = "/proc/cpuinfo"
+_X86_MACHINES = frozenset({"x86_64", "amd64", "i386", "i686", "x86"})
+
+
+@dataclass(frozen=True)
+class CpuInfo:
+    """What is known about the host CPU; ``flags is None`` means "could not tell"."""
+
+    machine: str
+    model: str | None
+    flags: frozenset[str] | None
+
+    @property
+    def is_x86(self) -> bool:
+        return self.machine.lower() in _X86_MACHINES
+
+    def _has(self, *names: str) -> bool | None:
+        if not self.is_x86:
+            return False
+        if self.flags is None:
+            return None
+        return any(name in self.flags for name in names)
+
+    @property
+    def avx2(self) -> bool | None:
+        return self._has("avx2")
+
+    @property
+    def avx512(self) -> bool | None:
+        """AVX-512 Foundation (``avx512f``), the base every other AVX-512 part needs."""
+        return self._has("avx512f")
+
+    @property
+    def vnni(self) -> bool | None:
+        """VNNI in either form: AVX-512 VNNI or the 256-bit AVX-VNNI of newer cores."""
+        return self._has("avx512_vnni", "avx_vnni")
+
+    def isa_summary(self) -> str:
+        """``"AVX2 AVX-512 VNNI"``, ``"AVX2"``, ``"none"`` or ``"unknown"``."""
+        if not self.is_x86:
+            return f"none (not x86: {self.machine})"
+        if self.flags is None:
+            return "unknown"
+        present = [name for name, has in (("AVX2", self.avx2), ("AVX-512", self.avx512), ("VNNI", self.vnni)) if has]
+        return " ".join(present) or "none"
+
+    def to_dict(self) -> dict:
+        return {
+            "machine": self.machine,
+            "model": self.model,
+            "isa": self.isa_summary(),
+            "avx2": self.avx2,
+            "avx512": self.avx512,
+            "vnni": self.vnni,
+        }
+
+
+def parse_cpuinfo(text: str, machine: str | None = None) -> CpuInfo:
+    """Build a :class:`CpuInfo` from the text of ``/proc/cpuinfo`` (first processor wins)."""
+    machine = machine or platform.machine() or "unknown"
+    model = None
+    flags = None
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if not sep:
+            continue
+        key = key.strip().lower()
+        if key == "model name" and model is None:
+            model = value.strip() or None
+        elif key == "flags" and flags is None:
+            flags = frozenset(value.split())
+    return CpuInfo(machine=machine, model=model, flags=flags)
+
+
+def cpu_info(path: str = CPUINFO_PATH) -> CpuInfo:
+    """The host CPU's ISA flags; unknown (``flags=None``) when ``path`` cannot be read."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            text = handle.read()
+    except OSError:
+        return CpuInfo(machine=platform.machine() or "unknown", model=platform.processor() or None, flags=None)
+    return parse_cpuinfo(text)
+
+
+def needs_reduce_range(info: CpuInfo | None = None) -> bool:
+    """Whether int8 weights should use 7 bits (onnxruntime's ``reduce_range``) on this CPU.
+
+    True on x86 without VNNI, and on x86 whose flags are unknown (the safe choice: a 7-bit
+    weight range costs a little precision but cannot saturate). False with VNNI and on
+    non-x86 CPUs, whose int8 kernels do not have the u8×s8 saturation problem.
+    """
+    info = info or cpu_info()
+    return info.is_x86 and info.vnni is not True

@@ -1,0 +1,157 @@
+"""``validate()``: run the FP and the quantized model on the same samples and compare.
+
+Order of work, so that bad input fails fast (exit 2) and leaves no file behind: report
+path, model files and sessions, shared input, data source and thresholds, then the first
+batch (output classes vs labels / class folders), then the remaining batches, metrics, gate
+verdict, and last the report file.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Mapping
+
+import numpy as np
+import onnxruntime as ort
+
+from dsgonnx.errors import DsgonnxError, InputSpecError
+from dsgonnx.hardware import cpu_info
+from dsgonnx.preprocess import Preprocess
+from dsgonnx.validate.data import Dataset, open_dataset
+from dsgonnx.validate.gate import check_thresholds, evaluate_gate
+from dsgonnx.validate.metrics import compare_outputs
+from dsgonnx.validate.report import ValidationReport, check_report_path, json_value, write_report
+from dsgonnx.validate.sessions import PROVIDER_CHOICES, ModelRunner, open_models, shared_input
+
+DEFAULT_BATCH_SIZE = 32
+
+
+@dataclass(frozen=True)
+class ValidateConfig:
+    """Everything ``validate()`` needs besides the two model paths.
+
+    data:          image folder (class sub-folders = labelled, flat = unlabelled) or .npz;
+                   None when images are passed to ``validate()`` in memory.
+    preprocess:    recipe for image files (None: the ``imagenet`` preset); unused for arrays.
+    class_list:    text file of the model's class names in output order, to label a folder
+                   that holds a subset of the classes (default: class folders must match
+                   the model's classes one to one, label = sorted position).
+    provider:      auto | cuda | cpu.
+    batch_size:    samples per call (models with a fixed batch size use theirs).
+    max_drop:      gate threshold in top-1 percentage points (needs labels).
+    min_agreement: gate threshold on top-1 agreement, fraction 0–1.
+    report_path:   where to write the JSON report (atomically), or None.
+    extra:         additional top-level report fields (quantize adds bits, simulated,
+                   calibration); they may not replace standard keys.
+    """
+
+    data: str | None = None
+    preprocess: Preprocess | None = None
+    class_list: str | None = None
+    provider: str = "auto"
+    batch_size: int = DEFAULT_BATCH_SIZE
+    max_drop: float | None = None
+    min_agreement: float | None = None
+    report_path: str | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.provider not in PROVIDER_CHOICES:
+            raise DsgonnxError(f"--provider must be one of {', '.join(PROVIDER_CHOICES)}, got {self.provider!r}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, (int, np.integer)) or self.batch_size < 1:
+            raise DsgonnxError(f"--batch-size must be a whole number >= 1, got {self.batch_size!r}")
+        check_thresholds(self.max_drop, self.min_agreement)
+        json.dumps(dict(self.extra), allow_nan=False, default=json_value)  # a caller's bug: fail before any work
+        object.__setattr__(self, "extra", MappingProxyType(dict(self.extra)))
+
+
+def validate(
+    fp_model_path: str,
+    q_model_path: str,
+    config: ValidateConfig | None = None,
+    *,
+    images: np.ndarray | None = None,
+    labels: np.ndarray | None = None,
+) -> ValidationReport:
+    """Compare the two models on ``config.data`` or on ``images`` (model input space, e.g.
+    held-out synthetic samples — never the calibration ones) and return the report.
+
+    The report carries the gate's verdict for ``config.max_drop`` / ``config.min_agreement``
+    but a failed gate does not raise here: call :func:`check_gate` for that, after the
+    report has been written and shown. Bad input raises a :class:`DsgonnxError` (exit 2).
+    """
+    config = config or ValidateConfig()
+    fp_model_path, q_model_path = str(fp_model_path), str(q_model_path)
+    data = None if config.data is None else str(config.data)
+    check_report_path(config.report_path)
+    fp, q = open_models(fp_model_path, q_model_path, config.provider)
+    spec = shared_input(fp.io, q.io)
+    dataset = open_dataset(spec, data, config.preprocess, config.class_list, images, labels)
+    check_thresholds(config.max_drop, config.min_agreement, dataset.labels is not None)
+    batch_size = spec.fixed_batch or config.batch_size
+    run = _run_both(fp, q, dataset, batch_size, padded=spec.fixed_batch is not None)
+
+    report = ValidationReport(
+        fp_model=fp_model_path,
+        q_model=q_model_path,
+        metrics=compare_outputs(run.fp_outputs, run.q_outputs, dataset.labels),
+        data=dataset.to_dict(),
+        providers={"fp32": fp.providers, "quantized": q.providers},
+        provider_requested=config.provider,
+        onnxruntime_version=ort.__version__,
+        cpu=cpu_info().to_dict(),
+        batch_size=batch_size,
+        latency_ms={"fp32": run.fp_latency_ms, "quantized": run.q_latency_ms},
+        latency_batches=run.timed_batches,
+        extra=dict(config.extra),
+    )
+    report.to_dict()  # fail on clashing extra fields before anything is written
+    report = report.with_gate(evaluate_gate(report, config.max_drop, config.min_agreement))
+    if config.report_path:
+        write_report(report, config.report_path)
+    return report
+
+
+@dataclass
+class _Run:
+    fp_outputs: np.ndarray
+    q_outputs: np.ndarray
+    fp_latency_ms: float | None
+    q_latency_ms: float | None
+    timed_batches: int
+
+
+def _run_both(fp: ModelRunner, q: ModelRunner, dataset: Dataset, batch_size: int, padded: bool) -> _Run:
+    """Both models on every batch, alternating, so that they are timed on the same inputs."""
+    fp_outputs, q_outputs, timings = [], [], []
+    for start in range(0, dataset.size, batch_size):
+        count = min(batch_size, dataset.size - start)
+        batch = dataset.batch(start, start + count)
+        if padded and count < batch_size:  # a fixed-batch model: fill with copies, drop their outputs
+            batch = np.concatenate([batch, np.repeat(batch[-1:], batch_size - count, axis=0)])
+        if start == 0:  # warm-up (not timed), and the class checks before any real work
+            _check_outputs(fp.run(batch)[0], q.run(batch)[0], dataset)
+        fp_out, fp_ms = fp.run(batch)
+        q_out, q_ms = q.run(batch)
+        fp_outputs.append(fp_out[:count])
+        q_outputs.append(q_out[:count])
+        timings.append((fp_ms, q_ms, count == batch_size))
+    full = [t for t in timings if t[2]] or timings
+    return _Run(
+        fp_outputs=np.concatenate(fp_outputs),
+        q_outputs=np.concatenate(q_outputs),
+        fp_latency_ms=statistics.median(t[0] for t in full),
+        q_latency_ms=statistics.median(t[1] for t in full),
+        timed_batches=len(full),
+    )
+
+
+def _check_outputs(fp_out: np.ndarray, q_out: np.ndarray, dataset: Dataset) -> None:
+    if fp_out.shape[1] != q_out.shape[1]:
+        raise InputSpecError(
+            f"the models output different numbers of classes: {fp_out.shape[1]} (fp32) vs {q_out.shape[1]} (quantized)"
+        )
+    dataset.check_against_classes(fp_out.shape[1])

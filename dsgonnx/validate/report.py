@@ -1,0 +1,260 @@
+"""The validation report: one JSON object with stable keys, and a table for people.
+
+Keys (schema_version 1). Every key is always present; ``null`` means "does not apply"
+(e.g. accuracies without labels). Accuracies are in **percent** (0–100), drops in
+**percentage points**, ``agreement`` is a **fraction** (0–1). "fp32" names the reference,
+unquantized model even when its input is float16.
+
+=========================  ===================================================================
+key                        meaning
+=========================  ===================================================================
+schema_version             1; bumped when a key changes meaning or disappears
+dsgonnx_version            version of dsgonnx that wrote the report
+models.fp32 / .quantized   the two model paths as given
+data                       {kind: image-folder | image-files | npz | in-memory, source,
+                           num_samples, labelled, num_class_folders, preprocess: the resolved
+                           recipe (mean, std, resize, crop, channel_order, pixel_scale,
+                           crop_fraction, preset) or null for preprocessed arrays}
+num_samples                number of samples both models ran on
+num_classes                number of classes in the models' output
+labelled                   whether accuracies could be computed
+output_kind                "logits", or "probabilities" when the FP model already ends in a
+                           softmax (then KL uses its outputs as they are)
+fp32.top1 / fp32.top5      FP model accuracy, percent (top5 null below 5 classes)
+quantized.top1 / .top5     quantized model accuracy, percent
+drop_top1 / drop_top5      fp32 minus quantized accuracy, percentage points (negative: the
+                           quantized model scored higher)
+agreement                  fraction of samples whose top-1 class is the same in both models
+sqnr_db                    10·log10(Σ fp² / Σ (fp − q)²) over all outputs, dB; null when
+                           not finite: identical outputs (+inf; the table says so) or
+                           NaN/inf in an output (see nonfinite_outputs)
+kl                         mean over samples of KL(softmax(fp) ‖ softmax(q)), nats
+nonfinite_outputs          {fp32, quantized}: samples whose output has NaN or ±inf
+providers                  {fp32, quantized}: session.get_providers() of the sessions that ran
+provider_requested         auto | cuda | cpu
+onnxruntime                onnxruntime version
+cpu                        {machine, model, isa ("AVX2 AVX-512 VNNI", "unknown", ...),
+                           avx2, avx512, vnni}: int8 kernels depend on these
+batch_size                 samples per inference call (1 for models with a fixed batch of 1)
+latency_ms.fp32 / .quantized  median wall time of one inference call of batch_size samples, ms,
+                           after one warm-up call, over the full batches (all batches if none
+                           is full), both models timed on the same batches
+latency_batches            how many calls the medians are over
+gate                       {max_drop, min_agreement: the thresholds or null, passed: true /
+                           false / null (no threshold), message: one line}
+bits, simulated,           only in reports written by ``dsgonnx quantize``: the quantization
+calibration                settings; calibration = {method, num_samples, iters, seconds}
+=========================  ===================================================================
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from dsgonnx.errors import DsgonnxError
+from dsgonnx.preprocess import Preprocess
+from dsgonnx.validate.metrics import Metrics
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class GateResult:
+    """Outcome of the accuracy gate; ``passed`` is None when no threshold was set."""
+
+    max_drop: float | None
+    min_agreement: float | None
+    passed: bool | None
+    message: str
+
+    def to_dict(self) -> dict:
+        return {"max_drop": self.max_drop, "min_agreement": self.min_agreement, "passed": self.passed, "message": self.message}
+
+
+@dataclass(frozen=True)
+class ValidationReport:
+    """Everything one validation found; :meth:`to_dict` is the documented JSON."""
+
+    fp_model: str
+    q_model: str
+    metrics: Metrics
+    data: dict
+    providers: dict[str, list[str]]
+    provider_requested: str
+    onnxruntime_version: str
+    cpu: dict
+    batch_size: int
+    latency_ms: dict[str, float | None]
+    latency_batches: int
+    gate: GateResult | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # Convenience views used by the gate and by callers.
+    @property
+    def labelled(self) -> bool:
+        return self.metrics.labelled
+
+    @property
+    def drop_top1(self) -> float | None:
+        return self.metrics.drop_top1
+
+    @property
+    def agreement(self) -> float:
+        return self.metrics.agreement
+
+    def with_gate(self, gate: GateResult) -> ValidationReport:
+        return replace(self, gate=gate)
+
+    def to_dict(self) -> dict:
+        """The JSON object documented in this module's docstring."""
+        m = self.metrics
+        report = {
+            "schema_version": SCHEMA_VERSION,
+            "dsgonnx_version": package_version(),
+            "models": {"fp32": self.fp_model, "quantized": self.q_model},
+            "data": self.data,
+            "num_samples": m.num_samples,
+            "num_classes": m.num_classes,
+            "labelled": m.labelled,
+            "output_kind": m.output_kind,
+            "fp32": {"top1": m.fp_top1, "top5": m.fp_top5},
+            "quantized": {"top1": m.q_top1, "top5": m.q_top5},
+            "drop_top1": m.drop_top1,
+            "drop_top5": m.drop_top5,
+            "agreement": m.agreement,
+            "sqnr_db": _finite_or_none(m.sqnr_db),
+            "kl": _finite_or_none(m.kl),
+            "nonfinite_outputs": {"fp32": m.nonfinite_fp, "quantized": m.nonfinite_q},
+            "providers": self.providers,
+            "provider_requested": self.provider_requested,
+            "onnxruntime": self.onnxruntime_version,
+            "cpu": self.cpu,
+            "batch_size": self.batch_size,
+            "latency_ms": dict(self.latency_ms),
+            "latency_batches": self.latency_batches,
+            "gate": self.gate.to_dict() if self.gate else GateResult(None, None, None, "no gate").to_dict(),
+        }
+        clash = sorted(set(self.extra) & set(report))
+        if clash:
+            raise ValueError(f"extra report fields would overwrite standard keys: {clash}")
+        report.update(self.extra)
+        return report
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, allow_nan=False, default=json_value) + "\n"
+
+    def table(self) -> str:
+        """A readable summary for stdout."""
+        m = self.metrics
+        rows = [
+            f"dsgonnx validate: {m.num_samples} samples, {m.num_classes} classes, {_describe_data(self.data)}",
+            f"  fp32:      {self.fp_model}",
+            f"  quantized: {self.q_model}",
+            "",
+            f"  {'':<22}{'fp32':>10}{'quantized':>12}{'change':>10}",
+        ]
+        if m.labelled:
+            rows.append(_accuracy_row("top-1 accuracy (%)", m.fp_top1, m.q_top1, m.drop_top1))
+            if m.fp_top5 is not None:
+                rows.append(_accuracy_row("top-5 accuracy (%)", m.fp_top5, m.q_top5, m.drop_top5))
+        else:
+            rows.append(f"  {'accuracy':<22}{'no labels':>10}")
+        fp_ms, q_ms = self.latency_ms.get("fp32"), self.latency_ms.get("quantized")
+        speed = f"{fp_ms / q_ms:.2f}x" if fp_ms and q_ms else "-"
+        rows.append(f"  {f'latency (ms/batch {self.batch_size})':<22}{_num(fp_ms, digits=3):>10}{_num(q_ms, digits=3):>12}{speed:>10}")
+        rows += [
+            "",
+            f"  top-1 agreement   {m.agreement:.4f}",
+            f"  output SQNR       {'inf (identical outputs)' if m.sqnr_db == float('inf') else _num(m.sqnr_db, ' dB')}",
+            f"  KL(fp || q)       {_num(m.kl, ' nats', digits=4)}  ({m.output_kind})",
+        ]
+        if m.nonfinite_fp or m.nonfinite_q:
+            rows.append(f"  non-finite outputs  fp32 {m.nonfinite_fp}, quantized {m.nonfinite_q}")
+        rows += [
+            f"  providers         fp32 {', '.join(self.providers['fp32'])}; quantized {', '.join(self.providers['quantized'])}",
+            f"  onnxruntime       {self.onnxruntime_version}; CPU {self.cpu.get('model') or '?'} ({self.cpu.get('isa')})",
+        ]
+        if self.gate is not None and self.gate.passed is not None:
+            rows.append(f"  gate              {'PASSED' if self.gate.passed else 'FAILED'}: {self.gate.message}")
+        return "\n".join(rows)
+
+
+def check_report_path(path: str | None) -> None:
+    """Fail early (before any work) when the report could not be written."""
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise DsgonnxError(f"--report {path} is a folder; give a file name")
+    if not os.path.isdir(folder):
+        raise DsgonnxError(f"--report: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise DsgonnxError(f"--report: folder {folder} is not writable")
+
+
+def write_report(report: ValidationReport, path: str) -> None:
+    """Write the JSON atomically: a temporary file in the same folder, then os.replace."""
+    text = report.to_json()
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".dsgonnx-report-", suffix=".json.tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(exc, OSError):
+            raise DsgonnxError(f"cannot write report {path}: {exc}") from None
+        raise
+
+
+def package_version() -> str:
+    try:
+        return importlib.metadata.version("dsgonnx")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def json_value(value):
+    """numpy scalars and arrays, paths and other objects that callers put in ``extra``."""
+    if hasattr(value, "tolist"):  # numpy scalar or array
+        return value.tolist()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    raise TypeError(f"report field of type {type(value).__name__} is not JSON-serialisable")
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _num(value: float | None, unit: str = "", digits: int = 2) -> str:
+    if value is None:
+        return "-"
+    if not math.isfinite(value):
+        return str(value)
+    return f"{value:.{digits}f}{unit}"
+
+
+def _accuracy_row(name: str, fp: float | None, q: float | None, drop: float | None) -> str:
+    change = f"{-drop:+.2f}" if drop is not None else "-"
+    return f"  {name:<22}{_num(fp):>10}{_num(q):>12}{change:>10}"
+
+
+def _describe_data(data: dict) -> str:
+    where = data.get("source") or "arrays in memory"
+    text = f"{data['kind']} {where}"
+    if data.get("preprocess"):
+        text += f"\n  preprocess {Preprocess(**data['preprocess']).describe()}"
+    return text

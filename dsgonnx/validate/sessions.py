@@ -1,0 +1,260 @@
+"""ONNX Runtime sessions for the two models, the provider choice, and the shared input.
+
+Why the care: the validation must run on the execution path that will run the model in
+production and say which one actually ran. ONNX Runtime silently falls back to the CPU
+when the CUDA provider cannot start (missing CUDA/cuDNN libraries, no GPU), so "CUDA is
+available" (``get_available_providers``) proves nothing; only the providers a created
+session reports (``session.get_providers()``) do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import onnxruntime as ort
+
+from dsgonnx.errors import DsgonnxError, InputSpecError, ModelLoadError
+
+PROVIDER_CHOICES = ("auto", "cuda", "cpu")
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+
+_ORT_DTYPES = {
+    "tensor(float)": np.dtype(np.float32),
+    "tensor(float16)": np.dtype(np.float16),
+    "tensor(double)": np.dtype(np.float64),
+}
+
+
+@dataclass(frozen=True)
+class ModelIO:
+    """One model's image input and first output, as ONNX Runtime sees them.
+
+    Shapes hold ints for fixed sizes and strings or None for dynamic ones. ONNX Runtime
+    already leaves out graph inputs that are initializers (old-style graphs list their
+    weights as inputs too), so the one remaining input is the image.
+    """
+
+    path: str
+    input_name: str
+    input_dtype: np.dtype
+    input_shape: tuple
+    output_name: str
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """The input both models share: what every batch must look like."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple  # merged: a fixed size wherever either model fixes it
+    fixed_batch: int | None  # None: any batch size
+
+    @property
+    def layout(self) -> str | None:
+        """``"NCHW"``, ``"NHWC"`` (channels last, as in TensorFlow exports) or None (not an image)."""
+        if len(self.shape) != 4:
+            return None
+        if self.shape[1] in (1, 3):
+            return "NCHW"
+        if self.shape[3] in (1, 3):
+            return "NHWC"
+        return "NCHW" if not isinstance(self.shape[1], int) else None
+
+    @property
+    def image_size(self) -> int | None:
+        """The square input size in pixels, None when dynamic; error for non-square inputs."""
+        height, width = (self.shape[2], self.shape[3]) if self.layout == "NCHW" else (self.shape[1], self.shape[2])
+        fixed = {dim for dim in (height, width) if isinstance(dim, int)}
+        if len(fixed) > 1:
+            raise InputSpecError(
+                f"input {self.name!r} is {height}×{width}: image folders need a square input; give an .npz instead"
+            )
+        return fixed.pop() if fixed else None
+
+    def describe(self) -> str:
+        return f"{self.name} {format_dims(self.shape)} {self.dtype.name}"
+
+
+@dataclass
+class ModelRunner:
+    """A session plus the facts the report needs about it."""
+
+    io: ModelIO
+    session: ort.InferenceSession
+
+    @property
+    def providers(self) -> list[str]:
+        return list(self.session.get_providers())
+
+    def run(self, batch: np.ndarray) -> tuple[np.ndarray, float]:
+        """Outputs as float32 N×classes, and the wall time of the call in milliseconds."""
+        start = time.perf_counter()
+        try:
+            (out,) = self.session.run([self.io.output_name], {self.io.input_name: batch})
+        except Exception as exc:  # ORT raises its own exception types for bad shapes, kernels...
+            raise DsgonnxError(f"onnxruntime failed to run {self.io.path}: {_one_line(exc)}") from None
+        elapsed_ms = (time.perf_counter() - start) * 1000.0
+        return flatten_classifier_output(np.asarray(out), self.io.path), elapsed_ms
+
+
+def flatten_classifier_output(out: np.ndarray, path: str) -> np.ndarray:
+    """N×C, N×C×1×1 or N×1×1×C -> float32 N×C; anything else is not a classifier output."""
+    if out.ndim < 2 or sum(dim > 1 for dim in out.shape[1:]) > 1:
+        raise InputSpecError(f"{path}: output shape {out.shape} is not a classifier's N×classes output")
+    return out.reshape(out.shape[0], -1).astype(np.float32, copy=False)
+
+
+def open_models(fp_path: str, q_path: str, provider: str) -> tuple[ModelRunner, ModelRunner]:
+    """Sessions for both models on the requested provider; the quantized one follows the FP one.
+
+    ``cuda`` must really run on CUDA (else :class:`DsgonnxError`, exit 2); ``auto`` uses
+    CUDA when a session actually starts with it and the CPU otherwise.
+    """
+    if provider not in PROVIDER_CHOICES:
+        raise DsgonnxError(f"provider must be one of {', '.join(PROVIDER_CHOICES)}, got {provider!r}")
+    for path in (fp_path, q_path):
+        _check_model_file(path)
+    fp_session = _session_for_request(fp_path, provider)
+    # Same execution path for both: whatever the FP session really got.
+    providers = [CUDA, CPU] if CUDA in fp_session.get_providers() else [CPU]
+    q_session = _create_session(q_path, providers)
+    if provider == "cuda" and CUDA not in q_session.get_providers():
+        raise DsgonnxError(f"--provider cuda: the CUDA provider did not start for {q_path}")
+    return ModelRunner(read_model_io(fp_path, fp_session), fp_session), ModelRunner(read_model_io(q_path, q_session), q_session)
+
+
+def read_model_io(path: str, session: ort.InferenceSession) -> ModelIO:
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if len(inputs) != 1:
+        names = ", ".join(i.name for i in inputs)
+        raise InputSpecError(f"{path}: expected one image input, found {len(inputs)} ({names})")
+    if not outputs:
+        raise InputSpecError(f"{path}: the model has no outputs")
+    (image,) = inputs
+    if image.type not in _ORT_DTYPES:
+        raise InputSpecError(f"{path}: input {image.name!r} is {image.type}; an image input must be float, float16 or double")
+    return ModelIO(
+        path=path,
+        input_name=image.name,
+        input_dtype=_ORT_DTYPES[image.type],
+        input_shape=tuple(image.shape),
+        output_name=outputs[0].name,
+    )
+
+
+def shared_input(fp: ModelIO, q: ModelIO) -> InputSpec:
+    """The input both models accept, or :class:`InputSpecError` (exit 2) when they differ.
+
+    Name, element type and rank must be equal, and so must every size that both models fix;
+    a size one model leaves dynamic takes the other's fixed value.
+    """
+    if (fp.input_name, fp.input_dtype) != (q.input_name, q.input_dtype) or len(fp.input_shape) != len(q.input_shape):
+        raise InputSpecError(f"the models have different inputs: {_describe_io(fp)} vs {_describe_io(q)}")
+    merged = []
+    for a, b in zip(fp.input_shape, q.input_shape):
+        fixed_a, fixed_b = isinstance(a, int) and a > 0, isinstance(b, int) and b > 0
+        if fixed_a and fixed_b and a != b:
+            raise InputSpecError(f"the models have different inputs: {_describe_io(fp)} vs {_describe_io(q)}")
+        merged.append(a if fixed_a else b if fixed_b else None)
+    if not merged:
+        raise InputSpecError(f"{fp.path}: the image input {fp.input_name!r} is a scalar")
+    return InputSpec(fp.input_name, fp.input_dtype, tuple(merged), merged[0])
+
+
+def format_dims(shape) -> str:
+    """``(None, 3, 224, 224)`` -> ``"?×3×224×224"`` (dynamic sizes as ``?``)."""
+    return "×".join(str(d) if isinstance(d, int) and d > 0 else "?" for d in shape)
+
+
+def _describe_io(io: ModelIO) -> str:
+    return f"{io.input_name!r} {format_dims(io.input_shape)} {io.input_dtype.name} in {io.path}"
+
+
+def _check_model_file(path: str) -> None:
+    if not os.path.exists(path):
+        raise ModelLoadError(f"model file not found: {path}")
+    if not os.path.isfile(path):
+        raise ModelLoadError(f"not a model file: {path}")
+
+
+def _session_options() -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3  # errors only: ORT's per-node placement warnings are noise here
+    return options
+
+
+def _create_session(path: str, providers: list[str]) -> ort.InferenceSession:
+    try:
+        return ort.InferenceSession(path, _session_options(), providers=providers)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load ONNX model {path}: {_one_line(exc)}") from None
+
+
+def _session_for_request(path: str, provider: str) -> ort.InferenceSession:
+    if provider == "cpu":
+        return _create_session(path, [CPU])
+    if CUDA not in ort.get_available_providers():
+        if provider == "cuda":
+            raise DsgonnxError(
+                "--provider cuda: this onnxruntime build has no CUDA provider "
+                f"(it has {', '.join(ort.get_available_providers())}); install onnxruntime-gpu"
+            )
+        return _create_session(path, [CPU])
+    # ORT prints several lines to stderr when the CUDA libraries are missing and then falls
+    # back to the CPU. Keep them off the user's terminal, and quote the reason if it matters.
+    with _stderr_captured() as captured:
+        session = _create_session(path, [CUDA, CPU])
+    if provider == "cuda" and CUDA not in session.get_providers():
+        reason = _cuda_failure_reason(captured.text)
+        raise DsgonnxError(f"--provider cuda: the CUDA provider is not usable here ({reason}); use --provider auto or cpu")
+    return session
+
+
+class _Captured:
+    text = ""
+
+
+@contextlib.contextmanager
+def _stderr_captured():
+    """Redirect file descriptor 2 (where ORT's C++ logger writes) into a temporary file."""
+    captured = _Captured()
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no usable fd 2 (rare embedded setups): capture nothing
+        yield captured
+        return
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield captured
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            captured.text = sink.read().decode("utf-8", errors="replace")
+
+
+def _cuda_failure_reason(log: str) -> str:
+    """The most telling line of ORT's log about why CUDA did not start (ANSI colours removed)."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in log.splitlines()]
+    for line in lines:
+        if "cannot open shared object file" in line:  # e.g. "libcublasLt.so.13: cannot open shared object file: ..."
+            return line.split("with error:")[-1].strip()
+    for line in lines:
+        if "CUDA" in line:
+            return line.split("] ")[-1].strip()
+    return "onnxruntime fell back to the CPU without saying why"
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())
