@@ -7,15 +7,7 @@ import json
 import click
 
 from dsgonnx.graph.onnx_io import parse_input_shape
-
-
-def input_shape_option(func):
-    return click.option(
-        "--input-shape",
-        metavar="NxCxHxW",
-        default=None,
-        help="Fix dynamic input dimensions, e.g. 1x3x224x224.",
-    )(func)
+from dsgonnx_cli.options import input_shape_option
 
 
 @click.command("inspect")

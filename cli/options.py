@@ -1,0 +1,57 @@
+"""Option groups shared by several commands (one definition, one meaning)."""
+
+from __future__ import annotations
+
+import functools
+
+import click
+
+from dsgonnx.preprocess import PRESETS
+
+PREPROCESS_HELP = """\b
+Preprocessing: a preset, and explicit values that override it.
+mean/std are in the units of the pixel scale (1: pixels 0-1, 255: 0-255),
+listed in the model's channel order. The crop follows the model's input size.
+  imagenet   RGB 0-1, mean 0.485,0.456,0.406 std 0.229,0.224,0.225, resize 256/crop 224
+  inception  RGB 0-1, mean 0.5 std 0.5
+  tf-lite    RGB 0-255, mean 127 std 128
+  none       RGB 0-255, no normalisation, resize = crop
+CIFAR-size models take their 32x32 images as they are: --resize 32 --crop 32.
+"""
+
+_RECIPE_KEYS = ("resize", "crop", "mean", "std", "channel_order", "pixel_scale")
+
+
+def preprocess_options(func):
+    """--preprocess PRESET, --resize, --crop, --mean, --std, --channel-order, --pixel-scale.
+
+    The command receives one ``recipe`` argument: ``(preset or None, {given overrides})``.
+    """
+
+    @click.option("--preprocess", "preset", type=click.Choice(sorted(PRESETS), case_sensitive=False),
+                  help="Preprocessing preset of the model.")
+    @click.option("--resize", type=int, help="Resize the shorter side to N pixels (overrides the preset).")
+    @click.option("--crop", type=int, help="Centre crop N x N (default: the model's input size).")
+    @click.option("--mean", help="Per-channel mean, 'a,b,c' or one value.")
+    @click.option("--std", help="Per-channel std, 'a,b,c' or one value.")
+    @click.option("--channel-order", type=click.Choice(["rgb", "bgr"], case_sensitive=False),
+                  help="Channel order the model expects.")
+    @click.option("--pixel-scale", type=float, help="Pixel value of white before mean/std: 1 or 255.")
+    @functools.wraps(func)
+    def wrapper(*args, preset, **kwargs):
+        overrides = {key: kwargs.pop(key) for key in _RECIPE_KEYS}
+        overrides = {key: value for key, value in overrides.items() if value is not None}
+        return func(*args, recipe=(preset, overrides), **kwargs)
+
+    return wrapper
+
+
+def recipe_given(recipe) -> list[str]:
+    """The preprocessing flags the user actually gave, as option names."""
+    preset, overrides = recipe
+    return (["--preprocess"] if preset else []) + [f"--{key.replace('_', '-')}" for key in overrides]
+
+
+def input_shape_option(func):
+    return click.option("--input-shape", metavar="NxCxHxW", default=None,
+                        help="Fix dynamic input dimensions, e.g. 1x3x224x224.")(func)

@@ -1,0 +1,80 @@
+"""Numpy-only hand-offs between stages, each saved and loaded as a file.
+
+A :class:`SyntheticSet` is what synthesis produces and calibration consumes: images in
+the model's input space plus a JSON ``meta`` record of how they were made. It imports no
+torch, so a saved set can be quantized and validated without it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .errors import DataError
+
+
+@dataclass
+class SyntheticSet:
+    """Calibration images (float32, NCHW, model input space) and how they were made."""
+
+    images: np.ndarray
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.images.ndim != 4 or self.images.dtype != np.float32:
+            raise DataError(f"synthetic images must be float32 NCHW, got {self.images.dtype} {self.images.shape}")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write ``images`` and ``meta`` (a JSON string) to an ``.npz``, atomically."""
+        path = Path(path)
+        if path.suffix != ".npz":
+            raise DataError(f"synthetic sets are saved as .npz, not {path.name!r}")
+        write_atomically(path, lambda handle: np.savez(handle, images=self.images, meta=np.array(json.dumps(self.meta))))
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "SyntheticSet":
+        path = Path(path)
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                if "images" not in data.files:
+                    raise DataError(f"{path} has no 'images' array")
+                images = data["images"]
+                meta = json.loads(str(data["meta"])) if "meta" in data.files else {}
+        except (OSError, ValueError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
+            raise DataError(f"cannot read {path} as a synthetic set: {exc}") from None
+        if images.ndim != 4 or images.dtype != np.float32:
+            raise DataError(f"{path}: 'images' must be float32 NCHW, got {images.dtype} {images.shape}")
+        return cls(images=images, meta=meta)
+
+
+def write_atomically(path: Path, write) -> None:
+    """Call ``write(handle)`` on a temporary file beside ``path``, then rename it into place.
+
+    Nothing is left behind on failure, and readers never see a half-written file.
+    """
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise DataError(f"output folder does not exist: {folder}")
+    if not os.access(folder, os.W_OK):
+        raise DataError(f"output folder is not writable: {folder}")
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
