@@ -19,6 +19,7 @@ from dsgonnx.errors import DsgonnxError
 # name -> (module under dsgonnx_cli.commands, attribute, one-line help shown by --help)
 _COMMANDS = {
     "inspect": ("inspect", "inspect_cmd", "Show a model's input, BN layers and torch parity."),
+    "quantize": ("quantize", "quantize_cmd", "Quantize a model to QDQ ONNX, calibrated on synthetic or real data."),
     "synthesize": ("synthesize", "synthesize_cmd", "Synthesize calibration images from BN statistics (DSG, ZeroQ, noise)."),
     "validate": ("validate", "validate_cmd", "Compare an FP32 and a quantized model in ONNX Runtime; gate on accuracy."),
 }

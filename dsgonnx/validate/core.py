@@ -46,6 +46,8 @@ class ValidateConfig:
     report_path:   where to write the JSON report (atomically), or None.
     extra:         additional top-level report fields (quantize adds bits, simulated,
                    calibration); they may not replace standard keys.
+    exclude_files: image files of an image folder to leave out (quantize passes the
+                   files it calibrated on, so they are never scored).
     """
 
     data: str | None = None
@@ -57,6 +59,7 @@ class ValidateConfig:
     min_agreement: float | None = None
     report_path: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+    exclude_files: frozenset = frozenset()
 
     def __post_init__(self):
         if self.provider not in PROVIDER_CHOICES:
@@ -89,7 +92,7 @@ def validate(
     check_report_path(config.report_path)
     fp, q = open_models(fp_model_path, q_model_path, config.provider)
     spec = shared_input(fp.io, q.io)
-    dataset = open_dataset(spec, data, config.preprocess, config.class_list, images, labels)
+    dataset = open_dataset(spec, data, config.preprocess, config.class_list, images, labels, config.exclude_files)
     check_thresholds(config.max_drop, config.min_agreement, dataset.labels is not None)
     batch_size = spec.fixed_batch or config.batch_size
     run = _run_both(fp, q, dataset, batch_size, padded=spec.fixed_batch is not None)

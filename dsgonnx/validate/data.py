@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import numpy as np
@@ -80,6 +80,7 @@ def open_dataset(
     class_list: str | None = None,
     images: np.ndarray | None = None,
     labels: np.ndarray | None = None,
+    exclude_files: frozenset = frozenset(),
 ) -> Dataset:
     """The data source chosen by ``data`` (path) or ``images`` (array), checked against ``spec``."""
     if (data is None) == (images is None):
@@ -98,7 +99,7 @@ def open_dataset(
         raise DataError(f"data not found: {data}")
     if os.path.isdir(data):
         names = read_class_list(class_list) if class_list else None
-        return _image_dataset(data, preprocess or preprocess_from_preset(), names, spec)
+        return _image_dataset(data, preprocess or preprocess_from_preset(), names, spec, exclude_files)
     if data.lower().endswith(".npz"):
         if class_list:
             raise DataError("--classes applies to image folders only, not to an .npz")
@@ -117,7 +118,8 @@ def _array_dataset(kind: str, source: str | None, images: np.ndarray, labels, sp
     return Dataset(kind, source, len(images), labels, _load=lambda start, stop: images[start:stop])
 
 
-def _image_dataset(root: str, preprocess: Preprocess, class_names, spec: InputSpec) -> Dataset:
+def _image_dataset(root: str, preprocess: Preprocess, class_names, spec: InputSpec,
+                   exclude_files: frozenset = frozenset()) -> Dataset:
     if spec.layout is None:
         raise InputSpecError(
             f"input {spec.describe()} is not an N×3×H×W or N×H×W×3 image: give preprocessed images as an .npz"
@@ -127,6 +129,13 @@ def _image_dataset(root: str, preprocess: Preprocess, class_names, spec: InputSp
         raise InputSpecError(f"input {spec.describe()} has 1 channel: give preprocessed images as an .npz")
     recipe = preprocess.for_input_size(spec.image_size)
     folder = scan_image_folder(root, class_names)
+    if exclude_files:
+        excluded = {os.path.realpath(path) for path in exclude_files}
+        kept = [i for i, path in enumerate(folder.files) if os.path.realpath(path) not in excluded]
+        if not kept:
+            raise DataError(f"{root}: every image was used for calibration; nothing is left to validate on")
+        folder = replace(folder, files=tuple(folder.files[i] for i in kept),
+                         labels=tuple(folder.labels[i] for i in kept) if folder.labelled else None)
 
     def load(start: int, stop: int) -> np.ndarray:
         paths = folder.files[start:stop]

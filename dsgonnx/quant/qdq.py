@@ -1,0 +1,245 @@
+"""QuantizeLinear/DequantizeLinear insertion through ``onnxruntime.quantization``.
+
+This is the only module that writes ORT's ``extra_options`` keys. ORT does the graph work
+(``quant_pre_process``, ``quantize_static`` in QDQ format); dsgonnx supplies the ranges
+(``TensorsData``, through ORT's calibration cache), the bit grids ORT has no type for
+(``TensorQuantOverrides`` with B-bit scales), and one step ORT has no option for: an
+integer ``Clip`` between QuantizeLinear and DequantizeLinear that keeps simulated
+activations on their B-bit range.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Iterable, Optional
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper, version_converter
+from onnxruntime.quantization import QuantFormat, quantize_static
+from onnxruntime.quantization.calibrate import TensorsData, save_tensors_data
+from onnxruntime.quantization.shape_inference import quant_pre_process
+
+from ..errors import DataError, UnsupportedModelError
+from .bits import BitSpec
+from .calibrate import quiet_ort
+
+LOGITS_POLICIES = ("float", "exclude", "quantize")
+# ops whose weights ORT quantizes, with their output-channel axis (None: per-tensor)
+_WEIGHT_AXIS = {"Conv": 0, "ConvTranspose": 1}
+
+
+def pre_process(model_path: Path, out_path: Path) -> Path:
+    """ORT's pre-processing (shape inference, BN folding, constant folding), with
+    fallbacks for graphs its symbolic shape inference or optimiser cannot handle."""
+    attempts = ({}, {"skip_symbolic_shape": True}, {"skip_symbolic_shape": True, "skip_optimization": True})
+    last_error: Optional[Exception] = None
+    for options in attempts:
+        try:
+            with quiet_ort():
+                quant_pre_process(str(model_path), str(out_path), **options)
+            return out_path
+        except Exception as exc:  # ORT raises many kinds here; try the next, more careful setting
+            last_error = exc
+    raise UnsupportedModelError(f"ONNX Runtime's quantization pre-processing failed: {last_error}")
+
+
+def upgrade_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+    if current >= opset:
+        return model
+    try:
+        upgraded = version_converter.convert_version(model, opset)
+        onnx.checker.check_model(upgraded)
+        return upgraded
+    except Exception as exc:
+        raise UnsupportedModelError(
+            f"4/16-bit types need opset 21 and the model (opset {current}) could not be converted: {exc}"
+        ) from None
+
+
+def final_layer(model: onnx.ModelProto) -> Optional[onnx.NodeProto]:
+    """The node computing the classifier output: walk back from the first graph output
+    through shape-only and normalising ops to the last Gemm/MatMul/Conv."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    passthrough = {"Flatten", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Softmax", "LogSoftmax",
+                   "Transpose", "Add", "GlobalAveragePool", "Relu", "Dropout", "Cast"}
+    tensor = model.graph.output[0].name
+    seen = set()
+    while tensor in producers and tensor not in seen:
+        seen.add(tensor)
+        node = producers[tensor]
+        if node.op_type in ("Gemm", "MatMul", "Conv"):
+            return node
+        if node.op_type not in passthrough:
+            return None
+        tensor = node.input[0]
+    return None
+
+
+def activation_overrides(ranges: TensorsData, spec: BitSpec, names: Iterable[str]) -> dict:
+    """Scale/zero point of the B-bit grid for each activation (simulated bits)."""
+    low_level, high_level = spec.levels
+    dtype = np.int8 if spec.symmetric else np.uint8
+    overrides = {}
+    for name in names:
+        data = ranges[name]
+        low, high = min(float(np.min(data.range_value[0])), 0.0), max(float(np.max(data.range_value[1])), 0.0)
+        if spec.symmetric:
+            scale = max(abs(low), abs(high)) / high_level
+            zero = 0
+        else:
+            scale = (high - low) / (high_level - low_level)
+            zero = int(np.clip(round(-low / scale), low_level, high_level)) if scale > 0 else 0
+        scale = scale if scale > 0 else 1.0
+        overrides[name] = [{"scale": np.array(scale, dtype=np.float32), "zero_point": np.array(zero, dtype=dtype)}]
+    return overrides
+
+
+def weight_overrides(model: onnx.ModelProto, spec: BitSpec, per_channel: bool, exclude: set[str]) -> dict:
+    """Symmetric B-bit scales for every weight ORT will quantize (simulated bits)."""
+    initializers = {t.name: t for t in model.graph.initializer}
+    top = spec.levels[1]
+    overrides = {}
+    for node in model.graph.node:
+        if node.name in exclude or len(node.input) < 2 or node.input[1] not in initializers:
+            continue
+        if node.op_type in _WEIGHT_AXIS:
+            axis = _WEIGHT_AXIS[node.op_type]
+        elif node.op_type == "Gemm":
+            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+            axis = 0 if trans_b else 1
+        elif node.op_type == "MatMul":
+            axis = None
+        else:
+            continue
+        weight = numpy_helper.to_array(initializers[node.input[1]]).astype(np.float64)
+        if per_channel and axis is not None:
+            reduce = tuple(i for i in range(weight.ndim) if i != axis)
+            scales = np.abs(weight).max(axis=reduce) / top
+            scales[scales == 0] = 1.0
+            overrides[node.input[1]] = [
+                {"axis": axis, "scale": np.array(s, dtype=np.float32), "zero_point": np.array(0, dtype=np.int8)}
+                for s in scales
+            ]
+        else:
+            scale = float(np.abs(weight).max() / top) or 1.0
+            overrides[node.input[1]] = [{"scale": np.array(scale, dtype=np.float32), "zero_point": np.array(0, dtype=np.int8)}]
+    return overrides
+
+
+def quantize_qdq(
+    model_path: Path,
+    output_path: Path,
+    ranges: TensorsData,
+    weights: BitSpec,
+    activations: BitSpec,
+    *,
+    per_channel: bool,
+    reduce_range: bool,
+    exclude: Iterable[str] = (),
+    logits: str = "float",
+) -> dict:
+    """Quantize the pre-processed model at ``model_path`` into ``output_path``.
+
+    Returns what was decided: excluded nodes, the final layer, simulated tensors.
+    """
+    if logits not in LOGITS_POLICIES:
+        raise DataError(f"unknown logits policy {logits!r}; choose from {', '.join(LOGITS_POLICIES)}")
+    model = onnx.load(str(model_path))
+    names = {node.name for node in model.graph.node}
+    exclude = list(exclude)
+    unknown = [name for name in exclude if name not in names]
+    if unknown:
+        raise DataError(f"--exclude: no node named {unknown[0]!r} in the model (after pre-processing)")
+    last = final_layer(model)
+    if logits == "exclude" and last is not None and last.name not in exclude:
+        exclude.append(last.name)
+    graph_outputs = {o.name for o in model.graph.output}
+    if logits == "float":
+        # the classifier's output stays float: no range, no Q/DQ on it
+        ranges = TensorsData(ranges.calibration_method,
+                             {k: v for k, v in ranges.items() if k not in graph_outputs})
+    extra = {
+        "ActivationSymmetric": activations.symmetric,
+        "WeightSymmetric": weights.symmetric,
+        "TensorQuantOverrides": {},
+    }
+    if logits == "float":
+        extra["OpTypesToExcludeOutputQuantization"] = [last.op_type] if last is not None and last.output[0] in graph_outputs else []
+    needs21 = weights.needs_opset21 or activations.needs_opset21
+    simulated_activations: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="dsgonnx-qdq-") as scratch:
+        source = Path(model_path)
+        if needs21:
+            model = upgrade_opset(model, 21)
+            source = Path(scratch) / "opset21.onnx"
+            onnx.save(model, str(source))
+        if weights.simulated:
+            extra["TensorQuantOverrides"].update(weight_overrides(model, weights, per_channel, set(exclude)))
+        if activations.simulated:
+            simulated_activations = [name for name in ranges.keys() if name not in extra["TensorQuantOverrides"]]
+            extra["TensorQuantOverrides"].update(activation_overrides(ranges, activations, simulated_activations))
+        cache = Path(scratch) / "ranges.json"
+        save_tensors_data(ranges, cache)
+        try:
+            with quiet_ort():
+                quantize_static(
+                    str(source),
+                    str(output_path),
+                    calibration_data_reader=None,
+                    quant_format=QuantFormat.QDQ,
+                    per_channel=per_channel,
+                    reduce_range=reduce_range,
+                    activation_type=activations.quant_type,
+                    weight_type=weights.quant_type,
+                    nodes_to_exclude=exclude,
+                    calibrate_method=ranges.calibration_method,
+                    extra_options=extra,
+                    calibration_cache_path=str(cache),
+                )
+        except (ValueError, TypeError, KeyError) as exc:
+            raise UnsupportedModelError(f"ONNX Runtime's quantizer refused the model: {exc}") from None
+    if activations.simulated:
+        clip_simulated_activations(output_path, activations)
+    return {"excluded_nodes": exclude, "final_layer": None if last is None else last.name,
+            "logits": logits, "simulated_activation_tensors": len(simulated_activations)}
+
+
+def clip_simulated_activations(path: Path, spec: BitSpec) -> None:
+    """Insert ``Clip(lo, hi)`` on the integers of every activation QuantizeLinear, so that
+    values outside the calibrated range saturate at the B-bit grid's ends, exactly as a
+    B-bit integer would, instead of using the 8-bit container's spare levels."""
+    model = onnx.load(str(path))
+    graph = model.graph
+    initializers = {t.name for t in graph.initializer}
+    dtype = np.int8 if spec.symmetric else np.uint8
+    low_level, high_level = spec.levels
+    nodes = []
+    bounds_added = False
+    for node in graph.node:
+        nodes.append(node)
+        if node.op_type != "QuantizeLinear" or node.input[0] in initializers:
+            continue
+        # the integer grid is relative to the zero point: [zp + lo_level, zp + hi_level] for
+        # symmetric (zp = 0) and [lo_level, hi_level] for asymmetric grids
+        clipped = node.output[0] + "_clip"
+        for consumer in graph.node:
+            for index, name in enumerate(consumer.input):
+                if name == node.output[0]:
+                    consumer.input[index] = clipped
+        for output in graph.output:
+            if output.name == node.output[0]:
+                raise UnsupportedModelError("a quantized graph output cannot be clipped")
+        nodes.append(helper.make_node("Clip", [node.output[0], "dsgonnx_sim_min", "dsgonnx_sim_max"], [clipped],
+                                      name=node.name + "_simclip"))
+        bounds_added = True
+    if bounds_added:
+        graph.initializer.extend([
+            numpy_helper.from_array(np.array(low_level, dtype=dtype), "dsgonnx_sim_min"),
+            numpy_helper.from_array(np.array(high_level, dtype=dtype), "dsgonnx_sim_max"),
+        ])
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.save(model, str(path))

@@ -1,0 +1,219 @@
+"""dsgonnx quantize on a tiny BN model: every bit width, INT4 types, exact simulated grids,
+real and synthetic calibration, and bad input that writes nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+from onnx import helper, numpy_helper
+
+from dsgonnx.artifacts import SyntheticSet
+from dsgonnx.pipeline import quantize
+from dsgonnx.preprocess import PRESETS
+from dsgonnx.quant import QuantConfig
+from dsgonnx_cli.main import cli
+from zoo import export_torchscript, reference_logits
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("quant")
+    kept = export_torchscript(folder / "tiny.onnx", keep_bn=True)
+    rng = np.random.default_rng(0)
+    calib = rng.standard_normal((24, 3, 16, 16)).astype(np.float32)
+    np.savez(folder / "calib.npz", images=calib)
+    val = rng.standard_normal((40, 3, 16, 16)).astype(np.float32)
+    labels = reference_logits(val).argmax(1)
+    np.savez(folder / "val.npz", images=val, labels=labels)
+    return {"folder": folder, "model": kept, "calib": folder / "calib.npz", "val": folder / "val.npz", "images": val}
+
+
+def _quantize(setup, name, **settings):
+    settings.setdefault("calib", str(setup["calib"]))
+    settings.setdefault("validate", False)
+    settings.setdefault("quiet", True)
+    settings.setdefault("num_samples", 24)
+    out = setup["folder"] / name
+    return quantize(str(setup["model"]), QuantConfig(output=str(out), force=True, **settings)), out
+
+
+def _run(path, images):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"input": images})[0]
+
+
+def _weight_dq(model):
+    inits = {t.name: t for t in model.graph.initializer}
+    return [(n, numpy_helper.to_array(inits[n.input[0]])) for n in model.graph.node
+            if n.op_type == "DequantizeLinear" and n.input[0] in inits and len(inits[n.input[0]].dims) == 4]
+
+
+@pytest.mark.parametrize("wbits,abits", [(8, 8), (6, 6), (4, 4), (16, 16), (2, 2), (3, 3), (5, 5), (7, 7), (4, 8)])
+def test_every_bit_width_gives_a_valid_model_that_runs(setup, wbits, abits):
+    result, out = _quantize(setup, f"w{wbits}a{abits}.onnx", wbits=wbits, abits=abits)
+    onnx.checker.check_model(str(out))
+    logits = _run(out, setup["images"])
+    assert logits.shape == (40, 10) and np.isfinite(logits).all()
+    assert result.bits["simulated"] == (wbits not in (4, 8, 16) or abits not in (4, 8, 16))
+    props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
+    assert json.loads(props["dsgonnx.bits"])["weights"] == wbits
+    assert props["dsgonnx.simulated"] == str(result.bits["simulated"]).lower()
+    if wbits >= 6 and abits >= 6:  # fine grids follow the float model closely
+        agreement = np.mean(logits.argmax(1) == reference_logits(setup["images"]).argmax(1))
+        assert agreement >= 0.85
+
+
+def test_w4a4_uses_int4_types_at_opset_21(setup):
+    _, out = _quantize(setup, "int4.onnx", wbits=4, abits=4)
+    model = onnx.load(str(out))
+    assert next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 21
+    inits = {t.name: t for t in model.graph.initializer}
+    weight_types = {inits[n.input[0]].data_type for n, _ in _weight_dq(model)}
+    assert weight_types == {onnx.TensorProto.INT4}
+    zero_points = [inits[n.input[2]].data_type for n in model.graph.node
+                   if n.op_type == "QuantizeLinear" and n.input[0] not in inits]
+    assert zero_points and set(zero_points) == {onnx.TensorProto.UINT4}
+    assert all(n.domain in ("", "ai.onnx") for n in model.graph.node if "Quantize" in n.op_type)
+
+
+def test_simulated_6_bit_grids_are_exact(setup, tmp_path):
+    _, out = _quantize(setup, "w6a6.onnx", wbits=6, abits=6)
+    model = onnx.load(str(out))
+    for _, weight in _weight_dq(model):
+        assert weight.dtype == np.int8 and weight.min() >= -31 and weight.max() <= 31
+        for channel in weight:
+            assert len(np.unique(channel)) <= 64
+    # every activation's integers pass a Clip to [0, 63]; expose them and check on data
+    clips = [n for n in model.graph.node if n.op_type == "Clip"]
+    assert clips
+    for clip in clips:
+        model.graph.output.append(helper.make_tensor_value_info(clip.output[0], onnx.TensorProto.UINT8, None))
+    path = tmp_path / "exposed.onnx"
+    onnx.save(model, str(path))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    # inputs far outside the calibration range must saturate at the 6-bit ends, not at 255
+    values = session.run(None, {"input": setup["images"] * 8})[1:]
+    assert max(int(v.max()) for v in values) == 63 and min(int(v.min()) for v in values) == 0
+
+
+def test_gpu_target_is_symmetric_int8(setup):
+    result, out = _quantize(setup, "gpu.onnx", target="gpu")
+    model = onnx.load(str(out))
+    inits = {t.name: t for t in model.graph.initializer}
+    activation_zero_points = [numpy_helper.to_array(inits[n.input[2]]) for n in model.graph.node
+                              if n.op_type == "QuantizeLinear" and n.input[0] not in inits]
+    assert all(z.dtype == np.int8 and not z.any() for z in activation_zero_points)
+    assert result.bits["reduce_range"] is False
+
+
+def test_logits_policies(setup):
+    for policy, quantized in (("float", False), ("quantize", True)):
+        _, out = _quantize(setup, f"logits-{policy}.onnx", logits=policy)
+        model = onnx.load(str(out))
+        output = model.graph.output[0].name
+        producer = next(n for n in model.graph.node if output in n.output)
+        assert (producer.op_type == "DequantizeLinear") == quantized, policy
+    result, out = _quantize(setup, "logits-exclude.onnx", logits="exclude")
+    model = onnx.load(str(out))
+    gemm = next(n for n in model.graph.node if n.op_type == "Gemm")
+    inits = {t.name for t in model.graph.initializer}
+    assert gemm.input[1] in inits  # the last layer keeps float weights
+    assert result.decisions["excluded_nodes"] == [gemm.name]
+
+
+@pytest.mark.parametrize("calibrator", ["minmax", "percentile", "entropy", "mse"])
+def test_calibrators(setup, calibrator):
+    result, out = _quantize(setup, f"cal-{calibrator}.onnx", calibrator=calibrator)
+    assert result.bits["calibrator"] == calibrator
+    agreement = np.mean(_run(out, setup["images"]).argmax(1) == reference_logits(setup["images"]).argmax(1))
+    assert agreement >= 0.85
+
+
+def test_synthetic_calibration_and_validation_on_held_out_samples(setup):
+    result, out = _quantize(setup, "dsg.onnx", calib="dsg", num_samples=8, iters=5, holdout=8, validate=True,
+                            preprocess=PRESETS["imagenet"])
+    assert result.calibration["method"] == "dsg" and result.calibration["num_samples"] == 8
+    report = result.report.to_dict()
+    assert report["num_samples"] == 8 and report["labelled"] is False
+    assert report["calibration"]["method"] == "dsg" and report["bits"]["weights"] == 8
+
+
+def test_saved_synthetic_set_keeps_its_method(setup):
+    images = np.random.default_rng(1).standard_normal((10, 3, 16, 16)).astype(np.float32)
+    path = SyntheticSet(images, {"method": "zeroq"}).save(setup["folder"] / "set.npz")
+    result, _ = _quantize(setup, "from-set.onnx", calib=str(path), num_samples=10)
+    assert result.calibration["method"] == "zeroq"
+
+
+def _cli(*args):
+    return CliRunner().invoke(cli, ["quantize", *map(str, args), "--quiet"])
+
+
+def test_cli_real_data_with_gate(setup):
+    out = setup["folder"] / "cli.onnx"
+    report = setup["folder"] / "report.json"
+    result = _cli(setup["model"], "-o", out, "--calib", setup["calib"], "--val-data", setup["val"],
+                  "--max-drop", "50", "--report", report)
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["output"] == str(out) and summary["validation"]["fp32"]["top1"] == 100.0
+    data = json.loads(report.read_text())
+    assert data["bits"]["weights"] == 8 and data["calibration"]["method"] == "real"
+    crushed = _cli(setup["model"], "-o", setup["folder"] / "crushed.onnx", "--wbits", "2", "--abits", "2",
+                   "--calib", setup["calib"], "--val-data", setup["val"], "--max-drop", "0.5")
+    assert crushed.exit_code == 1, crushed.output
+    assert "dropped" in crushed.stderr and (setup["folder"] / "crushed.onnx").exists()
+
+
+def test_default_output_name_follows_bits(setup):
+    result = _cli(setup["model"], "--w6a6", "--calib", setup["calib"], "--no-validate")
+    assert result.exit_code == 0, result.output
+    assert (setup["folder"] / "tiny.w6a6.onnx").exists()
+    again = _cli(setup["model"], "--w6a6", "--calib", setup["calib"], "--no-validate")
+    assert again.exit_code == 2 and "--force" in again.stderr
+
+
+@pytest.fixture()
+def bad_inputs(setup, tmp_path):
+    np.savez(tmp_path / "shape.npz", images=np.zeros((4, 3, 8, 8), np.float32))
+    np.savez(tmp_path / "dtype.npz", images=np.zeros((4, 3, 16, 16), np.int64))
+    np.savez(tmp_path / "object.npz", images=np.array([{"a": 1}], dtype=object))
+    (tmp_path / "empty").mkdir()
+    return tmp_path
+
+
+BAD = [
+    (["--wbits", "9"], "unsupported weight bit width 9"),
+    (["--wbits", "1", "--abits", "8"], "unsupported weight bit width 1"),
+    (["--w4a4", "--target", "trt"], "trt (TensorRT) runs symmetric int8 only"),
+    (["--w8a8", "--w4a4"], "give one of"),
+    (["--calib", "{tmp}/shape.npz"], "the model takes N×3×16×16"),
+    (["--calib", "{tmp}/dtype.npz"], "must be floating point"),
+    (["--calib", "{tmp}/object.npz"], ".npz"),
+    (["--calib", "{tmp}/empty"], "no images found"),
+    (["--calib", "{tmp}/missing"], "calibration data not found"),
+    (["-o", "{model}"], "never overwrites its input"),
+    (["-o", "{tmp}/nowhere/out.onnx"], "output folder does not exist"),
+    (["--exclude", "no_such_node"], "no node named 'no_such_node'"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD, ids=[" ".join(a) for a, _ in BAD])
+def test_bad_input_exits_2_and_writes_nothing(setup, bad_inputs, args, message):
+    args = [a.format(tmp=bad_inputs, model=setup["model"]) for a in args]
+    if "--calib" not in args:
+        args += ["--calib", str(setup["calib"])]
+    before = set(os.listdir(setup["folder"])) | set(os.listdir(bad_inputs))
+    model_bytes = setup["model"].read_bytes()
+    result = _cli(setup["model"], *args, "--no-validate")
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert set(os.listdir(setup["folder"])) | set(os.listdir(bad_inputs)) == before
+    assert setup["model"].read_bytes() == model_bytes
