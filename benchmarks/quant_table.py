@@ -45,6 +45,7 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", type=float)
     parser.add_argument("--slack-reading")
     parser.add_argument("--synth-batch", type=int)
+    parser.add_argument("--low-res", type=int, help="synthesis resolution schedule (see dsgonnx synthesize)")
     parser.add_argument("--calibrator", default="minmax")
     parser.add_argument("--logits", default="float")
     parser.add_argument("--seeds", default="0")
@@ -93,6 +94,8 @@ def main(argv=None) -> int:
                         settings["slack_reading"] = args.slack_reading
                     if args.synth_batch:
                         settings["batch_size"] = args.synth_batch
+                    if args.low_res:
+                        settings["low_res"] = args.low_res
                     start = time.perf_counter()
                     synthetic = synthesize(loaded, SynthConfig(**settings))
                     seconds.append(time.perf_counter() - start)

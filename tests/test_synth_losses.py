@@ -118,3 +118,25 @@ def test_margins_follow_each_reading():
     # upper readings leave most of the Gaussian batch inside: lower margins are smaller
     assert slack_margins(x, target_mean, target_std, 0.9, "layer-lower").mean < \
         slack_margins(x, target_mean, target_std, 0.9, "layer-upper").mean
+
+
+def test_per_sample_stats_gradient_matches_autograd():
+    """The hand-written backward of the statistics equals autograd's on the plain formula."""
+    torch.manual_seed(0)
+    base = torch.randn(3, 4, 6, 5) * 2 + 1
+    weights_mean, weights_std = torch.randn(3, 4), torch.randn(3, 4)
+
+    def loss(mean, std):
+        return (mean * weights_mean).sum() + (std * weights_std).sum()
+
+    x = base.clone().requires_grad_(True)
+    loss(*losses.per_sample_stats(x)).backward()
+    y = base.clone().requires_grad_(True)
+    flat = y.flatten(2)
+    reference_std = torch.sqrt(flat.var(dim=2) + 1e-6)
+    loss(flat.mean(dim=2), reference_std).backward()
+    torch.testing.assert_close(x.grad, y.grad, atol=1e-5, rtol=1e-4)
+    # channels-last input (the CPU synthesis layout) gives the same gradient
+    z = base.clone().contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    loss(*losses.per_sample_stats(z)).backward()
+    torch.testing.assert_close(z.grad, y.grad, atol=1e-5, rtol=1e-4)

@@ -28,6 +28,7 @@ class QuantConfig:
     calib: str = "dsg"
     num_samples: int = 64
     iters: int = 500
+    iters_by_device: bool = False  # the CLI's default: pipeline.default_iters/default_low_res chose
     calibrator: str = "minmax"
     target: str = "cpu"
     per_channel: bool = True

@@ -45,6 +45,8 @@ class SynthConfig:
     tv_weight: float = 0.0  # total-variation smoothness prior
     l2_weight: float = 0.0  # image L2 norm prior
     patience: int = 100  # ReduceLROnPlateau patience in iterations (ZeroQ: 100)
+    low_res: Optional[int] = None  # resolution schedule: first optimise at low_res² pixels...
+    low_res_share: float = 0.75  # ...for this share of the iterations, then at full size
     preprocess: Optional[Preprocess] = None
     amp: bool = False  # bfloat16 autocast on CUDA; statistics stay float32
     channels_last: Optional[bool] = None  # None: on for CPU
@@ -68,6 +70,10 @@ class SynthConfig:
             raise DataError(f"--batch-size must be at least 1, got {self.batch_size}")
         if not 0.0 < self.epsilon < 1.0:
             raise DataError(f"--epsilon must be between 0 and 1, got {self.epsilon}")
+        if self.low_res is not None and self.low_res < 8:
+            raise DataError(f"--low-res must be at least 8 pixels, got {self.low_res}")
+        if not 0.0 <= self.low_res_share < 1.0:
+            raise DataError(f"--low-res-share must be in [0, 1), got {self.low_res_share}")
         for name in ("ce_weight", "tv_weight", "l2_weight"):
             if getattr(self, name) < 0:
                 raise DataError(f"{name.replace('_', '-')} must not be negative")

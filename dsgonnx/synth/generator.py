@@ -203,8 +203,20 @@ def _optimise(torch_model, layers, targets, init, config, device, box, channels_
                 ]
                 tap._keep_inputs = False
                 tap.inputs = [None] * len(layers)
+            full_iters = config.iters
+            if config.low_res and config.iters:
+                low_iters = int(round(config.iters * config.low_res_share))
+                small = _low_res_start(torch_model, images, config.low_res, box, config.quiet)
+                if small is not None:
+                    small = _run_iterations(torch_model, layers, targets, small, margins, tap, config, device, box,
+                                            generator, f"{label} @{config.low_res}px", per_iter, autocast, first,
+                                            low_iters)
+                    images = _project(torch.nn.functional.interpolate(
+                        small, size=images.shape[2:], mode="bilinear", align_corners=False), box)
+                    images = images.contiguous(memory_format=memory_format)
+                    full_iters = config.iters - low_iters
             images = _run_iterations(torch_model, layers, targets, images, margins, tap, config, device, box,
-                                     generator, label, per_iter, autocast, first)
+                                     generator, label, per_iter, autocast, first, full_iters)
         with torch.no_grad():
             if tap is not None:
                 torch_model.module(images)
@@ -221,8 +233,31 @@ def _optimise(torch_model, layers, targets, init, config, device, box, channels_
     return images.detach().contiguous().cpu(), layer_losses, stats, per_iter
 
 
+def _project(images: torch.Tensor, box) -> torch.Tensor:
+    return images if box is None else torch.maximum(torch.minimum(images, box[1]), box[0])
+
+
+def _low_res_start(torch_model, images, size: int, box, quiet: bool):
+    """The batch downsampled to ``size``², or None (with a note) when the graph only
+    runs at its own resolution (e.g. a Reshape to a fixed feature size)."""
+    if size >= min(images.shape[2:]):
+        return None
+    small = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False,
+                                            antialias=True)
+    small = _project(small, box).contiguous(memory_format=torch.channels_last
+                                            if images.is_contiguous(memory_format=torch.channels_last)
+                                            else torch.contiguous_format)
+    try:
+        with torch.no_grad():
+            torch_model.module(small[:1])
+    except Exception:  # shape-specialised graph: optimise at full resolution only
+        say(f"synthesize: the model does not run at {size}px; no resolution schedule", quiet)
+        return None
+    return small
+
+
 def _run_iterations(torch_model, layers, targets, images, margins, tap, config, device, box, generator, label,
-                    per_iter, autocast, first):
+                    per_iter, autocast, first, iters):
     images = images.clone().requires_grad_(True)
     optimizer = torch.optim.Adam([images], lr=config.lr)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.1, patience=config.patience,
@@ -234,8 +269,8 @@ def _run_iterations(torch_model, layers, targets, images, margins, tap, config, 
     if config.ce_weight > 0:
         classes = torch_model.loaded.num_classes or 1000
         labels = torch.randint(0, classes, (n,), generator=generator).to(device)
-    progress = Progress(label, config.iters, quiet=config.quiet)
-    for iteration in range(config.iters):
+    progress = Progress(label, iters, quiet=config.quiet)
+    for iteration in range(iters):
         tick = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         if autocast is not None:
@@ -272,7 +307,7 @@ def _run_iterations(torch_model, layers, targets, images, margins, tap, config, 
         optimizer.step()
         if box is not None:
             with torch.no_grad():
-                images.copy_(torch.maximum(torch.minimum(images, box[1]), box[0]))
+                images.copy_(_project(images, box))
         loss_value = float(total.detach())
         scheduler.step(loss_value)
         per_iter.append(time.perf_counter() - tick)
