@@ -1,9 +1,9 @@
 """Top-1 of a model quantized at several bit widths, calibrated on real or synthetic data.
 
 For each calibration source (real images from a split disjoint from evaluation, Gaussian
-noise, ZeroQ, DSG without SCI, DSG) the images are made once and the same ONNX Runtime
-quantizer settings are applied at each bit width; accuracy is measured with
-``dsgonnx validate`` on the held-out labelled images. Prints a Markdown table and writes
+noise, ZeroQ, DSG without SCI, DSG) the images are made once per seed and the same ONNX
+Runtime quantizer settings are applied at each bit width; accuracy is measured with
+dsgonnx's validation on the held-out labelled images. Prints a Markdown table and writes
 the figures as JSON.
 
 Example (CIFAR-10 ResNet-20, paper settings, CPU):
@@ -31,6 +31,98 @@ SOURCES = {
 }
 
 
+def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), seeds=(0,), num_samples=100,
+              iters=500, synth=None, calibrator="minmax", logits="float", device="auto", max_eval=None,
+              log=sys.stderr) -> dict:
+    """Quantize ``model`` for every (source, seed, bits) and score it on ``data``."""
+    import numpy as np
+    import torch
+
+    from dsgonnx.graph.onnx_io import load_model
+    from dsgonnx.pipeline import quantize
+    from dsgonnx.preprocess import scan_image_folder
+    from dsgonnx.quant import QuantConfig
+    from dsgonnx.synth import SynthConfig, synthesize
+    from dsgonnx.synth.generator import resolve_device
+    from dsgonnx.validate import ValidateConfig, validate
+
+    loaded = load_model(model)
+    folder = scan_image_folder(data)
+    stride = len(folder.files) // num_samples
+    calib_files = frozenset(folder.files[i * stride] for i in range(num_samples))
+    excluded = set(calib_files)
+    if max_eval:
+        rest = [f for f in folder.files if f not in calib_files]
+        keep = set(rest[:: max(1, len(rest) // max_eval)][:max_eval])
+        excluded |= set(rest) - keep
+    results = {"model": str(model), "bits": list(bits), "seeds": list(seeds), "num_samples": num_samples,
+               "iters": iters, "synth": synth or {}, "calibrator": calibrator, "logits": logits,
+               "device": str(resolve_device(device)), "rows": {}}
+    with tempfile.TemporaryDirectory() as scratch:
+        for source in sources:
+            runs = {b: [] for b in bits}
+            seconds, per_iter, similarity = [], [], []
+            for seed in (seeds if source != "real" else (0,)):
+                if source == "real":
+                    calib = data
+                else:
+                    settings = dict(SOURCES[source], num_samples=num_samples, iters=iters, seed=seed, device=device,
+                                    preprocess=recipe, quiet=True, **(synth or {}))
+                    start = time.perf_counter()
+                    synthetic = synthesize(loaded, SynthConfig(**settings))
+                    seconds.append(time.perf_counter() - start)
+                    if synthetic.meta["seconds_per_iter"]:
+                        per_iter.append(synthetic.meta["seconds_per_iter"])
+                    if synthetic.meta["diversity"].get("sample_similarity") is not None:
+                        similarity.append(synthetic.meta["diversity"]["sample_similarity"])
+                    calib = str(Path(scratch) / f"{source}-{seed}.npz")
+                    synthetic.save(calib)
+                for b in bits:
+                    out = Path(scratch) / f"{source}-{seed}-w{b}a{b}.onnx"
+                    quantize(loaded, QuantConfig(wbits=b, abits=b, calib=calib, num_samples=num_samples,
+                                                 calibrator=calibrator, logits=logits, preprocess=recipe,
+                                                 output=str(out), force=True, validate=False, quiet=True))
+                    report = validate(model, str(out), ValidateConfig(
+                        data=data, preprocess=recipe, exclude_files=frozenset(excluded))).to_dict()
+                    results["fp32"] = {"top1": report["fp32"]["top1"], "top5": report["fp32"]["top5"]}
+                    results["eval_images"] = report["num_samples"]
+                    results["providers"] = report["providers"]["quantized"]
+                    runs[b].append((report["quantized"]["top1"], report["quantized"]["top5"]))
+                    print(f"{Path(model).name} {source} seed {seed} W{b}A{b}: top-1 {report['quantized']['top1']:.2f}% "
+                          f"(fp32 {report['fp32']['top1']:.2f}%, {report['num_samples']} images)", file=log, flush=True)
+            results["rows"][source] = {
+                "top1": {str(b): [round(float(np.mean([r[0] for r in v])), 2), round(float(np.std([r[0] for r in v])), 2)]
+                         for b, v in runs.items()},
+                "top5": {str(b): round(float(np.mean([r[1] for r in v])), 2) for b, v in runs.items()},
+                "runs": len(next(iter(runs.values()))),
+                "synthesis_seconds": round(float(np.mean(seconds)), 1) if seconds else None,
+                "seconds_per_iter": round(float(np.mean(per_iter)), 4) if per_iter else None,
+                "sample_similarity": round(float(np.mean(similarity)), 5) if similarity else None,
+            }
+    results["torch"] = torch.__version__
+    return results
+
+
+def markdown(results: dict) -> str:
+    bits = results["bits"]
+    fp = results["fp32"]["top1"]
+    lines = ["| calibration | " + " | ".join(f"W{b}A{b} top-1 (drop)" for b in bits)
+             + " | synthesis s | s/iter | sample_similarity |",
+             "|---|" + "---|" * (len(bits) + 3)]
+    for source, row in results["rows"].items():
+        cells = []
+        for b in bits:
+            mean, std = row["top1"][str(b)]
+            spread = f" ± {std:.2f}" if row["runs"] > 1 else ""
+            cells.append(f"{mean:.2f}{spread} ({mean - fp:+.2f})")
+        extra = [str(row["synthesis_seconds"] if row["synthesis_seconds"] is not None else "–"),
+                 str(row["seconds_per_iter"] if row["seconds_per_iter"] is not None else "–"),
+                 str(row["sample_similarity"] if row["sample_similarity"] is not None else "–")]
+        lines.append(f"| {source} | " + " | ".join(cells + extra) + " |")
+    lines.append(f"\nFP32 top-1 {fp:.2f}% on {results['eval_images']} held-out images.")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model")
@@ -44,7 +136,6 @@ def main(argv=None) -> int:
     parser.add_argument("--iters", type=int, default=500)
     parser.add_argument("--lr", type=float)
     parser.add_argument("--slack-reading")
-    parser.add_argument("--synth-batch", type=int)
     parser.add_argument("--low-res", type=int, help="synthesis resolution schedule (see dsgonnx synthesize)")
     parser.add_argument("--calibrator", default="minmax")
     parser.add_argument("--logits", default="float")
@@ -54,77 +145,17 @@ def main(argv=None) -> int:
     parser.add_argument("--json")
     args = parser.parse_args(argv)
 
-    import numpy as np
-
-    from dsgonnx.graph.onnx_io import load_model
-    from dsgonnx.pipeline import quantize
-    from dsgonnx.preprocess import preprocess_from_preset, scan_image_folder
-    from dsgonnx.quant import QuantConfig
-    from dsgonnx.synth import SynthConfig, synthesize
-    from dsgonnx.validate import ValidateConfig, validate
+    from dsgonnx.preprocess import preprocess_from_preset
 
     recipe = preprocess_from_preset(args.preprocess, resize=args.resize, crop=args.crop)
-    loaded = load_model(args.model)
-    bits = [int(b) for b in args.bits.split(",")]
-    seeds = [int(s) for s in args.seeds.split(",")]
-    folder = scan_image_folder(args.data)
-    stride = len(folder.files) // args.num_samples
-    calib_files = frozenset(folder.files[i * stride] for i in range(args.num_samples))
-    exclude = set(calib_files)
-    if args.max_eval:
-        rest = [f for f in folder.files if f not in calib_files]
-        keep = set(rest[:: max(1, len(rest) // args.max_eval)][: args.max_eval])
-        exclude |= set(rest) - keep
-    results = {"model": args.model, "bits": bits, "rows": {}, "machine": platform.platform(),
-               "python": sys.version.split()[0], "argv": sys.argv}
-    fp_top1 = None
-    with tempfile.TemporaryDirectory() as scratch:
-        for source in args.sources.split(","):
-            runs = {b: [] for b in bits}
-            seconds = []
-            for seed in (seeds if source != "real" else [0]):
-                if source == "real":
-                    calib = args.data
-                else:
-                    settings = dict(SOURCES[source], num_samples=args.num_samples, iters=args.iters, seed=seed,
-                                    device=args.device, preprocess=recipe, quiet=True)
-                    if args.lr:
-                        settings["lr"] = args.lr
-                    if args.slack_reading:
-                        settings["slack_reading"] = args.slack_reading
-                    if args.synth_batch:
-                        settings["batch_size"] = args.synth_batch
-                    if args.low_res:
-                        settings["low_res"] = args.low_res
-                    start = time.perf_counter()
-                    synthetic = synthesize(loaded, SynthConfig(**settings))
-                    seconds.append(time.perf_counter() - start)
-                    calib = str(Path(scratch) / f"{source}-{seed}.npz")
-                    synthetic.save(calib)
-                for b in bits:
-                    out = Path(scratch) / f"{source}-{seed}-w{b}a{b}.onnx"
-                    quantize(loaded, QuantConfig(wbits=b, abits=b, calib=calib, num_samples=args.num_samples,
-                                                 calibrator=args.calibrator, logits=args.logits, preprocess=recipe,
-                                                 output=str(out), force=True, validate=False, quiet=True))
-                    report = validate(args.model, str(out), ValidateConfig(
-                        data=args.data, preprocess=recipe, exclude_files=frozenset(exclude)))
-                    data = report.to_dict()
-                    fp_top1 = data["fp32"]["top1"]
-                    runs[b].append(data["quantized"]["top1"])
-                    print(f"{source} seed {seed} W{b}A{b}: {data['quantized']['top1']:.2f}% "
-                          f"(fp32 {fp_top1:.2f}%, {data['num_samples']} images)", file=sys.stderr)
-            results["rows"][source] = {
-                "top1": {b: [round(float(np.mean(v)), 2), round(float(np.std(v)), 2)] for b, v in runs.items()},
-                "synthesis_seconds": round(float(np.mean(seconds)), 1) if seconds else 0.0,
-            }
-    results["fp32_top1"] = fp_top1
-    print(f"| calibration | " + " | ".join(f"W{b}A{b}" for b in bits) + " | synthesis s |")
-    print("|---|" + "---|" * (len(bits) + 1))
-    for source, row in results["rows"].items():
-        cells = [f"{m:.2f}" + (f" ± {s:.2f}" if len(seeds) > 1 and source != "real" else "") for m, s in
-                 (row["top1"][b] for b in bits)]
-        print(f"| {source} | " + " | ".join(cells) + f" | {row['synthesis_seconds']} |")
-    print(f"FP32 top-1: {fp_top1:.2f}%")
+    synth = {k: v for k, v in (("lr", args.lr), ("slack_reading", args.slack_reading), ("low_res", args.low_res))
+             if v is not None}
+    results = run_table(args.model, args.data, recipe, bits=[int(b) for b in args.bits.split(",")],
+                        sources=args.sources.split(","), seeds=[int(s) for s in args.seeds.split(",")],
+                        num_samples=args.num_samples, iters=args.iters, synth=synth, calibrator=args.calibrator,
+                        logits=args.logits, device=args.device, max_eval=args.max_eval)
+    results.update(machine=platform.platform(), python=sys.version.split()[0], argv=sys.argv)
+    print(markdown(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0

@@ -1,0 +1,164 @@
+"""The benchmark of record: every manifest model × bits × calibration source.
+
+Writes ``benchmarks/RESULTS.md`` (tables, machine, device, versions, the exact command),
+``benchmarks/results.json`` and, when matplotlib is installed (``pip install -e .[bench]``),
+``benchmarks/results.png`` (top-1 by method and bits). Needs ../shared (models, images)
+and the EfficientNet-Lite0 export (models/export_efficientnet_lite0.py).
+
+Profiles: ``paper`` = 500 synthesis iterations at full resolution (the papers' setting;
+meant for a GPU), ``cpu`` = what a 2-core CPU finishes in reasonable time: 500 iterations
+for the 32-px CIFAR models, 100 (the first 75 at 128 px) for the 224-px ImageNet models.
+
+    python benchmarks/run_all.py --profile cpu
+    python benchmarks/run_all.py --profile cpu --models cifar10_resnet20 --seeds 0,1,2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+SHARED = ROOT.parent / "shared"
+sys.path.insert(0, str(HERE))
+
+from quant_table import SOURCES, markdown, run_table  # noqa: E402
+
+# name -> model path, data, preprocessing (preset, overrides), input size class
+MANIFEST = {
+    "cifar10_resnet20": (SHARED / "models/cifar10_resnet20.onnx", SHARED / "datasets/cifar10-test",
+                         ("imagenet", {"resize": 32, "crop": 32}), "small"),
+    "cifar10_resnet56": (SHARED / "models/cifar10_resnet56.onnx", SHARED / "datasets/cifar10-test",
+                         ("imagenet", {"resize": 32, "crop": 32}), "small"),
+    "efficientnet_lite0": (ROOT / "models/efficientnet_lite0.onnx", SHARED / "datasets/imagenet-samples",
+                           ("tf-lite", {}), "large"),
+    "mobilenet_v1_0.25": (SHARED / "models/imagenet_mobilenet_v1_0.25.onnx", SHARED / "datasets/imagenet-samples",
+                          ("inception", {}), "large"),
+    "mobilenet_v1_0.75": (SHARED / "models/imagenet_mobilenet_v1_0.75.onnx", SHARED / "datasets/imagenet-samples",
+                          ("inception", {}), "large"),
+}
+PROFILES = {
+    "paper": {"small": {"iters": 500}, "large": {"iters": 500}},
+    "cpu": {"small": {"iters": 500}, "large": {"iters": 100, "synth": {"low_res": 128}}},
+}
+
+
+def _versions() -> dict:
+    import numpy
+    import onnx
+    import onnxruntime
+    import torch
+
+    from dsgonnx import __version__
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    return {"dsgonnx": __version__, "commit": commit, "torch": torch.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__, "numpy": numpy.__version__, "python": sys.version.split()[0]}
+
+
+def _chart(all_results: dict, path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    names = list(all_results)
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.6), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        results = all_results[name]
+        bits = results["bits"]
+        sources = list(results["rows"])
+        width = 0.8 / len(sources)
+        for i, source in enumerate(sources):
+            means = [results["rows"][source]["top1"][str(b)][0] for b in bits]
+            stds = [results["rows"][source]["top1"][str(b)][1] for b in bits]
+            ax.bar([j + i * width for j in range(len(bits))], means, width, yerr=stds, label=source)
+        ax.axhline(results["fp32"]["top1"], color="black", linewidth=0.8, linestyle="--", label="FP32")
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(bits))], [f"W{b}A{b}" for b in bits])
+        ax.set_title(name, fontsize=10)
+        ax.set_ylabel("top-1 %")
+    axes[0][0].legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
+    parser.add_argument("--models", default=",".join(MANIFEST))
+    parser.add_argument("--bits", default="8,6,4")
+    parser.add_argument("--sources", default=",".join(SOURCES))
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--num-samples", type=int, default=100)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", default=str(HERE), help="folder for RESULTS.md, results.json, results.png")
+    args = parser.parse_args(argv)
+
+    from dsgonnx.preprocess import preprocess_from_preset
+
+    if not SHARED.is_dir():
+        print(f"benchmarks need {SHARED} (models and labelled images)", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    json_path = out / "results.json"
+    all_results = json.loads(json_path.read_text()) if json_path.exists() else {}
+    started = time.time()
+    for name in args.models.split(","):
+        model, data, (preset, overrides), size = MANIFEST[name]
+        if not model.exists():
+            print(f"skipping {name}: {model} not found (run models/export_efficientnet_lite0.py)", file=sys.stderr)
+            continue
+        profile = PROFILES[args.profile][size]
+        start = time.time()
+        results = run_table(str(model), str(data), preprocess_from_preset(preset, **overrides),
+                            bits=[int(b) for b in args.bits.split(",")], sources=args.sources.split(","),
+                            seeds=[int(s) for s in args.seeds.split(",")], num_samples=args.num_samples,
+                            iters=profile["iters"], synth=profile.get("synth"), device=args.device)
+        results.update(profile=args.profile, preprocess=[preset, overrides], wall_seconds=round(time.time() - start))
+        all_results[name] = results
+        json_path.write_text(json.dumps(all_results, indent=2))  # keep what is done
+    versions = _versions()
+    chart = _chart(all_results, out / "results.png")
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Written by `python benchmarks/{Path(__file__).name} {' '.join(argv if argv is not None else sys.argv[1:])}` "
+        f"on {platform.platform()} ({platform.processor() or platform.machine()}), "
+        f"{time.strftime('%Y-%m-%d')}; versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".",
+        "",
+        "Each row calibrates the same ONNX Runtime quantizer (QDQ, per-channel int8/INT4 weights, "
+        "uint8/UINT4 activations, MinMax ranges, logits kept float) on one source: `real` = "
+        f"{args.num_samples} labelled images spread evenly over the data set (every k-th file), "
+        "left out of the evaluation; `gaussian` = N(0,1) noise; `zeroq`, `dsg-nosci`, `dsg` = "
+        "synthetic images (dsgonnx synthesize) in the model's pixel range. Top-1 on the held-out "
+        "images, change vs FP32 in points; several seeds give mean ± std.",
+        "",
+    ]
+    for name, results in all_results.items():
+        profile = results.get("profile", "?")
+        synth = results.get("synth") or {}
+        lines += [f"## {name}", "",
+                  f"Profile `{profile}`: {results['iters']} synthesis iterations"
+                  + (f", the first 75% at {synth['low_res']} px" if synth.get("low_res") else "")
+                  + f", {results['num_samples']} calibration samples, seeds {results['seeds']}, synthesis on "
+                  f"{results['device']}, ONNX Runtime {', '.join(results.get('providers', []))}; "
+                  f"wall time {results.get('wall_seconds', '?')} s.", "",
+                  markdown(results), ""]
+    if chart:
+        lines += ["![top-1 by method and bits](results.png)", ""]
+    (out / "RESULTS.md").write_text("\n".join(lines))
+    print(f"wrote {out / 'RESULTS.md'} in {time.time() - started:.0f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
