@@ -94,7 +94,7 @@ def validate(
     spec = shared_input(fp.io, q.io)
     dataset = open_dataset(spec, data, config.preprocess, config.class_list, images, labels, config.exclude_files)
     check_thresholds(config.max_drop, config.min_agreement, dataset.labels is not None)
-    batch_size = spec.fixed_batch or config.batch_size
+    batch_size = spec.fixed_batch or min(config.batch_size, dataset.size)
     run = _run_both(fp, q, dataset, batch_size, padded=spec.fixed_batch is not None)
 
     report = ValidationReport(

@@ -253,8 +253,7 @@ def _accuracy_row(name: str, fp: float | None, q: float | None, drop: float | No
 
 
 def _describe_data(data: dict) -> str:
-    where = data.get("source") or "arrays in memory"
-    text = f"{data['kind']} {where}"
+    text = f"{data['kind']} {data['source']}" if data.get("source") else "images in memory"
     if data.get("preprocess"):
         text += f"\n  preprocess {Preprocess(**data['preprocess']).describe()}"
     return text
