@@ -11,7 +11,7 @@ from dsgonnx.graph.onnx_io import parse_input_shape
 from dsgonnx.preprocess import preprocess_from_preset
 from dsgonnx_cli.options import PREPROCESS_HELP, input_shape_option, preprocess_options, recipe_given
 
-_EPILOG = """\\b
+_EPILOG = """\b
 Bits: 8 -> int8/uint8, 4 -> INT4/UINT4 (opset 21), 16 -> int16/uint16,
 2/3/5/6/7 -> simulated exactly in 8-bit containers (reported as simulated).
 Targets: cpu = uint8 activations + int8 per-channel weights (reduce_range on
@@ -21,10 +21,10 @@ or an .npz with 'images' (also a set written by dsgonnx synthesize).
 Logits: by default the classifier's output stays float (a range learned on
 synthetic data clips real logits into ties); --logits exclude keeps the
 whole last layer float, --logits quantize quantizes it too.
-\\b
+\b
 Exit status: 0 written (and gate held), 1 gate failed (model and report are
 written), 2 bad input (nothing written).
-\\b
+\b
 """ + PREPROCESS_HELP
 
 

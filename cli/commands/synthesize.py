@@ -12,12 +12,12 @@ from dsgonnx.graph.onnx_io import parse_input_shape
 from dsgonnx.preprocess import preprocess_from_preset
 from dsgonnx_cli.options import PREPROCESS_HELP, input_shape_option, preprocess_options, recipe_given
 
-_EPILOG = """\\b
+_EPILOG = """\b
 Methods: gaussian (N(0,1) noise), zeroq (BN statistics matching), dsg (slack
 alignment + layerwise sample enhancement + sample correlation inhibition).
 Give the model's preprocessing so that images stay inside the range real
 images have; without it only the input prior (mean 0, std 1) shapes them.
-""".replace("\\\\b", "\\b") + PREPROCESS_HELP
+""" + PREPROCESS_HELP
 
 
 @click.command("synthesize", epilog=_EPILOG)
