@@ -43,13 +43,14 @@ images have; without it only the input prior (mean 0, std 1) shapes them.
 @click.option("--l2-weight", type=float, default=0.0, show_default=True, help="Image L2 prior.")
 @click.option("--low-res", type=int, help="Resolution schedule: optimise at NxN pixels first, then at full size.")
 @click.option("--low-res-share", type=float, default=0.75, show_default=True, help="Share of iterations at --low-res.")
+@click.option("--amp", is_flag=True, help="bfloat16 autocast on CUDA (statistics stay float32).")
 @preprocess_options
 @input_shape_option
 @click.option("--preview", type=click.Path(dir_okay=False), help="Also write a PNG grid of the images.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @click.option("--quiet", is_flag=True, help="No progress on stderr.")
 def synthesize_cmd(model, output, method, num_samples, iters, lr, batch_size, seed, device, epsilon, slack_reading,
-                   no_slack, no_lse, no_sci, no_input_prior, ce_weight, tv_weight, l2_weight, low_res, low_res_share, recipe,
+                   no_slack, no_lse, no_sci, no_input_prior, ce_weight, tv_weight, l2_weight, low_res, low_res_share, amp, recipe,
                    input_shape,
                    preview, force, quiet):
     """Synthesize calibration images for MODEL from its BatchNorm statistics."""
@@ -69,7 +70,8 @@ def synthesize_cmd(model, output, method, num_samples, iters, lr, batch_size, se
         method=method, num_samples=num_samples, iters=iters, lr=lr, batch_size=batch_size, seed=seed,
         device=device, epsilon=epsilon, slack_reading=slack_reading, slack=not no_slack, lse=not no_lse,
         sci=not no_sci, input_prior=not no_input_prior, ce_weight=ce_weight, tv_weight=tv_weight,
-        l2_weight=l2_weight, low_res=low_res, low_res_share=low_res_share, preprocess=preprocess, quiet=quiet,
+        l2_weight=l2_weight, low_res=low_res, low_res_share=low_res_share, amp=amp, preprocess=preprocess,
+        quiet=quiet,
     )
     loaded = load_model(model, parse_input_shape(input_shape) if input_shape else None)
     result = synthesize(loaded, config)
