@@ -32,7 +32,7 @@ SOURCES = {
 
 
 def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), seeds=(0,), num_samples=100,
-              iters=500, synth=None, calibrator="minmax", logits="float", device="auto", max_eval=None,
+              iters=500, synth=None, calibrator="minmax", logits="exclude", device="auto", max_eval=None,
               log=sys.stderr) -> dict:
     """Quantize ``model`` for every (source, seed, bits) and score it on ``data``."""
     import numpy as np
@@ -138,7 +138,7 @@ def main(argv=None) -> int:
     parser.add_argument("--slack-reading")
     parser.add_argument("--low-res", type=int, help="synthesis resolution schedule (see dsgonnx synthesize)")
     parser.add_argument("--calibrator", default="minmax")
-    parser.add_argument("--logits", default="float")
+    parser.add_argument("--logits", default="exclude")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--max-eval", type=int, help="evaluate on at most this many held-out images")

@@ -136,7 +136,7 @@ def main(argv=None) -> int:
         f"{time.strftime('%Y-%m-%d')}; versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".",
         "",
         "Each row calibrates the same ONNX Runtime quantizer (QDQ, per-channel int8/INT4 weights, "
-        "uint8/UINT4 activations, MinMax ranges, logits kept float) on one source: `real` = "
+        "uint8/UINT4 activations, MinMax ranges, last layer kept float) on one source: `real` = "
         f"{args.num_samples} labelled images spread evenly over the data set (every k-th file), "
         "left out of the evaluation; `gaussian` = N(0,1) noise; `zeroq`, `dsg-nosci`, `dsg` = "
         "synthetic images (dsgonnx synthesize) in the model's pixel range. Top-1 on the held-out "

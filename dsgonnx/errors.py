@@ -34,6 +34,10 @@ class NoBatchNormError(DsgonnxError):
     """The model carries no BatchNorm statistics (e.g. BN was folded into Conv)."""
 
 
+class SynthesisError(DsgonnxError):
+    """Synthesis diverged (NaN/Inf loss) or cannot run as configured."""
+
+
 class DataError(DsgonnxError):
     """Images, labels or an .npz file that cannot be used as given."""
 

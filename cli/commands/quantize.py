@@ -55,7 +55,7 @@ def _bits(w8a8, w6a6, w4a4, wbits, abits):
 @click.option("--target", type=click.Choice(["cpu", "gpu", "trt"]), default="cpu", show_default=True)
 @click.option("--per-channel/--per-tensor", default=True, show_default=True, help="Weight scales per output channel.")
 @click.option("--exclude", multiple=True, metavar="NODE", help="Keep this node in float (repeatable).")
-@click.option("--logits", type=click.Choice(["float", "exclude", "quantize"]), default="float", show_default=True)
+@click.option("--logits", type=click.Choice(["exclude", "float", "quantize"]), default="exclude", show_default=True)
 @input_shape_option
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True, help="Synthesis device.")

@@ -33,7 +33,7 @@ class QuantConfig:
     target: str = "cpu"
     per_channel: bool = True
     exclude: tuple[str, ...] = ()
-    logits: str = "float"
+    logits: str = "exclude"
     reduce_range: Optional[bool] = None  # None: decided from the CPU for the cpu target
     seed: int = 0
     device: str = "auto"

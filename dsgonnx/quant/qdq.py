@@ -139,7 +139,7 @@ def quantize_qdq(
     per_channel: bool,
     reduce_range: bool,
     exclude: Iterable[str] = (),
-    logits: str = "float",
+    logits: str = "exclude",
 ) -> dict:
     """Quantize the pre-processed model at ``model_path`` into ``output_path``.
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..artifacts import SyntheticSet
-from ..errors import DataError, DsgonnxError, NoBatchNormError
+from ..errors import DataError, NoBatchNormError, SynthesisError
 from ..graph.bn_taps import BNLayer, BNProbe, bn_folded, find_bn_layers
 from ..graph.onnx_io import LoadedModel, load_model
 from ..graph.to_torch import TorchModel, to_torch
@@ -25,10 +25,6 @@ from . import losses
 from .config import SynthConfig
 from .diversity import diversity_metrics
 from .margins import Margins, slack_margins
-
-
-class SynthesisError(DsgonnxError):
-    """The optimisation diverged (NaN/Inf) or cannot run as configured."""
 
 
 def resolve_device(name: str) -> torch.device:
