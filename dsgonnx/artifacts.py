@@ -58,17 +58,23 @@ class SyntheticSet:
         return cls(images=images, meta=meta)
 
 
+def check_output_folder(path: str | os.PathLike) -> Path:
+    """The folder ``path`` will be written into; it must exist and be writable."""
+    folder = Path(path).parent if str(Path(path).parent) else Path(".")
+    if not folder.is_dir():
+        raise DataError(f"output folder does not exist: {folder}")
+    if not os.access(folder, os.W_OK):
+        raise DataError(f"output folder is not writable: {folder}")
+    return folder
+
+
 def write_atomically(path: Path, write) -> None:
     """Call ``write(handle)`` on a temporary file beside ``path``, then rename it into place.
 
     Nothing is left behind on failure, and readers never see a half-written file.
     """
     path = Path(path)
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        raise DataError(f"output folder does not exist: {folder}")
-    if not os.access(folder, os.W_OK):
-        raise DataError(f"output folder is not writable: {folder}")
+    folder = check_output_folder(path)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as handle:

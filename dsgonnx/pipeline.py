@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 
 from . import __version__
+from .artifacts import check_output_folder
 from .calibration_data import load_real_images
 from .errors import DataError, ModelLoadError, UnsupportedModelError
 from .graph.onnx_io import LoadedModel, load_model
@@ -72,11 +73,7 @@ def _check_output(model_path: Path, output: Path, force: bool) -> None:
         raise DataError(f"output {output} is the input model; dsgonnx never overwrites its input")
     if output.suffix != ".onnx":
         raise DataError(f"output must be an .onnx file, got {output.name!r}")
-    folder = output.parent if str(output.parent) else Path(".")
-    if not folder.is_dir():
-        raise DataError(f"output folder does not exist: {folder}")
-    if not os.access(folder, os.W_OK):
-        raise DataError(f"output folder is not writable: {folder}")
+    check_output_folder(output)
     if output.exists() and not force:
         raise DataError(f"{output} exists; pass --force to overwrite it")
 

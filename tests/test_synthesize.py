@@ -137,8 +137,9 @@ def test_cli_folded_model_exits_2(models):
 
 
 def test_resolution_schedule_starts_small_and_ends_at_full_size(models):
-    result = _run(models["kept"], iters=12, low_res=8, low_res_share=0.5, preprocess=PRESETS["imagenet"])
+    result = _run(models["kept"], method="zeroq", iters=12, low_res=8, low_res_share=0.5,
+                  preprocess=PRESETS["imagenet"])
     assert result.images.shape == (8, 3, 16, 16)
     assert np.isfinite(result.images).all()
-    full = _run(models["kept"], iters=0, preprocess=PRESETS["imagenet"])
+    full = _run(models["kept"], method="zeroq", iters=0, preprocess=PRESETS["imagenet"])
     assert _total(result) < _total(full)
