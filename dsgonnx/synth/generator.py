@@ -296,7 +296,7 @@ def _run_iterations(torch_model, layers, targets, images, margins, tap, config, 
         if not torch.isfinite(total):
             bad = next((name for name, value in terms.items() if not torch.isfinite(value)), "total")
             raise SynthesisError(
-                f"synthesis diverged: loss term '{bad}' became {float(terms.get(bad, total))} at iteration "
+                f"synthesis diverged: loss term '{bad}' became {terms.get(bad, total).item()} at iteration "
                 f"{iteration}; try a smaller --lr (now {config.lr}) or give the model's preprocessing"
             )
         total.backward()
