@@ -66,3 +66,35 @@ def test_efficientnet_lite0_folded(efficientnet):
     info = inspect_model(efficientnet["folded"])
     assert info["bn_count"] == 0 and info["bn_folded"] is True
     assert info["torch_parity"]["top1_agreement"] == 1.0
+
+
+def test_quantize_refuses_float16_models_cleanly(shared, tmp_path):
+    out = tmp_path / "sq.onnx"
+    result = CliRunner().invoke(cli, ["quantize", str(shared / "models" / "imagenet_squeezenet1.1_fp16_nobn.onnx"),
+                                      "--calib", "gaussian", "-o", str(out), "--quiet"])
+    assert result.exit_code == 2
+    assert "float32" in result.stderr and not out.exists()
+
+
+def test_quantize_real_cifar_model_with_real_calibration(shared, tmp_path):
+    """ResNet-20, 20 real calibration images, W8A8, validated on 200 other test images."""
+    data = shared / "datasets" / "cifar10-test"
+    out = tmp_path / "r20.onnx"
+    result = CliRunner().invoke(cli, [
+        "quantize", str(shared / "models" / "cifar10_resnet20.onnx"), "-o", str(out), "--calib", str(data),
+        "--num-samples", "20", "--preprocess", "imagenet", "--resize", "32", "--crop", "32", "--no-validate",
+        "--quiet"])
+    assert result.exit_code == 0, result.output
+    folder = tmp_path / "val"
+    for label in sorted(p.name for p in data.iterdir())[:10]:
+        (folder / label).mkdir(parents=True)
+        for image in sorted((data / label).iterdir())[1:21]:
+            (folder / label / image.name).symlink_to(image)
+    report = tmp_path / "report.json"
+    result = CliRunner().invoke(cli, ["validate", str(shared / "models" / "cifar10_resnet20.onnx"), str(out),
+                                      "--data", str(folder), "--resize", "32", "--crop", "32",
+                                      "--max-drop", "5", "--report", str(report)])
+    assert result.exit_code == 0, result.output
+    figures = json.loads(report.read_text())
+    assert figures["num_samples"] == 200 and figures["fp32"]["top1"] > 60
+    assert figures["drop_top1"] <= 5 and figures["agreement"] > 0.9
