@@ -190,7 +190,8 @@ def _finish_model(path: Path, loaded: LoadedModel, bits: dict, calibration: dict
     model = onnx.load(str(path))
     meta = {"dsgonnx.version": __version__, "dsgonnx.source_sha256": loaded.sha256,
             "dsgonnx.bits": json.dumps(bits), "dsgonnx.simulated": str(bits["simulated"]).lower(),
-            "dsgonnx.calibration": json.dumps({k: calibration[k] for k in ("method", "num_samples", "iters")})}
+            "dsgonnx.calibration": json.dumps({k: calibration[k] for k in ("method", "num_samples", "iters")}),
+            "dsgonnx.decisions": json.dumps(decisions)}
     for key, value in meta.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = key, value

@@ -115,7 +115,8 @@ def synthesize(
         folded = "BN was folded into the Conv layers" if bn_folded(loaded.model) else "it has no BatchNormalization layers"
         raise NoBatchNormError(
             f"{loaded.path.name} carries no BatchNorm statistics ({folded}); --method {config.method} needs them. "
-            "Use --method gaussian for now, or export the model with BN kept "
+            "Use --method gaussian (with dsgonnx quantize: --calib gaussian or real images) for now, "
+            "or export the model with BN kept "
             "(torch.onnx.export(..., training=TrainingMode.PRESERVE, do_constant_folding=False))"
         )
     device = resolve_device(config.device)
