@@ -33,7 +33,7 @@ images have; without it only the input prior (mean 0, std 1) shapes them.
 @click.option("--epsilon", type=float, default=0.9, show_default=True, help="Slack percentile ε.")
 @click.option("--slack-reading", type=click.Choice(["layer-upper", "layer-lower", "sample-upper", "sample-lower",
                                                     "channel-upper", "channel-lower"]),
-              default="channel-upper", show_default=True, help="How margins are read from ε (see README).")
+              default="layer-lower", show_default=True, help="How margins are read from ε (see README).")
 @click.option("--no-slack", is_flag=True, help="DSG without slack margins (ablation).")
 @click.option("--no-lse", is_flag=True, help="DSG without layerwise sample enhancement (ablation).")
 @click.option("--no-sci", is_flag=True, help="DSG without sample correlation inhibition (ablation).")

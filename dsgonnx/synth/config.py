@@ -11,7 +11,7 @@ from .margins import READINGS
 
 METHODS = ("gaussian", "zeroq", "dsg")
 DEVICES = ("auto", "cpu", "cuda")
-DEFAULT_SLACK_READING = "channel-upper"
+DEFAULT_SLACK_READING = "layer-lower"
 
 
 @dataclass(frozen=True)
