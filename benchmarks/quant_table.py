@@ -38,6 +38,7 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
     import numpy as np
     import torch
 
+    from dsgonnx.calibration_data import spread_indices
     from dsgonnx.graph.onnx_io import load_model
     from dsgonnx.pipeline import quantize
     from dsgonnx.preprocess import scan_image_folder
@@ -48,8 +49,8 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
 
     loaded = load_model(model)
     folder = scan_image_folder(data)
-    stride = len(folder.files) // num_samples
-    calib_files = frozenset(folder.files[i * stride] for i in range(num_samples))
+    # the same files quantize's real-data calibration picks from this folder
+    calib_files = frozenset(folder.files[i] for i in spread_indices(len(folder.files), num_samples))
     excluded = set(calib_files)
     if max_eval:
         rest = [f for f in folder.files if f not in calib_files]

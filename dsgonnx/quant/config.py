@@ -7,7 +7,7 @@ from typing import Optional
 
 from ..errors import DataError
 from ..preprocess import Preprocess
-from .bits import TARGETS, resolve_bits
+from .bits import resolve_bits
 from .calibrate import CALIBRATORS
 from .qdq import LOGITS_POLICIES
 
@@ -57,8 +57,6 @@ class QuantConfig:
             raise DataError(f"unknown calibrator {self.calibrator!r}; choose from {', '.join(CALIBRATORS)}")
         if self.logits not in LOGITS_POLICIES:
             raise DataError(f"unknown logits policy {self.logits!r}; choose from {', '.join(LOGITS_POLICIES)}")
-        if self.target not in TARGETS:
-            raise DataError(f"unknown target {self.target!r}")
         if self.num_samples < 1:
             raise DataError(f"--num-samples must be at least 1, got {self.num_samples}")
         if self.holdout < 0:

@@ -214,32 +214,30 @@ def clip_simulated_activations(path: Path, spec: BitSpec) -> None:
     model = onnx.load(str(path))
     graph = model.graph
     initializers = {t.name for t in graph.initializer}
-    dtype = np.int8 if spec.symmetric else np.uint8
-    low_level, high_level = spec.levels
+    quantized = [n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in initializers]
+    if not quantized:
+        return
+    # the bounds are the grid's absolute integer ends (BitSpec.levels): 0..2^B-1 for
+    # asymmetric grids (the zero point lies inside), ±(2^(B-1)-1) for symmetric ones
+    renamed = {node.output[0]: node.output[0] + "_clip" for node in quantized}
+    if any(output.name in renamed for output in graph.output):
+        raise UnsupportedModelError("a quantized graph output cannot be clipped")
+    for consumer in graph.node:
+        for index, name in enumerate(consumer.input):
+            if name in renamed:
+                consumer.input[index] = renamed[name]
     nodes = []
-    bounds_added = False
     for node in graph.node:
         nodes.append(node)
-        if node.op_type != "QuantizeLinear" or node.input[0] in initializers:
-            continue
-        # the integer grid is relative to the zero point: [zp + lo_level, zp + hi_level] for
-        # symmetric (zp = 0) and [lo_level, hi_level] for asymmetric grids
-        clipped = node.output[0] + "_clip"
-        for consumer in graph.node:
-            for index, name in enumerate(consumer.input):
-                if name == node.output[0]:
-                    consumer.input[index] = clipped
-        for output in graph.output:
-            if output.name == node.output[0]:
-                raise UnsupportedModelError("a quantized graph output cannot be clipped")
-        nodes.append(helper.make_node("Clip", [node.output[0], "dsgonnx_sim_min", "dsgonnx_sim_max"], [clipped],
-                                      name=node.name + "_simclip"))
-        bounds_added = True
-    if bounds_added:
-        graph.initializer.extend([
-            numpy_helper.from_array(np.array(low_level, dtype=dtype), "dsgonnx_sim_min"),
-            numpy_helper.from_array(np.array(high_level, dtype=dtype), "dsgonnx_sim_max"),
-        ])
+        if node.output[0] in renamed and node.op_type == "QuantizeLinear":
+            nodes.append(helper.make_node("Clip", [node.output[0], "dsgonnx_sim_min", "dsgonnx_sim_max"],
+                                          [renamed[node.output[0]]], name=node.name + "_simclip"))
+    dtype = np.int8 if spec.symmetric else np.uint8
+    low_level, high_level = spec.levels
+    graph.initializer.extend([
+        numpy_helper.from_array(np.array(low_level, dtype=dtype), "dsgonnx_sim_min"),
+        numpy_helper.from_array(np.array(high_level, dtype=dtype), "dsgonnx_sim_max"),
+    ])
     del graph.node[:]
     graph.node.extend(nodes)
     onnx.save(model, str(path))

@@ -7,7 +7,6 @@ weights (LSE) → priors and SCI → Adam step → projection into the pixel box
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import replace
 from typing import Optional
