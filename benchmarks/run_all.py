@@ -62,6 +62,12 @@ def _versions() -> dict:
             "onnxruntime": onnxruntime.__version__, "numpy": numpy.__version__, "python": sys.version.split()[0]}
 
 
+def _cpu_name() -> str:
+    from dsgonnx.hardware import cpu_info
+
+    return cpu_info().model or platform.machine()
+
+
 def _chart(all_results: dict, path: Path) -> bool:
     try:
         import matplotlib
@@ -109,6 +115,7 @@ def main(argv=None) -> int:
         print(f"benchmarks need {SHARED} (models and labelled images)", file=sys.stderr)
         return 2
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     json_path = out / "results.json"
     all_results = json.loads(json_path.read_text()) if json_path.exists() else {}
     started = time.time()
@@ -123,7 +130,16 @@ def main(argv=None) -> int:
                             bits=[int(b) for b in args.bits.split(",")], sources=args.sources.split(","),
                             seeds=[int(s) for s in args.seeds.split(",")], num_samples=args.num_samples,
                             iters=profile["iters"], synth=profile.get("synth"), device=args.device)
-        results.update(profile=args.profile, preprocess=[preset, overrides], wall_seconds=round(time.time() - start))
+        command = f"python benchmarks/{Path(__file__).name} " + " ".join(argv if argv is not None else sys.argv[1:])
+        results.update(profile=args.profile, preprocess=[preset, overrides], wall_seconds=round(time.time() - start),
+                       commands=[command], machine=f"{platform.platform()} ({_cpu_name()})")
+        previous = all_results.get(name)
+        if previous and previous.get("profile") == args.profile and previous.get("bits") == results["bits"]:
+            # a run of some sources only (e.g. the refine rows) adds to the table of the same profile
+            rows = dict(previous["rows"], **results["rows"])
+            results["wall_seconds"] += previous.get("wall_seconds", 0)
+            results["commands"] = previous.get("commands", []) + results["commands"]
+            results["rows"] = {s: rows[s] for s in [*SOURCES, *rows] if s in rows}
         all_results[name] = results
         json_path.write_text(json.dumps(all_results, indent=2))  # keep what is done
     versions = _versions()
@@ -131,9 +147,9 @@ def main(argv=None) -> int:
     lines = [
         "# Benchmark results",
         "",
-        f"Written by `python benchmarks/{Path(__file__).name} {' '.join(argv if argv is not None else sys.argv[1:])}` "
-        f"on {platform.platform()} ({platform.processor() or platform.machine()}), "
-        f"{time.strftime('%Y-%m-%d')}; versions: " + ", ".join(f"{k} {v}" for k, v in versions.items()) + ".",
+        f"Last written {time.strftime('%Y-%m-%d')} on {platform.platform()} ({_cpu_name()}); versions: "
+        + ", ".join(f"{k} {v}" for k, v in versions.items()) + ". Each model's section names the commands "
+        "that produced it and the machine they ran on.",
         "",
         "Each row calibrates the same ONNX Runtime quantizer (QDQ, per-channel int8/INT4 weights, "
         "uint8/UINT4 activations, MinMax ranges, last layer kept float) on one source: `real` = "
@@ -151,7 +167,8 @@ def main(argv=None) -> int:
                   + (f", the first 75% at {synth['low_res']} px" if synth.get("low_res") else "")
                   + f", {results['num_samples']} calibration samples, seeds {results['seeds']}, synthesis on "
                   f"{results['device']}, ONNX Runtime {', '.join(results.get('providers', []))}; "
-                  f"wall time {results.get('wall_seconds', '?')} s.", "",
+                  f"wall time {results.get('wall_seconds', '?')} s on {results.get('machine', '?')}.", "",
+                  "Commands: " + "; ".join(f"`{c}`" for c in results.get("commands", [])), "",
                   markdown(results), ""]
     if chart:
         lines += ["![top-1 by method and bits](results.png)", ""]
