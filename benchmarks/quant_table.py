@@ -29,12 +29,16 @@ SOURCES = {
     "dsg-nosci": {"method": "dsg", "sci": False},
     "dsg": {"method": "dsg"},
 }
+# "<source>+refine": the same calibration images, then reconstruction PTQ (quantize --refine)
+REFINED = {f"{name}+refine": name for name in SOURCES}
 
 
 def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), seeds=(0,), num_samples=100,
               iters=500, synth=None, calibrator="minmax", logits="exclude", device="auto", max_eval=None,
-              log=sys.stderr) -> dict:
-    """Quantize ``model`` for every (source, seed, bits) and score it on ``data``."""
+              refine=None, log=sys.stderr) -> dict:
+    """Quantize ``model`` for every (source, seed, bits) and score it on ``data``.
+
+    ``refine``: {"method": "brecq", **RefineConfig fields} for the ``<source>+refine`` rows."""
     import numpy as np
     import torch
 
@@ -62,12 +66,15 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
     with tempfile.TemporaryDirectory() as scratch:
         for source in sources:
             runs = {b: [] for b in bits}
-            seconds, per_iter, similarity = [], [], []
-            for seed in (seeds if source != "real" else (0,)):
-                if source == "real":
+            seconds, per_iter, similarity, refine_seconds = [], [], [], []
+            base = REFINED.get(source, source)
+            refine_settings = dict(refine or {"method": "brecq"}) if source in REFINED else {}
+            refine_method = refine_settings.pop("method", None)
+            for seed in (seeds if base != "real" else (0,)):
+                if base == "real":
                     calib = data
                 else:
-                    settings = dict(SOURCES[source], num_samples=num_samples, iters=iters, seed=seed, device=device,
+                    settings = dict(SOURCES[base], num_samples=num_samples, iters=iters, seed=seed, device=device,
                                     preprocess=recipe, quiet=True, **(synth or {}))
                     start = time.perf_counter()
                     synthetic = synthesize(loaded, SynthConfig(**settings))
@@ -80,9 +87,12 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
                     synthetic.save(calib)
                 for b in bits:
                     out = Path(scratch) / f"{source}-{seed}-w{b}a{b}.onnx"
-                    quantize(loaded, QuantConfig(wbits=b, abits=b, calib=calib, num_samples=num_samples,
-                                                 calibrator=calibrator, logits=logits, preprocess=recipe,
-                                                 output=str(out), force=True, validate=False, quiet=True))
+                    done = quantize(loaded, QuantConfig(
+                        wbits=b, abits=b, calib=calib, num_samples=num_samples, calibrator=calibrator, logits=logits,
+                        preprocess=recipe, output=str(out), force=True, validate=False, quiet=True, device=device,
+                        seed=seed, refine=refine_method, refine_options=refine_settings))
+                    if done.refine:
+                        refine_seconds.append(done.refine["seconds"])
                     report = validate(model, str(out), ValidateConfig(
                         data=data, preprocess=recipe, exclude_files=frozenset(excluded))).to_dict()
                     results["fp32"] = {"top1": report["fp32"]["top1"], "top5": report["fp32"]["top5"]}
@@ -100,6 +110,9 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
                 "seconds_per_iter": round(float(np.mean(per_iter)), 4) if per_iter else None,
                 "sample_similarity": round(float(np.mean(similarity)), 5) if similarity else None,
             }
+            if refine_method:
+                results["rows"][source].update(refine=dict(refine_settings, method=refine_method),
+                                               refine_seconds=round(float(np.mean(refine_seconds)), 1))
     results["torch"] = torch.__version__
     return results
 
@@ -113,10 +126,16 @@ def markdown(results: dict) -> str:
     for source, row in results["rows"].items():
         cells = []
         for b in bits:
+            if str(b) not in row["top1"]:
+                cells.append("–")
+                continue
             mean, std = row["top1"][str(b)]
             spread = f" ± {std:.2f}" if row["runs"] > 1 else ""
             cells.append(f"{mean:.2f}{spread} ({mean - fp:+.2f})")
-        extra = [str(row["synthesis_seconds"] if row["synthesis_seconds"] is not None else "–"),
+        synthesis = row["synthesis_seconds"]
+        if row.get("refine_seconds") is not None:
+            synthesis = f"{synthesis if synthesis is not None else 0} + {row['refine_seconds']} refine"
+        extra = [str(synthesis if synthesis is not None else "–"),
                  str(row["seconds_per_iter"] if row["seconds_per_iter"] is not None else "–"),
                  str(row["sample_similarity"] if row["sample_similarity"] is not None else "–")]
         lines.append(f"| {source} | " + " | ".join(cells + extra) + " |")

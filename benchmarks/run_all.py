@@ -11,6 +11,7 @@ for the 32-px CIFAR models, 100 (the first 75 at 128 px) for the 224-px ImageNet
 
     python benchmarks/run_all.py --profile cpu
     python benchmarks/run_all.py --profile cpu --models cifar10_resnet20 --seeds 0,1,2
+    python benchmarks/run_all.py --profile cpu --models cifar10_resnet20 --bits 6,4 --sources real+refine,dsg+refine
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ ROOT = HERE.parent
 SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(HERE))
 
-from quant_table import SOURCES, markdown, run_table  # noqa: E402
+from quant_table import REFINED, SOURCES, markdown, run_table  # noqa: E402
 
 # name -> model path, data, preprocessing (preset, overrides), input size class
 MANIFEST = {
@@ -44,8 +45,10 @@ MANIFEST = {
                           ("inception", {}), "large"),
 }
 PROFILES = {
-    "paper": {"small": {"iters": 500}, "large": {"iters": 500}},
-    "cpu": {"small": {"iters": 500}, "large": {"iters": 100, "synth": {"low_res": 128}}},
+    "paper": {"small": {"iters": 500, "refine": {"method": "brecq", "iters": 2000}},
+              "large": {"iters": 500, "refine": {"method": "brecq", "iters": 2000}}},
+    "cpu": {"small": {"iters": 500, "refine": {"method": "brecq", "iters": 500}},
+            "large": {"iters": 100, "synth": {"low_res": 128}, "refine": {"method": "brecq", "iters": 100, "batch_size": 16}}},
 }
 
 
@@ -60,6 +63,20 @@ def _versions() -> dict:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     return {"dsgonnx": __version__, "commit": commit, "torch": torch.__version__, "onnx": onnx.__version__,
             "onnxruntime": onnxruntime.__version__, "numpy": numpy.__version__, "python": sys.version.split()[0]}
+
+
+def _merged(previous, results: dict) -> dict:
+    """A run of some sources only (e.g. the refine rows) adds to the table of the same
+    profile and evaluation set; otherwise it replaces the table."""
+    if not previous or previous.get("profile") != results.get("profile") or \
+            previous.get("eval_images") != results.get("eval_images"):
+        return results
+    rows = dict(previous["rows"], **results["rows"])
+    results = dict(results, wall_seconds=previous.get("wall_seconds", 0) + results.get("wall_seconds", 0),
+                   commands=list(dict.fromkeys(previous.get("commands", []) + results.get("commands", []))),
+                   bits=sorted(set(previous["bits"]) | set(results["bits"]), reverse=True))
+    results["rows"] = {s: rows[s] for s in [*SOURCES, *REFINED] if s in rows}
+    return results
 
 
 def _cpu_name() -> str:
@@ -84,8 +101,8 @@ def _chart(all_results: dict, path: Path) -> bool:
         sources = list(results["rows"])
         width = 0.8 / len(sources)
         for i, source in enumerate(sources):
-            means = [results["rows"][source]["top1"][str(b)][0] for b in bits]
-            stds = [results["rows"][source]["top1"][str(b)][1] for b in bits]
+            cells = [results["rows"][source]["top1"].get(str(b), (float("nan"), 0.0)) for b in bits]
+            means, stds = [c[0] for c in cells], [c[1] for c in cells]
             ax.bar([j + i * width for j in range(len(bits))], means, width, yerr=stds, label=source)
         ax.axhline(results["fp32"]["top1"], color="black", linewidth=0.8, linestyle="--", label="FP32")
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(bits))], [f"W{b}A{b}" for b in bits])
@@ -102,11 +119,14 @@ def main(argv=None) -> int:
     parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
     parser.add_argument("--models", default=",".join(MANIFEST))
     parser.add_argument("--bits", default="8,6,4")
-    parser.add_argument("--sources", default=",".join(SOURCES))
+    parser.add_argument("--sources", default=",".join(SOURCES),
+                        help=f"rows to run: {', '.join(SOURCES)}, or any of them with +refine (reconstruction PTQ)")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--num-samples", type=int, default=100)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default=str(HERE), help="folder for RESULTS.md, results.json, results.png")
+    parser.add_argument("--merge", metavar="JSON", help="add the rows of another run's results.json (e.g. one run "
+                        "beside this on another machine) to --out, then write the tables; use with --models ''")
     args = parser.parse_args(argv)
 
     from dsgonnx.preprocess import preprocess_from_preset
@@ -119,7 +139,11 @@ def main(argv=None) -> int:
     json_path = out / "results.json"
     all_results = json.loads(json_path.read_text()) if json_path.exists() else {}
     started = time.time()
-    for name in args.models.split(","):
+    if args.merge:
+        for name, results in json.loads(Path(args.merge).read_text()).items():
+            all_results[name] = _merged(all_results.get(name), results)
+        json_path.write_text(json.dumps(all_results, indent=2))
+    for name in filter(None, args.models.split(",")):
         model, data, (preset, overrides), size = MANIFEST[name]
         if not model.exists():
             print(f"skipping {name}: {model} not found (run models/export_efficientnet_lite0.py)", file=sys.stderr)
@@ -129,18 +153,12 @@ def main(argv=None) -> int:
         results = run_table(str(model), str(data), preprocess_from_preset(preset, **overrides),
                             bits=[int(b) for b in args.bits.split(",")], sources=args.sources.split(","),
                             seeds=[int(s) for s in args.seeds.split(",")], num_samples=args.num_samples,
-                            iters=profile["iters"], synth=profile.get("synth"), device=args.device)
+                            iters=profile["iters"], synth=profile.get("synth"), device=args.device,
+                            refine=profile.get("refine"))
         command = f"python benchmarks/{Path(__file__).name} " + " ".join(argv if argv is not None else sys.argv[1:])
         results.update(profile=args.profile, preprocess=[preset, overrides], wall_seconds=round(time.time() - start),
                        commands=[command], machine=f"{platform.platform()} ({_cpu_name()})")
-        previous = all_results.get(name)
-        if previous and previous.get("profile") == args.profile and previous.get("bits") == results["bits"]:
-            # a run of some sources only (e.g. the refine rows) adds to the table of the same profile
-            rows = dict(previous["rows"], **results["rows"])
-            results["wall_seconds"] += previous.get("wall_seconds", 0)
-            results["commands"] = previous.get("commands", []) + results["commands"]
-            results["rows"] = {s: rows[s] for s in [*SOURCES, *rows] if s in rows}
-        all_results[name] = results
+        all_results[name] = _merged(all_results.get(name), results)
         json_path.write_text(json.dumps(all_results, indent=2))  # keep what is done
     versions = _versions()
     chart = _chart(all_results, out / "results.png")
@@ -169,6 +187,9 @@ def main(argv=None) -> int:
                   f"{results['device']}, ONNX Runtime {', '.join(results.get('providers', []))}; "
                   f"wall time {results.get('wall_seconds', '?')} s on {results.get('machine', '?')}.", "",
                   "Commands: " + "; ".join(f"`{c}`" for c in results.get("commands", [])), "",
+                  *([f"Rows `…+refine`: the same calibration images, then reconstruction PTQ "
+                     f"(`dsgonnx quantize --refine`) with {refined[0]}.", ""]
+                    if (refined := [json.dumps(r["refine"]) for r in results["rows"].values() if r.get("refine")]) else []),
                   markdown(results), ""]
     if chart:
         lines += ["![top-1 by method and bits](results.png)", ""]

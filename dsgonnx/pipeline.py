@@ -37,6 +37,8 @@ class QuantResult:
     calibration: dict[str, Any]
     decisions: dict[str, Any]
     report: Optional[Any] = None  # dsgonnx.validate.ValidationReport
+    refine: Optional[dict] = None  # dsgonnx.refine report: layers, loss before/after per unit, time
+    refined_weights: dict = field(default_factory=dict)  # weight name -> RefinedWeight (learned integers, scales)
     timings: dict[str, float] = field(default_factory=dict)
 
 
@@ -124,14 +126,21 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
         prepared = stages.run("pre-process", pre_process, loaded.path, Path(scratch) / "prepared.onnx")
         ranges = stages.run("calibrate", compute_ranges, prepared, ArrayReader(loaded.input.name, calib_images, batch),
                             config.calibrator, activations)
+        refined = None
+        if config.refine:
+            refined = stages.run("refine", _refine, prepared, Path(scratch) / "refined.onnx", ranges, weights,
+                                 activations, calib_images, holdout, reduce_range, config)
         fd, tmp_name = tempfile.mkstemp(dir=output.parent if str(output.parent) else ".", prefix=f".{output.name}.",
                                         suffix=".tmp.onnx")
         os.close(fd)
         tmp = Path(tmp_name)
         try:
-            decisions = stages.run("quantize", quantize_qdq, prepared, tmp, ranges, weights, activations,
-                                   per_channel=config.per_channel, reduce_range=reduce_range,
-                                   exclude=config.exclude, logits=config.logits)
+            decisions = stages.run("quantize", quantize_qdq, refined.path if refined else prepared, tmp, ranges,
+                                   weights, activations, per_channel=config.per_channel, reduce_range=reduce_range,
+                                   exclude=config.exclude, logits=config.logits,
+                                   refined=refined.weights if refined else None)
+            if refined:
+                decisions["refine"] = {"method": config.refine, "layers": len(refined.weights)}
             bits = {"weights": weights.bits, "activations": activations.bits,
                     "weight_type": weights.quant_type.name, "activation_type": activations.quant_type.name,
                     "simulated": weights.simulated or activations.simulated, "target": config.target,
@@ -143,9 +152,11 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
             if tmp.exists():
                 tmp.unlink()
     say(f"quantize: wrote {output}", config.quiet)
-    result = QuantResult(output=output, bits=bits, calibration=calib_info, decisions=decisions, timings=stages.timings)
+    result = QuantResult(output=output, bits=bits, calibration=calib_info, decisions=decisions, timings=stages.timings,
+                         refine=refined.report if refined else None, refined_weights=refined.weights if refined else {})
     if config.validate:
-        result.report = stages.run("validate", _validate, loaded, output, config, holdout, calib_files, bits, calib_info)
+        result.report = stages.run("validate", _validate, loaded, output, config, holdout, calib_files, bits, calib_info,
+                                   result.refine)
     return result
 
 
@@ -208,10 +219,25 @@ def _finish_model(path: Path, loaded: LoadedModel, bits: dict, calibration: dict
         raise UnsupportedModelError("the quantized model produces NaN/Inf on a calibration image")
 
 
-def _validate(loaded: LoadedModel, output: Path, config: QuantConfig, holdout, calib_files, bits, calibration):
+def _refine(prepared: Path, out: Path, ranges, weights, activations, images, holdout, reduce_range, config: QuantConfig):
+    """Learn the weight rounding on the calibration images (dsgonnx.refine; imports torch)."""
+    from .quant.qdq import activation_grids, excluded_nodes, weight_top
+    from .refine import RefineConfig, refine_model
+
+    exclude, _ = excluded_nodes(onnx.load(str(prepared)), config.exclude, config.logits)
+    options = RefineConfig(method=config.refine, device=config.device, seed=config.seed, quiet=config.quiet,
+                           **config.refine_options)
+    return refine_model(prepared, out, activation_grids(ranges, activations), images, holdout, exclude=set(exclude),
+                        per_channel=config.per_channel, weight_top=weight_top(weights, reduce_range), config=options)
+
+
+def _validate(loaded: LoadedModel, output: Path, config: QuantConfig, holdout, calib_files, bits, calibration,
+              refine=None):
     from .validate import ValidateConfig, check_gate, validate
 
     extra = {"bits": bits, "simulated": bits["simulated"], "calibration": calibration}
+    if refine:
+        extra["refine"] = refine
     vconfig = ValidateConfig(data=config.val_data, preprocess=config.preprocess, provider=config.provider,
                              max_drop=config.max_drop, min_agreement=config.min_agreement, report_path=config.report,
                              extra=extra, exclude_files=frozenset(calib_files))

@@ -49,6 +49,60 @@ def tiny_net(seed: int = 0) -> TinyNet:
     return net.eval()
 
 
+class TinyResNet(nn.Module):
+    """Stem, two residual units (one with a strided 1x1 shortcut), pool, linear: 3×16×16."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+
+        def conv_bn(cin, cout, k, stride=1):
+            return nn.Sequential(nn.Conv2d(cin, cout, k, stride, k // 2, bias=False), nn.BatchNorm2d(cout))
+
+        self.stem = conv_bn(3, 8, 3)
+        self.a1, self.a2 = conv_bn(8, 8, 3), conv_bn(8, 8, 3)
+        self.b1, self.b2, self.short = conv_bn(8, 16, 3, 2), conv_bn(16, 16, 3), conv_bn(8, 16, 1, 2)
+        self.fc = nn.Linear(16, classes)
+
+    def features(self, x):
+        x = torch.relu(self.stem(x))
+        x = torch.relu(x + self.a2(torch.relu(self.a1(x))))
+        x = torch.relu(self.short(x) + self.b2(torch.relu(self.b1(x))))
+        return x.mean((2, 3))
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+
+
+def tiny_resnet(seed: int = 0) -> TinyResNet:
+    torch.manual_seed(seed)
+    net = TinyResNet()
+    with torch.no_grad():
+        for bn in (m for m in net.modules() if isinstance(m, nn.BatchNorm2d)):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5)
+            bn.bias.uniform_(-0.2, 0.2)
+        # a head that separates samples: a random net's pooled features barely vary, so
+        # every input would get the same class; centre and amplify the head on N(0,1) inputs
+        net.eval()
+        features = net.features(torch.randn(512, 3, 16, 16, generator=torch.Generator().manual_seed(seed)))
+        net.fc.weight.mul_(4.0 / (features.std(0) * net.fc.weight.abs()).sum(1, keepdim=True))
+        net.fc.bias.copy_(-net.fc.weight @ features.mean(0))
+    return net
+
+
+def export_tiny_resnet(path: Path) -> Path:
+    """TinyResNet through the TorchScript exporter with its BN layers kept."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            tiny_resnet(), (_example(),), str(path), dynamo=False, opset_version=13,
+            input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
+            training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False,
+        )
+    return path
+
+
 def _example() -> torch.Tensor:
     return torch.randn(2, 3, 16, 16)
 

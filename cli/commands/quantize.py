@@ -51,6 +51,14 @@ def _bits(w8a8, w6a6, w4a4, wbits, abits):
 @click.option("--lr", type=float, help="Synthesis learning rate.")
 @click.option("--slack-reading", help="DSG margin reading (see dsgonnx synthesize --help).")
 @click.option("--low-res", type=int, help="Synthesis resolution schedule: start at NxN pixels.")
+@click.option("--refine", type=click.Choice(["adaround", "brecq"]),
+              help="Learn the weight rounding on the calibration data: adaround (layer by layer) or brecq "
+                   "(blocks between residual joins, with QDrop).")
+@click.option("--refine-iters", type=int, help="Refinement iterations per layer/block [default: 2000 on CUDA, 500 on CPU].")
+@click.option("--refine-lr", type=float, help="Refinement learning rate (Adam on the rounding variables).")
+@click.option("--refine-reg", type=float, help="Weight of AdaRound's rounding regulariser.")
+@click.option("--refine-drop", type=float, help="QDrop probability of keeping an activation float while refining.")
+@click.option("--refine-batch-size", type=int, help="Refinement batch size.")
 @click.option("--calibrator", type=click.Choice(["minmax", "percentile", "entropy", "mse"]), default="minmax", show_default=True)
 @click.option("--target", type=click.Choice(["cpu", "gpu", "trt"]), default="cpu", show_default=True)
 @click.option("--per-channel/--per-tensor", default=True, show_default=True, help="Weight scales per output channel.")
@@ -70,7 +78,7 @@ def _bits(w8a8, w6a6, w4a4, wbits, abits):
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @click.option("--quiet", is_flag=True, help="No progress on stderr.")
 def quantize_cmd(model, output, w8a8, w6a6, w4a4, wbits, abits, calib, num_samples, iters, lr, slack_reading, low_res,
-                 calibrator,
+                 refine, refine_iters, refine_lr, refine_reg, refine_drop, refine_batch_size, calibrator,
                  target, per_channel, exclude, logits, input_shape, seed, device, recipe, val_data, holdout, max_drop,
                  min_agreement, report, provider, no_validate, force, quiet):
     """Quantize MODEL to a QuantizeLinear/DequantizeLinear ONNX model."""
@@ -80,6 +88,11 @@ def quantize_cmd(model, output, w8a8, w6a6, w4a4, wbits, abits, calib, num_sampl
     w, a = _bits(w8a8, w6a6, w4a4, wbits, abits)
     synth = {key: value for key, value in (("lr", lr), ("slack_reading", slack_reading), ("low_res", low_res))
              if value is not None}
+    refine_options = {key: value for key, value in (
+        ("iters", refine_iters), ("lr", refine_lr), ("reg_weight", refine_reg), ("drop_prob", refine_drop),
+        ("batch_size", refine_batch_size)) if value is not None}
+    if refine_options and not refine:
+        raise DataError("--refine-* options need --refine adaround|brecq")
     config = QuantConfig(
         wbits=w, abits=a, calib=calib, num_samples=num_samples, iters=iters if iters is not None else default_iters(device),
         iters_by_device=iters is None,
@@ -87,11 +100,13 @@ def quantize_cmd(model, output, w8a8, w6a6, w4a4, wbits, abits, calib, num_sampl
         seed=seed, device=device, preprocess=preprocess_from_preset(recipe[0], **recipe[1]) if recipe_given(recipe) else None,
         input_shape=parse_input_shape(input_shape) if input_shape else None, output=output, force=force,
         validate=not no_validate, val_data=val_data, holdout=holdout, max_drop=max_drop, min_agreement=min_agreement,
-        report=report, provider=provider, quiet=quiet, synth=synth,
+        report=report, provider=provider, quiet=quiet, synth=synth, refine=refine, refine_options=refine_options,
     )
     result = quantize(model, config)
     summary = {"output": str(result.output), "bits": result.bits, "calibration": result.calibration,
                "decisions": result.decisions, "timings": result.timings}
+    if result.refine is not None:
+        summary["refine"] = result.refine
     if result.report is not None:
         data = result.report.to_dict()
         summary["validation"] = {key: data.get(key) for key in ("fp32", "quantized", "drop_top1", "agreement", "sqnr_db")}

@@ -22,6 +22,7 @@ from onnxruntime.quantization.calibrate import TensorsData, save_tensors_data
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from ..errors import DataError, UnsupportedModelError
+from ..graph.normalize import name_nodes
 from .bits import BitSpec
 from .calibrate import quiet_ort
 
@@ -39,10 +40,16 @@ def pre_process(model_path: Path, out_path: Path) -> Path:
         try:
             with quiet_ort():
                 quant_pre_process(str(model_path), str(out_path), **options)
-            return out_path
+            break
         except Exception as exc:  # ORT raises many kinds here; try the next, more careful setting
             last_error = exc
-    raise UnsupportedModelError(f"ONNX Runtime's quantization pre-processing failed: {last_error}")
+    else:
+        raise UnsupportedModelError(f"ONNX Runtime's quantization pre-processing failed: {last_error}")
+    model = onnx.load(str(out_path))
+    if any(not node.name for node in model.graph.node):  # --exclude and refinement address nodes by name
+        name_nodes(model.graph)
+        onnx.save(model, str(out_path))
+    return out_path
 
 
 def upgrade_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
@@ -80,21 +87,65 @@ def final_layer(model: onnx.ModelProto) -> Optional[onnx.NodeProto]:
 
 def activation_overrides(ranges: TensorsData, spec: BitSpec, names: Iterable[str]) -> dict:
     """Scale/zero point of the B-bit grid for each activation (simulated bits)."""
-    low_level, high_level = spec.levels
     dtype = np.int8 if spec.symmetric else np.uint8
     overrides = {}
     for name in names:
-        data = ranges[name]
-        low, high = min(float(np.min(data.range_value[0])), 0.0), max(float(np.max(data.range_value[1])), 0.0)
-        if spec.symmetric:
-            scale = max(abs(low), abs(high)) / high_level
-            zero = 0
-        else:
-            scale = (high - low) / (high_level - low_level)
-            zero = int(np.clip(round(-low / scale), low_level, high_level)) if scale > 0 else 0
-        scale = scale if scale > 0 else 1.0
+        scale, zero = activation_grid(ranges[name], spec)
         overrides[name] = [{"scale": np.array(scale, dtype=np.float32), "zero_point": np.array(zero, dtype=dtype)}]
     return overrides
+
+
+def activation_grid(data, spec: BitSpec) -> tuple[float, int]:
+    """(scale, zero point) of the B-bit grid over one calibrated range, as ORT computes it
+    (the range is widened to include 0)."""
+    low_level, high_level = spec.levels
+    low, high = min(float(np.min(data.range_value[0])), 0.0), max(float(np.max(data.range_value[1])), 0.0)
+    if spec.symmetric:
+        scale = max(abs(low), abs(high)) / high_level
+        zero = 0
+    else:
+        scale = (high - low) / (high_level - low_level)
+        zero = int(np.clip(round(-low / scale), low_level, high_level)) if scale > 0 else 0
+    return (scale if scale > 0 else 1.0), zero
+
+
+def activation_grids(ranges: TensorsData, spec: BitSpec) -> dict[str, tuple[float, int, int, int]]:
+    """tensor -> (scale, zero point, lowest, highest integer) for every calibrated activation."""
+    low_level, high_level = spec.levels
+    return {name: (*activation_grid(ranges[name], spec), low_level, high_level) for name in ranges.keys()}
+
+
+def refined_weight_overrides(refined: dict) -> dict:
+    """Overrides carrying learned scales (``RefinedWeight``: ``scales``, ``axis``) verbatim,
+    so that ORT's rounding of the refined float weights gives back the learned integers."""
+    overrides = {}
+    for name, weight in refined.items():
+        zero = np.array(0, dtype=np.int8)
+        if weight.axis is None:
+            overrides[name] = [{"scale": np.array(weight.scales.reshape(-1)[0], dtype=np.float32), "zero_point": zero}]
+        else:
+            overrides[name] = [{"axis": weight.axis, "scale": np.array(s, dtype=np.float32), "zero_point": zero}
+                               for s in weight.scales]
+    return overrides
+
+
+def weight_top(spec: BitSpec, reduce_range: bool) -> int:
+    """Largest weight integer: the B-bit grid's, 63 for 8-bit weights with reduce_range."""
+    return 63 if reduce_range and spec.bits == 8 else spec.levels[1]
+
+
+def excluded_nodes(model: onnx.ModelProto, exclude: Iterable[str], logits: str) -> tuple[list[str], Optional[onnx.NodeProto]]:
+    """The nodes kept float (the user's, plus the final layer under ``logits="exclude"``)
+    and the final layer."""
+    names = {node.name for node in model.graph.node}
+    exclude = list(exclude)
+    unknown = [name for name in exclude if name not in names]
+    if unknown:
+        raise DataError(f"--exclude: no node named {unknown[0]!r} in the model (after pre-processing)")
+    last = final_layer(model)
+    if logits == "exclude" and last is not None and last.name not in exclude:
+        exclude.append(last.name)
+    return exclude, last
 
 
 def weight_overrides(model: onnx.ModelProto, spec: BitSpec, per_channel: bool, exclude: set[str]) -> dict:
@@ -140,22 +191,18 @@ def quantize_qdq(
     reduce_range: bool,
     exclude: Iterable[str] = (),
     logits: str = "exclude",
+    refined: Optional[dict] = None,
 ) -> dict:
     """Quantize the pre-processed model at ``model_path`` into ``output_path``.
 
-    Returns what was decided: excluded nodes, the final layer, simulated tensors.
+    ``refined``: weight name -> learned grid (:class:`dsgonnx.refine.RefinedWeight`); the
+    model's weights must already be scale·integer. Returns what was decided: excluded
+    nodes, the final layer, simulated tensors.
     """
     if logits not in LOGITS_POLICIES:
         raise DataError(f"unknown logits policy {logits!r}; choose from {', '.join(LOGITS_POLICIES)}")
     model = onnx.load(str(model_path))
-    names = {node.name for node in model.graph.node}
-    exclude = list(exclude)
-    unknown = [name for name in exclude if name not in names]
-    if unknown:
-        raise DataError(f"--exclude: no node named {unknown[0]!r} in the model (after pre-processing)")
-    last = final_layer(model)
-    if logits == "exclude" and last is not None and last.name not in exclude:
-        exclude.append(last.name)
+    exclude, last = excluded_nodes(model, exclude, logits)
     graph_outputs = {o.name for o in model.graph.output}
     if logits == "float":
         # the classifier's output stays float: no range, no Q/DQ on it
@@ -178,6 +225,8 @@ def quantize_qdq(
             onnx.save(model, str(source))
         if weights.simulated:
             extra["TensorQuantOverrides"].update(weight_overrides(model, weights, per_channel, set(exclude)))
+        if refined:
+            extra["TensorQuantOverrides"].update(refined_weight_overrides(refined))
         if activations.simulated:
             simulated_activations = [name for name in ranges.keys() if name not in extra["TensorQuantOverrides"]]
             extra["TensorQuantOverrides"].update(activation_overrides(ranges, activations, simulated_activations))

@@ -1,0 +1,130 @@
+"""Reconstruction units from the structure of a converted torch graph.
+
+A unit is a contiguous run of the fx graph's nodes in topological order. Its inputs are
+the values it reads from before the run, its outputs the values read after it (or by the
+graph output), so a unit may have several of each (a residual block reads its input once
+more at the Add; a cut inside a branch carries the skip tensor past it).
+
+- ``adaround``: each quantized layer is its own unit (layer-wise reconstruction).
+- ``brecq``: a block ends at every residual join — an ``Add``/``Sum`` of two computed
+  tensors — and, on chains without joins (MobileNet v1), after ``block_layers`` quantized
+  layers. ONNX-converted graphs have no class names to go by; the graph is what we have.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, field
+from functools import reduce
+
+import torch
+from torch import fx
+
+JOIN_OPS = frozenset({"Add", "Sum"})
+
+
+@dataclass
+class Unit:
+    nodes: list[fx.Node]
+    layers: list[fx.Node]  # the quantized layers inside, in order
+    inputs: list[fx.Node] = field(default_factory=list)
+    outputs: list[fx.Node] = field(default_factory=list)
+
+
+def join_nodes(module: fx.GraphModule, op_types: dict[str, str]) -> set[fx.Node]:
+    """fx nodes whose ONNX op is an Add/Sum of two or more computed tensors."""
+    joins = set()
+    for node in module.graph.nodes:
+        if node.op != "call_module" or op_types.get(str(node.target)) not in JOIN_OPS:
+            continue
+        computed = [a for a in node.all_input_nodes if a.op not in ("get_attr",)]
+        if len(computed) >= 2:
+            joins.add(node)
+    return joins
+
+
+def partition(module: fx.GraphModule, layers: set[fx.Node], joins: set[fx.Node], method: str,
+              block_layers: int = 4) -> list[Unit]:
+    nodes = [n for n in module.graph.nodes if n.op not in ("placeholder", "output", "get_attr")]
+    units: list[Unit] = []
+    current: list[fx.Node] = []
+
+    def close():
+        if current:
+            units.append(Unit(nodes=list(current), layers=[n for n in current if n in layers]))
+            current.clear()
+
+    for node in nodes:
+        if method == "adaround" and node in layers:
+            close()
+            current.append(node)
+            close()
+            continue
+        current.append(node)
+        if method == "brecq" and (node in joins or sum(n in layers for n in current) >= block_layers):
+            close()
+    close()
+    for unit in units:
+        inside = set(unit.nodes)
+        seen: list[fx.Node] = []
+        for node in unit.nodes:
+            for arg in node.all_input_nodes:
+                if arg not in inside and arg.op != "get_attr" and arg not in seen:
+                    seen.append(arg)
+        unit.inputs = seen
+        unit.outputs = [n for n in unit.nodes if any(user not in inside for user in n.users)]
+    return units
+
+
+def fetch_attr(module: fx.GraphModule, target: str):
+    return reduce(getattr, target.split("."), module)
+
+
+def run_unit(module: fx.GraphModule, unit: Unit, inputs: list) -> list:
+    """Execute the unit's nodes on ``inputs`` (values of ``unit.inputs``); returns the
+    values of ``unit.outputs``."""
+    env = dict(zip(unit.inputs, inputs))
+
+    def value(node: fx.Node):
+        if node.op == "get_attr":
+            return fetch_attr(module, node.target)
+        return env[node]
+
+    for node in unit.nodes:
+        args = fx.node.map_arg(node.args, value)
+        kwargs = fx.node.map_arg(node.kwargs, value)
+        if node.op == "call_module":
+            env[node] = module.get_submodule(node.target)(*args, **kwargs)
+        elif node.op == "call_function":
+            env[node] = node.target(*args, **kwargs)
+        elif node.op == "call_method":
+            env[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
+        else:  # pragma: no cover - partition() never includes other kinds
+            raise RuntimeError(f"unexpected fx node {node.op}")
+    return [env[node] for node in unit.outputs]
+
+
+def take(value, index):
+    """Rows ``index`` of a tensor, or of every tensor in a tuple/list."""
+    if isinstance(value, torch.Tensor):
+        return value[index] if value.dim() else value
+    if isinstance(value, (tuple, list)):
+        return type(value)(take(v, index) for v in value)
+    return value
+
+
+def concat(parts: list):
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts) if first.dim() else first
+    if isinstance(first, (tuple, list)):
+        return type(first)(concat([p[i] for p in parts]) for i in range(len(first)))
+    return first
+
+
+def tensors(value) -> list[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return reduce(operator.add, (tensors(v) for v in value), [])
+    return []

@@ -1,0 +1,132 @@
+"""Fake quantizers for reconstruction: learned weight rounding and fixed activation grids.
+
+:class:`QuantLayer` wraps a converted ``Conv``/``Linear`` module. Its weight is quantized
+symmetrically on a B-bit grid ``s·q``, ``q ∈ [-top, top]``, with ``q = ⌊w/s⌋ + h`` where
+``h`` is AdaRound's rectified sigmoid of a learned ``V`` while training ("soft") and
+``1[V ≥ 0]`` once decided ("hard"). ``s`` is fixed before training (per output channel,
+the clipping ratio that minimises ‖w − s·round(w/s)‖²). Its input passes an
+:class:`ActQuant` with the scale and zero point ONNX Runtime will use for that tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ZETA, GAMMA = 1.1, -0.1  # AdaRound's stretch of the sigmoid, so h reaches exactly 0 and 1
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round forward, identity backward."""
+    return x + (torch.round(x) - x).detach()
+
+
+def weight_scales(weight: torch.Tensor, top: int, axis: Optional[int], search: bool = True,
+                  ratios: int = 40) -> torch.Tensor:
+    """Symmetric scales of ``weight`` (per ``axis`` slice, or one for the tensor).
+
+    With ``search`` the clipping ratio r ∈ [0.3, 1] of max|w| that minimises the rounding
+    error of each slice is chosen; without, r = 1 (ONNX Runtime's own choice)."""
+    w = weight.detach().double()
+    flat = w.reshape(1, -1) if axis is None else w.movedim(axis, 0).reshape(w.shape[axis], -1)
+    peak = flat.abs().amax(1)
+    peak = torch.where(peak > 0, peak, torch.ones_like(peak))
+    best_scale = peak / top
+    if search:
+        best_error = torch.full_like(peak, math.inf)
+        for ratio in torch.linspace(0.3, 1.0, ratios, dtype=torch.float64):
+            scale = peak * ratio / top
+            q = torch.clamp(torch.round(flat / scale[:, None]), -top, top)
+            error = ((q * scale[:, None] - flat) ** 2).sum(1)
+            better = error < best_error
+            best_error = torch.where(better, error, best_error)
+            best_scale = torch.where(better, scale, best_scale)
+    return best_scale.float()
+
+
+class ActQuant(nn.Module):
+    """Fake-quantize to ``scale·(clamp(round(x/scale)+zero, low, high) − zero)``.
+
+    ``drop_prob`` > 0 keeps each element unquantized with that probability while training
+    (QDrop, Wei et al. 2022)."""
+
+    def __init__(self, scale: float, zero_point: int, low: int, high: int):
+        super().__init__()
+        self.scale, self.zero_point, self.low, self.high = float(scale), int(zero_point), int(low), int(high)
+        self.enabled = True
+        self.drop_prob = 0.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        q = torch.clamp(round_ste(x / self.scale) + self.zero_point, self.low, self.high)
+        xq = (q - self.zero_point) * self.scale
+        if self.training and self.drop_prob > 0:
+            return torch.where(torch.rand_like(x) < self.drop_prob, x, xq)
+        return xq
+
+
+class QuantLayer(nn.Module):
+    """A Conv/Linear with a B-bit weight grid and a fake-quantized input."""
+
+    MODES = ("fp", "nearest", "soft", "hard")
+
+    def __init__(self, inner: nn.Module, scale: torch.Tensor, top: int, axis: Optional[int],
+                 act: Optional[ActQuant]):
+        super().__init__()
+        if not isinstance(inner, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+            raise TypeError(f"cannot quantize {type(inner).__name__}")
+        self.inner = inner
+        self.top, self.axis = int(top), axis
+        shape = [1] * inner.weight.dim()
+        if axis is not None:
+            shape[axis] = -1
+        self.register_buffer("scale", scale.reshape(shape).to(inner.weight.dtype))
+        self.act = act
+        self.mode = "fp"
+        self.alpha: Optional[nn.Parameter] = None
+
+    # -- rounding -----------------------------------------------------------------------
+    def init_rounding(self) -> None:
+        """V such that h(V) equals the fractional part of w/s (training starts at the float weight)."""
+        scaled = self.inner.weight.detach() / self.scale
+        rest = (scaled - torch.floor(scaled)).clamp(1e-4, 1 - 1e-4)
+        self.alpha = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
+
+    def soft_bits(self) -> torch.Tensor:
+        return torch.clamp(torch.sigmoid(self.alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
+
+    def regulariser(self, beta: float) -> torch.Tensor:
+        """AdaRound's push of every h towards 0 or 1: Σ 1 − |2h − 1|^β."""
+        return (1 - (2 * self.soft_bits() - 1).abs().pow(beta)).sum()
+
+    def integers(self) -> torch.Tensor:
+        """The weight's integers in the current mode (``nearest`` or ``hard``)."""
+        scaled = self.inner.weight.detach() / self.scale
+        if self.mode == "hard" and self.alpha is not None:
+            q = torch.floor(scaled) + (self.alpha.detach() >= 0).to(scaled.dtype)
+        else:
+            q = torch.round(scaled)
+        return torch.clamp(q, -self.top, self.top)
+
+    def quantized_weight(self) -> torch.Tensor:
+        if self.mode == "soft":
+            scaled = self.inner.weight.detach() / self.scale
+            q = torch.clamp(torch.floor(scaled) + self.soft_bits(), -self.top, self.top)
+            return q * self.scale
+        return self.integers() * self.scale
+
+    # -- forward ------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "fp":
+            return self.inner(x)
+        if self.act is not None:
+            x = self.act(x)
+        weight = self.quantized_weight()
+        if isinstance(self.inner, nn.Linear):
+            return F.linear(x, weight, self.inner.bias)
+        return self.inner._conv_forward(x, weight, self.inner.bias)

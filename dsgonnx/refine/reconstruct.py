@@ -1,0 +1,286 @@
+"""Reconstruction PTQ on calibration images: AdaRound layer by layer, BRECQ block by block.
+
+Works on the model ONNX Runtime is about to quantize (after its pre-processing, BN folded),
+converted to torch. Units (layers or blocks, :mod:`.blocks`) are processed in graph order.
+Each unit sees two streams of its inputs: the float model's (whose unit outputs are the
+targets) and the already-quantized prefix's (what the unit will really receive). Its
+weight roundings are learned to minimise
+
+    ‖unit_q(x_q) − unit_fp(x_fp)‖² + λ · Σ (1 − |2h − 1|^β)
+
+with β annealed from 20 to 2 after a warm-up (Nagel et al. 2020; Li et al. 2021), while
+every quantized layer's input is fake-quantized on the grid ORT will use (optionally with
+QDrop's random dropping of that quantization while training). The learned integers and
+scales come back per ONNX weight so that the QDQ model holds exactly them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from ..errors import UnsupportedModelError
+from ..graph.onnx_io import load_model
+from ..graph.to_torch import to_torch
+from ..progress import Progress, say
+from ..quant.config import RefineConfig
+from .blocks import Unit, concat, join_nodes, partition, run_unit, take, tensors
+from .quantizers import ActQuant, QuantLayer, weight_scales
+
+@dataclass
+class RefinedWeight:
+    """One ONNX weight's learned grid, in the ONNX tensor's layout."""
+
+    integers: np.ndarray  # int64, values in [-top, top]
+    scales: np.ndarray  # float32, one per channel (or one)
+    axis: Optional[int]  # ONNX axis of the scales, None for per-tensor
+
+
+@dataclass
+class RefineResult:
+    path: Path  # the model with refined float weights (= scale · integer)
+    weights: dict[str, RefinedWeight]  # ONNX initializer name -> learned grid
+    report: dict
+
+
+@dataclass
+class _Layer:
+    onnx_name: str
+    weight_name: str
+    onnx_axis: Optional[int]
+    transposed: bool  # ONNX weight is the transpose of the torch one (Gemm transB=0)
+    fx_node: object
+    module: QuantLayer
+
+
+def _find_layers(torch_model, onnx_model: onnx.ModelProto, exclude: set[str], grids: dict, weight_top: int,
+                 per_channel: bool, scale_search: bool) -> tuple[list[_Layer], list[dict]]:
+    """Wrap every Conv/Gemm ORT will quantize in a QuantLayer; list what is skipped and why."""
+    initializers = {t.name for t in onnx_model.graph.initializer}
+    uses: dict[str, int] = {}
+    for node in onnx_model.graph.node:
+        for name in node.input:
+            uses[name] = uses.get(name, 0) + 1
+    module = torch_model.module
+    fx_by_target = {str(n.target): n for n in module.graph.nodes if n.op == "call_module"}
+    layers, skipped = [], []
+    for node in onnx_model.graph.node:
+        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 2 or node.input[1] not in initializers:
+            continue
+        if node.name in exclude:
+            skipped.append({"layer": node.name, "why": "excluded (kept float)"})
+            continue
+        if uses.get(node.input[1], 0) > 1:
+            skipped.append({"layer": node.name, "why": "weight shared with another node"})
+            continue
+        target = torch_model.module_names.get(node.name)
+        inner = module.get_submodule(target) if target else None
+        parent, attr = module, target
+        if isinstance(inner, nn.Sequential):  # onnx2torch puts explicit padding in front of some convs
+            children = [(k, c) for k, c in inner.named_children() if isinstance(c, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+            if len(children) == 1:
+                parent, attr, inner = inner, children[0][0], children[0][1]
+        if not isinstance(inner, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) or target not in fx_by_target:
+            skipped.append({"layer": node.name, "why": f"converted to {type(inner).__name__}, not a Conv/Linear module"})
+            continue
+        transposed = False
+        onnx_axis: Optional[int] = 0
+        if node.op_type == "Gemm":
+            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+            transposed, onnx_axis = not trans_b, (0 if trans_b else 1)
+        if not per_channel:
+            onnx_axis = None
+        scales = weight_scales(inner.weight, weight_top, 0 if per_channel else None, search=scale_search)
+        act = ActQuant(*grids[node.input[0]]) if node.input[0] in grids else None
+        wrapped = QuantLayer(inner, scales, weight_top, 0 if per_channel else None, act)
+        setattr(parent, attr, wrapped)
+        layers.append(_Layer(node.name, node.input[1], onnx_axis, transposed, fx_by_target[target], wrapped))
+    return layers, skipped
+
+
+def _loss(outputs: list, targets: list) -> torch.Tensor:
+    """Squared error summed over channels, averaged over samples and positions (BRECQ's)."""
+    total = 0.0
+    for out, tgt in zip(outputs, targets):
+        for o, t in zip(tensors(out), tensors(tgt)):
+            diff = (o - t).float().pow(2)
+            total = total + (diff.sum(1).mean() if diff.dim() > 1 else diff.mean())
+    return total
+
+
+def _run_rows(module, unit: Unit, inputs: list, rows: slice | torch.Tensor, batch: int) -> list:
+    """The unit's outputs for ``rows`` of its inputs, computed in chunks without grad."""
+    index = torch.arange(rows.start, rows.stop) if isinstance(rows, slice) else rows
+    parts = []
+    with torch.no_grad():
+        for start in range(0, len(index), batch):
+            chunk = index[start : start + batch]
+            parts.append(run_unit(module, unit, [take(v, chunk) for v in inputs]))
+    return [concat([p[i] for p in parts]) for i in range(len(unit.outputs))]
+
+
+def _beta(step: int, total: int, config: RefineConfig) -> Optional[float]:
+    start = config.warmup * total
+    if step < start:
+        return None
+    progress = (step - start) / max(total - start, 1)
+    return config.beta_end + (config.beta_start - config.beta_end) * max(0.0, 1.0 - progress)
+
+
+def refine_model(model_path: Path, output_path: Path, grids: dict, images: np.ndarray, eval_images: Optional[np.ndarray],
+                 *, exclude: set[str], per_channel: bool, weight_top: int, config: RefineConfig) -> RefineResult:
+    """Learn the weight rounding of ``model_path`` (an fp32 ONNX model ORT will quantize).
+
+    ``grids``: activation tensor name -> (scale, zero point, lowest, highest integer) as ORT
+    will quantize it. ``eval_images`` (else the calibration images) measure each unit's
+    reconstruction loss before and after. Writes the refined model to ``output_path``.
+    """
+    from ..synth.generator import resolve_device
+
+    started = time.perf_counter()
+    device = resolve_device(config.device)
+    iters = config.iterations(device)
+    loaded = load_model(model_path)
+    torch_model = to_torch(loaded)
+    onnx_model = torch_model.graph
+    layers, skipped = _find_layers(torch_model, onnx_model, exclude, grids, weight_top, per_channel, config.scale_search)
+    if not layers:
+        raise UnsupportedModelError("refine: the model has no Conv/Gemm layer to refine")
+    module = torch_model.module.to(device).float().eval()
+    op_types = {torch_model.module_names[n.name]: n.op_type for n in onnx_model.graph.node if n.name in torch_model.module_names}
+    by_node = {layer.fx_node: layer for layer in layers}
+    units = partition(module, set(by_node), join_nodes(module, op_types), config.method, config.block_layers)
+    trained = [u for u in units if u.layers]
+
+    calib = torch.from_numpy(np.asarray(images, dtype=np.float32))
+    held = torch.from_numpy(np.asarray(eval_images, dtype=np.float32)) if eval_images is not None and len(eval_images) else None
+    rows = torch.cat([calib, held]) if held is not None else calib
+    n_train = len(calib)
+    eval_rows = slice(n_train, len(rows)) if held is not None else slice(0, n_train)
+    placeholder = next(n for n in module.graph.nodes if n.op == "placeholder")
+    fp_env = {placeholder: rows.to(device)}
+    q_env = {placeholder: fp_env[placeholder]}
+    generator = torch.Generator().manual_seed(config.seed)
+    torch.manual_seed(config.seed)
+    chunk = max(config.batch_size, 64)
+    say(f"refine: {config.method}, {len(layers)} layers in {len(trained)} "
+        f"{'blocks' if config.method == 'brecq' else 'layers'}, {iters} iterations each, "
+        f"{n_train} calibration samples, on {device}", config.quiet)
+    for layer in layers:
+        layer.module.mode = "fp"
+    report_units = []
+    done: set = set()
+    for unit in units:
+        fp_in = [fp_env[n] for n in unit.inputs]
+        q_in = [q_env[n] for n in unit.inputs]
+        targets = _run_rows(module, unit, fp_in, slice(0, len(rows)), chunk)
+        if unit.layers:
+            report_units.append(_reconstruct(module, unit, by_node, q_in, targets, n_train, eval_rows, iters, chunk,
+                                             config, generator, device, len(report_units) + 1, len(trained)))
+            q_out = _run_rows(module, unit, q_in, slice(0, len(rows)), chunk)
+        else:
+            same = all(a is b for a, b in zip(fp_in, q_in))
+            q_out = targets if same else _run_rows(module, unit, q_in, slice(0, len(rows)), chunk)
+        for node, fp_value, q_value in zip(unit.outputs, targets, q_out):
+            fp_env[node], q_env[node] = fp_value, q_value
+        done.update(unit.nodes)
+        for env in (fp_env, q_env):
+            for node in [n for n in env if all(u in done for u in n.users)]:
+                del env[node]
+    weights = _export(onnx_model, layers, model_path, output_path)
+    seconds = round(time.perf_counter() - started, 2)
+    report = {"method": config.method, "config": dict(config.to_dict(), iters=iters), "device": str(device),
+              "seconds": seconds, "calibration_samples": n_train,
+              "loss_measured_on": "held-out samples" if held is not None else "the calibration samples",
+              "held_out_samples": len(rows) - n_train if held is not None else 0,
+              "refined_layers": [layer.onnx_name for layer in layers], "skipped_layers": skipped,
+              "units": report_units}
+    say(f"refine: done in {seconds:.1f}s; reconstruction loss "
+        f"{sum(u['loss_before'] for u in report_units):.4g} -> {sum(u['loss_after'] for u in report_units):.4g} "
+        f"(sum over {len(report_units)} units, {report['loss_measured_on']})", config.quiet)
+    return RefineResult(path=output_path, weights=weights, report=report)
+
+
+def _reconstruct(module, unit: Unit, by_node: dict, q_in: list, targets: list, n_train: int, eval_rows: slice, iters: int,
+                 chunk: int, config: RefineConfig, generator: torch.Generator, device, number: int, total: int) -> dict:
+    quant = [by_node[n].module for n in unit.layers]
+    names = [by_node[n].onnx_name for n in unit.layers]
+    eval_index = torch.arange(eval_rows.start, eval_rows.stop)
+
+    def eval_loss() -> float:
+        outputs = _run_rows(module, unit, q_in, eval_rows, chunk)
+        with torch.no_grad():
+            return float(_loss(outputs, [take(t, eval_index) for t in targets]))
+
+    for layer in quant:
+        layer.mode = "nearest"
+    before = eval_loss()
+    start = time.perf_counter()
+    if iters > 0:
+        for layer in quant:
+            layer.init_rounding()
+            layer.mode = "soft"
+            layer.train()
+            if layer.act is not None:
+                layer.act.drop_prob = config.dropping
+        optimiser = torch.optim.Adam([layer.alpha for layer in quant], lr=config.lr)
+        label = f"refine [{number}/{total}] {names[0]}" + (f" .. {names[-1]}" if len(names) > 1 else "")
+        progress = Progress(label, iters, config.quiet)
+        for step in range(iters):
+            index = torch.randint(n_train, (min(config.batch_size, n_train),), generator=generator)
+            index_dev = index.to(device)
+            outputs = run_unit(module, unit, [take(v, index_dev) for v in q_in])
+            rec = _loss(outputs, [take(t, index_dev) for t in targets])
+            beta = _beta(step, iters, config)
+            loss = rec
+            if beta is not None and config.reg_weight > 0:
+                loss = rec + config.reg_weight * sum(layer.regulariser(beta) for layer in quant)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            if step % 50 == 0 or step == iters - 1:
+                progress.update(step + 1, f"rec {rec.item():.4g}")
+        progress.close()
+        for layer in quant:
+            layer.mode = "hard"
+            layer.eval()
+            if layer.act is not None:
+                layer.act.drop_prob = 0.0
+    after = eval_loss()
+    flipped = sum(int((layer.integers() != torch.round(layer.inner.weight.detach() / layer.scale)
+                       .clamp(-layer.top, layer.top)).sum()) for layer in quant)
+    return {"layers": names, "loss_before": round(before, 6), "loss_after": round(after, 6),
+            "seconds": round(time.perf_counter() - start, 2), "rounded_other_way": flipped,
+            "weights": sum(layer.inner.weight.numel() for layer in quant)}
+
+
+def _export(onnx_model: onnx.ModelProto, layers: list[_Layer], model_path: Path, output_path: Path) -> dict:
+    """Write the model at ``model_path`` with each refined weight replaced by scale·integer."""
+    learned: dict[str, RefinedWeight] = {}
+    for layer in layers:
+        ints = layer.module.integers().detach().cpu().numpy().astype(np.int64)
+        learned[layer.weight_name] = RefinedWeight(integers=ints.T if layer.transposed else ints,
+                                                   scales=layer.module.scale.detach().cpu().float().flatten().numpy(),
+                                                   axis=layer.onnx_axis)
+    model = onnx.load(str(model_path))
+    for tensor in model.graph.initializer:
+        if tensor.name in learned:
+            tensor.CopyFrom(numpy_helper.from_array(dequantized(learned[tensor.name]), tensor.name))
+    onnx.save(model, str(output_path))
+    return learned
+
+
+def dequantized(weight: RefinedWeight) -> np.ndarray:
+    """scale · integer in float32, the float weight whose rounding by ORT gives back the integers."""
+    shape = [1] * weight.integers.ndim
+    if weight.axis is not None:
+        shape[weight.axis] = -1
+    return (weight.integers * weight.scales.astype(np.float64).reshape(shape)).astype(np.float32)

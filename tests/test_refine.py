@@ -1,0 +1,159 @@
+"""Reconstruction PTQ (``--refine adaround|brecq``) on a tiny residual net.
+
+Blocks follow the graph's Add joins, learning lowers each block's error on held-out
+synthetic samples, the QDQ model holds exactly the learned integers and scales, and
+refined W4A4 agrees with FP32 more often than plain rounding.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+from onnx import numpy_helper
+
+from dsgonnx.errors import DataError
+from dsgonnx.graph.onnx_io import load_model
+from dsgonnx.pipeline import quantize
+from dsgonnx.quant import QuantConfig
+from dsgonnx.quant.bits import resolve_bits
+from dsgonnx.quant.calibrate import compute_ranges
+from dsgonnx.quant.qdq import activation_grids, excluded_nodes, pre_process
+from dsgonnx.quant.reader import ArrayReader
+from dsgonnx.refine import RefineConfig, refine_model
+from dsgonnx.synth import SynthConfig, synthesize
+from dsgonnx_cli.main import cli
+from zoo import export_tiny_resnet
+
+ITERS = 300
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("refine")
+    model = export_tiny_resnet(folder / "res.onnx")
+    synthetic = synthesize(load_model(model), SynthConfig(method="dsg", num_samples=128, iters=40, seed=0, quiet=True))
+    calib, held = synthetic.images[:64], synthetic.images[64:]
+    np.savez(folder / "calib.npz", images=calib)
+    return {"folder": folder, "model": model, "calib": calib, "held": held, "npz": folder / "calib.npz"}
+
+
+def _refine(setup, method, bits=4, **options):
+    """refine_model on the pre-processed model, exactly as quantize calls it."""
+    folder = setup["folder"]
+    prepared = pre_process(setup["model"], folder / f"prepared-{method}.onnx")
+    weights, activations = resolve_bits(bits, bits, "cpu")
+    ranges = compute_ranges(prepared, ArrayReader("input", setup["calib"], 16), "minmax", activations)
+    exclude, _ = excluded_nodes(onnx.load(str(prepared)), (), "exclude")
+    options.setdefault("iters", ITERS)
+    return refine_model(prepared, folder / f"refined-{method}.onnx", activation_grids(ranges, activations),
+                        setup["calib"], setup["held"], exclude=set(exclude), per_channel=True,
+                        weight_top=weights.levels[1], config=RefineConfig(method=method, quiet=True, **options))
+
+
+def _unit_groups(report):
+    return [sorted(name.split("/")[1] for name in unit["layers"]) for unit in report["units"]]
+
+
+def test_brecq_blocks_end_at_the_residual_joins(setup):
+    report = _refine(setup, "brecq", iters=0).report
+    assert _unit_groups(report) == [["a1", "a2", "stem"], ["b1", "b2", "short"]]
+    assert [s["why"] for s in report["skipped_layers"]] == ["excluded (kept float)"]  # the classifier
+
+
+def test_adaround_units_are_single_layers_and_block_size_is_capped(setup):
+    assert _unit_groups(_refine(setup, "adaround", iters=0).report) == [
+        ["stem"], ["a1"], ["a2"], ["b1"], ["b2"], ["short"]]
+    capped = _refine(setup, "brecq", iters=0, block_layers=2).report
+    assert max(len(unit["layers"]) for unit in capped["units"]) <= 2
+    assert sum(len(unit["layers"]) for unit in capped["units"]) == 6
+
+
+@pytest.mark.parametrize("method", ["adaround", "brecq"])
+def test_refinement_lowers_block_error_on_held_out_synthetic_samples(setup, method):
+    report = _refine(setup, method).report
+    assert report["loss_measured_on"] == "held-out samples" and report["held_out_samples"] == 64
+    before = sum(unit["loss_before"] for unit in report["units"])
+    after = sum(unit["loss_after"] for unit in report["units"])
+    assert after < 0.97 * before, report["units"]
+    assert all(unit["loss_after"] <= unit["loss_before"] * 1.02 for unit in report["units"]), report["units"]
+    assert all(unit["rounded_other_way"] > 0 for unit in report["units"])  # it learned, not just nearest
+
+
+def _quantized_weights(path):
+    """weight name -> (integers, scales) of every weight DequantizeLinear in a QDQ model."""
+    model = onnx.load(str(path))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    found = {}
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0].endswith("_quantized") and node.input[0] in inits:
+            found[node.input[0][: -len("_quantized")]] = (inits[node.input[0]].astype(np.int64), inits[node.input[1]])
+    return found
+
+
+@pytest.mark.parametrize("bits,reduce_range", [(8, False), (8, True), (6, False), (4, False)])
+def test_qdq_model_holds_exactly_the_learned_integers(setup, bits, reduce_range):
+    out = setup["folder"] / f"refined-w{bits}-{reduce_range}.onnx"
+    result = quantize(str(setup["model"]), QuantConfig(
+        wbits=bits, abits=bits, calib=str(setup["npz"]), num_samples=64, output=str(out), force=True, validate=False,
+        quiet=True, reduce_range=reduce_range, refine="adaround", refine_options={"iters": 100}))
+    learned = result.refined_weights
+    assert len(learned) == 6
+    written = _quantized_weights(out)
+    top = 63 if reduce_range else 2 ** (bits - 1) - 1
+    for name, weight in learned.items():
+        integers, scales = written[name]
+        np.testing.assert_array_equal(integers, weight.integers)
+        np.testing.assert_array_equal(scales, weight.scales)
+        assert np.abs(integers).max() <= top
+    assert sum(int((np.abs(w.integers) == top).sum()) for w in learned.values()) > 0  # the grid is used to its ends
+    assert json.loads({p.key: p.value for p in onnx.load(str(out)).metadata_props}["dsgonnx.decisions"])["refine"] == {
+        "method": "adaround", "layers": 6}
+
+
+def _agreement(model, quantized, images):
+    def top1(path):
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": images})[0].argmax(1)
+
+    return float((top1(model) == top1(quantized)).mean())
+
+
+def test_refined_w4a4_agrees_with_fp32_more_than_plain_rounding(setup):
+    folder = setup["folder"]
+    common = dict(wbits=4, abits=4, calib=str(setup["npz"]), num_samples=64, force=True, validate=False, quiet=True)
+    plain = quantize(str(setup["model"]), QuantConfig(output=str(folder / "plain.onnx"), **common)).output
+    refined = quantize(str(setup["model"]), QuantConfig(output=str(folder / "brecq.onnx"), refine="brecq",
+                                                       refine_options={"iters": ITERS}, **common)).output
+    plain_agreement = _agreement(setup["model"], plain, setup["held"])
+    refined_agreement = _agreement(setup["model"], refined, setup["held"])
+    assert refined_agreement > plain_agreement + 0.05, (plain_agreement, refined_agreement)
+
+
+def test_cli_refine_reports_units_and_rejects_bad_options(setup):
+    out = setup["folder"] / "cli.onnx"
+    runner = CliRunner()
+    result = runner.invoke(cli, ["quantize", str(setup["model"]), "--w4a4", "--calib", str(setup["npz"]),
+                                 "--num-samples", "64", "-o", str(out), "--force", "--no-validate", "--quiet",
+                                 "--refine", "brecq", "--refine-iters", "20"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["refine"]["method"] == "brecq" and len(summary["refine"]["units"]) == 2
+    assert summary["refine"]["config"]["iters"] == 20 and summary["refine"]["config"]["drop_prob"] == 0.5
+    for args, message in ((["--refine", "brecq", "--refine-iters", "-1"], "must not be negative"),
+                          (["--refine-iters", "20"], "need --refine"),
+                          (["--refine", "adaround", "--refine-drop", "1.5"], "drop probability")):
+        bad = runner.invoke(cli, ["quantize", str(setup["model"]), "-o", str(setup["folder"] / "bad.onnx"),
+                                  "--calib", "gaussian", *args])
+        assert bad.exit_code == 2 and message in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+        assert not (setup["folder"] / "bad.onnx").exists()
+
+
+def test_refine_config_rejects_unknown_options():
+    with pytest.raises(DataError, match="unknown refine option 'iterations'"):
+        QuantConfig(refine="brecq", refine_options={"iterations": 3})
+    with pytest.raises(DataError, match="unknown refine method"):
+        RefineConfig(method="gptq")
