@@ -21,6 +21,9 @@ or an .npz with 'images' (also a set written by dsgonnx synthesize).
 Logits: by default the classifier's output stays float (a range learned on
 synthetic data clips real logits into ties); --logits exclude keeps the
 whole last layer float, --logits quantize quantizes it too.
+Refine: --refine brecq (blocks between residual joins, with QDrop) or
+adaround (layer by layer) learns the weight rounding on the calibration
+data; the QDQ model holds exactly the learned integers. W4A4 needs it.
 \b
 Exit status: 0 written (and gate held), 1 gate failed (model and report are
 written), 2 bad input (nothing written).
