@@ -72,7 +72,8 @@ def _merged(previous, results: dict) -> dict:
             previous.get("eval_images") != results.get("eval_images"):
         return results
     rows = dict(previous["rows"], **results["rows"])
-    results = dict(results, wall_seconds=previous.get("wall_seconds", 0) + results.get("wall_seconds", 0),
+    results = dict(results, notes=list(dict.fromkeys(previous.get("notes", []) + results.get("notes", []))),
+                   wall_seconds=previous.get("wall_seconds", 0) + results.get("wall_seconds", 0),
                    commands=list(dict.fromkeys(previous.get("commands", []) + results.get("commands", []))),
                    bits=sorted(set(previous["bits"]) | set(results["bits"]), reverse=True))
     results["rows"] = {s: rows[s] for s in [*SOURCES, *REFINED] if s in rows}
@@ -187,6 +188,7 @@ def main(argv=None) -> int:
                   f"{results['device']}, ONNX Runtime {', '.join(results.get('providers', []))}; "
                   f"wall time {results.get('wall_seconds', '?')} s on {results.get('machine', '?')}.", "",
                   "Commands: " + "; ".join(f"`{c}`" for c in results.get("commands", [])), "",
+                  *[line for note in results.get("notes", []) for line in (f"Note: {note}", "")],
                   *([f"Rows `…+refine`: the same calibration images, then reconstruction PTQ "
                      f"(`dsgonnx quantize --refine`) with {refined[0]}.", ""]
                     if (refined := [json.dumps(r["refine"]) for r in results["rows"].values() if r.get("refine")]) else []),
