@@ -175,7 +175,9 @@ def main(argv=None) -> int:
         f"{args.num_samples} labelled images spread evenly over the data set (every k-th file), "
         "left out of the evaluation; `gaussian` = N(0,1) noise; `zeroq`, `dsg-nosci`, `dsg` = "
         "synthetic images (dsgonnx synthesize) in the model's pixel range. Top-1 on the held-out "
-        "images, change vs FP32 in points; several seeds give mean ± std.",
+        "images, change vs FP32 in points; several seeds give mean ± std. `<source>+refine` rows use the "
+        "same calibration images, then reconstruction PTQ (`dsgonnx quantize --refine`). Runs made side by side "
+        "with `--out` elsewhere are combined with `--merge`; where runs shared the CPU, seconds are indicative.",
         "",
     ]
     for name, results in all_results.items():
