@@ -13,8 +13,6 @@ from .qdq import LOGITS_POLICIES
 
 SYNTHETIC_SOURCES = ("dsg", "zeroq", "gaussian")
 REFINE_METHODS = ("adaround", "brecq")
-
-
 REFINE_CPU_ITERS = 500  # per layer/block; see README "Reconstruction" for the measurements
 REFINE_GPU_ITERS = 2000
 
@@ -67,7 +65,6 @@ class RefineConfig:
         data.pop("quiet")
         data["drop_prob"] = self.dropping
         return data
-
 
 
 @dataclass(frozen=True)

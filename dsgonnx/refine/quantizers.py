@@ -104,14 +104,16 @@ class QuantLayer(nn.Module):
         """AdaRound's push of every h towards 0 or 1: Σ 1 − |2h − 1|^β."""
         return (1 - (2 * self.soft_bits() - 1).abs().pow(beta)).sum()
 
+    def nearest_integers(self) -> torch.Tensor:
+        """The weight's integers under plain rounding to nearest."""
+        return torch.clamp(torch.round(self.inner.weight.detach() / self.scale), -self.top, self.top)
+
     def integers(self) -> torch.Tensor:
-        """The weight's integers in the current mode (``nearest`` or ``hard``)."""
+        """The weight's integers in the current mode (``hard``: learned; otherwise nearest)."""
+        if self.mode != "hard" or self.alpha is None:
+            return self.nearest_integers()
         scaled = self.inner.weight.detach() / self.scale
-        if self.mode == "hard" and self.alpha is not None:
-            q = torch.floor(scaled) + (self.alpha.detach() >= 0).to(scaled.dtype)
-        else:
-            q = torch.round(scaled)
-        return torch.clamp(q, -self.top, self.top)
+        return torch.clamp(torch.floor(scaled) + (self.alpha.detach() >= 0).to(scaled.dtype), -self.top, self.top)
 
     def quantized_weight(self) -> torch.Tensor:
         if self.mode == "soft":

@@ -35,6 +35,7 @@ from ..quant.config import RefineConfig
 from .blocks import Unit, concat, join_nodes, partition, run_unit, take, tensors
 from .quantizers import ActQuant, QuantLayer, weight_scales
 
+
 @dataclass
 class RefinedWeight:
     """One ONNX weight's learned grid, in the ONNX tensor's layout."""
@@ -116,9 +117,9 @@ def _loss(outputs: list, targets: list) -> torch.Tensor:
     return total
 
 
-def _run_rows(module, unit: Unit, inputs: list, rows: slice | torch.Tensor, batch: int) -> list:
+def _run_rows(module, unit: Unit, inputs: list, rows: slice, batch: int) -> list:
     """The unit's outputs for ``rows`` of its inputs, computed in chunks without grad."""
-    index = torch.arange(rows.start, rows.stop) if isinstance(rows, slice) else rows
+    index = torch.arange(rows.start, rows.stop)
     parts = []
     with torch.no_grad():
         for start in range(0, len(index), batch):
@@ -174,9 +175,7 @@ def refine_model(model_path: Path, output_path: Path, grids: dict, images: np.nd
     say(f"refine: {config.method}, {len(layers)} layers in {len(trained)} "
         f"{'blocks' if config.method == 'brecq' else 'layers'}, {iters} iterations each, "
         f"{n_train} calibration samples, on {device}", config.quiet)
-    for layer in layers:
-        layer.module.mode = "fp"
-    report_units = []
+    report_units = []  # every QuantLayer starts in "fp" mode until its unit is reached
     done: set = set()
     for unit in units:
         fp_in = [fp_env[n] for n in unit.inputs]
@@ -195,7 +194,7 @@ def refine_model(model_path: Path, output_path: Path, grids: dict, images: np.nd
         for env in (fp_env, q_env):
             for node in [n for n in env if all(u in done for u in n.users)]:
                 del env[node]
-    weights = _export(onnx_model, layers, model_path, output_path)
+    weights = _export(layers, model_path, output_path)
     seconds = round(time.perf_counter() - started, 2)
     report = {"method": config.method, "config": dict(config.to_dict(), iters=iters), "device": str(device),
               "seconds": seconds, "calibration_samples": n_train,
@@ -255,14 +254,13 @@ def _reconstruct(module, unit: Unit, by_node: dict, q_in: list, targets: list, n
             if layer.act is not None:
                 layer.act.drop_prob = 0.0
     after = eval_loss()
-    flipped = sum(int((layer.integers() != torch.round(layer.inner.weight.detach() / layer.scale)
-                       .clamp(-layer.top, layer.top)).sum()) for layer in quant)
+    flipped = sum(int((layer.integers() != layer.nearest_integers()).sum()) for layer in quant)
     return {"layers": names, "loss_before": round(before, 6), "loss_after": round(after, 6),
             "seconds": round(time.perf_counter() - start, 2), "rounded_other_way": flipped,
             "weights": sum(layer.inner.weight.numel() for layer in quant)}
 
 
-def _export(onnx_model: onnx.ModelProto, layers: list[_Layer], model_path: Path, output_path: Path) -> dict:
+def _export(layers: list[_Layer], model_path: Path, output_path: Path) -> dict:
     """Write the model at ``model_path`` with each refined weight replaced by scale·integer."""
     learned: dict[str, RefinedWeight] = {}
     for layer in layers:
