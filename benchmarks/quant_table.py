@@ -42,14 +42,11 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
     import numpy as np
     import torch
 
+    from dsgonnx import QuantConfig, RefineConfig, SynthConfig, ValidateConfig, quantize, synthesize, validate
     from dsgonnx.calibration_data import spread_indices
     from dsgonnx.graph.onnx_io import load_model
-    from dsgonnx.pipeline import quantize
+    from dsgonnx.graph.to_torch import resolve_device
     from dsgonnx.preprocess import scan_image_folder
-    from dsgonnx.quant import QuantConfig
-    from dsgonnx.synth import SynthConfig, synthesize
-    from dsgonnx.synth.generator import resolve_device
-    from dsgonnx.validate import ValidateConfig, validate
 
     loaded = load_model(model)
     folder = scan_image_folder(data)
@@ -75,7 +72,7 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
                     calib = data
                 else:
                     settings = dict(SOURCES[base], num_samples=num_samples, iters=iters, seed=seed, device=device,
-                                    preprocess=recipe, quiet=True, **(synth or {}))
+                                    preprocess=recipe, **(synth or {}))
                     start = time.perf_counter()
                     synthetic = synthesize(loaded, SynthConfig(**settings))
                     seconds.append(time.perf_counter() - start)
@@ -83,14 +80,13 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
                         per_iter.append(synthetic.meta["seconds_per_iter"])
                     if synthetic.meta["diversity"].get("sample_similarity") is not None:
                         similarity.append(synthetic.meta["diversity"]["sample_similarity"])
-                    calib = str(Path(scratch) / f"{source}-{seed}.npz")
-                    synthetic.save(calib)
+                    calib = synthetic
                 for b in bits:
                     out = Path(scratch) / f"{source}-{seed}-w{b}a{b}.onnx"
                     done = quantize(loaded, QuantConfig(
                         wbits=b, abits=b, calib=calib, num_samples=num_samples, calibrator=calibrator, logits=logits,
-                        preprocess=recipe, output=str(out), force=True, validate=False, quiet=True, device=device,
-                        seed=seed, refine=refine_method, refine_options=refine_settings))
+                        preprocess=recipe, output=str(out), force=True, validate=False, device=device,
+                        seed=seed, refine=RefineConfig(method=refine_method, **refine_settings) if refine_method else None))
                     if done.refine:
                         refine_seconds.append(done.refine["seconds"])
                     report = validate(model, str(out), ValidateConfig(

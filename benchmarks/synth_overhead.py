@@ -29,10 +29,8 @@ def main(argv=None) -> int:
     import torch
 
     from dsgonnx.graph.onnx_io import load_model
-    from dsgonnx.graph.to_torch import to_torch
-    from dsgonnx.preprocess import PRESETS
-    from dsgonnx.synth import SynthConfig, synthesize
-    from dsgonnx.synth.generator import resolve_device
+    from dsgonnx import PRESETS, SynthConfig, synthesize
+    from dsgonnx.graph.to_torch import resolve_device, to_torch
 
     device = resolve_device(args.device)
     model = to_torch(load_model(args.model))
@@ -63,7 +61,7 @@ def main(argv=None) -> int:
     print(f"plain fwd+bwd      {plain:.4f} s/iter")
     for method in args.methods.split(","):
         config = SynthConfig(method=method, num_samples=args.batch, batch_size=args.batch, iters=args.iters + 2,
-                             device=args.device, preprocess=PRESETS["imagenet"], quiet=True, patience=10**6)
+                             device=args.device, preprocess=PRESETS["imagenet"], patience=10**6)
         result = synthesize(model, config)
         per_iter = result.meta["seconds_per_iter"]
         print(f"{method:<18} {per_iter:.4f} s/iter   ratio {per_iter / plain:.2f}x "

@@ -1,20 +1,28 @@
 """``dsgonnx`` entry point.
 
 Sub-commands are looked up lazily by import path, so ``dsgonnx --help`` imports neither
-torch nor onnxruntime. Library errors (:class:`dsgonnx.errors.DsgonnxError`) become one
-line on stderr and their exit code; no traceback reaches the user.
+torch nor onnxruntime. The commands translate flags into the public API's configuration
+and print its results; they import nothing but the ``dsgonnx`` package's public names
+(a test checks that).
+
+Library errors (:class:`dsgonnx.DsgonnxError`) become one line on stderr and their exit
+code; no traceback reaches the user. The library names parameters in backquotes
+(```num_samples```); here they become the invoked command's flags (``--num-samples``), in
+error messages and in progress lines alike.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 import os
+import re
 import sys
 import warnings
 
 import click
 
-from dsgonnx.errors import DsgonnxError
+from dsgonnx import DsgonnxError
 
 # name -> (module under dsgonnx_cli.commands, attribute, one-line help shown by --help)
 _COMMANDS = {
@@ -23,6 +31,38 @@ _COMMANDS = {
     "synthesize": ("synthesize", "synthesize_cmd", "Synthesize calibration images from BN statistics (DSG, ZeroQ, noise)."),
     "validate": ("validate", "validate_cmd", "Compare an FP32 and a quantized model in ONNX Runtime; gate on accuracy."),
 }
+# library parameter -> the click parameter that sets it, where the names differ
+_ALIASES = {"report_path": "report", "report": "report_path", "data": "val_data", "method": "calib",
+            "preprocess": "preset", "refine_drop_prob": "refine_drop", "refine_reg_weight": "refine_reg"}
+_PARAM = re.compile(r"`([A-Za-z_][\w.]*)`")
+
+
+def spell(text: str, command: click.Command | None) -> str:
+    """``text`` with each backquoted library parameter written as ``command``'s flag."""
+    params = {p.name: p for p in (command.params if command else [])}
+
+    def flag(match: re.Match) -> str:
+        name = match.group(1).replace(".", "_")
+        param = params.get(name) or params.get(_ALIASES.get(name, ""))
+        if isinstance(param, click.Option):
+            return max(param.opts, key=len)
+        if isinstance(param, click.Argument):
+            return param.human_readable_name
+        return match.group(1)
+
+    return _PARAM.sub(flag, text)
+
+
+class _Handler(logging.Handler):
+    """Progress lines on stderr (click's, so that tests capture them), flags spelled."""
+
+    command: click.Command | None = None
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(spell(record.getMessage(), self.command), err=True)
+
+
+_HANDLER = _Handler()
 
 
 class _LazyGroup(click.Group):
@@ -35,6 +75,11 @@ class _LazyGroup(click.Group):
         module, attr, _ = _COMMANDS[name]
         return getattr(importlib.import_module(f"dsgonnx_cli.commands.{module}"), attr)
 
+    def resolve_command(self, ctx, args):
+        name, command, rest = super().resolve_command(ctx, args)
+        _HANDLER.command = command
+        return name, command, rest
+
     def format_commands(self, ctx, formatter):
         # Short help comes from the table above: listing commands must not import them.
         rows = [(name, _COMMANDS[name][2]) for name in self.list_commands(ctx)]
@@ -45,7 +90,7 @@ class _LazyGroup(click.Group):
         try:
             return super().invoke(ctx)
         except DsgonnxError as exc:
-            _fail(str(exc), exc.exit_code)
+            _fail(spell(str(exc), _HANDLER.command), exc.exit_code)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except KeyboardInterrupt:
@@ -70,6 +115,10 @@ def _fail(message: str, code: int) -> None:
 @click.version_option(package_name="dsgonnx")
 def cli():
     """Data-free quantization for ONNX image classifiers (Diverse Sample Generation)."""
+    logger = logging.getLogger("dsgonnx")
+    logger.setLevel(logging.INFO)  # --quiet raises it for this run
+    if _HANDLER not in logger.handlers:
+        logger.addHandler(_HANDLER)
 
 
 def main() -> None:

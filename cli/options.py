@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import functools
+import logging
 
 import click
 
-from dsgonnx.preprocess import PRESETS
+from dsgonnx import PRESETS, Device, Provider, preprocess_from_preset
 
 PREPROCESS_HELP = """\b
 Preprocessing: a preset, and explicit values that override it.
@@ -22,36 +23,60 @@ CIFAR-size models take their 32x32 images as they are: --resize 32 --crop 32.
 _RECIPE_KEYS = ("resize", "crop", "mean", "std", "channel_order", "pixel_scale")
 
 
-def preprocess_options(func):
+def choice(enum) -> click.Choice:
+    """A click choice of a dsgonnx.config enum's values."""
+    return click.Choice(enum.values(), case_sensitive=False)
+
+
+def preprocess_options(default_preset: bool = False):
     """--preprocess PRESET, --resize, --crop, --mean, --std, --channel-order, --pixel-scale.
 
-    The command receives one ``recipe`` argument: ``(preset or None, {given overrides})``.
+    The command receives ``preprocess``: the recipe, or None when no flag was given
+    (``default_preset``: the imagenet preset then); and ``preprocess_given``: the flags given.
     """
 
-    @click.option("--preprocess", "preset", type=click.Choice(sorted(PRESETS), case_sensitive=False),
-                  help="Preprocessing preset of the model.")
-    @click.option("--resize", type=int, help="Resize the shorter side to N pixels (overrides the preset).")
-    @click.option("--crop", type=int, help="Centre crop N x N (default: the model's input size).")
-    @click.option("--mean", help="Per-channel mean, 'a,b,c' or one value.")
-    @click.option("--std", help="Per-channel std, 'a,b,c' or one value.")
-    @click.option("--channel-order", type=click.Choice(["rgb", "bgr"], case_sensitive=False),
-                  help="Channel order the model expects.")
-    @click.option("--pixel-scale", type=float, help="Pixel value of white before mean/std: 1 or 255.")
-    @functools.wraps(func)
-    def wrapper(*args, preset, **kwargs):
-        overrides = {key: kwargs.pop(key) for key in _RECIPE_KEYS}
-        overrides = {key: value for key, value in overrides.items() if value is not None}
-        return func(*args, recipe=(preset, overrides), **kwargs)
+    def decorate(func):
+        @click.option("--preprocess", "preset", type=click.Choice(sorted(PRESETS), case_sensitive=False),
+                      help="Preprocessing preset of the model.")
+        @click.option("--resize", type=int, help="Resize the shorter side to N pixels (overrides the preset).")
+        @click.option("--crop", type=int, help="Centre crop N x N (default: the model's input size).")
+        @click.option("--mean", help="Per-channel mean, 'a,b,c' or one value.")
+        @click.option("--std", help="Per-channel std, 'a,b,c' or one value.")
+        @click.option("--channel-order", type=click.Choice(["rgb", "bgr"], case_sensitive=False),
+                      help="Channel order the model expects.")
+        @click.option("--pixel-scale", type=float, help="Pixel value of white before mean/std: 1 or 255.")
+        @functools.wraps(func)
+        def wrapper(*args, preset, **kwargs):
+            overrides = {key: kwargs.pop(key) for key in _RECIPE_KEYS}
+            overrides = {key: value for key, value in overrides.items() if value is not None}
+            given = (["--preprocess"] if preset else []) + [f"--{key.replace('_', '-')}" for key in overrides]
+            recipe = preprocess_from_preset(preset, **overrides) if given or default_preset else None
+            return func(*args, preprocess=recipe, preprocess_given=given, **kwargs)
 
-    return wrapper
+        return wrapper
 
-
-def recipe_given(recipe) -> list[str]:
-    """The preprocessing flags the user actually gave, as option names."""
-    preset, overrides = recipe
-    return (["--preprocess"] if preset else []) + [f"--{key.replace('_', '-')}" for key in overrides]
+    return decorate
 
 
 def input_shape_option(func):
     return click.option("--input-shape", metavar="NxCxHxW", default=None,
                         help="Fix dynamic input dimensions, e.g. 1x3x224x224.")(func)
+
+
+def device_option(help_text: str):
+    return click.option("--device", type=choice(Device), default=Device.AUTO.value, show_default=True, help=help_text)
+
+
+def provider_option(func):
+    return click.option("--provider", type=choice(Provider), default=Provider.AUTO.value, show_default=True,
+                        help="auto = CUDA when it really works, else CPU.")(func)
+
+
+def _quiet(ctx, param, value):
+    if value:
+        logging.getLogger("dsgonnx").setLevel(logging.WARNING)
+
+
+def quiet_option(func):
+    return click.option("--quiet", is_flag=True, expose_value=False, callback=_quiet,
+                        help="No progress on stderr (errors still go there).")(func)

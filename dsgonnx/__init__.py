@@ -1,29 +1,47 @@
 """dsgonnx: data-free quantization of ONNX image classifiers with Diverse Sample Generation.
 
-Public API (imports are lazy: ``import dsgonnx`` pulls in neither torch nor onnxruntime)::
+The public API — everything the command line uses, and all it may use (a test checks
+that). Imports are lazy: ``import dsgonnx`` pulls in neither torch nor onnxruntime, and
+the configuration (:mod:`dsgonnx.config`) never does::
 
-    dsgonnx.inspect_model(path)                 -> dict         (dsgonnx inspect)
-    dsgonnx.synthesize(model, SynthConfig(...)) -> SyntheticSet (dsgonnx synthesize)
-    dsgonnx.quantize(model, QuantConfig(...))   -> QuantResult  (dsgonnx quantize)
-    dsgonnx.validate(fp, q, ValidateConfig(...)) -> ValidationReport (dsgonnx validate)
+    dsgonnx.inspect(path)                         -> dict          (dsgonnx inspect)
+    dsgonnx.synthesize(model, SynthConfig(...))   -> SyntheticSet  (dsgonnx synthesize)
+    dsgonnx.quantize(model, QuantConfig(...))     -> QuantResult   (dsgonnx quantize)
+    dsgonnx.validate(fp, q, ValidateConfig(...))  -> ValidationReport (dsgonnx validate)
+
+Progress goes to the ``dsgonnx`` logger (INFO); errors are :class:`DsgonnxError`
+subclasses whose messages name the parameters in backquotes.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 
 __version__ = "0.1.0"
 
+logging.getLogger("dsgonnx").addHandler(logging.NullHandler())
+
+_CONFIG = ("Calibrator", "Device", "DeviceDefaults", "LogitsPolicy", "Provider", "QuantConfig", "RefineConfig",
+           "RefineMethod", "SUPPORTED_BITS", "SlackReading", "SynthConfig", "SynthMethod", "SynthOptions", "Target",
+           "ValidateConfig", "DEFAULT_BATCH_SIZE", "device_defaults")
 _EXPORTS = {
-    "inspect_model": "dsgonnx.inspection",
-    "synthesize": "dsgonnx.synth",
-    "SynthConfig": "dsgonnx.synth",
-    "SyntheticSet": "dsgonnx.artifacts",
+    **{name: "dsgonnx.config" for name in _CONFIG},
+    "inspect": "dsgonnx.api",
+    "synthesize": "dsgonnx.api",
+    "format_inspection": "dsgonnx.inspection",
     "quantize": "dsgonnx.pipeline",
-    "QuantConfig": "dsgonnx.quant.config",
     "QuantResult": "dsgonnx.pipeline",
-    "validate": "dsgonnx.validate",
-    "ValidateConfig": "dsgonnx.validate",
+    "validate": "dsgonnx.validation",
+    "check_gate": "dsgonnx.validation",
+    "ValidationReport": "dsgonnx.validation",
+    "SyntheticSet": "dsgonnx.artifacts",
+    "Preprocess": "dsgonnx.preprocess",
+    "PRESETS": "dsgonnx.preprocess",
+    "preprocess_from_preset": "dsgonnx.preprocess",
+    "DsgonnxError": "dsgonnx.errors",
+    "DataError": "dsgonnx.errors",
+    "AccuracyGateError": "dsgonnx.errors",
 }
 
 
@@ -31,6 +49,10 @@ def __getattr__(name: str):
     if name in _EXPORTS:
         return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'dsgonnx' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(__all__)
 
 
 __all__ = ["__version__", *_EXPORTS]

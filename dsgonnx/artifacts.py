@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from .errors import DataError
+from .preprocess import read_npz
 
 
 @dataclass
@@ -44,18 +44,10 @@ class SyntheticSet:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "SyntheticSet":
-        path = Path(path)
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                if "images" not in data.files:
-                    raise DataError(f"{path} has no 'images' array")
-                images = data["images"]
-                meta = json.loads(str(data["meta"])) if "meta" in data.files else {}
-        except (OSError, ValueError, zipfile.BadZipFile, json.JSONDecodeError) as exc:
-            raise DataError(f"cannot read {path} as a synthetic set: {exc}") from None
-        if images.ndim != 4 or images.dtype != np.float32:
-            raise DataError(f"{path}: 'images' must be float32 NCHW, got {images.dtype} {images.shape}")
-        return cls(images=images, meta=meta)
+        data = read_npz(path)
+        if data.images.ndim != 4 or data.images.dtype != np.float32:
+            raise DataError(f"{path}: 'images' must be float32 NCHW, got {data.images.dtype} {data.images.shape}")
+        return cls(images=data.images, meta=data.meta)
 
 
 def check_output_folder(path: str | os.PathLike) -> Path:

@@ -1,23 +1,26 @@
-"""Real calibration images: an image folder or an ``.npz``, a deterministic spread subset."""
+"""Calibration images that are not synthesized here: an image folder, an ``.npz``, an array
+or a :class:`~dsgonnx.SyntheticSet` in memory; a deterministic spread subset of them."""
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
+from .artifacts import SyntheticSet
 from .errors import DataError
-from .graph.onnx_io import InputSpec
-from .preprocess import Preprocess, check_images, load_image, load_npz, preprocess_from_preset, scan_image_folder
+from .inputs import InputSpec
+from .preprocess import Preprocess, check_images, load_image, preprocess_from_preset, read_npz, scan_image_folder
 
 
 @dataclass
 class RealImages:
     images: np.ndarray  # float32 NCHW, model input space
-    files: tuple[str, ...]  # the image files used (empty for an .npz)
+    files: tuple[str, ...]  # the image files used (empty for arrays and .npz files)
     source: str
-    method: str = "real"  # a saved synthetic set (dsgonnx synthesize) keeps its method
+    method: str = "real"  # a synthetic set (dsgonnx synthesize) keeps its method
 
 
 def spread_indices(total: int, count: int) -> np.ndarray:
@@ -29,38 +32,31 @@ def spread_indices(total: int, count: int) -> np.ndarray:
     return np.arange(count) * stride
 
 
-def load_real_images(path: str, spec: InputSpec, count: int, preprocess: Preprocess | None) -> RealImages:
-    """Up to ``count`` preprocessed images from ``path`` for calibration."""
+def load_real_images(source, spec: InputSpec, count: int, preprocess: Preprocess | None) -> RealImages:
+    """Up to ``count`` calibration images from ``source``: a path (image folder or .npz), a
+    float NCHW array in the model's input space, or a SyntheticSet."""
+    if isinstance(source, SyntheticSet):
+        return _from_array(source.images, spec, count, "SyntheticSet in memory", source.meta.get("method", "real"))
+    if isinstance(source, np.ndarray):
+        return _from_array(source, spec, count, "array in memory")
+    path = os.fspath(source)
     if not os.path.exists(path):
         raise DataError(f"calibration data not found: {path}")
     if os.path.isdir(path):
         folder = scan_image_folder(path)
-        if not folder.files:
-            raise DataError(f"no images found in {path}")
         recipe = (preprocess or preprocess_from_preset()).for_input_size(spec.shape[2])
         chosen = [folder.files[i] for i in spread_indices(len(folder.files), count)]
         images = np.stack([load_image(file, recipe) for file in chosen]).astype(np.float32)
         return RealImages(images, tuple(chosen), path)
-    if path.lower().endswith(".npz"):
-        images, _ = load_npz(path)
-        check_images(path, images)
-        if images.ndim != 4 or tuple(images.shape[1:]) != spec.chw:
-            raise DataError(f"{path}: 'images' has shape {images.shape}; the model takes N×{'×'.join(map(str, spec.chw))}")
-        if not np.issubdtype(images.dtype, np.floating):
-            raise DataError(f"{path}: 'images' must be float (preprocessed), got {images.dtype}")
-        chosen = spread_indices(len(images), count)
-        return RealImages(images[chosen].astype(np.float32), (), path, _synthetic_method(path))
-    raise DataError(f"--calib must be dsg, zeroq, gaussian, an image folder or an .npz file; got {path!r}")
+    if Path(path).suffix.lower() == ".npz":
+        data = read_npz(path)
+        return _from_array(data.images, spec, count, path, str(data.meta.get("method", "real")))
+    raise DataError(f"`calib` must be dsg, zeroq, gaussian, an image folder or an .npz file; got {path!r}")
 
 
-def _synthetic_method(path: str) -> str:
-    """The method recorded by ``dsgonnx synthesize`` in an .npz's meta, else ``real``."""
-    import json
-
-    with np.load(path, allow_pickle=False) as archive:
-        if "meta" not in archive.files:
-            return "real"
-        try:
-            return str(json.loads(str(archive["meta"])).get("method", "real"))
-        except (ValueError, AttributeError):
-            return "real"
+def _from_array(images, spec: InputSpec, count: int, source: str, method: str = "real") -> RealImages:
+    check_images(source, images)
+    if images.ndim != 4 or tuple(images.shape[1:]) != tuple(spec.chw):
+        raise DataError(f"{source}: 'images' has shape {images.shape}; the model takes N×{'×'.join(map(str, spec.chw))}")
+    chosen = spread_indices(len(images), count)
+    return RealImages(np.asarray(images[chosen], dtype=np.float32), (), source, method)

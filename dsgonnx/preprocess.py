@@ -147,13 +147,42 @@ class Preprocess:
         top = int(round((height - self.crop) / 2.0))
         left = int(round((width - self.crop) / 2.0))
         image = image.crop((left, top, left + self.crop, top + self.crop))
-        pixels = np.asarray(image, dtype=np.float32)  # H×W×3, 0-255, RGB
-        if self.channel_order == "BGR":
-            pixels = pixels[:, :, ::-1]
+        pixels = np.asarray(image, dtype=np.float32).transpose(2, 0, 1)  # 3×H×W, 0-255, RGB
+        return self.normalise(pixels[None])[0]
+
+    def _channel_values(self, channels: int) -> tuple[np.ndarray, np.ndarray]:
+        """mean and std shaped (1, C, 1, 1) for a model with ``channels`` channels: a
+        1-channel (grey) model takes the recipe's first channel."""
+        mean, std = np.asarray(self.mean, np.float32), np.asarray(self.std, np.float32)
+        if channels == 1:
+            mean, std = mean[:1], std[:1]
+        elif channels != len(mean):
+            raise DataError(f"preprocessing has {len(mean)} channel values but the model takes {channels} channels")
+        return mean.reshape(1, -1, 1, 1), std.reshape(1, -1, 1, 1)
+
+    def normalise(self, pixels: np.ndarray) -> np.ndarray:
+        """RGB 8-bit pixel values (N×C×H×W, 0–255) -> model inputs, float32 N×C×H×W."""
+        pixels = np.asarray(pixels, np.float32)
+        if self.channel_order == "BGR" and pixels.shape[1] == 3:
+            pixels = pixels[:, ::-1]
         if self.pixel_scale != 255:
             pixels = pixels / np.float32(255.0 / self.pixel_scale)
-        pixels = (pixels - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
-        return np.ascontiguousarray(pixels.transpose(2, 0, 1), dtype=np.float32)
+        mean, std = self._channel_values(pixels.shape[1])
+        return np.ascontiguousarray((pixels - mean) / std, dtype=np.float32)
+
+    def denormalise(self, images: np.ndarray) -> np.ndarray:
+        """Model inputs (N×C×H×W) -> RGB 8-bit pixel values (float, 0–255 for real images):
+        the inverse of :meth:`normalise`."""
+        mean, std = self._channel_values(images.shape[1])
+        pixels = (np.asarray(images, np.float32) * std + mean) * np.float32(255.0 / self.pixel_scale)
+        return pixels[:, ::-1] if self.channel_order == "BGR" and pixels.shape[1] == 3 else pixels
+
+    def pixel_box(self, channels: int) -> tuple[np.ndarray, np.ndarray]:
+        """Per-channel (low, high) bounds, shaped (1, C, 1, 1), of real images in the model's
+        input space: where pixels 0 and 255 land."""
+        low = self.normalise(np.zeros((1, channels, 1, 1), np.float32))
+        high = self.normalise(np.full((1, channels, 1, 1), 255.0, np.float32))
+        return np.minimum(low, high), np.maximum(low, high)
 
     def to_dict(self) -> dict:
         return asdict(self) | {"mean": list(self.mean), "std": list(self.std)}
@@ -298,8 +327,22 @@ def read_class_list(path: str) -> tuple[str, ...]:
     return names
 
 
-def load_npz(path: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """``images`` (floating, N×…) and ``labels`` (integer, N; None when absent) from an .npz."""
+@dataclass(frozen=True)
+class NpzData:
+    """What an .npz holds for dsgonnx: ``images``, optional ``labels`` and ``meta`` (the JSON
+    record ``dsgonnx synthesize`` writes; ``{}`` when absent)."""
+
+    images: np.ndarray
+    labels: np.ndarray | None
+    meta: dict
+
+
+def read_npz(path: str | os.PathLike) -> NpzData:
+    """The one .npz reader: ``images`` (floating, N×…), ``labels`` (integer, N) and ``meta``,
+    loaded with ``allow_pickle=False``; anything else is a one-line DataError."""
+    import json
+
+    path = os.fspath(path)
     try:
         with open(path, "rb") as handle:
             magic = handle.read(4)
@@ -313,15 +356,22 @@ def load_npz(path: str) -> tuple[np.ndarray, np.ndarray | None]:
                 raise DataError(f"{path} has no 'images' array (found: {', '.join(archive.files) or 'nothing'})")
             images = archive["images"]
             labels = archive["labels"] if "labels" in archive.files else None
+            meta = json.loads(str(archive["meta"])) if "meta" in archive.files else {}
     except DataError:
         raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # JSONDecodeError is a ValueError
         raise DataError(f"cannot read {path} as .npz: {exc}") from None
     check_images(path, images)
     if labels is not None:
         check_labels(path, labels, len(images))
         labels = labels.astype(np.int64)
-    return images, labels
+    return NpzData(images, labels, meta if isinstance(meta, dict) else {})
+
+
+def load_npz(path: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """``images`` and ``labels`` (None when absent) of :func:`read_npz`."""
+    data = read_npz(path)
+    return data.images, data.labels
 
 
 def check_images(path: str, images: np.ndarray) -> None:

@@ -1,9 +1,17 @@
-"""Progress lines on stderr: a live bar on a terminal, a line every 10 % in logs."""
+"""Progress and messages through :mod:`logging` (logger ``dsgonnx``, level INFO).
+
+The library never writes to stderr itself: the command line attaches a handler (and
+``--quiet`` raises its level); a Python caller sees progress with
+``logging.basicConfig(level=logging.INFO)``. Long loops log a line every 10 % with the
+elapsed time and an estimate of the time left.
+"""
 
 from __future__ import annotations
 
-import sys
+import logging
 import time
+
+log = logging.getLogger("dsgonnx")
 
 
 def _clock(seconds: float) -> str:
@@ -12,49 +20,32 @@ def _clock(seconds: float) -> str:
 
 
 class Progress:
-    def __init__(self, label: str, total: int, quiet: bool = False, stream=None):
-        self.label, self.total, self.quiet = label, max(total, 1), quiet
-        self.stream = stream or sys.stderr
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+    """``label done/total [elapsed<left] note`` at every tenth of the way."""
+
+    def __init__(self, label: str, total: int):
+        self.label, self.total = label, max(total, 1)
         self.start = time.perf_counter()
-        self._last_draw = 0.0
         self._last_decile = -1
 
+    @property
+    def wanted(self) -> bool:
+        """Whether a line would be shown (callers skip building notes that need a host sync)."""
+        return log.isEnabledFor(logging.INFO)
+
     def update(self, done: int, note: str = "") -> None:
-        if self.quiet:
+        decile = done * 10 // self.total
+        if decile == self._last_decile or not self.wanted:
             return
-        now = time.perf_counter()
-        elapsed = now - self.start
-        eta = elapsed / done * (self.total - done) if done else 0.0
-        line = f"{self.label} {done}/{self.total} [{_clock(elapsed)}<{_clock(eta)}] {note}".rstrip()
-        if self.tty:
-            if now - self._last_draw >= 0.2 or done >= self.total:
-                width = 24
-                filled = int(width * done / self.total)
-                bar = "#" * filled + "." * (width - filled)
-                self.stream.write(f"\r{self.label} |{bar}| {done}/{self.total} [{_clock(elapsed)}<{_clock(eta)}] {note}\033[K")
-                self.stream.flush()
-                self._last_draw = now
-        else:
-            decile = done * 10 // self.total
-            if decile != self._last_decile:
-                self.stream.write(line + "\n")
-                self.stream.flush()
-                self._last_decile = decile
+        self._last_decile = decile
+        elapsed = time.perf_counter() - self.start
+        left = elapsed / done * (self.total - done) if done else 0.0
+        log.info(f"{self.label} {done}/{self.total} [{_clock(elapsed)}<{_clock(left)}] {note}".rstrip())
 
     def close(self, note: str = "") -> None:
-        if self.quiet:
-            return
-        if self.tty:
-            self.stream.write("\n")
-        elapsed = time.perf_counter() - self.start
         if note:
-            self.stream.write(f"{self.label} done in {elapsed:.1f}s {note}\n")
-        self.stream.flush()
+            log.info(f"{self.label} done in {time.perf_counter() - self.start:.1f}s {note}")
 
 
-def say(message: str, quiet: bool = False) -> None:
-    """One progress message on stderr."""
-    if not quiet:
-        sys.stderr.write(message + "\n")
-        sys.stderr.flush()
+def say(message: str) -> None:
+    """One progress message (INFO)."""
+    log.info(message)

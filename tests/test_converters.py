@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper
-from onnx2torch import convert
+from dsgonnx.graph.to_torch import build_module as convert
 
 from dsgonnx.graph.converters import register_all
 from zoo import make_model

@@ -117,7 +117,7 @@ def test_external_data_outside_model_folder_is_refused(zoo_dir, bn_kept):
 
 def test_dynamic_height_width_needs_input_shape(zoo_dir):
     path = export_torchscript(zoo_dir / "dynhw.onnx", keep_bn=True, dynamic_hw=True)
-    with pytest.raises(InputSpecError, match=r"dynamic H/W.*--input-shape"):
+    with pytest.raises(InputSpecError, match=r"dynamic H/W.*`input_shape`"):
         load_model(path)
     loaded, _, _ = _convert_and_compare(path, input_shape=(1, 3, 24, 24))
     assert loaded.input.shape == (None, 3, 24, 24)

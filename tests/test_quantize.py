@@ -37,7 +37,6 @@ def setup(tmp_path_factory):
 def _quantize(setup, name, **settings):
     settings.setdefault("calib", str(setup["calib"]))
     settings.setdefault("validate", False)
-    settings.setdefault("quiet", True)
     settings.setdefault("num_samples", 24)
     out = setup["folder"] / name
     return quantize(str(setup["model"]), QuantConfig(output=str(out), force=True, **settings)), out

@@ -36,7 +36,7 @@ ITERS = 300
 def setup(tmp_path_factory):
     folder = tmp_path_factory.mktemp("refine")
     model = export_tiny_resnet(folder / "res.onnx")
-    synthetic = synthesize(load_model(model), SynthConfig(method="dsg", num_samples=128, iters=40, seed=0, quiet=True))
+    synthetic = synthesize(load_model(model), SynthConfig(method="dsg", num_samples=128, iters=40, seed=0))
     calib, held = synthetic.images[:64], synthetic.images[64:]
     np.savez(folder / "calib.npz", images=calib)
     return {"folder": folder, "model": model, "calib": calib, "held": held, "npz": folder / "calib.npz"}
@@ -52,7 +52,7 @@ def _refine(setup, method, bits=4, **options):
     options.setdefault("iters", ITERS)
     return refine_model(prepared, folder / f"refined-{method}.onnx", activation_grids(ranges, activations),
                         setup["calib"], setup["held"], exclude=set(exclude), per_channel=True,
-                        weight_top=weights.levels[1], config=RefineConfig(method=method, quiet=True, **options))
+                        weight_top=weights.levels[1], config=RefineConfig(method=method, **options))
 
 
 def _unit_groups(report):
@@ -100,7 +100,7 @@ def test_qdq_model_holds_exactly_the_learned_integers(setup, bits, reduce_range)
     out = setup["folder"] / f"refined-w{bits}-{reduce_range}.onnx"
     result = quantize(str(setup["model"]), QuantConfig(
         wbits=bits, abits=bits, calib=str(setup["npz"]), num_samples=64, output=str(out), force=True, validate=False,
-        quiet=True, reduce_range=reduce_range, refine="adaround", refine_options={"iters": 100}))
+        reduce_range=reduce_range, refine=RefineConfig(method="adaround", iters=100)))
     learned = result.refined_weights
     assert len(learned) == 6
     written = _quantized_weights(out)
@@ -124,10 +124,10 @@ def _agreement(model, quantized, images):
 
 def test_refined_w4a4_agrees_with_fp32_more_than_plain_rounding(setup):
     folder = setup["folder"]
-    common = dict(wbits=4, abits=4, calib=str(setup["npz"]), num_samples=64, force=True, validate=False, quiet=True)
+    common = dict(wbits=4, abits=4, calib=str(setup["npz"]), num_samples=64, force=True, validate=False)
     plain = quantize(str(setup["model"]), QuantConfig(output=str(folder / "plain.onnx"), **common)).output
-    refined = quantize(str(setup["model"]), QuantConfig(output=str(folder / "brecq.onnx"), refine="brecq",
-                                                       refine_options={"iters": ITERS}, **common)).output
+    refined = quantize(str(setup["model"]), QuantConfig(output=str(folder / "brecq.onnx"), refine=RefineConfig(method="brecq", iters=ITERS),
+                                                       **common)).output
     plain_agreement = _agreement(setup["model"], plain, setup["held"])
     refined_agreement = _agreement(setup["model"], refined, setup["held"])
     assert refined_agreement > plain_agreement + 0.05, (plain_agreement, refined_agreement)
@@ -152,8 +152,11 @@ def test_cli_refine_reports_units_and_rejects_bad_options(setup):
         assert not (setup["folder"] / "bad.onnx").exists()
 
 
-def test_refine_config_rejects_unknown_options():
-    with pytest.raises(DataError, match="unknown refine option 'iterations'"):
-        QuantConfig(refine="brecq", refine_options={"iterations": 3})
-    with pytest.raises(DataError, match="unknown refine method"):
+def test_refine_config_rejects_bad_settings():
+    with pytest.raises(DataError, match="`refine` must be a RefineConfig"):
+        QuantConfig(refine=3)
+    with pytest.raises(DataError, match="unknown `refine` 'gptq'"):
         RefineConfig(method="gptq")
+    with pytest.raises(DataError, match="`refine.iters` must not be negative"):
+        QuantConfig(refine=RefineConfig(iters=-1))
+    assert QuantConfig(refine="adaround").refine == RefineConfig(method="adaround")

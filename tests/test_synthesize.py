@@ -30,7 +30,6 @@ def models(tmp_path_factory):
 
 
 def _run(model, **settings):
-    settings.setdefault("quiet", True)
     settings.setdefault("num_samples", 8)
     return synthesize(str(model), SynthConfig(**settings))
 
@@ -96,7 +95,7 @@ def test_meta_records_the_run(models, tmp_path):
 
 
 def test_folded_model_is_refused_for_bn_methods(models):
-    with pytest.raises(NoBatchNormError, match="--method gaussian"):
+    with pytest.raises(NoBatchNormError, match="`method` gaussian"):
         _run(models["folded"], method="dsg", iters=1)
 
 

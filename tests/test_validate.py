@@ -24,7 +24,7 @@ from PIL import Image
 
 from dsgonnx.errors import AccuracyGateError, DsgonnxError
 from dsgonnx.preprocess import preprocess_from_preset
-from dsgonnx.validate import ValidateConfig, check_gate, evaluate_gate, validate
+from dsgonnx.validation import ValidateConfig, check_gate, evaluate_gate, validate
 from dsgonnx_cli.main import cli
 
 SHARED = Path(__file__).resolve().parents[1] / ".." / "shared"
@@ -375,7 +375,7 @@ def test_fixed_batch_larger_than_one_pads_the_last_batch(tiny, tmp_path):
 
 
 def test_cuda_failure_reason_is_read_from_the_onnxruntime_log():
-    from dsgonnx.validate.sessions import _cuda_failure_reason
+    from dsgonnx.validation.sessions import _cuda_failure_reason
 
     log = (
         "\x1b[1;31m2026-11-23 14:28:59.005 [E:onnxruntime:Default, provider_bridge_ort.cc:2458 operator()] ... "
@@ -494,7 +494,7 @@ def test_subprocess_exit_codes_and_one_line_stderr_without_torch(tiny, tmp_path)
 def test_library_imports_neither_torch_nor_click():
     code = (
         "import sys; sys.modules['torch'] = None; sys.modules['click'] = None\n"
-        "import dsgonnx.validate, dsgonnx.validate.core, dsgonnx.preprocess, dsgonnx.hardware"
+        "import dsgonnx.validation, dsgonnx.validation.core, dsgonnx.preprocess, dsgonnx.hardware"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr

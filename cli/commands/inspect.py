@@ -6,7 +6,6 @@ import json
 
 import click
 
-from dsgonnx.graph.onnx_io import parse_input_shape
 from dsgonnx_cli.options import input_shape_option
 
 
@@ -16,8 +15,7 @@ from dsgonnx_cli.options import input_shape_option
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of the summary.")
 def inspect_cmd(model: str, input_shape: str | None, as_json: bool) -> None:
     """Show MODEL's input, classes, ops, BatchNorm layers and torch-vs-ORT parity."""
-    from dsgonnx.inspection import format_inspection, inspect_model
+    from dsgonnx import format_inspection, inspect
 
-    shape = parse_input_shape(input_shape) if input_shape else None
-    info = inspect_model(model, shape)
+    info = inspect(model, input_shape)
     click.echo(json.dumps(info, indent=2) if as_json else format_inspection(info))

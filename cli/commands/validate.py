@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import click
 
-from dsgonnx.errors import DataError
-from dsgonnx.preprocess import preprocess_from_preset
-from dsgonnx_cli.options import PREPROCESS_HELP, preprocess_options, recipe_given
-from dsgonnx.validate import DEFAULT_BATCH_SIZE, ValidateConfig, check_gate, validate
+from dsgonnx import DEFAULT_BATCH_SIZE, DataError, ValidateConfig
+from dsgonnx_cli.options import PREPROCESS_HELP, preprocess_options, provider_option
 
 _EPILOG = """\b
 Exit status: 0 validated (gate held), 1 gate failed, 2 bad input.
@@ -25,30 +23,26 @@ Without --preprocess the imagenet preset is used.
 @click.argument("fp_model", type=click.Path(dir_okay=False))
 @click.argument("q_model", type=click.Path(dir_okay=False))
 @click.option("--data", "data", type=click.Path(), help="Image folder (class sub-folders or flat) or .npz file.")
-@preprocess_options
+@preprocess_options(default_preset=True)
 @click.option("--classes", "class_list", type=click.Path(), help="Text file: the model's class names in output order, one per line.")
-@click.option("--provider", type=click.Choice(["auto", "cuda", "cpu"], case_sensitive=False), default="auto", show_default=True, help="auto = CUDA when it really works, else CPU.")
+@provider_option
 @click.option("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, show_default=True, help="Samples per inference call.")
 @click.option("--report", "report_path", type=click.Path(), help="Write the JSON report here (atomically).")
 @click.option("--max-drop", type=float, help="Fail (exit 1) when top-1 drops by more than this many points.")
 @click.option("--min-agreement", type=float, help="Fail (exit 1) when top-1 agreement is below this fraction (0-1).")
-def validate_cmd(fp_model, q_model, data, recipe, class_list, provider, batch_size, report_path, max_drop, min_agreement):
+def validate_cmd(fp_model, q_model, data, preprocess, preprocess_given, class_list, provider, batch_size, report_path,
+                 max_drop, min_agreement):
     """Compare FP_MODEL and its quantized copy Q_MODEL in ONNX Runtime and gate on accuracy."""
-    given = recipe_given(recipe)
-    if data and data.lower().endswith(".npz") and given:
-        raise DataError(f"{given[0]} does not apply to an .npz: its images are already preprocessed")
-    config = ValidateConfig(
-        data=data,
-        preprocess=preprocess_from_preset(recipe[0], **recipe[1]),
-        class_list=class_list,
-        provider=provider.lower(),
-        batch_size=batch_size,
-        max_drop=max_drop,
-        min_agreement=min_agreement,
-        report_path=report_path,
-    )
+    from dsgonnx import check_gate, validate
+    from dsgonnx_cli.main import spell
+
+    if data and data.lower().endswith(".npz") and preprocess_given:
+        raise DataError(f"{preprocess_given[0]} does not apply to an .npz: its images are already preprocessed")
+    config = ValidateConfig(data=data, preprocess=preprocess, class_list=class_list, provider=provider,
+                            batch_size=batch_size, max_drop=max_drop, min_agreement=min_agreement,
+                            report_path=report_path)
     report = validate(fp_model, q_model, config)
-    click.echo(report.table())
+    click.echo(spell(report.table(), click.get_current_context().command))
     if report_path:
         click.echo(f"report written to {report_path}")
     check_gate(report, max_drop, min_agreement)

@@ -20,37 +20,9 @@ from google.protobuf.message import DecodeError
 from onnx import TensorProto, external_data_helper, helper, shape_inference
 
 from ..errors import InputSpecError, ModelLoadError
+from ..inputs import IMAGE_CHANNELS, InputSpec, layout_of, parse_input_shape
 
 _FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
-_IMAGE_CHANNELS = (1, 3, 4)
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """The model's image input. ``shape`` is NCHW with the batch as given by the model
-    (``None`` when dynamic); C, H and W are always resolved."""
-
-    name: str
-    shape: tuple[Optional[int], int, int, int]
-    elem_type: int  # onnx.TensorProto data type
-
-    @property
-    def dtype(self) -> np.dtype:
-        return helper.tensor_dtype_to_np_dtype(self.elem_type)
-
-    @property
-    def dynamic_batch(self) -> bool:
-        return self.shape[0] is None
-
-    @property
-    def chw(self) -> tuple[int, int, int]:
-        return self.shape[1], self.shape[2], self.shape[3]
-
-    def batch_shape(self, batch: int) -> tuple[int, int, int, int]:
-        """The concrete shape of a batch; a model with a fixed batch only takes that."""
-        if self.shape[0] is not None and self.shape[0] != batch:
-            raise InputSpecError(f"input '{self.name}' has a fixed batch of {self.shape[0]}, not {batch}")
-        return (batch, *self.chw)
 
 
 @dataclass
@@ -73,18 +45,6 @@ class LoadedModel:
         return {t.name for t in self.model.graph.initializer}
 
 
-def parse_input_shape(text: str) -> tuple[int, int, int, int]:
-    """Parse ``1x3x224x224`` (also ``1,3,224,224``) into four positive ints."""
-    parts = text.lower().replace(",", "x").split("x")
-    try:
-        dims = tuple(int(p) for p in parts)
-    except ValueError:
-        dims = ()
-    if len(dims) != 4 or min(dims) <= 0:
-        raise InputSpecError(f"--input-shape must look like 1x3x224x224 (four positive sizes), got {text!r}")
-    return dims  # type: ignore[return-value]
-
-
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
@@ -93,13 +53,15 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_model(path: str | os.PathLike, input_shape: Optional[tuple[int, int, int, int]] = None) -> LoadedModel:
+def load_model(path: str | os.PathLike, input_shape: Optional[tuple[int, int, int, int] | str] = None) -> LoadedModel:
     """Load, check and describe the classifier at ``path``.
 
     ``input_shape`` (NCHW) fixes dynamic dimensions and must agree with static ones.
     Raises :class:`ModelLoadError` / :class:`InputSpecError` with a one-line message.
     """
     path = Path(path)
+    if isinstance(input_shape, str):
+        input_shape = parse_input_shape(input_shape)
     if not path.exists():
         raise ModelLoadError(f"model file not found: {path}")
     if not path.is_file():
@@ -200,7 +162,7 @@ def _image_input(model: onnx.ModelProto, given: Optional[tuple[int, int, int, in
         raise InputSpecError(f"input '{name}' is {type_name}, not a float image tensor")
     if not tensor_type.HasField("shape"):
         if given is None:
-            raise InputSpecError(f"input '{name}' has no shape; pass --input-shape NxCxHxW (e.g. 1x3x224x224)")
+            raise InputSpecError(f"input '{name}' has no shape; give `input_shape` NxCxHxW (e.g. 1x3x224x224)")
         dims: list[Optional[int]] = [None] * 4
     else:
         dims = _dims(value)
@@ -216,27 +178,24 @@ def _image_input(model: onnx.ModelProto, given: Optional[tuple[int, int, int, in
         for axis, (have, want) in enumerate(zip(dims, given)):
             if have is not None and have != want:
                 raise InputSpecError(
-                    f"--input-shape {'x'.join(map(str, given))} conflicts with input '{name}' "
+                    f"`input_shape` {'x'.join(map(str, given))} conflicts with input '{name}' "
                     f"(axis {axis} is fixed to {have})"
                 )
         batch = None if dims[0] is None else dims[0]
-        return InputSpec(name, (batch, given[1], given[2], given[3]), tensor_type.elem_type)
+        return InputSpec(name, (batch, given[1], given[2], given[3]), helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
     unresolved = [label for label, d in zip("NCHW", dims) if d is None and label != "N"]
     if unresolved:
         shown = "x".join(label if d is None else str(d) for label, d in zip("NCHW", dims))
         raise InputSpecError(
-            f"input '{name}' has dynamic {'/'.join(unresolved)} ({shown}); pass --input-shape, e.g. 1x3x224x224"
+            f"input '{name}' has dynamic {'/'.join(unresolved)} ({shown}); give `input_shape`, e.g. 1x3x224x224"
         )
-    if dims[1] not in _IMAGE_CHANNELS:
+    if dims[1] not in IMAGE_CHANNELS:
         raise InputSpecError(f"input '{name}' has {dims[1]} channels; an image input has 1, 3 or 4 (NCHW)")
-    return InputSpec(name, (dims[0], dims[1], dims[2], dims[3]), tensor_type.elem_type)  # type: ignore[arg-type]
+    return InputSpec(name, (dims[0], dims[1], dims[2], dims[3]), helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
 
 
 def _looks_nhwc(dims: list[Optional[int]], given: Optional[tuple[int, int, int, int]]) -> bool:
-    channels_last = dims[3] in _IMAGE_CHANNELS and dims[1] not in _IMAGE_CHANNELS and dims[1] is not None
-    if given is not None:
-        return channels_last or (given[3] in _IMAGE_CHANNELS and given[1] not in _IMAGE_CHANNELS)
-    return channels_last
+    return layout_of(dims) == "NHWC" or (given is not None and layout_of(given) == "NHWC")
 
 
 def _with_input_shape(model: onnx.ModelProto, spec: InputSpec) -> onnx.ModelProto:

@@ -6,20 +6,23 @@ versions it lacks; :func:`check_parity` proves the result against ONNX Runtime.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
+from operator import getitem
 from typing import Optional
 
 import numpy as np
 import onnx
 import torch
-from onnx2torch import convert as onnx2torch_convert
-from onnx2torch.node_converters.registry import get_converter
-from onnx2torch.onnx_graph import OnnxGraph
-from torch import fx
+from onnx2torch.onnx_graph import OnnxGraph, ValueType
+from onnx2torch.utils.safe_shape_inference import safe_shape_inference
+from torch import fx, nn
 
-from ..errors import ParityError, UnsupportedModelError
+from ..errors import DataError, ParityError, UnsupportedModelError
+from ..runtime import ort_session
 from . import normalize
 from .converters import register_all
+from .converters._common import lookup
 from .onnx_io import LoadedModel, opset_of
 
 
@@ -54,13 +57,23 @@ class ParityResult:
         return self.max_abs_diff <= self.tolerance
 
 
+def resolve_device(name: str) -> torch.device:
+    """The torch device for a ``device`` setting: ``auto`` is CUDA when torch sees a usable
+    GPU, else the CPU; ``cuda`` without one is a DataError."""
+    if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise DataError("`device` cuda: no usable CUDA device (torch.cuda.is_available() is False)")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
 def to_torch(loaded: LoadedModel) -> TorchModel:
     """Convert ``loaded`` to torch (eval mode). Unsupported ops raise a one-line error
     naming the op, its version and the node."""
     register_all()
     graph = normalize.for_torch(loaded.model)
     try:
-        module = onnx2torch_convert(graph)
+        module = build_module(graph)
     except Exception as exc:  # onnx2torch raises bare NotImplementedError/KeyError/...
         raise _conversion_error(graph, exc) from None
     module.eval()  # onnx2torch returns train mode; BN must use its running statistics
@@ -69,6 +82,61 @@ def to_torch(loaded: LoadedModel) -> TorchModel:
     float_params += [b.dtype for b in module.buffers() if b.is_floating_point()]
     dtype = torch.float64 if float_params and all(d == torch.float64 for d in float_params) else torch.float32
     return TorchModel(module=module, loaded=loaded, graph=graph, module_names=names, dtype=dtype)
+
+
+class _Initializers(nn.Module):
+    """Holds the graph's initializers as buffers (``initializers.onnx_initializer_<i>``)."""
+
+
+def build_module(model: onnx.ModelProto) -> fx.GraphModule:
+    """An fx graph of ``model`` built from onnx2torch's converter modules, each found by
+    :func:`~dsgonnx.graph.converters._common.lookup` (dsgonnx's converters first). Modules
+    are named by onnx2torch's unique node names; graph inputs become ``input_<i>``."""
+    model = safe_shape_inference(model)
+    if model.ir_version < 3:
+        raise NotImplementedError("ONNX IR version below 3 is not supported")
+    initializer_names = {t.name for t in model.graph.initializer}
+    real_inputs = [i for i in model.graph.input if i.name not in initializer_names]
+    del model.graph.input[:]
+    model.graph.input.extend(real_inputs)
+    opsets = {o.domain: o.version for o in model.opset_import}
+    onnx_graph = OnnxGraph(model.graph)
+    graph, root, buffers = fx.Graph(), nn.Module(), _Initializers()
+    root.add_module("initializers", buffers)
+    values: dict[str, fx.Node] = {}  # ONNX value name -> fx node producing it
+    for index, name in enumerate(onnx_graph.input_values, 1):
+        values[name] = graph.placeholder(f"input_{index}")
+
+    def fx_value(name: str) -> Optional[fx.Node]:
+        kind = onnx_graph.value_type(name)
+        if kind == ValueType.EMPTY:
+            return None
+        if kind == ValueType.GRAPH_INITIALIZER and name not in values:
+            buffer = f"onnx_initializer_{len(buffers._buffers)}"
+            buffers.register_buffer(buffer, onnx_graph.initializers[name].to_torch())
+            values[name] = graph.get_attr(f"initializers.{buffer}")
+        if name not in values:
+            raise RuntimeError(f"value {name!r} is used before it is computed")
+        return values[name]
+
+    for unique, node in onnx_graph.nodes.items():
+        module, mapping = lookup(node.operation_type, opsets[node.domain], node.domain)(node, onnx_graph)
+        root.add_module(unique, module)
+        args = [fx_value(name) for name in mapping.inputs]
+        kwargs = {}
+        if None in args:  # skipped optional inputs: pass the rest by keyword
+            first = args.index(None)
+            names = list(inspect.signature(module.forward).parameters)[first : len(args)]
+            kwargs = {key: value for key, value in zip(names, args[first:]) if value is not None}
+            args = args[:first]
+        call = graph.call_module(unique, args=tuple(args), kwargs=kwargs)
+        outputs = list(mapping.outputs)
+        for position, name in enumerate(outputs):
+            values[name] = call if len(node.output_values) == 1 else graph.call_function(getitem, (call, position))
+    results = [values[name] for name in onnx_graph.output_values]
+    graph.output(results[0] if len(results) == 1 else tuple(results))
+    graph.lint()
+    return fx.GraphModule(root, graph)
 
 
 def _conversion_error(graph: onnx.ModelProto, exc: Exception) -> UnsupportedModelError:
@@ -81,7 +149,7 @@ def _conversion_error(graph: onnx.ModelProto, exc: Exception) -> UnsupportedMode
         version = opset.get(domain, opset[""])
         where = f"{node.operation_type} (opset {version}{', domain ' + domain if domain else ''}), node '{node.name}'"
         try:
-            converter = get_converter(operation_type=node.operation_type, version=version, domain=domain)
+            converter = lookup(node.operation_type, version, domain)
         except NotImplementedError:
             since = _since_version(node.operation_type, version, domain)
             return UnsupportedModelError(
@@ -135,11 +203,7 @@ def run_torch(model: TorchModel, images: np.ndarray, batch: Optional[int] = None
 
 def run_onnxruntime(loaded: LoadedModel, images: np.ndarray, batch: Optional[int] = None) -> list[np.ndarray]:
     """Run the original ONNX file in ONNX Runtime (CPU) on ``images``."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(loaded.path), options, providers=["CPUExecutionProvider"])
+    session = ort_session(loaded.path)
     batch = batch or _batch_for(loaded, len(images))
     results = []
     for start in range(0, len(images), batch):
@@ -166,7 +230,7 @@ def check_parity(model: TorchModel, samples: int = 4, seed: int = 0) -> ParityRe
     names = model.loaded.output_names
     if len(converted) != len(reference):
         converted = converted[: len(reference)]
-    rel = 5e-2 if model.loaded.input.elem_type == onnx.TensorProto.FLOAT16 else 2e-4
+    rel = 5e-2 if model.loaded.input.dtype == np.float16 else 2e-4
     per_output: dict[str, float] = {}
     worst, worst_excess, tolerance = names[0], -np.inf, 0.0
     max_diff = 0.0
@@ -191,4 +255,4 @@ def check_parity(model: TorchModel, samples: int = 4, seed: int = 0) -> ParityRe
     return result
 
 
-__all__ = ["TorchModel", "ParityResult", "to_torch", "check_parity", "run_torch", "run_onnxruntime", "opset_of"]
+__all__ = ["TorchModel", "ParityResult", "build_module", "resolve_device", "to_torch", "check_parity", "run_torch", "run_onnxruntime", "opset_of"]

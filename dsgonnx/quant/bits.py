@@ -19,11 +19,10 @@ from dataclasses import dataclass
 
 from onnxruntime.quantization import QuantType
 
-from ..errors import DataError
+from ..config import NATIVE_BITS as NATIVE
+from ..config import SUPPORTED_BITS, Target, check_bits
 
-SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
-TARGETS = ("cpu", "gpu", "trt")
-NATIVE = {8, 4, 16}
+TARGETS = Target.values()
 
 
 @dataclass(frozen=True)
@@ -61,15 +60,7 @@ def _container(bits: int, signed: bool) -> QuantType:
 
 def resolve_bits(wbits: int, abits: int, target: str) -> tuple[BitSpec, BitSpec]:
     """(weights, activations) for ``target``; unsupported combinations raise DataError."""
-    if target not in TARGETS:
-        raise DataError(f"unknown target {target!r}; choose from {', '.join(TARGETS)}")
-    for name, bits in (("weight", wbits), ("activation", abits)):
-        if bits not in SUPPORTED_BITS:
-            raise DataError(
-                f"unsupported {name} bit width {bits}; dsgonnx supports {', '.join(map(str, SUPPORTED_BITS))}"
-            )
-        if target == "trt" and bits != 8:
-            raise DataError(f"target trt (TensorRT) runs symmetric int8 only; {name} bits {bits} cannot run there")
+    check_bits(wbits, abits, target)
     symmetric_activations = target in ("gpu", "trt")
     weights = BitSpec(wbits, _container(wbits, signed=True), symmetric=True)
     activations = BitSpec(abits, _container(abits, signed=symmetric_activations), symmetric=symmetric_activations)

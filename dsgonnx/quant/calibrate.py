@@ -6,9 +6,6 @@ thing its quantizer consumes, so the quantizer never knows which calibrator ran.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import tempfile
 from pathlib import Path
 
@@ -16,10 +13,12 @@ import numpy as np
 from onnxruntime.quantization import CalibrationMethod
 from onnxruntime.quantization.calibrate import TensorData, TensorsData, create_calibrator
 
+from ..config import Calibrator
+from ..runtime import quiet_ort
 from .bits import BitSpec
 from .reader import ArrayReader
 
-CALIBRATORS = ("minmax", "percentile", "entropy", "mse")
+CALIBRATORS = Calibrator.values()
 _ORT_METHOD = {
     "minmax": CalibrationMethod.MinMax,
     "percentile": CalibrationMethod.Percentile,
@@ -29,22 +28,9 @@ _ORT_METHOD = {
 MSE_BINS = 2048
 
 
-@contextlib.contextmanager
-def quiet_ort():
-    """ORT's quantization tools print progress to stdout and warn through the root
-    logger; keep both out of our stdout (which may carry JSON) and the user's log."""
-    logging.disable(logging.WARNING)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            yield
-    finally:
-        logging.disable(logging.NOTSET)
-
-
 def compute_ranges(model_path: Path, reader: ArrayReader, method: str, activations: BitSpec) -> TensorsData:
     """Ranges of every float activation of ``model_path`` over the reader's images."""
-    if method not in CALIBRATORS:
-        raise ValueError(f"unknown calibrator {method!r}")
+    method = Calibrator.parse(method, "calibrator").value
     options = {"symmetric": activations.symmetric}
     if method == "mse":
         options.update(num_bins=MSE_BINS)

@@ -11,6 +11,7 @@ activations on their B-bit range.
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
@@ -21,12 +22,13 @@ from onnxruntime.quantization import QuantFormat, quantize_static
 from onnxruntime.quantization.calibrate import TensorsData, save_tensors_data
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from ..config import LogitsPolicy
 from ..errors import DataError, UnsupportedModelError
 from ..graph.normalize import name_nodes
+from ..runtime import quiet_ort
 from .bits import BitSpec
-from .calibrate import quiet_ort
 
-LOGITS_POLICIES = ("float", "exclude", "quantize")
+LOGITS_POLICIES = LogitsPolicy.values()
 # ops whose weights ORT quantizes, with their output-channel axis (None: per-tensor)
 _WEIGHT_AXIS = {"Conv": 0, "ConvTranspose": 1}
 
@@ -141,11 +143,42 @@ def excluded_nodes(model: onnx.ModelProto, exclude: Iterable[str], logits: str) 
     exclude = list(exclude)
     unknown = [name for name in exclude if name not in names]
     if unknown:
-        raise DataError(f"--exclude: no node named {unknown[0]!r} in the model (after pre-processing)")
+        raise DataError(f"`exclude`: no node named {unknown[0]!r} in the model (after pre-processing)")
     last = final_layer(model)
     if logits == "exclude" and last is not None and last.name not in exclude:
         exclude.append(last.name)
     return exclude, last
+
+
+@dataclass(frozen=True)
+class WeightSite:
+    """A weight ONNX Runtime quantizes: input 1 of a node, as an initializer."""
+
+    node: onnx.NodeProto
+    weight: str  # initializer name
+    axis: Optional[int]  # output-channel axis of the ONNX tensor; None: per-tensor only (MatMul)
+
+
+def quantized_weights(model: onnx.ModelProto, exclude: Iterable[str] = ()) -> list[WeightSite]:
+    """Every weight ORT's QDQ quantizer quantizes in ``model`` (Conv, ConvTranspose, Gemm and
+    MatMul with an initializer as input 1), in graph order, except those of ``exclude``d nodes.
+    The one definition: the simulated-bit overrides and reconstruction both use it."""
+    initializers = {t.name for t in model.graph.initializer}
+    exclude = set(exclude)
+    sites = []
+    for node in model.graph.node:
+        if node.name in exclude or len(node.input) < 2 or node.input[1] not in initializers:
+            continue
+        if node.op_type in _WEIGHT_AXIS:
+            axis = _WEIGHT_AXIS[node.op_type]
+        elif node.op_type == "Gemm":
+            axis = 0 if next((a.i for a in node.attribute if a.name == "transB"), 0) else 1
+        elif node.op_type == "MatMul":
+            axis = None
+        else:
+            continue
+        sites.append(WeightSite(node, node.input[1], axis))
+    return sites
 
 
 def weight_overrides(model: onnx.ModelProto, spec: BitSpec, per_channel: bool, exclude: set[str]) -> dict:
@@ -153,30 +186,19 @@ def weight_overrides(model: onnx.ModelProto, spec: BitSpec, per_channel: bool, e
     initializers = {t.name: t for t in model.graph.initializer}
     top = spec.levels[1]
     overrides = {}
-    for node in model.graph.node:
-        if node.name in exclude or len(node.input) < 2 or node.input[1] not in initializers:
-            continue
-        if node.op_type in _WEIGHT_AXIS:
-            axis = _WEIGHT_AXIS[node.op_type]
-        elif node.op_type == "Gemm":
-            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
-            axis = 0 if trans_b else 1
-        elif node.op_type == "MatMul":
-            axis = None
-        else:
-            continue
-        weight = numpy_helper.to_array(initializers[node.input[1]]).astype(np.float64)
-        if per_channel and axis is not None:
-            reduce = tuple(i for i in range(weight.ndim) if i != axis)
+    for site in quantized_weights(model, exclude):
+        weight = numpy_helper.to_array(initializers[site.weight]).astype(np.float64)
+        if per_channel and site.axis is not None:
+            reduce = tuple(i for i in range(weight.ndim) if i != site.axis)
             scales = np.abs(weight).max(axis=reduce) / top
             scales[scales == 0] = 1.0
-            overrides[node.input[1]] = [
-                {"axis": axis, "scale": np.array(s, dtype=np.float32), "zero_point": np.array(0, dtype=np.int8)}
+            overrides[site.weight] = [
+                {"axis": site.axis, "scale": np.array(s, dtype=np.float32), "zero_point": np.array(0, dtype=np.int8)}
                 for s in scales
             ]
         else:
             scale = float(np.abs(weight).max() / top) or 1.0
-            overrides[node.input[1]] = [{"scale": np.array(scale, dtype=np.float32), "zero_point": np.array(0, dtype=np.int8)}]
+            overrides[site.weight] = [{"scale": np.array(scale, dtype=np.float32), "zero_point": np.array(0, dtype=np.int8)}]
     return overrides
 
 
@@ -199,8 +221,7 @@ def quantize_qdq(
     model's weights must already be scale·integer. Returns what was decided: excluded
     nodes, the final layer, simulated tensors.
     """
-    if logits not in LOGITS_POLICIES:
-        raise DataError(f"unknown logits policy {logits!r}; choose from {', '.join(LOGITS_POLICIES)}")
+    logits = LogitsPolicy.parse(logits, "logits")
     model = onnx.load(str(model_path))
     exclude, last = excluded_nodes(model, exclude, logits)
     graph_outputs = {o.name for o in model.graph.output}
@@ -253,7 +274,7 @@ def quantize_qdq(
     if activations.simulated:
         clip_simulated_activations(output_path, activations)
     return {"excluded_nodes": exclude, "final_layer": None if last is None else last.name,
-            "logits": logits, "simulated_activation_tensors": len(simulated_activations)}
+            "logits": logits.value, "simulated_activation_tensors": len(simulated_activations)}
 
 
 def clip_simulated_activations(path: Path, spec: BitSpec) -> None:

@@ -52,13 +52,20 @@ class ActQuant(nn.Module):
     """Fake-quantize to ``scale·(clamp(round(x/scale)+zero, low, high) − zero)``.
 
     ``drop_prob`` > 0 keeps each element unquantized with that probability while training
-    (QDrop, Wei et al. 2022)."""
+    (QDrop, Wei et al. 2022), drawn from ``generator`` (on the tensors' device)."""
 
     def __init__(self, scale: float, zero_point: int, low: int, high: int):
         super().__init__()
         self.scale, self.zero_point, self.low, self.high = float(scale), int(zero_point), int(low), int(high)
         self.enabled = True
         self.drop_prob = 0.0
+        self.generator: Optional[torch.Generator] = None
+
+    def start_dropping(self, prob: float, generator: torch.Generator) -> None:
+        self.drop_prob, self.generator = prob, generator
+
+    def stop_dropping(self) -> None:
+        self.drop_prob, self.generator = 0.0, None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
@@ -66,7 +73,8 @@ class ActQuant(nn.Module):
         q = torch.clamp(round_ste(x / self.scale) + self.zero_point, self.low, self.high)
         xq = (q - self.zero_point) * self.scale
         if self.training and self.drop_prob > 0:
-            return torch.where(torch.rand_like(x) < self.drop_prob, x, xq)
+            keep = torch.rand(x.shape, generator=self.generator, device=x.device, dtype=x.dtype) < self.drop_prob
+            return torch.where(keep, x, xq)
         return xq
 
 

@@ -27,11 +27,12 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
+from ..config import RefineConfig, RefineMethod
 from ..errors import UnsupportedModelError
 from ..graph.onnx_io import load_model
-from ..graph.to_torch import to_torch
+from ..graph.to_torch import resolve_device, to_torch
 from ..progress import Progress, say
-from ..quant.config import RefineConfig
+from ..quant.qdq import quantized_weights
 from .blocks import Unit, concat, join_nodes, partition, run_unit, take, tensors
 from .quantizers import ActQuant, QuantLayer, weight_scales
 
@@ -64,8 +65,7 @@ class _Layer:
 
 def _find_layers(torch_model, onnx_model: onnx.ModelProto, exclude: set[str], grids: dict, weight_top: int,
                  per_channel: bool, scale_search: bool) -> tuple[list[_Layer], list[dict]]:
-    """Wrap every Conv/Gemm ORT will quantize in a QuantLayer; list what is skipped and why."""
-    initializers = {t.name for t in onnx_model.graph.initializer}
+    """Wrap every Conv/Gemm weight ORT will quantize in a QuantLayer; list what is skipped and why."""
     uses: dict[str, int] = {}
     for node in onnx_model.graph.node:
         for name in node.input:
@@ -73,13 +73,15 @@ def _find_layers(torch_model, onnx_model: onnx.ModelProto, exclude: set[str], gr
     module = torch_model.module
     fx_by_target = {str(n.target): n for n in module.graph.nodes if n.op == "call_module"}
     layers, skipped = [], []
-    for node in onnx_model.graph.node:
-        if node.op_type not in ("Conv", "Gemm") or len(node.input) < 2 or node.input[1] not in initializers:
-            continue
+    for site in quantized_weights(onnx_model):
+        node = site.node
         if node.name in exclude:
             skipped.append({"layer": node.name, "why": "excluded (kept float)"})
             continue
-        if uses.get(node.input[1], 0) > 1:
+        if node.op_type not in ("Conv", "Gemm"):
+            skipped.append({"layer": node.name, "why": f"{node.op_type} weights are not refined (plain rounding)"})
+            continue
+        if uses.get(site.weight, 0) > 1:
             skipped.append({"layer": node.name, "why": "weight shared with another node"})
             continue
         target = torch_model.module_names.get(node.name)
@@ -92,18 +94,13 @@ def _find_layers(torch_model, onnx_model: onnx.ModelProto, exclude: set[str], gr
         if not isinstance(inner, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) or target not in fx_by_target:
             skipped.append({"layer": node.name, "why": f"converted to {type(inner).__name__}, not a Conv/Linear module"})
             continue
-        transposed = False
-        onnx_axis: Optional[int] = 0
-        if node.op_type == "Gemm":
-            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
-            transposed, onnx_axis = not trans_b, (0 if trans_b else 1)
-        if not per_channel:
-            onnx_axis = None
+        transposed = node.op_type == "Gemm" and site.axis == 1  # transB=0: ONNX holds the transpose
+        onnx_axis = site.axis if per_channel else None
         scales = weight_scales(inner.weight, weight_top, 0 if per_channel else None, search=scale_search)
         act = ActQuant(*grids[node.input[0]]) if node.input[0] in grids else None
         wrapped = QuantLayer(inner, scales, weight_top, 0 if per_channel else None, act)
         setattr(parent, attr, wrapped)
-        layers.append(_Layer(node.name, node.input[1], onnx_axis, transposed, fx_by_target[target], wrapped))
+        layers.append(_Layer(node.name, site.weight, onnx_axis, transposed, fx_by_target[target], wrapped))
     return layers, skipped
 
 
@@ -137,25 +134,24 @@ def _beta(step: int, total: int, config: RefineConfig) -> Optional[float]:
 
 
 def refine_model(model_path: Path, output_path: Path, grids: dict, images: np.ndarray, eval_images: Optional[np.ndarray],
-                 *, exclude: set[str], per_channel: bool, weight_top: int, config: RefineConfig) -> RefineResult:
+                 *, exclude: set[str], per_channel: bool, weight_top: int, config: RefineConfig,
+                 device: str = "auto", seed: int = 0) -> RefineResult:
     """Learn the weight rounding of ``model_path`` (an fp32 ONNX model ORT will quantize).
 
     ``grids``: activation tensor name -> (scale, zero point, lowest, highest integer) as ORT
     will quantize it. ``eval_images`` (else the calibration images) measure each unit's
     reconstruction loss before and after. Writes the refined model to ``output_path``.
     """
-    from ..synth.generator import resolve_device
-
     started = time.perf_counter()
-    device = resolve_device(config.device)
-    iters = config.iterations(device)
+    torch_device = resolve_device(device)
+    config = config.for_device(torch_device.type)
     loaded = load_model(model_path)
     torch_model = to_torch(loaded)
     onnx_model = torch_model.graph
     layers, skipped = _find_layers(torch_model, onnx_model, exclude, grids, weight_top, per_channel, config.scale_search)
     if not layers:
         raise UnsupportedModelError("refine: the model has no Conv/Gemm layer to refine")
-    module = torch_model.module.to(device).float().eval()
+    module = torch_model.module.to(torch_device).float().eval()
     op_types = {torch_model.module_names[n.name]: n.op_type for n in onnx_model.graph.node if n.name in torch_model.module_names}
     by_node = {layer.fx_node: layer for layer in layers}
     units = partition(module, set(by_node), join_nodes(module, op_types), config.method, config.block_layers)
@@ -164,30 +160,28 @@ def refine_model(model_path: Path, output_path: Path, grids: dict, images: np.nd
     calib = torch.from_numpy(np.asarray(images, dtype=np.float32))
     held = torch.from_numpy(np.asarray(eval_images, dtype=np.float32)) if eval_images is not None and len(eval_images) else None
     rows = torch.cat([calib, held]) if held is not None else calib
-    n_train = len(calib)
-    eval_rows = slice(n_train, len(rows)) if held is not None else slice(0, n_train)
+    run = _Reconstruction(module, by_node, config, torch_device, n_train=len(calib),
+                          eval_rows=slice(len(calib), len(rows)) if held is not None else slice(0, len(calib)),
+                          chunk=max(config.batch_size, 64), units=len(trained), seed=seed)
     placeholder = next(n for n in module.graph.nodes if n.op == "placeholder")
-    fp_env = {placeholder: rows.to(device)}
+    fp_env = {placeholder: rows.to(torch_device)}
     q_env = {placeholder: fp_env[placeholder]}
-    generator = torch.Generator().manual_seed(config.seed)
-    torch.manual_seed(config.seed)
-    chunk = max(config.batch_size, 64)
     say(f"refine: {config.method}, {len(layers)} layers in {len(trained)} "
-        f"{'blocks' if config.method == 'brecq' else 'layers'}, {iters} iterations each, "
-        f"{n_train} calibration samples, on {device}", config.quiet)
+        f"{'blocks' if config.method == RefineMethod.BRECQ else 'layers'}, {config.iters} iterations each, "
+        f"{run.n_train} calibration samples, on {torch_device}")
     report_units = []  # every QuantLayer starts in "fp" mode until its unit is reached
     done: set = set()
+    everything = slice(0, len(rows))
     for unit in units:
         fp_in = [fp_env[n] for n in unit.inputs]
         q_in = [q_env[n] for n in unit.inputs]
-        targets = _run_rows(module, unit, fp_in, slice(0, len(rows)), chunk)
+        targets = _run_rows(module, unit, fp_in, everything, run.chunk)
         if unit.layers:
-            report_units.append(_reconstruct(module, unit, by_node, q_in, targets, n_train, eval_rows, iters, chunk,
-                                             config, generator, device, len(report_units) + 1, len(trained)))
-            q_out = _run_rows(module, unit, q_in, slice(0, len(rows)), chunk)
+            report_units.append(run.reconstruct(unit, q_in, targets))
+            q_out = _run_rows(module, unit, q_in, everything, run.chunk)
         else:
             same = all(a is b for a, b in zip(fp_in, q_in))
-            q_out = targets if same else _run_rows(module, unit, q_in, slice(0, len(rows)), chunk)
+            q_out = targets if same else _run_rows(module, unit, q_in, everything, run.chunk)
         for node, fp_value, q_value in zip(unit.outputs, targets, q_out):
             fp_env[node], q_env[node] = fp_value, q_value
         done.update(unit.nodes)
@@ -196,68 +190,82 @@ def refine_model(model_path: Path, output_path: Path, grids: dict, images: np.nd
                 del env[node]
     weights = _export(layers, model_path, output_path)
     seconds = round(time.perf_counter() - started, 2)
-    report = {"method": config.method, "config": dict(config.to_dict(), iters=iters), "device": str(device),
-              "seconds": seconds, "calibration_samples": n_train,
+    report = {"method": config.method.value, "config": config.to_dict(), "device": str(torch_device),
+              "seconds": seconds, "calibration_samples": run.n_train,
               "loss_measured_on": "held-out samples" if held is not None else "the calibration samples",
-              "held_out_samples": len(rows) - n_train if held is not None else 0,
+              "held_out_samples": len(rows) - run.n_train if held is not None else 0,
               "refined_layers": [layer.onnx_name for layer in layers], "skipped_layers": skipped,
               "units": report_units}
     say(f"refine: done in {seconds:.1f}s; reconstruction loss "
         f"{sum(u['loss_before'] for u in report_units):.4g} -> {sum(u['loss_after'] for u in report_units):.4g} "
-        f"(sum over {len(report_units)} units, {report['loss_measured_on']})", config.quiet)
+        f"(sum over {len(report_units)} units, {report['loss_measured_on']})")
     return RefineResult(path=output_path, weights=weights, report=report)
 
 
-def _reconstruct(module, unit: Unit, by_node: dict, q_in: list, targets: list, n_train: int, eval_rows: slice, iters: int,
-                 chunk: int, config: RefineConfig, generator: torch.Generator, device, number: int, total: int) -> dict:
-    quant = [by_node[n].module for n in unit.layers]
-    names = [by_node[n].onnx_name for n in unit.layers]
-    eval_index = torch.arange(eval_rows.start, eval_rows.stop)
+class _Reconstruction:
+    """The state shared by every unit's optimisation: the module, its quantized layers, the
+    settings (iterations resolved for the device), the sample split and the generators —
+    one for the mini-batches (CPU), one for QDrop (on the device), both from ``seed``."""
 
-    def eval_loss() -> float:
-        outputs = _run_rows(module, unit, q_in, eval_rows, chunk)
+    def __init__(self, module, by_node: dict, config: RefineConfig, device: torch.device, *, n_train: int,
+                 eval_rows: slice, chunk: int, units: int, seed: int):
+        self.module, self.by_node, self.config, self.device = module, by_node, config, device
+        self.n_train, self.eval_rows, self.chunk, self.units = n_train, eval_rows, chunk, units
+        self.batches = torch.Generator().manual_seed(seed)
+        self.drops = torch.Generator(device=device).manual_seed(seed)
+        self.number = 0
+
+    def _eval_loss(self, unit: Unit, q_in: list, targets: list) -> float:
+        outputs = _run_rows(self.module, unit, q_in, self.eval_rows, self.chunk)
+        index = torch.arange(self.eval_rows.start, self.eval_rows.stop)
         with torch.no_grad():
-            return float(_loss(outputs, [take(t, eval_index) for t in targets]))
+            return float(_loss(outputs, [take(t, index) for t in targets]))
 
-    for layer in quant:
-        layer.mode = "nearest"
-    before = eval_loss()
-    start = time.perf_counter()
-    if iters > 0:
+    def reconstruct(self, unit: Unit, q_in: list, targets: list) -> dict:
+        """Learn the rounding of the unit's layers; its loss before (nearest rounding) and after."""
+        config, iters = self.config, self.config.iters
+        self.number += 1
+        quant = [self.by_node[n].module for n in unit.layers]
+        names = [self.by_node[n].onnx_name for n in unit.layers]
         for layer in quant:
-            layer.init_rounding()
-            layer.mode = "soft"
-            layer.train()
-            if layer.act is not None:
-                layer.act.drop_prob = config.dropping
-        optimiser = torch.optim.Adam([layer.alpha for layer in quant], lr=config.lr)
-        label = f"refine [{number}/{total}] {names[0]}" + (f" .. {names[-1]}" if len(names) > 1 else "")
-        progress = Progress(label, iters, config.quiet)
-        for step in range(iters):
-            index = torch.randint(n_train, (min(config.batch_size, n_train),), generator=generator)
-            index_dev = index.to(device)
-            outputs = run_unit(module, unit, [take(v, index_dev) for v in q_in])
-            rec = _loss(outputs, [take(t, index_dev) for t in targets])
-            beta = _beta(step, iters, config)
-            loss = rec
-            if beta is not None and config.reg_weight > 0:
-                loss = rec + config.reg_weight * sum(layer.regulariser(beta) for layer in quant)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            if step % 50 == 0 or step == iters - 1:
-                progress.update(step + 1, f"rec {rec.item():.4g}")
-        progress.close()
-        for layer in quant:
-            layer.mode = "hard"
-            layer.eval()
-            if layer.act is not None:
-                layer.act.drop_prob = 0.0
-    after = eval_loss()
-    flipped = sum(int((layer.integers() != layer.nearest_integers()).sum()) for layer in quant)
-    return {"layers": names, "loss_before": round(before, 6), "loss_after": round(after, 6),
-            "seconds": round(time.perf_counter() - start, 2), "rounded_other_way": flipped,
-            "weights": sum(layer.inner.weight.numel() for layer in quant)}
+            layer.mode = "nearest"
+        before = self._eval_loss(unit, q_in, targets)
+        start = time.perf_counter()
+        if iters > 0:
+            for layer in quant:
+                layer.init_rounding()
+                layer.mode = "soft"
+                layer.train()
+                if layer.act is not None:
+                    layer.act.start_dropping(config.dropping, self.drops)
+            optimiser = torch.optim.Adam([layer.alpha for layer in quant], lr=config.lr)
+            label = f"refine [{self.number}/{self.units}] {names[0]}" + (f" .. {names[-1]}" if len(names) > 1 else "")
+            progress = Progress(label, iters)
+            batch = min(config.batch_size, self.n_train)
+            for step in range(iters):
+                index = torch.randint(self.n_train, (batch,), generator=self.batches).to(self.device)
+                outputs = run_unit(self.module, unit, [take(v, index) for v in q_in])
+                rec = _loss(outputs, [take(t, index) for t in targets])
+                beta = _beta(step, iters, config)
+                loss = rec
+                if beta is not None and config.reg_weight > 0:
+                    loss = rec + config.reg_weight * sum(layer.regulariser(beta) for layer in quant)
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                if (step % 50 == 0 or step == iters - 1) and progress.wanted:
+                    progress.update(step + 1, f"rec {rec.item():.4g}")
+            progress.close()
+            for layer in quant:
+                layer.mode = "hard"
+                layer.eval()
+                if layer.act is not None:
+                    layer.act.stop_dropping()
+        after = self._eval_loss(unit, q_in, targets)
+        flipped = sum(int((layer.integers() != layer.nearest_integers()).sum()) for layer in quant)
+        return {"layers": names, "loss_before": round(before, 6), "loss_after": round(after, 6),
+                "seconds": round(time.perf_counter() - start, 2), "rounded_other_way": flipped,
+                "weights": sum(layer.inner.weight.numel() for layer in quant)}
 
 
 def _export(layers: list[_Layer], model_path: Path, output_path: Path) -> dict:

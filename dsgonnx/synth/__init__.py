@@ -1,6 +1,8 @@
 """Calibration-image synthesis: Gaussian noise, ZeroQ and DSG (imports torch)."""
 
-from .config import METHODS, SynthConfig
+from ..config import SynthConfig, SynthMethod
 from .generator import SynthesisError, synthesize
+
+METHODS = SynthMethod.values()
 
 __all__ = ["METHODS", "SynthConfig", "SynthesisError", "synthesize"]

@@ -26,9 +26,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..config import SlackReading
 from .losses import per_sample_stats
 
-READINGS = ("layer-upper", "layer-lower", "sample-upper", "sample-lower", "channel-upper", "channel-lower")
+READINGS = SlackReading.values()
 
 
 @dataclass(frozen=True)

@@ -15,16 +15,12 @@ from ..preprocess import Preprocess
 def to_pixels(images: np.ndarray, preprocess: Optional[Preprocess]) -> np.ndarray:
     """NCHW model-space images -> NHWC uint8 RGB pixels.
 
-    With a recipe the inverse of its normalisation is applied (BGR models are flipped
-    back to RGB); without one each image is min-max stretched, which shows structure but
-    not true colours.
+    With a recipe the inverse of its normalisation is applied (:meth:`Preprocess.denormalise`:
+    BGR models are flipped back to RGB, grey models take the first channel's values);
+    without one each image is min-max stretched, which shows structure but not true colours.
     """
-    if preprocess is not None and images.shape[1] == len(preprocess.mean):
-        mean = np.asarray(preprocess.mean, np.float32).reshape(1, -1, 1, 1)
-        std = np.asarray(preprocess.std, np.float32).reshape(1, -1, 1, 1)
-        pixels = (images * std + mean) * (255.0 / preprocess.pixel_scale)
-        if preprocess.channel_order == "BGR":
-            pixels = pixels[:, ::-1]
+    if preprocess is not None:
+        pixels = preprocess.denormalise(images)
     else:
         low = images.min(axis=(1, 2, 3), keepdims=True)
         high = images.max(axis=(1, 2, 3), keepdims=True)

@@ -1,8 +1,9 @@
-"""Converters dsgonnx adds to onnx2torch's registry.
+"""Converters dsgonnx adds in front of onnx2torch's.
 
 onnx2torch 1.5.x registers converters up to about opset 17 and misses some opset-1..7
-versions. Each module here covers one op family; importing it registers its converters
-through onnx2torch's own ``add_converter`` decorator (nothing in site-packages is patched).
+versions. Each module here covers one op family; importing it adds its converters to
+dsgonnx's own table (:func:`._common.lookup` consults it before onnx2torch's registry,
+which is never written, so other users of onnx2torch in the process are unaffected).
 Call :func:`register_all` before converting; it is idempotent.
 """
 

@@ -5,11 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable, Iterable
 
 from onnx import defs
-from onnx2torch.node_converters.registry import (
-    _CONVERTER_REGISTRY,
-    OperationDescription,
-    add_converter,
-)
+from onnx2torch.node_converters import get_converter as onnx2torch_converter
 from onnx2torch.onnx_graph import OnnxGraph
 from onnx2torch.onnx_node import OnnxNode
 from onnx2torch.utils.common import OperationConverterResult, get_const_value
@@ -17,54 +13,72 @@ from onnx2torch.utils.common import OperationConverterResult, get_const_value
 Converter = Callable[[OnnxNode, OnnxGraph], OperationConverterResult]
 
 
-def register(op_type: str, versions: Iterable[int]) -> Callable[[Converter], Converter]:
-    """Register ``converter`` for each version of ``op_type`` that onnx2torch lacks.
+# dsgonnx's own converters, looked up before onnx2torch's (whose registry is never written)
+_OURS: dict[tuple[str, int], Converter] = {}
 
-    Versions onnx2torch already knows are left alone, so a newer onnx2torch that adds
-    them wins instead of failing at import.
+
+def _since_version(op_type: str, version: int, domain: str = defs.ONNX_DOMAIN) -> int:
+    try:
+        return defs.get_schema(op_type, max_inclusive_version=version, domain=domain).since_version
+    except (RuntimeError, defs.SchemaError):
+        return version
+
+
+def _onnx2torch_has(op_type: str, version: int) -> bool:
+    try:
+        onnx2torch_converter(operation_type=op_type, version=version)
+    except NotImplementedError:
+        return False
+    return _since_version(op_type, version) == version
+
+
+def register(op_type: str, versions: Iterable[int]) -> Callable[[Converter], Converter]:
+    """Use ``converter`` for each version of ``op_type`` that onnx2torch lacks.
+
+    Versions onnx2torch already knows are left to it, so a newer onnx2torch that adds
+    them wins.
     """
 
     def deco(converter: Converter) -> Converter:
         for version in versions:
-            key = OperationDescription(domain=defs.ONNX_DOMAIN, operation_type=op_type, version=version)
-            if key not in _CONVERTER_REGISTRY:
-                add_converter(operation_type=op_type, version=version)(converter)
+            if not _onnx2torch_has(op_type, version):
+                _OURS[(op_type, version)] = converter
         return converter
 
     return deco
 
 
 def wrap_existing(op_type: str, versions: Iterable[int], handles: Callable[[OnnxNode], bool]):
-    """Put ``converter`` in front of onnx2torch's own converter for nodes ``handles`` accepts.
-
-    ``add_converter`` refuses to register a version twice, so this is the one place that
-    edits the registry entry directly; other nodes still go to onnx2torch's converter.
-    """
+    """Use ``converter`` for the nodes ``handles`` accepts and onnx2torch's own for the rest."""
 
     def deco(converter: Converter) -> Converter:
         for version in versions:
-            key = OperationDescription(domain=defs.ONNX_DOMAIN, operation_type=op_type, version=version)
-            original = _CONVERTER_REGISTRY.get(key)
-            if original is None:
-                add_converter(operation_type=op_type, version=version)(converter)
-                continue
+            fallback = existing_converter(op_type, version) if _onnx2torch_has(op_type, version) else None
 
-            def dispatch(node, graph, _original=original):
-                return converter(node, graph) if handles(node) else _original(node, graph)
+            def dispatch(node, graph, _fallback=fallback):
+                return converter(node, graph) if _fallback is None or handles(node) else _fallback(node, graph)
 
-            _CONVERTER_REGISTRY[key] = dispatch
+            _OURS[(op_type, version)] = dispatch
         return converter
 
     return deco
 
 
+def lookup(op_type: str, version: int, domain: str = "") -> Converter:
+    """The converter for ``op_type`` in a model of opset ``version``: dsgonnx's own when it
+    has one for the op's schema version, else onnx2torch's (NotImplementedError if neither)."""
+    if domain in ("", defs.ONNX_DOMAIN):
+        ours = _OURS.get((op_type, _since_version(op_type, version)))
+        if ours is not None:
+            return ours
+    return onnx2torch_converter(operation_type=op_type, version=version, domain=domain or defs.ONNX_DOMAIN)
+
+
 def existing_converter(op_type: str, version: int) -> Converter:
-    """onnx2torch's converter registered under exactly ``version`` (no schema lookup,
-    which would route an old version straight back to dsgonnx's own converter)."""
-    key = OperationDescription(domain=defs.ONNX_DOMAIN, operation_type=op_type, version=version)
+    """onnx2torch's converter for ``op_type`` at ``version`` (never one of dsgonnx's)."""
     try:
-        return _CONVERTER_REGISTRY[key]
-    except KeyError:
+        return onnx2torch_converter(operation_type=op_type, version=version)
+    except NotImplementedError:
         raise NotImplementedError(f"onnx2torch has no {op_type}-{version} converter to reuse") from None
 
 

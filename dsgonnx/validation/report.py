@@ -60,7 +60,7 @@ from typing import Any
 
 from dsgonnx.errors import DsgonnxError
 from dsgonnx.preprocess import Preprocess
-from dsgonnx.validate.metrics import Metrics
+from dsgonnx.validation.metrics import Metrics
 
 SCHEMA_VERSION = 1
 
@@ -192,11 +192,11 @@ def check_report_path(path: str | None) -> None:
         return
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
-        raise DsgonnxError(f"--report {path} is a folder; give a file name")
+        raise DsgonnxError(f"`report_path` {path} is a folder; give a file name")
     if not os.path.isdir(folder):
-        raise DsgonnxError(f"--report: folder {folder} does not exist")
+        raise DsgonnxError(f"`report_path`: folder {folder} does not exist")
     if not os.access(folder, os.W_OK):
-        raise DsgonnxError(f"--report: folder {folder} is not writable")
+        raise DsgonnxError(f"`report_path`: folder {folder} is not writable")
 
 
 def write_report(report: ValidationReport, path: str) -> None:

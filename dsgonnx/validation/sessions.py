@@ -20,11 +20,12 @@ from dataclasses import dataclass
 import numpy as np
 import onnxruntime as ort
 
+from dsgonnx.config import Provider
 from dsgonnx.errors import DsgonnxError, InputSpecError, ModelLoadError
+from dsgonnx.inputs import InputSpec, format_dims
+from dsgonnx.runtime import CPU, CUDA, one_line as _one_line, ort_session
 
-PROVIDER_CHOICES = ("auto", "cuda", "cpu")
-CUDA = "CUDAExecutionProvider"
-CPU = "CPUExecutionProvider"
+PROVIDER_CHOICES = Provider.values()
 
 _ORT_DTYPES = {
     "tensor(float)": np.dtype(np.float32),
@@ -47,41 +48,6 @@ class ModelIO:
     input_dtype: np.dtype
     input_shape: tuple
     output_name: str
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """The input both models share: what every batch must look like."""
-
-    name: str
-    dtype: np.dtype
-    shape: tuple  # merged: a fixed size wherever either model fixes it
-    fixed_batch: int | None  # None: any batch size
-
-    @property
-    def layout(self) -> str | None:
-        """``"NCHW"``, ``"NHWC"`` (channels last, as in TensorFlow exports) or None (not an image)."""
-        if len(self.shape) != 4:
-            return None
-        if self.shape[1] in (1, 3):
-            return "NCHW"
-        if self.shape[3] in (1, 3):
-            return "NHWC"
-        return "NCHW" if not isinstance(self.shape[1], int) else None
-
-    @property
-    def image_size(self) -> int | None:
-        """The square input size in pixels, None when dynamic; error for non-square inputs."""
-        height, width = (self.shape[2], self.shape[3]) if self.layout == "NCHW" else (self.shape[1], self.shape[2])
-        fixed = {dim for dim in (height, width) if isinstance(dim, int)}
-        if len(fixed) > 1:
-            raise InputSpecError(
-                f"input {self.name!r} is {height}×{width}: image folders need a square input; give an .npz instead"
-            )
-        return fixed.pop() if fixed else None
-
-    def describe(self) -> str:
-        return f"{self.name} {format_dims(self.shape)} {self.dtype.name}"
 
 
 @dataclass
@@ -120,15 +86,15 @@ def open_models(fp_path: str, q_path: str, provider: str) -> tuple[ModelRunner, 
     CUDA when a session actually starts with it and the CPU otherwise.
     """
     if provider not in PROVIDER_CHOICES:
-        raise DsgonnxError(f"provider must be one of {', '.join(PROVIDER_CHOICES)}, got {provider!r}")
+        raise DsgonnxError(f"`provider` must be one of {', '.join(PROVIDER_CHOICES)}, got {provider!r}")
     for path in (fp_path, q_path):
         _check_model_file(path)
     fp_session = _session_for_request(fp_path, provider)
     # Same execution path for both: whatever the FP session really got.
     providers = [CUDA, CPU] if CUDA in fp_session.get_providers() else [CPU]
-    q_session = _create_session(q_path, providers)
+    q_session = ort_session(q_path, providers)
     if provider == "cuda" and CUDA not in q_session.get_providers():
-        raise DsgonnxError(f"--provider cuda: the CUDA provider did not start for {q_path}")
+        raise DsgonnxError(f"`provider` cuda: the CUDA provider did not start for {q_path}")
     return ModelRunner(read_model_io(fp_path, fp_session), fp_session), ModelRunner(read_model_io(q_path, q_session), q_session)
 
 
@@ -167,12 +133,7 @@ def shared_input(fp: ModelIO, q: ModelIO) -> InputSpec:
         merged.append(a if fixed_a else b if fixed_b else None)
     if not merged:
         raise InputSpecError(f"{fp.path}: the image input {fp.input_name!r} is a scalar")
-    return InputSpec(fp.input_name, fp.input_dtype, tuple(merged), merged[0])
-
-
-def format_dims(shape) -> str:
-    """``(None, 3, 224, 224)`` -> ``"?×3×224×224"`` (dynamic sizes as ``?``)."""
-    return "×".join(str(d) if isinstance(d, int) and d > 0 else "?" for d in shape)
+    return InputSpec(fp.input_name, tuple(merged), fp.input_dtype)
 
 
 def _describe_io(io: ModelIO) -> str:
@@ -186,36 +147,23 @@ def _check_model_file(path: str) -> None:
         raise ModelLoadError(f"not a model file: {path}")
 
 
-def _session_options() -> ort.SessionOptions:
-    options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only: ORT's per-node placement warnings are noise here
-    return options
-
-
-def _create_session(path: str, providers: list[str]) -> ort.InferenceSession:
-    try:
-        return ort.InferenceSession(path, _session_options(), providers=providers)
-    except Exception as exc:
-        raise ModelLoadError(f"cannot load ONNX model {path}: {_one_line(exc)}") from None
-
-
 def _session_for_request(path: str, provider: str) -> ort.InferenceSession:
     if provider == "cpu":
-        return _create_session(path, [CPU])
+        return ort_session(path, [CPU])
     if CUDA not in ort.get_available_providers():
         if provider == "cuda":
             raise DsgonnxError(
-                "--provider cuda: this onnxruntime build has no CUDA provider "
+                "`provider` cuda: this onnxruntime build has no CUDA provider "
                 f"(it has {', '.join(ort.get_available_providers())}); install onnxruntime-gpu"
             )
-        return _create_session(path, [CPU])
+        return ort_session(path, [CPU])
     # ORT prints several lines to stderr when the CUDA libraries are missing and then falls
     # back to the CPU. Keep them off the user's terminal, and quote the reason if it matters.
     with _stderr_captured() as captured:
-        session = _create_session(path, [CUDA, CPU])
+        session = ort_session(path, [CUDA, CPU])
     if provider == "cuda" and CUDA not in session.get_providers():
         reason = _cuda_failure_reason(captured.text)
-        raise DsgonnxError(f"--provider cuda: the CUDA provider is not usable here ({reason}); use --provider auto or cpu")
+        raise DsgonnxError(f"`provider` cuda: the CUDA provider is not usable here ({reason}); use `provider` auto or cpu")
     return session
 
 
@@ -254,7 +202,3 @@ def _cuda_failure_reason(log: str) -> str:
         if "CUDA" in line:
             return line.split("] ")[-1].strip()
     return "onnxruntime fell back to the CPU without saying why"
-
-
-def _one_line(exc: Exception) -> str:
-    return " ".join(str(exc).split())

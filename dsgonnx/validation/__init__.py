@@ -2,8 +2,7 @@
 
 Typical use (``dsgonnx validate`` and ``dsgonnx quantize`` do exactly this)::
 
-    from dsgonnx.preprocess import preprocess_from_preset
-    from dsgonnx.validate import ValidateConfig, validate, check_gate
+    from dsgonnx import ValidateConfig, check_gate, preprocess_from_preset, validate
 
     config = ValidateConfig(data="images/", preprocess=preprocess_from_preset("imagenet"),
                             max_drop=1.0, report_path="report.json")
@@ -17,9 +16,10 @@ documented in its docstring, and the table), ``gate``, ``core`` (``validate``). 
 here imports torch: validation must work where only onnxruntime is installed.
 """
 
-from dsgonnx.validate.core import DEFAULT_BATCH_SIZE, ValidateConfig, validate
-from dsgonnx.validate.gate import check_gate, evaluate_gate
-from dsgonnx.validate.report import GateResult, ValidationReport, write_report
+from dsgonnx.config import DEFAULT_BATCH_SIZE, ValidateConfig
+from dsgonnx.validation.core import validate
+from dsgonnx.validation.gate import check_gate, evaluate_gate
+from dsgonnx.validation.report import GateResult, ValidationReport, write_report
 
 __all__ = [
     "DEFAULT_BATCH_SIZE",

@@ -10,10 +10,9 @@ Two thresholds, either or both:
 
 from __future__ import annotations
 
-import math
-
+from dsgonnx.config import check_thresholds as check_values
 from dsgonnx.errors import AccuracyGateError, DsgonnxError
-from dsgonnx.validate.report import GateResult, ValidationReport
+from dsgonnx.validation.report import GateResult, ValidationReport
 
 # Drops are exact ratios of counts; this only absorbs float noise in user thresholds.
 _EPSILON = 1e-9
@@ -21,14 +20,11 @@ _EPSILON = 1e-9
 
 def check_thresholds(max_drop: float | None, min_agreement: float | None, labelled: bool | None = None) -> None:
     """Reject thresholds that cannot be evaluated (exit 2). ``labelled=None``: not known yet."""
-    if max_drop is not None and not (_is_number(max_drop) and max_drop >= 0):
-        raise DsgonnxError(f"--max-drop must be a number of percentage points >= 0, got {max_drop!r}")
-    if min_agreement is not None and not (_is_number(min_agreement) and 0 <= min_agreement <= 1):
-        raise DsgonnxError(f"--min-agreement must be a fraction between 0 and 1, got {min_agreement!r}")
+    check_values(max_drop, min_agreement)
     if max_drop is not None and labelled is False:
         raise DsgonnxError(
-            "--max-drop needs labelled data (class sub-folders, or 'labels' in the .npz); "
-            "for unlabelled data gate on --min-agreement"
+            "`max_drop` needs labelled data (class sub-folders, or 'labels' in the .npz); "
+            "for unlabelled data gate on `min_agreement`"
         )
 
 
@@ -40,21 +36,21 @@ def evaluate_gate(report: ValidationReport, max_drop: float | None = None, min_a
         drop = report.drop_top1
         line = f"top-1 dropped {drop:.2f} points ({report.metrics.fp_top1:.2f}% -> {report.metrics.q_top1:.2f}%)"
         if drop > max_drop + _EPSILON:
-            failures.append(f"{line}, {drop - max_drop:.2f} points more than --max-drop {max_drop:g}")
+            failures.append(f"{line}, {drop - max_drop:.2f} points more than `max_drop` {max_drop:g}")
         else:
-            passes.append(f"{line}, within --max-drop {max_drop:g}")
+            passes.append(f"{line}, within `max_drop` {max_drop:g}")
     if min_agreement is not None:
         agreement = report.agreement
         line = f"top-1 agreement {agreement:.4f}"
         if agreement < min_agreement - _EPSILON:
-            failures.append(f"{line} is {min_agreement - agreement:.4f} below --min-agreement {min_agreement:g}")
+            failures.append(f"{line} is {min_agreement - agreement:.4f} below `min_agreement` {min_agreement:g}")
         else:
-            passes.append(f"{line} >= --min-agreement {min_agreement:g}")
+            passes.append(f"{line} >= `min_agreement` {min_agreement:g}")
     if failures:
         return GateResult(max_drop, min_agreement, False, "accuracy gate failed: " + "; ".join(failures))
     if passes:
         return GateResult(max_drop, min_agreement, True, "; ".join(passes))
-    return GateResult(None, None, None, "no gate (give --max-drop and/or --min-agreement)")
+    return GateResult(None, None, None, "no gate (give `max_drop` and/or `min_agreement`)")
 
 
 def check_gate(report: ValidationReport, max_drop: float | None = None, min_agreement: float | None = None) -> GateResult:
@@ -63,7 +59,3 @@ def check_gate(report: ValidationReport, max_drop: float | None = None, min_agre
     if result.passed is False:
         raise AccuracyGateError(result.message)
     return result
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -10,65 +10,19 @@ from __future__ import annotations
 
 import json
 import statistics
-from dataclasses import dataclass, field
-from types import MappingProxyType
-from typing import Any, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import onnxruntime as ort
 
-from dsgonnx.errors import DsgonnxError, InputSpecError
+from dsgonnx.config import DEFAULT_BATCH_SIZE, ValidateConfig
+from dsgonnx.errors import InputSpecError
 from dsgonnx.hardware import cpu_info
-from dsgonnx.preprocess import Preprocess
-from dsgonnx.validate.data import Dataset, open_dataset
-from dsgonnx.validate.gate import check_thresholds, evaluate_gate
-from dsgonnx.validate.metrics import compare_outputs
-from dsgonnx.validate.report import ValidationReport, check_report_path, json_value, write_report
-from dsgonnx.validate.sessions import PROVIDER_CHOICES, ModelRunner, open_models, shared_input
-
-DEFAULT_BATCH_SIZE = 32
-
-
-@dataclass(frozen=True)
-class ValidateConfig:
-    """Everything ``validate()`` needs besides the two model paths.
-
-    data:          image folder (class sub-folders = labelled, flat = unlabelled) or .npz;
-                   None when images are passed to ``validate()`` in memory.
-    preprocess:    recipe for image files (None: the ``imagenet`` preset); unused for arrays.
-    class_list:    text file of the model's class names in output order, to label a folder
-                   that holds a subset of the classes (default: class folders must match
-                   the model's classes one to one, label = sorted position).
-    provider:      auto | cuda | cpu.
-    batch_size:    samples per call (models with a fixed batch size use theirs).
-    max_drop:      gate threshold in top-1 percentage points (needs labels).
-    min_agreement: gate threshold on top-1 agreement, fraction 0–1.
-    report_path:   where to write the JSON report (atomically), or None.
-    extra:         additional top-level report fields (quantize adds bits, simulated,
-                   calibration); they may not replace standard keys.
-    exclude_files: image files of an image folder to leave out (quantize passes the
-                   files it calibrated on, so they are never scored).
-    """
-
-    data: str | None = None
-    preprocess: Preprocess | None = None
-    class_list: str | None = None
-    provider: str = "auto"
-    batch_size: int = DEFAULT_BATCH_SIZE
-    max_drop: float | None = None
-    min_agreement: float | None = None
-    report_path: str | None = None
-    extra: Mapping[str, Any] = field(default_factory=dict)
-    exclude_files: frozenset = frozenset()
-
-    def __post_init__(self):
-        if self.provider not in PROVIDER_CHOICES:
-            raise DsgonnxError(f"--provider must be one of {', '.join(PROVIDER_CHOICES)}, got {self.provider!r}")
-        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, (int, np.integer)) or self.batch_size < 1:
-            raise DsgonnxError(f"--batch-size must be a whole number >= 1, got {self.batch_size!r}")
-        check_thresholds(self.max_drop, self.min_agreement)
-        json.dumps(dict(self.extra), allow_nan=False, default=json_value)  # a caller's bug: fail before any work
-        object.__setattr__(self, "extra", MappingProxyType(dict(self.extra)))
+from dsgonnx.validation.data import Dataset, open_dataset
+from dsgonnx.validation.gate import check_thresholds, evaluate_gate
+from dsgonnx.validation.metrics import compare_outputs
+from dsgonnx.validation.report import ValidationReport, check_report_path, json_value, write_report
+from dsgonnx.validation.sessions import ModelRunner, open_models, shared_input
 
 
 def validate(
@@ -87,6 +41,7 @@ def validate(
     report has been written and shown. Bad input raises a :class:`DsgonnxError` (exit 2).
     """
     config = config or ValidateConfig()
+    json.dumps(dict(config.extra), allow_nan=False, default=json_value)  # a caller's bug: fail before any work
     fp_model_path, q_model_path = str(fp_model_path), str(q_model_path)
     data = None if config.data is None else str(config.data)
     check_report_path(config.report_path)

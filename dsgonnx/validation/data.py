@@ -25,7 +25,7 @@ from dsgonnx.preprocess import (
     read_class_list,
     scan_image_folder,
 )
-from dsgonnx.validate.sessions import InputSpec, format_dims
+from dsgonnx.inputs import InputSpec, format_dims
 
 DECODE_THREADS = min(8, os.cpu_count() or 1)
 
@@ -53,7 +53,7 @@ class Dataset:
         if self.kind == "image-folder" and self.class_list is None and len(self.classes) != num_classes:
             raise DataError(
                 f"{self.source} has {len(self.classes)} class folders but the models output {num_classes} classes; "
-                "labels would be wrong (give --classes FILE listing the model's classes to validate on a subset)"
+                "labels would be wrong (give `class_list`, a file listing the model's classes to validate on a subset)"
             )
         if self.labels is not None:
             low, high = int(self.labels.min()), int(self.labels.max())
@@ -85,7 +85,7 @@ def open_dataset(
     """The data source chosen by ``data`` (path) or ``images`` (array), checked against ``spec``."""
     if (data is None) == (images is None):
         if data is None:
-            raise DataError("no data to validate on: give --data (an image folder or an .npz file)")
+            raise DataError("no data to validate on: give `data` (an image folder or an .npz file)")
         raise DataError("give either a data path or images in memory, not both")
     if labels is not None and images is None:
         raise DataError("labels in memory need images in memory")
@@ -102,9 +102,9 @@ def open_dataset(
         return _image_dataset(data, preprocess or preprocess_from_preset(), names, spec, exclude_files)
     if data.lower().endswith(".npz"):
         if class_list:
-            raise DataError("--classes applies to image folders only, not to an .npz")
+            raise DataError("`class_list` applies to image folders only, not to an .npz")
         return _array_dataset("npz", data, *load_npz(data), spec)
-    raise DataError(f"--data must be an image folder or an .npz file, got {data}")
+    raise DataError(f"`data` must be an image folder or an .npz file, got {data}")
 
 
 def _array_dataset(kind: str, source: str | None, images: np.ndarray, labels, spec: InputSpec) -> Dataset:

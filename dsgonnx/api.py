@@ -1,0 +1,56 @@
+"""The whole-command functions of the Python API that are not a single stage's:
+``inspect`` and ``synthesize`` (with its files). ``quantize`` and ``validate`` live with their
+stages (:mod:`dsgonnx.pipeline`, :mod:`dsgonnx.validation`). Each mirrors one CLI command.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Optional
+
+from .artifacts import SyntheticSet, check_output_folder
+from .config import SynthConfig
+from .errors import DataError
+
+
+def inspect(model: str | os.PathLike, input_shape=None, parity_samples: int = 4) -> dict[str, Any]:
+    """Load, convert and parity-check ``model``; a JSON-ready description (``dsgonnx inspect``).
+    :func:`format_inspection` renders it as text."""
+    from .inspection import inspect_model
+
+    return inspect_model(model, input_shape, parity_samples)
+
+
+def synthesize(model, config: Optional[SynthConfig] = None, *, input_shape=None, output=None, preview=None,
+               force: bool = False, **overrides) -> SyntheticSet:
+    """Synthesize calibration images for ``model`` (a path, a loaded model or its torch twin)
+    as ``config`` (or keyword overrides) says (``dsgonnx synthesize``).
+
+    ``output``: also write the set to this ``.npz``; ``preview``: also write a PNG grid of the
+    images. Both are checked before any work and written atomically; an existing file needs
+    ``force``.
+    """
+    from .graph.onnx_io import load_model
+    from .synth import synthesize as run_synthesis
+    from .synth.preview import save_grid
+
+    config = replace(config or SynthConfig(), **overrides)
+    for path, suffix in ((output, ".npz"), (preview, ".png")):
+        if path is None:
+            continue
+        path = Path(path)
+        if path.suffix.lower() != suffix:
+            raise DataError(f"`{'output' if suffix == '.npz' else 'preview'}` must be a {suffix} file, got {path.name!r}")
+        check_output_folder(path)
+        if path.exists() and not force:
+            raise DataError(f"{path} exists; set `force` to overwrite it")
+    if isinstance(model, (str, os.PathLike)):
+        model = load_model(model, input_shape)
+    result = run_synthesis(model, config)
+    if output is not None:
+        result.save(output)
+    if preview is not None:
+        save_grid(result.images, preview, config.preprocess)
+    return result

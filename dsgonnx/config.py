@@ -1,0 +1,488 @@
+"""Every setting of dsgonnx: typed, frozen, validated, and free of any stage.
+
+This module imports neither torch, onnx nor onnxruntime, and none of dsgonnx's stages
+(``graph``, ``synth``, ``quant``, ``refine``, ``validate``): the command line builds its
+choices and defaults from it without loading them, and a test checks that it stays so.
+
+Choices are ``str`` enums, so ``SynthConfig(method="dsg")`` and
+``SynthConfig(method=SynthMethod.DSG)`` are the same value. Settings that depend on the
+device (synthesis iterations, the low-resolution schedule, refinement iterations) are
+``None`` by default and resolved in exactly one place, :func:`device_defaults`, by the
+stage that knows the device — the Python API and the CLI therefore get the same defaults.
+
+Errors name the parameters as written here, in backquotes (```num_samples```); the
+command line turns them into its flags (``--num-samples``).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import os
+from dataclasses import asdict, dataclass, field, fields, replace
+from enum import Enum
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, Mapping, Optional, Union
+
+from .errors import DataError
+from .inputs import parse_input_shape
+from .preprocess import Preprocess
+
+
+class Choice(str, Enum):
+    """A named choice that compares, prints and serialises as its string value."""
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+    @classmethod
+    def values(cls) -> tuple[str, ...]:
+        return tuple(member.value for member in cls)
+
+    @classmethod
+    def parse(cls, value, param: str):
+        """``value`` (a member or its string) as a member, or DataError naming ``param``."""
+        try:
+            return cls(str(value).lower() if isinstance(value, str) else value)
+        except ValueError:
+            raise DataError(f"unknown `{param}` {value!r}; choose from {', '.join(cls.values())}") from None
+
+
+class SynthMethod(Choice):
+    GAUSSIAN = "gaussian"  # N(0,1) inputs, no optimisation
+    ZEROQ = "zeroq"  # per-sample BN statistics matching + input prior
+    DSG = "dsg"  # slack alignment + layerwise enhancement + sample correlation inhibition
+
+
+class Device(Choice):
+    AUTO = "auto"  # CUDA when torch sees a usable GPU, else the CPU
+    CPU = "cpu"
+    CUDA = "cuda"
+
+
+class SlackReading(Choice):
+    """Readings of the DSG margins (see :mod:`dsgonnx.synth.margins`)."""
+
+    LAYER_UPPER = "layer-upper"
+    LAYER_LOWER = "layer-lower"
+    SAMPLE_UPPER = "sample-upper"
+    SAMPLE_LOWER = "sample-lower"
+    CHANNEL_UPPER = "channel-upper"
+    CHANNEL_LOWER = "channel-lower"
+
+
+class Calibrator(Choice):
+    MINMAX = "minmax"
+    PERCENTILE = "percentile"
+    ENTROPY = "entropy"
+    MSE = "mse"  # least expected squared error on ORT's histograms
+
+
+class Target(Choice):
+    CPU = "cpu"  # uint8 activations, int8 per-channel weights
+    GPU = "gpu"  # symmetric int8 (and 4/16/simulated bits)
+    TRT = "trt"  # symmetric int8 only
+
+
+class LogitsPolicy(Choice):
+    EXCLUDE = "exclude"  # the whole classifier layer stays float (default, measured)
+    FLOAT = "float"  # its weights and input are quantized, the logits are not
+    QUANTIZE = "quantize"
+
+
+class RefineMethod(Choice):
+    ADAROUND = "adaround"  # layer by layer
+    BRECQ = "brecq"  # blocks between residual joins, with QDrop
+
+
+class Provider(Choice):
+    AUTO = "auto"  # CUDA when a session really runs on it, else the CPU
+    CUDA = "cuda"
+    CPU = "cpu"
+
+
+SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
+NATIVE_BITS = (4, 8, 16)  # ORT has integer types for these; the others are simulated
+DEFAULT_SLACK_READING = SlackReading.LAYER_LOWER
+
+
+# --- device-dependent defaults: the one place -------------------------------------------
+
+@dataclass(frozen=True)
+class DeviceDefaults:
+    """What ``None`` means for the device-dependent settings.
+
+    CPU: 100 synthesis iterations, the first 75 at 128 px for inputs of 160 px and more (a
+    224-px EfficientNet-Lite0 iteration costs ~8x a 128-px one on 2 cores; README "CPU
+    defaults"); 500 refinement iterations per unit (README "Reconstruction"). CUDA: the
+    papers' 500 full-size synthesis iterations and 2000 refinement iterations.
+    """
+
+    synth_iters: int
+    low_res: Optional[int]  # applies to inputs of at least LOW_RES_FROM pixels
+    refine_iters: int
+
+
+LOW_RES_FROM = 160
+_DEFAULTS = {
+    "cpu": DeviceDefaults(synth_iters=100, low_res=128, refine_iters=500),
+    "cuda": DeviceDefaults(synth_iters=500, low_res=None, refine_iters=2000),
+}
+
+
+def device_defaults(device_type: str) -> DeviceDefaults:
+    """The defaults for a resolved torch device type (``"cpu"`` or ``"cuda"``)."""
+    return _DEFAULTS["cuda" if device_type == "cuda" else "cpu"]
+
+
+# --- validation helpers --------------------------------------------------------------------
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise DataError(message)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _plain(value):
+    """JSON-ready form of a config field value."""
+    if isinstance(value, Choice):
+        return value.value
+    if isinstance(value, Preprocess):
+        return value.to_dict()
+    if isinstance(value, (SynthOptions, RefineConfig)):
+        return value.to_dict()
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, (tuple, list, frozenset)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
+def _to_dict(config) -> dict:
+    return {f.name: _plain(getattr(config, f.name)) for f in fields(config)}
+
+
+def check_bits(wbits: int, abits: int, target) -> None:
+    """Reject bit widths dsgonnx cannot produce on ``target`` (DataError)."""
+    target = Target.parse(target, "target")
+    for name, what, bits in (("wbits", "weight", wbits), ("abits", "activation", abits)):
+        _require(_is_int(bits) and bits in SUPPORTED_BITS,
+                 f"unsupported {what} bit width {bits!r} (`{name}`); dsgonnx supports "
+                 f"{', '.join(map(str, SUPPORTED_BITS))}")
+        _require(target != Target.TRT or bits == 8,
+                 f"target trt (TensorRT) runs symmetric int8 only; {what} bits {bits} (`{name}`) cannot run there")
+
+
+def check_thresholds(max_drop, min_agreement) -> None:
+    """The accuracy gate's thresholds, when given, must be evaluable."""
+    _require(max_drop is None or (_is_number(max_drop) and max_drop >= 0),
+             f"`max_drop` must be a number of percentage points >= 0, got {max_drop!r}")
+    _require(min_agreement is None or (_is_number(min_agreement) and 0 <= min_agreement <= 1),
+             f"`min_agreement` must be a fraction between 0 and 1, got {min_agreement!r}")
+
+
+# --- synthesis -------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SynthOptions:
+    """How a synthesis method runs (the knobs beyond method, count, iterations and seed).
+
+    ``low_res``: optimise at ``low_res``² pixels for ``low_res_share`` of the iterations,
+    then at full size; ``None`` = the device's default (:func:`device_defaults`, only when
+    ``iters`` is by device too), ``0`` = never.
+    """
+
+    lr: float = 0.1
+    batch_size: Optional[int] = None  # None: all samples in one batch up to a memory-based cap
+    epsilon: float = 0.9
+    slack_reading: SlackReading = DEFAULT_SLACK_READING
+    slack: bool = True
+    lse: bool = True
+    sci: bool = True
+    input_prior: bool = True
+    ce_weight: float = 0.0  # cross-entropy to random labels (authors' code: 2)
+    tv_weight: float = 0.0  # total-variation smoothness prior
+    l2_weight: float = 0.0  # image L2 norm prior
+    patience: int = 100  # ReduceLROnPlateau patience in iterations (ZeroQ: 100)
+    low_res: Optional[int] = None
+    low_res_share: float = 0.75
+    amp: bool = False  # bfloat16 autocast on CUDA; statistics stay float32
+    channels_last: Optional[bool] = None  # None: on for CPU
+
+    def __post_init__(self):
+        object.__setattr__(self, "slack_reading", SlackReading.parse(self.slack_reading, "slack_reading"))
+        _require(_is_number(self.lr) and self.lr > 0, f"`lr` must be positive, got {self.lr}")
+        _require(self.batch_size is None or (_is_int(self.batch_size) and self.batch_size >= 1),
+                 f"`batch_size` must be at least 1, got {self.batch_size}")
+        _require(_is_number(self.epsilon) and 0.0 < self.epsilon < 1.0,
+                 f"`epsilon` must be between 0 and 1, got {self.epsilon}")
+        _require(self.low_res is None or (_is_int(self.low_res) and (self.low_res == 0 or self.low_res >= 8)),
+                 f"`low_res` must be 0 (off) or at least 8 pixels, got {self.low_res}")
+        _require(_is_number(self.low_res_share) and 0.0 <= self.low_res_share < 1.0,
+                 f"`low_res_share` must be in [0, 1), got {self.low_res_share}")
+        _require(_is_int(self.patience) and self.patience >= 1, f"`patience` must be at least 1, got {self.patience}")
+        for name in ("ce_weight", "tv_weight", "l2_weight"):
+            _require(_is_number(getattr(self, name)) and getattr(self, name) >= 0, f"`{name}` must not be negative")
+
+    def to_dict(self) -> dict:
+        return _to_dict(self)
+
+
+@dataclass(frozen=True)
+class SynthConfig(SynthOptions):
+    """How to make calibration images (``dsgonnx.synthesize``, ``dsgonnx synthesize``).
+
+    ``method``: ``gaussian`` (N(0,1) inputs, no optimisation), ``zeroq`` (per-sample BN
+    matching + input prior) or ``dsg`` (slack alignment + layerwise enhancement + sample
+    correlation inhibition; ``slack``/``lse``/``sci`` switch each part off for ablations).
+    ``iters=None``: by device (:func:`device_defaults`).
+
+    ``preprocess`` is the model's preprocessing recipe (only its mean, std and pixel scale
+    matter here); when given, images are kept inside the box that real images occupy in
+    the model's input space. Without it the input prior alone (per-channel mean 0, std 1)
+    shapes the input range.
+    """
+
+    method: SynthMethod = SynthMethod.DSG
+    num_samples: int = 64
+    iters: Optional[int] = None
+    seed: int = 0
+    device: Device = Device.AUTO
+    preprocess: Optional[Preprocess] = None
+
+    def __post_init__(self):
+        super().__post_init__()
+        object.__setattr__(self, "method", SynthMethod.parse(self.method, "method"))
+        object.__setattr__(self, "device", Device.parse(self.device, "device"))
+        _require(_is_int(self.num_samples) and self.num_samples >= 1,
+                 f"`num_samples` must be at least 1, got {self.num_samples}")
+        _require(self.iters is None or (_is_int(self.iters) and self.iters >= 0),
+                 f"`iters` must be 0 or more, got {self.iters}")
+
+    @classmethod
+    def from_options(cls, options: SynthOptions, **run) -> "SynthConfig":
+        return cls(**{f.name: getattr(options, f.name) for f in fields(SynthOptions)}, **run)
+
+    def for_device(self, device_type: str, input_size: int) -> "SynthConfig":
+        """This config with ``iters`` and ``low_res`` resolved for the device and input size."""
+        if self.iters is not None:
+            return replace(self, low_res=self.low_res or None)
+        defaults = device_defaults(device_type)
+        low_res = self.low_res
+        if low_res is None:
+            low_res = defaults.low_res if input_size >= LOW_RES_FROM else None
+        return replace(self, iters=defaults.synth_iters, low_res=low_res or None)
+
+
+# --- reconstruction ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RefineConfig:
+    """How to learn the weight rounding (``QuantConfig.refine``).
+
+    ``iters=None``: by device (:func:`device_defaults`); ``drop_prob=None``: 0.5 for brecq
+    (QDrop), 0 for adaround.
+    """
+
+    method: RefineMethod = RefineMethod.BRECQ
+    iters: Optional[int] = None
+    lr: float = 1e-2
+    reg_weight: float = 0.01
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    warmup: float = 0.2
+    batch_size: int = 32
+    drop_prob: Optional[float] = None
+    block_layers: int = 4
+    scale_search: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "method", RefineMethod.parse(self.method, "refine"))
+        _require(self.iters is None or (_is_int(self.iters) and self.iters >= 0),
+                 f"`refine.iters` must not be negative, got {self.iters}")
+        _require(_is_number(self.lr) and self.lr > 0, f"`refine.lr` must be positive, got {self.lr}")
+        _require(_is_number(self.reg_weight) and self.reg_weight >= 0,
+                 f"`refine.reg_weight` must not be negative, got {self.reg_weight}")
+        _require(_is_int(self.batch_size) and self.batch_size >= 1,
+                 f"`refine.batch_size` must be at least 1, got {self.batch_size}")
+        _require(_is_int(self.block_layers) and self.block_layers >= 1,
+                 f"`refine.block_layers` must be at least 1, got {self.block_layers}")
+        _require(_is_number(self.warmup) and 0 <= self.warmup < 1,
+                 f"`refine.warmup` is a fraction of the iterations in [0, 1), got {self.warmup}")
+        _require(self.drop_prob is None or (_is_number(self.drop_prob) and 0 <= self.drop_prob < 1),
+                 f"refine drop probability `refine.drop_prob` must be in [0, 1), got {self.drop_prob}")
+
+    @property
+    def dropping(self) -> float:
+        if self.drop_prob is not None:
+            return self.drop_prob
+        return 0.5 if self.method == RefineMethod.BRECQ else 0.0
+
+    def for_device(self, device_type: str) -> "RefineConfig":
+        """This config with ``iters`` and ``drop_prob`` resolved."""
+        iters = self.iters if self.iters is not None else device_defaults(device_type).refine_iters
+        return replace(self, iters=iters, drop_prob=self.dropping)
+
+    def to_dict(self) -> dict:
+        return _to_dict(self) | {"drop_prob": self.dropping}
+
+
+# --- validation ---------------------------------------------------------------------------------
+
+DEFAULT_BATCH_SIZE = 32
+
+
+@dataclass(frozen=True)
+class ValidateConfig:
+    """Everything ``validate()`` needs besides the two models.
+
+    data:          image folder (class sub-folders = labelled, flat = unlabelled) or .npz;
+                   None when images are passed to ``validate()`` in memory.
+    preprocess:    recipe for image files (None: the ``imagenet`` preset); unused for arrays.
+    class_list:    text file of the model's class names in output order, to label a folder
+                   that holds a subset of the classes (default: class folders must match
+                   the model's classes one to one, label = sorted position).
+    provider:      auto | cuda | cpu.
+    batch_size:    samples per call (models with a fixed batch size use theirs).
+    max_drop:      gate threshold in top-1 percentage points (needs labels).
+    min_agreement: gate threshold on top-1 agreement, fraction 0–1.
+    report_path:   where to write the JSON report (atomically), or None.
+    extra:         additional top-level report fields (quantize adds bits, simulated,
+                   calibration); they may not replace standard keys.
+    exclude_files: image files of an image folder to leave out (quantize passes the
+                   files it calibrated on, so they are never scored).
+    """
+
+    data: Optional[str] = None
+    preprocess: Optional[Preprocess] = None
+    class_list: Optional[str] = None
+    provider: Provider = Provider.AUTO
+    batch_size: int = DEFAULT_BATCH_SIZE
+    max_drop: Optional[float] = None
+    min_agreement: Optional[float] = None
+    report_path: Optional[str] = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    exclude_files: frozenset = frozenset()
+
+    def __post_init__(self):
+        object.__setattr__(self, "provider", Provider.parse(self.provider, "provider"))
+        if self.data is not None:
+            object.__setattr__(self, "data", os.fspath(self.data))
+        _require(_is_int(self.batch_size) and self.batch_size >= 1,
+                 f"`batch_size` must be a whole number >= 1, got {self.batch_size!r}")
+        check_thresholds(self.max_drop, self.min_agreement)
+        object.__setattr__(self, "extra", MappingProxyType(dict(self.extra)))
+
+
+# --- quantization ------------------------------------------------------------------------------
+
+Calibration = Union[SynthMethod, Path, Any]  # a method, a path, an array or a SyntheticSet
+
+
+def _calibration_source(calib):
+    """A synthesis method (member), a path (Path), or an in-memory array / SyntheticSet as given."""
+    if isinstance(calib, SynthMethod):
+        return calib
+    if isinstance(calib, str):
+        return SynthMethod(calib.lower()) if calib.lower() in SynthMethod.values() else Path(calib)
+    if isinstance(calib, os.PathLike):
+        return Path(calib)
+    if hasattr(calib, "images") or hasattr(calib, "shape"):  # SyntheticSet or numpy array
+        return calib
+    raise DataError(f"`calib` must be {', '.join(SynthMethod.values())}, an image folder, an .npz file, "
+                    f"an array or a SyntheticSet; got {type(calib).__name__}")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """What to quantize to, calibrated on what, and how to check it (``dsgonnx.quantize``).
+
+    ``calib``: a synthesis method (``dsg``, ``zeroq``, ``gaussian``), a path to real images
+    (an image folder or an ``.npz`` with ``images``), a float32 NCHW array in the model's
+    input space, or a :class:`~dsgonnx.SyntheticSet`. ``synth`` tunes the synthesis
+    (:class:`SynthOptions`); ``iters=None`` is by device. ``refine``: a
+    :class:`RefineConfig` (or just its method, ``"brecq"``) to learn the weight rounding.
+    """
+
+    wbits: int = 8
+    abits: int = 8
+    calib: Calibration = SynthMethod.DSG
+    num_samples: int = 64
+    iters: Optional[int] = None
+    calibrator: Calibrator = Calibrator.MINMAX
+    target: Target = Target.CPU
+    per_channel: bool = True
+    exclude: tuple[str, ...] = ()
+    logits: LogitsPolicy = LogitsPolicy.EXCLUDE
+    reduce_range: Optional[bool] = None  # None: decided from the CPU for the cpu target
+    seed: int = 0
+    device: Device = Device.AUTO
+    preprocess: Optional[Preprocess] = None
+    input_shape: Optional[tuple[int, int, int, int]] = None
+    output: Optional[str] = None
+    force: bool = False
+    validate: bool = True
+    val_data: Optional[str] = None
+    holdout: int = 16  # extra synthetic samples for validation without val_data
+    max_drop: Optional[float] = None
+    min_agreement: Optional[float] = None
+    report: Optional[str] = None
+    provider: Provider = Provider.AUTO
+    synth: SynthOptions = SynthOptions()
+    refine: Optional[RefineConfig] = None
+
+    def __post_init__(self):
+        check_bits(self.wbits, self.abits, self.target)
+        object.__setattr__(self, "calib", _calibration_source(self.calib))
+        for name, kind in (("calibrator", Calibrator), ("target", Target), ("logits", LogitsPolicy),
+                           ("device", Device), ("provider", Provider)):
+            object.__setattr__(self, name, kind.parse(getattr(self, name), name))
+        object.__setattr__(self, "exclude", (self.exclude,) if isinstance(self.exclude, str) else tuple(self.exclude))
+        if self.input_shape is not None:
+            object.__setattr__(self, "input_shape", parse_input_shape("x".join(map(str, self.input_shape))
+                                                                      if not isinstance(self.input_shape, str)
+                                                                      else self.input_shape))
+        if isinstance(self.refine, (str, RefineMethod)):
+            object.__setattr__(self, "refine", RefineConfig(method=self.refine))
+        _require(self.refine is None or isinstance(self.refine, RefineConfig),
+                 f"`refine` must be a RefineConfig or a method name, got {type(self.refine).__name__}")
+        _require(isinstance(self.synth, SynthOptions),
+                 f"`synth` must be a SynthOptions, got {type(self.synth).__name__}")
+        _require(_is_int(self.num_samples) and self.num_samples >= 1,
+                 f"`num_samples` must be at least 1, got {self.num_samples}")
+        _require(self.iters is None or (_is_int(self.iters) and self.iters >= 0),
+                 f"`iters` must be 0 or more, got {self.iters}")
+        _require(_is_int(self.holdout) and self.holdout >= 0, f"`holdout` must not be negative, got {self.holdout}")
+        check_thresholds(self.max_drop, self.min_agreement)
+
+    @property
+    def synthetic(self) -> bool:
+        return isinstance(self.calib, SynthMethod)
+
+    def synth_config(self, num_samples: int) -> SynthConfig:
+        """The synthesis run this config asks for (``num_samples`` includes held-out samples)."""
+        return SynthConfig.from_options(self.synth, method=self.calib, num_samples=num_samples, iters=self.iters,
+                                        seed=self.seed, device=self.device, preprocess=self.preprocess)
+
+    def to_dict(self) -> dict:
+        data = _to_dict(self)
+        if not isinstance(self.calib, (SynthMethod, Path)):
+            data["calib"] = type(self.calib).__name__
+        return data
+
+
+__all__ = [
+    "Calibrator", "Choice", "DEFAULT_BATCH_SIZE", "Device", "DeviceDefaults", "LogitsPolicy", "NATIVE_BITS",
+    "Provider", "QuantConfig", "RefineConfig", "RefineMethod", "SUPPORTED_BITS", "SlackReading", "SynthConfig",
+    "SynthMethod", "SynthOptions", "Target", "ValidateConfig", "check_bits", "check_thresholds", "device_defaults",
+]

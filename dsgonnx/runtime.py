@@ -1,0 +1,60 @@
+"""ONNX Runtime, set up once: every session dsgonnx creates, and ORT's quantization tools
+kept quiet (imports onnxruntime, never torch).
+
+* :func:`ort_session` is the one place a session is created — validation, the torch
+  parity check, calibration checks and quantize's final check all go through it.
+* :func:`quiet_ort` keeps ``onnxruntime.quantization`` off the user's terminal. Those tools
+  ``print()`` progress to stdout (which may carry our JSON) and warn through the root
+  logger. Their log records are dropped by a filter that matches only records from
+  onnxruntime's own files (not a global switch-off of logging, which would silence every library in
+  every thread); their ``print()`` output has no switch, so stdout is redirected for the
+  duration of the call — the one process-wide effect left, limited to these calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+
+
+def ort_session(path, providers=(CPU,)):
+    """An ``onnxruntime.InferenceSession`` for ``path``: errors only in ORT's log (its
+    per-node placement warnings are noise here); a model ORT cannot load is a one-line
+    :class:`~dsgonnx.errors.ModelLoadError`."""
+    import onnxruntime as ort
+
+    from .errors import ModelLoadError
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        return ort.InferenceSession(os.fspath(path), options, providers=list(providers))
+    except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
+        raise ModelLoadError(f"cannot load ONNX model {path}: {one_line(exc)}") from None
+
+
+def one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+class _FromOnnxRuntime(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return f"{os.sep}onnxruntime{os.sep}" not in record.pathname
+
+
+@contextlib.contextmanager
+def quiet_ort():
+    """Run ``onnxruntime.quantization`` calls without their prints and log records."""
+    root = logging.getLogger()
+    drop = _FromOnnxRuntime()
+    root.addFilter(drop)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        root.removeFilter(drop)
