@@ -29,16 +29,30 @@ SOURCES = {
     "dsg-nosci": {"method": "dsg", "sci": False},
     "dsg": {"method": "dsg"},
 }
-# "<source>+refine": the same calibration images, then reconstruction PTQ (quantize --refine)
-REFINED = {f"{name}+refine": name for name in SOURCES}
+# "<source>+<variant>[+<variant>]": the same calibration images, quantized with other settings
+VARIANTS = {
+    "refine": {},  # reconstruction PTQ (quantize --refine; settings from ``refine=``)
+    "nobc": {"bias_correction": "off"},  # no bias correction (the default before it)
+    "cle": {"cle": True},  # cross-layer equalization
+    "mixed": {"mixed": True},  # the most sensitive 5 % of the weights at 8 bits (simulated widths only)
+}
+
+
+def parse_row(row: str) -> tuple[str, list[str]]:
+    base, *variants = row.split("+")
+    if base not in SOURCES or any(v not in VARIANTS for v in variants):
+        raise SystemExit(f"unknown row {row!r}: sources {', '.join(SOURCES)}, variants +{', +'.join(VARIANTS)}")
+    return base, variants
 
 
 def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), seeds=(0,), num_samples=100,
               iters=500, synth=None, calibrator="minmax", logits="exclude", device="auto", max_eval=None,
               refine=None, log=sys.stderr) -> dict:
-    """Quantize ``model`` for every (source, seed, bits) and score it on ``data``.
+    """Quantize ``model`` for every (row, seed, bits) and score it on ``data``.
 
-    ``refine``: {"method": "brecq", **RefineConfig fields} for the ``<source>+refine`` rows."""
+    A row is a calibration source with optional variants (``dsg+mixed``); rows of one source
+    share its images (made once per seed). The held-out images are decoded once.
+    ``refine``: {"method": "brecq", **RefineConfig fields} for the ``+refine`` rows."""
     import numpy as np
     import torch
 
@@ -47,6 +61,7 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
     from dsgonnx.graph.onnx_io import load_model
     from dsgonnx.graph.to_torch import resolve_device
     from dsgonnx.preprocess import scan_image_folder
+    from dsgonnx.validation.data import open_dataset
 
     loaded = load_model(model)
     folder = scan_image_folder(data)
@@ -57,58 +72,69 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
         rest = [f for f in folder.files if f not in calib_files]
         keep = set(rest[:: max(1, len(rest) // max_eval)][:max_eval])
         excluded |= set(rest) - keep
+    held = open_dataset(loaded.input, data, recipe, exclude_files=frozenset(excluded))
+    held_images, held_labels = held.batch(0, held.size), held.labels
     results = {"model": str(model), "bits": list(bits), "seeds": list(seeds), "num_samples": num_samples,
                "iters": iters, "synth": synth or {}, "calibrator": calibrator, "logits": logits,
                "device": str(resolve_device(device)), "rows": {}}
+    made: dict = {}  # (source, seed) -> (calibration, synthesis seconds, s/iter, similarity)
     with tempfile.TemporaryDirectory() as scratch:
-        for source in sources:
+        for row in sources:
+            base, variants = parse_row(row)
             runs = {b: [] for b in bits}
             seconds, per_iter, similarity, refine_seconds = [], [], [], []
-            base = REFINED.get(source, source)
-            refine_settings = dict(refine or {"method": "brecq"}) if source in REFINED else {}
+            refine_settings = dict(refine or {"method": "brecq"}) if "refine" in variants else {}
             refine_method = refine_settings.pop("method", None)
+            settings = {k: v for variant in variants for k, v in VARIANTS[variant].items()}
             for seed in (seeds if base != "real" else (0,)):
-                if base == "real":
-                    calib = data
-                else:
-                    settings = dict(SOURCES[base], num_samples=num_samples, iters=iters, seed=seed, device=device,
-                                    preprocess=recipe, **(synth or {}))
-                    start = time.perf_counter()
-                    synthetic = synthesize(loaded, SynthConfig(**settings))
-                    seconds.append(time.perf_counter() - start)
-                    if synthetic.meta["seconds_per_iter"]:
-                        per_iter.append(synthetic.meta["seconds_per_iter"])
-                    if synthetic.meta["diversity"].get("sample_similarity") is not None:
-                        similarity.append(synthetic.meta["diversity"]["sample_similarity"])
-                    calib = synthetic
+                if (base, seed) not in made:
+                    if base == "real":
+                        made[(base, seed)] = (data, None, None, None)
+                    else:
+                        start = time.perf_counter()
+                        synthetic = synthesize(loaded, SynthConfig(**dict(
+                            SOURCES[base], num_samples=num_samples, iters=iters, seed=seed, device=device,
+                            preprocess=recipe, **(synth or {}))))
+                        made[(base, seed)] = (synthetic, time.perf_counter() - start, synthetic.meta["seconds_per_iter"],
+                                              synthetic.meta["diversity"].get("sample_similarity"))
+                calib, took, iter_s, similar = made[(base, seed)]
+                seconds += [took] if took is not None else []
+                per_iter += [iter_s] if iter_s else []
+                similarity += [similar] if similar is not None else []
                 for b in bits:
-                    out = Path(scratch) / f"{source}-{seed}-w{b}a{b}.onnx"
+                    if "mixed" in variants and b in (4, 8, 16):
+                        continue  # mixed precision keeps tensors at 8 bits among simulated widths
+                    out = Path(scratch) / f"{row}-{seed}-w{b}a{b}.onnx"
                     done = quantize(loaded, QuantConfig(
                         wbits=b, abits=b, calib=calib, num_samples=num_samples, calibrator=calibrator, logits=logits,
                         preprocess=recipe, output=str(out), force=True, validate=False, device=device,
-                        seed=seed, refine=RefineConfig(method=refine_method, **refine_settings) if refine_method else None))
+                        seed=seed, refine=RefineConfig(method=refine_method, **refine_settings) if refine_method else None,
+                        **settings))
                     if done.refine:
                         refine_seconds.append(done.refine["seconds"])
-                    report = validate(model, str(out), ValidateConfig(
-                        data=data, preprocess=recipe, exclude_files=frozenset(excluded))).to_dict()
+                    report = validate(model, str(out), ValidateConfig(), images=held_images,
+                                      labels=held_labels).to_dict()
                     results["fp32"] = {"top1": report["fp32"]["top1"], "top5": report["fp32"]["top5"]}
                     results["eval_images"] = report["num_samples"]
                     results["providers"] = report["providers"]["quantized"]
                     runs[b].append((report["quantized"]["top1"], report["quantized"]["top5"]))
-                    print(f"{Path(model).name} {source} seed {seed} W{b}A{b}: top-1 {report['quantized']['top1']:.2f}% "
+                    if "mixed" in done.decisions:
+                        results.setdefault("mixed", {})[f"{row} W{b}A{b}"] = done.decisions["mixed"]["weight_share_8bit"]
+                    print(f"{Path(model).name} {row} seed {seed} W{b}A{b}: top-1 {report['quantized']['top1']:.2f}% "
                           f"(fp32 {report['fp32']['top1']:.2f}%, {report['num_samples']} images)", file=log, flush=True)
-            results["rows"][source] = {
+            runs = {b: v for b, v in runs.items() if v}
+            results["rows"][row] = {
                 "top1": {str(b): [round(float(np.mean([r[0] for r in v])), 2), round(float(np.std([r[0] for r in v])), 2)]
                          for b, v in runs.items()},
                 "top5": {str(b): round(float(np.mean([r[1] for r in v])), 2) for b, v in runs.items()},
-                "runs": len(next(iter(runs.values()))),
+                "runs": len(next(iter(runs.values()))) if runs else 0,
                 "synthesis_seconds": round(float(np.mean(seconds)), 1) if seconds else None,
                 "seconds_per_iter": round(float(np.mean(per_iter)), 4) if per_iter else None,
                 "sample_similarity": round(float(np.mean(similarity)), 5) if similarity else None,
             }
             if refine_method:
-                results["rows"][source].update(refine=dict(refine_settings, method=refine_method),
-                                               refine_seconds=round(float(np.mean(refine_seconds)), 1))
+                results["rows"][row].update(refine=dict(refine_settings, method=refine_method),
+                                            refine_seconds=round(float(np.mean(refine_seconds)), 1))
     results["torch"] = torch.__version__
     return results
 

@@ -29,7 +29,7 @@ ROOT = HERE.parent
 SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(HERE))
 
-from quant_table import REFINED, SOURCES, markdown, run_table  # noqa: E402
+from quant_table import SOURCES, VARIANTS, markdown, parse_row, run_table  # noqa: E402
 
 # name -> model path, data, preprocessing (preset, overrides), input size class
 MANIFEST = {
@@ -76,7 +76,8 @@ def _merged(previous, results: dict) -> dict:
                    wall_seconds=previous.get("wall_seconds", 0) + results.get("wall_seconds", 0),
                    commands=list(dict.fromkeys(previous.get("commands", []) + results.get("commands", []))),
                    bits=sorted(set(previous["bits"]) | set(results["bits"]), reverse=True))
-    results["rows"] = {s: rows[s] for s in [*SOURCES, *REFINED] if s in rows}
+    order = {row: (list(SOURCES).index(parse_row(row)[0]), len(parse_row(row)[1])) for row in rows}
+    results["rows"] = {row: rows[row] for row in sorted(rows, key=lambda row: order[row])}
     return results
 
 
@@ -121,7 +122,8 @@ def main(argv=None) -> int:
     parser.add_argument("--models", default=",".join(MANIFEST))
     parser.add_argument("--bits", default="8,6,4")
     parser.add_argument("--sources", default=",".join(SOURCES),
-                        help=f"rows to run: {', '.join(SOURCES)}, or any of them with +refine (reconstruction PTQ)")
+                        help=f"rows to run: {', '.join(SOURCES)}, each optionally with variants "
+                             f"+{', +'.join(VARIANTS)} (e.g. dsg+mixed)")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--num-samples", type=int, default=100)
     parser.add_argument("--device", default="auto")
@@ -175,8 +177,11 @@ def main(argv=None) -> int:
         f"{args.num_samples} labelled images spread evenly over the data set (every k-th file), "
         "left out of the evaluation; `gaussian` = N(0,1) noise; `zeroq`, `dsg-nosci`, `dsg` = "
         "synthetic images (dsgonnx synthesize) in the model's pixel range. Top-1 on the held-out "
-        "images, change vs FP32 in points; several seeds give mean ± std. `<source>+refine` rows use the "
-        "same calibration images, then reconstruction PTQ (`dsgonnx quantize --refine`). Runs made side by side "
+        "images, change vs FP32 in points; several seeds give mean ± std. Rows `<source>+<variant>` use the "
+        "same calibration images with other settings: `+refine` reconstruction PTQ (`dsgonnx quantize "
+        "--refine`), `+nobc` without bias correction (`--bias-correction off`; the default is `auto` since "
+        "it was measured), `+cle` cross-layer equalization (`--cle`), `+mixed` the most sensitive tensors at "
+        "8 bits (`--mixed auto`, 5 % of the weight values). Runs made side by side "
         "with `--out` elsewhere are combined with `--merge`; where runs shared the CPU, seconds are indicative.",
         "",
     ]

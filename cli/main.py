@@ -26,6 +26,7 @@ from dsgonnx import DsgonnxError
 
 # name -> (module under dsgonnx_cli.commands, attribute, one-line help shown by --help)
 _COMMANDS = {
+    "analyze": ("analyze", "analyze_cmd", "Per-tensor sensitivity: which quantized tensors cost the accuracy."),
     "inspect": ("inspect", "inspect_cmd", "Show a model's input, BN layers and torch parity."),
     "quantize": ("quantize", "quantize_cmd", "Quantize a model to QDQ ONNX, calibrated on synthetic or real data."),
     "synthesize": ("synthesize", "synthesize_cmd", "Synthesize calibration images from BN statistics (DSG, ZeroQ, noise)."),
@@ -117,6 +118,7 @@ def cli():
     """Data-free quantization for ONNX image classifiers (Diverse Sample Generation)."""
     logger = logging.getLogger("dsgonnx")
     logger.setLevel(logging.INFO)  # --quiet raises it for this run
+    logger.propagate = False  # a library that configures the root logger must not print our lines twice
     if _HANDLER not in logger.handlers:
         logger.addHandler(_HANDLER)
 

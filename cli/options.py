@@ -21,6 +21,7 @@ CIFAR-size models take their 32x32 images as they are: --resize 32 --crop 32.
 """
 
 _RECIPE_KEYS = ("resize", "crop", "mean", "std", "channel_order", "pixel_scale")
+RECIPE_PARAMS = ("preset", *_RECIPE_KEYS)  # the click parameters preprocess_options adds
 
 
 def choice(enum) -> click.Choice:

@@ -8,6 +8,7 @@ the configuration (:mod:`dsgonnx.config`) never does::
     dsgonnx.synthesize(model, SynthConfig(...))   -> SyntheticSet  (dsgonnx synthesize)
     dsgonnx.quantize(model, QuantConfig(...))     -> QuantResult   (dsgonnx quantize)
     dsgonnx.validate(fp, q, ValidateConfig(...))  -> ValidationReport (dsgonnx validate)
+    dsgonnx.analyze(model, QuantConfig(...))      -> AnalysisReport (dsgonnx analyze)
 
 Progress goes to the ``dsgonnx`` logger (INFO); errors are :class:`DsgonnxError`
 subclasses whose messages name the parameters in backquotes.
@@ -22,7 +23,7 @@ __version__ = "0.1.0"
 
 logging.getLogger("dsgonnx").addHandler(logging.NullHandler())
 
-_CONFIG = ("Calibrator", "Device", "DeviceDefaults", "LogitsPolicy", "Provider", "QuantConfig", "RefineConfig",
+_CONFIG = ("BiasCorrection", "Calibrator", "Device", "DeviceDefaults", "LogitsPolicy", "Provider", "QuantConfig", "RefineConfig",
            "RefineMethod", "SUPPORTED_BITS", "SlackReading", "SynthConfig", "SynthMethod", "SynthOptions", "Target",
            "ValidateConfig", "DEFAULT_BATCH_SIZE", "device_defaults")
 _EXPORTS = {
@@ -30,6 +31,8 @@ _EXPORTS = {
     "inspect": "dsgonnx.api",
     "synthesize": "dsgonnx.api",
     "format_inspection": "dsgonnx.inspection",
+    "analyze": "dsgonnx.sensitivity",
+    "AnalysisReport": "dsgonnx.sensitivity",
     "quantize": "dsgonnx.pipeline",
     "QuantResult": "dsgonnx.pipeline",
     "validate": "dsgonnx.validation",

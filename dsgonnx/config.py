@@ -91,6 +91,15 @@ class LogitsPolicy(Choice):
     QUANTIZE = "quantize"
 
 
+class BiasCorrection(Choice):
+    """Where bias correction takes E[x] of each layer's input (:mod:`dsgonnx.quant.correct`)."""
+
+    AUTO = "auto"  # analytic where BN statistics reach the layer, empirical elsewhere
+    ANALYTIC = "analytic"  # from the BN statistics only (no data); other layers uncorrected
+    EMPIRICAL = "empirical"  # per-channel means over the calibration images
+    OFF = "off"
+
+
 class RefineMethod(Choice):
     ADAROUND = "adaround"  # layer by layer
     BRECQ = "brecq"  # blocks between residual joins, with QDrop
@@ -424,6 +433,10 @@ class QuantConfig:
     per_channel: bool = True
     exclude: tuple[str, ...] = ()
     logits: LogitsPolicy = LogitsPolicy.EXCLUDE
+    bias_correction: BiasCorrection = BiasCorrection.AUTO
+    cle: bool = False  # cross-layer equalization before calibration (measured: hurts with per-channel weights)
+    mixed: bool = False  # keep the most sensitive tensors at 8 bits (simulated widths only)
+    mixed_budget: float = 0.05  # share of the weight values (and of the activation tensors) allowed at 8 bits
     reduce_range: Optional[bool] = None  # None: decided from the CPU for the cpu target
     seed: int = 0
     device: Device = Device.AUTO
@@ -445,6 +458,7 @@ class QuantConfig:
         check_bits(self.wbits, self.abits, self.target)
         object.__setattr__(self, "calib", _calibration_source(self.calib))
         for name, kind in (("calibrator", Calibrator), ("target", Target), ("logits", LogitsPolicy),
+                           ("bias_correction", BiasCorrection),
                            ("device", Device), ("provider", Provider)):
             object.__setattr__(self, name, kind.parse(getattr(self, name), name))
         object.__setattr__(self, "exclude", (self.exclude,) if isinstance(self.exclude, str) else tuple(self.exclude))
@@ -463,6 +477,8 @@ class QuantConfig:
         _require(self.iters is None or (_is_int(self.iters) and self.iters >= 0),
                  f"`iters` must be 0 or more, got {self.iters}")
         _require(_is_int(self.holdout) and self.holdout >= 0, f"`holdout` must not be negative, got {self.holdout}")
+        _require(_is_number(self.mixed_budget) and 0 < self.mixed_budget <= 1,
+                 f"`mixed_budget` is a share of the weights in (0, 1], got {self.mixed_budget!r}")
         check_thresholds(self.max_drop, self.min_agreement)
 
     @property
@@ -482,7 +498,7 @@ class QuantConfig:
 
 
 __all__ = [
-    "Calibrator", "Choice", "DEFAULT_BATCH_SIZE", "Device", "DeviceDefaults", "LogitsPolicy", "NATIVE_BITS",
+    "BiasCorrection", "Calibrator", "Choice", "DEFAULT_BATCH_SIZE", "Device", "DeviceDefaults", "LogitsPolicy", "NATIVE_BITS",
     "Provider", "QuantConfig", "RefineConfig", "RefineMethod", "SUPPORTED_BITS", "SlackReading", "SynthConfig",
     "SynthMethod", "SynthOptions", "Target", "ValidateConfig", "check_bits", "check_thresholds", "device_defaults",
 ]

@@ -20,7 +20,7 @@ import onnx
 from . import __version__
 from .artifacts import check_output_folder
 from .calibration_data import load_real_images
-from .config import QuantConfig, ValidateConfig
+from .config import BiasCorrection, QuantConfig, ValidateConfig
 from .errors import DataError, ModelLoadError, UnsupportedModelError
 from .graph.onnx_io import LoadedModel, load_model
 from .progress import say
@@ -43,6 +43,8 @@ class QuantResult:
     refine: Optional[dict] = None  # dsgonnx.refine report: layers, loss before/after per unit, time
     refined_weights: dict = field(default_factory=dict)  # weight name -> RefinedWeight (learned integers, scales)
     timings: dict[str, float] = field(default_factory=dict)
+    holdout: Optional[np.ndarray] = None  # held-out synthetic samples (never calibrated on)
+    calibration_files: tuple[str, ...] = ()  # image files calibrated on (left out of validation)
 
     def summary(self) -> dict:
         """The JSON summary ``dsgonnx quantize`` prints."""
@@ -126,6 +128,10 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
     with tempfile.TemporaryDirectory(prefix="dsgonnx-quant-") as scratch:
         with stages("pre-process"):
             prepared = pre_process(loaded.path, Path(scratch) / "prepared.onnx")
+        equalized = None
+        if config.cle:
+            with stages("equalize"):
+                prepared, equalized = _equalize(prepared, Path(scratch) / "equalized.onnx")
         with stages("calibrate"):
             ranges = compute_ranges(prepared, ArrayReader(loaded.input.name, calib_images, batch), config.calibrator,
                                     activations)
@@ -134,6 +140,12 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
             with stages("refine"):
                 refined = _refine(prepared, Path(scratch) / "refined.onnx", ranges, weights, activations, calib_images,
                                   holdout, reduce_range, config)
+        keep_8bit, mixed = set(), None
+        if config.mixed:
+            with stages("mixed precision"):
+                keep_8bit, mixed = _choose_mixed(Path(scratch), refined.path if refined else prepared, ranges, weights,
+                                                 activations, reduce_range, refined, calib_images, holdout, batch,
+                                                 loaded, config)
         fd, tmp_name = tempfile.mkstemp(dir=output.parent if str(output.parent) else ".", prefix=f".{output.name}.",
                                         suffix=".tmp.onnx")
         os.close(fd)
@@ -143,9 +155,18 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
                 decisions = quantize_qdq(refined.path if refined else prepared, tmp, ranges, weights, activations,
                                          per_channel=config.per_channel, reduce_range=reduce_range,
                                          exclude=config.exclude, logits=config.logits,
-                                         refined=refined.weights if refined else None)
+                                         refined=refined.weights if refined else None, keep_8bit=keep_8bit)
+            if mixed is not None:
+                decisions["mixed"] = mixed
             if refined:
                 decisions["refine"] = {"method": config.refine.method.value, "layers": len(refined.weights)}
+            if equalized is not None:
+                decisions["cle"] = equalized
+            if config.bias_correction != BiasCorrection.OFF:
+                with stages("bias correction"):
+                    decisions["bias_correction"] = _correct_biases(
+                        tmp, refined.path if refined else prepared, None if config.cle else loaded.model, loaded,
+                        calib_images, batch, config.bias_correction)
             with stages("check"):
                 _finish_model(tmp, loaded, bits, calib_info, decisions, calib_images[:1])
             os.replace(tmp, output)
@@ -154,7 +175,8 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
                 tmp.unlink()
     say(f"quantize: wrote {output}")
     result = QuantResult(output=output, bits=bits, calibration=calib_info, decisions=decisions, timings=stages.timings,
-                         refine=refined.report if refined else None, refined_weights=refined.weights if refined else {})
+                         refine=refined.report if refined else None, refined_weights=refined.weights if refined else {},
+                         holdout=holdout, calibration_files=tuple(calib_files))
     if config.validate:
         with stages("validate"):
             result.report = _validate(loaded, output, config, holdout, calib_files, bits, calib_info, result.refine)
@@ -205,6 +227,47 @@ def _finish_model(path: Path, loaded: LoadedModel, bits: dict, calibration: dict
     outputs = ort_session(path).run(None, {loaded.input.name: sample.astype(np.float32)})
     if not all(np.isfinite(o).all() for o in outputs):
         raise UnsupportedModelError("the quantized model produces NaN/Inf on a calibration image")
+
+
+def _choose_mixed(scratch: Path, float_path: Path, ranges, weights, activations, reduce_range, refined, images,
+                  holdout, batch: int, loaded: LoadedModel, config: QuantConfig):
+    """Probe the uniform model's tensors and pick those that stay at 8 bits (dsgonnx.sensitivity),
+    measured on the held-out synthetic samples when there are some, else the calibration images."""
+    from .sensitivity import choose_8bit
+
+    probe = scratch / "uniform.onnx"
+    quantize_qdq(float_path, probe, ranges, weights, activations, per_channel=config.per_channel,
+                 reduce_range=reduce_range, exclude=config.exclude, logits=config.logits,
+                 refined=refined.weights if refined else None)
+    if config.bias_correction != BiasCorrection.OFF:
+        _correct_biases(probe, float_path, None if config.cle else loaded.model, loaded, images, batch,
+                        config.bias_correction)
+    samples = holdout if holdout is not None and len(holdout) else images
+    return choose_8bit(probe, float_path, loaded.input.name, samples, config.mixed_budget, batch)
+
+
+def _equalize(prepared: Path, out: Path) -> tuple[Path, dict]:
+    """Cross-layer equalization of the BN-folded model (dsgonnx.quant.equalize)."""
+    from .quant.equalize import equalize
+
+    model, report = equalize(onnx.load(str(prepared)))
+    onnx.save(model, str(out))
+    say(f"equalize: {report['pairs']} layer pairs, {report['sweeps']} sweeps"
+        f"{'' if report['converged'] else ' (not converged)'}, {report['relu6_bounded']} ReLU6 bounds per channel")
+    return out, report
+
+
+def _correct_biases(qdq_path: Path, float_path: Path, original: Optional[onnx.ModelProto], loaded: LoadedModel, images,
+                    batch: int, mode) -> dict:
+    """Subtract each quantized layer's expected output shift (dsgonnx.quant.correct). ``original``
+    (the model with BN) gives the analytic means; None after equalization, which rescales the
+    channels the BN statistics describe (every mean is then measured)."""
+    from .quant.correct import correct_biases, correctable_layers, input_means
+
+    layers = correctable_layers(onnx.load(str(qdq_path)))
+    means, sources = input_means(mode, original, float_path, layers, loaded.input.name, images, batch)
+    report = correct_biases(qdq_path, onnx.load(str(float_path)), means)
+    return {"mode": mode.value, **report, "means": sources}
 
 
 def _refine(prepared: Path, out: Path, ranges, weights, activations, images, holdout, reduce_range, config: QuantConfig):

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from dsgonnx import (Calibrator, DataError, LogitsPolicy, QuantConfig, RefineConfig, RefineMethod, SlackReading,
+from dsgonnx import (BiasCorrection, Calibrator, DataError, LogitsPolicy, QuantConfig, RefineConfig, RefineMethod, SlackReading,
                      SynthOptions, Target)
 from dsgonnx_cli.options import (PREPROCESS_HELP, choice, device_option, input_shape_option, preprocess_options,
                                  provider_option, quiet_option)
@@ -76,6 +76,15 @@ def _given(values: dict, fields: dict) -> dict:
 @click.option("--per-channel/--per-tensor", default=True, show_default=True, help="Weight scales per output channel.")
 @click.option("--exclude", multiple=True, metavar="NODE", help="Keep this node in float (repeatable).")
 @click.option("--logits", type=choice(LogitsPolicy), default=LogitsPolicy.EXCLUDE.value, show_default=True)
+@click.option("--bias-correction", type=choice(BiasCorrection), default=BiasCorrection.AUTO.value, show_default=True,
+              help="Remove the expected output shift of quantized weights: E[x] from BN statistics (analytic), "
+                   "from the calibration images (empirical), auto = analytic where BN reaches, else empirical.")
+@click.option("--mixed", type=click.Choice(["auto", "off"]), default="off", show_default=True,
+              help="auto: keep the tensors whose quantization costs the most at 8 bits (simulated widths).")
+@click.option("--mixed-budget", type=float, default=0.05, show_default=True,
+              help="Share of the weight values (and of the activation tensors) --mixed auto may keep at 8 bits.")
+@click.option("--cle/--no-cle", default=False, show_default=True,
+              help="Cross-layer equalization before calibration (measured to hurt with per-channel weights).")
 @input_shape_option
 @click.option("--seed", type=int, default=0, show_default=True)
 @device_option("Synthesis and refinement device.")
@@ -89,17 +98,23 @@ def _given(values: dict, fields: dict) -> dict:
 @click.option("--no-validate", is_flag=True, help="Skip the validation step.")
 @click.option("--force", is_flag=True, help="Overwrite an existing output.")
 @quiet_option
-def quantize_cmd(model, w8a8, w6a6, w4a4, wbits, abits, refine, preprocess, preprocess_given, no_validate, **flags):
+def quantize_cmd(model, **flags):
     """Quantize MODEL to a QuantizeLinear/DequantizeLinear ONNX model."""
     from dsgonnx import quantize
 
+    result = quantize(model, quant_config(**flags))
+    click.echo(json.dumps(result.summary(), indent=2, default=str))
+
+
+def quant_config(w8a8, w6a6, w4a4, wbits, abits, refine, preprocess, preprocess_given, no_validate=False,
+                 **flags) -> QuantConfig:
+    """The QuantConfig that quantize's flags describe (also used by ``dsgonnx analyze``)."""
     w, a = _bits(w8a8, w6a6, w4a4, wbits, abits)
     synth, refine_options = _given(flags, _SYNTH_FLAGS), _given(flags, _REFINE_FLAGS)
     if refine_options and not refine:
         raise DataError("--refine-* options need --refine adaround|brecq")
     rest = {key: value for key, value in flags.items() if key not in _SYNTH_FLAGS and key not in _REFINE_FLAGS}
-    config = QuantConfig(wbits=w, abits=a, preprocess=preprocess, validate=not no_validate,
-                         synth=SynthOptions(**synth), refine=RefineConfig(method=refine, **refine_options) if refine else None,
-                         **rest)
-    result = quantize(model, config)
-    click.echo(json.dumps(result.summary(), indent=2, default=str))
+    rest["mixed"] = rest.get("mixed", "off") == "auto"
+    return QuantConfig(wbits=w, abits=a, preprocess=preprocess, validate=not no_validate,
+                       synth=SynthOptions(**synth), refine=RefineConfig(method=refine, **refine_options) if refine else None,
+                       **rest)

@@ -214,14 +214,20 @@ def quantize_qdq(
     exclude: Iterable[str] = (),
     logits: str = "exclude",
     refined: Optional[dict] = None,
+    keep_8bit: Iterable[str] = (),
 ) -> dict:
     """Quantize the pre-processed model at ``model_path`` into ``output_path``.
 
     ``refined``: weight name -> learned grid (:class:`dsgonnx.refine.RefinedWeight`); the
-    model's weights must already be scale·integer. Returns what was decided: excluded
-    nodes, the final layer, simulated tensors.
+    model's weights must already be scale·integer. ``keep_8bit``: weights and activations
+    (tensor names) that stay on the 8-bit grid when the others are simulated (mixed
+    precision). Returns what was decided: excluded nodes, the final layer, simulated tensors.
     """
     logits = LogitsPolicy.parse(logits, "logits")
+    keep_8bit = set(keep_8bit)
+    if keep_8bit and not (weights.simulated or activations.simulated):
+        raise DataError("mixed precision keeps tensors at 8 bits among simulated ones (2, 3, 5, 6 or 7 bits), "
+                        f"not at W{weights.bits}A{activations.bits}")
     model = onnx.load(str(model_path))
     exclude, last = excluded_nodes(model, exclude, logits)
     graph_outputs = {o.name for o in model.graph.output}
@@ -245,11 +251,13 @@ def quantize_qdq(
             source = Path(scratch) / "opset21.onnx"
             onnx.save(model, str(source))
         if weights.simulated:
-            extra["TensorQuantOverrides"].update(weight_overrides(model, weights, per_channel, set(exclude)))
+            overrides = weight_overrides(model, weights, per_channel, set(exclude))
+            extra["TensorQuantOverrides"].update({k: v for k, v in overrides.items() if k not in keep_8bit})
         if refined:
             extra["TensorQuantOverrides"].update(refined_weight_overrides(refined))
         if activations.simulated:
-            simulated_activations = [name for name in ranges.keys() if name not in extra["TensorQuantOverrides"]]
+            simulated_activations = [name for name in ranges.keys()
+                                     if name not in extra["TensorQuantOverrides"] and name not in keep_8bit]
             extra["TensorQuantOverrides"].update(activation_overrides(ranges, activations, simulated_activations))
         cache = Path(scratch) / "ranges.json"
         save_tensors_data(ranges, cache)
@@ -272,19 +280,21 @@ def quantize_qdq(
         except (ValueError, TypeError, KeyError) as exc:
             raise UnsupportedModelError(f"ONNX Runtime's quantizer refused the model: {exc}") from None
     if activations.simulated:
-        clip_simulated_activations(output_path, activations)
+        clip_simulated_activations(output_path, activations, keep_8bit)
     return {"excluded_nodes": exclude, "final_layer": None if last is None else last.name,
             "logits": logits.value, "simulated_activation_tensors": len(simulated_activations)}
 
 
-def clip_simulated_activations(path: Path, spec: BitSpec) -> None:
+def clip_simulated_activations(path: Path, spec: BitSpec, keep: Iterable[str] = ()) -> None:
     """Insert ``Clip(lo, hi)`` on the integers of every activation QuantizeLinear, so that
     values outside the calibrated range saturate at the B-bit grid's ends, exactly as a
     B-bit integer would, instead of using the 8-bit container's spare levels."""
     model = onnx.load(str(path))
     graph = model.graph
     initializers = {t.name for t in graph.initializer}
-    quantized = [n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in initializers]
+    keep = set(keep)
+    quantized = [n for n in graph.node
+                 if n.op_type == "QuantizeLinear" and n.input[0] not in initializers and n.input[0] not in keep]
     if not quantized:
         return
     # the bounds are the grid's absolute integer ends (BitSpec.levels): 0..2^B-1 for

@@ -1,0 +1,250 @@
+"""Bias correction (Nagel et al., "Data-Free Quantization Through Weight Equalization and
+Bias Correction", ICCV 2019, §4.2): quantizing a weight W to Q(W) shifts the expected output
+of its layer by ΔW·E[x] (ΔW = Q(W) − W). Subtracting that shift from the layer's bias removes
+the systematic part of the error, which otherwise builds up layer after layer — the loss of
+depthwise networks at 6 and 8 bits is mostly this shift.
+
+E[x], the expected value of each input channel of a layer, comes from one of two places:
+
+* ``analytic`` (no data at all): when the input is ``act(BN(·))`` — an activation (Relu, or a
+  Clip to [0, hi] such as ReLU6; or none) of a BatchNorm output, possibly through a zero Pad —
+  the BN output of channel i is modelled as N(β_i, γ_i²), so E[x_i] = E[clip(z_i, 0, hi)] in
+  closed form. The BN parameters are read from the original model, before ORT folds them:
+  the folded Conv keeps the BN's output name.
+* ``empirical``: the per-channel mean of the layer's input over the calibration images
+  (synthetic or real), from one ONNX Runtime run of the float model.
+
+``auto`` takes the analytic mean where the BN statistics reach a layer and the empirical one
+elsewhere (first layer, inputs after residual Adds, squeeze-excite products, BN-free models).
+
+The correction is applied to the QDQ model ORT wrote, from the integers and scales that are
+really in it, so it holds for every bit width, target and for learned (refined) roundings
+alike; the layer's int32 bias is re-quantized on its own scale. Zero padding makes the shift
+at image borders slightly different (the padded zeros have mean 0, not E[x]); that is ignored,
+as in the paper.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from ..config import BiasCorrection
+from ..runtime import ort_session
+
+_PASS_THROUGH = ("Identity", "Dropout")
+
+
+def bn_moments(model: onnx.ModelProto) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """BN output tensor -> (mean β, std |γ|) that the BN gives it (as float64)."""
+    inits = {t.name: t for t in model.graph.initializer}
+    moments = {}
+    for node in model.graph.node:
+        if node.op_type == "BatchNormalization" and node.input[1] in inits and node.input[2] in inits:
+            gamma = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
+            beta = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64)
+            moments[node.output[0]] = (beta, np.abs(gamma))
+    return moments
+
+
+def _normal_pdf(x: np.ndarray) -> np.ndarray:
+    return np.exp(-0.5 * x * x) / math.sqrt(2 * math.pi)
+
+
+def _normal_cdf(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.vectorize(math.erf)(x / math.sqrt(2)))
+
+
+def relu_mean(mu: np.ndarray, sigma: np.ndarray) -> np.ndarray:
+    """E[max(z, 0)] for z ~ N(mu, sigma²)."""
+    sigma = np.maximum(sigma, 1e-12)
+    t = mu / sigma
+    return mu * _normal_cdf(t) + sigma * _normal_pdf(t)
+
+
+def clipped_mean(mu: np.ndarray, sigma: np.ndarray, high: Optional[float]) -> np.ndarray:
+    """E[clip(z, 0, high)] for z ~ N(mu, sigma²) (high=None: a plain ReLU)."""
+    if high is None or not math.isfinite(high):
+        return relu_mean(mu, sigma)
+    return relu_mean(mu, sigma) - relu_mean(mu - high, sigma)
+
+
+def _constant(model_inits: dict, name: str) -> Optional[np.ndarray]:
+    return numpy_helper.to_array(model_inits[name]) if name in model_inits else None
+
+
+def _clip_bounds(node: onnx.NodeProto, inits: dict) -> tuple[Optional[float], Optional[float]]:
+    if len(node.input) > 1:  # Clip-11+: bounds as inputs
+        low = _constant(inits, node.input[1]) if node.input[1] else None
+        high = _constant(inits, node.input[2]) if len(node.input) > 2 and node.input[2] else None
+        return (None if low is None else float(low)), (None if high is None else float(high))
+    attrs = {a.name: a.f for a in node.attribute}
+    return attrs.get("min"), attrs.get("max")
+
+
+def _zero_pad(node: onnx.NodeProto, inits: dict) -> bool:
+    mode = next((a.s.decode() for a in node.attribute if a.name == "mode"), "constant")
+    if mode != "constant":
+        return False
+    value = _constant(inits, node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    return value is None or float(np.asarray(value).reshape(-1)[0]) == 0.0
+
+
+def analytic_means(model: onnx.ModelProto, moments: dict, layers: list[str]) -> dict[str, np.ndarray]:
+    """Layer (node name) -> E[input channel] where the input is act(BN output) in ``model``."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    inits = {t.name: t for t in model.graph.initializer}
+    nodes = {node.name: node for node in model.graph.node}
+    means = {}
+    for name in layers:
+        tensor = nodes[name].input[0]
+        node = producers.get(tensor)
+        while node is not None and (node.op_type in _PASS_THROUGH or (node.op_type == "Pad" and _zero_pad(node, inits))):
+            tensor = node.input[0]
+            node = producers.get(tensor)
+        low, high = 0.0, None
+        if node is not None and node.op_type in ("Relu", "Clip"):
+            if node.op_type == "Clip":
+                low, high = _clip_bounds(node, inits)
+            tensor = node.input[0]
+            if low != 0.0:  # only ReLU-like clips have the closed form used here
+                continue
+            if tensor in moments:
+                mu, sigma = moments[tensor]
+                means[name] = clipped_mean(mu, sigma, high)
+        elif tensor in moments:  # no activation: a linear bottleneck's BN output
+            means[name] = moments[tensor][0]
+    return means
+
+
+def empirical_means(model_path: Path, input_name: str, images: np.ndarray, layers: list[str],
+                    batch: int) -> dict[str, np.ndarray]:
+    """Layer (node name) -> per-channel mean of its input over ``images`` (float model in ORT)."""
+    model = onnx.load(str(model_path))
+    nodes = {node.name: node for node in model.graph.node}
+    tensors = sorted({nodes[name].input[0] for name in layers})
+    graph_inputs = {i.name for i in model.graph.input}
+    outputs = {o.name for o in model.graph.output}
+    for tensor in tensors:
+        if tensor not in outputs and tensor not in graph_inputs:
+            model.graph.output.append(onnx.ValueInfoProto(name=tensor))
+    path = Path(model_path).with_name(Path(model_path).stem + ".means.onnx")
+    onnx.save(model, str(path))
+    session = ort_session(path)
+    wanted = [t for t in tensors if t not in graph_inputs]
+    sums: dict[str, np.ndarray] = {}
+    count = 0
+    for start in range(0, len(images), batch):
+        chunk = np.ascontiguousarray(images[start : start + batch], dtype=np.float32)
+        values = dict(zip(wanted, session.run(wanted, {input_name: chunk}))) if wanted else {}
+        for tensor in graph_inputs & set(tensors):
+            values[tensor] = chunk
+        for tensor, value in values.items():
+            axes = (0,) + tuple(range(2, value.ndim))
+            sums[tensor] = sums.get(tensor, 0.0) + value.astype(np.float64).sum(axis=axes)
+        count += len(chunk)
+    path.unlink()
+    per_position = {t: int(np.prod(v.shape[2:])) if v.ndim > 2 else 1 for t, v in values.items()}
+    return {name: sums[nodes[name].input[0]] / (count * per_position[nodes[name].input[0]]) for name in layers}
+
+
+def _dequantized(node: onnx.NodeProto, inits: dict) -> tuple[np.ndarray, np.ndarray, Optional[int]]:
+    """(integers − zero point, scale broadcast to them, axis) of a DequantizeLinear on an initializer."""
+    ints = numpy_helper.to_array(inits[node.input[0]]).astype(np.float64)
+    scale = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
+    zero = numpy_helper.to_array(inits[node.input[2]]).astype(np.float64) if len(node.input) > 2 and node.input[2] else 0.0
+    axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
+    if scale.ndim == 1 and scale.size > 1:
+        shape = [1] * ints.ndim
+        shape[axis] = -1
+        scale, zero = scale.reshape(shape), np.asarray(zero).reshape(shape) if np.ndim(zero) else zero
+    return ints - zero, scale, axis
+
+
+def correctable_layers(qdq: onnx.ModelProto) -> list[str]:
+    """Conv/Gemm nodes of a QDQ model whose weight is quantized (fed by a DequantizeLinear)."""
+    producers = {out: node for node in qdq.graph.node for out in node.output}
+    inits = {t.name for t in qdq.graph.initializer}
+    layers = []
+    for node in qdq.graph.node:
+        if node.op_type in ("Conv", "Gemm") and len(node.input) > 1:
+            dq = producers.get(node.input[1])
+            if dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in inits:
+                layers.append(node.name)
+    return layers
+
+
+def correct_biases(qdq_path: Path, float_model: onnx.ModelProto, means: dict[str, np.ndarray]) -> dict:
+    """Subtract ΔW·E[x] from the bias of every layer in ``means`` in the QDQ model at
+    ``qdq_path`` (rewritten in place). ``float_model``: the float model ORT quantized (same
+    node names), whose weights W are compared with the dequantized Q(W)."""
+    qdq = onnx.load(str(qdq_path))
+    producers = {out: node for node in qdq.graph.node for out in node.output}
+    inits = {t.name: t for t in qdq.graph.initializer}
+    float_inits = {t.name: t for t in float_model.graph.initializer}
+    float_nodes = {node.name: node for node in float_model.graph.node}
+    corrected, largest = [], 0.0
+    for node in qdq.graph.node:
+        if node.name not in means or node.name not in float_nodes:
+            continue
+        weight = numpy_helper.to_array(float_inits[float_nodes[node.name].input[1]]).astype(np.float64)
+        ints, scale, _ = _dequantized(producers[node.input[1]], inits)
+        delta = ints * scale - weight
+        mean = np.asarray(means[node.name], dtype=np.float64)
+        if node.op_type == "Conv":
+            group = next((a.i for a in node.attribute if a.name == "group"), 1)
+            per_group = delta.shape[1]
+            spatial = delta.reshape(delta.shape[0], per_group, -1).sum(axis=2)  # out × in-per-group
+            outputs_per_group = delta.shape[0] // group
+            inputs = mean.reshape(group, per_group)[np.arange(delta.shape[0]) // outputs_per_group]
+            shift = (spatial * inputs).sum(axis=1)
+        else:  # Gemm: y = x·B (+ C), B is in×out, or out×in with transB
+            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
+            shift = (delta if trans_b else delta.T) @ mean
+        if not np.all(np.isfinite(shift)):
+            continue
+        _set_bias(qdq, node, producers, inits, shift)
+        corrected.append(node.name)
+        largest = max(largest, float(np.abs(shift).max()))
+    onnx.save(qdq, str(qdq_path))
+    return {"layers": len(corrected), "largest_shift": round(largest, 6)}
+
+
+def _set_bias(qdq: onnx.ModelProto, node: onnx.NodeProto, producers: dict, inits: dict, shift: np.ndarray) -> None:
+    """bias ← bias − shift, keeping the bias's form (int32 on its scale, or float)."""
+    bias_name = node.input[2] if len(node.input) > 2 and node.input[2] else None
+    dq = producers.get(bias_name) if bias_name else None
+    if dq is not None and dq.op_type == "DequantizeLinear" and dq.input[0] in inits:
+        ints, scale, _ = _dequantized(dq, inits)
+        scale = scale.reshape(-1) * np.ones_like(ints)
+        safe = np.where(scale > 0, scale, 1.0)
+        new = np.clip(np.rint((ints * scale - shift) / safe), -(2**31), 2**31 - 1)
+        inits[dq.input[0]].CopyFrom(numpy_helper.from_array(new.astype(np.int32), dq.input[0]))
+    elif bias_name and bias_name in inits:
+        bias = numpy_helper.to_array(inits[bias_name]).astype(np.float64)
+        inits[bias_name].CopyFrom(numpy_helper.from_array((bias - shift).astype(np.float32), bias_name))
+    else:  # no bias yet: add a float one (as ORT leaves a bias it could not quantize)
+        name = f"{node.name}_dsgonnx_bias_correction"
+        qdq.graph.initializer.append(numpy_helper.from_array((-shift).astype(np.float32), name))
+        while len(node.input) < 3:
+            node.input.append("")
+        node.input[2] = name
+
+
+def input_means(mode: BiasCorrection, original: Optional[onnx.ModelProto], prepared_path: Path, layers: list[str],
+                input_name: str, images: np.ndarray, batch: int) -> tuple[dict[str, np.ndarray], dict]:
+    """E[x] per layer as ``mode`` says, and which source each layer's mean came from.
+    ``original``: the model with its BatchNorm nodes (None: no analytic means)."""
+    prepared = onnx.load(str(prepared_path))
+    moments = bn_moments(original) if original is not None and mode != BiasCorrection.EMPIRICAL else {}
+    analytic = analytic_means(prepared, moments, layers) if moments else {}
+    if mode == BiasCorrection.ANALYTIC:
+        return analytic, {"analytic": len(analytic), "empirical": 0, "uncorrected": len(layers) - len(analytic)}
+    rest = [name for name in layers if name not in analytic]
+    empirical = empirical_means(prepared_path, input_name, images, rest, batch) if rest else {}
+    return analytic | empirical, {"analytic": len(analytic), "empirical": len(empirical), "uncorrected": 0}
