@@ -229,10 +229,13 @@ def _finish_model(path: Path, loaded: LoadedModel, bits: dict, calibration: dict
         raise UnsupportedModelError("the quantized model produces NaN/Inf on a calibration image")
 
 
+MIXED_PROBE_SAMPLES = 32  # one float-model run per quantized tensor: keep each probe cheap
+
+
 def _choose_mixed(scratch: Path, float_path: Path, ranges, weights, activations, reduce_range, refined, images,
                   holdout, batch: int, loaded: LoadedModel, config: QuantConfig):
     """Probe the uniform model's tensors and pick those that stay at 8 bits (dsgonnx.sensitivity),
-    measured on the held-out synthetic samples when there are some, else the calibration images."""
+    measured on up to 32 held-out synthetic samples when there are some, else calibration images."""
     from .sensitivity import choose_8bit
 
     probe = scratch / "uniform.onnx"
@@ -243,7 +246,8 @@ def _choose_mixed(scratch: Path, float_path: Path, ranges, weights, activations,
         _correct_biases(probe, float_path, None if config.cle else loaded.model, loaded, images, batch,
                         config.bias_correction)
     samples = holdout if holdout is not None and len(holdout) else images
-    return choose_8bit(probe, float_path, loaded.input.name, samples, config.mixed_budget, batch)
+    return choose_8bit(probe, float_path, loaded.input.name, samples[:MIXED_PROBE_SAMPLES], config.mixed_budget,
+                       batch)
 
 
 def _equalize(prepared: Path, out: Path) -> tuple[Path, dict]:
