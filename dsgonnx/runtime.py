@@ -4,9 +4,9 @@ kept quiet (imports onnxruntime, never torch).
 * :func:`ort_session` is the one place a session is created — validation, the torch
   parity check, calibration checks and quantize's final check all go through it.
 * :func:`quiet_ort` keeps ``onnxruntime.quantization`` off the user's terminal. Those tools
-  ``print()`` progress to stdout (which may carry our JSON) and warn through the root
-  logger. Their log records are dropped by a filter that matches only records from
-  onnxruntime's own files (not a global switch-off of logging, which would silence every library in
+  ``print()`` progress to stdout (which may carry our JSON) and log through the root logger
+  and their own ``onnxruntime.*`` loggers. For the duration of the call the latter are set to
+  CRITICAL, and the root logger drops the records that come from onnxruntime's own files (not a global switch-off of logging, which would silence every library in
   every thread); their ``print()`` output has no switch, so stdout is redirected for the
   duration of the call — the one process-wide effect left, limited to these calls.
 """
@@ -50,11 +50,13 @@ class _FromOnnxRuntime(logging.Filter):
 @contextlib.contextmanager
 def quiet_ort():
     """Run ``onnxruntime.quantization`` calls without their prints and log records."""
-    root = logging.getLogger()
-    drop = _FromOnnxRuntime()
-    root.addFilter(drop)
+    root, own = logging.getLogger(), logging.getLogger("onnxruntime")
+    drop, level = _FromOnnxRuntime(), own.level
+    root.addFilter(drop)  # their logging.warning(...) calls go to the root logger
+    own.setLevel(logging.CRITICAL)  # and their module loggers (onnxruntime.quantization.*) inherit this
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             yield
     finally:
         root.removeFilter(drop)
+        own.setLevel(level)

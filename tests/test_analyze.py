@@ -92,3 +92,19 @@ def test_cli_analyze_data_free_and_bad_input(setup, tmp_path):
     assert bad.exit_code == 2 and "--eval-samples must be at least 1" in bad.stderr, bad.stderr
     bad = CliRunner().invoke(cli, ["analyze", str(setup["model"]), "--calib", str(setup["folder"] / "calib.npz")])
     assert bad.exit_code == 2 and "needs --data" in bad.stderr, bad.stderr
+
+
+def test_a_model_without_quantizable_tensors_is_one_line_exit_2(tmp_path):
+    from onnx import TensorProto, helper
+
+    from zoo import make_model
+
+    # a "classifier" that only averages its input: nothing for ORT to quantize
+    model = make_model([helper.make_node("ReduceMean", ["input"], ["out"], axes=[2, 3], keepdims=0)],
+                       [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 8, 8])],
+                       [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 3])], ir_version=10)
+    onnx.save(model, str(tmp_path / "mean.onnx"))
+    result = CliRunner().invoke(cli, ["analyze", str(tmp_path / "mean.onnx"), "--calib", "gaussian", "--num-samples",
+                                      "4", "--quiet"])
+    assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "no quantized tensors to analyze" in result.stderr

@@ -221,9 +221,10 @@ def test_synthesis_never_reseeds_torch(tiny):
 def test_ort_quantization_tools_are_silenced_without_silencing_other_loggers(caplog):
     from dsgonnx.runtime import quiet_ort
 
-    other = logging.getLogger("someone.else")
+    other, ort_logger = logging.getLogger("someone.else"), logging.getLogger("onnxruntime.quantization.x")
     with caplog.at_level(logging.WARNING), quiet_ort():
         other.warning("still heard")
+        ort_logger.error("not heard")
         print("swallowed")
-    assert "still heard" in caplog.text
-    assert logging.root.manager.disable == 0
+    assert "still heard" in caplog.text and "not heard" not in caplog.text
+    assert logging.root.manager.disable == 0 and logging.getLogger("onnxruntime").level == logging.NOTSET
