@@ -140,19 +140,23 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
             with stages("refine"):
                 refined = _refine(prepared, Path(scratch) / "refined.onnx", ranges, weights, activations, calib_images,
                                   holdout, reduce_range, config)
+        float_path = refined.path if refined else prepared
+        correct = None
+        if config.bias_correction != BiasCorrection.OFF:
+            correct = _BiasCorrector(float_path, None if config.cle else loaded.model, loaded, calib_images, batch,
+                                     config.bias_correction)
         keep_8bit, mixed = set(), None
         if config.mixed:
             with stages("mixed precision"):
-                keep_8bit, mixed = _choose_mixed(Path(scratch), refined.path if refined else prepared, ranges, weights,
-                                                 activations, reduce_range, refined, calib_images, holdout, batch,
-                                                 loaded, config)
+                keep_8bit, mixed = _choose_mixed(Path(scratch), float_path, ranges, weights, activations, reduce_range,
+                                                 refined, correct, calib_images, holdout, batch, loaded, config)
         fd, tmp_name = tempfile.mkstemp(dir=output.parent if str(output.parent) else ".", prefix=f".{output.name}.",
                                         suffix=".tmp.onnx")
         os.close(fd)
         tmp = Path(tmp_name)
         try:
             with stages("quantize"):
-                decisions = quantize_qdq(refined.path if refined else prepared, tmp, ranges, weights, activations,
+                decisions = quantize_qdq(float_path, tmp, ranges, weights, activations,
                                          per_channel=config.per_channel, reduce_range=reduce_range,
                                          exclude=config.exclude, logits=config.logits,
                                          refined=refined.weights if refined else None, keep_8bit=keep_8bit)
@@ -162,11 +166,9 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
                 decisions["refine"] = {"method": config.refine.method.value, "layers": len(refined.weights)}
             if equalized is not None:
                 decisions["cle"] = equalized
-            if config.bias_correction != BiasCorrection.OFF:
+            if correct is not None:
                 with stages("bias correction"):
-                    decisions["bias_correction"] = _correct_biases(
-                        tmp, refined.path if refined else prepared, None if config.cle else loaded.model, loaded,
-                        calib_images, batch, config.bias_correction)
+                    decisions["bias_correction"] = correct(tmp)
             with stages("check"):
                 _finish_model(tmp, loaded, bits, calib_info, decisions, calib_images[:1])
             os.replace(tmp, output)
@@ -232,8 +234,8 @@ def _finish_model(path: Path, loaded: LoadedModel, bits: dict, calibration: dict
 MIXED_PROBE_SAMPLES = 32  # one float-model run per quantized tensor: keep each probe cheap
 
 
-def _choose_mixed(scratch: Path, float_path: Path, ranges, weights, activations, reduce_range, refined, images,
-                  holdout, batch: int, loaded: LoadedModel, config: QuantConfig):
+def _choose_mixed(scratch: Path, float_path: Path, ranges, weights, activations, reduce_range, refined, correct,
+                  images, holdout, batch: int, loaded: LoadedModel, config: QuantConfig):
     """Probe the uniform model's tensors and pick those that stay at 8 bits (dsgonnx.sensitivity),
     measured on up to 32 held-out synthetic samples when there are some, else calibration images."""
     from .sensitivity import choose_8bit
@@ -242,9 +244,8 @@ def _choose_mixed(scratch: Path, float_path: Path, ranges, weights, activations,
     quantize_qdq(float_path, probe, ranges, weights, activations, per_channel=config.per_channel,
                  reduce_range=reduce_range, exclude=config.exclude, logits=config.logits,
                  refined=refined.weights if refined else None)
-    if config.bias_correction != BiasCorrection.OFF:
-        _correct_biases(probe, float_path, None if config.cle else loaded.model, loaded, images, batch,
-                        config.bias_correction)
+    if correct is not None:
+        correct(probe)
     samples = holdout if holdout is not None and len(holdout) else images
     return choose_8bit(probe, float_path, loaded.input.name, samples[:MIXED_PROBE_SAMPLES], config.mixed_budget,
                        batch)
@@ -261,17 +262,29 @@ def _equalize(prepared: Path, out: Path) -> tuple[Path, dict]:
     return out, report
 
 
-def _correct_biases(qdq_path: Path, float_path: Path, original: Optional[onnx.ModelProto], loaded: LoadedModel, images,
-                    batch: int, mode) -> dict:
-    """Subtract each quantized layer's expected output shift (dsgonnx.quant.correct). ``original``
-    (the model with BN) gives the analytic means; None after equalization, which rescales the
-    channels the BN statistics describe (every mean is then measured)."""
-    from .quant.correct import correct_biases, correctable_layers, input_means
+class _BiasCorrector:
+    """Subtracts each quantized layer's expected output shift (dsgonnx.quant.correct) in QDQ
+    models of one float model; E[x] is worked out once (the mixed-precision probe and the final
+    model share it). ``original`` (the model with BN) gives the analytic means; None after
+    equalization, which rescales the channels the BN statistics describe (every mean is then
+    measured)."""
 
-    layers = correctable_layers(onnx.load(str(qdq_path)))
-    means, sources = input_means(mode, original, float_path, layers, loaded.input.name, images, batch)
-    report = correct_biases(qdq_path, onnx.load(str(float_path)), means)
-    return {"mode": mode.value, **report, "means": sources}
+    def __init__(self, float_path: Path, original: Optional[onnx.ModelProto], loaded: LoadedModel, images,
+                 batch: int, mode):
+        self.float_path, self.original, self.loaded, self.images, self.batch, self.mode = (
+            float_path, original, loaded, images, batch, mode)
+        self._means = None
+
+    def __call__(self, qdq_path: Path) -> dict:
+        from .quant.correct import correct_biases, correctable_layers, input_means
+
+        if self._means is None:
+            layers = correctable_layers(onnx.load(str(qdq_path)))
+            self._means = input_means(self.mode, self.original, self.float_path, layers, self.loaded.input.name,
+                                      self.images, self.batch)
+        means, sources = self._means
+        report = correct_biases(qdq_path, onnx.load(str(self.float_path)), means)
+        return {"mode": self.mode.value, **report, "means": sources}
 
 
 def _refine(prepared: Path, out: Path, ranges, weights, activations, images, holdout, reduce_range, config: QuantConfig):

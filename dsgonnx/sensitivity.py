@@ -172,19 +172,24 @@ def _sorted(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def _outputs(path, input_name: str, images: np.ndarray, batch: int) -> np.ndarray:
+    """The classifier output (N×classes) of the model at ``path`` on ``images``, in batches."""
+    from .validation.sessions import flatten_classifier_output
+
+    session = ort_session(path)
+    output = session.get_outputs()[0].name
+    return np.concatenate([
+        flatten_classifier_output(np.asarray(session.run([output], {input_name: images[i : i + batch]})[0]), str(path))
+        for i in range(0, len(images), batch)])
+
+
 def _score(model: onnx.ModelProto, input_name: str, images: np.ndarray, reference: np.ndarray, labels, batch: int,
            scratch: Path) -> dict:
     from .validation.metrics import compare_outputs
-    from .validation.sessions import flatten_classifier_output
 
     path = scratch / "probe.onnx"
     onnx.save(model, str(path))
-    session = ort_session(path)
-    output = model.graph.output[0].name
-    outputs = np.concatenate([
-        flatten_classifier_output(np.asarray(session.run([output], {input_name: images[i : i + batch]})[0]), str(path))
-        for i in range(0, len(images), batch)])
-    metrics = compare_outputs(reference, outputs, labels)
+    metrics = compare_outputs(reference, _outputs(path, input_name, images, batch), labels)
     scores = {"sqnr_db": None if metrics.sqnr_db is None else round(metrics.sqnr_db, 3),
               "agreement": round(metrics.agreement, 4)}
     if labels is not None:
@@ -303,9 +308,7 @@ def analyze(model, config: Optional[QuantConfig] = None, *, data=None, eval_samp
         batch = loaded.input.fixed_batch or 32
         if loaded.input.fixed_batch:
             images = images[: len(images) - len(images) % batch] if len(images) >= batch else images
-        reference = np.concatenate([
-            np.asarray(ort_session(loaded.path).run(None, {loaded.input.name: images[i : i + batch]})[0]).reshape(
-                len(images[i : i + batch]), -1) for i in range(0, len(images), batch)])
+        reference = _outputs(loaded.path, loaded.input.name, images, batch)
         from .validation.metrics import compare_outputs
 
         fp32 = {"top1": round(compare_outputs(reference, reference, labels).fp_top1, 3)} if labels is not None else {}
@@ -348,9 +351,7 @@ def choose_8bit(qdq_path: Path, float_path: Path, input_name: str, images: np.nd
     qdq = onnx.load(str(qdq_path))
     points = quant_points(qdq)
     parts = float_parts(onnx.load(str(float_path)), qdq)
-    session = ort_session(float_path)
-    reference = np.concatenate([np.asarray(session.run(None, {input_name: images[i : i + batch]})[0]).reshape(
-        len(images[i : i + batch]), -1) for i in range(0, len(images), batch)])
+    reference = _outputs(float_path, input_name, images, batch)
     with tempfile.TemporaryDirectory(prefix="dsgonnx-mixed-") as scratch:
         full = _score(qdq, input_name, images, reference, None, batch, Path(scratch))["sqnr_db"]
         progress = Progress("mixed precision: sensitivity", len(points))
