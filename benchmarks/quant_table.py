@@ -35,7 +35,10 @@ VARIANTS = {
     "nobc": {"bias_correction": "off"},  # no bias correction (the default before it)
     "cle": {"cle": True},  # cross-layer equalization
     "mixed": {"mixed": True},  # the most sensitive 5 % of the weights at 8 bits (simulated widths only)
+    "calpool": {"pool_range": "calibrated"},  # pooled features on their own calibrated range (the default before)
+    "nofirst": {"first_layer_8bit": False},  # input and first layer at the low width too (below 8 bits)
 }
+ONLY_AT = {"mixed": (2, 3, 5, 6, 7), "nofirst": (2, 3, 4, 5, 6, 7)}  # the widths where a variant changes anything
 
 
 def parse_row(row: str) -> tuple[str, list[str]]:
@@ -47,16 +50,18 @@ def parse_row(row: str) -> tuple[str, list[str]]:
 
 def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), seeds=(0,), num_samples=100,
               iters=500, synth=None, calibrator="minmax", logits="exclude", device="auto", max_eval=None,
-              refine=None, log=sys.stderr) -> dict:
+              refine=None, cache=None, log=sys.stderr) -> dict:
     """Quantize ``model`` for every (row, seed, bits) and score it on ``data``.
 
     A row is a calibration source with optional variants (``dsg+mixed``); rows of one source
     share its images (made once per seed). The held-out images are decoded once.
-    ``refine``: {"method": "brecq", **RefineConfig fields} for the ``+refine`` rows."""
+    ``refine``: {"method": "brecq", **RefineConfig fields} for the ``+refine`` rows. ``cache``: a
+    folder of synthetic sets; a set made with the same settings is loaded from it (its synthesis
+    seconds are those recorded when it was made), a new one is saved there."""
     import numpy as np
     import torch
 
-    from dsgonnx import QuantConfig, RefineConfig, SynthConfig, ValidateConfig, quantize, synthesize, validate
+    from dsgonnx import QuantConfig, RefineConfig, SynthConfig, SyntheticSet, ValidateConfig, quantize, synthesize, validate
     from dsgonnx.calibration_data import spread_indices
     from dsgonnx.graph.onnx_io import load_model
     from dsgonnx.graph.to_torch import resolve_device
@@ -92,18 +97,25 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
                         made[(base, seed)] = (data, None, None, None)
                     else:
                         start = time.perf_counter()
-                        synthetic = synthesize(loaded, SynthConfig(**dict(
-                            SOURCES[base], num_samples=num_samples, iters=iters, seed=seed, device=device,
-                            preprocess=recipe, **(synth or {}))))
-                        made[(base, seed)] = (synthetic, time.perf_counter() - start, synthetic.meta["seconds_per_iter"],
+                        settings = SynthConfig(**dict(SOURCES[base], num_samples=num_samples, iters=iters, seed=seed,
+                                                      device=device, preprocess=recipe, **(synth or {})))
+                        cached = _cached_set(cache, model, settings)
+                        if cached is not None and cached.exists():
+                            synthetic = SyntheticSet.load(cached)
+                            took = synthetic.meta["seconds"]
+                            print(f"{Path(model).name} {base} seed {seed}: synthetic set from {cached}", file=log)
+                        else:
+                            synthetic = synthesize(loaded, settings, output=cached)
+                            took = time.perf_counter() - start
+                        made[(base, seed)] = (synthetic, took, synthetic.meta["seconds_per_iter"],
                                               synthetic.meta["diversity"].get("sample_similarity"))
                 calib, took, iter_s, similar = made[(base, seed)]
                 seconds += [took] if took is not None else []
                 per_iter += [iter_s] if iter_s else []
                 similarity += [similar] if similar is not None else []
                 for b in bits:
-                    if "mixed" in variants and b in (4, 8, 16):
-                        continue  # mixed precision keeps tensors at 8 bits among simulated widths
+                    if any(b not in ONLY_AT.get(variant, (b,)) for variant in variants):
+                        continue  # mixed precision acts among simulated widths, the 8-bit first layer below 8
                     out = Path(scratch) / f"{row}-{seed}-w{b}a{b}.onnx"
                     done = quantize(loaded, QuantConfig(
                         wbits=b, abits=b, calib=calib, num_samples=num_samples, calibrator=calibrator, logits=logits,
@@ -137,6 +149,20 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
                                             refine_seconds=round(float(np.mean(refine_seconds)), 1))
     results["torch"] = torch.__version__
     return results
+
+
+def _cached_set(cache, model, settings):
+    """Where a synthetic set for ``model`` made with ``settings`` is kept in ``cache`` (None: no cache)."""
+    if cache is None:
+        return None
+    import hashlib
+
+    from dataclasses import asdict
+
+    key = hashlib.sha256(Path(model).read_bytes()).hexdigest()[:12] + json.dumps(asdict(settings), sort_keys=True,
+                                                                                 default=str)
+    Path(cache).mkdir(parents=True, exist_ok=True)
+    return Path(cache) / f"{Path(model).stem}-{settings.method.value}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
 
 
 def markdown(results: dict) -> str:
@@ -185,6 +211,7 @@ def main(argv=None) -> int:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--max-eval", type=int, help="evaluate on at most this many held-out images")
     parser.add_argument("--json")
+    parser.add_argument("--calib-cache", metavar="DIR", help="reuse synthetic sets made with the same settings from DIR")
     args = parser.parse_args(argv)
 
     from dsgonnx.preprocess import preprocess_from_preset
@@ -195,7 +222,7 @@ def main(argv=None) -> int:
     results = run_table(args.model, args.data, recipe, bits=[int(b) for b in args.bits.split(",")],
                         sources=args.sources.split(","), seeds=[int(s) for s in args.seeds.split(",")],
                         num_samples=args.num_samples, iters=args.iters, synth=synth, calibrator=args.calibrator,
-                        logits=args.logits, device=args.device, max_eval=args.max_eval)
+                        logits=args.logits, device=args.device, max_eval=args.max_eval, cache=args.calib_cache)
     results.update(machine=platform.platform(), python=sys.version.split()[0], argv=sys.argv)
     print(markdown(results))
     if args.json:

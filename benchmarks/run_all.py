@@ -128,6 +128,7 @@ def main(argv=None) -> int:
     parser.add_argument("--num-samples", type=int, default=100)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--out", default=str(HERE), help="folder for RESULTS.md, results.json, results.png")
+    parser.add_argument("--calib-cache", metavar="DIR", help="reuse synthetic sets made with the same settings from DIR")
     parser.add_argument("--merge", metavar="JSON", help="add the rows of another run's results.json (e.g. one run "
                         "beside this on another machine) to --out, then write the tables; use with --models ''")
     args = parser.parse_args(argv)
@@ -157,7 +158,7 @@ def main(argv=None) -> int:
                             bits=[int(b) for b in args.bits.split(",")], sources=args.sources.split(","),
                             seeds=[int(s) for s in args.seeds.split(",")], num_samples=args.num_samples,
                             iters=profile["iters"], synth=profile.get("synth"), device=args.device,
-                            refine=profile.get("refine"))
+                            refine=profile.get("refine"), cache=args.calib_cache)
         command = f"python benchmarks/{Path(__file__).name} " + " ".join(argv if argv is not None else sys.argv[1:])
         results.update(profile=args.profile, preprocess=[preset, overrides], wall_seconds=round(time.time() - start),
                        commands=[command], machine=f"{platform.platform()} ({_cpu_name()})")

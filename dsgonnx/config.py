@@ -100,6 +100,13 @@ class BiasCorrection(Choice):
     OFF = "off"
 
 
+class PoolRange(Choice):
+    """The range an averaging pool's output (GlobalAveragePool, AveragePool, ReduceMean) is quantized on."""
+
+    INPUT = "input"  # its input's calibrated range: a mean never leaves it (TFLite's rule for AVERAGE_POOL_2D)
+    CALIBRATED = "calibrated"  # its own calibrated range (ORT's default)
+
+
 class RefineMethod(Choice):
     ADAROUND = "adaround"  # layer by layer
     BRECQ = "brecq"  # blocks between residual joins, with QDrop
@@ -437,6 +444,8 @@ class QuantConfig:
     cle: bool = False  # cross-layer equalization before calibration (measured: hurts with per-channel weights)
     mixed: bool = False  # keep the most sensitive tensors at 8 bits (simulated widths only)
     mixed_budget: float = 0.05  # share of the weight values (and of the activation tensors) allowed at 8 bits
+    pool_range: PoolRange = PoolRange.INPUT  # measured: synthetic data under-ranges pooled features
+    first_layer_8bit: bool = True  # below 8 bits, the input and the first layer's weights at 8 bits (measured)
     reduce_range: Optional[bool] = None  # None: decided from the CPU for the cpu target
     seed: int = 0
     device: Device = Device.AUTO
@@ -458,7 +467,7 @@ class QuantConfig:
         check_bits(self.wbits, self.abits, self.target)
         object.__setattr__(self, "calib", _calibration_source(self.calib))
         for name, kind in (("calibrator", Calibrator), ("target", Target), ("logits", LogitsPolicy),
-                           ("bias_correction", BiasCorrection),
+                           ("bias_correction", BiasCorrection), ("pool_range", PoolRange),
                            ("device", Device), ("provider", Provider)):
             object.__setattr__(self, name, kind.parse(getattr(self, name), name))
         object.__setattr__(self, "exclude", (self.exclude,) if isinstance(self.exclude, str) else tuple(self.exclude))
@@ -499,6 +508,6 @@ class QuantConfig:
 
 __all__ = [
     "BiasCorrection", "Calibrator", "Choice", "DEFAULT_BATCH_SIZE", "Device", "DeviceDefaults", "LogitsPolicy", "NATIVE_BITS",
-    "Provider", "QuantConfig", "RefineConfig", "RefineMethod", "SUPPORTED_BITS", "SlackReading", "SynthConfig",
+    "PoolRange", "Provider", "QuantConfig", "RefineConfig", "RefineMethod", "SUPPORTED_BITS", "SlackReading", "SynthConfig",
     "SynthMethod", "SynthOptions", "Target", "ValidateConfig", "check_bits", "check_thresholds", "device_defaults",
 ]

@@ -20,13 +20,13 @@ import onnx
 from . import __version__
 from .artifacts import check_output_folder
 from .calibration_data import load_real_images
-from .config import BiasCorrection, QuantConfig, ValidateConfig
+from .config import BiasCorrection, PoolRange, QuantConfig, ValidateConfig
 from .errors import DataError, ModelLoadError, UnsupportedModelError
 from .graph.onnx_io import LoadedModel, load_model
 from .progress import say
 from .quant.bits import resolve_bits, tag
-from .quant.calibrate import compute_ranges
-from .quant.qdq import pre_process, quantize_qdq
+from .quant.calibrate import compute_ranges, share_pool_ranges
+from .quant.qdq import first_layer_tensors, pre_process, quantize_qdq, weight_share
 from .quant.reader import ArrayReader
 from .runtime import ort_session
 
@@ -106,6 +106,9 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
             "(convert the model to float32 first)"
         )
     weights, activations = resolve_bits(config.wbits, config.abits, config.target)
+    if config.mixed and not (weights.simulated or activations.simulated):
+        raise DataError("mixed precision keeps tensors at 8 bits among simulated ones (2, 3, 5, 6 or 7 bits), "
+                        f"not at W{weights.bits}A{activations.bits}")
     output = Path(config.output) if config.output else default_output(loaded.path, config.wbits, config.abits)
     _check_output(loaded.path, output, config.force)
     reduce_range = config.reduce_range
@@ -135,11 +138,20 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
         with stages("calibrate"):
             ranges = compute_ranges(prepared, ArrayReader(loaded.input.name, calib_images, batch), config.calibrator,
                                     activations)
+        policy = {"pool_range": {"policy": config.pool_range.value, "tensors": []}}
+        if config.pool_range == PoolRange.INPUT:
+            ranges, policy["pool_range"]["tensors"] = share_pool_ranges(onnx.load(str(prepared)), ranges)
+        first = set()
+        if config.first_layer_8bit and min(weights.bits, activations.bits) < 8:
+            prepared_model = onnx.load(str(prepared))
+            first = first_layer_tensors(prepared_model)
+            policy["first_layer_8bit"] = {"tensors": sorted(first),
+                                          "weight_share": round(weight_share(prepared_model, first), 5)}
         refined = None
         if config.refine is not None:
             with stages("refine"):
                 refined = _refine(prepared, Path(scratch) / "refined.onnx", ranges, weights, activations, calib_images,
-                                  holdout, reduce_range, config)
+                                  holdout, reduce_range, config, first)
         float_path = refined.path if refined else prepared
         correct = None
         if config.bias_correction != BiasCorrection.OFF:
@@ -149,7 +161,7 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
         if config.mixed:
             with stages("mixed precision"):
                 keep_8bit, mixed = _choose_mixed(Path(scratch), float_path, ranges, weights, activations, reduce_range,
-                                                 refined, correct, calib_images, holdout, batch, loaded, config)
+                                                 refined, correct, calib_images, holdout, batch, loaded, config, first)
         fd, tmp_name = tempfile.mkstemp(dir=output.parent if str(output.parent) else ".", prefix=f".{output.name}.",
                                         suffix=".tmp.onnx")
         os.close(fd)
@@ -159,7 +171,8 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
                 decisions = quantize_qdq(float_path, tmp, ranges, weights, activations,
                                          per_channel=config.per_channel, reduce_range=reduce_range,
                                          exclude=config.exclude, logits=config.logits,
-                                         refined=refined.weights if refined else None, keep_8bit=keep_8bit)
+                                         refined=_refined_kept(refined, keep_8bit - first), keep_8bit=keep_8bit | first)
+            decisions.update(policy)
             if mixed is not None:
                 decisions["mixed"] = mixed
             if refined:
@@ -235,15 +248,16 @@ MIXED_PROBE_SAMPLES = 32  # one float-model run per quantized tensor: keep each 
 
 
 def _choose_mixed(scratch: Path, float_path: Path, ranges, weights, activations, reduce_range, refined, correct,
-                  images, holdout, batch: int, loaded: LoadedModel, config: QuantConfig):
-    """Probe the uniform model's tensors and pick those that stay at 8 bits (dsgonnx.sensitivity),
-    measured on up to 32 held-out synthetic samples when there are some, else calibration images."""
+                  images, holdout, batch: int, loaded: LoadedModel, config: QuantConfig, kept: set[str]):
+    """Probe the model's tensors (``kept`` already at 8 bits) and pick those that stay at 8 bits
+    (dsgonnx.sensitivity), measured on up to 32 held-out synthetic samples when there are some,
+    else calibration images."""
     from .sensitivity import choose_8bit
 
     probe = scratch / "uniform.onnx"
     quantize_qdq(float_path, probe, ranges, weights, activations, per_channel=config.per_channel,
                  reduce_range=reduce_range, exclude=config.exclude, logits=config.logits,
-                 refined=refined.weights if refined else None)
+                 refined=_refined_kept(refined, set()), keep_8bit=kept)
     if correct is not None:
         correct(probe)
     samples = holdout if holdout is not None and len(holdout) else images
@@ -287,15 +301,28 @@ class _BiasCorrector:
         return {"mode": self.mode.value, **report, "means": sources}
 
 
-def _refine(prepared: Path, out: Path, ranges, weights, activations, images, holdout, reduce_range, config: QuantConfig):
-    """Learn the weight rounding on the calibration images (dsgonnx.refine; imports torch)."""
+def _refine(prepared: Path, out: Path, ranges, weights, activations, images, holdout, reduce_range, config: QuantConfig,
+            kept: set[str]):
+    """Learn the weight rounding on the calibration images (dsgonnx.refine; imports torch); the
+    ``kept`` tensors on the 8-bit grids."""
+    from .quant.bits import resolve_bits
     from .quant.qdq import activation_grids, excluded_nodes, weight_top
     from .refine import refine_model
 
     exclude, _ = excluded_nodes(onnx.load(str(prepared)), config.exclude, config.logits)
-    return refine_model(prepared, out, activation_grids(ranges, activations), images, holdout, exclude=set(exclude),
+    weights8, activations8 = resolve_bits(8, 8, config.target)
+    grids = activation_grids(ranges, activations)
+    grids.update({name: grid for name, grid in activation_grids(ranges, activations8).items() if name in kept})
+    return refine_model(prepared, out, grids, images, holdout, exclude=set(exclude),
                         per_channel=config.per_channel, weight_top=weight_top(weights, reduce_range),
-                        config=config.refine, device=config.device, seed=config.seed)
+                        config=config.refine, device=config.device, seed=config.seed,
+                        weight_tops={name: weight_top(weights8, reduce_range) for name in kept})
+
+
+def _refined_kept(refined, dropped: set[str]) -> Optional[dict]:
+    """The learned grids to export, less those of ``dropped`` weights (mixed precision keeps
+    them at 8 bits: ORT rounds the refined values on its own 8-bit grid)."""
+    return {name: w for name, w in refined.weights.items() if name not in dropped} if refined else None
 
 
 def _validate(loaded: LoadedModel, output: Path, config: QuantConfig, holdout, calib_files, bits, calibration,

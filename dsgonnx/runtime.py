@@ -22,10 +22,16 @@ CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 
 
-def ort_session(path, providers=(CPU,)):
+# ORT's optimizer quantizes a float Conv/Gemm weight that meets a dequantized input (int8,
+# per tensor); models that keep a layer's weight float on purpose (analyze's probes) turn it off
+KEEP_FLOAT_WEIGHTS = ("WeightBiasQuantization",)
+
+
+def ort_session(path, providers=(CPU,), disabled_optimizers=()):
     """An ``onnxruntime.InferenceSession`` for ``path``: errors only in ORT's log (its
     per-node placement warnings are noise here); a model ORT cannot load is a one-line
-    :class:`~dsgonnx.errors.ModelLoadError`."""
+    :class:`~dsgonnx.errors.ModelLoadError`. ``disabled_optimizers``: ORT graph
+    transformers not to run (``KEEP_FLOAT_WEIGHTS``)."""
     import onnxruntime as ort
 
     from .errors import ModelLoadError
@@ -33,7 +39,8 @@ def ort_session(path, providers=(CPU,)):
     options = ort.SessionOptions()
     options.log_severity_level = 3
     try:
-        return ort.InferenceSession(os.fspath(path), options, providers=list(providers))
+        return ort.InferenceSession(os.fspath(path), options, providers=list(providers),
+                                    disabled_optimizers=list(disabled_optimizers))
     except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
         raise ModelLoadError(f"cannot load ONNX model {path}: {one_line(exc)}") from None
 

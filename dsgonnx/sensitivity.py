@@ -31,7 +31,7 @@ from onnx import numpy_helper
 from .config import QuantConfig
 from .errors import DataError, UnsupportedModelError
 from .progress import Progress, say
-from .runtime import ort_session
+from .runtime import KEEP_FLOAT_WEIGHTS, ort_session
 
 _SIMULATION = ("Clip",)  # what may sit between QuantizeLinear and DequantizeLinear (simulated bits)
 
@@ -173,10 +173,11 @@ def _sorted(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def _outputs(path, input_name: str, images: np.ndarray, batch: int) -> np.ndarray:
-    """The classifier output (N×classes) of the model at ``path`` on ``images``, in batches."""
+    """The classifier output (N×classes) of the model at ``path`` on ``images``, in batches.
+    Weights made float stay float (ORT would quantize them again, per tensor)."""
     from .validation.sessions import flatten_classifier_output
 
-    session = ort_session(path)
+    session = ort_session(path, disabled_optimizers=KEEP_FLOAT_WEIGHTS)
     output = session.get_outputs()[0].name
     return np.concatenate([
         flatten_classifier_output(np.asarray(session.run([output], {input_name: images[i : i + batch]})[0]), str(path))

@@ -56,6 +56,29 @@ def test_every_point_float_is_the_float_model_and_none_float_is_the_export(setup
     assert parts.activations  # ORT folded Relus into the ranges; the float edit puts them back
 
 
+def test_a_weight_made_float_stays_float_in_the_probes(setup, tmp_path):
+    """ORT's optimizer quantizes a float weight that meets a dequantized input (int8, per
+    tensor): the probes must run the edit as written, i.e. match the unoptimized graph."""
+    from dsgonnx.quant.qdq import pre_process
+    from dsgonnx.sensitivity import _outputs
+
+    result = dsgonnx.quantize(setup["model"], QuantConfig(calib=str(setup["folder"] / "calib.npz"), num_samples=16,
+                                                          wbits=6, abits=6, validate=False,
+                                                          output=str(tmp_path / "q.onnx")))
+    qdq = onnx.load(str(result.output))
+    parts = float_parts(onnx.load(str(pre_process(setup["model"], tmp_path / "prep.onnx"))), qdq)
+    edited = tmp_path / "weights-float.onnx"
+    onnx.save(with_float(qdq, [p for p in quant_points(qdq) if p.kind == "weight"], parts), str(edited))
+    images = np.random.default_rng(2).standard_normal((8, 3, 16, 16)).astype(np.float32)
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    as_written = ort.InferenceSession(str(edited), options, providers=["CPUExecutionProvider"]).run(
+        None, {"input": images})[0]
+    requantized = _run(edited, images)  # ORT's default session
+    assert np.abs(requantized - as_written).max() > 1e-3  # ORT does change it (else this test proves nothing)
+    np.testing.assert_allclose(_outputs(edited, "input", images, 8), as_written.reshape(8, -1), rtol=1e-5, atol=1e-5)
+
+
 def test_a_coarse_input_grid_shows_where_it_is(setup, tmp_path):
     """One outlier pixel among the calibration images coarsens the input's grid: the input's
     damage (SQNR with only it quantized) falls by far more than any weight's (the first

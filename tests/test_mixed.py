@@ -31,7 +31,7 @@ def _weight_integers(path) -> dict[str, np.ndarray]:
 
 def test_kept_weights_use_the_8_bit_grid_the_rest_6_bits_within_budget(setup):
     config = QuantConfig(wbits=6, abits=6, calib=str(setup["folder"] / "calib.npz"), num_samples=32, validate=False,
-                         mixed=True, mixed_budget=0.3, bias_correction="off")
+                         mixed=True, mixed_budget=0.3, bias_correction="off", first_layer_8bit=False)
     result = dsgonnx.quantize(setup["model"], config, output=str(setup["folder"] / "mixed.onnx"))
     mixed = result.decisions["mixed"]
     kept = {row["tensor"] for row in mixed["weights_8bit"]}

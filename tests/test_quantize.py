@@ -63,13 +63,14 @@ def test_every_bit_width_gives_a_valid_model_that_runs(setup, wbits, abits):
     props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert json.loads(props["dsgonnx.bits"])["weights"] == wbits
     assert props["dsgonnx.simulated"] == str(result.bits["simulated"]).lower()
-    if wbits >= 6 and abits >= 6:  # fine grids follow the float model closely
-        agreement = np.mean(logits.argmax(1) == reference_logits(setup["images"]).argmax(1))
-        assert agreement >= 0.85
+    if wbits >= 6 and abits >= 6:  # fine grids follow the float model closely (5 bits: 38 dB)
+        reference = reference_logits(setup["images"])
+        sqnr = 10 * np.log10(np.sum(reference**2) / np.sum((logits - reference) ** 2))
+        assert sqnr >= 40
 
 
 def test_w4a4_uses_int4_types_at_opset_21(setup):
-    _, out = _quantize(setup, "int4.onnx", wbits=4, abits=4)
+    _, out = _quantize(setup, "int4.onnx", wbits=4, abits=4, first_layer_8bit=False)
     model = onnx.load(str(out))
     assert next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 21
     inits = {t.name: t for t in model.graph.initializer}
@@ -82,7 +83,7 @@ def test_w4a4_uses_int4_types_at_opset_21(setup):
 
 
 def test_simulated_6_bit_grids_are_exact(setup, tmp_path):
-    _, out = _quantize(setup, "w6a6.onnx", wbits=6, abits=6)
+    _, out = _quantize(setup, "w6a6.onnx", wbits=6, abits=6, first_layer_8bit=False)
     model = onnx.load(str(out))
     for _, weight in _weight_dq(model):
         assert weight.dtype == np.int8 and weight.min() >= -31 and weight.max() <= 31
@@ -99,6 +100,97 @@ def test_simulated_6_bit_grids_are_exact(setup, tmp_path):
     # inputs far outside the calibration range must saturate at the 6-bit ends, not at 255
     values = session.run(None, {"input": setup["images"] * 8})[1:]
     assert max(int(v.max()) for v in values) == 63 and min(int(v.min()) for v in values) == 0
+
+
+def _clipped(model) -> set[str]:
+    """The activations whose integers pass the simulated-bit Clip."""
+    producers = {out: n for n in model.graph.node for out in n.output}
+    return {producers[n.input[0]].input[0] for n in model.graph.node if n.op_type == "Clip"}
+
+
+def test_first_layer_stays_8_bit_below_8_bits(setup):
+    result, out = _quantize(setup, "w6a6-first8.onnx", wbits=6, abits=6)
+    model = onnx.load(str(out))
+    first = result.decisions["first_layer_8bit"]
+    assert set(first["tensors"]) == {"input", "ConvBnFusion_W_conv1.weight"}
+    assert 0 < first["weight_share"] < 1
+    weights = {n.input[0]: w for n, w in _weight_dq(model)}
+    first_weight = next(w for name, w in weights.items() if "conv1" in name)
+    assert np.abs(first_weight).max() == 127  # the 8-bit grid, its scale fitted to the weight
+    assert all(np.abs(w).max() <= 31 for name, w in weights.items() if "conv1" not in name)
+    clipped = _clipped(model)
+    assert "input" not in clipped and "/Relu_output_0" in clipped  # the first layer's output is 6-bit
+    uniform, out6 = _quantize(setup, "w6a6-uniform.onnx", wbits=6, abits=6, first_layer_8bit=False)
+    assert "first_layer_8bit" not in uniform.decisions and "input" in _clipped(onnx.load(str(out6)))
+    eight, _ = _quantize(setup, "w8a8-first.onnx")
+    assert "first_layer_8bit" not in eight.decisions  # nothing to keep at 8 bits
+
+
+def test_int4_models_keep_the_first_layer_in_8_bit_types(setup):
+    result, out = _quantize(setup, "int4-first8.onnx", wbits=4, abits=4)
+    model = onnx.load(str(out))
+    inits = {t.name: t for t in model.graph.initializer}
+    types = {n.input[0]: inits[n.input[0]].data_type for n, _ in _weight_dq(model)}
+    assert {t for name, t in types.items() if "conv1" in name} == {onnx.TensorProto.INT8}
+    assert {t for name, t in types.items() if "conv1" not in name} == {onnx.TensorProto.INT4}
+    zero_points = {n.input[0]: inits[n.input[2]].data_type for n in model.graph.node
+                   if n.op_type == "QuantizeLinear" and n.input[0] not in inits}
+    assert zero_points.pop("input") == onnx.TensorProto.UINT8 and set(zero_points.values()) == {onnx.TensorProto.UINT4}
+    assert set(result.decisions["first_layer_8bit"]["tensors"]) == {"input", "ConvBnFusion_W_conv1.weight"}
+    assert np.isfinite(_run(out, setup["images"])).all()
+
+
+def test_a_kept_8_bit_grid_is_not_clipped_where_ort_shares_it(tmp_path):
+    """ORT gives a Pad (MaxPool, Reshape, ...) its input's quantization grid; when that input
+    stays at 8 bits, the padded integers must not be clipped to the 6-bit range (they were:
+    MobileNet v1 0.25 W6A6 fell to 9.6% with its input at 8 bits)."""
+    from dsgonnx.quant.bits import resolve_bits
+    from dsgonnx.quant.calibrate import compute_ranges
+    from dsgonnx.quant.qdq import pre_process, quantize_qdq
+    from dsgonnx.quant.reader import ArrayReader
+
+    conv_w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("Pad", ["input", "pads"], ["padded"], name="pad", mode="reflect"),  # not fused into the Conv
+         helper.make_node("Conv", ["padded", "w"], ["y"], name="conv")],
+        "padded", [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, [4, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4, 4, 8, 8])],
+        [conv_w, numpy_helper.from_array(np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64), "pads")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.save(model, str(tmp_path / "pad.onnx"))
+    prepared = pre_process(tmp_path / "pad.onnx", tmp_path / "prepared.onnx")
+    images = np.random.default_rng(1).uniform(-1, 1, (4, 3, 8, 8)).astype(np.float32)
+    weights, activations = resolve_bits(6, 6, "cpu")
+    ranges = compute_ranges(prepared, ArrayReader("input", images, 4), "minmax", activations)
+    quantize_qdq(prepared, tmp_path / "q.onnx", ranges, weights, activations, per_channel=True, reduce_range=False,
+                 logits="quantize", keep_8bit={"input", "w"})
+    q = onnx.load(str(tmp_path / "q.onnx"))
+    scales = {n.input[0]: n.input[1] for n in q.graph.node if n.op_type == "QuantizeLinear"}
+    assert scales["padded"] == scales["input"]  # ORT shares the grid (else this test proves nothing)
+    assert not {"input", "padded"} & _clipped(q) and len(_clipped(q)) == 1  # the Conv output (6-bit)
+    session = ort.InferenceSession(str(tmp_path / "q.onnx"), providers=["CPUExecutionProvider"])
+    float_session = ort.InferenceSession(str(prepared), providers=["CPUExecutionProvider"])
+    got, want = session.run(None, {"input": images})[0], float_session.run(None, {"input": images})[0]
+    assert np.abs(got - want).max() < 0.1 * np.abs(want).max()
+
+
+def test_pooled_features_take_their_input_range(setup):
+    def grids(out):  # quantized activation -> (scale, zero point)
+        inits = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer}
+        return {n.input[0]: (float(inits[n.input[1]]), int(inits[n.input[2]])) for n in onnx.load(str(out)).graph.node
+                if n.op_type == "QuantizeLinear" and n.input[0] not in inits}
+
+    # logits "float": the classifier's input (the reshaped mean) is quantized
+    result, out = _quantize(setup, "pool-input.onnx", calib="gaussian", num_samples=4, iters=0, logits="float")
+    assert result.decisions["pool_range"] == {"policy": "input",
+                                              "tensors": ["/ReduceMean_output_0", "/Reshape_output_0"]}
+    shared = grids(out)
+    assert shared["/Reshape_output_0"] == shared["/Relu_1_output_0"]
+    calibrated, out2 = _quantize(setup, "pool-calibrated.onnx", calib="gaussian", num_samples=4, iters=0,
+                                 logits="float", pool_range="calibrated")
+    own = grids(out2)
+    assert own["/Reshape_output_0"][0] < 0.5 * own["/Relu_1_output_0"][0]  # a mean's own range is narrower
+    assert calibrated.decisions["pool_range"] == {"policy": "calibrated", "tensors": []}
 
 
 def test_gpu_target_is_symmetric_int8(setup):

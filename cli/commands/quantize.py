@@ -6,7 +6,7 @@ import json
 
 import click
 
-from dsgonnx import (BiasCorrection, Calibrator, DataError, LogitsPolicy, QuantConfig, RefineConfig, RefineMethod, SlackReading,
+from dsgonnx import (BiasCorrection, Calibrator, DataError, LogitsPolicy, PoolRange, QuantConfig, RefineConfig, RefineMethod, SlackReading,
                      SynthOptions, Target)
 from dsgonnx_cli.options import (PREPROCESS_HELP, choice, device_option, input_shape_option, preprocess_options,
                                  provider_option, quiet_option)
@@ -85,6 +85,12 @@ def _given(values: dict, fields: dict) -> dict:
               help="Share of the weight values (and of the activation tensors) --mixed auto may keep at 8 bits.")
 @click.option("--cle/--no-cle", default=False, show_default=True,
               help="Cross-layer equalization before calibration (measured to hurt with per-channel weights).")
+@click.option("--pool-range", type=choice(PoolRange), default=PoolRange.INPUT.value, show_default=True,
+              help="Range of an averaging pool's output: its input's (never clips; synthetic data under-ranges "
+                   "pooled features) or its own calibrated one.")
+@click.option("--first-layer-8bit/--no-first-layer-8bit", default=True, show_default=True,
+              help="Below 8 bits, keep the model input and the first layer's weights at 8 bits (in 8-bit types "
+                   "at 4 bits).")
 @input_shape_option
 @click.option("--seed", type=int, default=0, show_default=True)
 @device_option("Synthesis and refinement device.")

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 from onnxruntime.quantization import CalibrationMethod
+import onnx
 from onnxruntime.quantization.calibrate import TensorData, TensorsData, create_calibrator
 
 from ..config import Calibrator
@@ -26,6 +27,8 @@ _ORT_METHOD = {
     "mse": CalibrationMethod.Entropy,  # its histogram collection; the search below picks the range
 }
 MSE_BINS = 2048
+_AVERAGING = ("GlobalAveragePool", "AveragePool", "ReduceMean")
+_SAME_VALUES = ("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Identity")  # outputs hold the input's values
 
 
 def compute_ranges(model_path: Path, reader: ArrayReader, method: str, activations: BitSpec) -> TensorsData:
@@ -81,3 +84,26 @@ def mse_range(hist: np.ndarray, edges: np.ndarray, low: float, high: float, spec
         if total < best_error:
             best, best_error = (lo, hi), total
     return TensorData(lowest=np.float32(best[0]), highest=np.float32(best[1]))
+
+
+def share_pool_ranges(model: onnx.ModelProto, ranges: TensorsData) -> tuple[TensorsData, list[str]]:
+    """Give every averaging pool's output (and the reshapes of it) its input's range.
+
+    A mean lies within its inputs' range, so this range never clips. The calibrated one can:
+    synthetic images match the BN statistics channel by channel but are rarely as confident
+    as real ones, whose pooled features reach several times higher (ResNet-20: 1.39 on DSG
+    samples, 4.54 on real images) and are clipped on the narrow grid. TFLite requires the
+    same of AVERAGE_POOL_2D. Returns the new ranges and the tensors changed.
+    """
+    values = dict(ranges.items())
+    changed = []
+    for node in model.graph.node:
+        if node.op_type in _AVERAGING and node.input[0] in values and node.output[0] in values:
+            shared = values[node.input[0]]
+            tensors = [node.output[0]]
+            for tensor in tensors:  # grows as reshapes of the pooled tensor are found
+                values[tensor] = shared
+                tensors += [n.output[0] for n in model.graph.node
+                            if n.op_type in _SAME_VALUES and n.input[0] == tensor and n.output[0] in values]
+            changed += tensors
+    return TensorsData(ranges.calibration_method, values), changed

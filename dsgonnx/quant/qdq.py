@@ -18,7 +18,7 @@ from typing import Iterable, Optional
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper, version_converter
-from onnxruntime.quantization import QuantFormat, quantize_static
+from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.calibrate import TensorsData, save_tensors_data
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -181,6 +181,29 @@ def quantized_weights(model: onnx.ModelProto, exclude: Iterable[str] = ()) -> li
     return sites
 
 
+def first_layer_tensors(model: onnx.ModelProto) -> set[str]:
+    """The model input, the tensors between it and the first layer with a quantized weight
+    (Pad, ...), and that weight: what ``first_layer_8bit`` keeps on the 8-bit grid."""
+    sites = quantized_weights(model)
+    if not sites:
+        return set()
+    producers = {out: node for node in model.graph.node for out in node.output}
+    initializers = {t.name for t in model.graph.initializer}
+    kept, tensor = {sites[0].weight}, sites[0].node.input[0]
+    while tensor and tensor not in kept:
+        kept.add(tensor)
+        node = producers.get(tensor)
+        tensor = next((name for name in node.input if name not in initializers), None) if node is not None else None
+    return kept
+
+
+def weight_share(model: onnx.ModelProto, names: Iterable[str]) -> float:
+    """The share of the quantized weight values that the initializers ``names`` hold."""
+    sizes = {t.name: int(np.prod(t.dims)) for t in model.graph.initializer}
+    total = sum(sizes[site.weight] for site in quantized_weights(model))
+    return sum(sizes.get(name, 0) for name in set(names)) / total if total else 0.0
+
+
 def weight_overrides(model: onnx.ModelProto, spec: BitSpec, per_channel: bool, exclude: set[str]) -> dict:
     """Symmetric B-bit scales for every weight ORT will quantize (simulated bits)."""
     initializers = {t.name: t for t in model.graph.initializer}
@@ -225,9 +248,6 @@ def quantize_qdq(
     """
     logits = LogitsPolicy.parse(logits, "logits")
     keep_8bit = set(keep_8bit)
-    if keep_8bit and not (weights.simulated or activations.simulated):
-        raise DataError("mixed precision keeps tensors at 8 bits among simulated ones (2, 3, 5, 6 or 7 bits), "
-                        f"not at W{weights.bits}A{activations.bits}")
     model = onnx.load(str(model_path))
     exclude, last = excluded_nodes(model, exclude, logits)
     graph_outputs = {o.name for o in model.graph.output}
@@ -255,6 +275,9 @@ def quantize_qdq(
             extra["TensorQuantOverrides"].update({k: v for k, v in overrides.items() if k not in keep_8bit})
         if refined:
             extra["TensorQuantOverrides"].update(refined_weight_overrides(refined))
+        for name, quant_type in eight_bit_types(model, keep_8bit, weights, activations).items():
+            for entry in extra["TensorQuantOverrides"].setdefault(name, [{}]):  # learned scales keep their type
+                entry["quant_type"] = quant_type
         if activations.simulated:
             simulated_activations = [name for name in ranges.keys()
                                      if name not in extra["TensorQuantOverrides"] and name not in keep_8bit]
@@ -285,6 +308,18 @@ def quantize_qdq(
             "logits": logits.value, "simulated_activation_tensors": len(simulated_activations)}
 
 
+def eight_bit_types(model: onnx.ModelProto, keep: set[str], weights: BitSpec, activations: BitSpec) -> dict:
+    """tensor -> the 8-bit type of each ``keep`` tensor whose side's type is not 8-bit
+    (INT4/UINT4, 16-bit); at simulated widths they stay in their 8-bit containers instead."""
+    initializers = {t.name for t in model.graph.initializer}
+    types = {}
+    for name in keep:
+        side = weights if name in initializers else activations
+        if side.needs_opset21:
+            types[name] = QuantType.QInt8 if name in initializers or side.symmetric else QuantType.QUInt8
+    return types
+
+
 def clip_simulated_activations(path: Path, spec: BitSpec, keep: Iterable[str] = ()) -> None:
     """Insert ``Clip(lo, hi)`` on the integers of every activation QuantizeLinear, so that
     values outside the calibrated range saturate at the B-bit grid's ends, exactly as a
@@ -293,8 +328,11 @@ def clip_simulated_activations(path: Path, spec: BitSpec, keep: Iterable[str] = 
     graph = model.graph
     initializers = {t.name for t in graph.initializer}
     keep = set(keep)
-    quantized = [n for n in graph.node
-                 if n.op_type == "QuantizeLinear" and n.input[0] not in initializers and n.input[0] not in keep]
+    activations = [n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] not in initializers]
+    # ORT gives some outputs their input's grid (Pad, MaxPool, Reshape, ...): a QuantizeLinear
+    # on the 8-bit grid of a kept tensor is known by its scale, whatever tensor it quantizes
+    kept_grids = {n.input[1] for n in activations if n.input[0] in keep}
+    quantized = [n for n in activations if n.input[0] not in keep and n.input[1] not in kept_grids]
     if not quantized:
         return
     # the bounds are the grid's absolute integer ends (BitSpec.levels): 0..2^B-1 for

@@ -64,8 +64,9 @@ class _Layer:
 
 
 def _find_layers(torch_model, onnx_model: onnx.ModelProto, exclude: set[str], grids: dict, weight_top: int,
-                 per_channel: bool, scale_search: bool) -> tuple[list[_Layer], list[dict]]:
-    """Wrap every Conv/Gemm weight ORT will quantize in a QuantLayer; list what is skipped and why."""
+                 per_channel: bool, scale_search: bool, weight_tops: dict) -> tuple[list[_Layer], list[dict]]:
+    """Wrap every Conv/Gemm weight ORT will quantize in a QuantLayer (on the grid of
+    ``weight_tops[weight]``, else ``weight_top``); list what is skipped and why."""
     uses: dict[str, int] = {}
     for node in onnx_model.graph.node:
         for name in node.input:
@@ -96,9 +97,10 @@ def _find_layers(torch_model, onnx_model: onnx.ModelProto, exclude: set[str], gr
             continue
         transposed = node.op_type == "Gemm" and site.axis == 1  # transB=0: ONNX holds the transpose
         onnx_axis = site.axis if per_channel else None
-        scales = weight_scales(inner.weight, weight_top, 0 if per_channel else None, search=scale_search)
+        top = weight_tops.get(site.weight, weight_top)
+        scales = weight_scales(inner.weight, top, 0 if per_channel else None, search=scale_search)
         act = ActQuant(*grids[node.input[0]]) if node.input[0] in grids else None
-        wrapped = QuantLayer(inner, scales, weight_top, 0 if per_channel else None, act)
+        wrapped = QuantLayer(inner, scales, top, 0 if per_channel else None, act)
         setattr(parent, attr, wrapped)
         layers.append(_Layer(node.name, site.weight, onnx_axis, transposed, fx_by_target[target], wrapped))
     return layers, skipped
@@ -135,11 +137,12 @@ def _beta(step: int, total: int, config: RefineConfig) -> Optional[float]:
 
 def refine_model(model_path: Path, output_path: Path, grids: dict, images: np.ndarray, eval_images: Optional[np.ndarray],
                  *, exclude: set[str], per_channel: bool, weight_top: int, config: RefineConfig,
-                 device: str = "auto", seed: int = 0) -> RefineResult:
+                 device: str = "auto", seed: int = 0, weight_tops: Optional[dict] = None) -> RefineResult:
     """Learn the weight rounding of ``model_path`` (an fp32 ONNX model ORT will quantize).
 
     ``grids``: activation tensor name -> (scale, zero point, lowest, highest integer) as ORT
-    will quantize it. ``eval_images`` (else the calibration images) measure each unit's
+    will quantize it. ``weight_tops``: weight name -> largest integer, for weights on
+    another grid than ``weight_top``'s (the first layer at 8 bits). ``eval_images`` (else the calibration images) measure each unit's
     reconstruction loss before and after. Writes the refined model to ``output_path``.
     """
     started = time.perf_counter()
@@ -148,7 +151,8 @@ def refine_model(model_path: Path, output_path: Path, grids: dict, images: np.nd
     loaded = load_model(model_path)
     torch_model = to_torch(loaded)
     onnx_model = torch_model.graph
-    layers, skipped = _find_layers(torch_model, onnx_model, exclude, grids, weight_top, per_channel, config.scale_search)
+    layers, skipped = _find_layers(torch_model, onnx_model, exclude, grids, weight_top, per_channel, config.scale_search,
+                                   weight_tops or {})
     if not layers:
         raise UnsupportedModelError("refine: the model has no Conv/Gemm layer to refine")
     module = torch_model.module.to(torch_device).float().eval()
