@@ -97,15 +97,15 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
                         made[(base, seed)] = (data, None, None, None)
                     else:
                         start = time.perf_counter()
-                        settings = SynthConfig(**dict(SOURCES[base], num_samples=num_samples, iters=iters, seed=seed,
-                                                      device=device, preprocess=recipe, **(synth or {})))
-                        cached = _cached_set(cache, model, settings)
+                        made_as = SynthConfig(**dict(SOURCES[base], num_samples=num_samples, iters=iters, seed=seed,
+                                                     device=device, preprocess=recipe, **(synth or {})))
+                        cached = _cached_set(cache, model, made_as)
                         if cached is not None and cached.exists():
                             synthetic = SyntheticSet.load(cached)
                             took = synthetic.meta["seconds"]
                             print(f"{Path(model).name} {base} seed {seed}: synthetic set from {cached}", file=log)
                         else:
-                            synthetic = synthesize(loaded, settings, output=cached)
+                            synthetic = synthesize(loaded, made_as, output=cached)
                             took = time.perf_counter() - start
                         made[(base, seed)] = (synthetic, took, synthetic.meta["seconds_per_iter"],
                                               synthetic.meta["diversity"].get("sample_similarity"))
