@@ -270,6 +270,17 @@ def test_default_output_name_follows_bits(setup):
     assert again.exit_code == 2 and "--force" in again.stderr
 
 
+def test_cli_policy_flags_reach_the_model(setup):
+    out = setup["folder"] / "policies.onnx"
+    result = _cli(setup["model"], "--w6a6", "--calib", setup["calib"], "--no-validate", "-o", out, "--force",
+                  "--pool-range", "calibrated", "--no-first-layer-8bit")
+    assert result.exit_code == 0, result.output
+    decisions = json.loads({p.key: p.value for p in onnx.load(str(out)).metadata_props}["dsgonnx.decisions"])
+    assert decisions["pool_range"] == {"policy": "calibrated", "tensors": []} and "first_layer_8bit" not in decisions
+    bad = _cli(setup["model"], "--calib", setup["calib"], "--pool-range", "median")
+    assert bad.exit_code == 2 and "--pool-range" in bad.stderr and "Traceback" not in bad.output
+
+
 @pytest.fixture()
 def bad_inputs(setup, tmp_path):
     np.savez(tmp_path / "shape.npz", images=np.zeros((4, 3, 8, 8), np.float32))
