@@ -10,8 +10,8 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from onnxruntime.quantization import CalibrationMethod
 import onnx
+from onnxruntime.quantization import CalibrationMethod
 from onnxruntime.quantization.calibrate import TensorData, TensorsData, create_calibrator
 
 from ..config import Calibrator
