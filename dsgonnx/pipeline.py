@@ -138,12 +138,12 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
         with stages("calibrate"):
             ranges = compute_ranges(prepared, ArrayReader(loaded.input.name, calib_images, batch), config.calibrator,
                                     activations)
+        prepared_model = onnx.load(str(prepared))
         policy = {"pool_range": {"policy": config.pool_range.value, "tensors": []}}
         if config.pool_range == PoolRange.INPUT:
-            ranges, policy["pool_range"]["tensors"] = share_pool_ranges(onnx.load(str(prepared)), ranges)
+            ranges, policy["pool_range"]["tensors"] = share_pool_ranges(prepared_model, ranges)
         first = set()
         if config.first_layer_8bit and min(weights.bits, activations.bits) < 8:
-            prepared_model = onnx.load(str(prepared))
             first = first_layer_tensors(prepared_model)
             policy["first_layer_8bit"] = {"tensors": sorted(first),
                                           "weight_share": round(weight_share(prepared_model, first), 5)}

@@ -115,21 +115,28 @@ def test_cli_switch_and_bad_value(setup):
         QuantConfig(bias_correction="sometimes")
 
 
-def test_mobilenet_w6a6_recovers_with_analytic_correction(tmp_path):
-    """The depthwise network that loses most to the output shift: MobileNet v1 0.25 at W6A6,
-    100 real calibration images, scored on 200 others (benchmark: 24.3 % -> 50.9 % on 900)."""
-    model = SHARED / "models" / "imagenet_mobilenet_v1_0.25.onnx"
+def _shared_mobilenet(width: str):
+    """(model, image folder path, its scan, a loader of files as preprocessed images) for an
+    ImageNet MobileNet v1 in ../shared; skips when it is absent."""
+    model = SHARED / "models" / f"imagenet_mobilenet_v1_{width}.onnx"
     data = SHARED / "datasets" / "imagenet-samples"
     if not model.exists() or not data.is_dir():
-        pytest.skip("needs ../shared (MobileNet v1 0.25 and imagenet-samples)")
-    from dsgonnx.calibration_data import spread_indices
+        pytest.skip(f"needs ../shared (MobileNet v1 {width} and imagenet-samples)")
     from dsgonnx.preprocess import load_image, scan_image_folder
 
     recipe = dsgonnx.PRESETS["inception"].for_input_size(224)
-    folder = scan_image_folder(str(data))
+    return model, data, scan_image_folder(str(data)), lambda files: np.stack([load_image(f, recipe) for f in files])
+
+
+def test_mobilenet_w6a6_recovers_with_analytic_correction(tmp_path):
+    """The depthwise network that loses most to the output shift: MobileNet v1 0.25 at W6A6,
+    100 real calibration images, scored on 200 others (benchmark: 24.3 % -> 50.9 % on 900)."""
+    model, data, folder, load = _shared_mobilenet("0.25")
+    from dsgonnx.calibration_data import spread_indices
+
     calib = set(spread_indices(len(folder.files), 100).tolist())
     held = [i for i in range(len(folder.files)) if i not in calib][::4][:200]
-    images = np.stack([load_image(folder.files[i], recipe) for i in held])
+    images = load([folder.files[i] for i in held])
     labels = np.array([folder.labels[i] for i in held])
     np.savez(tmp_path / "held.npz", images=images, labels=labels)
     top1 = {}
@@ -149,15 +156,8 @@ def test_the_first_bn_gives_the_input_mean_of_real_images(tmp_path):
     from dsgonnx.quant.correct import input_mean_from_bn
     from dsgonnx.quant.qdq import pre_process
 
-    model = SHARED / "models" / "imagenet_mobilenet_v1_0.75.onnx"
-    data = SHARED / "datasets" / "imagenet-samples"
-    if not model.exists() or not data.is_dir():
-        pytest.skip("needs ../shared (MobileNet v1 0.75 and imagenet-samples)")
-    from dsgonnx.preprocess import load_image, scan_image_folder
-
-    recipe = dsgonnx.PRESETS["inception"].for_input_size(224)
-    folder = scan_image_folder(str(data))
-    real = np.stack([load_image(path, recipe) for path in folder.files[::5][:200]]).mean(axis=(0, 2, 3))
+    model, _, folder, load = _shared_mobilenet("0.75")
+    real = load(folder.files[::5][:200]).mean(axis=(0, 2, 3))
     prepared = onnx.load(str(pre_process(model, tmp_path / "prepared.onnx")))
     estimate = input_mean_from_bn(prepared, bn_moments(onnx.load(str(model))))
     assert estimate is not None and np.abs(estimate - real).max() < 0.05, (estimate, real)
