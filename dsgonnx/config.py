@@ -94,7 +94,7 @@ class LogitsPolicy(Choice):
 class BiasCorrection(Choice):
     """Where bias correction takes E[x] of each layer's input (:mod:`dsgonnx.quant.correct`)."""
 
-    AUTO = "auto"  # analytic where BN statistics reach the layer, empirical elsewhere
+    AUTO = "auto"  # analytic where BN statistics reach the layer (the model input: the first BN's), empirical elsewhere
     ANALYTIC = "analytic"  # from the BN statistics only (no data); other layers uncorrected
     EMPIRICAL = "empirical"  # per-channel means over the calibration images
     OFF = "off"
@@ -445,7 +445,7 @@ class QuantConfig:
     mixed: bool = False  # keep the most sensitive tensors at 8 bits (simulated widths only)
     mixed_budget: float = 0.05  # share of the weight values (and of the activation tensors) allowed at 8 bits
     pool_range: PoolRange = PoolRange.INPUT  # measured: synthetic data under-ranges pooled features
-    first_layer_8bit: bool = True  # below 8 bits, the input and the first layer's weights at 8 bits (measured)
+    first_layer_8bit: bool = True  # below 8 bits, the input and the first layer (weights, output) at 8 bits (measured)
     reduce_range: Optional[bool] = None  # None: decided from the CPU for the cpu target
     seed: int = 0
     device: Device = Device.AUTO

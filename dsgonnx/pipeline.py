@@ -262,7 +262,7 @@ def _choose_mixed(scratch: Path, float_path: Path, ranges, weights, activations,
         correct(probe)
     samples = holdout if holdout is not None and len(holdout) else images
     return choose_8bit(probe, float_path, loaded.input.name, samples[:MIXED_PROBE_SAMPLES], config.mixed_budget,
-                       batch)
+                       batch, kept)
 
 
 def _equalize(prepared: Path, out: Path) -> tuple[Path, dict]:

@@ -22,7 +22,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 import numpy as np
 import onnx
@@ -342,13 +342,15 @@ def analyze(model, config: Optional[QuantConfig] = None, *, data=None, eval_samp
 
 
 def choose_8bit(qdq_path: Path, float_path: Path, input_name: str, images: np.ndarray, budget: float,
-                batch: int) -> tuple[set[str], dict]:
+                batch: int, kept: Iterable[str] = ()) -> tuple[set[str], dict]:
     """Mixed precision: the tensors of the QDQ model at ``qdq_path`` that add the most noise to
     the output, kept on the 8-bit grid — weights by noise per value while their values fit in
     ``budget`` (a share of all quantized weight values), activations by noise up to the same
-    share of the activation tensors. A tensor's noise is the output noise power (relative to
-    the signal, 10^(−SQNR/10)) with only it quantized; noises of separate tensors add up to
-    first order. Returns their names (in the float model) and a report."""
+    share of the activation tensors. ``kept``: tensors (float names) that are on the 8-bit grid
+    already (the first layer); they count against the budget. A tensor's noise is the output
+    noise power (relative to the signal, 10^(−SQNR/10)) with only it quantized; noises of
+    separate tensors add up to first order. Returns the names (in the float model) of the
+    tensors above the low width, ``kept`` included, and a report."""
     qdq = onnx.load(str(qdq_path))
     points = quant_points(qdq)
     parts = float_parts(onnx.load(str(float_path)), qdq)
@@ -364,19 +366,27 @@ def choose_8bit(qdq_path: Path, float_path: Path, input_name: str, images: np.nd
             noise[point.name] = 0.0 if sqnr is None or sqnr == float("inf") else 10 ** (-sqnr / 10)
             progress.update(number, point.name)
     total_noise = sum(noise.values()) or 1.0
+    kept = set(kept)
+
+    def float_name(point: QuantPoint) -> str:
+        return parts.layers[point.layer][0].name if point.kind == "weight" else point.name
+
     weights = sorted((p for p in points if p.kind == "weight"), key=lambda p: -noise[p.name] / max(p.elements, 1))
     activations = sorted((p for p in points if p.kind == "activation"), key=lambda p: -noise[p.name])
     total = sum(p.elements for p in weights)
-    allowance, used, kept_weights = budget * total, 0, []
+    already = [p for p in weights if float_name(p) in kept]
+    allowance, used = budget * total, sum(p.elements for p in already)
+    chosen = []
     for point in weights:
-        if noise[point.name] > 0 and used + point.elements <= allowance:
+        if point not in already and noise[point.name] > 0 and used + point.elements <= allowance:
             used += point.elements
-            kept_weights.append(point)
-    kept_activations = [p for p in activations[: int(math.floor(budget * len(activations)))] if noise[p.name] > 0]
+            chosen.append(point)
+    fresh = [p for p in activations if p.name not in kept and noise[p.name] > 0]
+    slots = max(int(math.floor(budget * len(activations))) - sum(p.name in kept for p in activations), 0)
+    kept_weights, kept_activations = already + chosen, [p for p in activations if p.name in kept] + fresh[:slots]
 
     def rows(kept):
-        return [{"tensor": parts.layers[p.layer][0].name if p.kind == "weight" else p.name,
-                 "noise_share": round(noise[p.name] / total_noise, 4)} for p in kept]
+        return [{"tensor": float_name(p), "noise_share": round(noise[p.name] / total_noise, 4)} for p in kept]
 
     report = {"budget": budget, "weight_share_8bit": round(used / total, 4) if total else 0.0,
               "weights_8bit": rows(kept_weights), "activations_8bit": rows(kept_activations),

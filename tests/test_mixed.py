@@ -59,3 +59,18 @@ def test_bad_budget_and_native_widths_are_refused(setup):
                                       "-o", str(setup["folder"] / "w8.onnx")])
     assert result.exit_code == 2 and "mixed precision keeps tensors at 8 bits among simulated" in result.stderr
     assert not (setup["folder"] / "w8.onnx").exists()
+
+
+def test_the_first_layer_kept_at_8_bits_counts_against_the_budget(setup):
+    config = QuantConfig(wbits=6, abits=6, calib=str(setup["folder"] / "calib.npz"), num_samples=32, validate=False,
+                         mixed=True, mixed_budget=0.3, bias_correction="off")
+    result = dsgonnx.quantize(setup["model"], config, output=str(setup["folder"] / "mixed-first.onnx"))
+    first, mixed = result.decisions["first_layer_8bit"], result.decisions["mixed"]
+    first_weight = next(name for name in first["tensors"] if name.endswith("weight"))
+    ints = _weight_integers(result.output)
+    sizes = {name: values.size for name, values in ints.items()}
+    eight = {name for name, values in ints.items() if int(np.abs(values).max()) > 31}  # on the 8-bit grid
+    assert first_weight in eight and len(eight) > 1  # the first layer and at least one chosen weight
+    share = sum(sizes[name] for name in eight) / sum(sizes.values())
+    assert share <= 0.3 and share == pytest.approx(mixed["weight_share_8bit"], abs=1e-3)
+    assert eight == {row["tensor"] for row in mixed["weights_8bit"]}

@@ -112,14 +112,17 @@ def test_first_layer_stays_8_bit_below_8_bits(setup):
     result, out = _quantize(setup, "w6a6-first8.onnx", wbits=6, abits=6)
     model = onnx.load(str(out))
     first = result.decisions["first_layer_8bit"]
-    assert set(first["tensors"]) == {"input", "ConvBnFusion_W_conv1.weight"}
+    # the input, the first Conv's weights, its output and the ReLU after it
+    assert set(first["tensors"]) == {"input", "ConvBnFusion_W_conv1.weight", "/bn1/BatchNormalization_output_0",
+                                     "/Relu_output_0"}
     assert 0 < first["weight_share"] < 1
     weights = {n.input[0]: w for n, w in _weight_dq(model)}
     first_weight = next(w for name, w in weights.items() if "conv1" in name)
     assert np.abs(first_weight).max() == 127  # the 8-bit grid, its scale fitted to the weight
     assert all(np.abs(w).max() <= 31 for name, w in weights.items() if "conv1" not in name)
     clipped = _clipped(model)
-    assert "input" not in clipped and "/Relu_output_0" in clipped  # the first layer's output is 6-bit
+    assert "input" not in clipped and "/Relu_output_0" not in clipped  # 8-bit: no simulated-bit Clip
+    assert "/Relu_1_output_0" in clipped  # the next layer's output is 6-bit
     uniform, out6 = _quantize(setup, "w6a6-uniform.onnx", wbits=6, abits=6, first_layer_8bit=False)
     assert "first_layer_8bit" not in uniform.decisions and "input" in _clipped(onnx.load(str(out6)))
     eight, _ = _quantize(setup, "w8a8-first.onnx")
@@ -135,8 +138,9 @@ def test_int4_models_keep_the_first_layer_in_8_bit_types(setup):
     assert {t for name, t in types.items() if "conv1" not in name} == {onnx.TensorProto.INT4}
     zero_points = {n.input[0]: inits[n.input[2]].data_type for n in model.graph.node
                    if n.op_type == "QuantizeLinear" and n.input[0] not in inits}
-    assert zero_points.pop("input") == onnx.TensorProto.UINT8 and set(zero_points.values()) == {onnx.TensorProto.UINT4}
-    assert set(result.decisions["first_layer_8bit"]["tensors"]) == {"input", "ConvBnFusion_W_conv1.weight"}
+    assert zero_points.pop("input") == zero_points.pop("/Relu_output_0") == onnx.TensorProto.UINT8
+    assert set(zero_points.values()) == {onnx.TensorProto.UINT4}
+    assert {"input", "ConvBnFusion_W_conv1.weight", "/Relu_output_0"} <= set(result.decisions["first_layer_8bit"]["tensors"])
     assert np.isfinite(_run(out, setup["images"])).all()
 
 

@@ -181,19 +181,38 @@ def quantized_weights(model: onnx.ModelProto, exclude: Iterable[str] = ()) -> li
     return sites
 
 
+# element-wise activations that follow a layer and that ORT quantizes after it (or folds into
+# its output range): the first layer's output runs through them
+_LAYER_ACTIVATIONS = ("Relu", "Clip", "LeakyRelu", "PRelu", "HardSigmoid", "HardSwish", "Sigmoid", "Tanh", "Elu",
+                      "Selu", "Softplus")
+
+
 def first_layer_tensors(model: onnx.ModelProto) -> set[str]:
-    """The model input, the tensors between it and the first layer with a quantized weight
-    (Pad, ...), and that weight: what ``first_layer_8bit`` keeps on the 8-bit grid."""
+    """What ``first_layer_8bit`` keeps on the 8-bit grid: the model input, the tensors between
+    it and the first layer with a quantized weight (Pad, ...), that weight, and the layer's
+    output with the activations that follow it alone (Relu, ReLU6, HardSwish, ...)."""
     sites = quantized_weights(model)
     if not sites:
         return set()
     producers = {out: node for node in model.graph.node for out in node.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
     initializers = {t.name for t in model.graph.initializer}
-    kept, tensor = {sites[0].weight}, sites[0].node.input[0]
+    layer = sites[0].node
+    kept, tensor = {sites[0].weight}, layer.input[0]
     while tensor and tensor not in kept:
         kept.add(tensor)
         node = producers.get(tensor)
         tensor = next((name for name in node.input if name not in initializers), None) if node is not None else None
+    tensor = layer.output[0]
+    while tensor not in kept:
+        kept.add(tensor)
+        users = consumers.get(tensor, [])
+        if len(users) != 1 or users[0].op_type not in _LAYER_ACTIVATIONS or users[0].input[0] != tensor:
+            break
+        tensor = users[0].output[0]
     return kept
 
 
