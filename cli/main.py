@@ -13,6 +13,7 @@ error messages and in progress lines alike.
 
 from __future__ import annotations
 
+import errno
 import importlib
 import logging
 import os
@@ -87,16 +88,28 @@ class _LazyGroup(click.Group):
         with formatter.section("Commands"):
             formatter.write_dl(rows)
 
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.ClickException as exc:  # dsgonnx's own options or an unknown command
+            _fail_usage(exc)
+
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
         except DsgonnxError as exc:
             _fail(spell(str(exc), _HANDLER.command), exc.exit_code)
-        except (click.exceptions.Exit, click.ClickException, click.Abort):
+        except click.ClickException as exc:  # a sub-command's arguments (click's checks)
+            _fail_usage(exc)
+        except (click.exceptions.Exit, click.Abort):
             raise
         except KeyboardInterrupt:
             _fail("interrupted", 130)
         except Exception as exc:  # a bug in dsgonnx or a dependency: still one line
+            full = _disk_full(exc)
+            if full is not None:
+                _fail(f"no space left on the device{f' (writing {full.filename})' if full.filename else ''}; free some "
+                      "space, or point TMPDIR at a larger disk, and rerun (nothing was replaced)", 2)
             if os.environ.get("DSGONNX_DEBUG"):
                 raise
             _fail(
@@ -104,6 +117,29 @@ class _LazyGroup(click.Group):
                 "(rerun with DSGONNX_DEBUG=1 for the traceback and report it)",
                 3,
             )
+
+
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
+def _fail_usage(exc: click.ClickException) -> None:
+    """click's usage errors as one line too (click prints the usage and a hint on three)."""
+    if isinstance(exc, _NO_ARGS_IS_HELP):  # bare `dsgonnx`: the help, as click shows it
+        raise exc
+    ctx = getattr(exc, "ctx", None)
+    hint = f" (see `{ctx.command_path} --help`)" if isinstance(exc, click.UsageError) and ctx is not None else ""
+    _fail(exc.format_message() + hint, exc.exit_code)
+
+
+def _disk_full(exc: BaseException):
+    """The ENOSPC/EDQUOT OSError behind ``exc`` (itself or a cause), or None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return exc
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _fail(message: str, code: int) -> None:

@@ -50,7 +50,7 @@ def synthesize(model, config: Optional[SynthConfig] = None, *, input_shape=None,
         model = load_model(model, input_shape)
     result = run_synthesis(model, config)
     if output is not None:
-        result.save(output)
+        result.save(output, replace=force)
     if preview is not None:
         save_grid(result.images, preview, config.preprocess)
     return result

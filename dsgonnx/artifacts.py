@@ -7,6 +7,7 @@ torch, so a saved set can be quantized and validated without it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -34,12 +35,14 @@ class SyntheticSet:
     def __len__(self) -> int:
         return len(self.images)
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write ``images`` and ``meta`` (a JSON string) to an ``.npz``, atomically."""
+    def save(self, path: str | os.PathLike, replace: bool = True) -> Path:
+        """Write ``images`` and ``meta`` (a JSON string) to an ``.npz``, atomically (without
+        ``replace``, never over an existing file)."""
         path = Path(path)
         if path.suffix != ".npz":
             raise DataError(f"synthetic sets are saved as .npz, not {path.name!r}")
-        write_atomically(path, lambda handle: np.savez(handle, images=self.images, meta=np.array(json.dumps(self.meta))))
+        write_atomically(path, lambda handle: np.savez(handle, images=self.images, meta=np.array(json.dumps(self.meta))),
+                         replace)
         return path
 
     @classmethod
@@ -60,8 +63,43 @@ def check_output_folder(path: str | os.PathLike) -> Path:
     return folder
 
 
-def write_atomically(path: Path, write) -> None:
-    """Call ``write(handle)`` on a temporary file beside ``path``, then rename it into place.
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def publish(tmp: str | os.PathLike, path: str | os.PathLike, replace: bool = True) -> None:
+    """Move the finished temporary file ``tmp`` (in ``path``'s folder) to ``path``: its bytes
+    on disk first (fsync), the permissions a new file gets under the umask (not mkstemp's
+    0600), and — without ``replace`` — never over a file that appeared while dsgonnx worked
+    (exclusive: a hard link fails where the name exists)."""
+    with open(tmp, "rb") as handle:
+        os.fsync(handle.fileno())
+    os.chmod(tmp, 0o666 & ~_umask())
+    if replace:
+        os.replace(tmp, path)
+    else:
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise DataError(f"{path} appeared while dsgonnx was working; not overwritten (set `force`)") from None
+        except OSError:  # no hard links on this file system: check, then rename
+            if os.path.exists(path):
+                raise DataError(f"{path} appeared while dsgonnx was working; not overwritten (set `force`)") from None
+            os.replace(tmp, path)
+        else:
+            os.unlink(tmp)
+    with contextlib.suppress(OSError):  # the rename itself on disk (not every system can open a folder)
+        folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+
+def write_atomically(path: Path, write, replace: bool = True) -> None:
+    """Call ``write(handle)`` on a temporary file beside ``path``, then :func:`publish` it.
 
     Nothing is left behind on failure, and readers never see a half-written file.
     """
@@ -71,7 +109,7 @@ def write_atomically(path: Path, write) -> None:
     try:
         with os.fdopen(fd, "wb") as handle:
             write(handle)
-        os.replace(tmp, path)
+        publish(tmp, path, replace)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)

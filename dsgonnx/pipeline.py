@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 
 from . import __version__
-from .artifacts import check_output_folder
+from .artifacts import check_output_folder, publish
 from .calibration_data import load_real_images
 from .config import BiasCorrection, PoolRange, QuantConfig, ValidateConfig
 from .errors import DataError, ModelLoadError, UnsupportedModelError
@@ -111,6 +111,12 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
                         f"not at W{weights.bits}A{activations.bits}")
     output = Path(config.output) if config.output else default_output(loaded.path, config.wbits, config.abits)
     _check_output(loaded.path, output, config.force)
+    if config.validate:  # the validation's inputs and report, before any work or output
+        from .validation.report import check_report_path
+
+        check_report_path(config.report)
+        if config.val_data is not None and not os.path.exists(config.val_data):
+            raise DataError(f"`val_data`: data not found: {config.val_data}")
     reduce_range = config.reduce_range
     if reduce_range is None:
         from .hardware import needs_reduce_range
@@ -184,7 +190,7 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
                     decisions["bias_correction"] = correct(tmp)
             with stages("check"):
                 _finish_model(tmp, loaded, bits, calib_info, decisions, calib_images[:1])
-            os.replace(tmp, output)
+            publish(tmp, output, replace=config.force)
         finally:
             if tmp.exists():
                 tmp.unlink()

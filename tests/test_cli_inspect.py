@@ -145,3 +145,21 @@ def test_console_script_exit_code_and_stderr(models, tmp_path):
     assert proc.returncode == 2
     assert proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("dsgonnx: error: ")
+
+
+@pytest.mark.parametrize("args,message", [
+    (["quantize", "{folder}", "--w8a8"], "is a directory"),
+    (["inspect", "{folder}"], "is a directory"),
+    (["quantize"], "Missing argument 'MODEL'"),
+    (["quantize", "{kept}", "--wbits", "abc"], "'abc' is not a valid integer"),
+    (["quantize", "{kept}", "--no-such-flag"], "No such option"),
+    (["no-such-command"], "No such command"),
+    (["--no-such-flag"], "No such option"),
+])
+def test_click_usage_errors_are_one_line_too(models, args, message):
+    """click prints usage errors as usage, hint and error on three lines; dsgonnx keeps its one."""
+    args = [a.format(folder=models["folder"], kept=models["kept"]) for a in args]
+    result = CliRunner().invoke(cli, args)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("dsgonnx: error: ") and message in lines[0] and "--help" in lines[0], lines[0]

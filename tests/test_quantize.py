@@ -53,13 +53,15 @@ def _weight_dq(model):
             if n.op_type == "DequantizeLinear" and n.input[0] in inits and len(inits[n.input[0]].dims) == 4]
 
 
-@pytest.mark.parametrize("wbits,abits", [(8, 8), (6, 6), (4, 4), (16, 16), (2, 2), (3, 3), (5, 5), (7, 7), (4, 8)])
+@pytest.mark.parametrize("wbits,abits", [(8, 8), (6, 6), (4, 4), (16, 16), (2, 2), (3, 3), (5, 5), (7, 7), (4, 8),
+                                         (8, 4), (6, 4), (16, 4)])
 def test_every_bit_width_gives_a_valid_model_that_runs(setup, wbits, abits):
     result, out = _quantize(setup, f"w{wbits}a{abits}.onnx", wbits=wbits, abits=abits)
     onnx.checker.check_model(str(out))
     logits = _run(out, setup["images"])
     assert logits.shape == (40, 10) and np.isfinite(logits).all()
-    assert result.bits["simulated"] == (wbits not in (4, 8, 16) or abits not in (4, 8, 16))
+    # 4-bit activations beside wider weights: simulated in uint8 (ORT's QLinearConv takes no UINT4)
+    assert result.bits["simulated"] == (wbits not in (4, 8, 16) or abits not in (4, 8, 16) or (abits == 4 != wbits))
     props = {p.key: p.value for p in onnx.load(str(out)).metadata_props}
     assert json.loads(props["dsgonnx.bits"])["weights"] == wbits
     assert props["dsgonnx.simulated"] == str(result.bits["simulated"]).lower()
@@ -80,6 +82,26 @@ def test_w4a4_uses_int4_types_at_opset_21(setup):
                    if n.op_type == "QuantizeLinear" and n.input[0] not in inits]
     assert zero_points and set(zero_points) == {onnx.TensorProto.UINT4}
     assert all(n.domain in ("", "ai.onnx") for n in model.graph.node if "Quantize" in n.op_type)
+
+
+def test_4_bit_activations_beside_8_bit_weights_are_simulated_in_uint8(setup):
+    _, out = _quantize(setup, "w8a4.onnx", wbits=8, abits=4, first_layer_8bit=False)
+    model = onnx.load(str(out))
+    inits = {t.name: t for t in model.graph.initializer}
+    zero_points = {inits[n.input[2]].data_type for n in model.graph.node
+                   if n.op_type == "QuantizeLinear" and n.input[0] not in inits}
+    assert zero_points == {onnx.TensorProto.UINT8}
+    highs = {int(numpy_helper.to_array(inits[n.input[2]])) for n in model.graph.node if n.op_type == "Clip"}
+    assert highs == {15}  # the 4-bit grid's integers, 0..15
+    assert all(np.abs(w).max() > 31 for _, w in _weight_dq(model))  # weights on the 8-bit grid
+
+
+def test_bit_width_zero_is_refused_not_taken_for_8(setup):
+    for flag in ("--wbits", "--abits"):
+        out = setup["folder"] / f"zero{flag}.onnx"
+        result = CliRunner().invoke(cli, ["quantize", str(setup["model"]), flag, "0", "--calib", str(setup["calib"]),
+                                          "--num-samples", "24", "--no-validate", "-o", str(out)])
+        assert result.exit_code == 2 and "bit width 0" in result.stderr and not out.exists(), result.stderr
 
 
 def test_simulated_6_bit_grids_are_exact(setup, tmp_path):
@@ -307,6 +329,9 @@ BAD = [
     (["-o", "{model}"], "never overwrites its input"),
     (["-o", "{tmp}/nowhere/out.onnx"], "output folder does not exist"),
     (["--exclude", "no_such_node"], "no node named 'no_such_node'"),
+    # the validation's inputs are checked before any work, not after the model is written
+    (["--val-data", "{tmp}/missing"], "--val-data: data not found"),
+    (["--report", "{tmp}/nowhere/r.json"], "--report: folder"),
 ]
 
 
@@ -317,7 +342,8 @@ def test_bad_input_exits_2_and_writes_nothing(setup, bad_inputs, args, message):
         args += ["--calib", str(setup["calib"])]
     before = set(os.listdir(setup["folder"])) | set(os.listdir(bad_inputs))
     model_bytes = setup["model"].read_bytes()
-    result = _cli(setup["model"], *args, "--no-validate")
+    validation = "--val-data" in args or "--report" in args
+    result = _cli(setup["model"], *args, *([] if validation else ["--no-validate"]))
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], result.stderr

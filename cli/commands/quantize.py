@@ -38,11 +38,11 @@ _REFINE_FLAGS = {"refine_iters": "iters", "refine_lr": "lr", "refine_reg": "reg_
 
 def _bits(w8a8, w6a6, w4a4, wbits, abits):
     presets = [b for b, flag in ((8, w8a8), (6, w6a6), (4, w4a4)) if flag]
-    if len(presets) > 1 or (presets and (wbits or abits)):
+    if len(presets) > 1 or (presets and (wbits is not None or abits is not None)):
         raise DataError("give one of --w8a8, --w6a6, --w4a4, or --wbits/--abits")
     if presets:
         return presets[0], presets[0]
-    return wbits or 8, abits or 8
+    return 8 if wbits is None else wbits, 8 if abits is None else abits
 
 
 def _given(values: dict, fields: dict) -> dict:

@@ -5,6 +5,8 @@ bits  cpu (u8 activations, s8 weights)  gpu / trt (symmetric)
 ====  ===============================  ===========================================
 8     uint8 act, int8 per-channel w      int8 both
 4     UINT4 act, INT4 w (opset 21)       INT4 both (gpu only)
+      (4-bit activations beside wider weights are simulated in 8-bit containers: ORT
+      fuses those Q/DQ pairs into QLinearConv/QLinearMatMul, which take no 4-bit input)
 16    uint16 act, int16 w (opset 21)     int16 both (gpu only)
 2,3,5,6,7  simulated exactly: the B-bit grid in 8-bit containers (weights: per-channel
       scales of the B-bit grid; activations: B-bit scale/zero point and an integer Clip to
@@ -19,10 +21,11 @@ from dataclasses import dataclass
 
 from onnxruntime.quantization import QuantType
 
-from ..config import NATIVE_BITS as NATIVE
 from ..config import SUPPORTED_BITS, Target, check_bits
 
 TARGETS = Target.values()
+_WIDTHS = {QuantType.QInt4: 4, QuantType.QUInt4: 4, QuantType.QInt8: 8, QuantType.QUInt8: 8,
+           QuantType.QInt16: 16, QuantType.QUInt16: 16}
 
 
 @dataclass(frozen=True)
@@ -35,11 +38,12 @@ class BitSpec:
 
     @property
     def simulated(self) -> bool:
-        return self.bits not in NATIVE
+        """The grid is narrower than its container (an integer Clip / B-bit weight scales)."""
+        return self.bits != _WIDTHS[self.quant_type]
 
     @property
     def needs_opset21(self) -> bool:
-        return self.bits in (4, 16)
+        return _WIDTHS[self.quant_type] in (4, 16)
 
     @property
     def levels(self) -> tuple[int, int]:
@@ -63,7 +67,8 @@ def resolve_bits(wbits: int, abits: int, target: str) -> tuple[BitSpec, BitSpec]
     check_bits(wbits, abits, target)
     symmetric_activations = target in ("gpu", "trt")
     weights = BitSpec(wbits, _container(wbits, signed=True), symmetric=True)
-    activations = BitSpec(abits, _container(abits, signed=symmetric_activations), symmetric=symmetric_activations)
+    container = 8 if abits == 4 and wbits != 4 else abits
+    activations = BitSpec(abits, _container(container, signed=symmetric_activations), symmetric=symmetric_activations)
     return weights, activations
 
 

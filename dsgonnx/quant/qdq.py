@@ -10,6 +10,7 @@ activations on their B-bit range.
 
 from __future__ import annotations
 
+import errno
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,8 @@ def pre_process(model_path: Path, out_path: Path) -> Path:
                 quant_pre_process(str(model_path), str(out_path), **options)
             break
         except Exception as exc:  # ORT raises many kinds here; try the next, more careful setting
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise  # a full disk, not the model: said as such
             last_error = exc
     else:
         raise UnsupportedModelError(f"ONNX Runtime's quantization pre-processing failed: {last_error}")

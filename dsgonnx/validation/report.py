@@ -200,17 +200,17 @@ def check_report_path(path: str | None) -> None:
 
 
 def write_report(report: ValidationReport, path: str) -> None:
-    """Write the JSON atomically: a temporary file in the same folder, then os.replace."""
+    """Write the JSON atomically: a temporary file in the same folder, then published
+    (:func:`dsgonnx.artifacts.publish`: fsync, the umask's permissions, a rename)."""
+    from dsgonnx.artifacts import publish
+
     text = report.to_json()
     folder = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".dsgonnx-report-", suffix=".json.tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        publish(tmp, path)
     except BaseException as exc:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
