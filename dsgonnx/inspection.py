@@ -30,11 +30,11 @@ def inspect_model(
     torch_model = to_torch(loaded)
     parity = check_parity(torch_model, samples=parity_samples)
     layers = find_bn_layers(torch_model)
-    num_classes = loaded.num_classes
-    if num_classes is None:  # output shape unknown statically: take it from the run
-        from .graph.to_torch import random_inputs, run_onnxruntime
+    from .graph.to_torch import random_inputs, run_onnxruntime
 
-        num_classes = int(run_onnxruntime(loaded, random_inputs(loaded, 1))[0].reshape(1, -1).shape[1])
+    # what the model really outputs: a declared output shape can be wrong (ORT does not check it)
+    num_classes = int(run_onnxruntime(loaded, random_inputs(loaded, 1))[0].reshape(1, -1).shape[1])
+    declared = {} if loaded.num_classes in (None, num_classes) else {"declared_num_classes": loaded.num_classes}
     return {
         "file": str(loaded.path),
         "sha256": loaded.sha256,
@@ -49,6 +49,7 @@ def inspect_model(
         },
         "outputs": loaded.output_names,
         "num_classes": num_classes,
+        **declared,
         "op_histogram": loaded.op_histogram,
         "bn_count": len(layers),
         "bn_layers": [{"name": l.name, "channels": l.channels, "eps": l.eps} for l in layers],
@@ -72,7 +73,8 @@ def format_inspection(info: dict[str, Any]) -> str:
         f"model        {info['file']}",
         f"opset        {info['opset']} (IR {info['ir_version']}, producer {info['producer'] or 'unknown'})",
         f"input        {info['input']['name']}: {shape} {info['input']['dtype']} NCHW",
-        f"classes      {info['num_classes']} (outputs: {', '.join(info['outputs'])})",
+        f"classes      {info['num_classes']} (outputs: {', '.join(info['outputs'])}"
+        f"{'; the graph declares ' + str(info['declared_num_classes']) if 'declared_num_classes' in info else ''})",
         "ops          " + ", ".join(f"{op} {n}" for op, n in sorted(info["op_histogram"].items(), key=lambda kv: -kv[1])),
     ]
     if info["bn_count"]:

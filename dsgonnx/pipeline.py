@@ -129,7 +129,13 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
 
     with stages("calibration data"):
         calib_images, holdout, calib_info, calib_files = _calibration_data(loaded, config)
-    batch = loaded.input.fixed_batch or _even_batch(len(calib_images))
+    fixed = loaded.input.fixed_batch
+    if fixed and len(calib_images) % fixed:  # every run of the model takes whole batches
+        filled = -(-len(calib_images) // fixed) * fixed
+        say(f"calibration: the model's batch is fixed to {fixed}; {len(calib_images)} images repeated to {filled}")
+        calib_images = np.resize(calib_images, (filled, *calib_images.shape[1:]))
+        calib_info = {**calib_info, "repeated_to": filled}
+    batch = fixed or _even_batch(len(calib_images))
     bits = {"weights": weights.bits, "activations": activations.bits,
             "weight_type": weights.quant_type.name, "activation_type": activations.quant_type.name,
             "simulated": weights.simulated or activations.simulated, "target": config.target.value,
@@ -189,7 +195,7 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
                 with stages("bias correction"):
                     decisions["bias_correction"] = correct(tmp)
             with stages("check"):
-                _finish_model(tmp, loaded, bits, calib_info, decisions, calib_images[:1])
+                _finish_model(tmp, loaded, bits, calib_info, decisions, calib_images[: fixed or 1])
             publish(tmp, output, replace=config.force)
         finally:
             if tmp.exists():
@@ -267,7 +273,11 @@ def _choose_mixed(scratch: Path, float_path: Path, ranges, weights, activations,
     if correct is not None:
         correct(probe)
     samples = holdout if holdout is not None and len(holdout) else images
-    return choose_8bit(probe, float_path, loaded.input.name, samples[:MIXED_PROBE_SAMPLES], config.mixed_budget,
+    samples = samples[:MIXED_PROBE_SAMPLES]
+    fixed = loaded.input.fixed_batch
+    if fixed and len(samples) % fixed:  # whole batches only
+        samples = np.resize(samples, (max(fixed, len(samples) // fixed * fixed), *samples.shape[1:]))
+    return choose_8bit(probe, float_path, loaded.input.name, samples, config.mixed_budget,
                        batch, kept)
 
 

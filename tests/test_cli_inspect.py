@@ -103,6 +103,20 @@ def _bad_models(folder, kept):
     invalid = onnx.load(str(kept))
     invalid.graph.node[0].input[0] = "does_not_exist"
     onnx.save(invalid, str(folder / "dangling.onnx"))
+    for name, eps in (("negative_eps", -1.0), ("nan_eps", float("nan"))):
+        model = onnx.load(str(kept))
+        bn = next(n for n in model.graph.node if n.op_type == "BatchNormalization")
+        del bn.attribute[:]
+        bn.attribute.append(helper.make_attribute("epsilon", eps))
+        onnx.save(model, str(folder / f"{name}.onnx"))
+    model = onnx.load(str(kept))
+    weight = next(t for t in model.graph.initializer if len(t.dims) == 4)
+    weight.CopyFrom(onnx.numpy_helper.from_array(np.full(tuple(weight.dims), np.nan, np.float32), weight.name))
+    onnx.save(model, str(folder / "nan_weights.onnx"))
+    model = onnx.load(str(kept))
+    for axis, size in ((2, 20000), (3, 20000)):
+        model.graph.input[0].type.tensor_type.shape.dim[axis].dim_value = size
+    onnx.save(model, str(folder / "huge_input.onnx"))
 
 
 BAD_INPUTS = [
@@ -118,6 +132,10 @@ BAD_INPUTS = [
     ("gelu.onnx", [], "unsupported operator Gelu-20"),
     ("custom.onnx", [], "Frobnicate"),
     ("dangling.onnx", [], "fails the ONNX checker"),
+    ("negative_eps.onnx", [], "has epsilon -1.0; it must be a finite number >= 0"),
+    ("nan_eps.onnx", [], "has epsilon nan"),  # was: parity "passed", and inspect --json printed a bare NaN
+    ("nan_weights.onnx", [], "holds NaN or Inf values"),  # was: parity max |diff| 0, agreement 100 %
+    ("huge_input.onnx", [], "20000×20000 pixels (4.5 GiB per float32 image)"),  # was: MemoryError, exit 3
     ("dynhw.onnx", [], "dynamic H/W"),
     ("kept.onnx", ["--input-shape", "1x3x224"], "--input-shape must look like"),
     ("kept.onnx", ["--input-shape", "1x3x32x32"], "conflicts"),
@@ -163,3 +181,15 @@ def test_click_usage_errors_are_one_line_too(models, args, message):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.exit_code == 2 and len(lines) == 1, result.stderr
     assert lines[0].startswith("dsgonnx: error: ") and message in lines[0] and "--help" in lines[0], lines[0]
+
+
+def test_the_class_count_is_what_the_model_outputs_not_what_it_declares(models, tmp_path):
+    model = onnx.load(str(models["kept"]))
+    model.graph.output[0].type.tensor_type.shape.dim[1].dim_value = 1000  # really 10
+    path = tmp_path / "declares_1000.onnx"
+    onnx.save(model, str(path))
+    result = _run("inspect", path, "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert info["num_classes"] == 10 and info["declared_num_classes"] == 1000
+    assert "declared_num_classes" not in json.loads(_run("inspect", models["kept"], "--json").output)

@@ -349,3 +349,24 @@ def test_bad_input_exits_2_and_writes_nothing(setup, bad_inputs, args, message):
     assert len(lines) == 1 and message in lines[0], result.stderr
     assert set(os.listdir(setup["folder"])) | set(os.listdir(bad_inputs)) == before
     assert setup["model"].read_bytes() == model_bytes
+
+
+def test_a_model_with_a_fixed_batch_just_works(setup, tmp_path):
+    """Batch fixed to 8 in the graph: parity, calibration (4 images, repeated to 8), mixed
+    precision's probes (5 held-out samples) and the final check all run whole batches."""
+    from dsgonnx import inspect
+
+    model = onnx.load(str(setup["model"]))
+    dim = model.graph.input[0].type.tensor_type.shape.dim[0]
+    dim.ClearField("dim_param")
+    dim.dim_value = 8
+    path = tmp_path / "batch8.onnx"
+    onnx.save(model, str(path))
+    assert inspect(str(path))["torch_parity"]["top1_agreement"] == 1.0
+    result = quantize(str(path), QuantConfig(wbits=6, abits=6, calib="gaussian", num_samples=4, holdout=5, mixed=True,
+                                             output=str(tmp_path / "q.onnx")))
+    assert result.calibration["num_samples"] == 4 and result.calibration["repeated_to"] == 8
+    assert result.report.agreement > 0.5
+    logits = ort.InferenceSession(str(result.output), providers=["CPUExecutionProvider"]).run(
+        None, {"input": setup["images"][:8]})[0]
+    assert logits.shape == (8, 10) and np.isfinite(logits).all()

@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 import onnx
 from google.protobuf.message import DecodeError
-from onnx import TensorProto, external_data_helper, helper, shape_inference
+from onnx import TensorProto, external_data_helper, helper, numpy_helper, shape_inference
 
 from ..errors import InputSpecError, ModelLoadError
 from ..inputs import IMAGE_CHANNELS, InputSpec, layout_of, parse_input_shape
@@ -69,7 +69,9 @@ def load_model(path: str | os.PathLike, input_shape: Optional[tuple[int, int, in
     model = _read_proto(path)
     has_external = _load_external_data(model, path)
     _check(model, path)
+    _check_values(model, path)
     spec = _image_input(model, input_shape)
+    _check_size(spec)
     model = _infer_shapes(_with_input_shape(model, spec), path)
     return LoadedModel(
         path=path,
@@ -139,6 +141,40 @@ def _check(model: onnx.ModelProto, path: Path) -> None:
     except (onnx.checker.ValidationError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelLoadError(f"{path} fails the ONNX checker: {first}") from None
+
+
+def _check_values(model: onnx.ModelProto, path: Path) -> None:
+    """What the checker lets through but no model computes with: BatchNorm epsilons that are
+    negative or not finite, float weights holding NaN or Inf (the parity run would compare
+    NaN with NaN and call it a match)."""
+    for node in model.graph.node:
+        if node.op_type == "BatchNormalization":
+            eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+            if not (np.isfinite(eps) and eps >= 0):
+                raise ModelLoadError(f"{path}: BatchNormalization {node.name or node.output[0]!r} has epsilon {eps}; "
+                                     "it must be a finite number >= 0")
+    for tensor in model.graph.initializer:
+        if tensor.data_type in _FLOAT_TYPES and tensor.data_location != TensorProto.EXTERNAL:
+            try:
+                values = numpy_helper.to_array(tensor)
+            except Exception as exc:  # data that does not fit its shape or type
+                raise ModelLoadError(f"{path}: initializer {tensor.name!r} cannot be read: {exc}") from None
+            if values.size and not np.isfinite(values).all():
+                raise ModelLoadError(f"{path}: initializer {tensor.name!r} holds NaN or Inf values; "
+                                     "the model cannot compute meaningful outputs")
+
+
+# an image classifier's input: up to 2048×2048 pixels (dsgonnx keeps calibration sets and a
+# model's activations in memory; 4096² inputs took 5 GB before a kill)
+MAX_PIXELS = 2048 * 2048
+
+
+def _check_size(spec: InputSpec) -> None:
+    _, channels, height, width = spec.shape
+    if height * width > MAX_PIXELS:
+        gib = channels * height * width * 4 / 2**30
+        raise InputSpecError(f"input '{spec.name}' is {height}×{width} pixels ({gib:.1f} GiB per float32 image); "
+                             f"dsgonnx takes image inputs up to {MAX_PIXELS:,} pixels (2048×2048)")
 
 
 def _dims(value_info: onnx.ValueInfoProto) -> list[Optional[int]]:

@@ -196,8 +196,9 @@ def run_torch(model: TorchModel, images: np.ndarray, batch: Optional[int] = None
     results: list[list[np.ndarray]] = []
     with torch.no_grad():
         for start in range(0, len(images), batch):
-            chunk = torch.from_numpy(images[start : start + batch]).to(model.dtype)
-            results.append([t.detach().float().numpy() for t in _flatten_outputs(model(chunk))])
+            chunk, count = _padded(images[start : start + batch], model.loaded)
+            chunk = torch.from_numpy(chunk).to(model.dtype)
+            results.append([t.detach().float().numpy()[:count] for t in _flatten_outputs(model(chunk))])
     return [np.concatenate(parts) for parts in zip(*results)]
 
 
@@ -207,13 +208,22 @@ def run_onnxruntime(loaded: LoadedModel, images: np.ndarray, batch: Optional[int
     batch = batch or _batch_for(loaded, len(images))
     results = []
     for start in range(0, len(images), batch):
-        chunk = images[start : start + batch].astype(loaded.input.dtype)
-        results.append([np.asarray(o, dtype=np.float32) for o in session.run(None, {loaded.input.name: chunk})])
+        chunk, count = _padded(images[start : start + batch].astype(loaded.input.dtype), loaded)
+        results.append([np.asarray(o, dtype=np.float32)[:count] for o in session.run(None, {loaded.input.name: chunk})])
     return [np.concatenate(parts) for parts in zip(*results)]
 
 
 def _batch_for(loaded: LoadedModel, count: int) -> int:
     return loaded.input.shape[0] or count
+
+
+def _padded(chunk: np.ndarray, loaded: LoadedModel) -> tuple[np.ndarray, int]:
+    """``chunk`` filled up with zero images to the model's fixed batch (if it has one), and
+    how many of the rows are real."""
+    fixed, count = loaded.input.fixed_batch, len(chunk)
+    if fixed is None or count == fixed:
+        return chunk, count
+    return np.concatenate([chunk, np.zeros((fixed - count, *chunk.shape[1:]), chunk.dtype)]), count
 
 
 def check_parity(model: TorchModel, samples: int = 4, seed: int = 0) -> ParityResult:
