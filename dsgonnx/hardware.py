@@ -110,3 +110,40 @@ def needs_reduce_range(info: CpuInfo | None = None) -> bool:
     """
     info = info or cpu_info()
     return info.is_x86 and info.vnni is not True
+
+
+MEMINFO_PATH = "/proc/meminfo"
+
+
+def available_memory(path: str = MEMINFO_PATH) -> int | None:
+    """Bytes of memory available to new work (``MemAvailable``), or None where unknown."""
+    try:
+        with open(path, encoding="ascii", errors="replace") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+# what one synthetic image costs while it is made, in copies of the image: the image, its
+# gradient and Adam's two moments in torch, the numpy set, and the calibration copy
+IMAGE_COPIES = 6
+
+
+def check_image_memory(count: int, chw: tuple[int, int, int], what: str = "num_samples") -> None:
+    """Refuse, with the figures, a set of ``count`` float32 images of size ``chw`` that would
+    not fit in the memory this machine has available (instead of an allocation error after
+    minutes of work)."""
+    from .errors import DataError
+
+    need = count * int(chw[0]) * int(chw[1]) * int(chw[2]) * 4 * IMAGE_COPIES
+    have = available_memory()
+    if have is not None and need > have:
+        raise DataError(f"`{what}` {count} images of {chw[0]}×{chw[1]}×{chw[2]} need about {_size(need)} of memory "
+                        f"while they are made and used; {_size(have)} is available — ask for fewer")
+
+
+def _size(count: int) -> str:
+    return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"

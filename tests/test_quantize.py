@@ -370,3 +370,17 @@ def test_a_model_with_a_fixed_batch_just_works(setup, tmp_path):
     logits = ort.InferenceSession(str(result.output), providers=["CPUExecutionProvider"]).run(
         None, {"input": setup["images"][:8]})[0]
     assert logits.shape == (8, 10) and np.isfinite(logits).all()
+
+
+def test_a_set_too_large_for_memory_is_refused_with_the_figures_before_any_work(setup, monkeypatch):
+    import dsgonnx.hardware
+
+    assert dsgonnx.hardware.available_memory() > 2**20  # this machine's MemAvailable, read from /proc
+    monkeypatch.setattr(dsgonnx.hardware, "available_memory", lambda: 10 * 2**20)  # 10 MiB left
+    out = setup["folder"] / "huge-set.onnx"
+    result = _cli(setup["model"], "--calib", "gaussian", "--num-samples", "1000", "--no-validate", "-o", out)
+    # 1000 × 3×16×16 float32 × 6 copies = 17.6 MiB > 10 MiB
+    assert result.exit_code == 2 and "--num-samples 1000 images of 3×16×16 need about 17.6 MiB" in result.stderr
+    assert not out.exists()
+    assert _cli(setup["model"], "--calib", "gaussian", "--num-samples", "100", "--no-validate", "-o", out,
+                "--force").exit_code == 0  # 1.8 MiB fits

@@ -20,6 +20,7 @@ from ..errors import NoBatchNormError, SynthesisError
 from ..graph.bn_taps import BNLayer, BNProbe, bn_folded, find_bn_layers
 from ..graph.onnx_io import LoadedModel, load_model
 from ..graph.to_torch import TorchModel, resolve_device, to_torch
+from ..hardware import check_image_memory
 from ..progress import Progress, say
 from . import losses
 from .diversity import diversity_metrics
@@ -97,6 +98,7 @@ def synthesize(
         loaded = model if isinstance(model, LoadedModel) else load_model(model)
         torch_model = to_torch(loaded)
     loaded = torch_model.loaded
+    check_image_memory(config.num_samples, loaded.input.chw)
     layers = find_bn_layers(torch_model)
     if config.method != SynthMethod.GAUSSIAN and not layers:
         folded = "BN was folded into the Conv layers" if bn_folded(loaded.model) else "it has no BatchNormalization layers"
