@@ -117,6 +117,11 @@ def _bad_models(folder, kept):
     for axis, size in ((2, 20000), (3, 20000)):
         model.graph.input[0].type.tensor_type.shape.dim[axis].dim_value = size
     onnx.save(model, str(folder / "huge_input.onnx"))
+    model = onnx.load(str(kept))
+    model.graph.node[1].name = "zzzz"
+    data = model.SerializeToString()
+    assert data.count(b"\x1a\x04zzzz") == 1  # field 3 (name), length 4
+    (folder / "not_utf8.onnx").write_bytes(data.replace(b"\x1a\x04zzzz", b"\x1a\x04\xff\xfe\xfd\xfc"))
 
 
 BAD_INPUTS = [
@@ -136,6 +141,7 @@ BAD_INPUTS = [
     ("nan_eps.onnx", [], "has epsilon nan"),  # was: parity "passed", and inspect --json printed a bare NaN
     ("nan_weights.onnx", [], "holds NaN or Inf values"),  # was: parity max |diff| 0, agreement 100 %
     ("huge_input.onnx", [], "20000×20000 pixels (4.5 GiB per float32 image)"),  # was: MemoryError, exit 3
+    ("not_utf8.onnx", [], "node #1 has a name, type or tensor name that is not valid UTF-8"),  # was: exit 3
     ("dynhw.onnx", [], "dynamic H/W"),
     ("kept.onnx", ["--input-shape", "1x3x224"], "--input-shape must look like"),
     ("kept.onnx", ["--input-shape", "1x3x32x32"], "conflicts"),

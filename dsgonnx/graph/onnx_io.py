@@ -147,7 +147,14 @@ def _check_values(model: onnx.ModelProto, path: Path) -> None:
     """What the checker lets through but no model computes with: BatchNorm epsilons that are
     negative or not finite, float weights holding NaN or Inf (the parity run would compare
     NaN with NaN and call it a match)."""
-    for node in model.graph.node:
+    for number, node in enumerate(model.graph.node):
+        try:  # protobuf hands back bytes (or raises) for a string field that is not UTF-8
+            names = (node.name, node.op_type, node.domain, *node.input, *node.output, *(a.name for a in node.attribute))
+            valid = all(isinstance(name, str) for name in names)
+        except UnicodeDecodeError:
+            valid = False
+        if not valid:
+            raise ModelLoadError(f"{path}: node #{number} has a name, type or tensor name that is not valid UTF-8")
         if node.op_type == "BatchNormalization":
             eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
             if not (np.isfinite(eps) and eps >= 0):
