@@ -118,6 +118,11 @@ def _bad_models(folder, kept):
         model.graph.input[0].type.tensor_type.shape.dim[axis].dim_value = size
     onnx.save(model, str(folder / "huge_input.onnx"))
     model = onnx.load(str(kept))
+    weight = next(t for t in model.graph.initializer if len(t.dims) == 4)
+    weight.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(weight), weight.name))
+    weight.raw_data += b"\x00" * 28  # 7 values more than the shape holds
+    onnx.save(model, str(folder / "long_data.onnx"))
+    model = onnx.load(str(kept))
     model.graph.node[1].name = "zzzz"
     data = model.SerializeToString()
     assert data.count(b"\x1a\x04zzzz") == 1  # field 3 (name), length 4
@@ -142,6 +147,7 @@ BAD_INPUTS = [
     ("nan_weights.onnx", [], "holds NaN or Inf values"),  # was: parity max |diff| 0, agreement 100 %
     ("huge_input.onnx", [], "20000×20000 pixels (4.5 GiB per float32 image)"),  # was: MemoryError, exit 3
     ("not_utf8.onnx", [], "node #1 has a name, type or tensor name that is not valid UTF-8"),  # was: exit 3
+    ("long_data.onnx", [], "cannot be read: cannot reshape array"),  # fp16 weights too: was exit 3
     ("dynhw.onnx", [], "dynamic H/W"),
     ("kept.onnx", ["--input-shape", "1x3x224"], "--input-shape must look like"),
     ("kept.onnx", ["--input-shape", "1x3x32x32"], "conflicts"),
