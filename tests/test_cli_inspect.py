@@ -123,6 +123,12 @@ def _bad_models(folder, kept):
     weight.raw_data += b"\x00" * 28  # 7 values more than the shape holds
     onnx.save(model, str(folder / "long_data.onnx"))
     model = onnx.load(str(kept))
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    kept_attributes = [a for a in conv.attribute if a.name != "dilations"]
+    del conv.attribute[:]
+    conv.attribute.extend([*kept_attributes, helper.make_attribute("dilations", [1000, 1000])])
+    onnx.save(model, str(folder / "dilated.onnx"))
+    model = onnx.load(str(kept))
     model.graph.node[1].name = "zzzz"
     data = model.SerializeToString()
     assert data.count(b"\x1a\x04zzzz") == 1  # field 3 (name), length 4
@@ -148,6 +154,8 @@ BAD_INPUTS = [
     ("huge_input.onnx", [], "20000×20000 pixels (4.5 GiB per float32 image)"),  # was: MemoryError, exit 3
     ("not_utf8.onnx", [], "node #1 has a name, type or tensor name that is not valid UTF-8"),  # was: exit 3
     ("long_data.onnx", [], "cannot be read: cannot reshape array"),  # fp16 weights too: was exit 3
+    # ONNX Runtime aborted the process on it (a C++ assertion, exit 134, no dsgonnx line)
+    ("dilated.onnx", [], "a kernel, dilation, stride or padding does not fit its input"),
     ("dynhw.onnx", [], "dynamic H/W"),
     ("kept.onnx", ["--input-shape", "1x3x224"], "--input-shape must look like"),
     ("kept.onnx", ["--input-shape", "1x3x32x32"], "conflicts"),

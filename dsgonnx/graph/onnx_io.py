@@ -262,10 +262,32 @@ def _infer_shapes(model: onnx.ModelProto, path: Path) -> onnx.ModelProto:
     if model.ByteSize() >= 2**31 - 1:
         return model  # in-memory inference cannot serialise >2 GB; shapes come from the run instead
     try:
-        return shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
+        inferred = shape_inference.infer_shapes(model, check_type=False, strict_mode=False, data_prop=True)
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0]
         raise ModelLoadError(f"{path}: shape inference failed: {first}") from None
+    _check_sizes(inferred, path)
+    return inferred
+
+
+_WINDOWED = ("Conv", "ConvTranspose", "MaxPool", "AveragePool", "LpPool", "ConvInteger", "QLinearConv")
+
+
+def _check_sizes(model: onnx.ModelProto, path: Path) -> None:
+    """A tensor inferred with a size below 1 cannot exist: some kernel, dilation, stride or
+    padding does not fit its input. ONNX Runtime aborts the process on some of these (a C++
+    assertion), so they are refused before it sees the model."""
+    producers = {out: node for node in model.graph.node for out in node.output}
+    for value in (*model.graph.value_info, *model.graph.output):
+        dims = value.type.tensor_type.shape.dim if value.type.HasField("tensor_type") else []
+        node = producers.get(value.name)
+        windowed = node is not None and node.op_type in _WINDOWED
+        # empty tensors (size 0) are legal elsewhere, negative sizes never
+        if any(d.HasField("dim_value") and (d.dim_value < 0 or (d.dim_value == 0 and windowed)) for d in dims[1:]):
+            shown = "×".join(str(d.dim_value) if d.HasField("dim_value") else "?" for d in dims)
+            where = f" ({node.op_type} {node.name!r})" if node is not None else ""
+            raise ModelLoadError(f"{path}: tensor {value.name!r}{where} would be {shown}: a kernel, dilation, stride "
+                                 "or padding does not fit its input")
 
 
 def _num_classes(model: onnx.ModelProto) -> Optional[int]:
