@@ -45,6 +45,20 @@ def ort_session(path, providers=(CPU,), disabled_optimizers=()):
         raise ModelLoadError(f"cannot load ONNX model {path}: {one_line(exc)}") from None
 
 
+def run_model(session, feeds: dict, path) -> list:
+    """``session.run`` on the user's own model: where ONNX Runtime fails at run time (a node's
+    inputs that do not fit, found only when it runs), that is the model's fault — a one-line
+    :class:`~dsgonnx.errors.ModelLoadError`, not an internal error."""
+    from .errors import ModelLoadError
+
+    try:
+        return session.run(None, feeds)
+    except Exception as exc:
+        if not type(exc).__module__.startswith("onnxruntime"):
+            raise
+        raise ModelLoadError(f"ONNX Runtime cannot run {path}: {one_line(exc)}") from None
+
+
 def one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split()) or type(exc).__name__
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 
+import onnx
 import pytest
 from click.testing import CliRunner
 
@@ -98,3 +99,17 @@ def test_quantize_real_cifar_model_with_real_calibration(shared, tmp_path):
     figures = json.loads(report.read_text())
     assert figures["num_samples"] == 200 and figures["fp32"]["top1"] > 60
     assert figures["drop_top1"] <= 5 and figures["agreement"] > 0.9
+
+
+def test_a_model_onnx_runtime_fails_to_run_is_bad_input_not_an_internal_error(shared, tmp_path):
+    """Found by mutation fuzzing: ResNet-20 whose shortcut Pad takes a tensor as its constant
+    value loads, passes the checker and shape inference, and fails only when ORT runs it."""
+    model = onnx.load(str(shared / "models" / "cifar10_resnet20.onnx"))
+    pad = next(n for n in model.graph.node if n.name == "/layer3/layer3.0/Pad")
+    pad.input[2] = "/layer2/layer2.1/Add_output_0"
+    path = tmp_path / "pad_value_tensor.onnx"
+    onnx.save(model, str(path))
+    result = CliRunner().invoke(cli, ["inspect", str(path)])
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.exit_code == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"dsgonnx: error: ONNX Runtime cannot run {path}"), lines[0]

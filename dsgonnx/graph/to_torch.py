@@ -19,7 +19,7 @@ from onnx2torch.utils.safe_shape_inference import safe_shape_inference
 from torch import fx, nn
 
 from ..errors import DataError, ParityError, UnsupportedModelError
-from ..runtime import ort_session
+from ..runtime import ort_session, run_model
 from . import normalize
 from .converters import register_all
 from .converters._common import lookup
@@ -209,7 +209,8 @@ def run_onnxruntime(loaded: LoadedModel, images: np.ndarray, batch: Optional[int
     results = []
     for start in range(0, len(images), batch):
         chunk, count = _padded(images[start : start + batch].astype(loaded.input.dtype), loaded)
-        results.append([np.asarray(o, dtype=np.float32)[:count] for o in session.run(None, {loaded.input.name: chunk})])
+        outputs = run_model(session, {loaded.input.name: chunk}, loaded.path)
+        results.append([np.asarray(o, dtype=np.float32)[:count] for o in outputs])
     return [np.concatenate(parts) for parts in zip(*results)]
 
 
@@ -236,7 +237,11 @@ def check_parity(model: TorchModel, samples: int = 4, seed: int = 0) -> ParityRe
     """
     images = random_inputs(model.loaded, samples, seed)
     reference = run_onnxruntime(model.loaded, images)
-    converted = run_torch(model, images)
+    try:
+        converted = run_torch(model, images)
+    except Exception as exc:  # attribute values the converters take literally (an axis of 2**40, ...)
+        raise ParityError(f"the torch conversion cannot run {model.loaded.path.name} where ONNX Runtime can: "
+                          f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from None
     names = model.loaded.output_names
     if len(converted) != len(reference):
         converted = converted[: len(reference)]
