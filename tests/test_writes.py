@@ -4,11 +4,13 @@ without --force, and a full disk said in one line (exit 2) with nothing replaced
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
 import stat
 
 import numpy as np
+import onnx
 import pytest
 from click.testing import CliRunner
 
@@ -88,3 +90,28 @@ def test_a_full_disk_is_one_line_exit_2_and_nothing_replaced(setup, tmp_path, mo
     lines = [line for line in result.stderr.splitlines() if line.startswith("dsgonnx: error:")]
     assert result.exit_code == 2 and len(lines) == 1 and "no space left on the device" in lines[0], result.stderr
     assert out.read_bytes() == b"previous model" and os.listdir(tmp_path) == ["q.onnx"]
+
+
+def test_a_model_file_replaced_during_the_run_gives_no_output(setup, tmp_path, monkeypatch):
+    """The hash stamped into the output is of the bytes the model was parsed from; a file
+    replaced before the end (pre-processing reads it again) stops the run, nothing written."""
+    model = tmp_path / "model.onnx"
+    model.write_bytes(setup["model"].read_bytes())
+    out = tmp_path / "q.onnx"
+    finish = dsgonnx.pipeline._finish_model
+
+    def replaced(*args, **kwargs):
+        finish(*args, **kwargs)
+        other = onnx.load(str(model))
+        other.producer_name += " (replaced)"
+        onnx.save(other, str(model))  # another file now
+
+    monkeypatch.setattr(dsgonnx.pipeline, "_finish_model", replaced)
+    config = QuantConfig(calib=str(setup["calib"]), num_samples=8, validate=False, output=str(out))
+    with pytest.raises(DataError, match="changed while dsgonnx worked"):
+        dsgonnx.pipeline.quantize(str(model), config)
+    assert not out.exists() and sorted(os.listdir(tmp_path)) == ["model.onnx"]
+    monkeypatch.setattr(dsgonnx.pipeline, "_finish_model", finish)
+    result = dsgonnx.pipeline.quantize(str(model), config)
+    stamped = {p.key: p.value for p in onnx.load(str(result.output)).metadata_props}["dsgonnx.source_sha256"]
+    assert stamped == hashlib.sha256(model.read_bytes()).hexdigest()

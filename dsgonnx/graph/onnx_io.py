@@ -66,7 +66,7 @@ def load_model(path: str | os.PathLike, input_shape: Optional[tuple[int, int, in
         raise ModelLoadError(f"model file not found: {path}")
     if not path.is_file():
         raise ModelLoadError(f"not a file: {path}")
-    model = _read_proto(path)
+    model, sha256 = _read_proto(path)
     has_external = _load_external_data(model, path)
     _check(model, path)
     _check_values(model, path)
@@ -76,7 +76,7 @@ def load_model(path: str | os.PathLike, input_shape: Optional[tuple[int, int, in
     return LoadedModel(
         path=path,
         model=model,
-        sha256=sha256_of(path),
+        sha256=sha256,
         input=spec,
         output_names=[o.name for o in model.graph.output],
         num_classes=_num_classes(model),
@@ -94,9 +94,11 @@ def opset_of(model: onnx.ModelProto) -> int:
     return 1  # ONNX: an absent default-domain import means opset 1
 
 
-def _read_proto(path: Path) -> onnx.ModelProto:
+def _read_proto(path: Path) -> tuple[onnx.ModelProto, str]:
+    """The model and the SHA-256 of the very bytes it was parsed from (one read of the file)."""
     try:
-        model = onnx.load(str(path), load_external_data=False)
+        data = path.read_bytes()
+        model = onnx.load_from_string(data)
     except (DecodeError, RuntimeWarning, ValueError, TypeError) as exc:
         raise ModelLoadError(f"{path} is not a valid ONNX model (protobuf parse failed: {exc})") from None
     except OSError as exc:
@@ -104,7 +106,7 @@ def _read_proto(path: Path) -> onnx.ModelProto:
     # A text or truncated file can parse as an almost empty message: demand a real graph.
     if model.ir_version <= 0 or not model.graph.node or not model.graph.output:
         raise ModelLoadError(f"{path} is not a valid ONNX model (no IR version, nodes or outputs; truncated?)")
-    return model
+    return model, hashlib.sha256(data).hexdigest()
 
 
 def _external_tensors(model: onnx.ModelProto):
