@@ -249,15 +249,29 @@ def test_calibrators(setup, calibrator):
     result, out = _quantize(setup, f"cal-{calibrator}.onnx", calibrator=calibrator)
     assert result.bits["calibrator"] == calibrator
     agreement = np.mean(_run(out, setup["images"]).argmax(1) == reference_logits(setup["images"]).argmax(1))
-    assert agreement >= 0.85
+    assert agreement >= 0.95, agreement  # W8A8 on 40 images (#18 saw a 5-bit model pass the old 0.85)
 
 
-def test_synthetic_calibration_and_validation_on_held_out_samples(setup):
+def test_synthetic_calibration_and_validation_on_held_out_samples(setup, monkeypatch):
+    import dsgonnx.pipeline
+
+    calibrated = []
+    ranges = dsgonnx.pipeline.compute_ranges
+
+    def spy(prepared, reader, *args, **kwargs):  # the images ORT calibrates on
+        calibrated.append(np.array(reader.images))
+        return ranges(prepared, reader, *args, **kwargs)
+
+    monkeypatch.setattr(dsgonnx.pipeline, "compute_ranges", spy)
     result, out = _quantize(setup, "dsg.onnx", calib="dsg", num_samples=8, iters=5, holdout=8, validate=True,
                             preprocess=PRESETS["imagenet"])
     assert result.calibration["method"] == "dsg" and result.calibration["num_samples"] == 8
     report = result.report.to_dict()
     assert report["num_samples"] == 8 and report["labelled"] is False
+    # validated on the 8 held-out samples, none of which was calibrated on
+    (calibration,) = calibrated
+    assert len(calibration) == 8 and len(result.holdout) == 8
+    assert not any(np.array_equal(held, seen) for held in result.holdout for seen in calibration)
     assert report["calibration"]["method"] == "dsg" and report["bits"]["weights"] == 8
 
 
@@ -384,3 +398,61 @@ def test_a_set_too_large_for_memory_is_refused_with_the_figures_before_any_work(
     assert not out.exists()
     assert _cli(setup["model"], "--calib", "gaussian", "--num-samples", "100", "--no-validate", "-o", out,
                 "--force").exit_code == 0  # 1.8 MiB fits
+
+
+def _prepared_weights(setup, tmp_path) -> dict[str, np.ndarray]:
+    """The float weights ORT quantizes: BN folded by its pre-processing, as quantize does."""
+    from dsgonnx.quant.qdq import pre_process
+
+    prepared = onnx.load(str(pre_process(setup["model"], tmp_path / "prepared.onnx")))
+    return {t.name: numpy_helper.to_array(t).astype(np.float64) for t in prepared.graph.initializer}
+
+
+def _weights_and_scales(model) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    return {n.input[0][: -len("_quantized")]: (inits[n.input[0]].astype(np.int64), inits[n.input[1]].astype(np.float64))
+            for n in model.graph.node
+            if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].ndim == 4}
+
+
+@pytest.mark.parametrize("bits", [6, 4, 3])
+def test_weight_grids_are_the_b_bit_grid_fitted_per_channel(setup, tmp_path, bits):
+    """Per output channel: the scale is max|w| / (2^(b-1) - 1), the integers are round(w / scale)
+    and reach ±(2^(b-1) - 1), so the dequantized weight is within scale/2 of the float one.
+    Native INT4 is ONNX Runtime's own symmetric grid over [-8, 7]: max|w| / 7.5, the positive
+    extreme clipped to 7 (half a step)."""
+    top = 7.5 if bits == 4 else 2 ** (bits - 1) - 1
+    low, high = (-8, 7) if bits == 4 else (-top, top)
+    _, out = _quantize(setup, f"grid{bits}.onnx", wbits=bits, abits=8 if bits != 4 else 4, first_layer_8bit=False,
+                       bias_correction="off")
+    floats = _prepared_weights(setup, tmp_path)
+    grids = _weights_and_scales(onnx.load(str(out)))
+    assert set(grids) == {name for name in floats if "_W_" in name}  # both Conv weights
+    for name, (ints, scales) in grids.items():
+        weight = floats[name]
+        expected = np.abs(weight).reshape(len(weight), -1).max(axis=1) / top
+        assert np.allclose(scales, expected, rtol=1e-6), name
+        extremes = np.abs(ints).reshape(len(ints), -1).max(axis=1)
+        assert (extremes == (8 if bits == 4 else top)).all() or bits == 4 and (extremes >= 7).all(), name
+        assert ints.min() >= low and ints.max() <= high  # every channel reaches the grid's end, none beyond
+        exact = np.clip(weight / scales[:, None, None, None], low, high)  # on the written scale
+        assert np.abs(ints - exact).max() <= 0.5 + 1e-5, name  # round to nearest (ties either way: float32)
+        assert np.mean(ints == np.round(exact)) > 0.99, name
+        assert np.abs(ints * scales[:, None, None, None] - weight).max() <= scales.max() / 2 * (1 + 1e-6)
+
+
+def test_activation_grids_span_the_calibrated_range_on_the_b_bit_grid(setup, tmp_path):
+    """A 6-bit ReLU output: zero point 0 and scale = (its largest value on the calibration
+    images) / 63, not / 255 — measured here by running the float model on those images."""
+    _, out = _quantize(setup, "act6.onnx", wbits=6, abits=6, first_layer_8bit=False, bias_correction="off")
+    model = onnx.load(str(out))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    quant = next(n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "/Relu_output_0")
+    scale, zero = float(inits[quant.input[1]]), int(inits[quant.input[2]])
+    probe = onnx.load(str(setup["model"]))
+    probe.graph.output.append(helper.make_tensor_value_info("/Relu_output_0", onnx.TensorProto.FLOAT, None))
+    path = tmp_path / "probe.onnx"
+    onnx.save(probe, str(path))
+    calib = np.load(setup["calib"])["images"]
+    relu = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": calib})[-1]
+    assert zero == 0 and scale == pytest.approx(float(relu.max()) / 63, rel=1e-5)
