@@ -113,6 +113,21 @@ def test_qdq_model_holds_exactly_the_learned_integers(setup, bits, reduce_range)
         np.testing.assert_array_equal(scales, weight.scales)
         assert np.abs(integers).max() <= (127 if name in first else top)
     assert sum(int((np.abs(w.integers) == top).sum()) for n, w in learned.items() if n not in first) > 0  # grid ends used
+    # independently of what refine reports: each written integer rounds its float weight (BN
+    # folded, as ORT's pre-processing gives it) down or up, and not always to the nearest —
+    # the learned rounding is exported, not round(w / scale)
+    from dsgonnx.quant.qdq import pre_process
+
+    prepared = onnx.load(str(pre_process(setup["model"], setup["folder"] / f"prepared-{bits}-{reduce_range}.onnx")))
+    floats = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in prepared.graph.initializer}
+    differs = 0
+    for name, (integers, scales) in written.items():
+        shape = [-1] + [1] * (integers.ndim - 1) if np.ndim(scales) else []
+        exact = floats[name] / np.reshape(scales.astype(np.float64), shape)
+        inside = np.abs(exact) < (127 if name in first else top)  # not clipped at the grid's end
+        assert (np.abs(integers - exact)[inside] < 1 + 1e-6).all(), name
+        differs += int((integers != np.round(exact))[inside].sum())
+    assert differs > 0
     assert all(np.abs(learned[n].integers).max() == 127 for n in first & set(learned))
     assert json.loads({p.key: p.value for p in onnx.load(str(out)).metadata_props}["dsgonnx.decisions"])["refine"] == {
         "method": "adaround", "layers": 6}
