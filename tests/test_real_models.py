@@ -31,7 +31,8 @@ def test_shared_model_inspects_with_parity(shared, name):
     assert info["num_classes"] == classes
     assert info["opset"] == opset
     assert info["bn_folded"] is folded
-    assert info["torch_parity"]["max_abs_diff"] <= info["torch_parity"]["tolerance"]
+    # far inside the tolerance check_parity raises at (1.3e-3 to 5e-2 here): measured 3e-6 to 5.5e-5
+    assert info["torch_parity"]["max_abs_diff"] < 2e-4
     assert info["torch_parity"]["top1_agreement"] == 1.0
 
 
