@@ -114,3 +114,22 @@ def test_a_model_onnx_runtime_fails_to_run_is_bad_input_not_an_internal_error(sh
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.exit_code == 2 and len(lines) == 1, result.stderr
     assert lines[0].startswith(f"dsgonnx: error: ONNX Runtime cannot run {path}"), lines[0]
+
+
+def test_calibration_files_are_left_out_of_val_data_scoring(shared, tmp_path):
+    """quantize --calib DIR --val-data DIR: the 10 images calibrated on are not scored; the
+    other 20 are."""
+    data = shared / "datasets" / "cifar10-test"
+    folder = tmp_path / "images"
+    for label in sorted(p.name for p in data.iterdir())[:10]:
+        (folder / label).mkdir(parents=True)
+        for image in sorted((data / label).iterdir())[:3]:
+            (folder / label / image.name).symlink_to(image)
+    report = tmp_path / "report.json"
+    result = CliRunner().invoke(cli, [
+        "quantize", str(shared / "models" / "cifar10_resnet20.onnx"), "-o", str(tmp_path / "q.onnx"), "--calib",
+        str(folder), "--num-samples", "10", "--val-data", str(folder), "--resize", "32", "--crop", "32",
+        "--report", str(report), "--quiet"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert json.loads(report.read_text())["num_samples"] == 20 and summary["calibration"]["num_samples"] == 10
