@@ -133,3 +133,21 @@ def test_calibration_files_are_left_out_of_val_data_scoring(shared, tmp_path):
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert json.loads(report.read_text())["num_samples"] == 20 and summary["calibration"]["num_samples"] == 10
+
+
+def test_the_readme_main_job_cut_down(efficientnet, tmp_path):
+    """The README's main job — `dsgonnx quantize models/efficientnet_lite0.onnx --w8a8
+    --preprocess tf-lite` — with 4 DSG samples, 4 held out and 2 iterations instead of the
+    CPU defaults (64 + 16, 100): the whole path runs and says what it did."""
+    out = tmp_path / "efficientnet_lite0.w8a8.onnx"
+    result = CliRunner().invoke(cli, ["quantize", str(efficientnet["bn"]), "--w8a8", "--preprocess", "tf-lite",
+                                      "--num-samples", "4", "--holdout", "4", "--iters", "2", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["output"] == str(out) and out.exists()
+    assert summary["calibration"]["method"] == "dsg" and summary["calibration"]["iters"] == 2
+    decisions = summary["decisions"]
+    assert decisions["bias_correction"]["means"]["input_mean"] == "first BN"  # solved from the stem's BN
+    assert decisions["pool_range"]["tensors"]  # the pooled features on their input's range
+    validation = summary["validation"]  # on the 4 held-out synthetic samples: unlabelled, agreement only
+    assert validation["fp32"]["top1"] is None and validation["agreement"] >= 0.5, validation
