@@ -135,9 +135,20 @@ def test_cli_folded_model_exits_2(models):
     assert not (models["folder"] / "x.npz").exists()
 
 
-def test_resolution_schedule_starts_small_and_ends_at_full_size(models):
+def test_resolution_schedule_starts_small_and_ends_at_full_size(models, monkeypatch):
+    import dsgonnx.synth.generator as generator
+
+    phases = []
+    iterate = generator._Run._iterate
+
+    def spy(self, images, tap, margins, label, first, iters):  # each phase: image size, iterations
+        phases.append((tuple(images.shape[2:]), iters))
+        return iterate(self, images, tap, margins, label, first, iters)
+
+    monkeypatch.setattr(generator._Run, "_iterate", spy)
     result = _run(models["kept"], method="zeroq", iters=12, low_res=8, low_res_share=0.5,
                   preprocess=PRESETS["imagenet"])
+    assert phases == [((8, 8), 6), ((16, 16), 6)]  # half the iterations at 8 px, then the rest at 16 px
     assert result.images.shape == (8, 3, 16, 16)
     assert np.isfinite(result.images).all()
     full = _run(models["kept"], method="zeroq", iters=0, preprocess=PRESETS["imagenet"])
