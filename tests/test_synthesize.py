@@ -188,3 +188,29 @@ def test_sci_is_the_squared_gap_between_kernel_spectra_computed_independently():
     assert got == pytest.approx(expected, rel=1e-4) and expected > 0.1  # alike samples are far from noise
     alike_gap = abs(spectrum(samples)[-1] - spectrum(reference)[-1])
     assert alike_gap > 1  # the dominant eigenvalue is what the loss pushes down
+
+
+def test_the_generator_weighs_sci_by_one_over_the_number_of_bn_layers(models, monkeypatch):
+    """The SCI term the generator optimises is the loss function's value / #BN (the paper's
+    weighting, beside the per-layer BN terms): with the loss pinned to 7, the term is 7 / 2."""
+    import torch
+
+    import dsgonnx.synth.generator as generator
+
+    monkeypatch.setattr(generator.losses, "sample_correlation_inhibition",
+                        lambda samples, reference: samples.sum() * 0 + torch.tensor(7.0))
+    seen = {}
+    terms = generator._Run._terms
+
+    def spy(self, n, first):
+        def recorded(name, term):
+            def run(*args):
+                value = term(*args)
+                seen.setdefault(name, float(value.detach()))
+                return value
+            return run
+        return [(name, recorded(name, term)) for name, term in terms(self, n, first)]
+
+    monkeypatch.setattr(generator._Run, "_terms", spy)
+    _run(models["kept"], method="dsg", iters=2)
+    assert seen["sci"] == pytest.approx(7.0 / 2)  # the tiny model has 2 BN layers
