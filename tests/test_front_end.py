@@ -39,7 +39,8 @@ def _convert_and_compare(path, input_shape=None, expected_bn=2):
     model = to_torch(loaded)
     assert not model.module.training, "onnx2torch returns train mode; dsgonnx must put it in eval"
     parity = check_parity(model)
-    assert parity.ok and parity.top1_agreement == 1.0
+    # far inside check_parity's own tolerance (which it raises at): float32 graphs match ORT closely
+    assert parity.max_abs_diff < 1e-4 and parity.top1_agreement == 1.0
     # beyond ORT: the converted graph computes what the original torch network computes
     images = _images(size=loaded.input.shape[2])
     np.testing.assert_allclose(run_torch(model, images)[0], reference_logits(images), atol=1e-4, rtol=1e-4)

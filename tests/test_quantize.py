@@ -108,9 +108,7 @@ def test_simulated_6_bit_grids_are_exact(setup, tmp_path):
     _, out = _quantize(setup, "w6a6.onnx", wbits=6, abits=6, first_layer_8bit=False)
     model = onnx.load(str(out))
     for _, weight in _weight_dq(model):
-        assert weight.dtype == np.int8 and weight.min() >= -31 and weight.max() <= 31
-        for channel in weight:
-            assert len(np.unique(channel)) <= 64
+        assert weight.dtype == np.int8 and weight.min() >= -31 and weight.max() <= 31  # the grid: the grids test
     # every activation's integers pass a Clip to [0, 63]; expose them and check on data
     clips = [n for n in model.graph.node if n.op_type == "Clip"]
     assert clips
