@@ -129,7 +129,8 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
                     results["fp32"] = {"top1": report["fp32"]["top1"], "top5": report["fp32"]["top5"]}
                     results["eval_images"] = report["num_samples"]
                     results["providers"] = report["providers"]["quantized"]
-                    runs[b].append((report["quantized"]["top1"], report["quantized"]["top5"]))
+                    runs[b].append((report["quantized"]["top1"], report["quantized"]["top5"], report["agreement"],
+                                    report["sqnr_db"]))
                     if "mixed" in done.decisions:
                         results.setdefault("mixed", {})[f"{row} W{b}A{b}"] = done.decisions["mixed"]["weight_share_8bit"]
                     print(f"{Path(model).name} {row} seed {seed} W{b}A{b}: top-1 {report['quantized']['top1']:.2f}% "
@@ -139,6 +140,10 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
                 "top1": {str(b): [round(float(np.mean([r[0] for r in v])), 2), round(float(np.std([r[0] for r in v])), 2)]
                          for b, v in runs.items()},
                 "top5": {str(b): round(float(np.mean([r[1] for r in v])), 2) for b, v in runs.items()},
+                # top-1 agreement with FP32 (%) and logit SQNR (dB): quieter than top-1 on 900 images
+                "agreement": {str(b): round(100 * float(np.mean([r[2] for r in v])), 2) for b, v in runs.items()},
+                "sqnr_db": {str(b): (round(float(np.mean(finite)), 2) if (finite := [r[3] for r in v if r[3] is not None])
+                                     else None) for b, v in runs.items()},
                 "runs": len(next(iter(runs.values()))) if runs else 0,
                 "synthesis_seconds": round(float(np.mean(seconds)), 1) if seconds else None,
                 "seconds_per_iter": round(float(np.mean(per_iter)), 4) if per_iter else None,
@@ -168,7 +173,7 @@ def _cached_set(cache, model, settings):
 def markdown(results: dict) -> str:
     bits = results["bits"]
     fp = results["fp32"]["top1"]
-    lines = ["| calibration | " + " | ".join(f"W{b}A{b} top-1 (drop)" for b in bits)
+    lines = ["| calibration | " + " | ".join(f"W{b}A{b} top-1 (drop) · agreement" for b in bits)
              + " | synthesis s | s/iter | sample_similarity |",
              "|---|" + "---|" * (len(bits) + 3)]
     for source, row in results["rows"].items():
@@ -179,7 +184,8 @@ def markdown(results: dict) -> str:
                 continue
             mean, std = row["top1"][str(b)]
             spread = f" ± {std:.2f}" if row["runs"] > 1 else ""
-            cells.append(f"{mean:.2f}{spread} ({mean - fp:+.2f})")
+            agreement = row.get("agreement", {}).get(str(b))
+            cells.append(f"{mean:.2f}{spread} ({mean - fp:+.2f})" + (f" · {agreement:.2f}" if agreement is not None else ""))
         synthesis = row["synthesis_seconds"]
         if row.get("refine_seconds") is not None:
             synthesis = f"{synthesis if synthesis is not None else 0} + {row['refine_seconds']} refine"
