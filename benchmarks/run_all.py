@@ -96,7 +96,10 @@ def _chart(all_results: dict, path: Path) -> bool:
     except ImportError:
         return False
     names = list(all_results)
-    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 3.6), squeeze=False)
+    every = list(dict.fromkeys(source for results in all_results.values() for source in results["rows"]))
+    palette = plt.get_cmap("tab20")  # one colour per row, the same in every panel
+    colours = {source: palette(i % 20) for i, source in enumerate(every)}
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 4.4), squeeze=False)
     for ax, name in zip(axes[0], names):
         results = all_results[name]
         bits = results["bits"]
@@ -105,13 +108,15 @@ def _chart(all_results: dict, path: Path) -> bool:
         for i, source in enumerate(sources):
             cells = [results["rows"][source]["top1"].get(str(b), (float("nan"), 0.0)) for b in bits]
             means, stds = [c[0] for c in cells], [c[1] for c in cells]
-            ax.bar([j + i * width for j in range(len(bits))], means, width, yerr=stds, label=source)
+            ax.bar([j + i * width for j in range(len(bits))], means, width, yerr=stds, label=source,
+                   color=colours[source])
         ax.axhline(results["fp32"]["top1"], color="black", linewidth=0.8, linestyle="--", label="FP32")
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(bits))], [f"W{b}A{b}" for b in bits])
         ax.set_title(name, fontsize=10)
         ax.set_ylabel("top-1 %")
-    axes[0][0].legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
+    handles = {label: handle for ax in axes[0] for handle, label in zip(*ax.get_legend_handles_labels())}
+    fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(len(handles), 10), fontsize=7)
+    fig.tight_layout(rect=(0, 0.14, 1, 1))
     fig.savefig(path, dpi=110)
     return True
 
