@@ -30,10 +30,9 @@ def inspect_model(
     torch_model = to_torch(loaded)
     parity = check_parity(torch_model, samples=parity_samples)
     layers = find_bn_layers(torch_model)
-    from .graph.to_torch import random_inputs, run_onnxruntime
-
-    # what the model really outputs: a declared output shape can be wrong (ORT does not check it)
-    num_classes = int(run_onnxruntime(loaded, random_inputs(loaded, 1))[0].reshape(1, -1).shape[1])
+    # what the model really outputs (the parity run's): a declared output shape can be wrong,
+    # ORT does not check it
+    num_classes = parity.classes
     declared = {} if loaded.num_classes in (None, num_classes) else {"declared_num_classes": loaded.num_classes}
     return {
         "file": str(loaded.path),

@@ -45,17 +45,15 @@ def ort_session(path, providers=(CPU,), disabled_optimizers=()):
         raise ModelLoadError(f"cannot load ONNX model {path}: {one_line(exc)}") from None
 
 
-def run_model(session, feeds: dict, path) -> list:
-    """``session.run`` on the user's own model: where ONNX Runtime fails at run time (a node's
-    inputs that do not fit, found only when it runs), that is the model's fault — a one-line
-    :class:`~dsgonnx.errors.ModelLoadError`, not an internal error."""
+def run_model(session, feeds: dict, path, outputs=None) -> list:
+    """``session.run`` on a model the user gave: where ONNX Runtime fails at run time (a node's
+    inputs that do not fit, found only when it runs; bad shapes, kernels), that is the model's
+    fault — a one-line :class:`~dsgonnx.errors.ModelLoadError`, not an internal error."""
     from .errors import ModelLoadError
 
     try:
-        return session.run(None, feeds)
-    except Exception as exc:
-        if not type(exc).__module__.startswith("onnxruntime"):
-            raise
+        return session.run(outputs, feeds)
+    except Exception as exc:  # ORT raises its own exception types
         raise ModelLoadError(f"ONNX Runtime cannot run {path}: {one_line(exc)}") from None
 
 

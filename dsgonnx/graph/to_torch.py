@@ -51,6 +51,7 @@ class ParityResult:
     samples: int
     worst_output: str
     per_output: dict[str, float]
+    classes: int = 0  # values per sample of the first output as ONNX Runtime computed it
 
     @property
     def ok(self) -> bool:
@@ -261,7 +262,7 @@ def check_parity(model: TorchModel, samples: int = 4, seed: int = 0) -> ParityRe
         max_diff = max(max_diff, diff)
     first_ref, first_got = reference[0].reshape(samples, -1), converted[0].reshape(samples, -1)
     agreement = float(np.mean(first_ref.argmax(1) == first_got.argmax(1)))
-    result = ParityResult(max_diff, tolerance, agreement, samples, worst, per_output)
+    result = ParityResult(max_diff, tolerance, agreement, samples, worst, per_output, first_ref.shape[1])
     if worst_excess > 0:
         raise ParityError(
             f"torch conversion does not match ONNX Runtime: output '{worst}' differs by up to "

@@ -49,12 +49,10 @@ calibration                settings; calibration = {method, num_samples, iters, 
 
 from __future__ import annotations
 
-import contextlib
 import importlib.metadata
 import json
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -200,23 +198,17 @@ def check_report_path(path: str | None) -> None:
 
 
 def write_report(report: ValidationReport, path: str) -> None:
-    """Write the JSON atomically: a temporary file in the same folder, then published
-    (:func:`dsgonnx.artifacts.publish`: fsync, the umask's permissions, a rename)."""
-    from dsgonnx.artifacts import publish
+    """Write the JSON atomically (:func:`dsgonnx.artifacts.write_atomically`: a temporary file
+    in the same folder, fsync, the umask's permissions, a rename)."""
+    from pathlib import Path
+
+    from dsgonnx.artifacts import write_atomically
 
     text = report.to_json()
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".dsgonnx-report-", suffix=".json.tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        publish(tmp, path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        if isinstance(exc, OSError):
-            raise DsgonnxError(f"cannot write report {path}: {exc}") from None
-        raise
+        write_atomically(Path(path), lambda handle: handle.write(text.encode("utf-8")))
+    except OSError as exc:
+        raise DsgonnxError(f"cannot write report {path}: {exc}") from None
 
 
 def package_version() -> str:

@@ -23,7 +23,7 @@ import onnxruntime as ort
 from dsgonnx.config import Provider
 from dsgonnx.errors import DsgonnxError, InputSpecError, ModelLoadError
 from dsgonnx.inputs import InputSpec, format_dims
-from dsgonnx.runtime import CPU, CUDA, one_line as _one_line, ort_session
+from dsgonnx.runtime import CPU, CUDA, ort_session, run_model
 
 PROVIDER_CHOICES = Provider.values()
 
@@ -64,10 +64,7 @@ class ModelRunner:
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, float]:
         """Outputs as float32 N×classes, and the wall time of the call in milliseconds."""
         start = time.perf_counter()
-        try:
-            (out,) = self.session.run([self.io.output_name], {self.io.input_name: batch})
-        except Exception as exc:  # ORT raises its own exception types for bad shapes, kernels...
-            raise DsgonnxError(f"onnxruntime failed to run {self.io.path}: {_one_line(exc)}") from None
+        (out,) = run_model(self.session, {self.io.input_name: batch}, self.io.path, [self.io.output_name])
         elapsed_ms = (time.perf_counter() - start) * 1000.0
         return flatten_classifier_output(np.asarray(out), self.io.path), elapsed_ms
 
