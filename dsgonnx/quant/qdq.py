@@ -114,12 +114,6 @@ def activation_grid(data, spec: BitSpec) -> tuple[float, int]:
     return (scale if scale > 0 else 1.0), zero
 
 
-def activation_grids(ranges: TensorsData, spec: BitSpec) -> dict[str, tuple[float, int, int, int]]:
-    """tensor -> (scale, zero point, lowest, highest integer) for every calibrated activation."""
-    low_level, high_level = spec.levels
-    return {name: (*activation_grid(ranges[name], spec), low_level, high_level) for name in ranges.keys()}
-
-
 def refined_weight_overrides(refined: dict) -> dict:
     """Overrides carrying learned scales (``RefinedWeight``: ``scales``, ``axis``) verbatim,
     so that ORT's rounding of the refined float weights gives back the learned integers."""

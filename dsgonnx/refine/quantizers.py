@@ -4,8 +4,10 @@
 symmetrically on a B-bit grid ``s·q``, ``q ∈ [-top, top]``, with ``q = ⌊w/s⌋ + h`` where
 ``h`` is AdaRound's rectified sigmoid of a learned ``V`` while training ("soft") and
 ``1[V ≥ 0]`` once decided ("hard"). ``s`` is fixed before training (per output channel,
-the clipping ratio that minimises ‖w − s·round(w/s)‖²). Its input passes an
-:class:`ActQuant` with the scale and zero point ONNX Runtime will use for that tensor.
+the clipping ratio that minimises ‖w − s·round(w/s)‖²). Its bias is held, as ONNX Runtime
+exports it, as int32 on the grid of the input's scale times ``s``. Activations are quantized apart
+from the layers, by an :class:`ActQuant` on every tensor the exported model quantizes
+(:mod:`.simulate`).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -79,12 +82,11 @@ class ActQuant(nn.Module):
 
 
 class QuantLayer(nn.Module):
-    """A Conv/Linear with a B-bit weight grid and a fake-quantized input."""
+    """A Conv/Linear with a B-bit weight grid."""
 
     MODES = ("fp", "nearest", "soft", "hard")
 
-    def __init__(self, inner: nn.Module, scale: torch.Tensor, top: int, axis: Optional[int],
-                 act: Optional[ActQuant]):
+    def __init__(self, inner: nn.Module, scale: torch.Tensor, top: int, axis: Optional[int]):
         super().__init__()
         if not isinstance(inner, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
             raise TypeError(f"cannot quantize {type(inner).__name__}")
@@ -94,9 +96,22 @@ class QuantLayer(nn.Module):
         if axis is not None:
             shape[axis] = -1
         self.register_buffer("scale", scale.reshape(shape).to(inner.weight.dtype))
-        self.act = act
         self.mode = "fp"
         self.alpha: Optional[nn.Parameter] = None
+        self.register_buffer("quantized_bias", None)
+
+    def quantize_bias(self, input_scale: float) -> None:
+        """Hold the bias as ORT exports it for an input on ``input_scale``: int32 integers
+        round(b / (input_scale·s)), computed as ORT does (scale product in float32, division
+        in float64)."""
+        if self.inner.bias is None:
+            return
+        scale = np.float32(input_scale) * self.scale.detach().cpu().numpy().reshape(-1).astype(np.float32)
+        bias = self.inner.bias.detach().cpu().numpy().astype(np.float64)
+        info = np.iinfo(np.int32)
+        integers = np.clip(np.round(bias / scale.astype(np.float64)), info.min, info.max)
+        values = (integers.astype(np.float32) * scale).astype(np.float32)
+        self.quantized_bias = torch.from_numpy(values).to(self.inner.bias.device)
 
     # -- rounding -----------------------------------------------------------------------
     def init_rounding(self) -> None:
@@ -134,9 +149,8 @@ class QuantLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "fp":
             return self.inner(x)
-        if self.act is not None:
-            x = self.act(x)
         weight = self.quantized_weight()
+        bias = self.quantized_bias if self.quantized_bias is not None else self.inner.bias
         if isinstance(self.inner, nn.Linear):
-            return F.linear(x, weight, self.inner.bias)
-        return self.inner._conv_forward(x, weight, self.inner.bias)
+            return F.linear(x, weight, bias)
+        return self.inner._conv_forward(x, weight, bias)

@@ -1,17 +1,21 @@
 """Reconstruction PTQ on calibration images: AdaRound layer by layer, BRECQ block by block.
 
 Works on the model ONNX Runtime is about to quantize (after its pre-processing, BN folded),
-converted to torch. Units (layers or blocks, :mod:`.blocks`) are processed in graph order.
-Each unit sees two streams of its inputs: the float model's (whose unit outputs are the
-targets) and the already-quantized prefix's (what the unit will really receive). Its
-weight roundings are learned to minimise
+converted to torch, with every tensor the exported QDQ model quantizes fake-quantized on its
+exported grid (:mod:`.simulate`: the model input, layer inputs and outputs, both inputs of
+each residual Add, pooled features, ... as read from a plain QDQ model of the same float
+model). Units (layers or blocks, :mod:`.blocks`) are processed in graph order. Each unit sees
+two streams of its inputs: the float model's (whose unit outputs are the targets) and the
+already-quantized prefix's (what the unit will really receive). Its weight roundings are
+learned to minimise
 
     ‖unit_q(x_q) − unit_fp(x_fp)‖² + λ · Σ (1 − |2h − 1|^β)
 
-with β annealed from 20 to 2 after a warm-up (Nagel et al. 2020; Li et al. 2021), while
-every quantized layer's input is fake-quantized on the grid ORT will use (optionally with
-QDrop's random dropping of that quantization while training). The learned integers and
-scales come back per ONNX weight so that the QDQ model holds exactly them.
+with β annealed from 20 to 2 after a warm-up (Nagel et al. 2020; Li et al. 2021), while the
+unit's activations are fake-quantized (optionally with QDrop's random dropping of that
+quantization while training). The learned integers and scales come back per ONNX weight so
+that the QDQ model holds exactly them; the trained simulation stays available to compare
+with the exported model (:func:`.simulate.fidelity`).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import onnx
@@ -32,9 +36,11 @@ from ..errors import UnsupportedModelError
 from ..graph.onnx_io import load_model
 from ..graph.to_torch import resolve_device, to_torch
 from ..progress import Progress, say
+from ..quant.placement import Placement
 from ..quant.qdq import quantized_weights
 from .blocks import Unit, concat, join_nodes, partition, run_unit, take, tensors
 from .quantizers import ActQuant, QuantLayer, weight_scales
+from .simulate import insert_activation_quant, layer_module
 
 
 @dataclass
@@ -51,6 +57,11 @@ class RefineResult:
     path: Path  # the model with refined float weights (= scale · integer)
     weights: dict[str, RefinedWeight]  # ONNX initializer name -> learned grid
     report: dict
+    simulation: Optional[Callable[[np.ndarray], np.ndarray]] = None  # the trained simulation's first output
+
+    def release(self) -> None:
+        """Drop the trained simulation (it holds the torch model)."""
+        self.simulation = None
 
 
 @dataclass
@@ -63,10 +74,11 @@ class _Layer:
     module: QuantLayer
 
 
-def _find_layers(torch_model, onnx_model: onnx.ModelProto, exclude: set[str], grids: dict, weight_top: int,
+def _find_layers(torch_model, onnx_model: onnx.ModelProto, placement: Placement, exclude: set[str], weight_top: int,
                  per_channel: bool, scale_search: bool, weight_tops: dict) -> tuple[list[_Layer], list[dict]]:
     """Wrap every Conv/Gemm weight ORT will quantize in a QuantLayer (on the grid of
-    ``weight_tops[weight]``, else ``weight_top``); list what is skipped and why."""
+    ``weight_tops[weight]``, else ``weight_top``; its bias on the int32 grid of its input's
+    scale); list what is skipped and why."""
     uses: dict[str, int] = {}
     for node in onnx_model.graph.node:
         for name in node.input:
@@ -86,21 +98,18 @@ def _find_layers(torch_model, onnx_model: onnx.ModelProto, exclude: set[str], gr
             skipped.append({"layer": node.name, "why": "weight shared with another node"})
             continue
         target = torch_model.module_names.get(node.name)
-        inner = module.get_submodule(target) if target else None
-        parent, attr = module, target
-        if isinstance(inner, nn.Sequential):  # onnx2torch puts explicit padding in front of some convs
-            children = [(k, c) for k, c in inner.named_children() if isinstance(c, (nn.Conv1d, nn.Conv2d, nn.Conv3d))]
-            if len(children) == 1:
-                parent, attr, inner = inner, children[0][0], children[0][1]
-        if not isinstance(inner, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)) or target not in fx_by_target:
-            skipped.append({"layer": node.name, "why": f"converted to {type(inner).__name__}, not a Conv/Linear module"})
+        parent, attr, inner = layer_module(module, target)
+        if inner is None or target not in fx_by_target:
+            kind = type(module.get_submodule(target)).__name__ if target else "nothing"
+            skipped.append({"layer": node.name, "why": f"converted to {kind}, not a Conv/Linear module"})
             continue
         transposed = node.op_type == "Gemm" and site.axis == 1  # transB=0: ONNX holds the transpose
         onnx_axis = site.axis if per_channel else None
         top = weight_tops.get(site.weight, weight_top)
         scales = weight_scales(inner.weight, top, 0 if per_channel else None, search=scale_search)
-        act = ActQuant(*grids[node.input[0]]) if node.input[0] in grids else None
-        wrapped = QuantLayer(inner, scales, top, 0 if per_channel else None, act)
+        wrapped = QuantLayer(inner, scales, top, 0 if per_channel else None)
+        if (node.name, 2) in placement.constants and node.input[0] in placement.activations:
+            wrapped.quantize_bias(placement.activations[node.input[0]].scale)
         setattr(parent, attr, wrapped)
         layers.append(_Layer(node.name, site.weight, onnx_axis, transposed, fx_by_target[target], wrapped))
     return layers, skipped
@@ -135,15 +144,18 @@ def _beta(step: int, total: int, config: RefineConfig) -> Optional[float]:
     return config.beta_end + (config.beta_start - config.beta_end) * max(0.0, 1.0 - progress)
 
 
-def refine_model(model_path: Path, output_path: Path, grids: dict, images: np.ndarray, eval_images: Optional[np.ndarray],
-                 *, exclude: set[str], per_channel: bool, weight_top: int, config: RefineConfig,
-                 device: str = "auto", seed: int = 0, weight_tops: Optional[dict] = None) -> RefineResult:
+def refine_model(model_path: Path, output_path: Path, placement: Placement, images: np.ndarray,
+                 eval_images: Optional[np.ndarray], *, exclude: set[str], per_channel: bool, weight_top: int,
+                 config: RefineConfig, device: str = "auto", seed: int = 0,
+                 weight_tops: Optional[dict] = None) -> RefineResult:
     """Learn the weight rounding of ``model_path`` (an fp32 ONNX model ORT will quantize).
 
-    ``grids``: activation tensor name -> (scale, zero point, lowest, highest integer) as ORT
-    will quantize it. ``weight_tops``: weight name -> largest integer, for weights on
-    another grid than ``weight_top``'s (the first layer at 8 bits). ``eval_images`` (else the calibration images) measure each unit's
-    reconstruction loss before and after. Writes the refined model to ``output_path``.
+    ``placement``: what the QDQ model of ``model_path`` quantizes, read from one ORT wrote
+    (:func:`dsgonnx.quant.placement.read_placement`); its activations are simulated on their
+    grids. ``weight_tops``: weight name -> largest integer, for weights on another grid than
+    ``weight_top``'s (the first layer at 8 bits). ``eval_images`` (else the calibration
+    images) measure each unit's reconstruction loss before and after. Writes the refined
+    model to ``output_path``.
     """
     started = time.perf_counter()
     torch_device = resolve_device(device)
@@ -151,13 +163,18 @@ def refine_model(model_path: Path, output_path: Path, grids: dict, images: np.nd
     loaded = load_model(model_path)
     torch_model = to_torch(loaded)
     onnx_model = torch_model.graph
-    layers, skipped = _find_layers(torch_model, onnx_model, exclude, grids, weight_top, per_channel, config.scale_search,
+    layers, skipped = _find_layers(torch_model, onnx_model, placement, exclude, weight_top, per_channel, config.scale_search,
                                    weight_tops or {})
     if not layers:
         raise UnsupportedModelError("refine: the model has no Conv/Gemm layer to refine")
+    quantizers, missing = insert_activation_quant(torch_model, placement.activations)
+    for quantizer in quantizers.values():
+        quantizer.enabled = False  # each unit turns its own on once its float targets are computed
     module = torch_model.module.to(torch_device).float().eval()
     op_types = {torch_model.module_names[n.name]: n.op_type for n in onnx_model.graph.node if n.name in torch_model.module_names}
     by_node = {layer.fx_node: layer for layer in layers}
+    acts = {n: module.get_submodule(n.target) for n in module.graph.nodes
+            if n.op == "call_module" and isinstance(module.get_submodule(n.target), ActQuant)}
     units = partition(module, set(by_node), join_nodes(module, op_types), config.method, config.block_layers)
     trained = [u for u in units if u.layers]
 
@@ -171,8 +188,8 @@ def refine_model(model_path: Path, output_path: Path, grids: dict, images: np.nd
     fp_env = {placeholder: rows.to(torch_device)}
     q_env = {placeholder: fp_env[placeholder]}
     say(f"refine: {config.method}, {len(layers)} layers in {len(trained)} "
-        f"{'blocks' if config.method == RefineMethod.BRECQ else 'layers'}, {config.iters} iterations each, "
-        f"{run.n_train} calibration samples, on {torch_device}")
+        f"{'blocks' if config.method == RefineMethod.BRECQ else 'layers'}, {len(quantizers)} quantized activations, "
+        f"{config.iters} iterations each, {run.n_train} calibration samples, on {torch_device}")
     report_units = []  # every QuantLayer starts in "fp" mode until its unit is reached
     done: set = set()
     everything = slice(0, len(rows))
@@ -180,11 +197,14 @@ def refine_model(model_path: Path, output_path: Path, grids: dict, images: np.nd
         fp_in = [fp_env[n] for n in unit.inputs]
         q_in = [q_env[n] for n in unit.inputs]
         targets = _run_rows(module, unit, fp_in, everything, run.chunk)
+        unit_acts = [acts[n] for n in unit.nodes if n in acts]
+        for quantizer in unit_acts:
+            quantizer.enabled = True
         if unit.layers:
-            report_units.append(run.reconstruct(unit, q_in, targets))
+            report_units.append(run.reconstruct(unit, q_in, targets, unit_acts))
             q_out = _run_rows(module, unit, q_in, everything, run.chunk)
         else:
-            same = all(a is b for a, b in zip(fp_in, q_in))
+            same = not unit_acts and all(a is b for a, b in zip(fp_in, q_in))
             q_out = targets if same else _run_rows(module, unit, q_in, everything, run.chunk)
         for node, fp_value, q_value in zip(unit.outputs, targets, q_out):
             fp_env[node], q_env[node] = fp_value, q_value
@@ -194,16 +214,30 @@ def refine_model(model_path: Path, output_path: Path, grids: dict, images: np.nd
                 del env[node]
     weights = _export(layers, model_path, output_path)
     seconds = round(time.perf_counter() - started, 2)
+    unsimulated = [f"activation {name}" for name in missing] + [f"float reader of {n}" for n in placement.float_readers]
     report = {"method": config.method.value, "config": config.to_dict(), "device": str(torch_device),
               "seconds": seconds, "calibration_samples": run.n_train,
               "loss_measured_on": "held-out samples" if held is not None else "the calibration samples",
               "held_out_samples": len(rows) - run.n_train if held is not None else 0,
               "refined_layers": [layer.onnx_name for layer in layers], "skipped_layers": skipped,
-              "units": report_units}
+              "simulated_activations": len(quantizers), "unsimulated": unsimulated, "units": report_units}
     say(f"refine: done in {seconds:.1f}s; reconstruction loss "
         f"{sum(u['loss_before'] for u in report_units):.4g} -> {sum(u['loss_after'] for u in report_units):.4g} "
         f"(sum over {len(report_units)} units, {report['loss_measured_on']})")
-    return RefineResult(path=output_path, weights=weights, report=report)
+    return RefineResult(path=output_path, weights=weights, report=report,
+                        simulation=lambda x: _forward(module, x, run.chunk, torch_device))
+
+
+def _forward(module, images: np.ndarray, batch: int, device: torch.device) -> np.ndarray:
+    """The module's first output for ``images`` (the trained simulation: every layer hard,
+    every quantized activation on)."""
+    parts = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch):
+            chunk = torch.from_numpy(np.ascontiguousarray(images[start : start + batch], dtype=np.float32))
+            out = module(chunk.to(device))
+            parts.append((out[0] if isinstance(out, (tuple, list)) else out).float().cpu().numpy())
+    return np.concatenate(parts)
 
 
 class _Reconstruction:
@@ -225,8 +259,9 @@ class _Reconstruction:
         with torch.no_grad():
             return float(_loss(outputs, [take(t, index) for t in targets]))
 
-    def reconstruct(self, unit: Unit, q_in: list, targets: list) -> dict:
-        """Learn the rounding of the unit's layers; its loss before (nearest rounding) and after."""
+    def reconstruct(self, unit: Unit, q_in: list, targets: list, acts: list[ActQuant]) -> dict:
+        """Learn the rounding of the unit's layers (its activations ``acts`` quantized, dropped
+        at random while training); its loss before (nearest rounding) and after."""
         config, iters = self.config, self.config.iters
         self.number += 1
         quant = [self.by_node[n].module for n in unit.layers]
@@ -240,8 +275,9 @@ class _Reconstruction:
                 layer.init_rounding()
                 layer.mode = "soft"
                 layer.train()
-                if layer.act is not None:
-                    layer.act.start_dropping(config.dropping, self.drops)
+            for act in acts:
+                act.train()
+                act.start_dropping(config.dropping, self.drops)
             optimiser = torch.optim.Adam([layer.alpha for layer in quant], lr=config.lr)
             label = f"refine [{self.number}/{self.units}] {names[0]}" + (f" .. {names[-1]}" if len(names) > 1 else "")
             progress = Progress(label, iters)
@@ -263,8 +299,9 @@ class _Reconstruction:
             for layer in quant:
                 layer.mode = "hard"
                 layer.eval()
-                if layer.act is not None:
-                    layer.act.stop_dropping()
+            for act in acts:
+                act.eval()
+                act.stop_dropping()
         after = self._eval_loss(unit, q_in, targets)
         flipped = sum(int((layer.integers() != layer.nearest_integers()).sum()) for layer in quant)
         return {"layers": names, "loss_before": round(before, 6), "loss_after": round(after, 6),
