@@ -87,7 +87,7 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
         for row in sources:
             base, variants = parse_row(row)
             runs = {b: [] for b in bits}
-            seconds, per_iter, similarity, refine_seconds = [], [], [], []
+            seconds, per_iter, similarity, refine_seconds, fidelity = [], [], [], [], {}
             refine_settings = dict(refine or {"method": "brecq"}) if "refine" in variants else {}
             refine_method = refine_settings.pop("method", None)
             settings = {k: v for variant in variants for k, v in VARIANTS[variant].items()}
@@ -124,6 +124,8 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
                         **settings))
                     if done.refine:
                         refine_seconds.append(done.refine["seconds"])
+                        # the trained simulation against the written file (before bias correction)
+                        fidelity[str(b)] = {k: done.refine["fidelity"][k] for k in ("agreement", "sqnr_db")}
                     report = validate(model, str(out), ValidateConfig(), images=held_images,
                                       labels=held_labels).to_dict()
                     results["fp32"] = {"top1": report["fp32"]["top1"], "top5": report["fp32"]["top5"]}
@@ -151,7 +153,8 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
             }
             if refine_method:
                 results["rows"][row].update(refine=dict(refine_settings, method=refine_method),
-                                            refine_seconds=round(float(np.mean(refine_seconds)), 1))
+                                            refine_seconds=round(float(np.mean(refine_seconds)), 1),
+                                            refine_fidelity=fidelity)
     results["torch"] = torch.__version__
     return results
 
