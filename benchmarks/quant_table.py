@@ -37,7 +37,9 @@ VARIANTS = {
     "mixed": {"mixed": True},  # the most sensitive 5 % of the weights at 8 bits (simulated widths only)
     "calpool": {"pool_range": "calibrated"},  # pooled features on their own calibrated range (the default before)
     "nofirst": {"first_layer_8bit": False},  # input and first layer at the low width too (below 8 bits)
+    "lsq": {},  # with +refine: the activation steps learned too (quantize --refine-act-lr LSQ_LR)
 }
+LSQ_LR = 1e-3
 ONLY_AT = {"mixed": (2, 3, 5, 6, 7), "nofirst": (2, 3, 4, 5, 6, 7)}  # the widths where a variant changes anything
 
 
@@ -90,6 +92,10 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
             seconds, per_iter, similarity, refine_seconds, fidelity = [], [], [], [], {}
             refine_settings = dict(refine or {"method": "brecq"}) if "refine" in variants else {}
             refine_method = refine_settings.pop("method", None)
+            if "lsq" in variants:
+                if not refine_method:
+                    raise SystemExit(f"row {row!r}: +lsq learns activation steps while refining; add +refine")
+                refine_settings["act_lr"] = LSQ_LR
             settings = {k: v for variant in variants for k, v in VARIANTS[variant].items()}
             for seed in (seeds if base != "real" else (0,)):
                 if (base, seed) not in made:

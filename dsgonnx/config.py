@@ -307,7 +307,8 @@ class RefineConfig:
     """How to learn the weight rounding (``QuantConfig.refine``).
 
     ``iters=None``: by device (:func:`device_defaults`); ``drop_prob=None``: 0.5 for brecq
-    (QDrop), 0 for adaround.
+    (QDrop), 0 for adaround. ``act_lr`` > 0 learns the activation step sizes with the rounding
+    (LSQ; Adam on the log of each step, so the rate is relative); 0 keeps the calibrated ones.
     """
 
     method: RefineMethod = RefineMethod.BRECQ
@@ -321,9 +322,12 @@ class RefineConfig:
     drop_prob: Optional[float] = None
     block_layers: int = 4
     scale_search: bool = True
+    act_lr: float = 0.0
 
     def __post_init__(self):
         object.__setattr__(self, "method", RefineMethod.parse(self.method, "refine"))
+        _require(_is_number(self.act_lr) and 0 <= self.act_lr < 1,
+                 f"`refine.act_lr` (activation step learning rate) must be in [0, 1), got {self.act_lr}")
         _require(self.iters is None or (_is_int(self.iters) and self.iters >= 0),
                  f"`refine.iters` must not be negative, got {self.iters}")
         _require(_is_number(self.lr) and self.lr > 0, f"`refine.lr` must be positive, got {self.lr}")

@@ -183,7 +183,9 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
                 decisions = quantize_qdq(float_path, tmp, ranges, weights, activations,
                                          per_channel=config.per_channel, reduce_range=reduce_range,
                                          exclude=config.exclude, logits=config.logits,
-                                         refined=_refined_kept(refined, keep_8bit - first), keep_8bit=keep_8bit | first)
+                                         refined=_refined_kept(refined, keep_8bit - first),
+                                         learned_activations=_learned_kept(refined, keep_8bit - first),
+                                         keep_8bit=keep_8bit | first)
             decisions.update(policy)
             if mixed is not None:
                 decisions["mixed"] = mixed
@@ -284,7 +286,7 @@ def _choose_mixed(scratch: Path, float_path: Path, ranges, weights, activations,
     probe = scratch / "uniform.onnx"
     quantize_qdq(float_path, probe, ranges, weights, activations, per_channel=config.per_channel,
                  reduce_range=reduce_range, exclude=config.exclude, logits=config.logits,
-                 refined=_refined_kept(refined, set()), keep_8bit=kept)
+                 refined=_refined_kept(refined, set()), learned_activations=_learned_kept(refined, set()), keep_8bit=kept)
     if correct is not None:
         correct(probe)
     samples = holdout if holdout is not None and len(holdout) else images
@@ -380,6 +382,12 @@ def _refined_kept(refined, dropped: set[str]) -> Optional[dict]:
     """The learned grids to export, less those of ``dropped`` weights (mixed precision keeps
     them at 8 bits: ORT rounds the refined values on its own 8-bit grid)."""
     return {name: w for name, w in refined.weights.items() if name not in dropped} if refined else None
+
+
+def _learned_kept(refined, dropped: set[str]) -> Optional[dict]:
+    """The learned activation steps to export, less those of ``dropped`` tensors (at 8 bits
+    they take ORT's 8-bit grid of their calibrated range)."""
+    return {name: g for name, g in refined.activations.items() if name not in dropped} if refined else None
 
 
 def _validate(loaded: LoadedModel, output: Path, config: QuantConfig, holdout, calib_files, bits, calibration,

@@ -22,7 +22,7 @@ from dsgonnx.pipeline import quantize
 from dsgonnx.quant import QuantConfig
 from dsgonnx.quant.bits import resolve_bits
 from dsgonnx.quant.calibrate import compute_ranges
-from dsgonnx.quant.placement import placement_of
+from dsgonnx.quant.placement import placement_of, read_placement
 from dsgonnx.quant.qdq import excluded_nodes, pre_process
 from dsgonnx.quant.reader import ArrayReader
 from dsgonnx.refine import RefineConfig, refine_model
@@ -169,7 +169,8 @@ def test_cli_refine_reports_units_and_rejects_bad_options(setup):
     assert summary["refine"]["config"]["iters"] == 20 and summary["refine"]["config"]["drop_prob"] == 0.5
     for args, message in ((["--refine", "brecq", "--refine-iters", "-1"], "must not be negative"),
                           (["--refine-iters", "20"], "need --refine"),
-                          (["--refine", "adaround", "--refine-drop", "1.5"], "drop probability")):
+                          (["--refine", "adaround", "--refine-drop", "1.5"], "drop probability"),
+                          (["--refine", "brecq", "--refine-act-lr", "-0.1"], "activation step learning rate")):
         bad = runner.invoke(cli, ["quantize", str(setup["model"]), "-o", str(setup["folder"] / "bad.onnx"),
                                   "--calib", "gaussian", *args])
         assert bad.exit_code == 2 and message in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
@@ -184,3 +185,28 @@ def test_refine_config_rejects_bad_settings():
     with pytest.raises(DataError, match="`refine.iters` must not be negative"):
         QuantConfig(refine=RefineConfig(iters=-1))
     assert QuantConfig(refine="adaround").refine == RefineConfig(method="adaround")
+
+
+def test_learned_activation_steps_are_what_the_qdq_model_holds(setup):
+    """--refine-act-lr: every grid of the QDQ model is learned (the tensors ORT puts on another
+    tensor's grid share its step), the file holds exactly the learned scales with the calibrated
+    zero points, and the trained simulation still follows the file."""
+    folder = setup["folder"]
+    common = dict(wbits=4, abits=4, calib=str(setup["npz"]), num_samples=64, force=True, validate=False,
+                  bias_correction="off")
+    plain = quantize(str(setup["model"]), QuantConfig(output=str(folder / "steps-plain.onnx"), **common))
+    result = quantize(str(setup["model"]), QuantConfig(output=str(folder / "steps.onnx"), **common, refine=RefineConfig(
+        method="brecq", iters=100, act_lr=1e-2)))
+    before = read_placement(onnx.load(str(plain.output))).activations
+    after = read_placement(onnx.load(str(result.output))).activations
+    steps = result.refine["learned_activation_steps"]
+    assert set(steps) == {grid.group[: -len("_scale")] for grid in before.values()}  # one step per written grid
+    moved = 0
+    for name, grid in after.items():
+        root = grid.group[: -len("_scale")]
+        assert np.float32(grid.scale) == np.float32(steps[root]["learned"]), name
+        assert grid.zero_point == before[name].zero_point and steps[root]["calibrated"] == before[root].scale
+        moved += grid.scale != before[name].scale
+    assert moved >= len(after) // 2
+    fidelity = result.decisions["refine"]["fidelity"]
+    assert fidelity["agreement"] >= 0.9 and fidelity["sqnr_db"] >= 30, fidelity

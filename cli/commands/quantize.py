@@ -33,7 +33,7 @@ written), 2 bad input (nothing written).
 # flag -> SynthOptions / RefineConfig field, for the flags that tune a nested setting
 _SYNTH_FLAGS = {"lr": "lr", "slack_reading": "slack_reading", "low_res": "low_res"}
 _REFINE_FLAGS = {"refine_iters": "iters", "refine_lr": "lr", "refine_reg": "reg_weight", "refine_drop": "drop_prob",
-                 "refine_batch_size": "batch_size"}
+                 "refine_batch_size": "batch_size", "refine_act_lr": "act_lr"}
 
 
 def _bits(w8a8, w6a6, w4a4, wbits, abits):
@@ -71,6 +71,9 @@ def _given(values: dict, fields: dict) -> dict:
 @click.option("--refine-reg", type=float, help="Weight of AdaRound's rounding regulariser.")
 @click.option("--refine-drop", type=float, help="QDrop probability of keeping an activation float while refining.")
 @click.option("--refine-batch-size", type=int, help="Refinement batch size.")
+@click.option("--refine-act-lr", type=float,
+              help="Learn the activation step sizes with the rounding at this rate (LSQ; relative steps) [default: 0, "
+                   "the calibrated steps].")
 @click.option("--calibrator", type=choice(Calibrator), default=Calibrator.MINMAX.value, show_default=True)
 @click.option("--target", type=choice(Target), default=Target.CPU.value, show_default=True)
 @click.option("--per-channel/--per-tensor", default=True, show_default=True, help="Weight scales per output channel.")

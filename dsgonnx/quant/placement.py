@@ -45,6 +45,7 @@ class Grid:
     zero_point: int
     low: int
     high: int
+    group: str = ""  # the scale's initializer: ORT puts some tensors on another's grid (Pad, Slice, Flatten)
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         q = np.clip(np.round(x / self.scale) + self.zero_point, self.low, self.high)
@@ -122,7 +123,8 @@ def read_placement(model: onnx.ModelProto) -> Placement:
         tensor = dq.output[0] if dq.output[0] in outputs else node.input[0]
         activations[tensor] = Grid(scale=float(scale.reshape(-1)[0]), zero_point=int(numpy_helper.to_array(zero)),
                                    low=max(type_low, low) if low is not None else type_low,
-                                   high=min(type_high, high) if high is not None else type_high)
+                                   high=min(type_high, high) if high is not None else type_high,
+                                   group=node.input[1])
         readers[dq.output[0]] = tensor
 
     float_readers = set()

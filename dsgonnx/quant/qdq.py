@@ -114,6 +114,13 @@ def activation_grid(data, spec: BitSpec) -> tuple[float, int]:
     return (scale if scale > 0 else 1.0), zero
 
 
+def learned_activation_overrides(grids: dict, spec: BitSpec) -> dict:
+    """Overrides carrying learned activation grids (tensor -> (scale, zero point)) verbatim."""
+    dtype = np.int8 if spec.symmetric else np.uint8
+    return {name: [{"scale": np.array(scale, dtype=np.float32), "zero_point": np.array(zero, dtype=dtype)}]
+            for name, (scale, zero) in grids.items()}
+
+
 def refined_weight_overrides(refined: dict) -> dict:
     """Overrides carrying learned scales (``RefinedWeight``: ``scales``, ``axis``) verbatim,
     so that ORT's rounding of the refined float weights gives back the learned integers."""
@@ -253,12 +260,14 @@ def quantize_qdq(
     exclude: Iterable[str] = (),
     logits: str = "exclude",
     refined: Optional[dict] = None,
+    learned_activations: Optional[dict] = None,
     keep_8bit: Iterable[str] = (),
 ) -> dict:
     """Quantize the pre-processed model at ``model_path`` into ``output_path``.
 
     ``refined``: weight name -> learned grid (:class:`dsgonnx.refine.RefinedWeight`); the
-    model's weights must already be scale·integer. ``keep_8bit``: weights and activations
+    model's weights must already be scale·integer. ``learned_activations``: tensor -> learned
+    (scale, zero point), written as they are. ``keep_8bit``: weights and activations
     (tensor names) that stay on the 8-bit grid when the others are simulated (mixed
     precision). Returns what was decided: excluded nodes, the final layer, simulated tensors.
     """
@@ -291,6 +300,8 @@ def quantize_qdq(
             extra["TensorQuantOverrides"].update({k: v for k, v in overrides.items() if k not in keep_8bit})
         if refined:
             extra["TensorQuantOverrides"].update(refined_weight_overrides(refined))
+        if learned_activations:
+            extra["TensorQuantOverrides"].update(learned_activation_overrides(learned_activations, activations))
         for name, quant_type in eight_bit_types(model, keep_8bit, weights, activations).items():
             for entry in extra["TensorQuantOverrides"].setdefault(name, [{}]):  # learned scales keep their type
                 entry["quant_type"] = quant_type

@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 from typing import Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -55,7 +54,11 @@ class ActQuant(nn.Module):
     """Fake-quantize to ``scale·(clamp(round(x/scale)+zero, low, high) − zero)``.
 
     ``drop_prob`` > 0 keeps each element unquantized with that probability while training
-    (QDrop, Wei et al. 2022), drawn from ``generator`` (on the tensors' device)."""
+    (QDrop, Wei et al. 2022), drawn from ``generator`` (on the tensors' device). After
+    :meth:`learn_step` the scale is learned (LSQ, Esser et al. 2020: the straight-through
+    rounding gives its gradient), as ``exp`` of a parameter so that Adam's steps are relative;
+    :meth:`share_step` ties another quantizer to the same parameter (tensors ORT puts on one
+    grid)."""
 
     def __init__(self, scale: float, zero_point: int, low: int, high: int):
         super().__init__()
@@ -63,6 +66,20 @@ class ActQuant(nn.Module):
         self.enabled = True
         self.drop_prob = 0.0
         self.generator: Optional[torch.Generator] = None
+        self.log_step: Optional[nn.Parameter] = None
+
+    def learn_step(self) -> nn.Parameter:
+        self.log_step = nn.Parameter(torch.tensor(math.log(self.scale), dtype=torch.float32))
+        return self.log_step
+
+    def share_step(self, parameter: nn.Parameter) -> None:
+        self.log_step = parameter
+
+    def step(self) -> torch.Tensor:
+        """The scale now, as a float32 tensor (the exported value)."""
+        if self.log_step is None:
+            return torch.tensor(self.scale, dtype=torch.float32)
+        return torch.exp(self.log_step)
 
     def start_dropping(self, prob: float, generator: torch.Generator) -> None:
         self.drop_prob, self.generator = prob, generator
@@ -73,8 +90,9 @@ class ActQuant(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
-        q = torch.clamp(round_ste(x / self.scale) + self.zero_point, self.low, self.high)
-        xq = (q - self.zero_point) * self.scale
+        scale = self.scale if self.log_step is None else torch.exp(self.log_step).to(x.dtype)
+        q = torch.clamp(round_ste(x / scale) + self.zero_point, self.low, self.high)
+        xq = (q - self.zero_point) * scale
         if self.training and self.drop_prob > 0:
             keep = torch.rand(x.shape, generator=self.generator, device=x.device, dtype=x.dtype) < self.drop_prob
             return torch.where(keep, x, xq)
@@ -98,20 +116,23 @@ class QuantLayer(nn.Module):
         self.register_buffer("scale", scale.reshape(shape).to(inner.weight.dtype))
         self.mode = "fp"
         self.alpha: Optional[nn.Parameter] = None
-        self.register_buffer("quantized_bias", None)
+        self._input: tuple = ()  # the ActQuant of the input (not a submodule: it lives in the graph)
 
-    def quantize_bias(self, input_scale: float) -> None:
-        """Hold the bias as ORT exports it for an input on ``input_scale``: int32 integers
-        round(b / (input_scale·s)), computed as ORT does (scale product in float32, division
-        in float64)."""
-        if self.inner.bias is None:
-            return
-        scale = np.float32(input_scale) * self.scale.detach().cpu().numpy().reshape(-1).astype(np.float32)
-        bias = self.inner.bias.detach().cpu().numpy().astype(np.float64)
-        info = np.iinfo(np.int32)
-        integers = np.clip(np.round(bias / scale.astype(np.float64)), info.min, info.max)
-        values = (integers.astype(np.float32) * scale).astype(np.float32)
-        self.quantized_bias = torch.from_numpy(values).to(self.inner.bias.device)
+    def quantize_bias_on(self, input_quant: "ActQuant") -> None:
+        """Hold the bias as ORT exports it for an input quantized by ``input_quant``."""
+        self._input = (input_quant,)
+
+    def quantized_bias(self) -> Optional[torch.Tensor]:
+        """The bias on ORT's int32 grid: round(b / (input scale·s)), with the scale product in
+        float32 and the division in float64 as ORT computes them; the float bias without an
+        input grid."""
+        bias = self.inner.bias
+        if bias is None or not self._input:
+            return bias
+        scale = self._input[0].step().detach().to(bias.device) * self.scale.detach().reshape(-1).float()
+        info = torch.iinfo(torch.int32)
+        integers = torch.round(bias.detach().double() / scale.double()).clamp(info.min, info.max)
+        return (integers.float() * scale).to(bias.dtype)
 
     # -- rounding -----------------------------------------------------------------------
     def init_rounding(self) -> None:
@@ -150,7 +171,7 @@ class QuantLayer(nn.Module):
         if self.mode == "fp":
             return self.inner(x)
         weight = self.quantized_weight()
-        bias = self.quantized_bias if self.quantized_bias is not None else self.inner.bias
+        bias = self.quantized_bias()
         if isinstance(self.inner, nn.Linear):
             return F.linear(x, weight, bias)
         return self.inner._conv_forward(x, weight, bias)

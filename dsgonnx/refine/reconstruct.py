@@ -21,7 +21,7 @@ with the exported model (:func:`.simulate.fidelity`).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -57,6 +57,7 @@ class RefineResult:
     path: Path  # the model with refined float weights (= scale · integer)
     weights: dict[str, RefinedWeight]  # ONNX initializer name -> learned grid
     report: dict
+    activations: dict = field(default_factory=dict)  # tensor -> learned (scale, zero point), with act_lr > 0
     simulation: Optional[Callable[[np.ndarray], np.ndarray]] = None  # the trained simulation's first output
 
     def release(self) -> None:
@@ -68,6 +69,7 @@ class RefineResult:
 class _Layer:
     onnx_name: str
     weight_name: str
+    input_name: str  # the ONNX tensor the layer reads
     onnx_axis: Optional[int]
     transposed: bool  # ONNX weight is the transpose of the torch one (Gemm transB=0)
     fx_node: object
@@ -108,10 +110,8 @@ def _find_layers(torch_model, onnx_model: onnx.ModelProto, placement: Placement,
         top = weight_tops.get(site.weight, weight_top)
         scales = weight_scales(inner.weight, top, 0 if per_channel else None, search=scale_search)
         wrapped = QuantLayer(inner, scales, top, 0 if per_channel else None)
-        if (node.name, 2) in placement.constants and node.input[0] in placement.activations:
-            wrapped.quantize_bias(placement.activations[node.input[0]].scale)
         setattr(parent, attr, wrapped)
-        layers.append(_Layer(node.name, site.weight, onnx_axis, transposed, fx_by_target[target], wrapped))
+        layers.append(_Layer(node.name, site.weight, node.input[0], onnx_axis, transposed, fx_by_target[target], wrapped))
     return layers, skipped
 
 
@@ -170,6 +170,10 @@ def refine_model(model_path: Path, output_path: Path, placement: Placement, imag
     quantizers, missing = insert_activation_quant(torch_model, placement.activations)
     for quantizer in quantizers.values():
         quantizer.enabled = False  # each unit turns its own on once its float targets are computed
+    for layer in layers:
+        if layer.input_name in quantizers:  # ORT quantizes the bias on the input's scale times the weight's
+            layer.module.quantize_bias_on(quantizers[layer.input_name])
+    learned = _learn_steps(quantizers, placement) if config.act_lr > 0 else {}
     module = torch_model.module.to(torch_device).float().eval()
     op_types = {torch_model.module_names[n.name]: n.op_type for n in onnx_model.graph.node if n.name in torch_model.module_names}
     by_node = {layer.fx_node: layer for layer in layers}
@@ -213,6 +217,7 @@ def refine_model(model_path: Path, output_path: Path, placement: Placement, imag
             for node in [n for n in env if all(u in done for u in n.users)]:
                 del env[node]
     weights = _export(layers, model_path, output_path)
+    activations = {name: (float(q.step().detach().cpu()), q.zero_point) for name, q in learned.items()}
     seconds = round(time.perf_counter() - started, 2)
     unsimulated = [f"activation {name}" for name in missing] + [f"float reader of {n}" for n in placement.float_readers]
     report = {"method": config.method.value, "config": config.to_dict(), "device": str(torch_device),
@@ -220,12 +225,32 @@ def refine_model(model_path: Path, output_path: Path, placement: Placement, imag
               "loss_measured_on": "held-out samples" if held is not None else "the calibration samples",
               "held_out_samples": len(rows) - run.n_train if held is not None else 0,
               "refined_layers": [layer.onnx_name for layer in layers], "skipped_layers": skipped,
-              "simulated_activations": len(quantizers), "unsimulated": unsimulated, "units": report_units}
+              "simulated_activations": len(quantizers), "unsimulated": unsimulated,
+              "learned_activation_steps": {name: {"calibrated": quantizers[name].scale, "learned": scale}
+                                           for name, (scale, _) in activations.items()},
+              "units": report_units}
     say(f"refine: done in {seconds:.1f}s; reconstruction loss "
         f"{sum(u['loss_before'] for u in report_units):.4g} -> {sum(u['loss_after'] for u in report_units):.4g} "
         f"(sum over {len(report_units)} units, {report['loss_measured_on']})")
-    return RefineResult(path=output_path, weights=weights, report=report,
+    return RefineResult(path=output_path, weights=weights, report=report, activations=activations,
                         simulation=lambda x: _forward(module, x, run.chunk, torch_device))
+
+
+def _learn_steps(quantizers: dict[str, ActQuant], placement: Placement) -> dict[str, ActQuant]:
+    """Make the activation steps learnable, one parameter per grid ORT writes (the tensors it
+    puts on another's grid share it); returns the tensor each grid is exported under."""
+    groups: dict[str, list[str]] = {}
+    for name in quantizers:
+        groups.setdefault(placement.activations[name].group or name, []).append(name)
+    roots = {}
+    for group, names in groups.items():
+        root = next((name for name in names if group == f"{name}_scale"), names[0])  # ORT names it after its tensor
+        parameter = quantizers[root].learn_step()
+        for name in names:
+            if name != root:
+                quantizers[name].share_step(parameter)
+        roots[root] = quantizers[root]
+    return roots
 
 
 def _forward(module, images: np.ndarray, batch: int, device: torch.device) -> np.ndarray:
@@ -250,6 +275,7 @@ class _Reconstruction:
         self.module, self.by_node, self.config, self.device = module, by_node, config, device
         self.n_train, self.eval_rows, self.chunk, self.units = n_train, eval_rows, chunk, units
         self.batches = torch.Generator().manual_seed(seed)
+        self.trained_steps: set[int] = set()  # a shared step is learned in the first unit that uses it
         self.drops = torch.Generator(device=device).manual_seed(seed)
         self.number = 0
 
@@ -278,7 +304,13 @@ class _Reconstruction:
             for act in acts:
                 act.train()
                 act.start_dropping(config.dropping, self.drops)
-            optimiser = torch.optim.Adam([layer.alpha for layer in quant], lr=config.lr)
+            steps = list({id(a.log_step): a.log_step for a in acts
+                          if a.log_step is not None and id(a.log_step) not in self.trained_steps}.values())
+            self.trained_steps.update(id(p) for p in steps)
+            groups = [{"params": [layer.alpha for layer in quant], "lr": config.lr}]
+            if steps:
+                groups.append({"params": steps, "lr": config.act_lr})
+            optimiser = torch.optim.Adam(groups)
             label = f"refine [{self.number}/{self.units}] {names[0]}" + (f" .. {names[-1]}" if len(names) > 1 else "")
             progress = Progress(label, iters)
             batch = min(config.batch_size, self.n_train)
