@@ -49,8 +49,9 @@ def synthesize(model, config: Optional[SynthConfig] = None, *, input_shape=None,
     if isinstance(model, (str, os.PathLike)):
         model = load_model(model, input_shape)
     result = run_synthesis(model, config)
-    if output is not None:
-        result.save(output, replace=force)
+    if output is not None:  # in the layout the model file takes
+        loaded = getattr(model, "loaded", model)
+        result.save(output, replace=force, layout=getattr(loaded, "layout", "NCHW"))
     if preview is not None:
         save_grid(result.images, preview, config.preprocess)
     return result

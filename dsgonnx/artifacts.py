@@ -35,14 +35,17 @@ class SyntheticSet:
     def __len__(self) -> int:
         return len(self.images)
 
-    def save(self, path: str | os.PathLike, replace: bool = True) -> Path:
+    def save(self, path: str | os.PathLike, replace: bool = True, layout: str = "NCHW") -> Path:
         """Write ``images`` and ``meta`` (a JSON string) to an ``.npz``, atomically (without
-        ``replace``, never over an existing file)."""
+        ``replace``, never over an existing file); ``layout`` "NHWC" writes the images channels
+        last, as a channels-last model takes them (``meta["layout"]`` says so)."""
         path = Path(path)
         if path.suffix != ".npz":
             raise DataError(f"synthetic sets are saved as .npz, not {path.name!r}")
-        write_atomically(path, lambda handle: np.savez(handle, images=self.images, meta=np.array(json.dumps(self.meta))),
-                         replace)
+        images, meta = self.images, self.meta
+        if layout == "NHWC":
+            images, meta = np.ascontiguousarray(images.transpose(0, 2, 3, 1)), {**meta, "layout": "NHWC"}
+        write_atomically(path, lambda handle: np.savez(handle, images=images, meta=np.array(json.dumps(meta))), replace)
         return path
 
     @classmethod
@@ -50,7 +53,8 @@ class SyntheticSet:
         data = read_npz(path)
         if data.images.ndim != 4 or data.images.dtype != np.float32:
             raise DataError(f"{path}: 'images' must be float32 NCHW, got {data.images.dtype} {data.images.shape}")
-        return cls(images=data.images, meta=data.meta)
+        images = data.images.transpose(0, 3, 1, 2) if data.meta.get("layout") == "NHWC" else data.images
+        return cls(images=np.ascontiguousarray(images), meta=data.meta)
 
 
 def check_output_folder(path: str | os.PathLike) -> Path:

@@ -56,7 +56,11 @@ def load_real_images(source, spec: InputSpec, count: int, preprocess: Preprocess
 
 def _from_array(images, spec: InputSpec, count: int, source: str, method: str = "real") -> RealImages:
     check_images(source, images)
+    channels, height, width = spec.chw
+    if images.ndim == 4 and tuple(images.shape[1:]) == (height, width, channels) != tuple(spec.chw):
+        images = images.transpose(0, 3, 1, 2)  # channels last (a set written for an NHWC model): NCHW here
     if images.ndim != 4 or tuple(images.shape[1:]) != tuple(spec.chw):
-        raise DataError(f"{source}: 'images' has shape {images.shape}; the model takes N×{'×'.join(map(str, spec.chw))}")
+        raise DataError(f"{source}: 'images' has shape {images.shape}; the model takes N×{'×'.join(map(str, spec.chw))} "
+                        f"(or N×{height}×{width}×{channels})")
     chosen = spread_indices(len(images), count)
     return RealImages(np.asarray(images[chosen], dtype=np.float32), (), source, method)

@@ -19,12 +19,13 @@ IMAGE_CHANNELS = (1, 3, 4)
 
 def layout_of(shape) -> Optional[str]:
     """``"NCHW"``, ``"NHWC"`` (channels last, as in TensorFlow exports) or None (not an
-    image). Sizes are ints when fixed and None when dynamic; dynamic channels count as NCHW."""
+    image). Sizes are ints when fixed and None when dynamic; dynamic channels count as NCHW,
+    except N×?×?×C (dynamic height and width, channels last)."""
     if len(shape) != 4:
         return None
     if shape[1] in IMAGE_CHANNELS:
         return "NCHW"
-    if shape[3] in IMAGE_CHANNELS and shape[1] is not None:
+    if shape[3] in IMAGE_CHANNELS and (shape[1] is not None or shape[2] is None):
         return "NHWC"
     return "NCHW" if shape[1] is None else None
 

@@ -35,16 +35,17 @@ def inspect_model(
     num_classes = parity.classes
     declared = {} if loaded.num_classes in (None, num_classes) else {"declared_num_classes": loaded.num_classes}
     return {
-        "file": str(loaded.path),
+        "file": str(loaded.source),
         "sha256": loaded.sha256,
         "opset": loaded.opset,
         "ir_version": loaded.model.ir_version,
         "producer": loaded.producer,
         "input": {
             "name": loaded.input.name,
-            "shape": list(loaded.input.shape),
+            "shape": list(loaded.input.shape) if loaded.layout == "NCHW" else
+            [loaded.input.shape[i] for i in (0, 2, 3, 1)],
             "dtype": str(loaded.input.dtype),
-            "layout": "NCHW",
+            "layout": loaded.layout,
         },
         "outputs": loaded.output_names,
         "num_classes": num_classes,
@@ -71,7 +72,8 @@ def format_inspection(info: dict[str, Any]) -> str:
     lines = [
         f"model        {info['file']}",
         f"opset        {info['opset']} (IR {info['ir_version']}, producer {info['producer'] or 'unknown'})",
-        f"input        {info['input']['name']}: {shape} {info['input']['dtype']} NCHW",
+        f"input        {info['input']['name']}: {shape} {info['input']['dtype']} {info['input']['layout']}"
+        + (" (worked on channels-first; quantized models keep NHWC)" if info["input"]["layout"] == "NHWC" else ""),
         f"classes      {info['num_classes']} (outputs: {', '.join(info['outputs'])}"
         f"{'; the graph declares ' + str(info['declared_num_classes']) if 'declared_num_classes' in info else ''})",
         "ops          " + ", ".join(f"{op} {n}" for op, n in sorted(info["op_histogram"].items(), key=lambda kv: -kv[1])),

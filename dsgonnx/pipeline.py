@@ -22,6 +22,7 @@ from .artifacts import check_output_folder, publish
 from .calibration_data import load_real_images
 from .config import BiasCorrection, PoolRange, QuantConfig, ValidateConfig
 from .errors import DataError, ModelLoadError, UnsupportedModelError
+from .graph.layout import channels_last_input
 from .graph.onnx_io import LoadedModel, load_model, sha256_of
 from .progress import say
 from .quant.bits import resolve_bits, tag
@@ -109,8 +110,8 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
     if config.mixed and not (weights.simulated or activations.simulated):
         raise DataError("mixed precision keeps tensors at 8 bits among simulated ones (2, 3, 5, 6 or 7 bits), "
                         f"not at W{weights.bits}A{activations.bits}")
-    output = Path(config.output) if config.output else default_output(loaded.path, config.wbits, config.abits)
-    _check_output(loaded.path, output, config.force)
+    output = Path(config.output) if config.output else default_output(loaded.source, config.wbits, config.abits)
+    _check_output(loaded.source, output, config.force)
     if config.validate:  # the validation's inputs and report, before any work or output
         from .validation.report import check_report_path
 
@@ -245,17 +246,21 @@ def _check_unchanged(loaded: LoadedModel) -> None:
     """Pre-processing and the checks read the model file again: a file replaced meanwhile
     would give a model calibrated on one network and stamped with another's hash."""
     try:
-        same = sha256_of(loaded.path) == loaded.sha256
+        same = sha256_of(loaded.source) == loaded.sha256
     except OSError:
         same = False
     if not same:
-        raise DataError(f"{loaded.path} changed while dsgonnx worked (its SHA-256 is not the one read at the start); "
+        raise DataError(f"{loaded.source} changed while dsgonnx worked (its SHA-256 is not the one read at the start); "
                         "nothing was written — rerun on a file that stays put")
 
 
 def _finish_model(path: Path, loaded: LoadedModel, bits: dict, calibration: dict, decisions: dict, sample: np.ndarray):
-    """Stamp metadata, run the ONNX checker and one ONNX Runtime inference."""
+    """Give the model the file's input layout back, stamp metadata, run the ONNX checker and
+    one ONNX Runtime inference (``sample``: NCHW)."""
     model = onnx.load(str(path))
+    if loaded.layout == "NHWC":
+        channels_last_input(model, loaded.input.name)
+        decisions["input_layout"] = "NHWC: the file's input, transposed to NCHW in front of the quantized graph"
     meta = {"dsgonnx.version": __version__, "dsgonnx.source_sha256": loaded.sha256,
             "dsgonnx.bits": json.dumps(bits), "dsgonnx.simulated": str(bits["simulated"]).lower(),
             "dsgonnx.calibration": json.dumps({k: calibration[k] for k in ("method", "num_samples", "iters")}),
@@ -268,7 +273,7 @@ def _finish_model(path: Path, loaded: LoadedModel, bits: dict, calibration: dict
         onnx.checker.check_model(str(path))
     except onnx.checker.ValidationError as exc:
         raise ModelLoadError(f"the quantized model fails the ONNX checker: {str(exc).splitlines()[0]}") from None
-    outputs = ort_session(path).run(None, {loaded.input.name: sample.astype(np.float32)})
+    outputs = ort_session(path).run(None, {loaded.input.name: loaded.in_file_layout(sample.astype(np.float32))})
     if not all(np.isfinite(o).all() for o in outputs):
         raise UnsupportedModelError("the quantized model produces NaN/Inf on a calibration image")
 
@@ -404,9 +409,9 @@ def _validate(loaded: LoadedModel, output: Path, config: QuantConfig, holdout, c
         if holdout is None or not len(holdout):
             say("validate: no `val_data` and no held-out samples; skipped")
             return None
-        report = validate(loaded.path, output, vconfig, images=holdout)
+        report = validate(loaded.source, output, vconfig, images=loaded.in_file_layout(holdout))
     else:
-        report = validate(loaded.path, output, vconfig)
+        report = validate(loaded.source, output, vconfig)
     say(report.table())
     check_gate(report, config.max_drop, config.min_agreement)
     return report

@@ -268,6 +268,7 @@ def analyze(model, config: Optional[QuantConfig] = None, *, data=None, eval_samp
     without it, held-out synthetic samples (``config.holdout``, at least 16) — data-free.
     ``report`` / ``chart``: also write the JSON report / a PNG bar chart (atomically).
     """
+    from .graph.layout import channels_first_input
     from .graph.onnx_io import load_model
     from .pipeline import quantize
     from .quant.qdq import pre_process
@@ -289,9 +290,11 @@ def analyze(model, config: Optional[QuantConfig] = None, *, data=None, eval_samp
                                           val_data=None, max_drop=None, min_agreement=None, report=None,
                                           holdout=holdout))
         qdq = onnx.load(str(result.output))
+        if loaded.layout == "NHWC":  # measured on NCHW arrays, as the float twin
+            channels_first_input(qdq, loaded.input.name)
         points = quant_points(qdq)
         if not points:
-            raise UnsupportedModelError(f"{loaded.path.name}: the quantized model has no quantized tensors to analyze")
+            raise UnsupportedModelError(f"{loaded.source.name}: the quantized model has no quantized tensors to analyze")
         floats = float_parts(onnx.load(str(pre_process(loaded.path, scratch / "prepared.onnx"))), qdq)
         if data is not None:
             dataset = open_dataset(loaded.input, os.fspath(data), config.preprocess,
@@ -326,7 +329,7 @@ def analyze(model, config: Optional[QuantConfig] = None, *, data=None, eval_samp
                                        all_but=_score(with_float(qdq, [point], floats), loaded.input.name, images,
                                                       reference, labels, batch, scratch)))
             progress.update(number, point.name)
-    analysis = AnalysisReport(str(loaded.path), dict(result.bits, tag=f"W{config.wbits}A{config.abits}"), samples,
+    analysis = AnalysisReport(str(loaded.source), dict(result.bits, tag=f"W{config.wbits}A{config.abits}"), samples,
                               full, fp32, tensors, round(time.perf_counter() - started, 2))
     say(analysis.table())
     if report is not None:

@@ -90,9 +90,6 @@ def _bad_models(folder, kept):
     flat = make_model([helper.make_node("Relu", ["x"], ["y"])],
                       [_vi("x", TensorProto.FLOAT, [1, 100])], [_vi("y", TensorProto.FLOAT, [1])])
     onnx.save(flat, str(folder / "flat.onnx"))
-    nhwc = make_model([helper.make_node("Relu", ["x"], ["y"])],
-                      [_vi("x", TensorProto.FLOAT, [1, 32, 32, 3])], [_vi("y", TensorProto.FLOAT, [1])])
-    onnx.save(nhwc, str(folder / "nhwc.onnx"))
     gelu = make_model([helper.make_node("Gelu", ["x"], ["y"])],
                       [_vi("x", TensorProto.FLOAT, [1, 3, 8, 8])], [_vi("y", TensorProto.FLOAT, [1])], opset=20)
     onnx.save(gelu, str(folder / "gelu.onnx"))
@@ -144,7 +141,6 @@ BAD_INPUTS = [
     ("two_inputs.onnx", [], "2 inputs ('a', 'b')"),
     ("tokens.onnx", [], "INT64, not a float image tensor"),
     ("flat.onnx", [], "rank 2"),
-    ("nhwc.onnx", [], "looks NHWC"),
     ("gelu.onnx", [], "unsupported operator Gelu-20"),
     ("custom.onnx", [], "Frobnicate"),
     ("dangling.onnx", [], "fails the ONNX checker"),

@@ -103,6 +103,30 @@ def export_tiny_resnet(path: Path) -> Path:
     return path
 
 
+class ChannelsLast(nn.Module):
+    """A net taking N×H×W×C images, as TensorFlow exports do (a Transpose first)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x.permute(0, 3, 1, 2))
+
+
+def export_tiny_nhwc(path: Path, dynamic_hw: bool = False) -> Path:
+    """TinyResNet behind an NHWC input (16×16×3), BN kept, like a tf2onnx export."""
+    axes = {"input": {0: "N", 1: "H", 2: "W"} if dynamic_hw else {0: "N"}, "logits": {0: "N"}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            ChannelsLast(tiny_resnet()).eval(), (_example().permute(0, 2, 3, 1),), str(path), dynamo=False,
+            opset_version=13, input_names=["input"], output_names=["logits"], dynamic_axes=axes,
+            training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False,
+        )
+    return path
+
+
 def _example() -> torch.Tensor:
     return torch.randn(2, 3, 16, 16)
 

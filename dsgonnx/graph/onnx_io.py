@@ -2,7 +2,9 @@
 
 ``load_model`` is the single entry point: it reads the file (external data confined to
 the model's folder), runs ``onnx.checker`` and shape inference, finds the one image
-input (4-D float, NCHW), resolves dynamic dimensions, and counts the classes.
+input (4-D float), resolves dynamic dimensions, and counts the classes. A channels-last
+(NHWC) input is worked on through a channels-first twin (:mod:`.layout`) written beside the
+model in a temporary folder; ``LoadedModel.file`` stays the user's file.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -21,6 +24,7 @@ from onnx import TensorProto, external_data_helper, helper, numpy_helper, shape_
 
 from ..errors import InputSpecError, ModelLoadError
 from ..inputs import IMAGE_CHANNELS, InputSpec, layout_of, parse_input_shape
+from .layout import channels_first_twin
 
 _FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
 
@@ -39,10 +43,22 @@ class LoadedModel:
     producer: str
     op_histogram: dict[str, int] = field(default_factory=dict)
     has_external_data: bool = False
+    file: Optional[Path] = None  # the user's file when ``path`` is its channels-first twin
+    layout: str = "NCHW"  # the file's input layout; ``input`` and ``model`` are always NCHW
+    _scratch: Optional[tempfile.TemporaryDirectory] = field(default=None, repr=False, compare=False)
 
     @property
     def initializer_names(self) -> set[str]:
         return {t.name for t in self.model.graph.initializer}
+
+    @property
+    def source(self) -> Path:
+        """The user's model file (``path`` may be the channels-first twin dsgonnx works on)."""
+        return self.file or self.path
+
+    def in_file_layout(self, images: np.ndarray) -> np.ndarray:
+        """NCHW ``images`` as the file takes them (NHWC for a channels-last model)."""
+        return np.ascontiguousarray(images.transpose(0, 2, 3, 1)) if self.layout == "NHWC" else images
 
 
 def sha256_of(path: Path) -> str:
@@ -70,11 +86,25 @@ def load_model(path: str | os.PathLike, input_shape: Optional[tuple[int, int, in
     has_external = _load_external_data(model, path)
     _check(model, path)
     _check_values(model, path)
-    spec = _image_input(model, input_shape)
+    spec, layout = _image_input(model, input_shape)
     _check_size(spec)
+    histogram = dict(sorted(collections.Counter(n.op_type for n in model.graph.node).items()))
+    twin = file = scratch = None
+    if layout == "NHWC":
+        try:
+            model = channels_first_twin(model, spec.name)
+        except ValueError as exc:
+            raise InputSpecError(f"input '{spec.name}' (NHWC) cannot be given a channels-first twin: {exc}") from None
     model = _infer_shapes(_with_input_shape(model, spec), path)
+    if layout == "NHWC":  # the stages that read a file (ORT's tools) read the twin
+        scratch = tempfile.TemporaryDirectory(prefix="dsgonnx-nchw-")
+        twin, file = Path(scratch.name) / f"{path.stem}.nchw.onnx", path
+        onnx.save(model, str(twin))
     return LoadedModel(
-        path=path,
+        path=twin or path,
+        file=file,
+        layout=layout,
+        _scratch=scratch,
         model=model,
         sha256=sha256,
         input=spec,
@@ -82,7 +112,7 @@ def load_model(path: str | os.PathLike, input_shape: Optional[tuple[int, int, in
         num_classes=_num_classes(model),
         opset=opset_of(model),
         producer=" ".join(p for p in (model.producer_name, model.producer_version) if p),
-        op_histogram=dict(sorted(collections.Counter(n.op_type for n in model.graph.node).items())),
+        op_histogram=histogram,
         has_external_data=has_external,
     )
 
@@ -191,7 +221,8 @@ def _dims(value_info: onnx.ValueInfoProto) -> list[Optional[int]]:
     return [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in shape.dim]
 
 
-def _image_input(model: onnx.ModelProto, given: Optional[tuple[int, int, int, int]]) -> InputSpec:
+def _image_input(model: onnx.ModelProto, given: Optional[tuple[int, int, int, int]]) -> tuple[InputSpec, str]:
+    """The image input, channels-first, and the layout the file has ("NCHW" or "NHWC")."""
     initializers = {t.name for t in model.graph.initializer}
     inputs = [i for i in model.graph.input if i.name not in initializers]
     if not inputs:
@@ -212,31 +243,31 @@ def _image_input(model: onnx.ModelProto, given: Optional[tuple[int, int, int, in
     else:
         dims = _dims(value)
     if len(dims) != 4:
-        raise InputSpecError(f"input '{name}' has rank {len(dims)}; dsgonnx needs a 4-D NCHW image input")
-    if _looks_nhwc(dims, given):
-        shown = "x".join("?" if d is None else str(d) for d in dims)
-        raise InputSpecError(
-            f"input '{name}' looks NHWC ({shown}: channels last); dsgonnx needs NCHW input "
-            "(export the model channels-first or add a Transpose in front)"
-        )
+        raise InputSpecError(f"input '{name}' has rank {len(dims)}; dsgonnx needs a 4-D NCHW or NHWC image input")
+    layout = "NHWC" if _looks_nhwc(dims, given) else "NCHW"
+    if layout == "NHWC":  # work channels-first; `input_shape` may come in either layout
+        dims = [dims[0], dims[3], dims[1], dims[2]]
+        if given is not None and layout_of(given) == "NHWC":
+            given = (given[0], given[3], given[1], given[2])
+    dtype = helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
     if given is not None:
         for axis, (have, want) in enumerate(zip(dims, given)):
             if have is not None and have != want:
                 raise InputSpecError(
                     f"`input_shape` {'x'.join(map(str, given))} conflicts with input '{name}' "
-                    f"(axis {axis} is fixed to {have})"
+                    f"(axis {axis} is fixed to {have}{' in NCHW order' if layout == 'NHWC' else ''})"
                 )
         batch = None if dims[0] is None else dims[0]
-        return InputSpec(name, (batch, given[1], given[2], given[3]), helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+        return InputSpec(name, (batch, given[1], given[2], given[3]), dtype), layout
     unresolved = [label for label, d in zip("NCHW", dims) if d is None and label != "N"]
     if unresolved:
-        shown = "x".join(label if d is None else str(d) for label, d in zip("NCHW", dims))
-        raise InputSpecError(
-            f"input '{name}' has dynamic {'/'.join(unresolved)} ({shown}); give `input_shape`, e.g. 1x3x224x224"
-        )
+        order = "NCHW" if layout == "NCHW" else "NHWC"
+        shown = "x".join(label if dims["NCHW".index(label)] is None else str(dims["NCHW".index(label)]) for label in order)
+        example = "1x3x224x224" if layout == "NCHW" else "1x224x224x3 (or NCHW 1x3x224x224)"
+        raise InputSpecError(f"input '{name}' has dynamic {'/'.join(unresolved)} ({shown}); give `input_shape`, e.g. {example}")
     if dims[1] not in IMAGE_CHANNELS:
         raise InputSpecError(f"input '{name}' has {dims[1]} channels; an image input has 1, 3 or 4 (NCHW)")
-    return InputSpec(name, (dims[0], dims[1], dims[2], dims[3]), helper.tensor_dtype_to_np_dtype(tensor_type.elem_type))
+    return InputSpec(name, (dims[0], dims[1], dims[2], dims[3]), dtype), layout
 
 
 def _looks_nhwc(dims: list[Optional[int]], given: Optional[tuple[int, int, int, int]]) -> bool:

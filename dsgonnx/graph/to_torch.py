@@ -249,7 +249,7 @@ def check_parity(model: TorchModel, samples: int = 4, seed: int = 0) -> ParityRe
     try:
         converted = run_torch(model, images)
     except Exception as exc:  # attribute values the converters take literally (an axis of 2**40, ...)
-        raise ParityError(f"the torch conversion cannot run {model.loaded.path.name} where ONNX Runtime can: "
+        raise ParityError(f"the torch conversion cannot run {model.loaded.source.name} where ONNX Runtime can: "
                           f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}") from None
     names = model.loaded.output_names
     if len(converted) != len(reference):
