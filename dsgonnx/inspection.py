@@ -20,7 +20,7 @@ def inspect_model(
 
     Keys: ``file``, ``sha256``, ``opset``, ``ir_version``, ``producer``, ``input``
     {``name``, ``shape`` (batch ``null`` when dynamic), ``dtype``, ``layout``},
-    ``outputs``, ``num_classes``, ``op_histogram``, ``bn_count``, ``bn_layers``
+    ``outputs``, ``num_classes`` (values per sample), ``head``, ``op_histogram``, ``bn_count``, ``bn_layers``
     [{``name``, ``channels``, ``eps``}], ``bn_folded``, ``torch_parity``
     {``max_abs_diff``, ``tolerance``, ``top1_agreement``, ``samples``, ``worst_output``},
     ``seconds``.
@@ -49,6 +49,8 @@ def inspect_model(
         },
         "outputs": loaded.output_names,
         "num_classes": num_classes,
+        # one output per sample is a binary head: validation scores it as two classes
+        "head": "binary (one output)" if num_classes == 1 else "binary (two outputs)" if num_classes == 2 else "multi-class",
         **declared,
         "op_histogram": loaded.op_histogram,
         "bn_count": len(layers),
@@ -74,7 +76,8 @@ def format_inspection(info: dict[str, Any]) -> str:
         f"opset        {info['opset']} (IR {info['ir_version']}, producer {info['producer'] or 'unknown'})",
         f"input        {info['input']['name']}: {shape} {info['input']['dtype']} {info['input']['layout']}"
         + (" (worked on channels-first; quantized models keep NHWC)" if info["input"]["layout"] == "NHWC" else ""),
-        f"classes      {info['num_classes']} (outputs: {', '.join(info['outputs'])}"
+        f"classes      {info['num_classes']}{' — a binary head, scored as two classes' if info['num_classes'] == 1 else ''}"
+        f" (outputs: {', '.join(info['outputs'])}"
         f"{'; the graph declares ' + str(info['declared_num_classes']) if 'declared_num_classes' in info else ''})",
         "ops          " + ", ".join(f"{op} {n}" for op, n in sorted(info["op_histogram"].items(), key=lambda kv: -kv[1])),
     ]

@@ -73,9 +73,9 @@ class TinyResNet(nn.Module):
         return self.fc(self.features(x))
 
 
-def tiny_resnet(seed: int = 0) -> TinyResNet:
+def tiny_resnet(seed: int = 0, classes: int = 10) -> TinyResNet:
     torch.manual_seed(seed)
-    net = TinyResNet()
+    net = TinyResNet(classes)
     with torch.no_grad():
         for bn in (m for m in net.modules() if isinstance(m, nn.BatchNorm2d)):
             bn.running_mean.uniform_(-0.5, 0.5)
@@ -98,6 +98,28 @@ def export_tiny_resnet(path: Path) -> Path:
         torch.onnx.export(
             tiny_resnet(), (_example(),), str(path), dynamo=False, opset_version=13,
             input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
+            training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False,
+        )
+    return path
+
+
+class Sigmoid(nn.Module):
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return torch.sigmoid(self.net(x))
+
+
+def export_tiny_binary(path: Path, sigmoid: bool = False) -> Path:
+    """TinyResNet with a one-output head (a logit, or its sigmoid), BN kept."""
+    net = tiny_resnet(classes=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            (Sigmoid(net) if sigmoid else net).eval(), (_example(),), str(path), dynamo=False, opset_version=13,
+            input_names=["input"], output_names=["score"], dynamic_axes={"input": {0: "N"}, "score": {0: "N"}},
             training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False,
         )
     return path

@@ -75,7 +75,7 @@ def final_layer(model: onnx.ModelProto) -> Optional[onnx.NodeProto]:
     """The node computing the classifier output: walk back from the first graph output
     through shape-only and normalising ops to the last Gemm/MatMul/Conv."""
     producers = {out: node for node in model.graph.node for out in node.output}
-    passthrough = {"Flatten", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Softmax", "LogSoftmax",
+    passthrough = {"Flatten", "Reshape", "Squeeze", "Unsqueeze", "Identity", "Softmax", "LogSoftmax", "Sigmoid",
                    "Transpose", "Add", "GlobalAveragePool", "Relu", "Dropout", "Cast"}
     tensor = model.graph.output[0].name
     seen = set()

@@ -274,8 +274,18 @@ class _Run:
             classes = self.torch_model.loaded.num_classes or 1000
             labels = torch.randint(0, classes, (n,), generator=self.generator).to(self.device)
 
+            labels = labels if classes > 1 else torch.randint(0, 2, (n,), generator=self.generator).to(self.device)
+            graph = self.torch_model.loaded.model.graph
+            sigmoid_head = any(node.op_type == "Sigmoid" and node.output[0] == graph.output[0].name for node in graph.node)
+
             def cross_entropy(images, output, *_):
                 logits = (output[0] if isinstance(output, (tuple, list)) else output).float().reshape(n, -1)
+                if logits.shape[1] == 1:  # a binary head: random 0/1 labels on its one output
+                    if sigmoid_head:
+                        return config.ce_weight * torch.nn.functional.binary_cross_entropy(
+                            logits[:, 0].clamp(1e-6, 1 - 1e-6), labels.float())
+                    return config.ce_weight * torch.nn.functional.binary_cross_entropy_with_logits(
+                        logits[:, 0], labels.float())
                 return config.ce_weight * torch.nn.functional.cross_entropy(logits, labels)
             terms.append(("cross_entropy", cross_entropy))
         if config.tv_weight:

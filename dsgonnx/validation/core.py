@@ -20,7 +20,7 @@ from dsgonnx.errors import InputSpecError
 from dsgonnx.hardware import cpu_info
 from dsgonnx.validation.data import Dataset, open_dataset
 from dsgonnx.validation.gate import check_thresholds, evaluate_gate
-from dsgonnx.validation.metrics import compare_outputs
+from dsgonnx.validation.metrics import compare_outputs, num_classes
 from dsgonnx.validation.report import ValidationReport, check_report_path, json_value, write_report
 from dsgonnx.validation.sessions import ModelRunner, open_models, shared_input
 
@@ -112,4 +112,4 @@ def _check_outputs(fp_out: np.ndarray, q_out: np.ndarray, dataset: Dataset) -> N
         raise InputSpecError(
             f"the models output different numbers of classes: {fp_out.shape[1]} (fp32) vs {q_out.shape[1]} (quantized)"
         )
-    dataset.check_against_classes(fp_out.shape[1])
+    dataset.check_against_classes(num_classes(fp_out))

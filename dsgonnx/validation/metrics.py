@@ -17,6 +17,12 @@ Definitions (the report's documented keys use them as they are):
   (~1.2e-38) and each row is renormalised to sum to 1.
 
 Non-finite scores (NaN, ±inf: a broken quantized model) rank below every finite score.
+
+A one-output (binary) head is scored as two classes: a logit ``z`` as the scores ``[0, z]``
+(class 1 when z > 0; softmax gives the sigmoid, so KL is the Bernoulli one), a probability
+``p`` (every output in [0, 1]) as ``[1 − p, p]`` (class 1 when p > 0.5). Agreement is then
+agreement of the decision, accuracy binary accuracy with labels 0/1; SQNR is computed on
+the one output itself.
 """
 
 from __future__ import annotations
@@ -48,10 +54,35 @@ class Metrics:
     nonfinite_q: int
 
 
+def binary_head(outputs: np.ndarray) -> str | None:
+    """"binary logit" or "binary probability" for an N×1 output, else None."""
+    if outputs.ndim != 2 or outputs.shape[1] != 1:
+        return None
+    finite = outputs[np.isfinite(outputs)]
+    return "binary probability" if finite.size and finite.min() >= 0 and finite.max() <= 1 else "binary logit"
+
+
+def class_scores(outputs: np.ndarray, head: str | None) -> np.ndarray:
+    """N×C scores; a binary head's one output as two classes (see the module docstring)."""
+    if head == "binary probability":
+        return np.concatenate([1 - outputs, outputs], axis=1)
+    if head == "binary logit":
+        return np.concatenate([np.zeros_like(outputs), outputs], axis=1)
+    return outputs
+
+
+def num_classes(outputs: np.ndarray) -> int:
+    """The classes an N×C output scores: 2 for a binary (one-output) head."""
+    return 2 if outputs.shape[1] == 1 else outputs.shape[1]
+
+
 def compare_outputs(fp: np.ndarray, q: np.ndarray, labels: np.ndarray | None) -> Metrics:
     """All metrics for FP outputs ``fp`` and quantized outputs ``q`` (both N×C)."""
     if fp.shape != q.shape or fp.ndim != 2:
         raise ValueError(f"outputs must both be N×C, got {fp.shape} and {q.shape}")
+    head = binary_head(fp)
+    sqnr = sqnr_db(fp, q)
+    fp, q = class_scores(fp, head), class_scores(q, head)
     n, classes = fp.shape
     probabilities = looks_like_probabilities(fp)
     fp_correct = {k: _correct_count(fp, labels, k) for k in (1, 5)} if labels is not None else {}
@@ -59,7 +90,7 @@ def compare_outputs(fp: np.ndarray, q: np.ndarray, labels: np.ndarray | None) ->
     return Metrics(
         num_samples=n,
         num_classes=classes,
-        output_kind="probabilities" if probabilities else "logits",
+        output_kind=head or ("probabilities" if probabilities else "logits"),
         labelled=labels is not None,
         fp_top1=_percent(fp_correct.get(1), n),
         fp_top5=_percent(fp_correct.get(5), n),
@@ -68,7 +99,7 @@ def compare_outputs(fp: np.ndarray, q: np.ndarray, labels: np.ndarray | None) ->
         drop_top1=_drop(fp_correct.get(1), q_correct.get(1), n),
         drop_top5=_drop(fp_correct.get(5), q_correct.get(5), n),
         agreement=top1_agreement(fp, q),
-        sqnr_db=sqnr_db(fp, q),
+        sqnr_db=sqnr,
         kl=mean_kl(fp, q, probabilities),
         nonfinite_fp=int((~np.isfinite(fp)).any(axis=1).sum()),
         nonfinite_q=int((~np.isfinite(q)).any(axis=1).sum()),

@@ -16,10 +16,12 @@ data                       {kind: image-folder | image-files | npz | in-memory, 
                            recipe (mean, std, resize, crop, channel_order, pixel_scale,
                            crop_fraction, preset) or null for preprocessed arrays}
 num_samples                number of samples both models ran on
-num_classes                number of classes in the models' output
+num_classes                number of classes in the models' output (2 for a one-output binary head)
 labelled                   whether accuracies could be computed
 output_kind                "logits", or "probabilities" when the FP model already ends in a
-                           softmax (then KL uses its outputs as they are)
+                           softmax (then KL uses its outputs as they are); "binary logit" or
+                           "binary probability" for a one-output head, scored as two classes
+                           (class 1 when the logit > 0 / the probability > 0.5)
 fp32.top1 / fp32.top5      FP model accuracy, percent (top5 null below 5 classes)
 quantized.top1 / .top5     quantized model accuracy, percent
 drop_top1 / drop_top5      fp32 minus quantized accuracy, percentage points (negative: the
