@@ -70,6 +70,24 @@ def test_inspect_dynamic_hw_with_input_shape(models):
     assert json.loads(result.output)["input"]["shape"] == [None, 3, 20, 20]
 
 
+@pytest.mark.parametrize("key,value,shape", [("imgsz", "[24, 20]", [None, 3, 24, 20]),  # Ultralytics' key and form
+                                             ("input_size", "3x28x28", [None, 3, 28, 28]),
+                                             ("image_size", "32", [None, 3, 32, 32])])
+def test_dynamic_hw_is_read_from_the_model_metadata(models, tmp_path, key, value, shape):
+    model = onnx.load(str(models["dynhw"]))
+    entry = model.metadata_props.add()
+    entry.key, entry.value = key, value
+    onnx.save(model, str(tmp_path / "meta.onnx"))
+    result = _run("inspect", tmp_path / "meta.onnx", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["input"]["shape"] == shape
+    assert f"from the model's metadata ('{key}')" in result.stderr
+    entry.value = "unknown"  # nothing usable: the usual request for --input-shape
+    onnx.save(model, str(tmp_path / "meta.onnx"))
+    result = _run("inspect", tmp_path / "meta.onnx")
+    assert result.exit_code == 2 and "dynamic H/W" in result.stderr
+
+
 def _vi(name, elem, shape):
     return helper.make_tensor_value_info(name, elem, shape)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from google.protobuf.message import DecodeError
 from onnx import TensorProto, external_data_helper, helper, numpy_helper, shape_inference
 
 from ..errors import InputSpecError, ModelLoadError
+from ..progress import say
 from ..inputs import IMAGE_CHANNELS, InputSpec, layout_of, parse_input_shape
 from .layout import channels_first_twin
 
@@ -259,6 +261,12 @@ def _image_input(model: onnx.ModelProto, given: Optional[tuple[int, int, int, in
                 )
         batch = None if dims[0] is None else dims[0]
         return InputSpec(name, (batch, given[1], given[2], given[3]), dtype), layout
+    if dims[2] is None and dims[3] is None and dims[1] is not None:
+        size = metadata_image_size(model)
+        if size is not None:
+            key, (height, width) = size
+            say(f"input '{name}': dynamic H/W taken as {height}×{width} from the model's metadata ({key!r})")
+            dims = [dims[0], dims[1], height, width]
     unresolved = [label for label, d in zip("NCHW", dims) if d is None and label != "N"]
     if unresolved:
         order = "NCHW" if layout == "NCHW" else "NHWC"
@@ -268,6 +276,26 @@ def _image_input(model: onnx.ModelProto, given: Optional[tuple[int, int, int, in
     if dims[1] not in IMAGE_CHANNELS:
         raise InputSpecError(f"input '{name}' has {dims[1]} channels; an image input has 1, 3 or 4 (NCHW)")
     return InputSpec(name, (dims[0], dims[1], dims[2], dims[3]), dtype), layout
+
+
+# metadata_props keys vendors write the input size under (Ultralytics: imgsz "[224, 224]")
+IMAGE_SIZE_KEYS = ("imgsz", "image_size", "img_size", "input_size", "resolution")
+
+
+def metadata_image_size(model: onnx.ModelProto) -> Optional[tuple[str, tuple[int, int]]]:
+    """(key, (height, width)) from the model's metadata: one size, or the last two of a list
+    ("224", "[224, 224]", "3x224x224"); None when no key holds a plausible size."""
+    props = {p.key.lower(): p.value for p in model.metadata_props}
+    for key in IMAGE_SIZE_KEYS:
+        if key not in props:
+            continue
+        numbers = [int(n) for n in re.findall(r"\d+", props[key])]
+        sizes = [n for n in numbers if n > max(IMAGE_CHANNELS)]  # channels and batch are not sizes
+        if len(sizes) == 1:
+            sizes = sizes * 2
+        if len(sizes) >= 2 and all(8 <= n <= 4096 for n in sizes[-2:]):
+            return key, (sizes[-2], sizes[-1])
+    return None
 
 
 def _looks_nhwc(dims: list[Optional[int]], given: Optional[tuple[int, int, int, int]]) -> bool:
