@@ -21,7 +21,7 @@ def inspect_model(
     Keys: ``file``, ``sha256``, ``opset``, ``ir_version``, ``producer``, ``input``
     {``name``, ``shape`` (batch ``null`` when dynamic), ``dtype``, ``layout``},
     ``outputs``, ``num_classes`` (values per sample), ``head``, ``op_histogram``, ``bn_count``, ``bn_layers``
-    [{``name``, ``channels``, ``eps``}], ``bn_folded``, ``torch_parity``
+    [{``name``, ``channels``, ``eps``, ``kind``: batchnorm | decomposed | decomposed-mean}], ``bn_folded``, ``torch_parity``
     {``max_abs_diff``, ``tolerance``, ``top1_agreement``, ``samples``, ``worst_output``},
     ``seconds``.
     """
@@ -54,8 +54,8 @@ def inspect_model(
         **declared,
         "op_histogram": loaded.op_histogram,
         "bn_count": len(layers),
-        "bn_layers": [{"name": l.name, "channels": l.channels, "eps": l.eps} for l in layers],
-        "bn_folded": bn_folded(loaded.model),
+        "bn_layers": [{"name": l.name, "channels": l.channels, "eps": l.eps, "kind": l.kind} for l in layers],
+        "bn_folded": not layers and bn_folded(loaded.model),
         "torch_parity": {
             "max_abs_diff": parity.max_abs_diff,
             "tolerance": parity.tolerance,
@@ -84,7 +84,10 @@ def format_inspection(info: dict[str, Any]) -> str:
     if info["bn_count"]:
         lines.append(f"batchnorm    {info['bn_count']} layers")
         width = max(len(layer["name"]) for layer in info["bn_layers"])
-        lines += [f"  {layer['name']:<{width}}  {layer['channels']:>5} ch" for layer in info["bn_layers"]]
+        kinds = {"batchnorm": "", "decomposed": "  decomposed (Sub/Div): mean and variance",
+                 "decomposed-mean": "  decomposed (Sub/Mul): mean only"}
+        lines += [f"  {layer['name']:<{width}}  {layer['channels']:>5} ch{kinds[layer['kind']]}"
+                  for layer in info["bn_layers"]]
     elif info["bn_folded"]:
         lines.append("batchnorm    none: Conv layers carry biases, BN was likely folded into Conv (bn_folded)")
     else:

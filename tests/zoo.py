@@ -103,6 +103,41 @@ def export_tiny_resnet(path: Path) -> Path:
     return path
 
 
+def decompose_bn(src: Path, dst: Path, style: str) -> Path:
+    """Every BatchNormalization of ``src`` written as elementwise ops with per-channel constants:
+    ``full`` Sub(μ) Div(√(σ²+ε)) Mul(γ) Add(β); ``mean`` Sub(μ) Mul(γ/√(σ²+ε)) Add(β) (a
+    Keras-through-torch writer); ``affine`` Mul(s) Add(b) (dlib-style: no statistics left)."""
+    model = onnx.load(str(src))
+    values = {t.name: numpy_helper.to_array(t).astype(np.float32) for t in model.graph.initializer}
+    nodes, added = [], []
+    for node in model.graph.node:
+        if node.op_type != "BatchNormalization":
+            nodes.append(node)
+            continue
+        eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+        x, (gamma, beta, mean, var) = node.input[0], (values[n] for n in node.input[1:5])
+        root = (node.name or node.output[0]).strip("/").replace("/", "_")
+        std = np.sqrt(var + eps)
+        consts = {"full": [("Sub", mean), ("Div", std), ("Mul", gamma), ("Add", beta)],
+                  "mean": [("Sub", mean), ("Mul", gamma / std), ("Add", beta)],
+                  "affine": [("Mul", gamma / std), ("Add", beta - mean * gamma / std)]}[style]
+        current = x
+        for index, (op, array) in enumerate(consts):
+            name = f"{root}_{op.lower()}{index}"
+            added.append(numpy_helper.from_array(array.reshape(1, -1, 1, 1).astype(np.float32), f"{name}_c"))
+            out = node.output[0] if index == len(consts) - 1 else f"{name}_out"
+            nodes.append(helper.make_node(op, [current, f"{name}_c"], [out], name=name))
+            current = out
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    used = {name for node in nodes for name in node.input}
+    kept = [t for t in model.graph.initializer if t.name in used] + added
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    onnx.save(model, str(dst))
+    return dst
+
+
 class Sigmoid(nn.Module):
     def __init__(self, net: nn.Module):
         super().__init__()

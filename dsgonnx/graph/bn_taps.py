@@ -3,6 +3,13 @@
 The running mean/var of each BatchNormalization node are the only "data" a data-free
 method has. onnx2torch turns a BN node into ``nn.BatchNorm2d`` when its parameters are
 initializers and into a functional module otherwise; both are handled here.
+
+Some writers decompose BN into elementwise ops with per-channel constants. What such a
+pattern still carries is used: ``Sub(x, μ)`` then ``Div(·, d)`` is a BN with mean μ and
+variance d² (ε = 0, kind ``decomposed``); ``Sub(x, μ)`` then ``Mul(·, s)`` keeps only the
+mean (s = γ/√(σ²+ε) cannot be split; kind ``decomposed-mean``, variance NaN: the losses
+match the mean alone). ``Mul`` + ``Add`` alone is an affine layer with no statistics. The
+graph input is never taken for a layer (an embedded input normalisation is not a BN).
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import onnx
 import torch
 from onnx import numpy_helper
 
+from .normalize import channel_constant
 from .to_torch import TorchModel
 
 
@@ -26,8 +34,13 @@ class BNLayer:
     module_name: str
     channels: int
     running_mean: np.ndarray
-    running_var: np.ndarray
+    running_var: np.ndarray  # NaN where the graph does not say it (kind decomposed-mean)
     eps: float
+    kind: str = "batchnorm"  # or "decomposed", "decomposed-mean" (see the module docstring)
+
+    @property
+    def has_variance(self) -> bool:
+        return bool(np.isfinite(self.running_var).all())
 
 
 def find_bn_layers(model: TorchModel) -> list[BNLayer]:
@@ -53,14 +66,47 @@ def find_bn_layers(model: TorchModel) -> list[BNLayer]:
         layers.append(_layer(node.name, module_name, mean, var, eps))
     if missing:
         layers = _with_computed_statistics(model, layers, missing)
+    layers += _decomposed_layers(model)
     order = {n.name: i for i, n in enumerate(graph.node)}
     return sorted(layers, key=lambda layer: order[layer.name])
 
 
-def _layer(name: str, module_name: str, mean, var, eps: float) -> BNLayer:
+def _decomposed_layers(model: TorchModel) -> list[BNLayer]:
+    """BN decomposed into Sub(μ) then Div(√var) or Mul(scale) (see the module docstring)."""
+    graph = model.graph.graph
+    initializers = {t.name: t for t in graph.initializer}
+    inputs = {i.name for i in graph.input}
+    users: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    layers = []
+    for node in graph.node:
+        if node.op_type != "Sub" or len(node.input) != 2 or node.name not in model.module_names:
+            continue
+        x, centre = node.input
+        if x in initializers or x in inputs or centre not in initializers:
+            continue
+        mean = channel_constant(initializers[centre])
+        after = users.get(node.output[0], [])
+        if mean is None or len(after) != 1 or after[0].op_type not in ("Div", "Mul") or after[0].input[0] != node.output[0]:
+            continue
+        factor = after[0].input[1]
+        values = channel_constant(initializers[factor]) if factor in initializers else None
+        if values is None or values.shape != mean.shape or (after[0].op_type == "Div" and (values == 0).any()):
+            continue
+        if after[0].op_type == "Div":
+            layers.append(_layer(node.name, model.module_names[node.name], mean, values**2, 0.0, "decomposed"))
+        else:
+            layers.append(_layer(node.name, model.module_names[node.name], mean, np.full_like(mean, np.nan), 0.0,
+                                 "decomposed-mean"))
+    return layers
+
+
+def _layer(name: str, module_name: str, mean, var, eps: float, kind: str = "batchnorm") -> BNLayer:
     mean = np.asarray(mean, dtype=np.float32).reshape(-1)
     var = np.asarray(var, dtype=np.float32).reshape(-1)
-    return BNLayer(name, module_name, int(mean.shape[0]), mean, var, float(eps))
+    return BNLayer(name, module_name, int(mean.shape[0]), mean, var, float(eps), kind)
 
 
 def _with_computed_statistics(model: TorchModel, layers: list[BNLayer], missing) -> list[BNLayer]:

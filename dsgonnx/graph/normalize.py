@@ -33,6 +33,17 @@ def for_torch(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def channel_constant(tensor: onnx.TensorProto) -> "np.ndarray | None":
+    """The values (float64) of a per-channel constant of an N×C×H×W tensor — shape C×1×1 or
+    1×C×1×1, finite — else None."""
+    values = numpy_helper.to_array(tensor)
+    shape = tuple(values.shape)
+    if len(shape) == 3 and shape[1:] == (1, 1) or len(shape) == 4 and shape[0] == 1 and shape[2:] == (1, 1):
+        flat = values.astype(np.float64).reshape(-1)
+        return flat if np.isfinite(flat).all() else None
+    return None
+
+
 def name_nodes(graph: onnx.GraphProto) -> None:
     """Give unnamed nodes ``<OpType>_<index>`` and make every name unique."""
     seen: set[str] = set()

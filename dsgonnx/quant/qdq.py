@@ -25,7 +25,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from ..config import LogitsPolicy
 from ..errors import DataError, UnsupportedModelError
-from ..graph.normalize import name_nodes
+from ..graph.normalize import channel_constant, name_nodes
 from ..runtime import quiet_ort
 from .bits import BitSpec
 
@@ -51,10 +51,70 @@ def pre_process(model_path: Path, out_path: Path) -> Path:
     else:
         raise UnsupportedModelError(f"ONNX Runtime's quantization pre-processing failed: {last_error}")
     model = onnx.load(str(out_path))
+    changed = fold_channel_ops(model) > 0
     if any(not node.name for node in model.graph.node):  # --exclude and refinement address nodes by name
         name_nodes(model.graph)
+        changed = True
+    if changed:
         onnx.save(model, str(out_path))
     return out_path
+
+
+_CHANNEL_OPS = ("Add", "Sub", "Mul", "Div")
+
+
+def fold_channel_ops(model: onnx.ModelProto) -> int:
+    """Fold per-channel constant Add/Sub/Mul/Div chains that follow a Conv into its weights
+    and bias (BatchNorm written as elementwise ops: ORT's optimiser folds BN nodes, not
+    these), in place; returns how many ops were folded. Exact up to float rounding."""
+    graph = model.graph
+    initializers = {t.name: t for t in graph.initializer}
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+    removed, new_initializers = [], []
+    for conv in [n for n in graph.node if n.op_type == "Conv"]:
+        has_bias = len(conv.input) > 2 and bool(conv.input[2])
+        if conv.input[1] not in initializers or (has_bias and conv.input[2] not in initializers):
+            continue
+        weight = numpy_helper.to_array(initializers[conv.input[1]]).astype(np.float64)
+        bias = (numpy_helper.to_array(initializers[conv.input[2]]).astype(np.float64) if has_bias
+                else np.zeros(weight.shape[0]))
+        chain, tensor = [], conv.output[0]
+        while tensor not in outputs and len(readers.get(tensor, [])) == 1:
+            op = readers[tensor][0]
+            if op.op_type not in _CHANNEL_OPS or len(op.input) != 2 or op.input[0] != tensor or op.input[1] not in initializers:
+                break
+            values = channel_constant(initializers[op.input[1]])
+            if values is None or values.shape[0] != weight.shape[0] or (op.op_type == "Div" and (values == 0).any()):
+                break
+            if op.op_type in ("Add", "Sub"):
+                bias = bias + values if op.op_type == "Add" else bias - values
+            else:
+                factor = values if op.op_type == "Mul" else 1.0 / values
+                weight, bias = weight * factor.reshape(-1, *[1] * (weight.ndim - 1)), bias * factor
+            chain.append(op)
+            tensor = op.output[0]
+        if not chain:
+            continue
+        names = (f"{conv.name or conv.output[0]}_folded_W", f"{conv.name or conv.output[0]}_folded_B")
+        new_initializers += [numpy_helper.from_array(weight.astype(np.float32), names[0]),
+                             numpy_helper.from_array(bias.astype(np.float32), names[1])]
+        del conv.input[1:]
+        conv.input.extend(names)
+        conv.output[0] = tensor
+        removed += chain
+    for node in removed:
+        graph.node.remove(node)
+    graph.initializer.extend(new_initializers)
+    if removed:  # the constants and the replaced weights nothing reads any more
+        used = {name for node in graph.node for name in node.input}
+        kept = [t for t in graph.initializer if t.name in used]
+        del graph.initializer[:]
+        graph.initializer.extend(kept)
+    return len(removed)
 
 
 def upgrade_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:

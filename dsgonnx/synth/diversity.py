@@ -23,6 +23,8 @@ def diversity_metrics(stats: list[tuple[torch.Tensor, torch.Tensor]], targets: l
     similarities, spreads, offsets = [], [], []
     for (mean, std), (target_mean, target_std) in zip(stats, targets):
         n = mean.shape[0]
+        known = torch.isfinite(target_std)  # a layer with its mean only: scaled by the batch's std
+        target_std = torch.where(known, target_std, std.mean(dim=0))
         scale = target_std.clamp_min(1e-6)
         if n > 1:
             vectors = torch.cat([mean, std], dim=1)

@@ -70,7 +70,12 @@ def bn_alignment(
     Without margins this is ZeroQ's ``‖μ̃−μ‖² + ‖σ̃−σ‖²``; with margins δ, γ it is DSG's
     Slack Distribution Alignment ``‖max(|μ̃−μ|−δ, 0)‖² + ‖max(|σ̃−σ|−γ, 0)‖²`` — zero inside
     the margins, quadratic outside. Margins broadcast: a scalar per layer or one per channel.
+    A NaN target std (a layer whose variance the graph does not carry) drops the std term.
     """
+    known = torch.isfinite(target_std)
+    if not bool(known.all()):  # the sample's own std: no gap, and no NaN in the gradients
+        target_std = torch.where(known, target_std, std.detach())
+        std_margin = None if std_margin is None else torch.nan_to_num(std_margin, nan=0.0)
     mean_gap = (mean - target_mean).abs()
     std_gap = (std - target_std).abs()
     if mean_margin is not None:
