@@ -23,7 +23,7 @@ from .calibration_data import load_real_images
 from .config import BiasCorrection, PoolRange, QuantConfig, ValidateConfig
 from .errors import DataError, ModelLoadError, UnsupportedModelError
 from .graph.layout import channels_last_input
-from .graph.onnx_io import LoadedModel, load_model, sha256_of
+from .graph.onnx_io import LoadedModel, load_model
 from .progress import say
 from .quant.bits import resolve_bits, tag
 from .quant.calibrate import compute_ranges, share_pool_ranges
@@ -201,7 +201,6 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
                     decisions["bias_correction"] = correct(tmp)
             with stages("check"):
                 _finish_model(tmp, loaded, bits, calib_info, decisions, calib_images[: fixed or 1])
-                _check_unchanged(loaded)
             publish(tmp, output, replace=config.force)
         finally:
             if tmp.exists():
@@ -240,18 +239,6 @@ def _calibration_data(loaded: LoadedModel, config: QuantConfig):
     info = {"method": real.method, "source": real.source, "num_samples": len(real.images), "iters": 0,
             "seconds": round(time.perf_counter() - start, 3)}
     return real.images, None, info, real.files
-
-
-def _check_unchanged(loaded: LoadedModel) -> None:
-    """Pre-processing and the checks read the model file again: a file replaced meanwhile
-    would give a model calibrated on one network and stamped with another's hash."""
-    try:
-        same = sha256_of(loaded.source) == loaded.sha256
-    except OSError:
-        same = False
-    if not same:
-        raise DataError(f"{loaded.source} changed while dsgonnx worked (its SHA-256 is not the one read at the start); "
-                        "nothing was written — rerun on a file that stays put")
 
 
 def _finish_model(path: Path, loaded: LoadedModel, bits: dict, calibration: dict, decisions: dict, sample: np.ndarray):
@@ -409,9 +396,9 @@ def _validate(loaded: LoadedModel, output: Path, config: QuantConfig, holdout, c
         if holdout is None or not len(holdout):
             say("validate: no `val_data` and no held-out samples; skipped")
             return None
-        report = validate(loaded.source, output, vconfig, images=loaded.in_file_layout(holdout))
+        report = validate(loaded.original, output, vconfig, images=loaded.in_file_layout(holdout))
     else:
-        report = validate(loaded.source, output, vconfig)
+        report = validate(loaded.original, output, vconfig)
     say(report.table())
     check_gate(report, config.max_drop, config.min_agreement)
     return report

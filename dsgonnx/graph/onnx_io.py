@@ -45,7 +45,8 @@ class LoadedModel:
     producer: str
     op_histogram: dict[str, int] = field(default_factory=dict)
     has_external_data: bool = False
-    file: Optional[Path] = None  # the user's file when ``path`` is its channels-first twin
+    file: Optional[Path] = None  # the user's file (``path`` is a private copy of what was read, or its twin)
+    original: Optional[Path] = None  # a private copy of the bytes read (external data inlined)
     layout: str = "NCHW"  # the file's input layout; ``input`` and ``model`` are always NCHW
     _scratch: Optional[tempfile.TemporaryDirectory] = field(default=None, repr=False, compare=False)
 
@@ -55,20 +56,13 @@ class LoadedModel:
 
     @property
     def source(self) -> Path:
-        """The user's model file (``path`` may be the channels-first twin dsgonnx works on)."""
+        """The user's model file, for names and messages; it is read once, at load: every
+        later stage reads ``path`` (or ``original``), private copies of those bytes."""
         return self.file or self.path
 
     def in_file_layout(self, images: np.ndarray) -> np.ndarray:
         """NCHW ``images`` as the file takes them (NHWC for a channels-last model)."""
         return np.ascontiguousarray(images.transpose(0, 2, 3, 1)) if self.layout == "NHWC" else images
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_model(path: str | os.PathLike, input_shape: Optional[tuple[int, int, int, int] | str] = None) -> LoadedModel:
@@ -84,14 +78,22 @@ def load_model(path: str | os.PathLike, input_shape: Optional[tuple[int, int, in
         raise ModelLoadError(f"model file not found: {path}")
     if not path.is_file():
         raise ModelLoadError(f"not a file: {path}")
-    model, sha256 = _read_proto(path)
+    model, data = _read_proto(path)
     has_external = _load_external_data(model, path)
     _check(model, path)
     _check_values(model, path)
     spec, layout = _image_input(model, input_shape)
     _check_size(spec)
     histogram = dict(sorted(collections.Counter(n.op_type for n in model.graph.node).items()))
-    twin = file = scratch = None
+    # the file is read once: every later stage (ORT's tools, sessions) reads private copies,
+    # so a file replaced meanwhile cannot mix two models into one result
+    scratch = tempfile.TemporaryDirectory(prefix="dsgonnx-model-")
+    original = Path(scratch.name) / path.name
+    if has_external:
+        _save(model, original)
+    else:
+        original.write_bytes(data)
+    twin = None
     if layout == "NHWC":
         try:
             model = channels_first_twin(model, spec.name)
@@ -99,16 +101,16 @@ def load_model(path: str | os.PathLike, input_shape: Optional[tuple[int, int, in
             raise InputSpecError(f"input '{spec.name}' (NHWC) cannot be given a channels-first twin: {exc}") from None
     model = _infer_shapes(_with_input_shape(model, spec), path)
     if layout == "NHWC":  # the stages that read a file (ORT's tools) read the twin
-        scratch = tempfile.TemporaryDirectory(prefix="dsgonnx-nchw-")
-        twin, file = Path(scratch.name) / f"{path.stem}.nchw.onnx", path
-        onnx.save(model, str(twin))
+        twin = Path(scratch.name) / f"{path.stem}.nchw.onnx"
+        _save(model, twin)
     return LoadedModel(
-        path=twin or path,
-        file=file,
+        path=twin or original,
+        file=path,
+        original=original,
         layout=layout,
         _scratch=scratch,
         model=model,
-        sha256=sha256,
+        sha256=hashlib.sha256(data).hexdigest(),
         input=spec,
         output_names=[o.name for o in model.graph.output],
         num_classes=_num_classes(model),
@@ -126,8 +128,16 @@ def opset_of(model: onnx.ModelProto) -> int:
     return 1  # ONNX: an absent default-domain import means opset 1
 
 
-def _read_proto(path: Path) -> tuple[onnx.ModelProto, str]:
-    """The model and the SHA-256 of the very bytes it was parsed from (one read of the file)."""
+def _save(model: onnx.ModelProto, target: Path) -> None:
+    """Write ``model`` (data inline) to ``target``; beyond protobuf's 2 GB, with its data beside it."""
+    if model.ByteSize() < 2**31 - 1:
+        onnx.save(model, str(target))
+    else:
+        onnx.save(model, str(target), save_as_external_data=True, location=f"{target.name}.data")
+
+
+def _read_proto(path: Path) -> tuple[onnx.ModelProto, bytes]:
+    """The model and the very bytes it was parsed from (one read of the file)."""
     try:
         data = path.read_bytes()
         model = onnx.load_from_string(data)
@@ -138,7 +148,7 @@ def _read_proto(path: Path) -> tuple[onnx.ModelProto, str]:
     # A text or truncated file can parse as an almost empty message: demand a real graph.
     if model.ir_version <= 0 or not model.graph.node or not model.graph.output:
         raise ModelLoadError(f"{path} is not a valid ONNX model (no IR version, nodes or outputs; truncated?)")
-    return model, hashlib.sha256(data).hexdigest()
+    return model, data
 
 
 def _external_tensors(model: onnx.ModelProto):

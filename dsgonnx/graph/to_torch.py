@@ -218,7 +218,7 @@ def run_onnxruntime(loaded: LoadedModel, images: np.ndarray, batch: Optional[int
     results = []
     for start in range(0, len(images), batch):
         chunk, count = _padded(images[start : start + batch].astype(loaded.input.dtype), loaded)
-        outputs = run_model(session, {loaded.input.name: chunk}, loaded.path)
+        outputs = run_model(session, {loaded.input.name: chunk}, loaded.source)
         results.append([np.asarray(o, dtype=np.float32)[:count] for o in outputs])
     return [np.concatenate(parts) for parts in zip(*results)]
 

@@ -103,7 +103,7 @@ def synthesize(
     if config.method != SynthMethod.GAUSSIAN and not layers:
         folded = "BN was folded into the Conv layers" if bn_folded(loaded.model) else "it has no BatchNormalization layers"
         raise NoBatchNormError(
-            f"{loaded.path.name} carries no BatchNorm statistics ({folded}); `method` {config.method} needs them. "
+            f"{loaded.source.name} carries no BatchNorm statistics ({folded}); `method` {config.method} needs them. "
             "Use `method` gaussian (with quantize: `calib` gaussian or real images) for now, "
             "or export the model with BN kept "
             "(torch.onnx.export(..., training=TrainingMode.PRESERVE, do_constant_folding=False))"
@@ -152,7 +152,7 @@ def synthesize(
     meta = {
         "method": config.method.value,
         "config": config.to_dict(),
-        "model": {"file": str(loaded.path), "sha256": loaded.sha256, "input": loaded.input.name},
+        "model": {"file": str(loaded.source), "sha256": loaded.sha256, "input": loaded.input.name},
         "device": str(device),
         "batch_size": batch,
         "num_bn_layers": len(layers),
