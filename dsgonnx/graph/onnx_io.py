@@ -2,9 +2,10 @@
 
 ``load_model`` is the single entry point: it reads the file (external data confined to
 the model's folder), runs ``onnx.checker`` and shape inference, finds the one image
-input (4-D float), resolves dynamic dimensions, and counts the classes. A channels-last
-(NHWC) input is worked on through a channels-first twin (:mod:`.layout`) written beside the
-model in a temporary folder; ``LoadedModel.file`` stays the user's file.
+input (4-D float), resolves dynamic dimensions, and counts the classes. The file is read
+once: later stages read private copies in a temporary folder (``LoadedModel.path``,
+``original``), and a channels-last (NHWC) model is worked on through a channels-first twin
+(:mod:`.layout`); ``LoadedModel.file`` stays the user's file, for names and messages.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from google.protobuf.message import DecodeError
 from onnx import TensorProto, external_data_helper, helper, numpy_helper, shape_inference
 
 from ..errors import InputSpecError, ModelLoadError
-from ..progress import say
 from ..inputs import IMAGE_CHANNELS, InputSpec, layout_of, parse_input_shape
+from ..progress import say
 from .layout import channels_first_twin
 
 _FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}

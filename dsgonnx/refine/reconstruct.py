@@ -40,7 +40,7 @@ from ..quant.placement import Placement
 from ..quant.qdq import quantized_weights
 from .blocks import Unit, concat, join_nodes, partition, run_unit, take, tensors
 from .quantizers import ActQuant, QuantLayer, weight_scales
-from .simulate import insert_activation_quant, layer_module
+from .simulate import first_output, insert_activation_quant, layer_module
 
 
 @dataclass
@@ -233,7 +233,7 @@ def refine_model(model_path: Path, output_path: Path, placement: Placement, imag
         f"{sum(u['loss_before'] for u in report_units):.4g} -> {sum(u['loss_after'] for u in report_units):.4g} "
         f"(sum over {len(report_units)} units, {report['loss_measured_on']})")
     return RefineResult(path=output_path, weights=weights, report=report, activations=activations,
-                        simulation=lambda x: _forward(module, x, run.chunk, torch_device))
+                        simulation=lambda x: first_output(module, x, run.chunk, torch_device))
 
 
 def _learn_steps(quantizers: dict[str, ActQuant], placement: Placement) -> dict[str, ActQuant]:
@@ -251,18 +251,6 @@ def _learn_steps(quantizers: dict[str, ActQuant], placement: Placement) -> dict[
                 quantizers[name].share_step(parameter)
         roots[root] = quantizers[root]
     return roots
-
-
-def _forward(module, images: np.ndarray, batch: int, device: torch.device) -> np.ndarray:
-    """The module's first output for ``images`` (the trained simulation: every layer hard,
-    every quantized activation on)."""
-    parts = []
-    with torch.no_grad():
-        for start in range(0, len(images), batch):
-            chunk = torch.from_numpy(np.ascontiguousarray(images[start : start + batch], dtype=np.float32))
-            out = module(chunk.to(device))
-            parts.append((out[0] if isinstance(out, (tuple, list)) else out).float().cpu().numpy())
-    return np.concatenate(parts)
 
 
 class _Reconstruction:

@@ -81,15 +81,18 @@ class Simulation:
 
     def __call__(self, images: np.ndarray, batch: int = 64) -> np.ndarray:
         """The first output for ``images``, as float32."""
-        device = next(self.model.module.parameters()).device
-        outputs = []
-        with torch.no_grad():
-            for start in range(0, len(images), batch):
-                chunk = torch.from_numpy(np.ascontiguousarray(images[start : start + batch], dtype=np.float32))
-                out = self.model.module(chunk.to(device))
-                out = out[0] if isinstance(out, (tuple, list)) else out
-                outputs.append(out.float().cpu().numpy())
-        return np.concatenate(outputs)
+        return first_output(self.model.module, images, batch, next(self.model.module.parameters()).device)
+
+
+def first_output(module: nn.Module, images: np.ndarray, batch: int, device: torch.device) -> np.ndarray:
+    """``module``'s first output for ``images`` in chunks of ``batch``, without grad, as float32."""
+    outputs = []
+    with torch.no_grad():
+        for start in range(0, len(images), batch):
+            chunk = torch.from_numpy(np.ascontiguousarray(images[start : start + batch], dtype=np.float32))
+            out = module(chunk.to(device))
+            outputs.append((out[0] if isinstance(out, (tuple, list)) else out).float().cpu().numpy())
+    return np.concatenate(outputs)
 
 
 def simulate_qdq(float_path: Path, qdq_path: Path) -> Simulation:
