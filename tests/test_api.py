@@ -107,6 +107,11 @@ def test_library_errors_name_parameters_and_the_cli_names_flags(tiny):
     assert "`num_samples`" in str(caught.value) and "--" not in str(caught.value)
     with pytest.raises(DataError, match="`lr` must be positive"):
         SynthOptions(lr=0)
+    for bad in (float("inf"), float("nan")):  # was: _LinAlgError inside SCI's eigh, exit 3
+        with pytest.raises(DataError, match="`lr` must be positive"):
+            SynthOptions(lr=bad)
+    result = CliRunner().invoke(cli, ["synthesize", str(tiny["model"]), "--lr", "inf"])
+    assert result.exit_code == 2 and result.stderr.strip() == "dsgonnx: error: --lr must be positive, got inf"
     result = CliRunner().invoke(cli, ["quantize", str(tiny["model"]), "--num-samples", "0"])
     assert result.exit_code == 2 and "--num-samples must be at least 1" in result.stderr, result.stderr
     result = CliRunner().invoke(cli, ["quantize", str(tiny["model"]), "--refine", "brecq", "--refine-drop", "2"])
