@@ -91,16 +91,23 @@ def tiny_resnet(seed: int = 0, classes: int = 10) -> TinyResNet:
     return net
 
 
-def export_tiny_resnet(path: Path) -> Path:
-    """TinyResNet through the TorchScript exporter with its BN layers kept."""
+def _export_bn_kept(net: nn.Module, example: torch.Tensor, path: Path, output: str = "logits",
+                    input_axes: dict | None = None) -> Path:
+    """``net`` (eval mode) through the TorchScript exporter, opset 13, its BN layers kept, the
+    batch dynamic (and the ``input_axes`` given)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            tiny_resnet(), (_example(),), str(path), dynamo=False, opset_version=13,
-            input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
+            net.eval(), (example,), str(path), dynamo=False, opset_version=13, input_names=["input"],
+            output_names=[output], dynamic_axes={"input": input_axes or {0: "N"}, output: {0: "N"}},
             training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False,
         )
     return path
+
+
+def export_tiny_resnet(path: Path) -> Path:
+    """TinyResNet through the TorchScript exporter with its BN layers kept."""
+    return _export_bn_kept(tiny_resnet(), _example(), path)
 
 
 def decompose_bn(src: Path, dst: Path, style: str) -> Path:
@@ -138,26 +145,10 @@ def decompose_bn(src: Path, dst: Path, style: str) -> Path:
     return dst
 
 
-class Sigmoid(nn.Module):
-    def __init__(self, net: nn.Module):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x):
-        return torch.sigmoid(self.net(x))
-
-
 def export_tiny_binary(path: Path, sigmoid: bool = False) -> Path:
     """TinyResNet with a one-output head (a logit, or its sigmoid), BN kept."""
     net = tiny_resnet(classes=1)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            (Sigmoid(net) if sigmoid else net).eval(), (_example(),), str(path), dynamo=False, opset_version=13,
-            input_names=["input"], output_names=["score"], dynamic_axes={"input": {0: "N"}, "score": {0: "N"}},
-            training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False,
-        )
-    return path
+    return _export_bn_kept(nn.Sequential(net, nn.Sigmoid()) if sigmoid else net, _example(), path, output="score")
 
 
 class ChannelsLast(nn.Module):
@@ -173,15 +164,8 @@ class ChannelsLast(nn.Module):
 
 def export_tiny_nhwc(path: Path, dynamic_hw: bool = False) -> Path:
     """TinyResNet behind an NHWC input (16×16×3), BN kept, like a tf2onnx export."""
-    axes = {"input": {0: "N", 1: "H", 2: "W"} if dynamic_hw else {0: "N"}, "logits": {0: "N"}}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            ChannelsLast(tiny_resnet()).eval(), (_example().permute(0, 2, 3, 1),), str(path), dynamo=False,
-            opset_version=13, input_names=["input"], output_names=["logits"], dynamic_axes=axes,
-            training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False,
-        )
-    return path
+    return _export_bn_kept(ChannelsLast(tiny_resnet()), _example().permute(0, 2, 3, 1), path,
+                           input_axes={0: "N", 1: "H", 2: "W"} if dynamic_hw else None)
 
 
 def _example() -> torch.Tensor:

@@ -47,10 +47,6 @@ class Grid:
     high: int
     group: str = ""  # the scale's initializer: ORT puts some tensors on another's grid (Pad, Slice, Flatten)
 
-    def apply(self, x: np.ndarray) -> np.ndarray:
-        q = np.clip(np.round(x / self.scale) + self.zero_point, self.low, self.high)
-        return ((q - self.zero_point) * self.scale).astype(np.float32)
-
 
 @dataclass(frozen=True)
 class Constant:

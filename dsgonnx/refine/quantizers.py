@@ -67,6 +67,8 @@ class ActQuant(nn.Module):
         self.drop_prob = 0.0
         self.generator: Optional[torch.Generator] = None
         self.log_step: Optional[nn.Parameter] = None
+        # the fixed scale as a float32 tensor that moves with the module (biases are rounded on it)
+        self.register_buffer("fixed_step", torch.tensor(self.scale, dtype=torch.float32))
 
     def learn_step(self) -> nn.Parameter:
         self.log_step = nn.Parameter(torch.tensor(math.log(self.scale), dtype=torch.float32))
@@ -77,9 +79,7 @@ class ActQuant(nn.Module):
 
     def step(self) -> torch.Tensor:
         """The scale now, as a float32 tensor (the exported value)."""
-        if self.log_step is None:
-            return torch.tensor(self.scale, dtype=torch.float32)
-        return torch.exp(self.log_step)
+        return self.fixed_step if self.log_step is None else torch.exp(self.log_step)
 
     def start_dropping(self, prob: float, generator: torch.Generator) -> None:
         self.drop_prob, self.generator = prob, generator
