@@ -25,9 +25,12 @@ from pathlib import Path
 SOURCES = {
     "real": None,
     "gaussian": {"method": "gaussian"},
+    "procedural": {"method": "procedural"},
+    "inversion": {"method": "inversion"},
     "zeroq": {"method": "zeroq"},
     "dsg-nosci": {"method": "dsg", "sci": False},
     "dsg": {"method": "dsg"},
+    "dsg-kept": {"method": "dsg"},  # DSG images made on the model's BN-kept twin (``twin=``), for a folded model
 }
 # "<source>+<variant>[+<variant>]": the same calibration images, quantized with other settings
 VARIANTS = {
@@ -52,14 +55,15 @@ def parse_row(row: str) -> tuple[str, list[str]]:
 
 def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), seeds=(0,), num_samples=100,
               iters=500, synth=None, calibrator="minmax", logits="exclude", device="auto", max_eval=None,
-              refine=None, cache=None, log=sys.stderr) -> dict:
+              refine=None, cache=None, twin=None, log=sys.stderr) -> dict:
     """Quantize ``model`` for every (row, seed, bits) and score it on ``data``.
 
     A row is a calibration source with optional variants (``dsg+mixed``); rows of one source
     share its images (made once per seed). The held-out images are decoded once.
     ``refine``: {"method": "brecq", **RefineConfig fields} for the ``+refine`` rows. ``cache``: a
     folder of synthetic sets; a set made with the same settings is loaded from it (its synthesis
-    seconds are those recorded when it was made), a new one is saved there."""
+    seconds are those recorded when it was made), a new one is saved there. ``twin``: the BN-kept
+    file of a folded ``model``, on which the ``dsg-kept`` row synthesizes."""
     import numpy as np
     import torch
 
@@ -102,16 +106,19 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
                     if base == "real":
                         made[(base, seed)] = (data, None, None, None)
                     else:
+                        if base == "dsg-kept" and twin is None:
+                            raise SystemExit(f"row {row!r} needs the model's BN-kept twin; {model} has none here")
+                        source = twin if base == "dsg-kept" else model
                         start = time.perf_counter()
                         made_as = SynthConfig(**dict(SOURCES[base], num_samples=num_samples, iters=iters, seed=seed,
                                                      device=device, preprocess=recipe, **(synth or {})))
-                        cached = _cached_set(cache, model, made_as)
+                        cached = _cached_set(cache, source, made_as)
                         if cached is not None and cached.exists():
                             synthetic = SyntheticSet.load(cached)
                             took = synthetic.meta["seconds"]
                             print(f"{Path(model).name} {base} seed {seed}: synthetic set from {cached}", file=log)
                         else:
-                            synthetic = synthesize(loaded, made_as, output=cached)
+                            synthetic = synthesize(loaded if source == model else source, made_as, output=cached)
                             took = time.perf_counter() - start
                         made[(base, seed)] = (synthetic, took, synthetic.meta["seconds_per_iter"],
                                               synthetic.meta["diversity"].get("sample_similarity"))
@@ -173,7 +180,8 @@ def _cached_set(cache, model, settings):
 
     from dataclasses import asdict
 
-    key = hashlib.sha256(Path(model).read_bytes()).hexdigest()[:12] + json.dumps(asdict(settings), sort_keys=True,
+    resolved = settings.for_model(has_bn=True)[0]  # weights left unset keyed as the method fills them in
+    key = hashlib.sha256(Path(model).read_bytes()).hexdigest()[:12] + json.dumps(asdict(resolved), sort_keys=True,
                                                                                  default=str)
     Path(cache).mkdir(parents=True, exist_ok=True)
     return Path(cache) / f"{Path(model).stem}-{settings.method.value}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"

@@ -44,6 +44,14 @@ MANIFEST = {
     "mobilenet_v1_0.75": (SHARED / "models/imagenet_mobilenet_v1_0.75.onnx", SHARED / "datasets/imagenet-samples",
                           ("inception", {}), "large"),
 }
+# BN folded into the convolutions, as vendors ship models (models/fold_bn.py, models/export_efficientnet_lite0.py):
+# "<name>.folded" is MANIFEST[name] with the folded file; the row dsg-kept synthesizes on the BN-kept file
+FOLDED = {
+    "cifar10_resnet20": ROOT / "models/cifar10_resnet20.folded.onnx",
+    "mobilenet_v1_0.25": ROOT / "models/mobilenet_v1_0.25.folded.onnx",
+    "efficientnet_lite0": ROOT / "models/efficientnet_lite0.folded.onnx",
+}
+MANIFEST.update({f"{name}.folded": (path, *MANIFEST[name][1:]) for name, path in FOLDED.items()})
 PROFILES = {
     "paper": {"small": {"iters": 500, "refine": {"method": "brecq", "iters": 2000}},
               "large": {"iters": 500, "refine": {"method": "brecq", "iters": 2000}}},
@@ -155,7 +163,8 @@ def main(argv=None) -> int:
     for name in filter(None, args.models.split(",")):
         model, data, (preset, overrides), size = MANIFEST[name]
         if not model.exists():
-            print(f"skipping {name}: {model} not found (run models/export_efficientnet_lite0.py)", file=sys.stderr)
+            print(f"skipping {name}: {model} not found (run models/export_efficientnet_lite0.py and "
+                  "models/fold_bn.py)", file=sys.stderr)
             continue
         profile = PROFILES[args.profile][size]
         start = time.time()
@@ -163,7 +172,8 @@ def main(argv=None) -> int:
                             bits=[int(b) for b in args.bits.split(",")], sources=args.sources.split(","),
                             seeds=[int(s) for s in args.seeds.split(",")], num_samples=args.num_samples,
                             iters=profile["iters"], synth=profile.get("synth"), device=args.device,
-                            refine=profile.get("refine"), cache=args.calib_cache)
+                            refine=profile.get("refine"), cache=args.calib_cache,
+                            twin=str(MANIFEST[name.removesuffix(".folded")][0]) if name.endswith(".folded") else None)
         command = f"python benchmarks/{Path(__file__).name} " + " ".join(argv if argv is not None else sys.argv[1:])
         results.update(profile=args.profile, preprocess=[preset, overrides], wall_seconds=round(time.time() - start),
                        commands=[command], machine=f"{platform.platform()} ({_cpu_name()})")
@@ -193,10 +203,23 @@ def main(argv=None) -> int:
         "with `--out` elsewhere are combined with `--merge`; where runs shared the CPU, seconds are indicative.",
         "",
     ]
-    for name, results in all_results.items():
+    folded_intro = [
+        "## BN folded", "",
+        "Most ONNX files users receive have BatchNorm folded into Conv (both torch exporters, ORT's optimiser "
+        "and tf2onnx do it), so they carry no BN statistics for DSG or ZeroQ. These sections quantize the folded "
+        "twins of three benchmark models (models/fold_bn.py, models/export_efficientnet_lite0.py; FP32 parity "
+        "with the BN-kept file checked on real images) with every BN-free source: `gaussian`, `procedural` "
+        "(dead-leaves images, `--calib procedural`, what `--calib auto` picks for a model without BN), "
+        "`inversion` (from procedural images: cross-entropy to random classes, total variation, jitter, SCI), "
+        "`real`, and `dsg-kept`, DSG images synthesized on the BN-kept twin (the upper reference: what a user "
+        "with the BN-kept file gets).", ""]
+    for name, results in sorted(all_results.items(), key=lambda item: item[0].endswith(".folded")):
         profile = results.get("profile", "?")
         synth = results.get("synth") or {}
-        lines += [f"## {name}", "",
+        if name.endswith(".folded") and folded_intro:
+            lines += folded_intro
+            folded_intro = []
+        lines += [f"{'###' if name.endswith('.folded') else '##'} {name}", "",
                   f"Profile `{profile}`: {results['iters']} synthesis iterations"
                   + (f", the first 75% at {synth['low_res']} px" if synth.get("low_res") else "")
                   + f", {results['num_samples']} calibration samples, seeds {results['seeds']}, synthesis on "

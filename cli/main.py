@@ -30,7 +30,7 @@ _COMMANDS = {
     "analyze": ("analyze", "analyze_cmd", "Per-tensor sensitivity: which quantized tensors cost the accuracy."),
     "inspect": ("inspect", "inspect_cmd", "Show a model's input, BN layers and torch parity."),
     "quantize": ("quantize", "quantize_cmd", "Quantize a model to QDQ ONNX, calibrated on synthetic or real data."),
-    "synthesize": ("synthesize", "synthesize_cmd", "Synthesize calibration images from BN statistics (DSG, ZeroQ, noise)."),
+    "synthesize": ("synthesize", "synthesize_cmd", "Synthesize calibration images: DSG and ZeroQ from BN statistics, BN-free procedural and inversion, noise."),
     "validate": ("validate", "validate_cmd", "Compare an FP32 and a quantized model in ONNX Runtime; gate on accuracy."),
 }
 # library parameter -> the click parameter that sets it, where the names differ

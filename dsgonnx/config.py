@@ -50,9 +50,23 @@ class Choice(str, Enum):
 
 
 class SynthMethod(Choice):
+    AUTO = "auto"  # dsg where the model carries BN statistics, else BN_FREE_DEFAULT
     GAUSSIAN = "gaussian"  # N(0,1) inputs, no optimisation
     ZEROQ = "zeroq"  # per-sample BN statistics matching + input prior
     DSG = "dsg"  # slack alignment + layerwise enhancement + sample correlation inhibition
+    PROCEDURAL = "procedural"  # dead-leaves images in the pixel box; needs nothing from the model
+    INVERSION = "inversion"  # procedural start, then cross-entropy + image priors + SCI; needs no BN
+
+    @property
+    def needs_bn(self) -> bool:
+        return self in (SynthMethod.ZEROQ, SynthMethod.DSG)
+
+
+# What ``auto`` synthesizes for a model without BN statistics (folded or BN-free), chosen by
+# measurement on folded twins of three benchmark models (benchmarks/RESULTS.md, "BN folded").
+BN_FREE_DEFAULT = SynthMethod.PROCEDURAL
+# Inversion's own weights where ``ce_weight``/``tv_weight``/``l2_weight`` are left unset (None).
+INVERSION_WEIGHTS = MappingProxyType({"ce_weight": 1.0, "tv_weight": 0.5, "l2_weight": 0.0})
 
 
 class Device(Choice):
@@ -226,9 +240,9 @@ class SynthOptions:
     lse: bool = True
     sci: bool = True
     input_prior: bool = True
-    ce_weight: float = 0.0  # cross-entropy to random labels (authors' code: 2)
-    tv_weight: float = 0.0  # total-variation smoothness prior
-    l2_weight: float = 0.0  # image L2 norm prior
+    ce_weight: Optional[float] = None  # cross-entropy to random labels (authors' code: 2); None: by method
+    tv_weight: Optional[float] = None  # total-variation smoothness prior; None: by method
+    l2_weight: Optional[float] = None  # image L2 norm prior; None: by method
     patience: int = 100  # ReduceLROnPlateau patience in iterations (ZeroQ: 100)
     low_res: Optional[int] = None
     low_res_share: float = 0.75
@@ -248,7 +262,8 @@ class SynthOptions:
                  f"`low_res_share` must be in [0, 1), got {self.low_res_share}")
         _require(_is_int(self.patience) and self.patience >= 1, f"`patience` must be at least 1, got {self.patience}")
         for name in ("ce_weight", "tv_weight", "l2_weight"):
-            _require(_is_number(getattr(self, name)) and getattr(self, name) >= 0, f"`{name}` must not be negative")
+            value = getattr(self, name)
+            _require(value is None or (_is_number(value) and value >= 0), f"`{name}` must not be negative")
 
     def to_dict(self) -> dict:
         return _to_dict(self)
@@ -258,10 +273,13 @@ class SynthOptions:
 class SynthConfig(SynthOptions):
     """How to make calibration images (``dsgonnx.synthesize``, ``dsgonnx synthesize``).
 
-    ``method``: ``gaussian`` (N(0,1) inputs, no optimisation), ``zeroq`` (per-sample BN
-    matching + input prior) or ``dsg`` (slack alignment + layerwise enhancement + sample
-    correlation inhibition; ``slack``/``lse``/``sci`` switch each part off for ablations).
-    ``iters=None``: by device (:func:`device_defaults`).
+    ``method``: ``auto`` (``dsg`` where the model carries BN statistics, else
+    :data:`BN_FREE_DEFAULT`), ``gaussian`` (N(0,1) inputs, no optimisation), ``zeroq``
+    (per-sample BN matching + input prior), ``dsg`` (slack alignment + layerwise enhancement +
+    sample correlation inhibition; ``slack``/``lse``/``sci`` switch each part off for
+    ablations), ``procedural`` (dead-leaves images, nothing from the model) or ``inversion``
+    (from procedural images: cross-entropy to random classes, total variation, jitter and
+    SCI; no BN statistics needed). ``iters=None``: by device (:func:`device_defaults`).
 
     ``preprocess`` is the model's preprocessing recipe (only its mean, std and pixel scale
     matter here); when given, images are kept inside the box that real images occupy in
@@ -269,7 +287,7 @@ class SynthConfig(SynthOptions):
     shapes the input range.
     """
 
-    method: SynthMethod = SynthMethod.DSG
+    method: SynthMethod = SynthMethod.AUTO
     num_samples: int = 64
     iters: Optional[int] = None
     seed: int = 0
@@ -288,6 +306,20 @@ class SynthConfig(SynthOptions):
     @classmethod
     def from_options(cls, options: SynthOptions, **run) -> "SynthConfig":
         return cls(**{f.name: getattr(options, f.name) for f in fields(SynthOptions)}, **run)
+
+    def for_model(self, has_bn: bool) -> tuple["SynthConfig", Optional[str]]:
+        """This config with ``auto`` decided for a model with (or without) BN statistics and
+        the loss weights left unset filled in by method; and why, when ``auto`` decided."""
+        method, why = self.method, None
+        if method == SynthMethod.AUTO:
+            method = SynthMethod.DSG if has_bn else BN_FREE_DEFAULT
+            why = ("the model carries BN statistics" if has_bn else
+                   f"the model carries no BN statistics, and {BN_FREE_DEFAULT} was the best BN-free source "
+                   "measured on folded models (benchmarks/RESULTS.md, BN folded)")
+        own = INVERSION_WEIGHTS if method == SynthMethod.INVERSION else {}
+        weights = {name: own.get(name, 0.0) if getattr(self, name) is None else getattr(self, name)
+                   for name in ("ce_weight", "tv_weight", "l2_weight")}
+        return replace(self, method=method, **weights), why
 
     def for_device(self, device_type: str, input_size: int) -> "SynthConfig":
         """This config with ``iters`` and ``low_res`` resolved for the device and input size."""
@@ -427,7 +459,8 @@ def _calibration_source(calib):
 class QuantConfig:
     """What to quantize to, calibrated on what, and how to check it (``dsgonnx.quantize``).
 
-    ``calib``: a synthesis method (``dsg``, ``zeroq``, ``gaussian``), a path to real images
+    ``calib``: a synthesis method (``auto``, ``dsg``, ``zeroq``, ``gaussian``, ``procedural``,
+    ``inversion``; ``auto`` is ``dsg`` where the model has BN statistics), a path to real images
     (an image folder or an ``.npz`` with ``images``), a float32 NCHW array in the model's
     input space, or a :class:`~dsgonnx.SyntheticSet`. ``synth`` tunes the synthesis
     (:class:`SynthOptions`); ``iters=None`` is by device. ``refine``: a
@@ -436,7 +469,7 @@ class QuantConfig:
 
     wbits: int = 8
     abits: int = 8
-    calib: Calibration = SynthMethod.DSG
+    calib: Calibration = SynthMethod.AUTO
     num_samples: int = 64
     iters: Optional[int] = None
     calibrator: Calibrator = Calibrator.MINMAX
@@ -511,7 +544,7 @@ class QuantConfig:
 
 
 __all__ = [
-    "BiasCorrection", "Calibrator", "Choice", "DEFAULT_BATCH_SIZE", "Device", "DeviceDefaults", "LogitsPolicy", "NATIVE_BITS",
+    "BN_FREE_DEFAULT", "BiasCorrection", "Calibrator", "Choice", "DEFAULT_BATCH_SIZE", "Device", "DeviceDefaults", "LogitsPolicy", "NATIVE_BITS",
     "PoolRange", "Provider", "QuantConfig", "RefineConfig", "RefineMethod", "SUPPORTED_BITS", "SlackReading", "SynthConfig",
     "SynthMethod", "SynthOptions", "Target", "ValidateConfig", "check_bits", "check_thresholds", "device_defaults",
 ]

@@ -231,7 +231,9 @@ def _calibration_data(loaded: LoadedModel, config: QuantConfig):
         synthetic = synthesize(loaded, config.synth_config(config.num_samples + holdout))
         images = synthetic.images
         settings = synthetic.meta["config"]
-        info = {"method": config.calib.value, "num_samples": config.num_samples, "iters": settings["iters"],
+        info = {"method": synthetic.meta["method"], "num_samples": config.num_samples, "iters": settings["iters"],
+                **({"requested": config.calib.value, "method_choice": synthetic.meta["method_choice"]}
+                   if synthetic.meta.get("method_choice") else {}),
                 "seconds": round(time.perf_counter() - start, 3), "device": synthetic.meta["device"],
                 "diversity": synthetic.meta["diversity"], "holdout": holdout, "synth": settings}
         return images[: config.num_samples], (images[config.num_samples :] if holdout else None), info, ()

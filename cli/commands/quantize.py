@@ -16,8 +16,10 @@ Bits: 8 -> int8/uint8, 4 -> INT4/UINT4 (opset 21), 16 -> int16/uint16,
 2/3/5/6/7 -> simulated exactly in 8-bit containers (reported as simulated).
 Targets: cpu = uint8 activations + int8 per-channel weights (reduce_range on
 CPUs without VNNI); gpu/trt = symmetric int8 (trt: 8 bits only).
-Calibration: dsg (default), zeroq, gaussian, or real data: an image folder
-or an .npz with 'images' (also a set written by dsgonnx synthesize).
+Calibration: auto (default: dsg where the model carries BatchNorm statistics,
+else procedural), dsg, zeroq, procedural (dead-leaves images), inversion,
+gaussian, or real data: an image folder or an .npz with 'images' (also a set
+written by dsgonnx synthesize). A BN-folded model gets procedural images.
 Logits: by default the classifier's output stays float (a range learned on
 synthetic data clips real logits into ties); --logits exclude keeps the
 whole last layer float, --logits quantize quantizes it too.
@@ -57,7 +59,8 @@ def _given(values: dict, fields: dict) -> dict:
 @click.option("--w4a4", is_flag=True, help="4-bit weights and activations (INT4/UINT4).")
 @click.option("--wbits", type=int, help="Weight bits (2-8 or 16).")
 @click.option("--abits", type=int, help="Activation bits (2-8 or 16).")
-@click.option("--calib", default="dsg", show_default=True, help="dsg | zeroq | gaussian | image folder | .npz")
+@click.option("--calib", default="auto", show_default=True,
+              help="auto | dsg | zeroq | procedural | inversion | gaussian | image folder | .npz")
 @click.option("--num-samples", type=int, default=64, show_default=True, help="Calibration samples.")
 @click.option("--iters", type=int, help="Synthesis iterations [default: 500 on CUDA; on CPU 100, the first 75 at 128 px for inputs >= 160 px].")
 @click.option("--lr", type=float, help="Synthesis learning rate.")

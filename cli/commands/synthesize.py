@@ -12,8 +12,12 @@ from dsgonnx_cli.options import (PREPROCESS_HELP, choice, device_option, input_s
                                  quiet_option)
 
 _EPILOG = """\b
-Methods: gaussian (N(0,1) noise), zeroq (BN statistics matching), dsg (slack
-alignment + layerwise sample enhancement + sample correlation inhibition).
+Methods: auto (dsg where the model carries BatchNorm statistics, else
+procedural), gaussian (N(0,1) noise), zeroq (BN statistics matching), dsg
+(slack alignment + layerwise sample enhancement + sample correlation
+inhibition), procedural (dead-leaves images; needs nothing from the model),
+inversion (from procedural images: cross-entropy to random classes, total
+variation, jitter and SCI; needs no BN statistics).
 Give the model's preprocessing so that images stay inside the range real
 images have; without it only the input prior (mean 0, std 1) shapes them.
 """ + PREPROCESS_HELP
@@ -22,7 +26,7 @@ images have; without it only the input prior (mean 0, std 1) shapes them.
 @click.command("synthesize", epilog=_EPILOG)
 @click.argument("model", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output .npz [default: <model stem>.<method>.npz].")
-@click.option("--method", type=choice(SynthMethod), default=SynthMethod.DSG.value, show_default=True)
+@click.option("--method", type=choice(SynthMethod), default=SynthMethod.AUTO.value, show_default=True)
 @click.option("--num-samples", type=int, default=64, show_default=True)
 @click.option("--iters", type=int, help="Optimisation steps [default: 500 on CUDA (the papers'); on CPU 100, the first 75 at 128 px for inputs >= 160 px].")
 @click.option("--lr", type=float, default=0.1, show_default=True, help="Adam learning rate.")
@@ -36,9 +40,9 @@ images have; without it only the input prior (mean 0, std 1) shapes them.
 @click.option("--no-lse", is_flag=True, help="DSG without layerwise sample enhancement (ablation).")
 @click.option("--no-sci", is_flag=True, help="DSG without sample correlation inhibition (ablation).")
 @click.option("--no-input-prior", is_flag=True, help="Drop the input mean-0/std-1 prior.")
-@click.option("--ce-weight", type=float, default=0.0, show_default=True, help="Cross-entropy to random labels.")
-@click.option("--tv-weight", type=float, default=0.0, show_default=True, help="Total-variation prior.")
-@click.option("--l2-weight", type=float, default=0.0, show_default=True, help="Image L2 prior.")
+@click.option("--ce-weight", type=float, help="Cross-entropy to random labels [default: 1 for inversion, else 0].")
+@click.option("--tv-weight", type=float, help="Total-variation prior [default: 0.5 for inversion, else 0].")
+@click.option("--l2-weight", type=float, help="Image L2 prior [default: 0].")
 @click.option("--low-res", type=int, help="Resolution schedule: optimise at NxN pixels first, then at full size (0: off).")
 @click.option("--low-res-share", type=float, default=0.75, show_default=True, help="Share of iterations at --low-res.")
 @click.option("--amp", is_flag=True, help="bfloat16 autocast on CUDA (statistics stay float32).")
@@ -49,7 +53,7 @@ images have; without it only the input prior (mean 0, std 1) shapes them.
 @quiet_option
 def synthesize_cmd(model, output, preprocess, preprocess_given, input_shape, preview, force, no_slack, no_lse, no_sci,
                    no_input_prior, **settings):
-    """Synthesize calibration images for MODEL from its BatchNorm statistics."""
+    """Synthesize calibration images for MODEL (from its BatchNorm statistics where it has them)."""
     from dsgonnx import synthesize
 
     config = SynthConfig(preprocess=preprocess, slack=not no_slack, lse=not no_lse, sci=not no_sci,

@@ -25,6 +25,7 @@ from ..progress import Progress, say
 from . import losses
 from .diversity import diversity_metrics
 from .margins import Margins, slack_margins
+from .procedural import procedural_images
 
 
 def pixel_box(config: SynthConfig, channels: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
@@ -100,16 +101,23 @@ def synthesize(
     loaded = torch_model.loaded
     check_image_memory(config.num_samples, loaded.input.chw)
     layers = find_bn_layers(torch_model)
-    if config.method != SynthMethod.GAUSSIAN and not layers:
+    config, why = config.for_model(bool(layers))
+    if why is not None:
+        say(f"synthesize: method {config.method} ({why})")
+    if config.method.needs_bn and not layers:
         folded = "BN was folded into the Conv layers" if bn_folded(loaded.model) else "it has no BatchNormalization layers"
         raise NoBatchNormError(
             f"{loaded.source.name} carries no BatchNorm statistics ({folded}); `method` {config.method} needs them. "
-            "Use `method` gaussian (with quantize: `calib` gaussian or real images) for now, "
-            "or export the model with BN kept "
+            f"Use `method` {SynthMethod.AUTO} (picks a BN-free source), {SynthMethod.PROCEDURAL} or "
+            f"{SynthMethod.INVERSION}, real images, or export the model with BN kept "
             "(torch.onnx.export(..., training=TrainingMode.PRESERVE, do_constant_folding=False))"
         )
+    if not config.method.needs_bn:
+        layers = []  # inversion, procedural and gaussian images ignore BN statistics the model may carry
     device = resolve_device(config.device)
     config = config.for_device(device.type, min(loaded.input.chw[1:]))
+    if config.method in (SynthMethod.GAUSSIAN, SynthMethod.PROCEDURAL):
+        config = replace(config, iters=0, low_res=None)  # drawn, not optimised
     channels_last = device.type == "cpu" if config.channels_last is None else config.channels_last
     module = torch_model.module.to(device)
     if channels_last:
@@ -120,7 +128,7 @@ def synthesize(
     box = pixel_box(config, loaded.input.chw[0])
     if box is not None:
         box = (box[0].to(device), box[1].to(device))
-    elif config.method != SynthMethod.GAUSSIAN:
+    elif config.method not in (SynthMethod.GAUSSIAN, SynthMethod.PROCEDURAL):
         say("synthesize: no preprocessing given (`preprocess`): images are shaped by the "
             "input prior alone (per-channel mean 0, std 1), not kept inside a pixel range")
 
@@ -132,7 +140,11 @@ def synthesize(
     images, batch_losses, all_stats = [], [], []
     spans = _batches(config.num_samples, batch)
     for number, (first, last) in enumerate(spans, 1):
-        init = torch.randn((last - first, *loaded.input.chw), generator=generator)
+        if config.method in (SynthMethod.PROCEDURAL, SynthMethod.INVERSION):
+            init = torch.from_numpy(procedural_images(last - first, loaded.input.chw, config.seed, config.preprocess,
+                                                      first))
+        else:
+            init = torch.randn((last - first, *loaded.input.chw), generator=generator)
         if box is not None:
             init = torch.maximum(torch.minimum(init.to(device), box[1]), box[0]).cpu()
         label = f"synthesize {config.method}" + (f" [batch {number}/{len(spans)}]" if len(spans) > 1 else "")
@@ -151,6 +163,7 @@ def synthesize(
     seconds = time.perf_counter() - start
     meta = {
         "method": config.method.value,
+        "method_choice": why,
         "config": config.to_dict(),
         "model": {"file": str(loaded.source), "sha256": loaded.sha256, "input": loaded.input.name},
         "device": str(device),
@@ -199,7 +212,7 @@ class _Run:
         tap = _StatsTap(self.torch_model, self.layers, keep_inputs=keep) if self.layers else None
         margins: list[Optional[Margins]] = [None] * len(self.layers)
         try:
-            if config.method != SynthMethod.GAUSSIAN and tap is not None:
+            if tap is not None or config.method == SynthMethod.INVERSION:
                 with torch.no_grad():
                     model(images)
                 if keep:
@@ -262,13 +275,13 @@ class _Run:
                  for (m, s), (tm, ts), mg in zip(tap.stats, self.targets, margins)], dim=1)
             return losses.combine_layers(layer_losses, weights)
 
-        terms = [("bn", bn)]
+        terms = [("bn", bn)] if self.layers else []
         if config.input_prior:
             terms.append(("input_prior", lambda images, *_: losses.input_prior(images).mean()))
-        if dsg and config.sci and n > 1:
+        if (dsg or config.method == SynthMethod.INVERSION) and config.sci and n > 1:
             def sci(images, *_):
                 reference = torch.randn(images.shape, generator=self.generator).to(self.device)
-                return losses.sample_correlation_inhibition(images, reference) / len(self.layers)
+                return losses.sample_correlation_inhibition(images, reference) / max(1, len(self.layers))
             terms.append(("sci", sci))
         if config.ce_weight > 0:
             classes = self.torch_model.loaded.num_classes or 1000
@@ -294,6 +307,15 @@ class _Run:
             terms.append(("l2", lambda images, *_: config.l2_weight * images.float().flatten(1).norm(dim=1).mean()))
         return terms
 
+    def _jitter(self, images: torch.Tensor) -> torch.Tensor:
+        """A random shift (up to 1/8 of the side, wrapped around) and a coin-flip mirror of the
+        whole batch (DeepInversion's jitter): the cross-entropy then rewards features that
+        survive small translations rather than a pattern fixed to the pixel grid."""
+        limit = max(1, min(images.shape[2:]) // 8)
+        dy, dx = (int(v) for v in torch.randint(-limit, limit + 1, (2,), generator=self.generator))
+        moved = torch.roll(images, shifts=(dy, dx), dims=(2, 3))
+        return torch.flip(moved, dims=(3,)) if float(torch.rand((), generator=self.generator)) < 0.5 else moved
+
     def _iterate(self, images, tap, margins, label: str, first: int, iters: int):
         config, model = self.config, self.torch_model.module
         images = images.clone().requires_grad_(True)
@@ -301,15 +323,16 @@ class _Run:
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.1, patience=config.patience,
                                                                min_lr=1e-4)
         terms = self._terms(images.shape[0], first)
+        jitter = self._jitter if config.method == SynthMethod.INVERSION else (lambda x: x)
         progress = Progress(label, iters)
         for iteration in range(iters):
             tick = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             if self.autocast is not None:
                 with self.autocast:
-                    output = model(images)
+                    output = model(jitter(images))
             else:
-                output = model(images)
+                output = model(jitter(images))
             values = {name: term(images, output, tap, margins) for name, term in terms}
             total = sum(values.values())
             if not torch.isfinite(total):
