@@ -6,6 +6,7 @@ import os
 import time
 from typing import Any, Optional
 
+from .config import SynthConfig
 from .graph.onnx_io import load_model
 from .graph.to_torch import check_parity, to_torch
 from .graph.bn_taps import bn_folded, find_bn_layers
@@ -56,6 +57,8 @@ def inspect_model(
         "bn_count": len(layers),
         "bn_layers": [{"name": l.name, "channels": l.channels, "eps": l.eps, "kind": l.kind} for l in layers],
         "bn_folded": not layers and bn_folded(loaded.model),
+        # what ``quantize`` (``--calib auto``, the default) calibrates on, and why
+        "calibration": _calibration_source(bool(layers)),
         "torch_parity": {
             "max_abs_diff": parity.max_abs_diff,
             "tolerance": parity.tolerance,
@@ -92,8 +95,16 @@ def format_inspection(info: dict[str, Any]) -> str:
         lines.append("batchnorm    none: Conv layers carry biases, BN was likely folded into Conv (bn_folded)")
     else:
         lines.append("batchnorm    none")
+    calibration = info["calibration"]
+    lines.append(f"calibration  quantize's default (--calib auto) synthesizes {calibration['method']}: "
+                 f"{calibration['why']}")
     lines.append(
         f"torch parity max |diff| {parity['max_abs_diff']:.3g} (tolerance {parity['tolerance']:.3g}), "
         f"top-1 agreement {parity['top1_agreement']:.0%} on {parity['samples']} random inputs"
     )
     return "\n".join(lines)
+
+
+def _calibration_source(has_bn: bool) -> dict[str, str]:
+    config, why = SynthConfig().for_model(has_bn)
+    return {"method": config.method.value, "why": why}

@@ -28,12 +28,13 @@ import onnxruntime as ort
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHARED = os.path.join(os.path.dirname(HERE), "..", "shared")
-# twin name -> (BN-kept file under ../shared/models, labelled images, (preset, resize/crop overrides))
+# twin name -> (BN-kept file under ../shared/models, labelled images, (mean, std) of pixels in [0, 1])
+IMAGENET, INCEPTION = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 MODELS = {
-    "cifar10_resnet20": ("cifar10_resnet20.onnx", "cifar10-test", ("imagenet", {"resize": 32, "crop": 32})),
-    "cifar10_resnet56": ("cifar10_resnet56.onnx", "cifar10-test", ("imagenet", {"resize": 32, "crop": 32})),
-    "mobilenet_v1_0.25": ("imagenet_mobilenet_v1_0.25.onnx", "imagenet-samples", ("inception", {})),
-    "mobilenet_v1_0.75": ("imagenet_mobilenet_v1_0.75.onnx", "imagenet-samples", ("inception", {})),
+    "cifar10_resnet20": ("cifar10_resnet20.onnx", "cifar10-test", IMAGENET),
+    "cifar10_resnet56": ("cifar10_resnet56.onnx", "cifar10-test", IMAGENET),
+    "mobilenet_v1_0.25": ("imagenet_mobilenet_v1_0.25.onnx", "imagenet-samples", INCEPTION),
+    "mobilenet_v1_0.75": ("imagenet_mobilenet_v1_0.75.onnx", "imagenet-samples", INCEPTION),
 }
 PARITY_IMAGES = 200
 MAX_LOGIT_DIFF = 1e-3  # relative to the largest |logit|
@@ -54,16 +55,31 @@ def fold(source: str, target: str) -> onnx.ModelProto:
     return model
 
 
-def parity(kept: str, folded: onnx.ModelProto, data: str, recipe) -> dict:
-    """Top-1 agreement and the largest relative logit difference on real labelled images."""
-    from dsgonnx.calibration_data import spread_indices
-    from dsgonnx.preprocess import load_image, scan_image_folder
+def load_images(data: str, count: int, size: int, normalisation) -> np.ndarray:
+    """``count`` labelled images spread over the sorted class folders of ``data``: shorter side
+    resized to size/0.875 (bilinear), centre crop, (pixels/255 - mean)/std, NCHW float32."""
+    from PIL import Image
 
-    folder = scan_image_folder(data)
-    files = [folder.files[i] for i in spread_indices(len(folder.files), PARITY_IMAGES)]
-    size = onnx.load(kept).graph.input[0].type.tensor_type.shape.dim[2].dim_value
-    images = np.stack([load_image(f, recipe.for_input_size(size)) for f in files]).astype(np.float32)
-    unfused = ort.SessionOptions()  # BN computed as BN: ORT would otherwise fuse it the same way
+    files = sorted(os.path.join(root, name) for root, _, names in os.walk(data) for name in names
+                   if name.lower().endswith((".jpg", ".jpeg", ".png")))
+    chosen = files[:: max(1, len(files) // count)][:count]
+    resize = int(size / 0.875) if size > 32 else size
+    mean, std = (np.asarray(v, np.float32).reshape(3, 1, 1) for v in normalisation)
+    batch = []
+    for file in chosen:
+        image = Image.open(file).convert("RGB")
+        scale = resize / min(image.size)
+        image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BILINEAR)
+        left, top = (image.width - size) // 2, (image.height - size) // 2
+        pixels = np.asarray(image.crop((left, top, left + size, top + size)), np.float32).transpose(2, 0, 1) / 255.0
+        batch.append((pixels - mean) / std)
+    return np.stack(batch).astype(np.float32)
+
+
+def parity(kept: str, folded: onnx.ModelProto, images: np.ndarray) -> dict:
+    """Top-1 agreement and the largest relative logit difference of the folded graph against
+    the BN-kept file run with every optimisation off (BN computed as BN)."""
+    unfused = ort.SessionOptions()  # ORT would otherwise fuse BN the same way
     unfused.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     a = ort.InferenceSession(kept, unfused, providers=["CPUExecutionProvider"])
     b = ort.InferenceSession(folded.SerializeToString(), providers=["CPUExecutionProvider"])
@@ -79,15 +95,13 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-existing", action="store_true")
     parser.add_argument("--only", help=f"comma-separated subset of {', '.join(MODELS)}")
     args = parser.parse_args(argv)
-    sys.path.insert(0, os.path.dirname(HERE))
-    from dsgonnx.preprocess import preprocess_from_preset
 
     names = args.only.split(",") if args.only else list(MODELS)
     for name in names:
         if name not in MODELS:
             print(f"fold_bn: unknown model {name!r}; choose from {', '.join(MODELS)}", file=sys.stderr)
             return 2
-        file, data, (preset, overrides) = MODELS[name]
+        file, data, normalisation = MODELS[name]
         source = os.path.join(SHARED, "models", file)
         target = os.path.join(args.out_dir, f"{name}.folded.onnx")
         if args.skip_existing and os.path.exists(target):
@@ -98,7 +112,9 @@ def main(argv=None) -> int:
             return 2
         kept_bn = sum(n.op_type == "BatchNormalization" for n in onnx.load(source).graph.node)
         model = fold(source, target)
-        check = parity(source, model, os.path.join(SHARED, "datasets", data), preprocess_from_preset(preset, **overrides))
+        size = model.graph.input[0].type.tensor_type.shape.dim[2].dim_value
+        check = parity(source, model, load_images(os.path.join(SHARED, "datasets", data), PARITY_IMAGES, size,
+                                                  normalisation))
         if check["agreement"] < 1.0 or check["max_rel_diff"] > MAX_LOGIT_DIFF:
             print(f"fold_bn: {name}: the folded graph disagrees with {file} ({check}); not written", file=sys.stderr)
             return 1

@@ -94,9 +94,10 @@ def test_meta_records_the_run(models, tmp_path):
     assert loaded.meta == json.loads(json.dumps(meta))
 
 
-def test_folded_model_is_refused_for_bn_methods(models):
-    with pytest.raises(NoBatchNormError, match="`method` gaussian"):
-        _run(models["folded"], method="dsg", iters=1)
+@pytest.mark.parametrize("method", ["dsg", "zeroq"])
+def test_folded_model_is_refused_for_bn_methods_asked_for(models, method):
+    with pytest.raises(NoBatchNormError, match="`method` auto .picks a BN-free source., procedural or inversion"):
+        _run(models["folded"], method=method, iters=1)
 
 
 def test_nan_guard_names_the_loss_term(models, tmp_path):
@@ -127,11 +128,12 @@ def test_cli_writes_npz_and_preview_and_refuses_to_overwrite(models):
     assert again.exit_code == 2 and "--force" in again.stderr
 
 
-def test_cli_folded_model_exits_2(models):
+def test_cli_folded_model_with_method_dsg_exits_2(models):
     result = CliRunner().invoke(cli, ["synthesize", str(models["folded"]), "-o",
-                                      str(models["folder"] / "x.npz"), "--iters", "1"])
+                                      str(models["folder"] / "x.npz"), "--iters", "1", "--method", "dsg"])
     assert result.exit_code == 2
-    assert "carries no BatchNorm statistics" in result.stderr and "--method gaussian" in result.stderr
+    assert "carries no BatchNorm statistics" in result.stderr and "--method auto" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
     assert not (models["folder"] / "x.npz").exists()
 
 

@@ -173,6 +173,8 @@ def synthesize(
         "seconds": round(seconds, 3),
         "seconds_per_iter": round(float(np.mean(run.iter_seconds)), 5) if run.iter_seconds else None,
         "final_layer_losses": final_losses,
+        # the class the cross-entropy pulled each image towards (binary heads: 0/1)
+        "target_classes": [int(c) for first in sorted(run.labels) for c in run.labels[first]] or None,
         "diversity": diversity,
         "torch": torch.__version__,
     }
@@ -203,10 +205,14 @@ class _Run:
 
     def __post_init__(self):
         self.iter_seconds: list[float] = []
+        self.labels: dict[int, torch.Tensor] = {}  # first sample of a batch -> its target classes
 
     def optimise(self, init: torch.Tensor, label: str, first: int):
         """Optimise one batch; returns (images on CPU, final per-layer losses, per-sample stats)."""
         config, model = self.config, self.torch_model.module
+        if config.ce_weight > 0:  # one target class per image, kept through the resolution schedule
+            classes = self.torch_model.loaded.num_classes or 1000
+            self.labels[first] = torch.randint(0, max(classes, 2), (init.shape[0],), generator=self.generator)
         images = init.to(self.device).contiguous(memory_format=self.memory_format)
         keep = config.method == SynthMethod.DSG and config.slack
         tap = _StatsTap(self.torch_model, self.layers, keep_inputs=keep) if self.layers else None
@@ -284,10 +290,7 @@ class _Run:
                 return losses.sample_correlation_inhibition(images, reference) / max(1, len(self.layers))
             terms.append(("sci", sci))
         if config.ce_weight > 0:
-            classes = self.torch_model.loaded.num_classes or 1000
-            labels = torch.randint(0, classes, (n,), generator=self.generator).to(self.device)
-
-            labels = labels if classes > 1 else torch.randint(0, 2, (n,), generator=self.generator).to(self.device)
+            labels = self.labels[first].to(self.device)
             graph = self.torch_model.loaded.model.graph
             sigmoid_head = any(node.op_type == "Sigmoid" and node.output[0] == graph.output[0].name for node in graph.node)
 
