@@ -127,7 +127,7 @@ def test_config_choices_are_typed_and_serialise_as_strings():
     assert config.input_shape == (1, 3, 16, 16)
     data = config.to_dict()
     assert data["calibrator"] == "mse" and data["synth"]["slack_reading"] == "channel-upper"
-    assert data["refine"]["method"] == "brecq" and data["calib"] == "dsg"
+    assert data["refine"]["method"] == "brecq" and data["calib"] == "auto"
     with pytest.raises(DataError, match="unknown `calibrator` 'median'"):
         QuantConfig(calibrator="median")
 

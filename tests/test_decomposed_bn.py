@@ -95,9 +95,15 @@ def test_decomposed_models_quantize_from_their_own_statistics(models, style):
 
 
 def test_the_affine_pattern_takes_the_bn_free_path(models):
-    result = CliRunner().invoke(cli, ["quantize", str(models["affine"]), "--w8a8", "-o",
-                                      str(models["folder"] / "affine.q.onnx"), "--quiet"])
-    assert result.exit_code == 2 and "no BatchNormalization" in result.stderr
+    refused = CliRunner().invoke(cli, ["quantize", str(models["affine"]), "--w8a8", "--calib", "dsg", "-o",
+                                       str(models["folder"] / "affine.dsg.onnx"), "--quiet"])
+    assert refused.exit_code == 2 and "no BatchNormalization" in refused.stderr
+    assert not (models["folder"] / "affine.dsg.onnx").exists()
+    report = models["folder"] / "affine.json"
+    result = CliRunner().invoke(cli, ["quantize", str(models["affine"]), "--w8a8", "--num-samples", "16", "-o",
+                                      str(models["folder"] / "affine.q.onnx"), "--report", str(report), "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(report.read_text())["calibration"]["method"] == "procedural"
 
 
 @pytest.mark.parametrize("style", ["full", "mean", "affine"])
