@@ -32,7 +32,9 @@ def synthesize(model, config: Optional[SynthConfig] = None, *, input_shape=None,
     images. Both are checked before any work and written atomically; an existing file needs
     ``force``.
     """
+    from . import distributed
     from .graph.onnx_io import load_model
+    from .graph.to_torch import resolve_device
     from .synth import synthesize as run_synthesis
     from .synth.preview import save_grid
 
@@ -46,12 +48,16 @@ def synthesize(model, config: Optional[SynthConfig] = None, *, input_shape=None,
         check_output_folder(path)
         if path.exists() and not force:
             raise DataError(f"{path} exists; set `force` to overwrite it")
+    # under torchrun: join the other ranks first, so that an error from here on stops them all
+    distributed.join(distributed.launched() and resolve_device(config.device).type == "cuda")
     if isinstance(model, (str, os.PathLike)):
-        model = load_model(model, input_shape)
+        path = model
+        model = distributed.together(lambda: load_model(path, input_shape))
     result = run_synthesis(model, config)
-    if output is not None:  # in the layout the model file takes
-        loaded = getattr(model, "loaded", model)
-        result.save(output, replace=force, layout=getattr(loaded, "layout", "NCHW"))
-    if preview is not None:
-        save_grid(result.images, preview, config.preprocess)
+    if distributed.is_writer():  # rank 0 alone writes; every rank holds the whole set
+        if output is not None:  # in the layout the model file takes
+            loaded = getattr(model, "loaded", model)
+            result.save(output, replace=force, layout=getattr(loaded, "layout", "NCHW"))
+        if preview is not None:
+            save_grid(result.images, preview, config.preprocess)
     return result

@@ -17,7 +17,7 @@ from typing import Any, Optional
 import numpy as np
 import onnx
 
-from . import __version__
+from . import __version__, distributed
 from .artifacts import check_output_folder, publish
 from .calibration_data import load_real_images
 from .config import BiasCorrection, PoolRange, QuantConfig, ValidateConfig
@@ -36,7 +36,7 @@ from .runtime import ort_session
 class QuantResult:
     """What ``quantize`` wrote and found."""
 
-    output: Path
+    output: Optional[Path]  # None on the ranks other than 0 of a torchrun launch (rank 0 writes)
     bits: dict[str, Any]
     calibration: dict[str, Any]
     decisions: dict[str, Any]
@@ -96,11 +96,15 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
     """
     config = replace(config or QuantConfig(), **overrides) if overrides else (config or QuantConfig())
     stages = _Stages()
+    if distributed.launched():  # torchrun: the ranks share the synthesis; rank 0 alone quantizes
+        from .graph.to_torch import resolve_device
+
+        distributed.join(resolve_device(config.device).type == "cuda")
     if isinstance(model, LoadedModel):
         loaded = model
     else:
         with stages("load"):
-            loaded = load_model(model, config.input_shape)
+            loaded = distributed.together(lambda: load_model(model, config.input_shape))
     if loaded.input.dtype != np.float32:
         raise UnsupportedModelError(
             f"quantize needs a float32 model; input '{loaded.input.name}' is {loaded.input.dtype} "
@@ -130,6 +134,10 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
 
     with stages("calibration data"):
         calib_images, holdout, calib_info, calib_files = _calibration_data(loaded, config)
+    if not distributed.is_writer():
+        say(f"quantize: rank {distributed.world().rank} made its share of the calibration images; "
+            "rank 0 quantizes and writes the model")
+        return QuantResult(output=None, bits={}, calibration=calib_info, decisions={}, timings=stages.timings)
     fixed = loaded.input.fixed_batch
     if fixed and len(calib_images) % fixed:  # every run of the model takes whole batches
         filled = -(-len(calib_images) // fixed) * fixed

@@ -115,7 +115,8 @@ def quantize_cmd(model, **flags):
     from dsgonnx import quantize
 
     result = quantize(model, quant_config(**flags))
-    click.echo(json.dumps(result.summary(), indent=2, default=str))
+    if result.output is not None:  # under torchrun, rank 0 alone quantizes and reports
+        click.echo(json.dumps(result.summary(), indent=2, default=str))
 
 
 def quant_config(w8a8, w6a6, w4a4, wbits, abits, refine, preprocess, preprocess_given, no_validate=False,

@@ -1,4 +1,4 @@
-"""The synthesis loop: Gaussian images optimised against the model's BN statistics.
+"""The synthesis loop: Gaussian or procedural images optimised against the model.
 
 One readable loop per batch: forward (BN inputs captured by hooks) → per-sample
 statistics → layer losses (ZeroQ alignment or DSG slack alignment) → layer/sample
@@ -7,6 +7,7 @@ weights (LSE) → priors and SCI → Adam step → projection into the pixel box
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, replace
 from typing import Callable, Optional
@@ -14,6 +15,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
+from .. import distributed
 from ..artifacts import SyntheticSet
 from ..config import SynthConfig, SynthMethod
 from ..errors import NoBatchNormError, SynthesisError
@@ -71,28 +73,25 @@ def _batches(total: int, size: int) -> list[tuple[int, int]]:
     return [(start, min(start + size, total)) for start in range(0, total, size)]
 
 
-def default_batch_size(config: SynthConfig, loaded: LoadedModel, num_layers: int) -> int:
-    """All samples at once up to 50 M input values per batch (about 330 images of
-    3×224², far more for 32² ones); a model with a fixed batch size gets that size."""
+def default_batch_size(config: SynthConfig, loaded: LoadedModel, num_layers: int, ranks: int = 1) -> int:
+    """All samples at once (a share per rank: one batch each) up to 50 M input values per
+    batch (about 330 images of 3×224², far more for 32² ones); a model with a fixed batch
+    size gets that size."""
     per_image = int(np.prod(loaded.input.chw))
     cap = max(1, int(50_000_000 // per_image))
-    size = min(config.num_samples, cap)
+    size = min(-(-config.num_samples // ranks), cap)
     if loaded.input.shape[0] is not None:
         size = loaded.input.shape[0]
     return size
 
 
-def synthesize(
-    model: str | LoadedModel | TorchModel,
-    config: Optional[SynthConfig] = None,
-    **overrides,
-) -> SyntheticSet:
-    """Synthesize calibration images for ``model`` (a path, loaded model or torch twin).
+def _batch_seed(seed: int, first: int) -> int:
+    """The random seed of the batch whose first sample is ``first``."""
+    return seed if first == 0 else int(np.random.SeedSequence([seed, first]).generate_state(1, np.uint64)[0] >> 1)
 
-    Raises :class:`NoBatchNormError` for zeroq/dsg on a model without BN statistics.
-    """
-    config = replace(config or SynthConfig(), **overrides) if overrides else (config or SynthConfig())
-    start = time.perf_counter()
+
+def _prepare(model, config: SynthConfig):
+    """(torch twin, config with the method decided, why it was decided, the BN layers it uses)."""
     if isinstance(model, TorchModel):
         torch_model = model
     else:
@@ -112,9 +111,30 @@ def synthesize(
             f"{SynthMethod.INVERSION}, real images, or export the model with BN kept "
             "(torch.onnx.export(..., training=TrainingMode.PRESERVE, do_constant_folding=False))"
         )
-    if not config.method.needs_bn:
-        layers = []  # inversion, procedural and gaussian images ignore BN statistics the model may carry
+    # inversion, procedural and gaussian images ignore BN statistics the model may carry
+    return torch_model, config, why, layers if config.method.needs_bn else []
+
+
+def synthesize(
+    model: str | LoadedModel | TorchModel,
+    config: Optional[SynthConfig] = None,
+    **overrides,
+) -> SyntheticSet:
+    """Synthesize calibration images for ``model`` (a path, loaded model or torch twin).
+
+    Raises :class:`NoBatchNormError` for zeroq/dsg on a model without BN statistics.
+    """
+    config = replace(config or SynthConfig(), **overrides) if overrides else (config or SynthConfig())
+    start = time.perf_counter()
     device = resolve_device(config.device)
+    world = distributed.join(device.type == "cuda")
+    if world is not None and device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+    torch_model, config, why, layers = distributed.together(lambda: _prepare(model, config))
+    loaded = torch_model.loaded
+    if world is not None:
+        distributed.agree("the synthesis settings and the model",
+                          (json.dumps(config.to_dict(), sort_keys=True, default=str), loaded.sha256))
     config = config.for_device(device.type, min(loaded.input.chw[1:]))
     if config.method in (SynthMethod.GAUSSIAN, SynthMethod.PROCEDURAL):
         config = replace(config, iters=0, low_res=None)  # drawn, not optimised
@@ -132,27 +152,41 @@ def synthesize(
         say("synthesize: no preprocessing given (`preprocess`): images are shaped by the "
             "input prior alone (per-channel mean 0, std 1), not kept inside a pixel range")
 
-    generator = torch.Generator().manual_seed(config.seed)
-    batch = config.batch_size or default_batch_size(config, loaded, len(layers))
-    run = _Run(torch_model, layers, _targets(layers, device), config, device, box, generator,
+    ranks = world.size if world is not None else 1
+    batch = config.batch_size or default_batch_size(config, loaded, len(layers), ranks)
+    run = _Run(torch_model, layers, _targets(layers, device), config, device, box, torch.Generator(),
                torch.channels_last if channels_last else torch.contiguous_format,
                torch.autocast("cuda", dtype=torch.bfloat16) if (config.amp and device.type == "cuda") else None)
-    images, batch_losses, all_stats = [], [], []
     spans = _batches(config.num_samples, batch)
-    for number, (first, last) in enumerate(spans, 1):
-        if config.method in (SynthMethod.PROCEDURAL, SynthMethod.INVERSION):
-            init = torch.from_numpy(procedural_images(last - first, loaded.input.chw, config.seed, config.preprocess,
-                                                      first))
-        else:
-            init = torch.randn((last - first, *loaded.input.chw), generator=generator)
-        if box is not None:
-            init = torch.maximum(torch.minimum(init.to(device), box[1]), box[0]).cpu()
-        label = f"synthesize {config.method}" + (f" [batch {number}/{len(spans)}]" if len(spans) > 1 else "")
-        result, layer_losses, stats = run.optimise(init, label, first)
-        images.append(result)
-        batch_losses.append(layer_losses)
-        all_stats.append(stats)
-    images_np = np.concatenate([im.numpy() for im in images]).astype(np.float32)
+    rank = world.rank if world is not None else 0
+
+    def my_batches() -> list[tuple]:
+        done = []
+        for number, (first, last) in list(enumerate(spans, 1))[rank::ranks]:
+            # each batch's randomness from (seed, its first sample) alone: the set does not
+            # depend on which rank made which batch (the first batch keeps the plain seed)
+            run.generator = torch.Generator().manual_seed(_batch_seed(config.seed, first))
+            if config.method in (SynthMethod.PROCEDURAL, SynthMethod.INVERSION):
+                init = torch.from_numpy(procedural_images(last - first, loaded.input.chw, config.seed,
+                                                          config.preprocess, first))
+            else:
+                init = torch.randn((last - first, *loaded.input.chw), generator=run.generator)
+            if box is not None:
+                init = torch.maximum(torch.minimum(init.to(device), box[1]), box[0]).cpu()
+            label = (f"synthesize {config.method}" + (f" [batch {number}/{len(spans)}]" if len(spans) > 1 else "")
+                     + (f" rank {rank}" if world is not None else ""))
+            result, layer_losses, stats = run.optimise(init, label, first)
+            done.append((first, result.numpy(), layer_losses, stats, run.labels.get(first)))
+        return done
+
+    mine = distributed.together(my_batches)
+    done = sorted((part for parts in distributed.exchange(mine) for part in parts), key=lambda part: part[0])
+    iter_seconds = [s for seconds in distributed.exchange(run.iter_seconds) for s in seconds]
+    images = [part[1] for part in done]
+    batch_losses = [part[2] for part in done]
+    all_stats = [part[3] for part in done]
+    labels = [int(c) for part in done if part[4] is not None for c in part[4]]
+    images_np = np.concatenate(images).astype(np.float32)
     merged_stats = [
         (torch.cat([s[i][0] for s in all_stats]), torch.cat([s[i][1] for s in all_stats])) for i in range(len(layers))
     ] if layers else []
@@ -171,10 +205,11 @@ def synthesize(
         "num_bn_layers": len(layers),
         "pixel_box": None if box is None else {"low": box[0].flatten().tolist(), "high": box[1].flatten().tolist()},
         "seconds": round(seconds, 3),
-        "seconds_per_iter": round(float(np.mean(run.iter_seconds)), 5) if run.iter_seconds else None,
+        "seconds_per_iter": round(float(np.mean(iter_seconds)), 5) if iter_seconds else None,
         "final_layer_losses": final_losses,
         # the class the cross-entropy pulled each image towards (binary heads: 0/1)
-        "target_classes": [int(c) for first in sorted(run.labels) for c in run.labels[first]] or None,
+        "target_classes": labels or None,
+        "ranks": ranks,
         "diversity": diversity,
         "torch": torch.__version__,
     }

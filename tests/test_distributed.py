@@ -1,0 +1,100 @@
+"""Synthesis over two CPU processes with torchrun (gloo): one output, the same images as one
+process making the same batches, and bad launches that stop every rank with one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from dsgonnx import SyntheticSet
+from zoo import export_torchscript
+
+BIN = Path(sys.executable).parent
+TORCHRUN = BIN / "torchrun"
+pytestmark = pytest.mark.skipif(not TORCHRUN.exists(), reason="torchrun is not installed beside this python")
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("dist")
+    return {"kept": export_torchscript(folder / "kept.onnx", keep_bn=True),
+            "folded": export_torchscript(folder / "folded.onnx", keep_bn=False)}
+
+
+def _env() -> dict:
+    # one thread per process on both sides, so that float sums run in the same order
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+
+
+def _torchrun(*args, timeout=300) -> subprocess.CompletedProcess:
+    return subprocess.run([str(TORCHRUN), "--standalone", "--nproc-per-node", "2", *map(str, args)],
+                          capture_output=True, text=True, env=_env(), timeout=timeout)
+
+
+def _ranked_script(tmp_path: Path, argv_by_rank: str) -> Path:
+    """A launcher whose dsgonnx arguments depend on the rank (``argv_by_rank``: Python that
+    sets ``argv`` from ``rank``), for launches that go wrong."""
+    script = tmp_path / "launch.py"
+    script.write_text("import os, sys\nfrom dsgonnx_cli.main import main\nrank = int(os.environ['RANK'])\n"
+                      f"{argv_by_rank}\nsys.argv = ['dsgonnx', *argv]\nmain()\n")
+    return script
+
+
+@pytest.mark.parametrize("method", ["dsg", "inversion"])
+def test_two_ranks_write_one_set_equal_to_one_process_making_the_same_batches(tiny, tmp_path, method):
+    model = tiny["kept"] if method == "dsg" else tiny["folded"]
+    common = ["--num-samples", "12", "--iters", "4", "--device", "cpu", "--method", method, "--preprocess", "imagenet"]
+    two = tmp_path / "two.npz"
+    launched = _torchrun(BIN / "dsgonnx", "synthesize", model, "-o", two, *common)
+    assert launched.returncode == 0, launched.stderr[-2000:]
+    assert launched.stdout.count('"output"') == 1  # rank 0 alone reports
+    one = tmp_path / "one.npz"
+    alone = subprocess.run([str(BIN / "dsgonnx"), "synthesize", str(model), "-o", str(one), *common,
+                            "--batch-size", "6", "--quiet"], capture_output=True, text=True, env=_env())
+    assert alone.returncode == 0, alone.stderr
+    together, single = SyntheticSet.load(two), SyntheticSet.load(one)
+    assert together.images.shape == (12, 3, 16, 16) and together.meta["ranks"] == 2
+    np.testing.assert_array_equal(together.images, single.images)
+    assert together.meta["target_classes"] == single.meta["target_classes"]
+    assert not np.allclose(together.images[:6], together.images[6:])  # the ranks made different batches
+
+
+def test_quantize_under_torchrun_writes_one_model_from_rank_0(tiny, tmp_path):
+    out = tmp_path / "q.onnx"
+    launched = _torchrun(BIN / "dsgonnx", "quantize", tiny["kept"], "-o", out, "--num-samples", "8", "--iters", "2",
+                         "--device", "cpu", "--no-validate")
+    assert launched.returncode == 0, launched.stderr[-2000:]
+    summary = json.loads(launched.stdout)
+    assert summary["output"] == str(out) and out.exists()
+    assert "rank 1 made its share of the calibration images" in launched.stderr
+
+
+def test_ranks_that_disagree_on_arguments_all_stop_with_one_line(tiny, tmp_path):
+    out = tmp_path / "x.npz"
+    script = _ranked_script(tmp_path, f"argv = ['synthesize', {str(tiny['kept'])!r}, '-o', {str(out)!r}, "
+                                      "'--num-samples', '4', '--iters', '1', '--device', 'cpu', '--seed', str(rank)]")
+    launched = _torchrun(script)
+    assert launched.returncode != 0
+    lines = [line for line in launched.stderr.splitlines() if "the ranks disagree on the synthesis settings" in line]
+    assert len(lines) == 2 and all(line.startswith("dsgonnx: error:") for line in lines)
+    assert "rank 1 differs from rank 0" in lines[0]
+    assert not out.exists()
+
+
+def test_a_failing_rank_stops_every_rank_and_nothing_is_written(tiny, tmp_path):
+    out = tmp_path / "x.npz"
+    script = _ranked_script(tmp_path, f"model = {str(tiny['kept'])!r} if rank == 0 else 'missing.onnx'\n"
+                                      f"argv = ['synthesize', model, '-o', {str(out)!r}, '--num-samples', '4', "
+                                      "'--iters', '1', '--device', 'cpu']")
+    launched = _torchrun(script)
+    assert launched.returncode != 0
+    errors = [line for line in launched.stderr.splitlines() if line.startswith("dsgonnx: error:")]
+    assert any("missing.onnx" in line and "rank" not in line for line in errors)  # rank 1's own error
+    assert any("rank 1 of 2 failed" in line for line in errors)  # rank 0 names it
+    assert not out.exists() and not list(tmp_path.glob("*.npz*"))
