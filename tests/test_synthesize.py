@@ -216,3 +216,26 @@ def test_the_generator_weighs_sci_by_one_over_the_number_of_bn_layers(models, mo
     monkeypatch.setattr(generator._Run, "_terms", spy)
     _run(models["kept"], method="dsg", iters=2)
     assert seen["sci"] == pytest.approx(7.0 / 2)  # the tiny model has 2 BN layers
+
+
+def test_reading_the_loss_every_few_steps_changes_nothing_but_when(models, monkeypatch):
+    """On CUDA the loss is read every SYNC_EVERY iterations (no host sync per step); forced on
+    the CPU, the images equal per-step reading while the plateau schedule does not fire, and a
+    NaN is still reported with its term and exact iteration."""
+    import dsgonnx.synth.generator as generator
+
+    per_step = _run(models["kept"], iters=23, seed=2, patience=1000)
+    monkeypatch.setitem(generator.SYNC_EVERY, "cpu", 7)
+    batched = _run(models["kept"], iters=23, seed=2, patience=1000)
+    np.testing.assert_array_equal(per_step.images, batched.images)
+    assert len(batched.meta["config"]) and batched.meta["seconds_per_iter"] > 0
+
+    model = onnx.load(str(models["kept"]))
+    first_bn = next(n for n in model.graph.node if n.op_type == "BatchNormalization")
+    model.graph.node.insert(list(model.graph.node).index(first_bn),
+                            helper.make_node("Sqrt", [first_bn.input[0]], ["sqrt_out"], name="sqrt"))
+    first_bn.input[0] = "sqrt_out"
+    path = models["folder"] / "nan-batched.onnx"
+    onnx.save(model, str(path))
+    with pytest.raises(SynthesisError, match="loss term 'bn' became nan at iteration 0"):
+        _run(path, method="zeroq", iters=10)

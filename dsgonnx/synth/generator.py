@@ -8,6 +8,7 @@ weights (LSE) → priors and SCI → Adam step → projection into the pixel box
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, replace
 from typing import Callable, Optional
@@ -28,6 +29,12 @@ from . import losses
 from .diversity import diversity_metrics
 from .margins import Margins, slack_margins
 from .procedural import procedural_images
+
+
+# iterations between host reads of the loss (the NaN check, the plateau schedule, progress):
+# every step on the CPU, where reading costs nothing; on CUDA every 16th, so the GPU never
+# waits for the host inside them (the schedule then acts up to 15 iterations late)
+SYNC_EVERY = {"cpu": 1, "cuda": 16}
 
 
 def pixel_box(config: SynthConfig, channels: int) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
@@ -165,7 +172,7 @@ def synthesize(
         for number, (first, last) in list(enumerate(spans, 1))[rank::ranks]:
             # each batch's randomness from (seed, its first sample) alone: the set does not
             # depend on which rank made which batch (the first batch keeps the plain seed)
-            run.generator = torch.Generator().manual_seed(_batch_seed(config.seed, first))
+            run.reseed(_batch_seed(config.seed, first))
             if config.method in (SynthMethod.PROCEDURAL, SynthMethod.INVERSION):
                 init = torch.from_numpy(procedural_images(last - first, loaded.input.chw, config.seed,
                                                           config.preprocess, first))
@@ -239,8 +246,16 @@ class _Run:
     autocast: Optional[torch.autocast]
 
     def __post_init__(self):
+        self.noise = self.generator  # SCI's reference noise: on the device (see reseed)
         self.iter_seconds: list[float] = []
         self.labels: dict[int, torch.Tensor] = {}  # first sample of a batch -> its target classes
+
+    def reseed(self, seed: int) -> None:
+        """The random streams of one batch: a CPU generator (initial images, labels, jitter) and
+        the SCI noise's, on the synthesis device (the CPU generator itself on the CPU)."""
+        self.generator = torch.Generator().manual_seed(seed)
+        self.noise = (self.generator if self.device.type == "cpu"
+                      else torch.Generator(device=self.device).manual_seed(seed))
 
     def optimise(self, init: torch.Tensor, label: str, first: int):
         """Optimise one batch; returns (images on CPU, final per-layer losses, per-sample stats)."""
@@ -320,8 +335,8 @@ class _Run:
         if config.input_prior:
             terms.append(("input_prior", lambda images, *_: losses.input_prior(images).mean()))
         if (dsg or config.method == SynthMethod.INVERSION) and config.sci and n > 1:
-            def sci(images, *_):
-                reference = torch.randn(images.shape, generator=self.generator).to(self.device)
+            def sci(images, *_):  # the reference noise drawn where the images are: no host copy per step
+                reference = torch.randn(images.shape, generator=self.noise, device=self.device)
                 return losses.sample_correlation_inhibition(images, reference) / max(1, len(self.layers))
             terms.append(("sci", sci))
         if config.ce_weight > 0:
@@ -363,30 +378,40 @@ class _Run:
         terms = self._terms(images.shape[0], first)
         jitter = self._jitter if config.method == SynthMethod.INVERSION else (lambda x: x)
         progress = Progress(label, iters)
+        every = SYNC_EVERY.get(self.device.type, 1)
+        pending: list[tuple[int, torch.Tensor]] = []  # (iteration, term values and total) not read yet
+        names = [name for name, _ in terms]
+        tick = time.perf_counter()
         for iteration in range(iters):
-            tick = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
             if self.autocast is not None:
                 with self.autocast:
                     output = model(jitter(images))
             else:
                 output = model(jitter(images))
-            values = {name: term(images, output, tap, margins) for name, term in terms}
-            total = sum(values.values())
-            if not torch.isfinite(total):
-                bad = next((name for name, value in values.items() if not torch.isfinite(value)), "total")
-                raise SynthesisError(
-                    f"synthesis diverged: loss term '{bad}' became {values.get(bad, total).item()} at iteration "
-                    f"{iteration}; try a smaller `lr` (now {config.lr}) or give the model's preprocessing"
-                )
+            values = [term(images, output, tap, margins) for _, term in terms]
+            total = sum(values)
+            pending.append((iteration, torch.stack([v.detach().float().reshape(()) for v in (*values, total)])))
             total.backward()
             optimizer.step()
             if self.box is not None:
                 with torch.no_grad():
                     images.copy_(_project(images, self.box))
-            loss_value = float(total.detach())
-            scheduler.step(loss_value)
-            self.iter_seconds.append(time.perf_counter() - tick)
-            progress.update(iteration + 1, f"loss {loss_value:.4g} lr {optimizer.param_groups[0]['lr']:.2g}")
+            if len(pending) == every or iteration == iters - 1:  # the one host sync of these iterations
+                rows = torch.stack([row for _, row in pending]).cpu().tolist()
+                now = time.perf_counter()
+                self.iter_seconds += [(now - tick) / len(rows)] * len(rows)
+                tick = now
+                for (done, _), row in zip(pending, rows):
+                    if not math.isfinite(row[-1]):
+                        bad = next((name for name, value in zip(names, row) if not math.isfinite(value)), "total")
+                        value = row[names.index(bad)] if bad in names else row[-1]
+                        raise SynthesisError(
+                            f"synthesis diverged: loss term '{bad}' became {value} at iteration {done}; "
+                            f"try a smaller `lr` (now {config.lr}) or give the model's preprocessing"
+                        )
+                    scheduler.step(row[-1])
+                    progress.update(done + 1, f"loss {row[-1]:.4g} lr {optimizer.param_groups[0]['lr']:.2g}")
+                pending.clear()
         progress.close()
         return images.detach()
