@@ -39,6 +39,7 @@ _EXPORTS = {
     "check_gate": "dsgonnx.validation",
     "ValidationReport": "dsgonnx.validation",
     "SyntheticSet": "dsgonnx.artifacts",
+    "is_writer": "dsgonnx.distributed",
     "Preprocess": "dsgonnx.preprocess",
     "PRESETS": "dsgonnx.preprocess",
     "preprocess_from_preset": "dsgonnx.preprocess",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from dsgonnx import SlackReading, SynthConfig, SynthMethod, distributed
+from dsgonnx import SlackReading, SynthConfig, SynthMethod, is_writer
 from dsgonnx_cli.options import (PREPROCESS_HELP, choice, device_option, input_shape_option, preprocess_options,
                                  quiet_option)
 
@@ -60,7 +60,7 @@ def synthesize_cmd(model, output, preprocess, preprocess_given, input_shape, pre
                          input_prior=not no_input_prior, **settings)
     out = output or Path(model).with_name(f"{Path(model).stem}.{config.method}.npz")
     result = synthesize(model, config, input_shape=input_shape, output=out, preview=preview, force=force)
-    if not distributed.is_writer():
+    if not is_writer():  # under torchrun, rank 0 alone reports
         return
     click.echo(json.dumps({"output": str(out), "images": list(result.images.shape), "seconds": result.meta["seconds"],
                            "seconds_per_iter": result.meta["seconds_per_iter"], "device": result.meta["device"],
