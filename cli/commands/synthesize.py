@@ -16,8 +16,9 @@ Methods: auto (dsg where the model carries BatchNorm statistics, else
 procedural), gaussian (N(0,1) noise), zeroq (BN statistics matching), dsg
 (slack alignment + layerwise sample enhancement + sample correlation
 inhibition), procedural (dead-leaves images; needs nothing from the model),
-inversion (from procedural images: cross-entropy to random classes, total
-variation, jitter and SCI; needs no BN statistics).
+inversion (from procedural images: cross-entropy to random classes, each Conv
+output held to the statistics of the start images, total variation, jitter
+and SCI; needs no BN statistics).
 Give the model's preprocessing so that images stay inside the range real
 images have; without it only the input prior (mean 0, std 1) shapes them.
 """ + PREPROCESS_HELP
@@ -29,7 +30,7 @@ images have; without it only the input prior (mean 0, std 1) shapes them.
 @click.option("--method", type=choice(SynthMethod), default=SynthMethod.AUTO.value, show_default=True)
 @click.option("--num-samples", type=int, default=64, show_default=True)
 @click.option("--iters", type=int, help="Optimisation steps [default: 500 on CUDA (the papers'); on CPU 100, the first 75 at 128 px for inputs >= 160 px].")
-@click.option("--lr", type=float, default=0.1, show_default=True, help="Adam learning rate.")
+@click.option("--lr", type=float, help="Adam learning rate [default: 0.1; 0.01 for inversion].")
 @click.option("--batch-size", type=int, help="Samples optimised together [default: all, up to a memory cap].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @device_option("Synthesis device.")
@@ -43,6 +44,8 @@ images have; without it only the input prior (mean 0, std 1) shapes them.
 @click.option("--ce-weight", type=float, help="Cross-entropy to random labels [default: 1 for inversion, else 0].")
 @click.option("--tv-weight", type=float, help="Total-variation prior [default: 0.5 for inversion, else 0].")
 @click.option("--l2-weight", type=float, help="Image L2 prior [default: 0].")
+@click.option("--anchor-weight", type=float,
+              help="Inversion: Conv outputs held to their procedural start's statistics [default: 10 for inversion].")
 @click.option("--low-res", type=int, help="Resolution schedule: optimise at NxN pixels first, then at full size (0: off).")
 @click.option("--low-res-share", type=float, default=0.75, show_default=True, help="Share of iterations at --low-res.")
 @click.option("--amp", is_flag=True, help="bfloat16 autocast on CUDA (statistics stay float32).")

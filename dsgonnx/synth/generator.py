@@ -226,6 +226,35 @@ def synthesize(
     return SyntheticSet(images=images_np, meta=meta)
 
 
+class _Anchor:
+    """Inversion's anchor: forward hooks that keep every Conv output of the current step, and
+    as targets each Conv output channel's mean and std over the batch of start images (the
+    procedural images: statistics of natural-looking input, where a folded model has no BN
+    statistics to offer)."""
+
+    def __init__(self, module: torch.nn.Module, start: torch.Tensor):
+        convs = [m for m in module.modules() if isinstance(m, torch.nn.Conv2d)]
+        self.outputs: list[Optional[torch.Tensor]] = [None] * len(convs)
+        self._handles = [conv.register_forward_hook(self._keeper(i)) for i, conv in enumerate(convs)]
+        with torch.no_grad():
+            module(start)
+            self.targets = [(x.float().mean(dim=(0, 2, 3)), x.float().transpose(0, 1).flatten(1).std(dim=1))
+                            for x in self.outputs]
+
+    def _keeper(self, index: int):
+        def keep(_module, _args, output):
+            self.outputs[index] = output
+        return keep
+
+    def __bool__(self) -> bool:
+        return bool(self._handles)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
 def _project(images: torch.Tensor, box) -> torch.Tensor:
     return images if box is None else torch.maximum(torch.minimum(images, box[1]), box[0])
 
@@ -249,6 +278,7 @@ class _Run:
         self.noise = self.generator  # SCI's reference noise: on the device (see reseed)
         self.iter_seconds: list[float] = []
         self.labels: dict[int, torch.Tensor] = {}  # first sample of a batch -> its target classes
+        self.anchor: Optional[_Anchor] = None
 
     def reseed(self, seed: int) -> None:
         """The random streams of one batch: a CPU generator (initial images, labels, jitter) and
@@ -264,6 +294,8 @@ class _Run:
             classes = self.torch_model.loaded.num_classes or 1000
             self.labels[first] = torch.randint(0, max(classes, 2), (init.shape[0],), generator=self.generator)
         images = init.to(self.device).contiguous(memory_format=self.memory_format)
+        if config.method == SynthMethod.INVERSION and config.anchor_weight and config.iters:
+            self.anchor = _Anchor(model, images)
         keep = config.method == SynthMethod.DSG and config.slack
         tap = _StatsTap(self.torch_model, self.layers, keep_inputs=keep) if self.layers else None
         margins: list[Optional[Margins]] = [None] * len(self.layers)
@@ -299,6 +331,9 @@ class _Run:
         finally:
             if tap is not None:
                 tap.probe.remove()
+            if self.anchor is not None:
+                self.anchor.remove()
+                self.anchor = None
         return images.detach().contiguous().cpu(), layer_losses, stats
 
     def _low_res_start(self, images):
@@ -354,6 +389,12 @@ class _Run:
                         logits[:, 0], labels.float())
                 return config.ce_weight * torch.nn.functional.cross_entropy(logits, labels)
             terms.append(("cross_entropy", cross_entropy))
+        if config.anchor_weight and self.anchor:
+            def anchor(*_):
+                layer_losses = [losses.bn_alignment(*losses.per_sample_stats(x), mean, std).mean()
+                                for x, (mean, std) in zip(self.anchor.outputs, self.anchor.targets)]
+                return config.anchor_weight * torch.stack(layer_losses).mean()
+            terms.append(("anchor", anchor))
         if config.tv_weight:
             terms.append(("total_variation", lambda images, *_: config.tv_weight * losses.total_variation(images)))
         if config.l2_weight:
