@@ -210,7 +210,8 @@ def main(argv=None) -> int:
         "twins of three benchmark models (models/fold_bn.py, models/export_efficientnet_lite0.py; FP32 parity "
         "with the BN-kept file checked on real images) with every BN-free source: `gaussian`, `procedural` "
         "(dead-leaves images, `--calib procedural`, what `--calib auto` picks for a model without BN), "
-        "`inversion` (from procedural images: cross-entropy to random classes, total variation, jitter, SCI), "
+        "`inversion` (from procedural images: cross-entropy to random classes with every Conv output held to "
+        "the statistics of the start images, total variation, jitter, SCI), "
         "`real`, and `dsg-kept`, DSG images synthesized on the BN-kept twin (the upper reference: what a user "
         "with the BN-kept file gets).", ""]
     for name, results in sorted(all_results.items(), key=lambda item: item[0].endswith(".folded")):

@@ -34,7 +34,6 @@ def synthesize(model, config: Optional[SynthConfig] = None, *, input_shape=None,
     """
     from . import distributed
     from .graph.onnx_io import load_model
-    from .graph.to_torch import resolve_device
     from .synth import synthesize as run_synthesis
     from .synth.preview import save_grid
 
@@ -49,7 +48,7 @@ def synthesize(model, config: Optional[SynthConfig] = None, *, input_shape=None,
         if path.exists() and not force:
             raise DataError(f"{path} exists; set `force` to overwrite it")
     # under torchrun: join the other ranks first, so that an error from here on stops them all
-    distributed.join(distributed.launched() and resolve_device(config.device).type == "cuda")
+    distributed.join_device(config.device)
     if isinstance(model, (str, os.PathLike)):
         path = model
         model = distributed.together(lambda: load_model(path, input_shape))

@@ -61,6 +61,11 @@ class SynthMethod(Choice):
     def needs_bn(self) -> bool:
         return self in (SynthMethod.ZEROQ, SynthMethod.DSG)
 
+    @property
+    def drawn(self) -> bool:
+        """Images drawn once, never optimised (and needing no preprocessing to stay in range)."""
+        return self in (SynthMethod.GAUSSIAN, SynthMethod.PROCEDURAL)
+
 
 # What ``auto`` synthesizes for a model without BN statistics (folded or BN-free), chosen by
 # measurement on folded twins of three benchmark models (benchmarks/RESULTS.md, "BN folded").

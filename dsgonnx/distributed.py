@@ -79,6 +79,16 @@ def join(cuda: bool) -> Optional[World]:
     return _WORLD
 
 
+def join_device(device: str) -> Optional[World]:
+    """:func:`join` for a ``device`` setting (``auto``, ``cpu``, ``cuda``): NCCL where it
+    resolves to CUDA. Imports torch only when launched."""
+    if _WORLD is not None or not launched():
+        return _WORLD
+    from .graph.to_torch import resolve_device
+
+    return join(resolve_device(device).type == "cuda")
+
+
 def world() -> Optional[World]:
     """The joined process group, or None."""
     return _WORLD
@@ -129,4 +139,4 @@ def agree(what: str, value: Any) -> None:
                         "launch every rank with the same command and files")
 
 
-__all__ = ["World", "agree", "exchange", "is_writer", "join", "launched", "together", "world"]
+__all__ = ["World", "agree", "exchange", "is_writer", "join", "join_device", "launched", "together", "world"]

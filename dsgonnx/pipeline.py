@@ -96,10 +96,7 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
     """
     config = replace(config or QuantConfig(), **overrides) if overrides else (config or QuantConfig())
     stages = _Stages()
-    if distributed.launched():  # torchrun: the ranks share the synthesis; rank 0 alone quantizes
-        from .graph.to_torch import resolve_device
-
-        distributed.join(resolve_device(config.device).type == "cuda")
+    distributed.join_device(config.device)  # torchrun: the ranks share the synthesis; rank 0 alone quantizes
     if isinstance(model, LoadedModel):
         loaded = model
     else:

@@ -134,7 +134,7 @@ def synthesize(
     config = replace(config or SynthConfig(), **overrides) if overrides else (config or SynthConfig())
     start = time.perf_counter()
     device = resolve_device(config.device)
-    world = distributed.join(device.type == "cuda")
+    world = distributed.join_device(config.device)
     if world is not None and device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
     torch_model, config, why, layers = distributed.together(lambda: _prepare(model, config))
@@ -143,8 +143,8 @@ def synthesize(
         distributed.agree("the synthesis settings and the model",
                           (json.dumps(config.to_dict(), sort_keys=True, default=str), loaded.sha256))
     config = config.for_device(device.type, min(loaded.input.chw[1:]))
-    if config.method in (SynthMethod.GAUSSIAN, SynthMethod.PROCEDURAL):
-        config = replace(config, iters=0, low_res=None)  # drawn, not optimised
+    if config.method.drawn:
+        config = replace(config, iters=0, low_res=None)
     channels_last = device.type == "cpu" if config.channels_last is None else config.channels_last
     module = torch_model.module.to(device)
     if channels_last:
@@ -155,7 +155,7 @@ def synthesize(
     box = pixel_box(config, loaded.input.chw[0])
     if box is not None:
         box = (box[0].to(device), box[1].to(device))
-    elif config.method not in (SynthMethod.GAUSSIAN, SynthMethod.PROCEDURAL):
+    elif not config.method.drawn:
         say("synthesize: no preprocessing given (`preprocess`): images are shaped by the "
             "input prior alone (per-channel mean 0, std 1), not kept inside a pixel range")
 
@@ -187,8 +187,9 @@ def synthesize(
         return done
 
     mine = distributed.together(my_batches)
-    done = sorted((part for parts in distributed.exchange(mine) for part in parts), key=lambda part: part[0])
-    iter_seconds = [s for seconds in distributed.exchange(run.iter_seconds) for s in seconds]
+    everyone = distributed.exchange((mine, run.iter_seconds))
+    done = sorted((part for parts, _ in everyone for part in parts), key=lambda part: part[0])
+    iter_seconds = [s for _, seconds in everyone for s in seconds]
     images = [part[1] for part in done]
     batch_losses = [part[2] for part in done]
     all_stats = [part[3] for part in done]
