@@ -173,7 +173,9 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
         float_path = refined.path if refined else prepared
         correct = None
         if config.bias_correction != BiasCorrection.OFF:
-            correct = _BiasCorrector(float_path, None if config.cle else loaded.model, loaded, calib_images, batch,
+            # against the weights before refinement: the refined model's float weights are its
+            # own quantized values, so measured against them every refined layer's shift is 0
+            correct = _BiasCorrector(prepared, None if config.cle else loaded.model, loaded, calib_images, batch,
                                      config.bias_correction)
         keep_8bit, mixed = set(), None
         if config.mixed:
@@ -311,7 +313,8 @@ def _equalize(prepared: Path, out: Path) -> tuple[Path, dict]:
 class _BiasCorrector:
     """Subtracts each quantized layer's expected output shift (dsgonnx.quant.correct) in QDQ
     models of one float model; E[x] is worked out once (the mixed-precision probe and the final
-    model share it). ``original`` (the model with BN) gives the analytic means; None after
+    model share it). ``float_path``: the float model before any refinement, whose weights are
+    the W of ΔW = Q(W) − W and whose activations give the empirical means. ``original`` (the model with BN) gives the analytic means; None after
     equalization, which rescales the channels the BN statistics describe (every mean is then
     measured)."""
 
