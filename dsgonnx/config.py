@@ -163,12 +163,13 @@ class DeviceDefaults:
     synth_iters: int
     low_res: Optional[int]  # applies to inputs of at least LOW_RES_FROM pixels
     refine_iters: int
+    qat_iters: int
 
 
 LOW_RES_FROM = 160
 _DEFAULTS = {
-    "cpu": DeviceDefaults(synth_iters=100, low_res=128, refine_iters=500),
-    "cuda": DeviceDefaults(synth_iters=500, low_res=None, refine_iters=2000),
+    "cpu": DeviceDefaults(synth_iters=100, low_res=128, refine_iters=500, qat_iters=2000),
+    "cuda": DeviceDefaults(synth_iters=500, low_res=None, refine_iters=2000, qat_iters=10000),
 }
 
 
@@ -402,6 +403,58 @@ class RefineConfig:
         return _to_dict(self) | {"drop_prob": self.dropping}
 
 
+@dataclass(frozen=True)
+class QatConfig:
+    """Quantization-aware training by distillation from the float model (``QuantConfig.qat``).
+
+    ``iters=None``: by device (:func:`device_defaults`). ``lr``: Adam's rate for the float
+    weights and biases (cosine to 0 over the run); ``weight_step_lr``/``act_lr``: for the
+    logs of the weight and activation steps (LSQ; 0 keeps the calibrated ones).
+    ``time_budget``: seconds of training after which it stops and what it has learned is exported
+    (with ``checkpoint``, the state is saved then, so that ``resume`` continues it).
+    ``checkpoint``: a file the run's state is written to every ``checkpoint_every`` steps;
+    with ``resume`` a run starts from it.
+    """
+
+    iters: Optional[int] = None
+    lr: float = 1e-4
+    weight_step_lr: float = 1e-3
+    act_lr: float = 1e-4
+    batch_size: int = 64
+    temperature: float = 1.0
+    augment: bool = True
+    time_budget: Optional[float] = None
+    checkpoint: Optional[str] = None
+    checkpoint_every: int = 200
+    resume: bool = False
+
+    def __post_init__(self):
+        _require(self.iters is None or (_is_int(self.iters) and self.iters >= 0),
+                 f"`qat.iters` must not be negative, got {self.iters}")
+        for name in ("lr", "temperature"):
+            value = getattr(self, name)
+            _require(_is_number(value) and value > 0, f"`qat.{name}` must be positive, got {value}")
+        for name in ("weight_step_lr", "act_lr"):
+            value = getattr(self, name)
+            _require(_is_number(value) and 0 <= value < 1, f"`qat.{name}` must be in [0, 1), got {value}")
+        _require(_is_int(self.batch_size) and self.batch_size >= 1,
+                 f"`qat.batch_size` must be at least 1, got {self.batch_size}")
+        _require(_is_int(self.checkpoint_every) and self.checkpoint_every >= 1,
+                 f"`qat.checkpoint_every` must be at least 1, got {self.checkpoint_every}")
+        _require(self.time_budget is None or (_is_number(self.time_budget) and self.time_budget > 0),
+                 f"`qat.time_budget` (seconds) must be positive, got {self.time_budget}")
+        _require(not self.resume or self.checkpoint is not None, "`qat.resume` needs `qat.checkpoint`, the file to resume from")
+        if self.checkpoint is not None:
+            object.__setattr__(self, "checkpoint", str(self.checkpoint))
+
+    def for_device(self, device_type: str) -> "QatConfig":
+        """This config with ``iters`` resolved."""
+        return replace(self, iters=self.iters if self.iters is not None else device_defaults(device_type).qat_iters)
+
+    def to_dict(self) -> dict:
+        return _to_dict(self)
+
+
 # --- validation ---------------------------------------------------------------------------------
 
 DEFAULT_BATCH_SIZE = 32
@@ -512,6 +565,7 @@ class QuantConfig:
     provider: Provider = Provider.AUTO
     synth: SynthOptions = SynthOptions()
     refine: Optional[RefineConfig] = None
+    qat: Optional[QatConfig] = None
 
     def __post_init__(self):
         check_bits(self.wbits, self.abits, self.target)
@@ -529,6 +583,12 @@ class QuantConfig:
             object.__setattr__(self, "refine", RefineConfig(method=self.refine))
         _require(self.refine is None or isinstance(self.refine, RefineConfig),
                  f"`refine` must be a RefineConfig or a method name, got {type(self.refine).__name__}")
+        if self.qat is True:
+            object.__setattr__(self, "qat", QatConfig())
+        _require(self.qat is None or isinstance(self.qat, QatConfig),
+                 f"`qat` must be a QatConfig, got {type(self.qat).__name__}")
+        _require(self.qat is None or self.refine is None,
+                 "`qat` and `refine` are two ways to learn the quantized model; choose one")
         _require(isinstance(self.synth, SynthOptions),
                  f"`synth` must be a SynthOptions, got {type(self.synth).__name__}")
         _require(_is_int(self.num_samples) and self.num_samples >= 1,
@@ -558,6 +618,6 @@ class QuantConfig:
 
 __all__ = [
     "BN_FREE_DEFAULT", "BiasCorrection", "Calibrator", "Choice", "DEFAULT_BATCH_SIZE", "Device", "DeviceDefaults", "LogitsPolicy", "NATIVE_BITS",
-    "PoolRange", "Provider", "QuantConfig", "RefineConfig", "RefineMethod", "SUPPORTED_BITS", "SlackReading", "SynthConfig",
+    "PoolRange", "Provider", "QatConfig", "QuantConfig", "RefineConfig", "RefineMethod", "SUPPORTED_BITS", "SlackReading", "SynthConfig",
     "SynthMethod", "SynthOptions", "Target", "ValidateConfig", "check_bits", "check_thresholds", "device_defaults",
 ]

@@ -41,7 +41,7 @@ class QuantResult:
     calibration: dict[str, Any]
     decisions: dict[str, Any]
     report: Optional[Any] = None  # dsgonnx.validation.ValidationReport
-    refine: Optional[dict] = None  # dsgonnx.refine report: layers, loss before/after per unit, time
+    refine: Optional[dict] = None  # dsgonnx.refine report (reconstruction or QAT): layers, losses, time
     refined_weights: dict = field(default_factory=dict)  # weight name -> RefinedWeight (learned integers, scales)
     timings: dict[str, float] = field(default_factory=dict)
     holdout: Optional[np.ndarray] = None  # held-out synthetic samples (never calibrated on)
@@ -52,7 +52,7 @@ class QuantResult:
         data = {"output": str(self.output), "bits": self.bits, "calibration": self.calibration,
                 "decisions": self.decisions, "timings": self.timings}
         if self.refine is not None:
-            data["refine"] = self.refine
+            data[_learning_key(self.refine)] = self.refine
         if self.report is not None:
             report = self.report.to_dict()
             data["validation"] = {key: report.get(key) for key in ("fp32", "quantized", "drop_top1", "agreement", "sqnr_db")}
@@ -166,16 +166,20 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
             policy["first_layer_8bit"] = {"tensors": sorted(first),
                                           "weight_share": round(weight_share(prepared_model, first), 5)}
         refined = None
-        if config.refine is not None:
-            with stages("refine"):
+        learning = "qat" if config.qat is not None else "refine"
+        if config.refine is not None or config.qat is not None:
+            with stages(learning):
                 refined = _refine(prepared, Path(scratch) / "refined.onnx", ranges, weights, activations, calib_images,
                                   holdout, reduce_range, config, first)
         float_path = refined.path if refined else prepared
         correct = None
         if config.bias_correction != BiasCorrection.OFF:
-            # against the weights before refinement: the refined model's float weights are its
-            # own quantized values, so measured against them every refined layer's shift is 0
-            correct = _BiasCorrector(prepared, None if config.cle else loaded.model, loaded, calib_images, batch,
+            # Refined roundings against the weights before refinement: the refined model's float
+            # weights are its own quantized values, so measured against them every refined
+            # layer's shift is 0. QAT trains the biases with the weights, end to end: its layers
+            # are left as trained (measured against the trained model, their shift is 0).
+            correct = _BiasCorrector(float_path if config.qat is not None else prepared,
+                                     None if config.cle else loaded.model, loaded, calib_images, batch,
                                      config.bias_correction)
         keep_8bit, mixed = set(), None
         if config.mixed:
@@ -198,9 +202,9 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
             if mixed is not None:
                 decisions["mixed"] = mixed
             if refined:
-                with stages("refine check"):
-                    decisions["refine"] = {"method": config.refine.method.value, "layers": len(refined.weights),
-                                           "fidelity": _fidelity(refined, tmp, calib_images, loaded)}
+                with stages(f"{learning} check"):
+                    decisions[learning] = {"method": refined.report["method"], "layers": len(refined.weights),
+                                           "fidelity": _fidelity(refined, tmp, calib_images, loaded, learning)}
             if equalized is not None:
                 decisions["cle"] = equalized
             if correct is not None:
@@ -313,8 +317,9 @@ def _equalize(prepared: Path, out: Path) -> tuple[Path, dict]:
 class _BiasCorrector:
     """Subtracts each quantized layer's expected output shift (dsgonnx.quant.correct) in QDQ
     models of one float model; E[x] is worked out once (the mixed-precision probe and the final
-    model share it). ``float_path``: the float model before any refinement, whose weights are
-    the W of ΔW = Q(W) − W and whose activations give the empirical means. ``original`` (the model with BN) gives the analytic means; None after
+    model share it). ``float_path``: the float model whose weights are the W of ΔW = Q(W) − W
+    and whose activations give the empirical means — the one before reconstruction, the trained
+    one after QAT. ``original`` (the model with BN) gives the analytic means; None after
     equalization, which rescales the channels the BN statistics describe (every mean is then
     measured)."""
 
@@ -338,9 +343,9 @@ class _BiasCorrector:
 
 def _refine(prepared: Path, out: Path, ranges, weights, activations, images, holdout, reduce_range, config: QuantConfig,
             kept: set[str]):
-    """Learn the weight rounding on the calibration images (dsgonnx.refine; imports torch) in
-    the simulation of the QDQ model ORT writes for ``prepared`` (the ``kept`` tensors on the
-    8-bit grids)."""
+    """Learn the weight rounding (``config.refine``) or train the model (``config.qat``) on the
+    calibration images (dsgonnx.refine; imports torch) in the simulation of the QDQ model ORT
+    writes for ``prepared`` (the ``kept`` tensors on the 8-bit grids)."""
     from .quant.bits import resolve_bits
     from .quant.placement import placement_of
     from .quant.qdq import excluded_nodes, weight_top
@@ -350,16 +355,24 @@ def _refine(prepared: Path, out: Path, ranges, weights, activations, images, hol
     placement = placement_of(prepared, ranges, weights, activations, per_channel=config.per_channel,
                              reduce_range=reduce_range, exclude=config.exclude, logits=config.logits, keep_8bit=kept)
     weights8, _ = resolve_bits(8, 8, config.target)
-    return refine_model(prepared, out, placement, images, holdout, exclude=set(exclude),
-                        per_channel=config.per_channel, weight_top=weight_top(weights, reduce_range),
-                        config=config.refine, device=config.device, seed=config.seed,
-                        weight_tops={name: weight_top(weights8, reduce_range) for name in kept})
+    common = dict(exclude=set(exclude), per_channel=config.per_channel, weight_top=weight_top(weights, reduce_range),
+                  device=config.device, seed=config.seed,
+                  weight_tops={name: weight_top(weights8, reduce_range) for name in kept})
+    if config.qat is not None:
+        from .refine.qat import qat_model
+
+        return qat_model(prepared, out, placement, images, holdout, config=config.qat, **common)
+    return refine_model(prepared, out, placement, images, holdout, config=config.refine, **common)
+
+
+def _learning_key(report: dict) -> str:
+    return "qat" if report.get("method") == "qat" else "refine"
 
 
 FIDELITY_SAMPLES = 32
 
 
-def _fidelity(refined, qdq_path: Path, images: np.ndarray, loaded: LoadedModel) -> dict:
+def _fidelity(refined, qdq_path: Path, images: np.ndarray, loaded: LoadedModel, label: str = "refine") -> dict:
     """How closely the trained simulation's logits follow the QDQ model just written (before
     bias correction) on up to 32 calibration images; the simulation is released after."""
     from .refine.simulate import fidelity
@@ -375,7 +388,7 @@ def _fidelity(refined, qdq_path: Path, images: np.ndarray, loaded: LoadedModel) 
     figures = {**fidelity(refined.simulation(samples), exported), "samples": len(samples)}
     refined.release()
     refined.report["fidelity"] = figures
-    say(f"refine: the simulation it trained against follows the exported model with top-1 agreement "
+    say(f"{label}: the simulation it trained follows the exported model with top-1 agreement "
         f"{figures['agreement']:.3f}, logit SQNR {figures['sqnr_db']} dB on {len(samples)} calibration images")
     return figures
 
@@ -398,7 +411,7 @@ def _validate(loaded: LoadedModel, output: Path, config: QuantConfig, holdout, c
 
     extra = {"bits": bits, "simulated": bits["simulated"], "calibration": calibration}
     if refine:
-        extra["refine"] = refine
+        extra[_learning_key(refine)] = refine
     vconfig = ValidateConfig(data=config.val_data, preprocess=config.preprocess, provider=config.provider,
                              max_drop=config.max_drop, min_agreement=config.min_agreement, report_path=config.report,
                              extra=extra, exclude_files=frozenset(calib_files))

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from dsgonnx import (BiasCorrection, Calibrator, DataError, LogitsPolicy, PoolRange, QuantConfig, RefineConfig, RefineMethod, SlackReading,
+from dsgonnx import (BiasCorrection, Calibrator, DataError, LogitsPolicy, PoolRange, QatConfig, QuantConfig, RefineConfig, RefineMethod, SlackReading,
                      SynthOptions, Target)
 from dsgonnx_cli.options import (PREPROCESS_HELP, choice, device_option, input_shape_option, preprocess_options,
                                  provider_option, quiet_option)
@@ -26,6 +26,10 @@ whole last layer float, --logits quantize quantizes it too.
 Refine: --refine brecq (blocks between residual joins, with QDrop) or
 adaround (layer by layer) learns the weight rounding on the calibration
 data; the QDQ model holds exactly the learned integers. W4A4 needs it.
+QAT: --qat trains the quantized model end to end (weights, biases, weight
+and activation steps) by distillation from the float model on the
+calibration data; --qat-checkpoint/--qat-resume continue a long run,
+--qat-time-budget stops it in time and exports what it learned.
 \b
 Exit status: 0 written (and gate held), 1 gate failed (model and report are
 written), 2 bad input (nothing written).
@@ -36,6 +40,9 @@ written), 2 bad input (nothing written).
 _SYNTH_FLAGS = {"lr": "lr", "slack_reading": "slack_reading", "low_res": "low_res"}
 _REFINE_FLAGS = {"refine_iters": "iters", "refine_lr": "lr", "refine_reg": "reg_weight", "refine_drop": "drop_prob",
                  "refine_batch_size": "batch_size", "refine_act_lr": "act_lr"}
+_QAT_FLAGS = {"qat_iters": "iters", "qat_lr": "lr", "qat_batch_size": "batch_size", "qat_act_lr": "act_lr",
+              "qat_weight_step_lr": "weight_step_lr", "qat_time_budget": "time_budget", "qat_checkpoint": "checkpoint",
+              "qat_augment": "augment"}
 
 
 def _bits(w8a8, w6a6, w4a4, wbits, abits):
@@ -77,6 +84,18 @@ def _given(values: dict, fields: dict) -> dict:
 @click.option("--refine-act-lr", type=float,
               help="Learn the activation step sizes with the rounding at this rate (LSQ; relative steps) [default: 0, "
                    "the calibrated steps].")
+@click.option("--qat", is_flag=True,
+              help="Quantization-aware training (experimental: on a fixed set of 100 images it overfits; see README): "
+                   "distil the float model into the quantized one on the calibration data.")
+@click.option("--qat-iters", type=int, help="QAT steps [default: 10000 on CUDA, 2000 on CPU].")
+@click.option("--qat-lr", type=float, help="QAT learning rate of the weights and biases (Adam, cosine) [default: 1e-4].")
+@click.option("--qat-batch-size", type=int, help="QAT batch size [default: 64].")
+@click.option("--qat-act-lr", type=float, help="QAT rate of the activation steps (LSQ; 0 keeps the calibrated ones) [default: 1e-4].")
+@click.option("--qat-weight-step-lr", type=float, help="QAT rate of the weight steps (0 keeps them) [default: 1e-3].")
+@click.option("--qat-augment/--qat-no-augment", default=None, help="New views (flips, shifts) of the calibration images each step [default: on].")
+@click.option("--qat-time-budget", type=float, metavar="SECONDS", help="Stop QAT after this long and export what it learned.")
+@click.option("--qat-checkpoint", type=click.Path(dir_okay=False), help="Save the QAT state to this file as it trains.")
+@click.option("--qat-resume", is_flag=True, help="Continue QAT from --qat-checkpoint.")
 @click.option("--calibrator", type=choice(Calibrator), default=Calibrator.MINMAX.value, show_default=True)
 @click.option("--target", type=choice(Target), default=Target.CPU.value, show_default=True)
 @click.option("--per-channel/--per-tensor", default=True, show_default=True, help="Weight scales per output channel.")
@@ -120,14 +139,20 @@ def quantize_cmd(model, **flags):
 
 
 def quant_config(w8a8, w6a6, w4a4, wbits, abits, refine, preprocess, preprocess_given, no_validate=False,
-                 **flags) -> QuantConfig:
+                 qat=False, qat_resume=False, **flags) -> QuantConfig:
     """The QuantConfig that quantize's flags describe (also used by ``dsgonnx analyze``)."""
     w, a = _bits(w8a8, w6a6, w4a4, wbits, abits)
     synth, refine_options = _given(flags, _SYNTH_FLAGS), _given(flags, _REFINE_FLAGS)
+    qat_options = _given(flags, _QAT_FLAGS) | ({"resume": True} if qat_resume else {})
     if refine_options and not refine:
         raise DataError("--refine-* options need --refine adaround|brecq")
-    rest = {key: value for key, value in flags.items() if key not in _SYNTH_FLAGS and key not in _REFINE_FLAGS}
+    if qat_options and not qat:
+        raise DataError("--qat-* options need --qat")
+    if qat and refine:
+        raise DataError("--qat and --refine are two ways to learn the quantized model; give one")
+    rest = {key: value for key, value in flags.items()
+            if key not in _SYNTH_FLAGS and key not in _REFINE_FLAGS and key not in _QAT_FLAGS}
     rest["mixed"] = rest.get("mixed", "off") == "auto"
     return QuantConfig(wbits=w, abits=a, preprocess=preprocess, validate=not no_validate,
                        synth=SynthOptions(**synth), refine=RefineConfig(method=refine, **refine_options) if refine else None,
-                       **rest)
+                       qat=QatConfig(**qat_options) if qat else None, **rest)

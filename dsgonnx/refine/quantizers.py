@@ -100,9 +100,15 @@ class ActQuant(nn.Module):
 
 
 class QuantLayer(nn.Module):
-    """A Conv/Linear with a B-bit weight grid."""
+    """A Conv/Linear with a B-bit weight grid.
 
-    MODES = ("fp", "nearest", "soft", "hard")
+    Modes: ``fp`` (the float layer), ``nearest`` (round to nearest), ``soft``/``hard``
+    (AdaRound's learned rounding while training / decided), ``train`` (quantization-aware
+    training: the float weight and bias learn through straight-through rounding, and after
+    :meth:`learn_scale` the per-channel step too, LSQ-style; the exported integers are then the
+    nearest ones on the learned step)."""
+
+    MODES = ("fp", "nearest", "soft", "hard", "train")
 
     def __init__(self, inner: nn.Module, scale: torch.Tensor, top: int, axis: Optional[int]):
         super().__init__()
@@ -116,7 +122,24 @@ class QuantLayer(nn.Module):
         self.register_buffer("scale", scale.reshape(shape).to(inner.weight.dtype))
         self.mode = "fp"
         self.alpha: Optional[nn.Parameter] = None
+        self.log_scale: Optional[nn.Parameter] = None  # the learned step (log), mode "train" only
         self._input: tuple = ()  # the ActQuant of the input (not a submodule: it lives in the graph)
+
+    def learn_scale(self) -> nn.Parameter:
+        """Make the weight step learnable (as its log, so Adam's steps are relative)."""
+        self.log_scale = nn.Parameter(torch.log(self.scale.detach().clone()))
+        return self.log_scale
+
+    def fix_scale(self) -> None:
+        """Keep the learned step as the layer's (fixed) scale."""
+        if self.log_scale is not None:
+            with torch.no_grad():
+                self.scale.copy_(torch.exp(self.log_scale))
+            self.log_scale = None
+
+    def step(self) -> torch.Tensor:
+        """The weight step now (learned or fixed)."""
+        return self.scale if self.log_scale is None else torch.exp(self.log_scale)
 
     def quantize_bias_on(self, input_quant: "ActQuant") -> None:
         """Hold the bias as ORT exports it for an input quantized by ``input_quant``."""
@@ -129,6 +152,9 @@ class QuantLayer(nn.Module):
         bias = self.inner.bias
         if bias is None or not self._input:
             return bias
+        if self.mode == "train":  # rounded straight through: the bias and both steps learn
+            scale = self._input[0].step().to(bias.device) * self.step().reshape(-1).float()
+            return round_ste(bias / scale) * scale
         scale = self._input[0].step().detach().to(bias.device) * self.scale.detach().reshape(-1).float()
         info = torch.iinfo(torch.int32)
         integers = torch.round(bias.detach().double() / scale.double()).clamp(info.min, info.max)
@@ -160,6 +186,9 @@ class QuantLayer(nn.Module):
         return torch.clamp(torch.floor(scaled) + (self.alpha.detach() >= 0).to(scaled.dtype), -self.top, self.top)
 
     def quantized_weight(self) -> torch.Tensor:
+        if self.mode == "train":
+            step = self.step()
+            return torch.clamp(round_ste(self.inner.weight / step), -self.top, self.top) * step
         if self.mode == "soft":
             scaled = self.inner.weight.detach() / self.scale
             q = torch.clamp(torch.floor(scaled) + self.soft_bits(), -self.top, self.top)

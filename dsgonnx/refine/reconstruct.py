@@ -329,8 +329,9 @@ class _Reconstruction:
                 "weights": sum(layer.inner.weight.numel() for layer in quant)}
 
 
-def _export(layers: list[_Layer], model_path: Path, output_path: Path) -> dict:
-    """Write the model at ``model_path`` with each refined weight replaced by scale·integer."""
+def _export(layers: list[_Layer], model_path: Path, output_path: Path, biases: bool = False) -> dict:
+    """Write the model at ``model_path`` with each refined weight replaced by scale·integer
+    (and, with ``biases``, each layer's bias by the trained one)."""
     learned: dict[str, RefinedWeight] = {}
     for layer in layers:
         ints = layer.module.integers().detach().cpu().numpy().astype(np.int64)
@@ -338,9 +339,18 @@ def _export(layers: list[_Layer], model_path: Path, output_path: Path) -> dict:
                                                    scales=layer.module.scale.detach().cpu().float().flatten().numpy(),
                                                    axis=layer.onnx_axis)
     model = onnx.load(str(model_path))
+    trained = {}
+    if biases:
+        nodes = {node.name: node for node in model.graph.node}
+        for layer in layers:
+            node, bias = nodes[layer.onnx_name], layer.module.inner.bias
+            if bias is not None and len(node.input) > 2 and node.input[2]:
+                trained[node.input[2]] = bias.detach().cpu().float().numpy()
     for tensor in model.graph.initializer:
         if tensor.name in learned:
             tensor.CopyFrom(numpy_helper.from_array(dequantized(learned[tensor.name]), tensor.name))
+        elif tensor.name in trained and tuple(tensor.dims) == trained[tensor.name].shape:
+            tensor.CopyFrom(numpy_helper.from_array(trained[tensor.name], tensor.name))
     onnx.save(model, str(output_path))
     return learned
 

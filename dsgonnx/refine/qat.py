@@ -1,0 +1,301 @@
+"""Quantization-aware training by distillation from the float model, on calibration images.
+
+The student is the simulation reconstruction trains against (:mod:`.simulate`): the model ORT
+is about to quantize (pre-processed, BN folded), converted to torch, with every tensor the
+exported QDQ model quantizes fake-quantized on its grid. Unlike reconstruction it learns
+end to end: every quantized Conv/Gemm's float weight and bias (through straight-through
+rounding, :class:`~.quantizers.QuantLayer` mode ``train``), each weight's per-channel step and
+each activation grid's step (LSQ, Esser et al. 2020, as the log of the step) are trained
+together to minimise
+
+    T² · KL(softmax(teacher / T) ‖ softmax(student / T))
+
+on the first output, the teacher being the same float model unquantized (the data-free
+QAT papers' distillation: GDFQ, Xu et al. 2020; Qimera; DSG's TPAMI version). BN is already
+folded into the layers, so the student's BN statistics are frozen by construction.
+Training starts where plain rounding with bias correction is (each layer's bias less
+ΔW·E[x], E[x] measured on the float model over the calibration images). Each step draws a
+batch from the calibration images, augmented (flips, shifts) so that a
+fixed set is seen in new views; the teacher labels every view afresh.
+
+What comes back is what reconstruction returns (:class:`~.reconstruct.RefineResult`): the
+nearest integers of the trained weights on their learned steps, the learned activation
+steps, and a float model holding the trained biases — the export path is the same, so the
+QDQ model holds exactly what was trained.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import onnx
+import torch
+import torch.nn.functional as F
+from onnx import numpy_helper
+
+from ..config import QatConfig
+from ..errors import DataError, UnsupportedModelError
+from ..graph.onnx_io import load_model
+from ..graph.to_torch import resolve_device, to_torch
+from ..progress import Progress, say
+from ..quant.placement import Placement
+from .reconstruct import RefineResult, _export, _find_layers, _learn_steps
+from .simulate import first_output, insert_activation_quant, layer_module
+
+
+def _logits(output) -> torch.Tensor:
+    out = output[0] if isinstance(output, (tuple, list)) else output
+    return out.reshape(len(out), -1).float()
+
+
+def distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
+    """T²·KL(p_teacher ‖ p_student) of softened logits, averaged over the batch."""
+    log_p = F.log_softmax(student / temperature, dim=1)
+    target = F.log_softmax(teacher / temperature, dim=1)
+    return F.kl_div(log_p, target, log_target=True, reduction="batchmean") * temperature**2
+
+
+def augment(images: torch.Tensor, generator: torch.Generator, shift: float = 0.125) -> torch.Tensor:
+    """A new view of each image: flipped left-right with probability ½ and shifted by up to
+    ``shift`` of its size in each direction (edges replicated), drawn from ``generator``."""
+    n, _, h, w = images.shape
+    flips = torch.rand(n, generator=generator) < 0.5
+    out = torch.where(flips.to(images.device)[:, None, None, None], images.flip(3), images)
+    dy = int(round(h * shift))
+    dx = int(round(w * shift))
+    if dy == 0 and dx == 0:
+        return out
+    padded = F.pad(out, (dx, dx, dy, dy), mode="replicate")
+    oy = torch.randint(0, 2 * dy + 1, (n,), generator=generator)
+    ox = torch.randint(0, 2 * dx + 1, (n,), generator=generator)
+    rows = (oy[:, None] + torch.arange(h)[None, :]).to(images.device)  # n × h
+    cols = (ox[:, None] + torch.arange(w)[None, :]).to(images.device)  # n × w
+    index = torch.arange(n, device=images.device)[:, None, None, None]
+    channel = torch.arange(out.shape[1], device=images.device)[None, :, None, None]
+    return padded[index, channel, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def _correct_start(layers: list, teacher: torch.nn.Module, images: torch.Tensor, chunk: int,
+                   device: torch.device) -> int:
+    """Start where plain rounding with bias correction is: subtract each layer's expected output
+    shift ΔW·E[x] (ΔW: its nearest rounding on its step minus the float weight) from its bias,
+    E[x] per input channel measured on the float model over ``images``. Returns how many
+    layers were corrected (those with a bias)."""
+    sums: dict[int, torch.Tensor] = {}
+    counts: dict[int, int] = {}
+    hooks = []
+    for number, layer in enumerate(layers):
+        _, _, inner = layer_module(teacher, str(layer.fx_node.target))
+        if inner is None or layer.module.inner.bias is None:
+            continue
+
+        def record(_module, args, number=number):
+            x = args[0].detach().double()
+            axes = [0] + list(range(2, x.dim()))
+            sums[number] = sums.get(number, 0) + x.sum(axes)
+            counts[number] = counts.get(number, 0) + x.numel() // x.shape[1]
+
+        hooks.append(inner.register_forward_pre_hook(record))
+    with torch.no_grad():
+        for start in range(0, len(images), chunk):
+            teacher(images[start : start + chunk].to(device))
+    for hook in hooks:
+        hook.remove()
+    for number, total in sums.items():
+        quant = layers[number].module
+        weight = quant.inner.weight.detach().double()
+        delta = quant.nearest_integers().double() * quant.scale.double() - weight
+        mean = total / counts[number]
+        if delta.dim() > 2:  # Conv: out × in-per-group × kernel; each group reads its own inputs
+            spatial = delta.reshape(delta.shape[0], delta.shape[1], -1).sum(2)
+            groups = mean.numel() // delta.shape[1]
+            inputs = mean.reshape(groups, delta.shape[1])[torch.arange(delta.shape[0]) // (delta.shape[0] // groups)]
+            shift = (spatial * inputs.to(spatial.device)).sum(1)
+        else:
+            shift = delta @ mean
+        with torch.no_grad():
+            quant.inner.bias.sub_(shift.to(quant.inner.bias.dtype))
+    return len(sums)
+
+
+def _signature(model_path: Path, config: QatConfig, n_images: int, placement: Placement, seed: int) -> str:
+    """What a checkpoint must have been made from to be resumed: the model, the grids and the
+    settings that shape the run (not the time budget, the checkpoint path or resume itself)."""
+    digest = hashlib.sha256(Path(model_path).read_bytes())
+    settings = {k: v for k, v in config.to_dict().items() if k not in ("time_budget", "checkpoint", "resume")}
+    grids = sorted((name, g.scale, g.zero_point, g.low, g.high) for name, g in placement.activations.items())
+    digest.update(json.dumps([settings, grids, n_images, seed], sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def _save_checkpoint(path: Path, state: dict) -> None:
+    """Write ``state`` to ``path`` atomically (a temp file beside it, then a rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, str(tmp))
+    os.replace(tmp, path)
+
+
+def qat_model(model_path: Path, output_path: Path, placement: Placement, images: np.ndarray,
+              eval_images: Optional[np.ndarray], *, exclude: set[str], per_channel: bool, weight_top: int,
+              config: QatConfig, device: str = "auto", seed: int = 0,
+              weight_tops: Optional[dict] = None) -> RefineResult:
+    """Train the quantized simulation of ``model_path`` by distillation on ``images``.
+
+    Arguments as :func:`~.reconstruct.refine_model`'s (``placement``: what the QDQ model
+    quantizes, with its calibrated grids, the starting point). ``eval_images`` (else the
+    calibration images) measure the distillation loss before and after, without augmentation.
+    Writes the float model holding the trained biases and scale·integer weights to
+    ``output_path``.
+    """
+    started = time.perf_counter()
+    torch_device = resolve_device(device)
+    config = config.for_device(torch_device.type)
+    loaded = load_model(model_path)
+    teacher = to_torch(loaded).module.to(torch_device).float().eval()
+    student_model = to_torch(loaded)
+    onnx_model = student_model.graph
+    layers, skipped = _find_layers(student_model, onnx_model, placement, exclude, weight_top, per_channel,
+                                   True, weight_tops or {})
+    if not layers:
+        raise UnsupportedModelError("qat: the model has no Conv/Gemm layer to train")
+    quantizers, missing = insert_activation_quant(student_model, placement.activations)
+    for layer in layers:
+        if layer.input_name in quantizers:
+            layer.module.quantize_bias_on(quantizers[layer.input_name])
+    learned = _learn_steps(quantizers, placement) if config.act_lr > 0 else {}
+    student = student_model.module.to(torch_device).float()
+    for parameter in list(student.parameters()) + list(teacher.parameters()):
+        parameter.requires_grad_(False)
+    weights, steps = [], []
+    for layer in layers:
+        layer.module.mode = "train"
+        weights.append(layer.module.inner.weight)
+        if layer.module.inner.bias is not None:
+            weights.append(layer.module.inner.bias)
+        if config.weight_step_lr > 0:
+            steps.append(layer.module.learn_scale())
+    act_steps = list({id(q.log_step): q.log_step for q in learned.values()}.values())
+    for parameter in weights + steps + act_steps:
+        parameter.requires_grad_(True)
+    groups = [{"params": weights, "lr": config.lr}]
+    if steps:
+        groups.append({"params": steps, "lr": config.weight_step_lr})
+    if act_steps:
+        groups.append({"params": act_steps, "lr": config.act_lr})
+    optimiser = torch.optim.Adam(groups)
+    schedule = torch.optim.lr_scheduler.LambdaLR(  # cosine to 0 over the run
+        optimiser, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, config.iters) / max(config.iters, 1))))
+
+    calib = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
+    chunk = max(config.batch_size, 64)
+    corrected = _correct_start(layers, teacher, calib, chunk, torch_device)
+    held = (np.asarray(eval_images, dtype=np.float32) if eval_images is not None and len(eval_images)
+            else np.asarray(images, dtype=np.float32))
+    teacher_held = first_output(teacher, held, chunk, torch_device)
+
+    def held_loss() -> float:
+        student.eval()
+        out = first_output(student, held, chunk, torch_device)
+        return float(distillation(torch.from_numpy(out).reshape(len(out), -1),
+                                  torch.from_numpy(teacher_held).reshape(len(out), -1), config.temperature))
+
+    batches = torch.Generator().manual_seed(seed)
+    step = 0
+    checkpoint = Path(config.checkpoint) if config.checkpoint else None
+    signature = _signature(model_path, config, len(calib), placement, seed)
+    resumed_from = None
+    if config.resume and checkpoint is not None and checkpoint.exists():
+        try:
+            state = torch.load(str(checkpoint), map_location=torch_device, weights_only=True)
+        except Exception as error:  # noqa: BLE001 - any unreadable file is the user's to fix
+            raise DataError(f"qat: cannot read checkpoint {checkpoint}: {error}") from None
+        if not isinstance(state, dict) or state.get("signature") != signature:
+            raise DataError(f"qat: checkpoint {checkpoint} was made for another model, data or settings; "
+                            "remove it or drop --qat-resume")
+        with torch.no_grad():
+            for parameter, value in zip(weights + steps + act_steps, state["parameters"]):
+                parameter.copy_(value)
+        optimiser.load_state_dict(state["optimiser"])
+        schedule.load_state_dict(state["schedule"])
+        batches.set_state(state["batches"])
+        step = resumed_from = int(state["step"])
+        say(f"qat: resumed from {checkpoint} at step {step}/{config.iters}")
+
+    before = held_loss()
+    say(f"qat: {len(layers)} layers, {len(quantizers)} quantized activations, {config.iters} steps of batch "
+        f"{config.batch_size} on {len(calib)} images, on {torch_device}; held-out distillation loss {before:.4g}")
+    progress = Progress("qat", config.iters)
+    stopped = "done"
+    losses = []
+    batch = min(config.batch_size, len(calib))
+    train_started = time.perf_counter()
+    def save() -> None:
+        _save_checkpoint(checkpoint, {"signature": signature, "step": step,
+                                      "parameters": [p.detach() for p in weights + steps + act_steps],
+                                      "optimiser": optimiser.state_dict(), "schedule": schedule.state_dict(),
+                                      "batches": batches.get_state()})
+
+    while step < config.iters:
+        if config.time_budget is not None and time.perf_counter() - train_started > config.time_budget:
+            stopped = "time budget"
+            if checkpoint is not None:  # a later --qat-resume continues where the budget stopped it
+                save()
+            break
+        student.train()
+        index = torch.randint(len(calib), (batch,), generator=batches)
+        x = calib[index]
+        if config.augment:
+            x = augment(x, batches)
+        x = x.to(torch_device)
+        with torch.no_grad():
+            target = _logits(teacher(x))
+        loss = distillation(_logits(student(x)), target, config.temperature)
+        if not torch.isfinite(loss):
+            raise DataError(f"qat: the distillation loss (KL to the float model) became {float(loss.detach())} at step "
+                            f"{step + 1}; lower --qat-lr")
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        schedule.step()
+        step += 1
+        if step % 10 == 0 or step == config.iters:
+            losses.append(float(loss.detach()))
+            progress.update(step, f"kl {losses[-1]:.4g}")
+        if checkpoint is not None and (step % config.checkpoint_every == 0 or step == config.iters):
+            save()
+    progress.close()
+    train_seconds = time.perf_counter() - train_started
+    for layer in layers:
+        layer.module.fix_scale()
+        layer.module.mode = "nearest"  # the exported integers: nearest on the trained weight and step
+    student.eval()
+    after = held_loss()
+    for parameter in weights + act_steps:
+        parameter.requires_grad_(False)
+    refined = _export(layers, model_path, output_path, biases=True)
+    activations = {name: (float(q.step().detach().cpu()), q.zero_point) for name, q in learned.items()}
+    seconds = round(time.perf_counter() - started, 2)
+    unsimulated = [f"activation {name}" for name in missing] + [f"float reader of {n}" for n in placement.float_readers]
+    done_steps = step - (resumed_from or 0)
+    report = {"method": "qat", "config": config.to_dict(), "device": str(torch_device), "seconds": seconds,
+              "steps": step, "stopped": stopped, "resumed_from": resumed_from,
+              "steps_per_second": round(done_steps / train_seconds, 3) if train_seconds > 0 and done_steps else None,
+              "calibration_samples": len(calib), "bias_corrected_start": corrected,
+              "loss_measured_on": "held-out samples" if eval_images is not None and len(eval_images) else
+              "the calibration samples",
+              "distillation_before": round(before, 6), "distillation_after": round(after, 6),
+              "train_loss": [round(v, 6) for v in losses[-5:]],
+              "refined_layers": [layer.onnx_name for layer in layers], "skipped_layers": skipped,
+              "simulated_activations": len(quantizers), "unsimulated": unsimulated,
+              "learned_activation_steps": {name: {"calibrated": quantizers[name].scale, "learned": scale}
+                                           for name, (scale, _) in activations.items()}}
+    say(f"qat: {stopped} after {step} steps in {seconds:.1f}s; held-out distillation loss {before:.4g} -> {after:.4g}")
+    return RefineResult(path=output_path, weights=refined, report=report, activations=activations,
+                        simulation=lambda x: first_output(student, x, chunk, torch_device))

@@ -1,0 +1,172 @@
+"""Quantization-aware training (``--qat``) on a tiny residual net with synthetic data.
+
+Training lowers the distillation loss on held-out synthetic samples, the QDQ model holds
+exactly the trained integers, steps and biases (the trained simulation is the written
+model), an interrupted run resumes to the same model as an uninterrupted one, and bad
+settings end in one line.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import numpy_helper
+
+from dsgonnx import QatConfig, QuantConfig, quantize
+from dsgonnx.errors import DataError
+from dsgonnx.graph.onnx_io import load_model
+from dsgonnx.quant.placement import read_placement
+from dsgonnx.synth import SynthConfig, synthesize
+from dsgonnx_cli.main import cli
+from zoo import export_tiny_resnet
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("qat")
+    model = export_tiny_resnet(folder / "res.onnx")
+    synthetic = synthesize(load_model(model), SynthConfig(method="dsg", num_samples=96, iters=40, seed=0))
+    np.savez(folder / "calib.npz", images=synthetic.images[:64])
+    np.savez(folder / "held.npz", images=synthetic.images[64:])
+    return {"folder": folder, "model": model, "npz": folder / "calib.npz", "held": synthetic.images[64:]}
+
+
+def _quantize(setup, name, qat, **options):
+    common = dict(wbits=4, abits=4, calib=str(setup["npz"]), num_samples=64, force=True, validate=False, seed=0)
+    return quantize(str(setup["model"]), QuantConfig(output=str(setup["folder"] / f"{name}.onnx"), qat=qat,
+                                                     **(common | options)))
+
+
+def _initializers(path):
+    return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+
+
+def _agreement(model, quantized, images):
+    import onnxruntime as ort
+
+    def top1(path):
+        return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": images})[0].argmax(1)
+
+    return float((top1(model) == top1(quantized)).mean())
+
+
+def test_training_lowers_the_distillation_loss_and_the_file_is_the_trained_model(setup):
+    result = _quantize(setup, "trained", QatConfig(iters=150, batch_size=32, lr=1e-3, augment=False))
+    report = result.refine
+    assert report["method"] == "qat" and report["steps"] == 150 and report["stopped"] == "done"
+    assert report["distillation_after"] < 0.9 * report["distillation_before"], report
+    # every grid of the QDQ model was learned: the activation steps moved from their calibrated values
+    steps = report["learned_activation_steps"]
+    assert steps and sum(abs(s["learned"] / s["calibrated"] - 1) > 1e-3 for s in steps.values()) > len(steps) // 2
+    written = read_placement(onnx.load(str(result.output))).activations
+    for name, step in steps.items():
+        assert written[name].scale == pytest.approx(step["learned"], rel=1e-6)
+    # the weights are exactly the trained integers on the trained steps, which moved too
+    inits = _initializers(result.output)
+    moved = 0
+    for name, weight in result.refined_weights.items():
+        np.testing.assert_array_equal(inits[f"{name}_quantized"].astype(np.int64), weight.integers)
+        np.testing.assert_array_equal(inits[f"{name}_scale"], weight.scales)
+    untrained = _quantize(setup, "untrained", QatConfig(iters=0), holdout=0)
+    for name, weight in result.refined_weights.items():
+        moved += int(not np.array_equal(weight.scales, untrained.refined_weights[name].scales))
+    assert moved == len(result.refined_weights)
+    # on synthetic samples it never saw, the trained model agrees with FP32 more than the untrained one
+    trained, start = (_agreement(setup["model"], path, setup["held"]) for path in (result.output, untrained.output))
+    assert trained > start, (trained, start)
+    decided = json.loads({p.key: p.value for p in onnx.load(str(result.output)).metadata_props}["dsgonnx.decisions"])
+    assert decided["qat"]["method"] == "qat" and decided["qat"]["layers"] == len(result.refined_weights)
+    # the simulation it trained is the written model (float rounding order aside)
+    assert decided["qat"]["fidelity"]["agreement"] >= 0.9 and decided["qat"]["fidelity"]["sqnr_db"] >= 25, decided
+
+
+def test_an_interrupted_run_resumes_to_the_uninterrupted_model(setup, monkeypatch):
+    from dsgonnx.refine import qat as qat_module
+
+    straight = _quantize(setup, "straight", QatConfig(iters=40, batch_size=16))
+    checkpoint = setup["folder"] / "run.ckpt"
+    calls = {"n": 0}
+    original = qat_module.distillation
+
+    def interrupted(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 26:  # step 26 of 40, after the checkpoint of step 20 (the held-out loss took 1 call)
+            raise KeyboardInterrupt
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(qat_module, "distillation", interrupted)
+    config = QatConfig(iters=40, batch_size=16, checkpoint=str(checkpoint), checkpoint_every=10)
+    with pytest.raises(KeyboardInterrupt):
+        _quantize(setup, "resumed", config)
+    monkeypatch.setattr(qat_module, "distillation", original)
+    assert checkpoint.exists() and not (setup["folder"] / "resumed.onnx").exists()  # nothing half-written
+    assert not list(setup["folder"].glob(".resumed.onnx*"))
+    resumed = _quantize(setup, "resumed", QatConfig(iters=40, batch_size=16, checkpoint=str(checkpoint),
+                                                    checkpoint_every=10, resume=True))
+    assert resumed.refine["resumed_from"] == 20 and resumed.refine["steps"] == 40
+    for name, weight in straight.refined_weights.items():
+        np.testing.assert_array_equal(weight.integers, resumed.refined_weights[name].integers)
+        np.testing.assert_array_equal(weight.scales, resumed.refined_weights[name].scales)
+    a, b = _initializers(straight.output), _initializers(resumed.output)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    # a checkpoint of another run is refused, in one line
+    with pytest.raises(DataError, match="made for another model, data or settings"):
+        _quantize(setup, "other", QatConfig(iters=50, batch_size=16, checkpoint=str(checkpoint), resume=True))
+
+
+def test_time_budget_stops_training_exports_it_and_a_resume_continues(setup):
+    checkpoint = setup["folder"] / "budget.ckpt"
+    config = QatConfig(iters=100000, batch_size=16, time_budget=1.0, checkpoint=str(checkpoint))
+    result = _quantize(setup, "budget", config)
+    steps = result.refine["steps"]
+    assert result.refine["stopped"] == "time budget" and 0 < steps < 100000
+    assert result.output.exists()
+    again = _quantize(setup, "budget", QatConfig(iters=100000, batch_size=16, time_budget=1.0,
+                                                 checkpoint=str(checkpoint), resume=True))
+    assert again.refine["resumed_from"] == steps and again.refine["steps"] > steps
+
+
+def test_a_diverging_run_stops_with_the_loss_named(setup, monkeypatch):
+    from dsgonnx.refine import qat as qat_module
+
+    calls = {"n": 0}
+    original = qat_module.distillation
+
+    def diverging(*args, **kwargs):  # the loss of the third training step is not a number
+        calls["n"] += 1
+        loss = original(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 4 else loss
+
+    monkeypatch.setattr(qat_module, "distillation", diverging)
+    with pytest.raises(DataError, match=r"distillation loss \(KL to the float model\) became nan at step 3"):
+        _quantize(setup, "nan", QatConfig(iters=20, batch_size=16))
+    assert not (setup["folder"] / "nan.onnx").exists()
+
+
+def test_config_and_cli_reject_bad_settings_in_one_line(setup):
+    with pytest.raises(DataError, match="`qat.lr` must be positive"):
+        QatConfig(lr=0)
+    with pytest.raises(DataError, match="`qat.resume` needs `qat.checkpoint`"):
+        QatConfig(resume=True)
+    with pytest.raises(DataError, match="choose one"):
+        QuantConfig(qat=QatConfig(), refine="brecq")
+    runner = CliRunner()
+    out = setup["folder"] / "cli.onnx"
+    good = runner.invoke(cli, ["quantize", str(setup["model"]), "--w4a4", "--calib", str(setup["npz"]), "--num-samples",
+                               "64", "-o", str(out), "--force", "--no-validate", "--quiet", "--qat", "--qat-iters", "5",
+                               "--qat-batch-size", "16", "--qat-no-augment"])
+    assert good.exit_code == 0, good.output
+    summary = json.loads(good.stdout)
+    assert summary["qat"]["steps"] == 5 and summary["qat"]["config"]["augment"] is False
+    for args, message in ((["--qat-iters", "5"], "need --qat"),
+                          (["--qat", "--refine", "brecq"], "give one"),
+                          (["--qat", "--qat-lr", "-1"], "--qat-lr must be positive"),
+                          (["--qat", "--qat-resume"], "--qat-resume needs --qat-checkpoint")):
+        bad = runner.invoke(cli, ["quantize", str(setup["model"]), "-o", str(setup["folder"] / "bad.onnx"),
+                                  "--calib", str(setup["npz"]), "--num-samples", "64", *args])
+        assert bad.exit_code == 2 and message in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+        assert not (setup["folder"] / "bad.onnx").exists()
