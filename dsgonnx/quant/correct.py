@@ -243,6 +243,15 @@ def correctable_layers(qdq: onnx.ModelProto) -> list[str]:
     return layers
 
 
+def conv_shift(delta: np.ndarray, mean: np.ndarray, group: int) -> np.ndarray:
+    """ΔW·E[x] per output channel of a Conv: ``delta`` out × in-per-group × kernel, ``mean``
+    one value per input channel; each group of outputs reads its own inputs."""
+    per_group = delta.shape[1]
+    spatial = delta.reshape(delta.shape[0], per_group, -1).sum(axis=2)  # out × in-per-group
+    inputs = mean.reshape(group, per_group)[np.arange(delta.shape[0]) // (delta.shape[0] // group)]
+    return (spatial * inputs).sum(axis=1)
+
+
 def correct_biases(qdq_path: Path, float_model: onnx.ModelProto, means: dict[str, np.ndarray]) -> dict:
     """Subtract ΔW·E[x] from the bias of every layer in ``means`` in the QDQ model at
     ``qdq_path`` (rewritten in place). ``float_model``: the float model ORT quantized (same
@@ -261,12 +270,7 @@ def correct_biases(qdq_path: Path, float_model: onnx.ModelProto, means: dict[str
         delta = ints * scale - weight
         mean = np.asarray(means[node.name], dtype=np.float64)
         if node.op_type == "Conv":
-            group = next((a.i for a in node.attribute if a.name == "group"), 1)
-            per_group = delta.shape[1]
-            spatial = delta.reshape(delta.shape[0], per_group, -1).sum(axis=2)  # out × in-per-group
-            outputs_per_group = delta.shape[0] // group
-            inputs = mean.reshape(group, per_group)[np.arange(delta.shape[0]) // outputs_per_group]
-            shift = (spatial * inputs).sum(axis=1)
+            shift = conv_shift(delta, mean, next((a.i for a in node.attribute if a.name == "group"), 1))
         else:  # Gemm: y = x·B (+ C), B is in×out, or out×in with transB
             trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
             shift = (delta if trans_b else delta.T) @ mean

@@ -45,6 +45,7 @@ from ..errors import DataError, UnsupportedModelError
 from ..graph.onnx_io import load_model
 from ..graph.to_torch import resolve_device, to_torch
 from ..progress import Progress, say
+from ..quant.correct import conv_shift
 from ..quant.placement import Placement
 from .reconstruct import RefineResult, _export, _find_layers, _learn_steps
 from .simulate import first_output, insert_activation_quant, layer_module
@@ -111,17 +112,11 @@ def _correct_start(layers: list, teacher: torch.nn.Module, images: torch.Tensor,
     for number, total in sums.items():
         quant = layers[number].module
         weight = quant.inner.weight.detach().double()
-        delta = quant.nearest_integers().double() * quant.scale.double() - weight
-        mean = total / counts[number]
-        if delta.dim() > 2:  # Conv: out × in-per-group × kernel; each group reads its own inputs
-            spatial = delta.reshape(delta.shape[0], delta.shape[1], -1).sum(2)
-            groups = mean.numel() // delta.shape[1]
-            inputs = mean.reshape(groups, delta.shape[1])[torch.arange(delta.shape[0]) // (delta.shape[0] // groups)]
-            shift = (spatial * inputs.to(spatial.device)).sum(1)
-        else:
-            shift = delta @ mean
+        delta = (quant.nearest_integers().double() * quant.scale.double() - weight).cpu().numpy()
+        mean = (total / counts[number]).cpu().numpy()
+        shift = conv_shift(delta, mean, mean.size // delta.shape[1]) if delta.ndim > 2 else delta @ mean
         with torch.no_grad():
-            quant.inner.bias.sub_(shift.to(quant.inner.bias.dtype))
+            quant.inner.bias.sub_(torch.from_numpy(shift).to(quant.inner.bias))
     return len(sums)
 
 
