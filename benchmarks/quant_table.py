@@ -41,7 +41,14 @@ VARIANTS = {
     "calpool": {"pool_range": "calibrated"},  # pooled features on their own calibrated range (the default before)
     "nofirst": {"first_layer_8bit": False},  # input and first layer at the low width too (below 8 bits)
     "lsq": {},  # with +refine: the activation steps learned too (quantize --refine-act-lr LSQ_LR)
+    # quantization-aware training (quantize --qat; settings from ``qat=``) on: the calibration images
+    # themselves, a generator trained with DSG's losses, or one trained with GDFQ's BN statistics
+    "qat": {},
+    "qatgen": {},
+    "qatgdfq": {},
 }
+QAT_DATA = {"qat": {"data": "calib"}, "qatgen": {"data": "generator", "generator_loss": "dsg"},
+            "qatgdfq": {"data": "generator", "generator_loss": "bns"}}
 LSQ_LR = 1e-3
 ONLY_AT = {"mixed": (2, 3, 5, 6, 7), "nofirst": (2, 3, 4, 5, 6, 7)}  # the widths where a variant changes anything
 
@@ -55,19 +62,20 @@ def parse_row(row: str) -> tuple[str, list[str]]:
 
 def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), seeds=(0,), num_samples=100,
               iters=500, synth=None, calibrator="minmax", logits="exclude", device="auto", max_eval=None,
-              refine=None, cache=None, twin=None, log=sys.stderr) -> dict:
+              refine=None, qat=None, cache=None, twin=None, log=sys.stderr) -> dict:
     """Quantize ``model`` for every (row, seed, bits) and score it on ``data``.
 
     A row is a calibration source with optional variants (``dsg+mixed``); rows of one source
     share its images (made once per seed). The held-out images are decoded once.
-    ``refine``: {"method": "brecq", **RefineConfig fields} for the ``+refine`` rows. ``cache``: a
+    ``refine``: {"method": "brecq", **RefineConfig fields} for the ``+refine`` rows; ``qat``:
+    QatConfig fields for the ``+qat``/``+qatgen``/``+qatgdfq`` rows. ``cache``: a
     folder of synthetic sets; a set made with the same settings is loaded from it (its synthesis
     seconds are those recorded when it was made), a new one is saved there. ``twin``: the BN-kept
     file of a folded ``model``, on which the ``dsg-kept`` row synthesizes."""
     import numpy as np
     import torch
 
-    from dsgonnx import QuantConfig, RefineConfig, SynthConfig, SyntheticSet, ValidateConfig, quantize, synthesize, validate
+    from dsgonnx import QatConfig, QuantConfig, RefineConfig, SynthConfig, SyntheticSet, ValidateConfig, quantize, synthesize, validate
     from dsgonnx.calibration_data import spread_indices
     from dsgonnx.graph.onnx_io import load_model
     from dsgonnx.graph.to_torch import resolve_device
@@ -101,6 +109,10 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
                     raise SystemExit(f"row {row!r}: +lsq learns activation steps while refining; add +refine")
                 refine_settings["act_lr"] = LSQ_LR
             settings = {k: v for variant in variants for k, v in VARIANTS[variant].items()}
+            learning = [v for v in variants if v in QAT_DATA]
+            if len(learning) > 1 or (learning and refine_method):
+                raise SystemExit(f"row {row!r}: one of +refine, +qat, +qatgen, +qatgdfq")
+            qat_settings = dict(qat or {}, **QAT_DATA[learning[0]]) if learning else None
             for seed in (seeds if base != "real" else (0,)):
                 if (base, seed) not in made:
                     if base == "real":
@@ -134,7 +146,7 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
                         wbits=b, abits=b, calib=calib, num_samples=num_samples, calibrator=calibrator, logits=logits,
                         preprocess=recipe, output=str(out), force=True, validate=False, device=device,
                         seed=seed, refine=RefineConfig(method=refine_method, **refine_settings) if refine_method else None,
-                        **settings))
+                        qat=QatConfig(**qat_settings) if qat_settings else None, **settings))
                     if done.refine:
                         refine_seconds.append(done.refine["seconds"])
                         # the trained simulation against the written file (before bias correction)
@@ -164,6 +176,9 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
                 "seconds_per_iter": round(float(np.mean(per_iter)), 4) if per_iter else None,
                 "sample_similarity": round(float(np.mean(similarity)), 5) if similarity else None,
             }
+            if qat_settings:
+                results["rows"][row].update(qat=qat_settings, refine_seconds=round(float(np.mean(refine_seconds)), 1),
+                                            refine_fidelity=fidelity)
             if refine_method:
                 results["rows"][row].update(refine=dict(refine_settings, method=refine_method),
                                             refine_seconds=round(float(np.mean(refine_seconds)), 1),
@@ -205,7 +220,8 @@ def markdown(results: dict) -> str:
             cells.append(f"{mean:.2f}{spread} ({mean - fp:+.2f})" + (f" · {agreement:.2f}" if agreement is not None else ""))
         synthesis = row["synthesis_seconds"]
         if row.get("refine_seconds") is not None:
-            synthesis = f"{synthesis if synthesis is not None else 0} + {row['refine_seconds']} refine"
+            synthesis = (f"{synthesis if synthesis is not None else 0} + {row['refine_seconds']} "
+                         f"{'qat' if row.get('qat') else 'refine'}")
         extra = [str(synthesis if synthesis is not None else "–"),
                  str(row["seconds_per_iter"] if row["seconds_per_iter"] is not None else "–"),
                  str(row["sample_similarity"] if row["sample_similarity"] is not None else "–")]

@@ -403,6 +403,11 @@ class RefineConfig:
         return _to_dict(self) | {"drop_prob": self.dropping}
 
 
+QAT_DATA = ("auto", "generator", "calib", "mixed")
+GENERATOR_LOSSES = ("dsg", "bns")
+QAT_OPTIMIZERS = ("adam", "sgd")
+
+
 @dataclass(frozen=True)
 class QatConfig:
     """Quantization-aware training by distillation from the float model (``QuantConfig.qat``).
@@ -414,6 +419,17 @@ class QatConfig:
     (with ``checkpoint``, the state is saved then, so that ``resume`` continues it).
     ``checkpoint``: a file the run's state is written to every ``checkpoint_every`` steps;
     with ``resume`` a run starts from it.
+    ``data``: what each step trains on — ``generator`` (fresh images from a conditional
+    generator trained alongside against the float model's BN statistics, GDFQ-style; needs a
+    model with BN statistics), ``calib`` (the calibration images, augmented when ``augment``),
+    ``mixed`` (half of each batch from each), or ``auto`` (the generator where the calibration
+    is synthesised by dsg/zeroq on a model with BN statistics, else the calibration images). ``generator_loss``: ``dsg`` (slack
+    alignment, layerwise enhancement, sample correlation inhibition) or ``bns`` (GDFQ's batch
+    statistics); None follows the calibration method (``zeroq`` → ``bns``, else ``dsg``).
+    ``generator_warmup``: generator steps before the model trains (GDFQ warms up too);
+    ``bn_weight``: the BN term against the cross-entropy in the generator's loss.
+    ``optimizer``: for the weights and biases, ``adam`` or ``sgd`` (Nesterov momentum 0.9, the
+    data-free QAT papers'); the steps are on Adam either way.
     """
 
     iters: Optional[int] = None
@@ -427,10 +443,26 @@ class QatConfig:
     checkpoint: Optional[str] = None
     checkpoint_every: int = 200
     resume: bool = False
+    data: str = "auto"
+    generator_loss: Optional[str] = None
+    generator_lr: float = 1e-3
+    generator_warmup: int = 200
+    bn_weight: float = 0.1
+    optimizer: str = "adam"
 
     def __post_init__(self):
         _require(self.iters is None or (_is_int(self.iters) and self.iters >= 0),
                  f"`qat.iters` must not be negative, got {self.iters}")
+        _require(self.data in QAT_DATA, f"`qat.data` must be one of {', '.join(QAT_DATA)}, got {self.data!r}")
+        _require(self.generator_loss is None or self.generator_loss in GENERATOR_LOSSES,
+                 f"`qat.generator_loss` must be one of {', '.join(GENERATOR_LOSSES)}, got {self.generator_loss!r}")
+        for name in ("generator_lr", "bn_weight"):
+            value = getattr(self, name)
+            _require(_is_number(value) and value > 0, f"`qat.{name}` must be positive, got {value}")
+        _require(self.optimizer in QAT_OPTIMIZERS,
+                 f"`qat.optimizer` must be one of {', '.join(QAT_OPTIMIZERS)}, got {self.optimizer!r}")
+        _require(_is_int(self.generator_warmup) and self.generator_warmup >= 0,
+                 f"`qat.generator_warmup` must not be negative, got {self.generator_warmup}")
         for name in ("lr", "temperature"):
             value = getattr(self, name)
             _require(_is_number(value) and value > 0, f"`qat.{name}` must be positive, got {value}")

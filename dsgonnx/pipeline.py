@@ -20,8 +20,8 @@ import onnx
 from . import __version__, distributed
 from .artifacts import check_output_folder, publish
 from .calibration_data import load_real_images
-from .config import BiasCorrection, PoolRange, QuantConfig, ValidateConfig
-from .errors import DataError, ModelLoadError, UnsupportedModelError
+from .config import BiasCorrection, PoolRange, QuantConfig, SynthMethod, ValidateConfig
+from .errors import DataError, ModelLoadError, NoBatchNormError, UnsupportedModelError
 from .graph.layout import channels_last_input
 from .graph.onnx_io import LoadedModel, load_model
 from .progress import say
@@ -170,7 +170,7 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
         if config.refine is not None or config.qat is not None:
             with stages(learning):
                 refined = _refine(prepared, Path(scratch) / "refined.onnx", ranges, weights, activations, calib_images,
-                                  holdout, reduce_range, config, first)
+                                  holdout, reduce_range, config, first, loaded, calib_info)
         float_path = refined.path if refined else prepared
         correct = None
         if config.bias_correction != BiasCorrection.OFF:
@@ -342,10 +342,11 @@ class _BiasCorrector:
 
 
 def _refine(prepared: Path, out: Path, ranges, weights, activations, images, holdout, reduce_range, config: QuantConfig,
-            kept: set[str]):
+            kept: set[str], loaded: LoadedModel, calib_info: dict):
     """Learn the weight rounding (``config.refine``) or train the model (``config.qat``) on the
     calibration images (dsgonnx.refine; imports torch) in the simulation of the QDQ model ORT
-    writes for ``prepared`` (the ``kept`` tensors on the 8-bit grids)."""
+    writes for ``prepared`` (the ``kept`` tensors on the 8-bit grids); QAT may train on a
+    generator's images instead (:func:`_qat_generator`)."""
     from .quant.bits import resolve_bits
     from .quant.placement import placement_of
     from .quant.qdq import excluded_nodes, weight_top
@@ -361,8 +362,35 @@ def _refine(prepared: Path, out: Path, ranges, weights, activations, images, hol
     if config.qat is not None:
         from .refine.qat import qat_model
 
-        return qat_model(prepared, out, placement, images, holdout, config=config.qat, **common)
+        return qat_model(prepared, out, placement, images, holdout, config=config.qat,
+                         generator=_qat_generator(loaded, config, calib_info), **common)
     return refine_model(prepared, out, placement, images, holdout, config=config.refine, **common)
+
+
+def _qat_generator(loaded: LoadedModel, config: QuantConfig, calib_info: dict):
+    """What QAT's generator trains against (``qat.data``), or None to train on the calibration
+    images: ``auto`` takes the generator where the calibration was synthesised from the
+    model's BN statistics (dsg, zeroq), the generator's loss following that method."""
+    from .refine.qat import GeneratorSource
+
+    qat = config.qat
+    method = calib_info.get("method")
+    from_bn = config.synthetic and method in (SynthMethod.DSG.value, SynthMethod.ZEROQ.value)
+    if qat.data == "calib" or (qat.data == "auto" and not from_bn):
+        return None
+    if qat.data in ("generator", "mixed") and not from_bn:
+        from .graph.bn_taps import find_bn_layers
+        from .graph.to_torch import to_torch
+
+        if not find_bn_layers(to_torch(loaded)):
+            raise NoBatchNormError(f"{loaded.source.name} carries no BatchNorm statistics for QAT's generator to "
+                                   "train against; use --qat-data calib (QAT then trains on the calibration images)")
+    loss = qat.generator_loss or ("bns" if method == SynthMethod.ZEROQ.value else "dsg")
+    box = None
+    if config.preprocess is not None:
+        box = config.preprocess.pixel_box(loaded.input.chw[0])
+    return GeneratorSource(model=loaded, loss=loss, box=box, epsilon=config.synth.epsilon,
+                           slack_reading=config.synth.slack_reading.value)
 
 
 def _learning_key(report: dict) -> str:

@@ -28,7 +28,8 @@ adaround (layer by layer) learns the weight rounding on the calibration
 data; the QDQ model holds exactly the learned integers. W4A4 needs it.
 QAT: --qat trains the quantized model end to end (weights, biases, weight
 and activation steps) by distillation from the float model on the
-calibration data; --qat-checkpoint/--qat-resume continue a long run,
+calibration data or, with --calib dsg/zeroq on a model with BN statistics,
+on a generator's fresh images; --qat-checkpoint/--qat-resume continue a long run,
 --qat-time-budget stops it in time and exports what it learned.
 \b
 Exit status: 0 written (and gate held), 1 gate failed (model and report are
@@ -42,7 +43,9 @@ _REFINE_FLAGS = {"refine_iters": "iters", "refine_lr": "lr", "refine_reg": "reg_
                  "refine_batch_size": "batch_size", "refine_act_lr": "act_lr"}
 _QAT_FLAGS = {"qat_iters": "iters", "qat_lr": "lr", "qat_batch_size": "batch_size", "qat_act_lr": "act_lr",
               "qat_weight_step_lr": "weight_step_lr", "qat_time_budget": "time_budget", "qat_checkpoint": "checkpoint",
-              "qat_augment": "augment"}
+              "qat_augment": "augment", "qat_data": "data", "qat_generator_loss": "generator_loss",
+              "qat_generator_lr": "generator_lr", "qat_generator_warmup": "generator_warmup",
+              "qat_optimizer": "optimizer"}
 
 
 def _bits(w8a8, w6a6, w4a4, wbits, abits):
@@ -85,14 +88,26 @@ def _given(values: dict, fields: dict) -> dict:
               help="Learn the activation step sizes with the rounding at this rate (LSQ; relative steps) [default: 0, "
                    "the calibrated steps].")
 @click.option("--qat", is_flag=True,
-              help="Quantization-aware training (experimental: on a fixed set of 100 images it overfits; see README): "
-                   "distil the float model into the quantized one on the calibration data.")
+              help="Quantization-aware training (experimental: at CPU budgets it ends below its own start; see README): "
+                   "distil the float model into the quantized one on a generator's fresh images or the calibration data.")
 @click.option("--qat-iters", type=int, help="QAT steps [default: 10000 on CUDA, 2000 on CPU].")
 @click.option("--qat-lr", type=float, help="QAT learning rate of the weights and biases (Adam, cosine) [default: 1e-4].")
 @click.option("--qat-batch-size", type=int, help="QAT batch size [default: 64].")
 @click.option("--qat-act-lr", type=float, help="QAT rate of the activation steps (LSQ; 0 keeps the calibrated ones) [default: 1e-4].")
 @click.option("--qat-weight-step-lr", type=float, help="QAT rate of the weight steps (0 keeps them) [default: 1e-3].")
 @click.option("--qat-augment/--qat-no-augment", default=None, help="New views (flips, shifts) of the calibration images each step [default: on].")
+@click.option("--qat-data", type=click.Choice(["auto", "generator", "calib", "mixed"]),
+              help="What QAT trains on: a generator's fresh images, trained alongside against the model's BN "
+                   "statistics (GDFQ-style), the calibration images, or half of each; auto: the generator where the calibration is "
+                   "dsg/zeroq on a model with BN statistics [default: auto].")
+@click.option("--qat-generator-loss", type=click.Choice(["dsg", "bns"]),
+              help="The generator's loss: DSG's (slack alignment, layerwise enhancement, correlation inhibition) or "
+                   "GDFQ's batch statistics [default: bns for --calib zeroq, else dsg].")
+@click.option("--qat-generator-lr", type=float, help="The generator's learning rate (Adam) [default: 1e-3].")
+@click.option("--qat-generator-warmup", type=int, help="Generator steps before the model trains [default: 200].")
+@click.option("--qat-optimizer", type=click.Choice(["adam", "sgd"]),
+              help="QAT's optimiser of the weights and biases (sgd: Nesterov momentum 0.9; the steps stay on Adam) "
+                   "[default: adam].")
 @click.option("--qat-time-budget", type=float, metavar="SECONDS", help="Stop QAT after this long and export what it learned.")
 @click.option("--qat-checkpoint", type=click.Path(dir_okay=False), help="Save the QAT state to this file as it trains.")
 @click.option("--qat-resume", is_flag=True, help="Continue QAT from --qat-checkpoint.")

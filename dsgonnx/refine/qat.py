@@ -14,9 +14,15 @@ on the first output, the teacher being the same float model unquantized (the dat
 QAT papers' distillation: GDFQ, Xu et al. 2020; Qimera; DSG's TPAMI version). BN is already
 folded into the layers, so the student's BN statistics are frozen by construction.
 Training starts where plain rounding with bias correction is (each layer's bias less
-ΔW·E[x], E[x] measured on the float model over the calibration images). Each step draws a
-batch from the calibration images, augmented (flips, shifts) so that a
-fixed set is seen in new views; the teacher labels every view afresh.
+ΔW·E[x], E[x] measured on the float model over the calibration images). Each step trains on
+either
+
+- fresh images from a conditional generator trained alongside, one generator step per
+  student step, against the float model's BN statistics (:mod:`dsgonnx.synth.generative`;
+  GDFQ's scheme, with DSG's losses or GDFQ's), after ``generator_warmup`` steps of the
+  generator alone; the teacher's logits come from the generator's own step; or
+- a batch drawn from the calibration images, augmented (flips, shifts) so that a fixed set
+  is seen in new views; the teacher labels every view afresh.
 
 What comes back is what reconstruction returns (:class:`~.reconstruct.RefineResult`): the
 nearest integers of the trained weights on their learned steps, the learned activation
@@ -40,7 +46,10 @@ import torch
 import torch.nn.functional as F
 from onnx import numpy_helper
 
-from ..config import QatConfig
+from dataclasses import dataclass
+
+from ..config import DEFAULT_SLACK_READING, QatConfig
+from ..graph.onnx_io import LoadedModel
 from ..errors import DataError, UnsupportedModelError
 from ..graph.onnx_io import load_model
 from ..graph.to_torch import resolve_device, to_torch
@@ -49,6 +58,24 @@ from ..quant.correct import conv_shift
 from ..quant.placement import Placement
 from .reconstruct import RefineResult, _export, _find_layers, _learn_steps
 from .simulate import first_output, insert_activation_quant, layer_module
+
+
+@dataclass(frozen=True)
+class GeneratorSource:
+    """What QAT's generator trains against: the float model with its BN statistics (the
+    user's file, before BN is folded), the generator's loss (``dsg`` or ``bns``), the model's
+    pixel box ``(low, high)`` each ``(1, C, 1, 1)`` (None: a normalised output) and DSG's
+    slack settings."""
+
+    model: LoadedModel
+    loss: str = "dsg"
+    box: Optional[tuple[np.ndarray, np.ndarray]] = None
+    epsilon: float = 0.9
+    slack_reading: str = DEFAULT_SLACK_READING.value
+
+    def describe(self) -> dict:
+        return {"loss": self.loss, "pixel_box": self.box is not None, "epsilon": self.epsilon,
+                "slack_reading": self.slack_reading}
 
 
 def _logits(output) -> torch.Tensor:
@@ -120,13 +147,42 @@ def _correct_start(layers: list, teacher: torch.nn.Module, images: torch.Tensor,
     return len(sums)
 
 
-def _signature(model_path: Path, config: QatConfig, n_images: int, placement: Placement, seed: int) -> str:
+class _Together:
+    """Optimisers stepped as one, each on a cosine schedule to 0 over ``iters`` steps."""
+
+    def __init__(self, optimisers: list, iters: int):
+        self.optimisers = optimisers
+        self.schedules = [torch.optim.lr_scheduler.LambdaLR(
+            o, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, iters) / max(iters, 1)))) for o in optimisers]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for optimiser in self.optimisers:
+            optimiser.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for optimiser, schedule in zip(self.optimisers, self.schedules):
+            optimiser.step()
+            schedule.step()
+
+    def state_dict(self) -> dict:
+        return {"optimisers": [o.state_dict() for o in self.optimisers],
+                "schedules": [s.state_dict() for s in self.schedules]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for optimiser, saved in zip(self.optimisers, state["optimisers"]):
+            optimiser.load_state_dict(saved)
+        for schedule, saved in zip(self.schedules, state["schedules"]):
+            schedule.load_state_dict(saved)
+
+
+def _signature(model_path: Path, config: QatConfig, n_images: int, placement: Placement, seed: int,
+               data: Optional[dict] = None) -> str:
     """What a checkpoint must have been made from to be resumed: the model, the grids and the
     settings that shape the run (not the time budget, the checkpoint path or resume itself)."""
     digest = hashlib.sha256(Path(model_path).read_bytes())
     settings = {k: v for k, v in config.to_dict().items() if k not in ("time_budget", "checkpoint", "resume")}
     grids = sorted((name, g.scale, g.zero_point, g.low, g.high) for name, g in placement.activations.items())
-    digest.update(json.dumps([settings, grids, n_images, seed], sort_keys=True, default=str).encode())
+    digest.update(json.dumps([settings, grids, n_images, seed, data], sort_keys=True, default=str).encode())
     return digest.hexdigest()
 
 
@@ -140,14 +196,14 @@ def _save_checkpoint(path: Path, state: dict) -> None:
 def qat_model(model_path: Path, output_path: Path, placement: Placement, images: np.ndarray,
               eval_images: Optional[np.ndarray], *, exclude: set[str], per_channel: bool, weight_top: int,
               config: QatConfig, device: str = "auto", seed: int = 0,
-              weight_tops: Optional[dict] = None) -> RefineResult:
+              weight_tops: Optional[dict] = None, generator: Optional[GeneratorSource] = None) -> RefineResult:
     """Train the quantized simulation of ``model_path`` by distillation on ``images``.
 
     Arguments as :func:`~.reconstruct.refine_model`'s (``placement``: what the QDQ model
     quantizes, with its calibrated grids, the starting point). ``eval_images`` (else the
     calibration images) measure the distillation loss before and after, without augmentation.
     Writes the float model holding the trained biases and scale·integer weights to
-    ``output_path``.
+    ``output_path``. ``generator``: train on a generator's fresh images (else on ``images``).
     """
     started = time.perf_counter()
     torch_device = resolve_device(device)
@@ -179,14 +235,15 @@ def qat_model(model_path: Path, output_path: Path, placement: Placement, images:
     act_steps = list({id(q.log_step): q.log_step for q in learned.values()}.values())
     for parameter in weights + steps + act_steps:
         parameter.requires_grad_(True)
-    groups = [{"params": weights, "lr": config.lr}]
-    if steps:
-        groups.append({"params": steps, "lr": config.weight_step_lr})
+    groups = [{"params": steps, "lr": config.weight_step_lr}] if steps else []
     if act_steps:
         groups.append({"params": act_steps, "lr": config.act_lr})
-    optimiser = torch.optim.Adam(groups)
-    schedule = torch.optim.lr_scheduler.LambdaLR(  # cosine to 0 over the run
-        optimiser, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, config.iters) / max(config.iters, 1))))
+    if config.optimizer == "sgd":  # the weights on SGD (the data-free QAT papers'), the steps on Adam
+        optimisers = [torch.optim.SGD(weights, lr=config.lr, momentum=0.9, nesterov=True)]
+        optimisers += [torch.optim.Adam(groups)] if groups else []
+    else:
+        optimisers = [torch.optim.Adam([{"params": weights, "lr": config.lr}] + groups)]
+    optimiser = _Together(optimisers, config.iters)
 
     calib = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
     chunk = max(config.batch_size, 64)
@@ -201,10 +258,21 @@ def qat_model(model_path: Path, output_path: Path, placement: Placement, images:
         return float(distillation(torch.from_numpy(out).reshape(len(out), -1),
                                   torch.from_numpy(teacher_held).reshape(len(out), -1), config.temperature))
 
+    trainer = None
+    if generator is not None:
+        from ..synth.generative import GeneratorTrainer
+
+        box = None if generator.box is None else tuple(torch.from_numpy(np.asarray(b, np.float32)) for b in generator.box)
+        mixed = config.data == "mixed"  # half of each batch from the generator, half from the calibration images
+        trainer = GeneratorTrainer(to_torch(generator.model), int(np.prod(teacher_held.shape[1:])),
+                                   max(1, config.batch_size // 2) if mixed else config.batch_size,
+                                   torch_device, loss=generator.loss, lr=config.generator_lr, bn_weight=config.bn_weight,
+                                   epsilon=generator.epsilon, slack_reading=generator.slack_reading, box=box, seed=seed)
     batches = torch.Generator().manual_seed(seed)
     step = 0
     checkpoint = Path(config.checkpoint) if config.checkpoint else None
-    signature = _signature(model_path, config, len(calib), placement, seed)
+    signature = _signature(model_path, config, len(calib), placement, seed,
+                           generator.describe() if generator is not None else None)
     resumed_from = None
     if config.resume and checkpoint is not None and checkpoint.exists():
         try:
@@ -218,39 +286,63 @@ def qat_model(model_path: Path, output_path: Path, placement: Placement, images:
             for parameter, value in zip(weights + steps + act_steps, state["parameters"]):
                 parameter.copy_(value)
         optimiser.load_state_dict(state["optimiser"])
-        schedule.load_state_dict(state["schedule"])
         batches.set_state(state["batches"])
+        if trainer is not None:
+            trainer.load_state_dict(state["generator"])
         step = resumed_from = int(state["step"])
         say(f"qat: resumed from {checkpoint} at step {step}/{config.iters}")
 
     before = held_loss()
+    data = ("calibration images" if trainer is None else
+            "generator and calibration images" if config.data == "mixed" else "generator")
+    source = (f"{len(calib)} images" if trainer is None else f"a {generator.loss} generator's fresh images"
+              + (f" and {len(calib)} images" if config.data == "mixed" else ""))
     say(f"qat: {len(layers)} layers, {len(quantizers)} quantized activations, {config.iters} steps of batch "
-        f"{config.batch_size} on {len(calib)} images, on {torch_device}; held-out distillation loss {before:.4g}")
-    progress = Progress("qat", config.iters)
+        f"{config.batch_size} on {source}, on {torch_device}; held-out distillation loss {before:.4g}")
     stopped = "done"
     losses = []
-    batch = min(config.batch_size, len(calib))
+    batch = min(config.batch_size - (trainer.batch_size if trainer is not None else 0), len(calib))
     train_started = time.perf_counter()
+
+    def over_budget() -> bool:
+        return config.time_budget is not None and time.perf_counter() - train_started > config.time_budget
+
+    warmup = 0
+    if trainer is not None and step == 0 and config.generator_warmup:
+        progress = Progress("qat generator warm-up", config.generator_warmup)
+        while trainer.steps < config.generator_warmup and not over_budget():
+            trainer.step()
+            warmup += 1
+            if trainer.steps % 10 == 0:
+                progress.update(trainer.steps, " ".join(f"{k} {v:.3g}" for k, v in trainer.last.items()))
+        progress.close()
+    progress = Progress("qat", config.iters)
+
     def save() -> None:
         _save_checkpoint(checkpoint, {"signature": signature, "step": step,
                                       "parameters": [p.detach() for p in weights + steps + act_steps],
-                                      "optimiser": optimiser.state_dict(), "schedule": schedule.state_dict(),
-                                      "batches": batches.get_state()})
+                                      "optimiser": optimiser.state_dict(),
+                                      "batches": batches.get_state(),
+                                      **({"generator": trainer.state_dict()} if trainer is not None else {})})
 
     while step < config.iters:
-        if config.time_budget is not None and time.perf_counter() - train_started > config.time_budget:
+        if over_budget():
             stopped = "time budget"
             if checkpoint is not None:  # a later --qat-resume continues where the budget stopped it
                 save()
             break
         student.train()
-        index = torch.randint(len(calib), (batch,), generator=batches)
-        x = calib[index]
-        if config.augment:
-            x = augment(x, batches)
-        x = x.to(torch_device)
-        with torch.no_grad():
-            target = _logits(teacher(x))
+        parts = [trainer.step()] if trainer is not None else []
+        if batch > 0:
+            index = torch.randint(len(calib), (batch,), generator=batches)
+            x = calib[index]
+            if config.augment:
+                x = augment(x, batches)
+            x = x.to(torch_device)
+            with torch.no_grad():
+                parts.append((x, _logits(teacher(x))))
+        x = torch.cat([part[0] for part in parts]) if len(parts) > 1 else parts[0][0]
+        target = torch.cat([part[1] for part in parts]) if len(parts) > 1 else parts[0][1]
         loss = distillation(_logits(student(x)), target, config.temperature)
         if not torch.isfinite(loss):
             raise DataError(f"qat: the distillation loss (KL to the float model) became {float(loss.detach())} at step "
@@ -258,14 +350,16 @@ def qat_model(model_path: Path, output_path: Path, placement: Placement, images:
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
-        schedule.step()
         step += 1
         if step % 10 == 0 or step == config.iters:
             losses.append(float(loss.detach()))
-            progress.update(step, f"kl {losses[-1]:.4g}")
+            progress.update(step, f"kl {losses[-1]:.4g}" + (f" ce {trainer.last['cross_entropy']:.3g}"
+                                                             if trainer is not None else ""))
         if checkpoint is not None and (step % config.checkpoint_every == 0 or step == config.iters):
             save()
     progress.close()
+    if trainer is not None:
+        trainer.close()
     train_seconds = time.perf_counter() - train_started
     for layer in layers:
         layer.module.fix_scale()
@@ -283,9 +377,15 @@ def qat_model(model_path: Path, output_path: Path, placement: Placement, images:
               "steps": step, "stopped": stopped, "resumed_from": resumed_from,
               "steps_per_second": round(done_steps / train_seconds, 3) if train_seconds > 0 and done_steps else None,
               "calibration_samples": len(calib), "bias_corrected_start": corrected,
+              "data": data,
+              **({"generator": {**generator.describe(), "lr": config.generator_lr, "bn_weight": config.bn_weight,
+                                "warmup_steps": warmup, "steps": trainer.steps,
+                                "last_terms": {k: round(v, 6) for k, v in trainer.last.items()}}}
+                 if trainer is not None else {}),
               "loss_measured_on": "held-out samples" if eval_images is not None and len(eval_images) else
               "the calibration samples",
               "distillation_before": round(before, 6), "distillation_after": round(after, 6),
+              "train_loss_start": [round(v, 6) for v in losses[:5]],
               "train_loss": [round(v, 6) for v in losses[-5:]],
               "refined_layers": [layer.onnx_name for layer in layers], "skipped_layers": skipped,
               "simulated_activations": len(quantizers), "unsimulated": unsimulated,
