@@ -238,7 +238,7 @@ def main(argv=None) -> int:
                      f"training (`dsgonnx quantize --qat`) with {trained[0]} (less the data settings) on, in turn, those "
                      "images (flipped and shifted), a generator's fresh images trained with DSG's losses "
                      "(`--qat-data generator`), or with GDFQ's batch statistics (`--qat-generator-loss bns`); "
-                     "`s` gives the training's seconds.", ""]
+                     "the `synthesis s` column adds the training's seconds.", ""]
                     if (trained := [json.dumps({k: v for k, v in r["qat"].items() if k not in ("data", "generator_loss")})
                                     for r in results["rows"].values() if r.get("qat")]) else []),
                   markdown(results), ""]

@@ -44,7 +44,7 @@ class ConditionalGenerator(nn.Module):
     generalised to any input size: as many ×2 stages as bring the first map to ≤ 8 pixels)."""
 
     def __init__(self, num_classes: int, chw: tuple[int, int, int], latent: int = 256, width: int = 128,
-                 box: Optional[tuple[torch.Tensor, torch.Tensor]] = None):
+                 box: Optional[tuple[torch.Tensor, torch.Tensor]] = None, seed: Optional[int] = None):
         super().__init__()
         channels, height, width_px = chw
         self.chw, self.latent = chw, latent
@@ -70,6 +70,20 @@ class ConditionalGenerator(nn.Module):
             self.finish = nn.Identity()
             self.register_buffer("low", box[0].reshape(1, channels, 1, 1).float())
             self.register_buffer("high", box[1].reshape(1, channels, 1, 1).float())
+        if seed is not None:
+            self.reset_parameters(torch.Generator().manual_seed(seed))
+
+    def reset_parameters(self, generator: torch.Generator) -> None:
+        """torch's default initialisation, drawn from ``generator`` (the global random state is
+        the user's: a library does not reseed it)."""
+        with torch.no_grad():
+            for module in self.modules():
+                if isinstance(module, (nn.Conv2d, nn.Linear)):
+                    nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5), generator=generator)
+                    bound = 1 / math.sqrt(module.weight[0].numel())
+                    nn.init.uniform_(module.bias, -bound, bound, generator=generator)
+                elif isinstance(module, nn.Embedding):
+                    nn.init.normal_(module.weight, generator=generator)
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         h = self.project(z * self.embed(labels)).reshape(len(z), self.width, *self.start)
@@ -107,10 +121,9 @@ class GeneratorTrainer:
         self.module = teacher.module.to(device).float().eval()
         for parameter in self.module.parameters():
             parameter.requires_grad_(False)
-        torch.manual_seed(seed)  # the generator's initial weights
         chw = teacher.loaded.input.chw
-        self.generator = ConditionalGenerator(self.num_classes, chw,
-                                              box=None if box is None else (box[0].cpu(), box[1].cpu())).to(device)
+        self.generator = ConditionalGenerator(self.num_classes, chw, box=None if box is None else (box[0].cpu(), box[1].cpu()),
+                                              seed=seed).to(device)
         self.optimiser = torch.optim.Adam(self.generator.parameters(), lr=lr, betas=(0.5, 0.999))
         self.random = torch.Generator().manual_seed(seed)
         self.noise = (self.random if device.type == "cpu" else torch.Generator(device=device).manual_seed(seed))
