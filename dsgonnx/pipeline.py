@@ -21,7 +21,7 @@ from . import __version__, distributed
 from .artifacts import check_output_folder, publish
 from .calibration_data import load_real_images
 from .config import BiasCorrection, PoolRange, QuantConfig, SynthMethod, ValidateConfig
-from .errors import DataError, ModelLoadError, NoBatchNormError, UnsupportedModelError
+from .errors import DataError, ModelLoadError, UnsupportedModelError
 from .graph.layout import channels_last_input
 from .graph.onnx_io import LoadedModel, load_model
 from .progress import say
@@ -377,14 +377,7 @@ def _qat_generator(loaded: LoadedModel, config: QuantConfig, calib_info: dict):
     method = calib_info.get("method")
     from_bn = config.synthetic and method in (SynthMethod.DSG.value, SynthMethod.ZEROQ.value)
     if qat.data == "calib" or (qat.data == "auto" and not from_bn):
-        return None
-    if qat.data in ("generator", "mixed") and not from_bn:
-        from .graph.bn_taps import find_bn_layers
-        from .graph.to_torch import to_torch
-
-        if not find_bn_layers(to_torch(loaded)):
-            raise NoBatchNormError(f"{loaded.source.name} carries no BatchNorm statistics for QAT's generator to "
-                                   "train against; use --qat-data calib (QAT then trains on the calibration images)")
+        return None  # (a model without BN statistics is refused where the generator is built)
     loss = qat.generator_loss or ("bns" if method == SynthMethod.ZEROQ.value else "dsg")
     box = None
     if config.preprocess is not None:

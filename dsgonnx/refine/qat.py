@@ -37,6 +37,7 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -46,16 +47,14 @@ import torch
 import torch.nn.functional as F
 from onnx import numpy_helper
 
-from dataclasses import dataclass
-
 from ..config import DEFAULT_SLACK_READING, QatConfig
-from ..graph.onnx_io import LoadedModel
 from ..errors import DataError, UnsupportedModelError
-from ..graph.onnx_io import load_model
+from ..graph.onnx_io import LoadedModel, load_model
 from ..graph.to_torch import resolve_device, to_torch
 from ..progress import Progress, say
 from ..quant.correct import conv_shift
 from ..quant.placement import Placement
+from ..synth.generative import GeneratorTrainer, logits
 from .reconstruct import RefineResult, _export, _find_layers, _learn_steps
 from .simulate import first_output, insert_activation_quant, layer_module
 
@@ -76,11 +75,6 @@ class GeneratorSource:
     def describe(self) -> dict:
         return {"loss": self.loss, "pixel_box": self.box is not None, "epsilon": self.epsilon,
                 "slack_reading": self.slack_reading}
-
-
-def _logits(output) -> torch.Tensor:
-    out = output[0] if isinstance(output, (tuple, list)) else output
-    return out.reshape(len(out), -1).float()
 
 
 def distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -260,8 +254,6 @@ def qat_model(model_path: Path, output_path: Path, placement: Placement, images:
 
     trainer = None
     if generator is not None:
-        from ..synth.generative import GeneratorTrainer
-
         box = None if generator.box is None else tuple(torch.from_numpy(np.asarray(b, np.float32)) for b in generator.box)
         mixed = config.data == "mixed"  # half of each batch from the generator, half from the calibration images
         trainer = GeneratorTrainer(to_torch(generator.model), int(np.prod(teacher_held.shape[1:])),
@@ -340,10 +332,10 @@ def qat_model(model_path: Path, output_path: Path, placement: Placement, images:
                 x = augment(x, batches)
             x = x.to(torch_device)
             with torch.no_grad():
-                parts.append((x, _logits(teacher(x))))
+                parts.append((x, logits(teacher(x))))
         x = torch.cat([part[0] for part in parts]) if len(parts) > 1 else parts[0][0]
         target = torch.cat([part[1] for part in parts]) if len(parts) > 1 else parts[0][1]
-        loss = distillation(_logits(student(x)), target, config.temperature)
+        loss = distillation(logits(student(x)), target, config.temperature)
         if not torch.isfinite(loss):
             raise DataError(f"qat: the distillation loss (KL to the float model) became {float(loss.detach())} at step "
                             f"{step + 1}; lower --qat-lr")

@@ -29,14 +29,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import GENERATOR_LOSSES
+from ..config import GENERATOR_LOSSES as LOSSES
 from ..errors import DataError, NoBatchNormError
 from ..graph.bn_taps import BNLayer, BNProbe, find_bn_layers
 from ..graph.to_torch import TorchModel
 from . import losses
 from .margins import Margins, slack_margins
 
-LOSSES = GENERATOR_LOSSES
+
+def logits(output) -> torch.Tensor:
+    """A model's first output as float ``(N, classes)`` logits."""
+    out = output[0] if isinstance(output, (tuple, list)) else output
+    return out.reshape(len(out), -1).float()
 
 
 class ConditionalGenerator(nn.Module):
@@ -170,9 +174,8 @@ class GeneratorTrainer:
         self.generator.train()
         with torch.no_grad():
             images = self.generator(z, labels)
-            output = self.module(images)
-            logits = (output[0] if isinstance(output, (tuple, list)) else output).float().reshape(len(images), -1)
-            result = {"cross_entropy": float(F.cross_entropy(logits, labels)), "bn": float(self._bn_term())}
+            result = {"cross_entropy": float(F.cross_entropy(logits(self.module(images)), labels)),
+                      "bn": float(self._bn_term())}
         self._inputs = [None] * len(self.layers)
         return result
 
@@ -188,11 +191,10 @@ class GeneratorTrainer:
         self.generator.train(train)
         with torch.set_grad_enabled(train):
             images = self.generator(z, labels)
-            output = self.module(images)
-            logits = (output[0] if isinstance(output, (tuple, list)) else output).float().reshape(len(images), -1)
+            scores = logits(self.module(images))
             if train:
-                cross_entropy = F.cross_entropy(logits, labels) if logits.shape[1] > 1 else \
-                    F.binary_cross_entropy_with_logits(logits[:, 0], (labels % 2).float())
+                cross_entropy = F.cross_entropy(scores, labels) if scores.shape[1] > 1 else \
+                    F.binary_cross_entropy_with_logits(scores[:, 0], (labels % 2).float())
                 bn = self._bn_term()
                 total = cross_entropy + self.bn_weight * bn
                 terms = {"cross_entropy": cross_entropy, "bn": bn}
@@ -211,7 +213,7 @@ class GeneratorTrainer:
                 self.last = {k: float(v.detach()) for k, v in terms.items()}
                 self.steps += 1
         self._inputs = [None] * len(self.layers)
-        return images.detach(), logits.detach()
+        return images.detach(), scores.detach()
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.state_dict(), "optimiser": self.optimiser.state_dict(),
