@@ -41,6 +41,7 @@ VARIANTS = {
     "calpool": {"pool_range": "calibrated"},  # pooled features on their own calibrated range (the default before)
     "nofirst": {"first_layer_8bit": False},  # input and first layer at the low width too (below 8 bits)
     "lsq": {},  # with +refine: the activation steps learned too (quantize --refine-act-lr LSQ_LR)
+    "nofallback": {"fallback": False},  # with +refine/+qat*: the learned model even where plain rounding is closer
     # quantization-aware training (quantize --qat; settings from ``qat=``) on: the calibration images
     # themselves, a generator trained with DSG's losses, or one trained with GDFQ's BN statistics
     "qat": {},
@@ -101,7 +102,7 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
         for row in sources:
             base, variants = parse_row(row)
             runs = {b: [] for b in bits}
-            seconds, per_iter, similarity, refine_seconds, fidelity = [], [], [], [], {}
+            seconds, per_iter, similarity, refine_seconds, fidelity, kept = [], [], [], [], {}, {}
             refine_settings = dict(refine or {"method": "brecq"}) if "refine" in variants else {}
             refine_method = refine_settings.pop("method", None)
             if "lsq" in variants:
@@ -151,6 +152,9 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
                         refine_seconds.append(done.refine["seconds"])
                         # the trained simulation against the written file (before bias correction)
                         fidelity[str(b)] = {k: done.refine["fidelity"][k] for k in ("agreement", "sqnr_db")}
+                        check = done.decisions["qat" if qat_settings else "refine"].get("against_plain")
+                        if check is not None:  # quantize's choice between the learned model and plain rounding
+                            kept.setdefault(str(b), []).append({k: check[k] for k in ("kept", "learned", "plain", "on")})
                     report = validate(model, str(out), ValidateConfig(), images=held_images,
                                       labels=held_labels).to_dict()
                     results["fp32"] = {"top1": report["fp32"]["top1"], "top5": report["fp32"]["top5"]}
@@ -178,11 +182,11 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
             }
             if qat_settings:
                 results["rows"][row].update(qat=qat_settings, refine_seconds=round(float(np.mean(refine_seconds)), 1),
-                                            refine_fidelity=fidelity)
+                                            refine_fidelity=fidelity, against_plain=kept)
             if refine_method:
                 results["rows"][row].update(refine=dict(refine_settings, method=refine_method),
                                             refine_seconds=round(float(np.mean(refine_seconds)), 1),
-                                            refine_fidelity=fidelity)
+                                            refine_fidelity=fidelity, against_plain=kept)
     results["torch"] = torch.__version__
     return results
 
@@ -217,7 +221,10 @@ def markdown(results: dict) -> str:
             mean, std = row["top1"][str(b)]
             spread = f" ± {std:.2f}" if row["runs"] > 1 else ""
             agreement = row.get("agreement", {}).get(str(b))
-            cells.append(f"{mean:.2f}{spread} ({mean - fp:+.2f})" + (f" · {agreement:.2f}" if agreement is not None else ""))
+            plain = sum(c["kept"] == "plain" for c in row.get("against_plain", {}).get(str(b), []))
+            marks = "†" * bool(plain) + (f"×{plain}" if plain and row["runs"] > 1 else "")
+            cells.append(f"{mean:.2f}{spread}{marks} ({mean - fp:+.2f})"
+                         + (f" · {agreement:.2f}" if agreement is not None else ""))
         synthesis = row["synthesis_seconds"]
         if row.get("refine_seconds") is not None:
             synthesis = (f"{synthesis if synthesis is not None else 0} + {row['refine_seconds']} "
@@ -226,6 +233,10 @@ def markdown(results: dict) -> str:
                  str(row["seconds_per_iter"] if row["seconds_per_iter"] is not None else "–"),
                  str(row["sample_similarity"] if row["sample_similarity"] is not None else "–")]
         lines.append(f"| {source} | " + " | ".join(cells + extra) + " |")
+    if any(c["kept"] == "plain" for row in results["rows"].values() for checks in row.get("against_plain", {}).values()
+           for c in checks):
+        lines.append("\n† the learned model followed the float model less closely than plain rounding did (logit "
+                     "SQNR on the calibration images): quantize wrote the plain model (`--fallback`, the default).")
     lines.append(f"\nFP32 top-1 {fp:.2f}% on {results['eval_images']} held-out images.")
     return "\n".join(lines)
 

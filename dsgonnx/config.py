@@ -563,6 +563,9 @@ class QuantConfig:
     input space, or a :class:`~dsgonnx.SyntheticSet`. ``synth`` tunes the synthesis
     (:class:`SynthOptions`); ``iters=None`` is by device. ``refine``: a
     :class:`RefineConfig` (or just its method, ``"brecq"``) to learn the weight rounding.
+    ``fallback``: after ``refine`` or ``qat``, also write the plain model (nearest rounding) and
+    keep it instead where its logits follow the float model's more closely on the held-out
+    synthetic samples (else the calibration images).
     """
 
     wbits: int = 8
@@ -598,6 +601,7 @@ class QuantConfig:
     synth: SynthOptions = SynthOptions()
     refine: Optional[RefineConfig] = None
     qat: Optional[QatConfig] = None
+    fallback: bool = True  # after refine/qat: plain rounding where it follows the float model more closely
 
     def __post_init__(self):
         check_bits(self.wbits, self.abits, self.target)

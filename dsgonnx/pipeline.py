@@ -186,30 +186,49 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
             with stages("mixed precision"):
                 keep_8bit, mixed = _choose_mixed(Path(scratch), float_path, ranges, weights, activations, reduce_range,
                                                  refined, correct, calib_images, holdout, batch, loaded, config, first)
+        def write(path: Path, source: Path, learned, corrector) -> dict:
+            """The QDQ model of ``source`` (with ``learned``'s integers and steps), bias-corrected."""
+            written = quantize_qdq(source, path, ranges, weights, activations,
+                                   per_channel=config.per_channel, reduce_range=reduce_range,
+                                   exclude=config.exclude, logits=config.logits,
+                                   refined=_refined_kept(learned, keep_8bit - first),
+                                   learned_activations=_learned_kept(learned, keep_8bit - first),
+                                   keep_8bit=keep_8bit | first)
+            written.update(policy)
+            if mixed is not None:
+                written["mixed"] = mixed
+            if equalized is not None:
+                written["cle"] = equalized
+            if learned is not None:
+                with stages(f"{learning} check"):
+                    written[learning] = {"method": learned.report["method"], "layers": len(learned.weights),
+                                         "fidelity": _fidelity(learned, path, calib_images, loaded, learning)}
+            if corrector is not None:
+                with stages("bias correction"):
+                    written["bias_correction"] = corrector(path)
+            return written
+
         fd, tmp_name = tempfile.mkstemp(dir=output.parent if str(output.parent) else ".", prefix=f".{output.name}.",
                                         suffix=".tmp.onnx")
         os.close(fd)
         tmp = Path(tmp_name)
         try:
             with stages("quantize"):
-                decisions = quantize_qdq(float_path, tmp, ranges, weights, activations,
-                                         per_channel=config.per_channel, reduce_range=reduce_range,
-                                         exclude=config.exclude, logits=config.logits,
-                                         refined=_refined_kept(refined, keep_8bit - first),
-                                         learned_activations=_learned_kept(refined, keep_8bit - first),
-                                         keep_8bit=keep_8bit | first)
-            decisions.update(policy)
-            if mixed is not None:
-                decisions["mixed"] = mixed
-            if refined:
-                with stages(f"{learning} check"):
-                    decisions[learning] = {"method": refined.report["method"], "layers": len(refined.weights),
-                                           "fidelity": _fidelity(refined, tmp, calib_images, loaded, learning)}
-            if equalized is not None:
-                decisions["cle"] = equalized
-            if correct is not None:
-                with stages("bias correction"):
-                    decisions["bias_correction"] = correct(tmp)
+                decisions = write(tmp, float_path, refined, correct)
+            if refined and config.fallback:
+                with stages(f"{learning} against plain rounding"):
+                    plain = Path(scratch) / "plain.onnx"
+                    corrector = correct if correct is None or config.qat is None else _BiasCorrector(
+                        prepared, None if config.cle else loaded.model, loaded, calib_images, batch,
+                        config.bias_correction)
+                    plain_decisions = write(plain, prepared, None, corrector)
+                    check = _against_plain(tmp, plain, prepared, holdout, calib_images, loaded, learning)
+                    decisions[learning]["against_plain"] = check
+                    if check["kept"] == "plain":
+                        os.replace(plain, tmp)
+                        decisions = {**plain_decisions, learning: decisions[learning]}
+                        refined.report["kept"] = "plain rounding"
+                        refined.weights, refined.activations = {}, {}  # the written model holds none of them
             with stages("check"):
                 _finish_model(tmp, loaded, bits, calib_info, decisions, calib_images[: fixed or 1])
             publish(tmp, output, replace=config.force)
@@ -238,7 +257,9 @@ def _calibration_data(loaded: LoadedModel, config: QuantConfig):
     if config.synthetic:
         from .synth import synthesize
 
-        holdout = config.holdout if config.validate and config.val_data is None else 0
+        # held out: to validate on without val_data, and for refine/qat to measure themselves on
+        wanted = (config.validate and config.val_data is None) or config.refine is not None or config.qat is not None
+        holdout = config.holdout if wanted else 0
         synthetic = synthesize(loaded, config.synth_config(config.num_samples + holdout))
         images = synthetic.images
         settings = synthetic.meta["config"]
@@ -295,10 +316,7 @@ def _choose_mixed(scratch: Path, float_path: Path, ranges, weights, activations,
     if correct is not None:
         correct(probe)
     samples = holdout if holdout is not None and len(holdout) else images
-    samples = samples[:MIXED_PROBE_SAMPLES]
-    fixed = loaded.input.fixed_batch
-    if fixed and len(samples) % fixed:  # whole batches only
-        samples = np.resize(samples, (max(fixed, len(samples) // fixed * fixed), *samples.shape[1:]))
+    samples = _whole_batches(samples[:MIXED_PROBE_SAMPLES], loaded)
     return choose_8bit(probe, float_path, loaded.input.name, samples, config.mixed_budget,
                        batch, kept)
 
@@ -397,21 +415,65 @@ def _fidelity(refined, qdq_path: Path, images: np.ndarray, loaded: LoadedModel, 
     """How closely the trained simulation's logits follow the QDQ model just written (before
     bias correction) on up to 32 calibration images; the simulation is released after."""
     from .refine.simulate import fidelity
-    from .runtime import ort_session, run_model
 
     fixed = loaded.input.fixed_batch
     count = min(len(images), FIDELITY_SAMPLES)
     samples = images[: max(fixed, count // fixed * fixed) if fixed else count]
-    session = ort_session(qdq_path)
-    step = fixed or len(samples)
-    exported = np.concatenate([run_model(session, {loaded.input.name: samples[i : i + step]}, qdq_path)[0]
-                               for i in range(0, len(samples), step)])
+    exported = _logits(qdq_path, samples, loaded)
     figures = {**fidelity(refined.simulation(samples), exported), "samples": len(samples)}
     refined.release()
     refined.report["fidelity"] = figures
     say(f"{label}: the simulation it trained follows the exported model with top-1 agreement "
         f"{figures['agreement']:.3f}, logit SQNR {figures['sqnr_db']} dB on {len(samples)} calibration images")
     return figures
+
+
+FALLBACK_SAMPLES = 64
+
+
+def _against_plain(learned: Path, plain: Path, float_path: Path, holdout, images, loaded: LoadedModel,
+                   label: str) -> dict:
+    """Which of two QDQ models of one float model follows it more closely — ``learned`` (after
+    reconstruction or QAT) or ``plain`` (nearest rounding of the float weights), both
+    bias-corrected — by logit SQNR on up to 64 held-out synthetic samples (else calibration
+    images, which favour the learned model: it was fitted to them). Ties keep the learned one."""
+    from .validation.metrics import sqnr_db, top1_agreement
+
+    probe = holdout if holdout is not None and len(holdout) else images
+    on = "held-out synthetic samples" if probe is holdout else "calibration images"
+    samples = _whole_batches(probe[:FALLBACK_SAMPLES], loaded)
+    reference = _logits(float_path, samples, loaded)
+    scores = {}
+    for name, path in (("learned", learned), ("plain", plain)):
+        out = _logits(path, samples, loaded)
+        sqnr = sqnr_db(reference, out)
+        scores[name] = {"sqnr_db": None if sqnr is None else round(sqnr, 3),
+                        "agreement": round(top1_agreement(reference, out), 4)}
+    learned_db, plain_db = (scores[k]["sqnr_db"] for k in ("learned", "plain"))
+    kept = "plain" if plain_db is not None and (learned_db is None or plain_db > learned_db) else "learned"
+    say(f"{label}: logit SQNR against the float model on {len(samples)} {on}: {learned_db} dB learned, "
+        f"{plain_db} dB plain rounding; "
+        + ("kept the learned model" if kept == "learned" else "kept plain rounding (the learned model is worse)"))
+    return {"samples": len(samples), "on": on, **scores, "kept": kept}
+
+
+def _whole_batches(samples: np.ndarray, loaded: LoadedModel) -> np.ndarray:
+    """``samples`` cut (or repeated) to whole batches of a model whose batch size is fixed."""
+    fixed = loaded.input.fixed_batch
+    if not fixed or len(samples) % fixed == 0:
+        return samples
+    return np.resize(samples, (max(fixed, len(samples) // fixed * fixed), *samples.shape[1:]))
+
+
+def _logits(path: Path, samples: np.ndarray, loaded: LoadedModel) -> np.ndarray:
+    """The first output of the (scratch, NCHW) model at ``path`` on ``samples``, in the model's batches."""
+    from .runtime import run_model
+
+    session = ort_session(path)
+    step = loaded.input.fixed_batch or len(samples)
+    out = np.concatenate([run_model(session, {loaded.input.name: samples[i : i + step]}, path)[0]
+                          for i in range(0, len(samples), step)])
+    return out.reshape(len(out), -1)
 
 
 def _refined_kept(refined, dropped: set[str]) -> Optional[dict]:

@@ -36,7 +36,9 @@ def setup(tmp_path_factory):
 
 
 def _quantize(setup, name, qat, **options):
-    common = dict(wbits=4, abits=4, calib=str(setup["npz"]), num_samples=64, force=True, validate=False, seed=0)
+    # the trained model is what these tests read (the choice against plain rounding: test_fallback.py)
+    common = dict(wbits=4, abits=4, calib=str(setup["npz"]), num_samples=64, force=True, validate=False, seed=0,
+                  fallback=False)
     return quantize(str(setup["model"]), QuantConfig(output=str(setup["folder"] / f"{name}.onnx"), qat=qat,
                                                      **(common | options)))
 

@@ -72,7 +72,7 @@ def test_training_the_generator_lowers_its_loss(tiny, loss):
 
 def _quantize(tiny, name, qat, **options):
     common = dict(wbits=4, abits=4, calib="dsg", num_samples=32, iters=20, force=True, validate=False, seed=0,
-                  holdout=32)
+                  holdout=32, fallback=False)  # the trained model is what is read
     return quantize(str(tiny["model"]), QuantConfig(output=str(tiny["folder"] / f"{name}.onnx"), qat=qat,
                                                     **(common | options)))
 

@@ -102,7 +102,8 @@ def test_qdq_model_holds_exactly_the_learned_integers(setup, bits, reduce_range)
     out = setup["folder"] / f"refined-w{bits}-{reduce_range}.onnx"
     result = quantize(str(setup["model"]), QuantConfig(
         wbits=bits, abits=bits, calib=str(setup["npz"]), num_samples=64, output=str(out), force=True, validate=False,
-        reduce_range=reduce_range, refine=RefineConfig(method="adaround", iters=100)))
+        reduce_range=reduce_range, refine=RefineConfig(method="adaround", iters=100),
+        fallback=False))  # the export is tested here, the choice against plain rounding in test_fallback.py
     learned = result.refined_weights
     assert len(learned) == 6
     written = _quantized_weights(out)
@@ -198,7 +199,7 @@ def test_learned_activation_steps_are_what_the_qdq_model_holds(setup):
                   bias_correction="off")
     plain = quantize(str(setup["model"]), QuantConfig(output=str(folder / "steps-plain.onnx"), **common))
     result = quantize(str(setup["model"]), QuantConfig(output=str(folder / "steps.onnx"), **common, refine=RefineConfig(
-        method="brecq", iters=100, act_lr=1e-2)))
+        method="brecq", iters=100, act_lr=1e-2), fallback=False))
     before = read_placement(onnx.load(str(plain.output))).activations
     after = read_placement(onnx.load(str(result.output))).activations
     steps = result.refine["learned_activation_steps"]
@@ -236,7 +237,7 @@ def test_bias_correction_measures_refined_roundings_against_the_float_weights(se
 
     folder = setup["folder"]
     common = dict(wbits=4, abits=4, calib=str(setup["npz"]), num_samples=64, force=True, validate=False, seed=0,
-                  refine=RefineConfig(method="brecq", iters=50))
+                  refine=RefineConfig(method="brecq", iters=50), fallback=False)  # the learned model is what is tested
     off = quantize(str(setup["model"]), QuantConfig(output=str(folder / "bc-off.onnx"), bias_correction="off", **common))
     on = quantize(str(setup["model"]), QuantConfig(output=str(folder / "bc-on.onnx"), bias_correction="empirical",
                                                    **common))

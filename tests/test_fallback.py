@@ -1,0 +1,95 @@
+"""After ``--refine``/``--qat``, quantize also writes the plain model (nearest rounding) and
+keeps whichever follows the float model more closely on held-out samples: a learned model
+that came out worse is never what the user gets, unless they ask (``--no-fallback``)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+from onnx import numpy_helper
+
+from dsgonnx import QatConfig, QuantConfig, RefineConfig, quantize
+from dsgonnx.graph.onnx_io import load_model
+from dsgonnx.synth import SynthConfig, synthesize
+from dsgonnx.validation.metrics import sqnr_db
+from dsgonnx_cli.main import cli
+from zoo import export_tiny_resnet
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fallback")
+    model = export_tiny_resnet(folder / "res.onnx")
+    synthetic = synthesize(load_model(model), SynthConfig(method="dsg", num_samples=64, iters=40, seed=0))
+    np.savez(folder / "calib.npz", images=synthetic.images)
+    return {"folder": folder, "model": model, "npz": folder / "calib.npz", "calib": synthetic.images}
+
+
+COMMON = dict(wbits=4, abits=4, num_samples=64, force=True, validate=False, seed=0)
+# QAT at a rate that wrecks the weights: a learned model worse than plain rounding, made on purpose
+WRECK = QatConfig(iters=20, lr=0.5, batch_size=32, augment=False, data="calib")
+
+
+def _weights(path) -> dict:
+    model = onnx.load(str(path))
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def _logits(path, images):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"input": images})[0]
+
+
+def test_a_learned_model_worse_than_plain_rounding_is_replaced_by_it(setup):
+    folder, calib = setup["folder"], str(setup["npz"])
+    plain = quantize(str(setup["model"]), QuantConfig(output=str(folder / "plain.onnx"), calib=calib, **COMMON))
+    fell = quantize(str(setup["model"]), QuantConfig(output=str(folder / "fell.onnx"), calib=calib, qat=WRECK, **COMMON))
+    kept = quantize(str(setup["model"]), QuantConfig(output=str(folder / "kept.onnx"), calib=calib, qat=WRECK,
+                                                     fallback=False, **COMMON))
+    check = fell.decisions["qat"]["against_plain"]
+    assert check["kept"] == "plain" and check["on"] == "calibration images" and check["samples"] == 64
+    assert check["plain"]["sqnr_db"] > check["learned"]["sqnr_db"] + 3, check
+    assert fell.refine["kept"] == "plain rounding" and fell.refined_weights == {}
+    # the file written is the plain model: the same integers, scales, zero points and corrected biases
+    written, reference = _weights(fell.output), _weights(plain.output)
+    assert written.keys() == reference.keys()
+    for name, value in reference.items():
+        np.testing.assert_array_equal(written[name], value, err_msg=name)
+    # the figures are those of the two files: the learned one is what --no-fallback writes
+    fp = _logits(setup["model"], setup["calib"])
+    assert sqnr_db(fp, _logits(fell.output, setup["calib"])) == pytest.approx(check["plain"]["sqnr_db"], abs=1e-3)
+    assert sqnr_db(fp, _logits(kept.output, setup["calib"])) == pytest.approx(check["learned"]["sqnr_db"], abs=1e-3)
+    assert "against_plain" not in kept.decisions["qat"] and "kept" not in kept.refine and kept.refined_weights
+
+
+def test_a_better_learned_model_is_kept_judged_on_held_out_samples(setup):
+    trained = QatConfig(iters=150, batch_size=32, lr=1e-3, augment=False, data="calib")
+    result = quantize(str(setup["model"]), QuantConfig(output=str(setup["folder"] / "trained.onnx"), calib="dsg",
+                                                       iters=40, holdout=32, qat=trained, **COMMON))
+    check = result.decisions["qat"]["against_plain"]
+    assert check["on"] == "held-out synthetic samples" and check["samples"] == 32
+    assert check["kept"] == "learned" and check["learned"]["sqnr_db"] > check["plain"]["sqnr_db"], check
+    assert "kept" not in result.refine and result.refined_weights
+    written = _weights(result.output)
+    for name, weight in result.refined_weights.items():
+        np.testing.assert_array_equal(written[f"{name}_quantized"].astype(np.int64), weight.integers)
+
+
+def test_cli_reports_the_choice_and_no_fallback_keeps_the_learned_model(setup):
+    runner = CliRunner()
+    base = ["quantize", str(setup["model"]), "--w4a4", "--calib", str(setup["npz"]), "--num-samples", "64", "--force",
+            "--no-validate", "--quiet", "--qat", "--qat-iters", "20", "--qat-lr", "0.5", "--qat-data", "calib",
+            "--qat-batch-size", "32", "--qat-no-augment"]
+    out = setup["folder"] / "cli.onnx"
+    result = runner.invoke(cli, [*base, "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["decisions"]["qat"]["against_plain"]["kept"] == "plain"
+    result = runner.invoke(cli, [*base, "-o", str(out), "--no-fallback"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert "against_plain" not in summary["decisions"]["qat"] and "kept" not in summary["qat"]
