@@ -162,6 +162,9 @@ def test_int4_models_keep_the_first_layer_in_8_bit_types(setup):
     assert set(zero_points.values()) == {onnx.TensorProto.UINT4}
     assert {"input", "ConvBnFusion_W_conv1.weight", "/Relu_output_0"} <= set(result.decisions["first_layer_8bit"]["tensors"])
     assert np.isfinite(_run(out, setup["images"])).all()
+    # per channel like every other weight (an override without an axis made ORT quantize it per tensor)
+    for node, weight in _weight_dq(model):
+        assert numpy_helper.to_array(inits[node.input[1]]).shape == (weight.shape[0],), node.input[0]
 
 
 def test_a_kept_8_bit_grid_is_not_clipped_where_ort_shares_it(tmp_path):

@@ -362,9 +362,14 @@ def quantize_qdq(
             extra["TensorQuantOverrides"].update(refined_weight_overrides(refined))
         if learned_activations:
             extra["TensorQuantOverrides"].update(learned_activation_overrides(learned_activations, activations))
+        # an override without an axis makes ORT quantize the weight per tensor: give the 8-bit
+        # weights inside INT4 models their channel axis, as the others have
+        axes = {site.weight: site.axis for site in quantized_weights(model, exclude)} if per_channel else {}
         for name, quant_type in eight_bit_types(model, keep_8bit, weights, activations).items():
             for entry in extra["TensorQuantOverrides"].setdefault(name, [{}]):  # learned scales keep their type
                 entry["quant_type"] = quant_type
+                if axes.get(name) is not None:
+                    entry.setdefault("axis", axes[name])
         if activations.simulated:
             simulated_activations = [name for name in ranges.keys()
                                      if name not in extra["TensorQuantOverrides"] and name not in keep_8bit]
