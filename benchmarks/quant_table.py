@@ -41,6 +41,7 @@ VARIANTS = {
     "calpool": {"pool_range": "calibrated"},  # pooled features on their own calibrated range (the default before)
     "nofirst": {"first_layer_8bit": False},  # input and first layer at the low width too (below 8 bits)
     "lsq": {},  # with +refine: the activation steps learned too (quantize --refine-act-lr LSQ_LR)
+    "squant": {"rounding": "squant"},  # SQuant's data-free flips instead of nearest rounding
     "nofallback": {"fallback": False},  # with +refine/+qat*: the learned model even where plain rounding is closer
     # quantization-aware training (quantize --qat; settings from ``qat=``) on: the calibration images
     # themselves, a generator trained with DSG's losses, or one trained with GDFQ's BN statistics
@@ -148,13 +149,14 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
                         preprocess=recipe, output=str(out), force=True, validate=False, device=device,
                         seed=seed, refine=RefineConfig(method=refine_method, **refine_settings) if refine_method else None,
                         qat=QatConfig(**qat_settings) if qat_settings else None, **settings))
-                    if done.refine:
+                    if done.refine and "fidelity" in done.refine:
                         refine_seconds.append(done.refine["seconds"])
                         # the trained simulation against the written file (before bias correction)
                         fidelity[str(b)] = {k: done.refine["fidelity"][k] for k in ("agreement", "sqnr_db")}
-                        check = done.decisions["qat" if qat_settings else "refine"].get("against_plain")
-                        if check is not None:  # quantize's choice between the learned model and plain rounding
-                            kept.setdefault(str(b), []).append({k: check[k] for k in ("kept", "learned", "plain", "on")})
+                    check = next((d["against_plain"] for d in done.decisions.values()
+                                  if isinstance(d, dict) and "against_plain" in d), None)
+                    if check is not None:  # quantize's choice between the learned (or SQuant) model and plain rounding
+                        kept.setdefault(str(b), []).append({k: check[k] for k in ("kept", "learned", "plain", "on")})
                     report = validate(model, str(out), ValidateConfig(), images=held_images,
                                       labels=held_labels).to_dict()
                     results["fp32"] = {"top1": report["fp32"]["top1"], "top5": report["fp32"]["top5"]}
@@ -182,11 +184,13 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
             }
             if qat_settings:
                 results["rows"][row].update(qat=qat_settings, refine_seconds=round(float(np.mean(refine_seconds)), 1),
-                                            refine_fidelity=fidelity, against_plain=kept)
+                                            refine_fidelity=fidelity)
             if refine_method:
                 results["rows"][row].update(refine=dict(refine_settings, method=refine_method),
                                             refine_seconds=round(float(np.mean(refine_seconds)), 1),
-                                            refine_fidelity=fidelity, against_plain=kept)
+                                            refine_fidelity=fidelity)
+            if kept:
+                results["rows"][row]["against_plain"] = kept
     results["torch"] = torch.__version__
     return results
 
@@ -235,8 +239,9 @@ def markdown(results: dict) -> str:
         lines.append(f"| {source} | " + " | ".join(cells + extra) + " |")
     if any(c["kept"] == "plain" for row in results["rows"].values() for checks in row.get("against_plain", {}).values()
            for c in checks):
-        lines.append("\n† the learned model followed the float model less closely than plain rounding did (logit "
-                     "SQNR on the calibration images): quantize wrote the plain model (`--fallback`, the default).")
+        lines.append("\n† the learned (or SQuant-rounded) model followed the float model less closely than plain "
+                     "rounding did (logit SQNR on the calibration images): quantize wrote the plain model "
+                     "(`--fallback`, the default).")
     lines.append(f"\nFP32 top-1 {fp:.2f}% on {results['eval_images']} held-out images.")
     return "\n".join(lines)
 

@@ -132,6 +132,13 @@ class PoolRange(Choice):
     CALIBRATED = "calibrated"  # its own calibrated range (ORT's default)
 
 
+class Rounding(Choice):
+    """How weights are rounded to their grid without data (``--refine``/``--qat`` learn it instead)."""
+
+    NEAREST = "nearest"  # ORT's: each weight to its nearest integer
+    SQUANT = "squant"  # SQuant's flips: each kernel's and output channel's summed error within ±0.5 (dsgonnx.quant.rounding)
+
+
 class RefineMethod(Choice):
     ADAROUND = "adaround"  # layer by layer
     BRECQ = "brecq"  # blocks between residual joins, with QDrop
@@ -563,7 +570,9 @@ class QuantConfig:
     input space, or a :class:`~dsgonnx.SyntheticSet`. ``synth`` tunes the synthesis
     (:class:`SynthOptions`); ``iters=None`` is by device. ``refine``: a
     :class:`RefineConfig` (or just its method, ``"brecq"``) to learn the weight rounding.
-    ``fallback``: after ``refine`` or ``qat``, also write the plain model (nearest rounding) and
+    ``rounding``: ``squant`` rounds the weights with SQuant's data-free flips instead of to the
+    nearest integer. ``fallback``: after ``refine``, ``qat`` or a ``rounding`` other than
+    nearest, also write the plain model (nearest rounding) and
     keep it instead where its logits follow the float model's more closely on the held-out
     synthetic samples (else the calibration images).
     """
@@ -579,6 +588,7 @@ class QuantConfig:
     exclude: tuple[str, ...] = ()
     logits: LogitsPolicy = LogitsPolicy.EXCLUDE
     bias_correction: BiasCorrection = BiasCorrection.AUTO
+    rounding: Rounding = Rounding.NEAREST
     cle: bool = False  # cross-layer equalization before calibration (measured: hurts with per-channel weights)
     mixed: bool = False  # keep the most sensitive tensors at 8 bits (simulated widths only)
     mixed_budget: float = 0.05  # share of the weight values (and of the activation tensors) allowed at 8 bits
@@ -607,7 +617,7 @@ class QuantConfig:
         check_bits(self.wbits, self.abits, self.target)
         object.__setattr__(self, "calib", _calibration_source(self.calib))
         for name, kind in (("calibrator", Calibrator), ("target", Target), ("logits", LogitsPolicy),
-                           ("bias_correction", BiasCorrection), ("pool_range", PoolRange),
+                           ("bias_correction", BiasCorrection), ("rounding", Rounding), ("pool_range", PoolRange),
                            ("device", Device), ("provider", Provider)):
             object.__setattr__(self, name, kind.parse(getattr(self, name), name))
         object.__setattr__(self, "exclude", (self.exclude,) if isinstance(self.exclude, str) else tuple(self.exclude))
@@ -625,6 +635,9 @@ class QuantConfig:
                  f"`qat` must be a QatConfig, got {type(self.qat).__name__}")
         _require(self.qat is None or self.refine is None,
                  "`qat` and `refine` are two ways to learn the quantized model; choose one")
+        _require(self.rounding == Rounding.NEAREST or (self.refine is None and self.qat is None),
+                 f"`rounding` {self.rounding.value} is for models that are not refined or trained (`refine` and "
+                 "`qat` learn the rounding); choose one")
         _require(isinstance(self.synth, SynthOptions),
                  f"`synth` must be a SynthOptions, got {type(self.synth).__name__}")
         _require(_is_int(self.num_samples) and self.num_samples >= 1,
@@ -654,6 +667,6 @@ class QuantConfig:
 
 __all__ = [
     "BN_FREE_DEFAULT", "BiasCorrection", "Calibrator", "Choice", "DEFAULT_BATCH_SIZE", "Device", "DeviceDefaults", "LogitsPolicy", "NATIVE_BITS",
-    "PoolRange", "Provider", "QatConfig", "QuantConfig", "RefineConfig", "RefineMethod", "SUPPORTED_BITS", "SlackReading", "SynthConfig",
+    "PoolRange", "Provider", "QatConfig", "QuantConfig", "RefineConfig", "RefineMethod", "Rounding", "SUPPORTED_BITS", "SlackReading", "SynthConfig",
     "SynthMethod", "SynthOptions", "Target", "ValidateConfig", "check_bits", "check_thresholds", "device_defaults",
 ]

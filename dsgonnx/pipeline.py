@@ -20,7 +20,7 @@ import onnx
 from . import __version__, distributed
 from .artifacts import check_output_folder, publish
 from .calibration_data import load_real_images
-from .config import BiasCorrection, PoolRange, QuantConfig, SynthMethod, ValidateConfig
+from .config import BiasCorrection, PoolRange, QuantConfig, Rounding, SynthMethod, ValidateConfig
 from .errors import DataError, ModelLoadError, UnsupportedModelError
 from .graph.layout import channels_last_input
 from .graph.onnx_io import LoadedModel, load_model
@@ -166,11 +166,14 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
             policy["first_layer_8bit"] = {"tensors": sorted(first),
                                           "weight_share": round(weight_share(prepared_model, first), 5)}
         refined = None
-        learning = "qat" if config.qat is not None else "refine"
+        learning = "qat" if config.qat is not None else "refine" if config.refine is not None else "rounding"
         if config.refine is not None or config.qat is not None:
             with stages(learning):
                 refined = _refine(prepared, Path(scratch) / "refined.onnx", ranges, weights, activations, calib_images,
                                   holdout, reduce_range, config, first, loaded, calib_info)
+        elif config.rounding != Rounding.NEAREST:
+            with stages(learning):
+                refined = _round(prepared, Path(scratch) / "rounded.onnx", weights, reduce_range, config, first)
         float_path = refined.path if refined else prepared
         correct = None
         if config.bias_correction != BiasCorrection.OFF:
@@ -200,9 +203,10 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
             if equalized is not None:
                 written["cle"] = equalized
             if learned is not None:
-                with stages(f"{learning} check"):
-                    written[learning] = {"method": learned.report["method"], "layers": len(learned.weights),
-                                         "fidelity": _fidelity(learned, path, calib_images, loaded, learning)}
+                written[learning] = {"method": learned.report["method"], "layers": len(learned.weights)}
+                if learned.simulation is not None:  # learned in a simulation of this file: how closely it follows it
+                    with stages(f"{learning} check"):
+                        written[learning]["fidelity"] = _fidelity(learned, path, calib_images, loaded, learning)
             if corrector is not None:
                 with stages("bias correction"):
                     written["bias_correction"] = corrector(path)
@@ -216,7 +220,7 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
             with stages("quantize"):
                 decisions = write(tmp, float_path, refined, correct)
             if refined and config.fallback:
-                with stages(f"{learning} against plain rounding"):
+                with stages(f"{learning} against plain"):
                     plain = Path(scratch) / "plain.onnx"
                     corrector = correct if correct is None or config.qat is None else _BiasCorrector(
                         prepared, None if config.cle else loaded.model, loaded, calib_images, batch,
@@ -257,8 +261,9 @@ def _calibration_data(loaded: LoadedModel, config: QuantConfig):
     if config.synthetic:
         from .synth import synthesize
 
-        # held out: to validate on without val_data, and for refine/qat to measure themselves on
-        wanted = (config.validate and config.val_data is None) or config.refine is not None or config.qat is not None
+        # held out: to validate on without val_data, and for refine/qat/rounding to be checked on
+        wanted = ((config.validate and config.val_data is None) or config.refine is not None or config.qat is not None
+                  or config.rounding != Rounding.NEAREST)
         holdout = config.holdout if wanted else 0
         synthetic = synthesize(loaded, config.synth_config(config.num_samples + holdout))
         images = synthetic.images
@@ -385,6 +390,33 @@ def _refine(prepared: Path, out: Path, ranges, weights, activations, images, hol
     return refine_model(prepared, out, placement, images, holdout, config=config.refine, **common)
 
 
+def _round(prepared: Path, out: Path, weights, reduce_range: bool, config: QuantConfig, kept: set[str]):
+    """The weights of ``prepared`` on their grids by ``config.rounding`` (dsgonnx.quant.rounding),
+    the ``kept`` ones on the 8-bit grid; no data."""
+    from .quant.bits import resolve_bits
+    from .quant.qdq import excluded_nodes, weight_top
+    from .quant.rounding import squant_model
+    from .refine.reconstruct import RefineResult
+
+    started = time.perf_counter()
+    def grid(spec) -> tuple[int, int]:
+        """The integers ORT gives a weight of ``spec``: ±top, but [-8, 7] for INT4 (ORT has no
+        symmetric INT4 range: its scale is 2·max|w|/15)."""
+        if spec.quant_type.name == "QInt4" and not spec.simulated:
+            return -8, 7
+        top = weight_top(spec, reduce_range)
+        return -top, top
+
+    exclude, _ = excluded_nodes(onnx.load(str(prepared)), config.exclude, config.logits)
+    weights8, _ = resolve_bits(8, 8, config.target)
+    grids, report = squant_model(prepared, out, exclude=set(exclude), per_channel=config.per_channel,
+                                 weight_range=grid(weights), weight_ranges={name: grid(weights8) for name in kept})
+    report["seconds"] = round(time.perf_counter() - started, 3)
+    say(f"rounding: {report['method']} on {report['weights']} weights, {report['rounded_other_way']} of "
+        f"{report['values']} values rounded the other way")
+    return RefineResult(path=out, weights=grids, report=report)
+
+
 def _qat_generator(loaded: LoadedModel, config: QuantConfig, calib_info: dict):
     """What QAT's generator trains against (``qat.data``), or None to train on the calibration
     images: ``auto`` takes the generator where the calibration was synthesised from the
@@ -405,7 +437,8 @@ def _qat_generator(loaded: LoadedModel, config: QuantConfig, calib_info: dict):
 
 
 def _learning_key(report: dict) -> str:
-    return "qat" if report.get("method") == "qat" else "refine"
+    method = report.get("method")
+    return "qat" if method == "qat" else "rounding" if method == Rounding.SQUANT.value else "refine"
 
 
 FIDELITY_SAMPLES = 32
@@ -434,7 +467,7 @@ FALLBACK_SAMPLES = 64
 def _against_plain(learned: Path, plain: Path, float_path: Path, holdout, images, loaded: LoadedModel,
                    label: str) -> dict:
     """Which of two QDQ models of one float model follows it more closely — ``learned`` (after
-    reconstruction or QAT) or ``plain`` (nearest rounding of the float weights), both
+    reconstruction, QAT or SQuant's rounding) or ``plain`` (nearest rounding of the float weights), both
     bias-corrected — by logit SQNR on up to 64 held-out synthetic samples (else calibration
     images, which favour the learned model: it was fitted to them). Ties keep the learned one."""
     from .validation.metrics import sqnr_db, top1_agreement
@@ -451,9 +484,8 @@ def _against_plain(learned: Path, plain: Path, float_path: Path, holdout, images
                         "agreement": round(top1_agreement(reference, out), 4)}
     learned_db, plain_db = (scores[k]["sqnr_db"] for k in ("learned", "plain"))
     kept = "plain" if plain_db is not None and (learned_db is None or plain_db > learned_db) else "learned"
-    say(f"{label}: logit SQNR against the float model on {len(samples)} {on}: {learned_db} dB learned, "
-        f"{plain_db} dB plain rounding; "
-        + ("kept the learned model" if kept == "learned" else "kept plain rounding (the learned model is worse)"))
+    say(f"{label}: logit SQNR against the float model on {len(samples)} {on}: {learned_db} dB with {label}, "
+        f"{plain_db} dB with plain rounding; kept " + (label if kept == "learned" else "plain rounding"))
     return {"samples": len(samples), "on": on, **scores, "kept": kept}
 
 

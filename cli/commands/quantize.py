@@ -6,7 +6,7 @@ import json
 
 import click
 
-from dsgonnx import (BiasCorrection, Calibrator, DataError, LogitsPolicy, PoolRange, QatConfig, QuantConfig, RefineConfig, RefineMethod, SlackReading,
+from dsgonnx import (BiasCorrection, Calibrator, DataError, LogitsPolicy, PoolRange, QatConfig, QuantConfig, RefineConfig, RefineMethod, Rounding, SlackReading,
                      SynthOptions, Target)
 from dsgonnx_cli.options import (PREPROCESS_HELP, choice, device_option, input_shape_option, preprocess_options,
                                  provider_option, quiet_option)
@@ -112,7 +112,7 @@ def _given(values: dict, fields: dict) -> dict:
 @click.option("--qat-checkpoint", type=click.Path(dir_okay=False), help="Save the QAT state to this file as it trains.")
 @click.option("--qat-resume", is_flag=True, help="Continue QAT from --qat-checkpoint.")
 @click.option("--fallback/--no-fallback", default=True, show_default=True,
-              help="After --refine or --qat, keep plain rounding instead where it follows the float model more closely "
+              help="After --refine, --qat or --rounding squant, keep plain rounding instead where it follows the float model more closely "
                    "(logit SQNR on the held-out synthetic samples, else the calibration images).")
 @click.option("--calibrator", type=choice(Calibrator), default=Calibrator.MINMAX.value, show_default=True)
 @click.option("--target", type=choice(Target), default=Target.CPU.value, show_default=True)
@@ -122,6 +122,9 @@ def _given(values: dict, fields: dict) -> dict:
 @click.option("--bias-correction", type=choice(BiasCorrection), default=BiasCorrection.AUTO.value, show_default=True,
               help="Remove the expected output shift of quantized weights: E[x] from BN statistics (analytic), "
                    "from the calibration images (empirical), auto = analytic where BN reaches, else empirical.")
+@click.option("--rounding", type=choice(Rounding), default=Rounding.NEAREST.value, show_default=True,
+              help="Weight rounding without data: each weight to its nearest integer, or SQuant's flips that keep each "
+                   "kernel's and output channel's summed rounding error within half a step (--refine/--qat learn it).")
 @click.option("--mixed", type=click.Choice(["auto", "off"]), default="off", show_default=True,
               help="auto: keep the tensors whose quantization costs the most at 8 bits (simulated widths).")
 @click.option("--mixed-budget", type=float, default=0.05, show_default=True,
