@@ -78,11 +78,17 @@ def _versions() -> dict:
 
 def _merged(previous, results: dict) -> dict:
     """A run of some sources only (e.g. the refine rows) adds to the table of the same
-    profile and evaluation set; otherwise it replaces the table."""
+    profile and evaluation set, and a run of some bit widths replaces only those cells of a
+    row; otherwise it replaces the table."""
     if not previous or previous.get("profile") != results.get("profile") or \
             previous.get("eval_images") != results.get("eval_images"):
         return results
-    rows = dict(previous["rows"], **results["rows"])
+    rows = dict(previous["rows"])
+    for row, new in results["rows"].items():
+        old = rows.get(row, {})
+        cells = {key: {**old[key], **value} for key, value in new.items()  # per bit width: top1, agreement, ...
+                 if isinstance(value, dict) and isinstance(old.get(key), dict) and all(k.isdigit() for k in value)}
+        rows[row] = {**old, **new, **cells}
     results = dict(results, notes=list(dict.fromkeys(previous.get("notes", []) + results.get("notes", []))),
                    wall_seconds=previous.get("wall_seconds", 0) + results.get("wall_seconds", 0),
                    commands=list(dict.fromkeys(previous.get("commands", []) + results.get("commands", []))),
