@@ -42,6 +42,7 @@ VARIANTS = {
     "nofirst": {"first_layer_8bit": False},  # input and first layer at the low width too (below 8 bits)
     "lsq": {},  # with +refine: the activation steps learned too (quantize --refine-act-lr LSQ_LR)
     "squant": {"rounding": "squant"},  # SQuant's data-free flips instead of nearest rounding
+    "nearest": {"rounding": "nearest"},  # nearest rounding where the default (auto) is SQuant's (4 bits or fewer)
     "nofallback": {"fallback": False},  # with +refine/+qat*: the learned model even where plain rounding is closer
     # quantization-aware training (quantize --qat; settings from ``qat=``) on: the calibration images
     # themselves, a generator trained with DSG's losses, or one trained with GDFQ's BN statistics

@@ -135,6 +135,7 @@ class PoolRange(Choice):
 class Rounding(Choice):
     """How weights are rounded to their grid without data (``--refine``/``--qat`` learn it instead)."""
 
+    AUTO = "auto"  # squant for weights of 4 bits or fewer (measured: W4A4 on five models), else nearest
     NEAREST = "nearest"  # ORT's: each weight to its nearest integer
     SQUANT = "squant"  # SQuant's flips: each kernel's and output channel's summed error within ±0.5 (dsgonnx.quant.rounding)
 
@@ -571,7 +572,7 @@ class QuantConfig:
     (:class:`SynthOptions`); ``iters=None`` is by device. ``refine``: a
     :class:`RefineConfig` (or just its method, ``"brecq"``) to learn the weight rounding.
     ``rounding``: ``squant`` rounds the weights with SQuant's data-free flips instead of to the
-    nearest integer. ``fallback``: after ``refine``, ``qat`` or a ``rounding`` other than
+    nearest integer; ``auto`` (:meth:`weight_rounding`) does below 5-bit weights. ``fallback``: after ``refine``, ``qat`` or a ``rounding`` other than
     nearest, also write the plain model (nearest rounding) and
     keep it instead where its logits follow the float model's more closely on the held-out
     synthetic samples (else the calibration images).
@@ -588,7 +589,7 @@ class QuantConfig:
     exclude: tuple[str, ...] = ()
     logits: LogitsPolicy = LogitsPolicy.EXCLUDE
     bias_correction: BiasCorrection = BiasCorrection.AUTO
-    rounding: Rounding = Rounding.NEAREST
+    rounding: Rounding = Rounding.AUTO
     cle: bool = False  # cross-layer equalization before calibration (measured: hurts with per-channel weights)
     mixed: bool = False  # keep the most sensitive tensors at 8 bits (simulated widths only)
     mixed_budget: float = 0.05  # share of the weight values (and of the activation tensors) allowed at 8 bits
@@ -635,7 +636,7 @@ class QuantConfig:
                  f"`qat` must be a QatConfig, got {type(self.qat).__name__}")
         _require(self.qat is None or self.refine is None,
                  "`qat` and `refine` are two ways to learn the quantized model; choose one")
-        _require(self.rounding == Rounding.NEAREST or (self.refine is None and self.qat is None),
+        _require(self.rounding in (Rounding.AUTO, Rounding.NEAREST) or (self.refine is None and self.qat is None),
                  f"`rounding` {self.rounding.value} is for models that are not refined or trained (`refine` and "
                  "`qat` learn the rounding); choose one")
         _require(isinstance(self.synth, SynthOptions),
@@ -648,6 +649,14 @@ class QuantConfig:
         _require(_is_number(self.mixed_budget) and 0 < self.mixed_budget <= 1,
                  f"`mixed_budget` is a share of the weights in (0, 1], got {self.mixed_budget!r}")
         check_thresholds(self.max_drop, self.min_agreement)
+
+    def weight_rounding(self) -> Rounding:
+        """The rounding ``rounding`` stands for: ``auto`` is ``squant`` for weights of 4 bits or
+        fewer that are not refined or trained, else ``nearest``."""
+        if self.rounding != Rounding.AUTO:
+            return self.rounding
+        learned = self.refine is not None or self.qat is not None
+        return Rounding.SQUANT if self.wbits <= 4 and not learned else Rounding.NEAREST
 
     @property
     def synthetic(self) -> bool:

@@ -171,7 +171,7 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
             with stages(learning):
                 refined = _refine(prepared, Path(scratch) / "refined.onnx", ranges, weights, activations, calib_images,
                                   holdout, reduce_range, config, first, loaded, calib_info)
-        elif config.rounding != Rounding.NEAREST:
+        elif config.weight_rounding() != Rounding.NEAREST:
             with stages(learning):
                 refined = _round(prepared, Path(scratch) / "rounded.onnx", weights, reduce_range, config, first)
         float_path = refined.path if refined else prepared
@@ -263,7 +263,7 @@ def _calibration_data(loaded: LoadedModel, config: QuantConfig):
 
         # held out: to validate on without val_data, and for refine/qat/rounding to be checked on
         wanted = ((config.validate and config.val_data is None) or config.refine is not None or config.qat is not None
-                  or config.rounding != Rounding.NEAREST)
+                  or config.weight_rounding() != Rounding.NEAREST)
         holdout = config.holdout if wanted else 0
         synthetic = synthesize(loaded, config.synth_config(config.num_samples + holdout))
         images = synthetic.images
@@ -412,6 +412,8 @@ def _round(prepared: Path, out: Path, weights, reduce_range: bool, config: Quant
     grids, report = squant_model(prepared, out, exclude=set(exclude), per_channel=config.per_channel,
                                  weight_range=grid(weights), weight_ranges={name: grid(weights8) for name in kept})
     report["seconds"] = round(time.perf_counter() - started, 3)
+    if config.rounding == Rounding.AUTO:
+        report["chosen_by"] = "auto: weights of 4 bits or fewer"
     say(f"rounding: {report['method']} on {report['weights']} weights, {report['rounded_other_way']} of "
         f"{report['values']} values rounded the other way")
     return RefineResult(path=out, weights=grids, report=report)

@@ -66,7 +66,8 @@ def test_the_qdq_model_holds_squants_integers(tiny, bits):
     common = dict(wbits=bits, abits=bits, calib="gaussian", num_samples=32, force=True, validate=False, seed=0)
     squant = quantize(str(tiny["model"]), QuantConfig(output=str(folder / f"sq{bits}.onnx"), rounding="squant",
                                                       fallback=False, **common))
-    plain = quantize(str(tiny["model"]), QuantConfig(output=str(folder / f"near{bits}.onnx"), **common))
+    plain = quantize(str(tiny["model"]), QuantConfig(output=str(folder / f"near{bits}.onnx"), rounding="nearest",
+                                                     **common))
     prepared = onnx.load(str(pre_process(tiny["model"], folder / "prepared.onnx")))
     floats = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in prepared.graph.initializer}
     written, nearest = _written_integers(squant.output), _written_integers(plain.output)
@@ -111,3 +112,7 @@ def test_rounding_is_checked_against_plain_and_refused_with_refine(tiny):
         QuantConfig(rounding="squant", refine=RefineConfig())
     with pytest.raises(DataError, match="rounding"):
         QuantConfig(rounding="stochastic")
+    # auto: SQuant for weights of 4 bits or fewer that nothing learns, else nearest rounding
+    assert QuantConfig(wbits=4, abits=8).weight_rounding().value == "squant"
+    assert QuantConfig(wbits=6, abits=6).weight_rounding().value == "nearest"
+    assert QuantConfig(wbits=4, abits=4, refine="brecq").weight_rounding().value == "nearest"

@@ -122,9 +122,10 @@ def _given(values: dict, fields: dict) -> dict:
 @click.option("--bias-correction", type=choice(BiasCorrection), default=BiasCorrection.AUTO.value, show_default=True,
               help="Remove the expected output shift of quantized weights: E[x] from BN statistics (analytic), "
                    "from the calibration images (empirical), auto = analytic where BN reaches, else empirical.")
-@click.option("--rounding", type=choice(Rounding), default=Rounding.NEAREST.value, show_default=True,
+@click.option("--rounding", type=choice(Rounding), default=Rounding.AUTO.value, show_default=True,
               help="Weight rounding without data: each weight to its nearest integer, or SQuant's flips that keep each "
-                   "kernel's and output channel's summed rounding error within half a step (--refine/--qat learn it).")
+                   "kernel's and output channel's summed rounding error within half a step; auto: squant for weights "
+                   "of 4 bits or fewer (--refine/--qat learn the rounding instead).")
 @click.option("--mixed", type=click.Choice(["auto", "off"]), default="off", show_default=True,
               help="auto: keep the tensors whose quantization costs the most at 8 bits (simulated widths).")
 @click.option("--mixed-budget", type=float, default=0.05, show_default=True,
