@@ -35,8 +35,10 @@ def _logits(path, images):
 
 
 def _quantize(setup, name, **settings):
+    # nearest rounding: the bias correction of plain rounding is tested (SQuant's, 3 bits' default,
+    # moves the integers and is checked against nearest rounding with and without correction)
     settings = {"wbits": 3, "abits": 8, "calib": setup["calib"], "num_samples": 32, "validate": False,
-                "logits": "float", **settings}
+                "logits": "float", "rounding": "nearest", **settings}
     return dsgonnx.quantize(setup["model"], QuantConfig(output=str(setup["folder"] / name), force=True, **settings))
 
 
