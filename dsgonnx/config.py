@@ -572,10 +572,10 @@ class QuantConfig:
     (:class:`SynthOptions`); ``iters=None`` is by device. ``refine``: a
     :class:`RefineConfig` (or just its method, ``"brecq"``) to learn the weight rounding.
     ``rounding``: ``squant`` rounds the weights with SQuant's data-free flips instead of to the
-    nearest integer; ``auto`` (:meth:`weight_rounding`) does below 5-bit weights. ``fallback``: after ``refine``, ``qat`` or a ``rounding`` other than
-    nearest, also write the plain model (nearest rounding) and
-    keep it instead where its logits follow the float model's more closely on the held-out
-    synthetic samples (else the calibration images).
+    nearest integer; ``auto`` (:meth:`weight_rounding`) does for weights of 4 bits or fewer.
+    ``fallback``: after ``refine``, ``qat`` or a ``rounding`` other than nearest, also write
+    the plain model (nearest rounding) and keep it instead where its logits follow the float
+    model's more closely on the held-out synthetic samples (else the calibration images).
     """
 
     wbits: int = 8
@@ -612,7 +612,7 @@ class QuantConfig:
     synth: SynthOptions = SynthOptions()
     refine: Optional[RefineConfig] = None
     qat: Optional[QatConfig] = None
-    fallback: bool = True  # after refine/qat: plain rounding where it follows the float model more closely
+    fallback: bool = True  # after refine/qat/squant: nearest rounding where it follows the float model more closely
 
     def __post_init__(self):
         check_bits(self.wbits, self.abits, self.target)

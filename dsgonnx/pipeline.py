@@ -189,6 +189,7 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
             with stages("mixed precision"):
                 keep_8bit, mixed = _choose_mixed(Path(scratch), float_path, ranges, weights, activations, reduce_range,
                                                  refined, correct, calib_images, holdout, batch, loaded, config, first)
+
         def write(path: Path, source: Path, learned, corrector) -> dict:
             """The QDQ model of ``source`` (with ``learned``'s integers and steps), bias-corrected."""
             written = quantize_qdq(source, path, ranges, weights, activations,
