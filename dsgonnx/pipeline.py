@@ -395,23 +395,17 @@ def _round(prepared: Path, out: Path, weights, reduce_range: bool, config: Quant
     """The weights of ``prepared`` on their grids by ``config.rounding`` (dsgonnx.quant.rounding),
     the ``kept`` ones on the 8-bit grid; no data."""
     from .quant.bits import resolve_bits
-    from .quant.qdq import excluded_nodes, weight_top
+    from .quant.qdq import excluded_nodes, ort_weight_range
     from .quant.rounding import squant_model
     from .refine.reconstruct import RefineResult
 
     started = time.perf_counter()
-    def grid(spec) -> tuple[int, int]:
-        """The integers ORT gives a weight of ``spec``: ±top, but [-8, 7] for INT4 (ORT has no
-        symmetric INT4 range: its scale is 2·max|w|/15)."""
-        if spec.quant_type.name == "QInt4" and not spec.simulated:
-            return -8, 7
-        top = weight_top(spec, reduce_range)
-        return -top, top
-
     exclude, _ = excluded_nodes(onnx.load(str(prepared)), config.exclude, config.logits)
     weights8, _ = resolve_bits(8, 8, config.target)
+    eight_bit = ort_weight_range(weights8, reduce_range)
     grids, report = squant_model(prepared, out, exclude=set(exclude), per_channel=config.per_channel,
-                                 weight_range=grid(weights), weight_ranges={name: grid(weights8) for name in kept})
+                                 weight_range=ort_weight_range(weights, reduce_range),
+                                 weight_ranges={name: eight_bit for name in kept})
     report["seconds"] = round(time.perf_counter() - started, 3)
     if config.rounding == Rounding.AUTO:
         report["chosen_by"] = "auto: weights of 4 bits or fewer"

@@ -200,6 +200,15 @@ def weight_top(spec: BitSpec, reduce_range: bool) -> int:
     return 63 if reduce_range and spec.bits == 8 else spec.levels[1]
 
 
+def ort_weight_range(spec: BitSpec, reduce_range: bool) -> tuple[int, int]:
+    """The integers ORT's symmetric quantizer gives a weight of ``spec``: ±top, but [-8, 7]
+    for native INT4 (ORT has no symmetric INT4 range: its scale is 2·max|w|/15)."""
+    if spec.quant_type == QuantType.QInt4 and not spec.simulated:
+        return -8, 7
+    top = weight_top(spec, reduce_range)
+    return -top, top
+
+
 def excluded_nodes(model: onnx.ModelProto, exclude: Iterable[str], logits: str) -> tuple[list[str], Optional[onnx.NodeProto]]:
     """The nodes kept float (the user's, plus the final layer under ``logits="exclude"``)
     and the final layer."""

@@ -27,18 +27,27 @@ from onnx import numpy_helper
 from .qdq import quantized_weights
 
 
+def _movable(q: np.ndarray, error: np.ndarray, sign: np.ndarray, low: int, high: int) -> np.ndarray:
+    """The elements whose error has ``sign`` (broadcast against them) and that one step
+    against it keeps within [low, high]."""
+    moved = q - sign
+    return (sign * error > 0) & (moved >= low) & (moved <= high)
+
+
+def _top(score: np.ndarray, count: np.ndarray) -> np.ndarray:
+    """Per row of ``score``, the ``count`` entries that score highest, never a -inf one."""
+    order = np.argsort(-score, axis=1, kind="stable")
+    rank = np.empty_like(order)
+    np.put_along_axis(rank, order, np.broadcast_to(np.arange(score.shape[1]), score.shape), axis=1)
+    return np.isfinite(score) & (rank < count[:, None])
+
+
 def _flip(q: np.ndarray, error: np.ndarray, count: np.ndarray, sign: np.ndarray, low: int, high: int) -> None:
     """In place, row by row of ``q``/``error`` (units × elements): move the ``count`` elements
     whose error has the row's ``sign`` and is largest (closest to the boundary) down by one
     step times that sign, within [low, high]."""
-    score = sign[:, None] * error
-    moved = q - sign[:, None]
-    movable = (score > 0) & (moved >= low) & (moved <= high)
-    score = np.where(movable, score, -np.inf)
-    order = np.argsort(-score, axis=1, kind="stable")
-    rank = np.empty_like(order)
-    np.put_along_axis(rank, order, np.broadcast_to(np.arange(q.shape[1]), q.shape), axis=1)
-    chosen = movable & (rank < count[:, None])
+    movable = _movable(q, error, sign[:, None], low, high)
+    chosen = _top(np.where(movable, sign[:, None] * error, -np.inf), count)
     q -= sign[:, None] * chosen
     error -= sign[:, None] * chosen
 
@@ -64,15 +73,9 @@ def squant_integers(weight: np.ndarray, scales: np.ndarray, low: int, high: int)
         total = per_kernel.sum(axis=1)
         sign = np.sign(total)
         # a kernel can take a flip only if it has an element of the channel's sign to flip
-        moved = q3 - sign[:, None, None]
-        flippable = ((sign[:, None, None] * e3 > 0) & (moved >= low) & (moved <= high)).any(axis=2)
-        score = np.where(flippable, sign[:, None] * per_kernel, -np.inf)
-        order = np.argsort(-score, axis=1, kind="stable")
+        flippable = _movable(q3, e3, sign[:, None, None], low, high).any(axis=2)
         count = np.minimum(np.rint(np.abs(total)).astype(np.int64), flippable.sum(axis=1))
-        rank = np.empty_like(order)
-        np.put_along_axis(rank, order, np.broadcast_to(np.arange(values.shape[1]), order.shape), axis=1)
-        wanted = flippable & (rank < count[:, None])
-        rows = wanted.reshape(kernels)
+        rows = _top(np.where(flippable, sign[:, None] * per_kernel, -np.inf), count).reshape(kernels)
         sub_q, sub_e = q2[rows], e2[rows]
         kernel_sign = np.repeat(sign, values.shape[1])[rows]
         _flip(sub_q, sub_e, np.ones(len(sub_q), dtype=np.int64), kernel_sign, low, high)
