@@ -157,7 +157,8 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
                     check = next((d["against_plain"] for d in done.decisions.values()
                                   if isinstance(d, dict) and "against_plain" in d), None)
                     if check is not None:  # quantize's choice between the learned (or SQuant) model and plain rounding
-                        kept.setdefault(str(b), []).append({k: check[k] for k in ("kept", "learned", "plain", "on")})
+                        kept.setdefault(str(b), []).append({k: check[k] for k in ("kept", "learned", "plain", "squant",
+                                                                                  "on") if k in check})
                     report = validate(model, str(out), ValidateConfig(), images=held_images,
                                       labels=held_labels).to_dict()
                     results["fp32"] = {"top1": report["fp32"]["top1"], "top5": report["fp32"]["top5"]}
@@ -196,6 +197,11 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
     return results
 
 
+# the model --fallback wrote instead of the learned one: nearest rounding, SQuant's rounding
+FALLBACK_MARKS = {"†": "plain", "‡": "squant"}
+FALLBACK_NAMES = {"plain": "plain (nearest) rounding", "squant": "SQuant's rounding without learning"}
+
+
 def _cached_set(cache, model, settings):
     """Where a synthetic set for ``model`` made with ``settings`` is kept in ``cache`` (None: no cache)."""
     if cache is None:
@@ -226,8 +232,11 @@ def markdown(results: dict) -> str:
             mean, std = row["top1"][str(b)]
             spread = f" ± {std:.2f}" if row["runs"] > 1 else ""
             agreement = row.get("agreement", {}).get(str(b))
-            plain = sum(c["kept"] == "plain" for c in row.get("against_plain", {}).get(str(b), []))
-            marks = "†" * bool(plain) + (f"×{plain}" if plain and row["runs"] > 1 else "")
+            checks = row.get("against_plain", {}).get(str(b), [])
+            marks = ""
+            for mark, name in FALLBACK_MARKS.items():
+                count = sum(c["kept"] == name for c in checks)
+                marks += mark * bool(count) + (f"×{count}" if count and row["runs"] > 1 else "")
             cells.append(f"{mean:.2f}{spread}{marks} ({mean - fp:+.2f})"
                          + (f" · {agreement:.2f}" if agreement is not None else ""))
         synthesis = row["synthesis_seconds"]
@@ -238,11 +247,13 @@ def markdown(results: dict) -> str:
                  str(row["seconds_per_iter"] if row["seconds_per_iter"] is not None else "–"),
                  str(row["sample_similarity"] if row["sample_similarity"] is not None else "–")]
         lines.append(f"| {source} | " + " | ".join(cells + extra) + " |")
-    if any(c["kept"] == "plain" for row in results["rows"].values() for checks in row.get("against_plain", {}).values()
-           for c in checks):
-        lines.append("\n† the learned (or SQuant-rounded) model followed the float model less closely than plain "
-                     "rounding did (logit SQNR on the calibration images): quantize wrote the plain model "
-                     "(`--fallback`, the default).")
+    fell_back = {c["kept"] for row in results["rows"].values() for checks in row.get("against_plain", {}).values()
+                 for c in checks}
+    for mark, name in FALLBACK_MARKS.items():
+        if name in fell_back:
+            lines.append(f"\n{mark} the learned (or SQuant-rounded) model followed the float model less closely than "
+                         f"{FALLBACK_NAMES[name]} did (logit SQNR on held-out synthetic samples, or on the calibration "
+                         "images with real data): quantize wrote that model (`--fallback`, the default).")
     lines.append(f"\nFP32 top-1 {fp:.2f}% on {results['eval_images']} held-out images.")
     return "\n".join(lines)
 

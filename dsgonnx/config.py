@@ -574,8 +574,9 @@ class QuantConfig:
     ``rounding``: ``squant`` rounds the weights with SQuant's data-free flips instead of to the
     nearest integer; ``auto`` (:meth:`weight_rounding`) does for weights of 4 bits or fewer.
     ``fallback``: after ``refine``, ``qat`` or a ``rounding`` other than nearest, also write
-    the plain model (nearest rounding) and keep it instead where its logits follow the float
-    model's more closely on the held-out synthetic samples (else the calibration images).
+    the plain model (nearest rounding; after ``refine``/``qat``, also the rounding of
+    ``plain_rounding()`` when that is SQuant's) and keep the one whose logits follow the float
+    model's most closely on the held-out synthetic samples (else the calibration images).
     """
 
     wbits: int = 8
@@ -612,7 +613,7 @@ class QuantConfig:
     synth: SynthOptions = SynthOptions()
     refine: Optional[RefineConfig] = None
     qat: Optional[QatConfig] = None
-    fallback: bool = True  # after refine/qat/squant: nearest rounding where it follows the float model more closely
+    fallback: bool = True  # after refine/qat/squant: plain rounding where it follows the float model more closely
 
     def __post_init__(self):
         check_bits(self.wbits, self.abits, self.target)
@@ -657,6 +658,11 @@ class QuantConfig:
             return self.rounding
         learned = self.refine is not None or self.qat is not None
         return Rounding.SQUANT if self.wbits <= 4 and not learned else Rounding.NEAREST
+
+    def plain_rounding(self) -> Rounding:
+        """The rounding quantize would use without ``refine``/``qat``: what ``--fallback``
+        checks a learned model against (besides nearest rounding)."""
+        return replace(self, refine=None, qat=None).weight_rounding()
 
     @property
     def synthetic(self) -> bool:

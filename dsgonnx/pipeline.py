@@ -190,7 +190,7 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
                 keep_8bit, mixed = _choose_mixed(Path(scratch), float_path, ranges, weights, activations, reduce_range,
                                                  refined, correct, calib_images, holdout, batch, loaded, config, first)
 
-        def write(path: Path, source: Path, learned, corrector) -> dict:
+        def write(path: Path, source: Path, learned, corrector, label: str = learning) -> dict:
             """The QDQ model of ``source`` (with ``learned``'s integers and steps), bias-corrected."""
             written = quantize_qdq(source, path, ranges, weights, activations,
                                    per_channel=config.per_channel, reduce_range=reduce_range,
@@ -204,10 +204,10 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
             if equalized is not None:
                 written["cle"] = equalized
             if learned is not None:
-                written[learning] = {"method": learned.report["method"], "layers": len(learned.weights)}
+                written[label] = {"method": learned.report["method"], "layers": len(learned.weights)}
                 if learned.simulation is not None:  # learned in a simulation of this file: how closely it follows it
-                    with stages(f"{learning} check"):
-                        written[learning]["fidelity"] = _fidelity(learned, path, calib_images, loaded, learning)
+                    with stages(f"{label} check"):
+                        written[label]["fidelity"] = _fidelity(learned, path, calib_images, loaded, label)
             if corrector is not None:
                 with stages("bias correction"):
                     written["bias_correction"] = corrector(path)
@@ -222,18 +222,29 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
                 decisions = write(tmp, float_path, refined, correct)
             if refined and config.fallback:
                 with stages(f"{learning} against plain"):
-                    plain = Path(scratch) / "plain.onnx"
                     corrector = correct if correct is None or config.qat is None else _BiasCorrector(
                         prepared, None if config.cle else loaded.model, loaded, calib_images, batch,
                         config.bias_correction)
-                    plain_decisions = write(plain, prepared, None, corrector)
-                    check = _against_plain(tmp, plain, prepared, holdout, calib_images, loaded, learning)
+                    # what quantize writes without --refine/--qat: nearest rounding, and at 4 bits
+                    # or fewer SQuant's rounding too (itself checked against nearest rounding)
+                    plain = {}
+                    if learning != "rounding" and config.plain_rounding() == Rounding.SQUANT:
+                        squant = _round(prepared, Path(scratch) / "rounded.onnx", weights, reduce_range, config, first)
+                        plain["squant"] = (Path(scratch) / "squant.onnx", squant)
+                    plain["plain"] = (Path(scratch) / "plain.onnx", None)
+                    plain_decisions = {name: write(path, rounded.path if rounded else prepared, rounded, corrector,
+                                                   "rounding")
+                                       for name, (path, rounded) in plain.items()}
+                    check = _against_plain(tmp, {name: path for name, (path, _) in plain.items()}, prepared, holdout,
+                                           calib_images, loaded, learning)
                     decisions[learning]["against_plain"] = check
-                    if check["kept"] == "plain":
-                        os.replace(plain, tmp)
-                        decisions = {**plain_decisions, learning: decisions[learning]}
-                        refined.report["kept"] = "plain rounding"
-                        refined.weights, refined.activations = {}, {}  # the written model holds none of them
+                    if check["kept"] != "learned":
+                        path, rounded = plain[check["kept"]]
+                        os.replace(path, tmp)
+                        decisions = {**plain_decisions[check["kept"]], learning: decisions[learning]}
+                        refined.report["kept"] = PLAIN_NAMES[check["kept"]]
+                        # the written model holds none of the learned integers or steps
+                        refined.weights, refined.activations = (rounded.weights if rounded else {}), {}
             with stages("check"):
                 _finish_model(tmp, loaded, bits, calib_info, decisions, calib_images[: fixed or 1])
             publish(tmp, output, replace=config.force)
@@ -461,12 +472,16 @@ def _fidelity(refined, qdq_path: Path, images: np.ndarray, loaded: LoadedModel, 
 FALLBACK_SAMPLES = 64
 
 
-def _against_plain(learned: Path, plain: Path, float_path: Path, holdout, images, loaded: LoadedModel,
+PLAIN_NAMES = {"plain": "plain rounding", "squant": "SQuant's rounding"}
+
+
+def _against_plain(learned: Path, plain: dict[str, Path], float_path: Path, holdout, images, loaded: LoadedModel,
                    label: str) -> dict:
-    """Which of two QDQ models of one float model follows it more closely — ``learned`` (after
-    reconstruction, QAT or SQuant's rounding) or ``plain`` (nearest rounding of the float weights), both
-    bias-corrected — by logit SQNR on up to 64 held-out synthetic samples (else calibration
-    images, which favour the learned model: it was fitted to them). Ties keep the learned one."""
+    """Which QDQ model of one float model follows it most closely — ``learned`` (after
+    reconstruction, QAT or SQuant's rounding) or one of ``plain`` ("plain": nearest rounding of the
+    float weights; "squant": SQuant's rounding of them), all bias-corrected — by logit SQNR on up
+    to 64 held-out synthetic samples (else calibration images, which favour the learned model: it
+    was fitted to them). Ties keep the learned one, then the first of ``plain``'s entries."""
     from .validation.metrics import sqnr_db, top1_agreement
 
     probe = holdout if holdout is not None and len(holdout) else images
@@ -474,15 +489,17 @@ def _against_plain(learned: Path, plain: Path, float_path: Path, holdout, images
     samples = _whole_batches(probe[:FALLBACK_SAMPLES], loaded)
     reference = _logits(float_path, samples, loaded)
     scores = {}
-    for name, path in (("learned", learned), ("plain", plain)):
+    for name, path in {"learned": learned, **plain}.items():
         out = _logits(path, samples, loaded)
         sqnr = sqnr_db(reference, out)
         scores[name] = {"sqnr_db": None if sqnr is None else round(sqnr, 3),
                         "agreement": round(top1_agreement(reference, out), 4)}
-    learned_db, plain_db = (scores[k]["sqnr_db"] for k in ("learned", "plain"))
-    kept = "plain" if plain_db is not None and (learned_db is None or plain_db > learned_db) else "learned"
-    say(f"{label}: logit SQNR against the float model on {len(samples)} {on}: {learned_db} dB with {label}, "
-        f"{plain_db} dB with plain rounding; kept " + (label if kept == "learned" else "plain rounding"))
+    ranked = [name for name in scores if scores[name]["sqnr_db"] is not None]
+    kept = max(ranked, key=lambda name: scores[name]["sqnr_db"]) if ranked else "learned"  # max: the first of equals
+    figures = ", ".join(f"{scores[name]['sqnr_db']} dB with {label if name == 'learned' else PLAIN_NAMES[name]}"
+                        for name in scores)
+    say(f"{label}: logit SQNR against the float model on {len(samples)} {on}: {figures}; kept "
+        + (label if kept == "learned" else PLAIN_NAMES[kept]))
     return {"samples": len(samples), "on": on, **scores, "kept": kept}
 
 

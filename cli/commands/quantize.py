@@ -112,7 +112,8 @@ def _given(values: dict, fields: dict) -> dict:
 @click.option("--qat-checkpoint", type=click.Path(dir_okay=False), help="Save the QAT state to this file as it trains.")
 @click.option("--qat-resume", is_flag=True, help="Continue QAT from --qat-checkpoint.")
 @click.option("--fallback/--no-fallback", default=True, show_default=True,
-              help="After --refine, --qat or --rounding squant, keep plain rounding instead where it follows the float model more closely "
+              help="After --refine, --qat or --rounding squant, keep plain rounding (at 4 bits or fewer under --rounding auto, "
+                   "also SQuant's) instead where it follows the float model more closely "
                    "(logit SQNR on the held-out synthetic samples, else the calibration images).")
 @click.option("--calibrator", type=choice(Calibrator), default=Calibrator.MINMAX.value, show_default=True)
 @click.option("--target", type=choice(Target), default=Target.CPU.value, show_default=True)
