@@ -157,8 +157,7 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
                     check = next((d["against_plain"] for d in done.decisions.values()
                                   if isinstance(d, dict) and "against_plain" in d), None)
                     if check is not None:  # quantize's choice between the learned (or SQuant) model and plain rounding
-                        kept.setdefault(str(b), []).append({k: check[k] for k in ("kept", "learned", "plain", "squant",
-                                                                                  "on") if k in check})
+                        kept.setdefault(str(b), []).append({k: check[k] for k in CHECK_KEYS if k in check})
                     report = validate(model, str(out), ValidateConfig(), images=held_images,
                                       labels=held_labels).to_dict()
                     results["fp32"] = {"top1": report["fp32"]["top1"], "top5": report["fp32"]["top5"]}
@@ -197,6 +196,8 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
     return results
 
 
+# what a table keeps of quantize's fallback check (decisions.<refine|qat|rounding>.against_plain)
+CHECK_KEYS = ("kept", "on", "learned", "plain", "squant", "procedural")
 # the model --fallback wrote instead of the learned one: nearest rounding, SQuant's rounding
 FALLBACK_MARKS = {"†": "plain", "‡": "squant"}
 FALLBACK_NAMES = {"plain": "plain (nearest) rounding", "squant": "SQuant's rounding without learning"}
@@ -251,9 +252,10 @@ def markdown(results: dict) -> str:
                  for c in checks}
     for mark, name in FALLBACK_MARKS.items():
         if name in fell_back:
-            lines.append(f"\n{mark} the learned (or SQuant-rounded) model followed the float model less closely than "
-                         f"{FALLBACK_NAMES[name]} did (logit SQNR on held-out synthetic samples, or on the calibration "
-                         "images with real data): quantize wrote that model (`--fallback`, the default).")
+            lines.append(f"\n{mark} the learned (or SQuant-rounded) model did not follow the float model as closely as "
+                         f"{FALLBACK_NAMES[name]} on every probe (logit SQNR on held-out synthetic samples, or on the "
+                         "calibration images with real data, and on procedural images): quantize wrote that model "
+                         "(`--fallback`, the default).")
     lines.append(f"\nFP32 top-1 {fp:.2f}% on {results['eval_images']} held-out images.")
     return "\n".join(lines)
 

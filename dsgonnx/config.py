@@ -575,8 +575,9 @@ class QuantConfig:
     nearest integer; ``auto`` (:meth:`weight_rounding`) does for weights of 4 bits or fewer.
     ``fallback``: after ``refine``, ``qat`` or a ``rounding`` other than nearest, also write
     the plain model (nearest rounding; after ``refine``/``qat``, also the rounding of
-    ``plain_rounding()`` when that is SQuant's) and keep the one whose logits follow the float
-    model's most closely on the held-out synthetic samples (else the calibration images).
+    ``plain_rounding()`` when that is SQuant's) and keep the learned model only where its
+    logits follow the float model's at least as closely on every probe: the held-out synthetic
+    samples (else the calibration images) and procedural images.
     """
 
     wbits: int = 8

@@ -236,7 +236,7 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
                                                    "rounding")
                                        for name, (path, rounded) in plain.items()}
                     check = _against_plain(tmp, {name: path for name, (path, _) in plain.items()}, prepared, holdout,
-                                           calib_images, loaded, learning)
+                                           calib_images, loaded, learning, _second_probe(loaded, config, calib_info))
                     decisions[learning]["against_plain"] = check
                     if check["kept"] != "learned":
                         path, rounded = plain[check["kept"]]
@@ -473,34 +473,78 @@ FALLBACK_SAMPLES = 64
 
 
 PLAIN_NAMES = {"plain": "plain rounding", "squant": "SQuant's rounding"}
+# the procedural probe's images: samples from this index on, so no calibration set of fewer
+# samples made with the same seed holds one of them
+PROBE_FIRST = 1_000_000
+
+
+def _second_probe(loaded: LoadedModel, config: QuantConfig, calib_info: dict) -> Optional[np.ndarray]:
+    """Procedural images (dead leaves in the model's pixel box) for the fallback to check on
+    besides the held-out samples: data-free, and drawn independently of the data the model
+    learned from. None where the calibration images are procedural already."""
+    if calib_info.get("method") == SynthMethod.PROCEDURAL.value:
+        return None
+    from .synth.procedural import procedural_images
+
+    return procedural_images(FALLBACK_SAMPLES, loaded.input.chw, config.seed, config.preprocess, PROBE_FIRST)
 
 
 def _against_plain(learned: Path, plain: dict[str, Path], float_path: Path, holdout, images, loaded: LoadedModel,
-                   label: str) -> dict:
+                   label: str, procedural: Optional[np.ndarray] = None) -> dict:
     """Which QDQ model of one float model follows it most closely — ``learned`` (after
     reconstruction, QAT or SQuant's rounding) or one of ``plain`` ("plain": nearest rounding of the
     float weights; "squant": SQuant's rounding of them), all bias-corrected — by logit SQNR on up
     to 64 held-out synthetic samples (else calibration images, which favour the learned model: it
-    was fitted to them). Ties keep the learned one, then the first of ``plain``'s entries."""
+    was fitted to them) and, where given, on ``procedural`` images too.
+
+    From nearest rounding, each next candidate (``plain``'s others in order, then ``learned``)
+    replaces the one kept if it follows the float model at least as closely on every probe: a
+    model that wins on the samples it was made from and loses on independent images is not kept.
+    """
     from .validation.metrics import sqnr_db, top1_agreement
 
     probe = holdout if holdout is not None and len(holdout) else images
     on = "held-out synthetic samples" if probe is holdout else "calibration images"
-    samples = _whole_batches(probe[:FALLBACK_SAMPLES], loaded)
-    reference = _logits(float_path, samples, loaded)
+    paths = {**plain, "learned": learned}
+    probes = {on: _whole_batches(probe[:FALLBACK_SAMPLES], loaded)}
+    if procedural is not None:
+        probes["procedural images"] = _whole_batches(procedural, loaded)
     scores = {}
-    for name, path in {"learned": learned, **plain}.items():
-        out = _logits(path, samples, loaded)
-        sqnr = sqnr_db(reference, out)
-        scores[name] = {"sqnr_db": None if sqnr is None else round(sqnr, 3),
-                        "agreement": round(top1_agreement(reference, out), 4)}
-    ranked = [name for name in scores if scores[name]["sqnr_db"] is not None]
-    kept = max(ranked, key=lambda name: scores[name]["sqnr_db"]) if ranked else "learned"  # max: the first of equals
-    figures = ", ".join(f"{scores[name]['sqnr_db']} dB with {label if name == 'learned' else PLAIN_NAMES[name]}"
-                        for name in scores)
-    say(f"{label}: logit SQNR against the float model on {len(samples)} {on}: {figures}; kept "
-        + (label if kept == "learned" else PLAIN_NAMES[kept]))
-    return {"samples": len(samples), "on": on, **scores, "kept": kept}
+    for where, samples in probes.items():
+        reference = _logits(float_path, samples, loaded)
+        for name, path in paths.items():
+            out = _logits(path, samples, loaded)
+            sqnr = sqnr_db(reference, out)
+            scores.setdefault(where, {})[name] = {"sqnr_db": None if sqnr is None else round(sqnr, 3),
+                                                  "agreement": round(top1_agreement(reference, out), 4)}
+    kept = choose_closest(["plain", *(name for name in plain if name != "plain"), "learned"],
+                          [{name: figures["sqnr_db"] for name, figures in probe_scores.items()}
+                           for probe_scores in scores.values()])
+    names = {**PLAIN_NAMES, "learned": label}
+    for where, probe_scores in scores.items():
+        say(f"{label}: logit SQNR against the float model on {len(probes[where])} {where}: "
+            + ", ".join(f"{figures['sqnr_db']} dB with {names[name]}" for name, figures in probe_scores.items()))
+    say(f"{label}: kept {names[kept]}")
+    check = {"samples": len(probes[on]), "on": on, **scores[on], "kept": kept}
+    if procedural is not None:
+        check["procedural"] = {"samples": len(probes["procedural images"]), **scores["procedural images"]}
+    return check
+
+
+def choose_closest(order: list[str], probes: list[dict[str, Optional[float]]]) -> str:
+    """The candidate kept: ``order[0]`` unless a later one's SQNR is at least the kept one's on
+    every probe (each probe: candidate -> SQNR in dB; None where the outputs were not finite,
+    which counts below any figure)."""
+    def at_least(name: str, kept: str, figures: dict) -> bool:
+        if figures.get(name) is None:
+            return figures.get(kept) is None
+        return figures.get(kept) is None or figures[name] >= figures[kept]
+
+    kept = order[0]
+    for name in order[1:]:
+        if all(at_least(name, kept, figures) for figures in probes):
+            kept = name
+    return kept
 
 
 def _whole_batches(samples: np.ndarray, loaded: LoadedModel) -> np.ndarray:

@@ -16,6 +16,8 @@ from onnx import numpy_helper
 
 from dsgonnx import QatConfig, QuantConfig, RefineConfig, quantize
 from dsgonnx.graph.onnx_io import load_model
+from dsgonnx.pipeline import PROBE_FIRST, choose_closest
+from dsgonnx.synth.procedural import procedural_images
 from dsgonnx.synth import SynthConfig, synthesize
 from dsgonnx.validation.metrics import sqnr_db
 from dsgonnx_cli.main import cli
@@ -71,6 +73,12 @@ def test_a_learned_model_worse_than_plain_rounding_is_replaced_by_it(setup):
     fp = _logits(setup["model"], setup["calib"])
     assert sqnr_db(fp, _logits(fell.output, setup["calib"])) == pytest.approx(check[best]["sqnr_db"], abs=1e-3)
     assert sqnr_db(fp, _logits(kept.output, setup["calib"])) == pytest.approx(check["learned"]["sqnr_db"], abs=1e-3)
+    # and on the second, independent probe: procedural images no calibration set of this seed holds
+    procedural = procedural_images(64, (3, 16, 16), 0, first=PROBE_FIRST)
+    fp = _logits(setup["model"], procedural)
+    assert check["procedural"]["samples"] == 64
+    for name, path in ((best, fell.output), ("learned", kept.output)):
+        assert sqnr_db(fp, _logits(path, procedural)) == pytest.approx(check["procedural"][name]["sqnr_db"], abs=1e-3)
     assert "against_plain" not in kept.decisions["qat"] and "kept" not in kept.refine and kept.refined_weights
 
 
@@ -112,3 +120,25 @@ def test_cli_reports_the_choice_and_no_fallback_keeps_the_learned_model(setup):
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert "against_plain" not in summary["decisions"]["qat"] and "kept" not in summary["qat"]
+
+
+def test_a_candidate_replaces_the_one_kept_only_if_it_is_at_least_as_close_on_every_probe():
+    order = ["plain", "squant", "learned"]
+    assert choose_closest(order, [{"plain": 5.0, "squant": 6.0, "learned": 7.0}]) == "learned"
+    # better on the samples it was fitted to, worse on independent images: not kept
+    assert choose_closest(order, [{"plain": 5.0, "squant": 4.0, "learned": 7.0},
+                                  {"plain": 9.0, "squant": 8.0, "learned": 8.5}]) == "plain"
+    assert choose_closest(order, [{"plain": 5.0, "squant": 6.0, "learned": 7.0},
+                                  {"plain": 9.0, "squant": 9.5, "learned": 9.2}]) == "squant"
+    assert choose_closest(order, [{"plain": 5.0, "squant": 5.0, "learned": 5.0}]) == "learned"  # ties: the later
+    # non-finite outputs (None) count below any figure
+    assert choose_closest(order, [{"plain": None, "squant": -3.0, "learned": None}]) == "squant"
+    assert choose_closest(order, [{"plain": 1.0, "squant": None, "learned": 2.0}]) == "learned"
+
+
+def test_procedural_calibration_is_not_probed_twice(setup):
+    folder = setup["folder"]
+    result = quantize(str(setup["model"]), QuantConfig(output=str(folder / "proc.onnx"), calib="procedural", holdout=16,
+                                                       qat=WRECK, **COMMON))
+    check = result.decisions["qat"]["against_plain"]
+    assert check["on"] == "held-out synthetic samples" and "procedural" not in check, check
