@@ -236,7 +236,7 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
                                                    "rounding")
                                        for name, (path, rounded) in plain.items()}
                     check = _against_plain(tmp, {name: path for name, (path, _) in plain.items()}, prepared, holdout,
-                                           calib_images, loaded, learning, _second_probe(loaded, config, calib_info))
+                                           calib_images, loaded, learning, _second_probe(loaded, config, calib_info, holdout))
                     decisions[learning]["against_plain"] = check
                     if check["kept"] != "learned":
                         path, rounded = plain[check["kept"]]
@@ -478,11 +478,12 @@ PLAIN_NAMES = {"plain": "plain rounding", "squant": "SQuant's rounding"}
 PROBE_FIRST = 1_000_000
 
 
-def _second_probe(loaded: LoadedModel, config: QuantConfig, calib_info: dict) -> Optional[np.ndarray]:
+def _second_probe(loaded: LoadedModel, config: QuantConfig, calib_info: dict, holdout) -> Optional[np.ndarray]:
     """Procedural images (dead leaves in the model's pixel box) for the fallback to check on
     besides the held-out samples: data-free, and drawn independently of the data the model
-    learned from. None where the calibration images are procedural already."""
-    if calib_info.get("method") == SynthMethod.PROCEDURAL.value:
+    learned from. None where the held-out samples are procedural images already (a set read
+    from a file has none held out: its images are what the learned model was fitted to)."""
+    if holdout is not None and len(holdout) and calib_info.get("method") == SynthMethod.PROCEDURAL.value:
         return None
     from .synth.procedural import procedural_images
 

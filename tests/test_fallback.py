@@ -136,9 +136,16 @@ def test_a_candidate_replaces_the_one_kept_only_if_it_is_at_least_as_close_on_ev
     assert choose_closest(order, [{"plain": 1.0, "squant": None, "learned": 2.0}]) == "learned"
 
 
-def test_procedural_calibration_is_not_probed_twice(setup):
+def test_held_out_procedural_samples_are_not_probed_twice_a_procedural_file_is(setup):
     folder = setup["folder"]
     result = quantize(str(setup["model"]), QuantConfig(output=str(folder / "proc.onnx"), calib="procedural", holdout=16,
                                                        qat=WRECK, **COMMON))
     check = result.decisions["qat"]["against_plain"]
     assert check["on"] == "held-out synthetic samples" and "procedural" not in check, check
+    # the same images from a file: nothing held out, so the independent probe is added
+    synthetic = synthesize(load_model(setup["model"]), SynthConfig(method="procedural", num_samples=64, seed=0))
+    synthetic.save(folder / "proc.npz")
+    result = quantize(str(setup["model"]), QuantConfig(output=str(folder / "proc.onnx"), calib=str(folder / "proc.npz"),
+                                                       qat=WRECK, **COMMON))
+    check = result.decisions["qat"]["against_plain"]
+    assert check["on"] == "calibration images" and check["procedural"]["samples"] == 64, check
