@@ -414,6 +414,7 @@ class RefineConfig:
 QAT_DATA = ("auto", "generator", "calib", "mixed")
 GENERATOR_LOSSES = ("dsg", "bns")
 QAT_OPTIMIZERS = ("adam", "sgd")
+QAT_LOSSES = ("mse", "kl")
 
 
 @dataclass(frozen=True)
@@ -438,6 +439,9 @@ class QatConfig:
     ``bn_weight``: the BN term against the cross-entropy in the generator's loss.
     ``optimizer``: for the weights and biases, ``adam`` or ``sgd`` (Nesterov momentum 0.9, the
     data-free QAT papers'); the steps are on Adam either way.
+    ``loss``: what the student minimises against the float model's logits — ``mse`` (their
+    mean squared difference) or ``kl`` (T²·KL of the softened logits at ``temperature``, the
+    papers' distillation, which a 4-bit student lowers by flattening its logits: see README).
     """
 
     iters: Optional[int] = None
@@ -457,6 +461,7 @@ class QatConfig:
     generator_warmup: int = 200
     bn_weight: float = 0.1
     optimizer: str = "adam"
+    loss: str = "mse"
 
     def __post_init__(self):
         _require(self.iters is None or (_is_int(self.iters) and self.iters >= 0),
@@ -469,6 +474,7 @@ class QatConfig:
             _require(_is_number(value) and value > 0, f"`qat.{name}` must be positive, got {value}")
         _require(self.optimizer in QAT_OPTIMIZERS,
                  f"`qat.optimizer` must be one of {', '.join(QAT_OPTIMIZERS)}, got {self.optimizer!r}")
+        _require(self.loss in QAT_LOSSES, f"`qat.loss` must be one of {', '.join(QAT_LOSSES)}, got {self.loss!r}")
         _require(_is_int(self.generator_warmup) and self.generator_warmup >= 0,
                  f"`qat.generator_warmup` must not be negative, got {self.generator_warmup}")
         for name in ("lr", "temperature"):

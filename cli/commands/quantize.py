@@ -45,7 +45,7 @@ _QAT_FLAGS = {"qat_iters": "iters", "qat_lr": "lr", "qat_batch_size": "batch_siz
               "qat_weight_step_lr": "weight_step_lr", "qat_time_budget": "time_budget", "qat_checkpoint": "checkpoint",
               "qat_augment": "augment", "qat_data": "data", "qat_generator_loss": "generator_loss",
               "qat_generator_lr": "generator_lr", "qat_generator_warmup": "generator_warmup",
-              "qat_optimizer": "optimizer"}
+              "qat_optimizer": "optimizer", "qat_loss": "loss"}
 
 
 def _bits(w8a8, w6a6, w4a4, wbits, abits):
@@ -108,6 +108,9 @@ def _given(values: dict, fields: dict) -> dict:
 @click.option("--qat-optimizer", type=click.Choice(["adam", "sgd"]),
               help="QAT's optimiser of the weights and biases (sgd: Nesterov momentum 0.9; the steps stay on Adam) "
                    "[default: adam].")
+@click.option("--qat-loss", type=click.Choice(["mse", "kl"]),
+              help="QAT's distillation loss on the float model's logits: their mean squared difference, or KL of the "
+                   "softmax (the papers'; a 4-bit student lowers it by flattening its logits) [default: mse].")
 @click.option("--qat-time-budget", type=float, metavar="SECONDS", help="Stop QAT after this long and export what it learned.")
 @click.option("--qat-checkpoint", type=click.Path(dir_okay=False), help="Save the QAT state to this file as it trains.")
 @click.option("--qat-resume", is_flag=True, help="Continue QAT from --qat-checkpoint.")

@@ -6,12 +6,17 @@ exported QDQ model quantizes fake-quantized on its grid. Unlike reconstruction i
 end to end: every quantized Conv/Gemm's float weight and bias (through straight-through
 rounding, :class:`~.quantizers.QuantLayer` mode ``train``), each weight's per-channel step and
 each activation grid's step (LSQ, Esser et al. 2020, as the log of the step) are trained
-together to minimise
+together to minimise the mean squared difference of the first output's logits from those
+of the teacher, the same float model unquantized (``loss="mse"``), or the data-free QAT
+papers' distillation (GDFQ, Xu et al. 2020; Qimera; DSG's TPAMI version)
 
-    T² · KL(softmax(teacher / T) ‖ softmax(student / T))
+    T² · KL(softmax(teacher / T) ‖ softmax(student / T))   (``loss="kl"``).
 
-on the first output, the teacher being the same float model unquantized (the data-free
-QAT papers' distillation: GDFQ, Xu et al. 2020; Qimera; DSG's TPAMI version). BN is already
+KL is the weaker teacher here: a 4-bit student that disagrees with the teacher on a third
+of the images lowers it fastest by flattening its logits (smaller, less confident), and
+trained on it, it agrees less with the teacher while the KL falls. The squared difference
+of the logits has no such way out (Kim et al. 2021, "Comparing Kullback-Leibler divergence
+and mean squared error loss in knowledge distillation"). BN is already
 folded into the layers, so the student's BN statistics are frozen by construction.
 Training starts where plain rounding with bias correction is (each layer's bias less
 ΔW·E[x], E[x] measured on the float model over the calibration images). Each step trains on
@@ -59,6 +64,10 @@ from .reconstruct import RefineResult, _export, _find_layers, _learn_steps
 from .simulate import first_output, insert_activation_quant, layer_module
 
 
+LOSS_NAMES = {"mse": "mean squared difference from the float model's logits",
+              "kl": "KL to the float model"}
+
+
 @dataclass(frozen=True)
 class GeneratorSource:
     """What QAT's generator trains against: the float model with its BN statistics (the
@@ -77,8 +86,11 @@ class GeneratorSource:
                 "slack_reading": self.slack_reading}
 
 
-def distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: float) -> torch.Tensor:
-    """T²·KL(p_teacher ‖ p_student) of softened logits, averaged over the batch."""
+def distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: float, loss: str = "kl") -> torch.Tensor:
+    """``kl``: T²·KL(p_teacher ‖ p_student) of softened logits, averaged over the batch;
+    ``mse``: the mean squared difference of the logits."""
+    if loss == "mse":
+        return F.mse_loss(student, teacher)
     log_p = F.log_softmax(student / temperature, dim=1)
     target = F.log_softmax(teacher / temperature, dim=1)
     return F.kl_div(log_p, target, log_target=True, reduction="batchmean") * temperature**2
@@ -246,11 +258,12 @@ def qat_model(model_path: Path, output_path: Path, placement: Placement, images:
             else np.asarray(images, dtype=np.float32))
     teacher_held = first_output(teacher, held, chunk, torch_device)
 
-    def held_loss() -> float:
+    def held_loss() -> tuple[float, float]:
         student.eval()
-        out = first_output(student, held, chunk, torch_device)
-        return float(distillation(torch.from_numpy(out).reshape(len(out), -1),
-                                  torch.from_numpy(teacher_held).reshape(len(out), -1), config.temperature))
+        out = torch.from_numpy(first_output(student, held, chunk, torch_device)).reshape(len(held), -1)
+        target = torch.from_numpy(teacher_held).reshape(len(held), -1)
+        agreement = float((out.argmax(1) == target.argmax(1)).double().mean())
+        return float(distillation(out, target, config.temperature, config.loss)), agreement
 
     trainer = None
     if generator is not None:
@@ -284,13 +297,13 @@ def qat_model(model_path: Path, output_path: Path, placement: Placement, images:
         step = resumed_from = int(state["step"])
         say(f"qat: resumed from {checkpoint} at step {step}/{config.iters}")
 
-    before = held_loss()
+    before, agreed_before = held_loss()
     data = ("calibration images" if trainer is None else
             "generator and calibration images" if config.data == "mixed" else "generator")
     source = (f"{len(calib)} images" if trainer is None else f"a {generator.loss} generator's fresh images"
               + (f" and {len(calib)} images" if config.data == "mixed" else ""))
     say(f"qat: {len(layers)} layers, {len(quantizers)} quantized activations, {config.iters} steps of batch "
-        f"{config.batch_size} on {source}, on {torch_device}; held-out distillation loss {before:.4g}")
+        f"{config.batch_size} on {source}, on {torch_device}; held-out {config.loss} {before:.4g}, top-1 agreement {agreed_before:.3f}")
     stopped = "done"
     losses = []
     batch = min(config.batch_size - (trainer.batch_size if trainer is not None else 0), len(calib))
@@ -335,9 +348,9 @@ def qat_model(model_path: Path, output_path: Path, placement: Placement, images:
                 parts.append((x, logits(teacher(x))))
         x = torch.cat([part[0] for part in parts]) if len(parts) > 1 else parts[0][0]
         target = torch.cat([part[1] for part in parts]) if len(parts) > 1 else parts[0][1]
-        loss = distillation(logits(student(x)), target, config.temperature)
+        loss = distillation(logits(student(x)), target, config.temperature, config.loss)
         if not torch.isfinite(loss):
-            raise DataError(f"qat: the distillation loss (KL to the float model) became {float(loss.detach())} at step "
+            raise DataError(f"qat: the distillation loss ({LOSS_NAMES[config.loss]}) became {float(loss.detach())} at step "
                             f"{step + 1}; lower --qat-lr")
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
@@ -345,7 +358,7 @@ def qat_model(model_path: Path, output_path: Path, placement: Placement, images:
         step += 1
         if step % 10 == 0 or step == config.iters:
             losses.append(float(loss.detach()))
-            progress.update(step, f"kl {losses[-1]:.4g}" + (f" ce {trainer.last['cross_entropy']:.3g}"
+            progress.update(step, f"{config.loss} {losses[-1]:.4g}" + (f" ce {trainer.last['cross_entropy']:.3g}"
                                                              if trainer is not None else ""))
         if checkpoint is not None and (step % config.checkpoint_every == 0 or step == config.iters):
             save()
@@ -357,7 +370,7 @@ def qat_model(model_path: Path, output_path: Path, placement: Placement, images:
         layer.module.fix_scale()
         layer.module.mode = "nearest"  # the exported integers: nearest on the trained weight and step
     student.eval()
-    after = held_loss()
+    after, agreed_after = held_loss()
     for parameter in weights + act_steps:
         parameter.requires_grad_(False)
     refined = _export(layers, model_path, output_path, biases=True)
@@ -376,13 +389,16 @@ def qat_model(model_path: Path, output_path: Path, placement: Placement, images:
                  if trainer is not None else {}),
               "loss_measured_on": "held-out samples" if eval_images is not None and len(eval_images) else
               "the calibration samples",
+              "loss": config.loss,
               "distillation_before": round(before, 6), "distillation_after": round(after, 6),
+              "agreement_before": round(agreed_before, 4), "agreement_after": round(agreed_after, 4),
               "train_loss_start": [round(v, 6) for v in losses[:5]],
               "train_loss": [round(v, 6) for v in losses[-5:]],
               "refined_layers": [layer.onnx_name for layer in layers], "skipped_layers": skipped,
               "simulated_activations": len(quantizers), "unsimulated": unsimulated,
               "learned_activation_steps": {name: {"calibrated": quantizers[name].scale, "learned": scale}
                                            for name, (scale, _) in activations.items()}}
-    say(f"qat: {stopped} after {step} steps in {seconds:.1f}s; held-out distillation loss {before:.4g} -> {after:.4g}")
+    say(f"qat: {stopped} after {step} steps in {seconds:.1f}s; held-out {config.loss} {before:.4g} -> {after:.4g}, "
+        f"top-1 agreement with the float model {agreed_before:.3f} -> {agreed_after:.3f}")
     return RefineResult(path=output_path, weights=refined, report=report, activations=activations,
                         simulation=lambda x: first_output(student, x, chunk, torch_device))
