@@ -197,10 +197,12 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
 
 
 # what a table keeps of quantize's fallback check (decisions.<refine|qat|rounding>.against_plain)
-CHECK_KEYS = ("kept", "on", "learned", "plain", "squant", "procedural")
-# the model --fallback wrote instead of the learned one: nearest rounding, SQuant's rounding
-FALLBACK_MARKS = {"†": "plain", "‡": "squant"}
-FALLBACK_NAMES = {"plain": "plain (nearest) rounding", "squant": "SQuant's rounding without learning"}
+CHECK_KEYS = ("kept", "on", "learned", "plain", "squant", "uncorrected", "procedural")
+# the model --fallback wrote instead of the learned one: nearest rounding, SQuant's rounding, the
+# refined model without bias correction on its refined layers
+FALLBACK_MARKS = {"†": "plain", "‡": "squant", "§": "uncorrected"}
+FALLBACK_NAMES = {"plain": "plain (nearest) rounding", "squant": "SQuant's rounding without learning",
+                  "uncorrected": "the refined model without bias correction on its refined layers"}
 
 
 def _cached_set(cache, model, settings):

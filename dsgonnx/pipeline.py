@@ -235,10 +235,25 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
                     plain_decisions = {name: write(path, rounded.path if rounded else prepared, rounded, corrector,
                                                    "rounding")
                                        for name, (path, rounded) in plain.items()}
+                    variants = {}
+                    if learning == "refine" and correct is not None:
+                        # the refined model with its refined layers' biases as they were (bias
+                        # correction measured against the refined weights: a shift of 0 there),
+                        # which on some models follows the float model more closely
+                        uncorrected = Path(scratch) / "uncorrected.onnx"
+                        variants[UNCORRECTED] = (uncorrected, write(uncorrected, float_path, refined, _BiasCorrector(
+                            float_path, None if config.cle else loaded.model, loaded, calib_images, batch,
+                            config.bias_correction)))
                     check = _against_plain(tmp, {name: path for name, (path, _) in plain.items()}, prepared, holdout,
-                                           calib_images, loaded, learning, _second_probe(loaded, config, calib_info, holdout))
+                                           calib_images, loaded, learning, _second_probe(loaded, config, calib_info, holdout),
+                                           {name: path for name, (path, _) in variants.items()})
                     decisions[learning]["against_plain"] = check
-                    if check["kept"] != "learned":
+                    if check["kept"] in variants:
+                        path, written = variants[check["kept"]]
+                        os.replace(path, tmp)
+                        decisions = {**written, learning: decisions[learning]}
+                        refined.report["kept"] = VARIANT_NAMES[check["kept"]]
+                    elif check["kept"] != "learned":
                         path, rounded = plain[check["kept"]]
                         os.replace(path, tmp)
                         decisions = {**plain_decisions[check["kept"]], learning: decisions[learning]}
@@ -473,6 +488,8 @@ FALLBACK_SAMPLES = 64
 
 
 PLAIN_NAMES = {"plain": "plain rounding", "squant": "SQuant's rounding"}
+UNCORRECTED = "uncorrected"
+VARIANT_NAMES = {UNCORRECTED: "refined without bias correction"}
 # the procedural probe's images: samples from this index on, so no calibration set of fewer
 # samples made with the same seed holds one of them
 PROBE_FIRST = 1_000_000
@@ -491,22 +508,24 @@ def _second_probe(loaded: LoadedModel, config: QuantConfig, calib_info: dict, ho
 
 
 def _against_plain(learned: Path, plain: dict[str, Path], float_path: Path, holdout, images, loaded: LoadedModel,
-                   label: str, procedural: Optional[np.ndarray] = None) -> dict:
+                   label: str, procedural: Optional[np.ndarray] = None, variants: Optional[dict[str, Path]] = None) -> dict:
     """Which QDQ model of one float model follows it most closely — ``learned`` (after
-    reconstruction, QAT or SQuant's rounding) or one of ``plain`` ("plain": nearest rounding of the
-    float weights; "squant": SQuant's rounding of them), all bias-corrected — by logit SQNR on up
-    to 64 held-out synthetic samples (else calibration images, which favour the learned model: it
-    was fitted to them) and, where given, on ``procedural`` images too.
+    reconstruction, QAT or SQuant's rounding), one of ``plain`` ("plain": nearest rounding of the
+    float weights; "squant": SQuant's rounding of them), all bias-corrected, or one of the learned
+    model's ``variants`` (``uncorrected``: the refined layers' biases left as they were) — by
+    logit SQNR on up to 64 held-out synthetic samples (else calibration images, which favour the
+    learned model: it was fitted to them) and, where given, on ``procedural`` images too.
 
-    From nearest rounding, each next candidate (``plain``'s others in order, then ``learned``)
-    replaces the one kept if it follows the float model at least as closely on every probe: a
-    model that wins on the samples it was made from and loses on independent images is not kept.
+    From nearest rounding, each next candidate (``plain``'s others in order, then ``learned``,
+    then the ``variants``) replaces the one kept if it follows the float model at least as
+    closely on every probe: a model that wins on the samples it was made from and loses on
+    independent images is not kept.
     """
     from .validation.metrics import sqnr_db, top1_agreement
 
     probe = holdout if holdout is not None and len(holdout) else images
     on = "held-out synthetic samples" if probe is holdout else "calibration images"
-    paths = {**plain, "learned": learned}
+    paths = {**plain, "learned": learned, **(variants or {})}
     probes = {on: _whole_batches(probe[:FALLBACK_SAMPLES], loaded)}
     if procedural is not None:
         probes["procedural images"] = _whole_batches(procedural, loaded)
@@ -518,10 +537,10 @@ def _against_plain(learned: Path, plain: dict[str, Path], float_path: Path, hold
             sqnr = sqnr_db(reference, out)
             scores.setdefault(where, {})[name] = {"sqnr_db": None if sqnr is None else round(sqnr, 3),
                                                   "agreement": round(top1_agreement(reference, out), 4)}
-    kept = choose_closest(["plain", *(name for name in plain if name != "plain"), "learned"],
+    kept = choose_closest(["plain", *(name for name in plain if name != "plain"), "learned", *(variants or {})],
                           [{name: figures["sqnr_db"] for name, figures in probe_scores.items()}
                            for probe_scores in scores.values()])
-    names = {**PLAIN_NAMES, "learned": label}
+    names = {**PLAIN_NAMES, **VARIANT_NAMES, "learned": label}
     for where, probe_scores in scores.items():
         say(f"{label}: logit SQNR against the float model on {len(probes[where])} {where}: "
             + ", ".join(f"{figures['sqnr_db']} dB with {names[name]}" for name, figures in probe_scores.items()))

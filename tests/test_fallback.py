@@ -149,3 +149,30 @@ def test_held_out_procedural_samples_are_not_probed_twice_a_procedural_file_is(s
                                                        qat=WRECK, **COMMON))
     check = result.decisions["qat"]["against_plain"]
     assert check["on"] == "calibration images" and check["procedural"]["samples"] == 64, check
+
+
+def test_after_refinement_the_model_without_bias_correction_is_a_candidate_and_is_written_when_chosen(setup,
+                                                                                                     monkeypatch):
+    import dsgonnx.pipeline as pipeline
+
+    folder, calib = setup["folder"], str(setup["npz"])
+    refine = RefineConfig(method="brecq", iters=20, batch_size=16)
+    options = dict(calib=calib, refine=refine, rounding="nearest", **COMMON)
+    learned = quantize(str(setup["model"]), QuantConfig(output=str(folder / "refined.onnx"), fallback=False, **options))
+    checked = quantize(str(setup["model"]), QuantConfig(output=str(folder / "checked.onnx"), **options))
+    check = checked.decisions["refine"]["against_plain"]
+    assert {"plain", "learned", "uncorrected"} <= check.keys() and "uncorrected" in check["procedural"], check
+    assert check["uncorrected"]["sqnr_db"] != check["learned"]["sqnr_db"]  # the biases differ, so do the logits
+    # made to choose it, quantize writes the refined integers with the refined layers' biases uncorrected
+    monkeypatch.setattr(pipeline, "choose_closest", lambda order, probes: "uncorrected")
+    chosen = quantize(str(setup["model"]), QuantConfig(output=str(folder / "uncorrected.onnx"), **options))
+    assert chosen.refine["kept"] == "refined without bias correction"
+    written, corrected = _weights(chosen.output), _weights(learned.output)
+    for name, weight in chosen.refined_weights.items():
+        np.testing.assert_array_equal(written[f"{name}_quantized"].astype(np.int64), weight.integers)
+        np.testing.assert_array_equal(written[f"{name}_quantized"], corrected[f"{name}_quantized"])
+    biases = [name for name in written if name.endswith("_quantized") and written[name].dtype == np.int32]
+    assert biases and any(not np.array_equal(written[n], corrected[n]) for n in biases)
+    fp = _logits(setup["model"], setup["calib"])
+    sqnr = sqnr_db(fp, _logits(chosen.output, setup["calib"]))
+    assert sqnr == pytest.approx(chosen.decisions["refine"]["against_plain"]["uncorrected"]["sqnr_db"], abs=1e-3)
