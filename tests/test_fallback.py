@@ -92,7 +92,10 @@ def test_above_4_bits_the_learned_model_is_checked_against_nearest_rounding_alon
 
 
 def test_a_better_learned_model_is_kept_judged_on_held_out_samples(setup):
-    trained = QatConfig(iters=150, batch_size=32, lr=1e-3, augment=False, data="calib")
+    # (KL: on this tiny random net every model follows the float one at about -5 dB on procedural
+    # images, and training on the squared difference ends 0.15 dB below plain rounding there
+    # while 4 dB above it on the held-out samples; KL's training is ahead on both probes)
+    trained = QatConfig(iters=150, batch_size=32, lr=1e-3, augment=False, data="calib", loss="kl")
     # (--rounding nearest: the plain model is nearest rounding alone; on this tiny model SQuant's
     # rounding follows the float model more closely than this short QAT does)
     result = quantize(str(setup["model"]), QuantConfig(output=str(setup["folder"] / "trained.onnx"), calib="dsg",
