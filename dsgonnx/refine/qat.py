@@ -15,8 +15,9 @@ papers' distillation (GDFQ, Xu et al. 2020; Qimera; DSG's TPAMI version)
 KL is the weaker teacher here: a 4-bit student that disagrees with the teacher on a third
 of the images lowers it fastest by flattening its logits (smaller, less confident), and
 trained on it, it agrees less with the teacher while the KL falls. The squared difference
-of the logits has no such way out (Kim et al. 2021, "Comparing Kullback-Leibler divergence
-and mean squared error loss in knowledge distillation"). BN is already
+of the logits rewards far less shrinking — only the least-squares amount for the student's
+noise (Kim et al. 2021, "Comparing Kullback-Leibler divergence and mean squared error loss
+in knowledge distillation"). BN is already
 folded into the layers, so the student's BN statistics are frozen by construction.
 Training starts where plain rounding with bias correction is (each layer's bias less
 ΔW·E[x], E[x] measured on the float model over the calibration images). Each step trains on
