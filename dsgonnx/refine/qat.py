@@ -61,6 +61,7 @@ from ..progress import Progress, say
 from ..quant.correct import conv_shift
 from ..quant.placement import Placement
 from ..synth.generative import GeneratorTrainer, logits
+from ..validation.metrics import top1_agreement
 from .reconstruct import RefineResult, _export, _find_layers, _learn_steps
 from .simulate import first_output, insert_activation_quant, layer_module
 
@@ -261,10 +262,10 @@ def qat_model(model_path: Path, output_path: Path, placement: Placement, images:
 
     def held_loss() -> tuple[float, float]:
         student.eval()
-        out = torch.from_numpy(first_output(student, held, chunk, torch_device)).reshape(len(held), -1)
-        target = torch.from_numpy(teacher_held).reshape(len(held), -1)
-        agreement = float((out.argmax(1) == target.argmax(1)).double().mean())
-        return float(distillation(out, target, config.temperature, config.loss)), agreement
+        out = first_output(student, held, chunk, torch_device).reshape(len(held), -1)
+        target = teacher_held.reshape(len(held), -1)
+        loss = distillation(torch.from_numpy(out), torch.from_numpy(target), config.temperature, config.loss)
+        return float(loss), top1_agreement(target, out)
 
     trainer = None
     if generator is not None:
