@@ -44,6 +44,11 @@ VARIANTS = {
     "squant": {"rounding": "squant"},  # SQuant's data-free flips instead of nearest rounding
     "nearest": {"rounding": "nearest"},  # nearest rounding where the default (auto) is SQuant's (4 bits or fewer)
     "nofallback": {"fallback": False},  # with +refine/+qat*: the learned model even where plain rounding is closer
+    # activation ranges (the default, auto, is mse at 4 bits or fewer, else minmax): the observed
+    # min/max, the least expected squared error on histograms, ORT's percentile
+    "minmax": {"calibrator": "minmax"},
+    "mse": {"calibrator": "mse"},
+    "percentile": {"calibrator": "percentile"},
     # quantization-aware training (quantize --qat; settings from ``qat=``) on: the calibration images
     # themselves, a generator trained with DSG's losses, or one trained with GDFQ's BN statistics
     "qat": {},
@@ -64,7 +69,7 @@ def parse_row(row: str) -> tuple[str, list[str]]:
 
 
 def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), seeds=(0,), num_samples=100,
-              iters=500, synth=None, calibrator="minmax", logits="exclude", device="auto", max_eval=None,
+              iters=500, synth=None, calibrator="auto", logits="exclude", device="auto", max_eval=None,
               refine=None, qat=None, cache=None, twin=None, log=sys.stderr) -> dict:
     """Quantize ``model`` for every (row, seed, bits) and score it on ``data``.
 
@@ -112,6 +117,7 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
                     raise SystemExit(f"row {row!r}: +lsq learns activation steps while refining; add +refine")
                 refine_settings["act_lr"] = LSQ_LR
             settings = {k: v for variant in variants for k, v in VARIANTS[variant].items()}
+            row_calibrator = settings.pop("calibrator", calibrator)
             learning = [v for v in variants if v in QAT_DATA]
             if len(learning) > 1 or (learning and refine_method):
                 raise SystemExit(f"row {row!r}: one of +refine, +qat, +qatgen, +qatgdfq")
@@ -146,7 +152,7 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
                         continue  # mixed precision acts among simulated widths, the 8-bit first layer below 8
                     out = Path(scratch) / f"{row}-{seed}-w{b}a{b}.onnx"
                     done = quantize(loaded, QuantConfig(
-                        wbits=b, abits=b, calib=calib, num_samples=num_samples, calibrator=calibrator, logits=logits,
+                        wbits=b, abits=b, calib=calib, num_samples=num_samples, calibrator=row_calibrator, logits=logits,
                         preprocess=recipe, output=str(out), force=True, validate=False, device=device,
                         seed=seed, refine=RefineConfig(method=refine_method, **refine_settings) if refine_method else None,
                         qat=QatConfig(**qat_settings) if qat_settings else None, **settings))
@@ -278,7 +284,7 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", type=float)
     parser.add_argument("--slack-reading")
     parser.add_argument("--low-res", type=int, help="synthesis resolution schedule (see dsgonnx synthesize)")
-    parser.add_argument("--calibrator", default="minmax")
+    parser.add_argument("--calibrator", default="auto")
     parser.add_argument("--logits", default="exclude")
     parser.add_argument("--seeds", default="0")
     parser.add_argument("--device", default="auto")

@@ -20,7 +20,7 @@ import onnx
 from . import __version__, distributed
 from .artifacts import check_output_folder, publish
 from .calibration_data import load_real_images
-from .config import BiasCorrection, PoolRange, QuantConfig, Rounding, SynthMethod, ValidateConfig
+from .config import BiasCorrection, Calibrator, PoolRange, QuantConfig, Rounding, SynthMethod, ValidateConfig
 from .errors import DataError, ModelLoadError, UnsupportedModelError
 from .graph.layout import channels_last_input
 from .graph.onnx_io import LoadedModel, load_model
@@ -145,7 +145,10 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
     bits = {"weights": weights.bits, "activations": activations.bits,
             "weight_type": weights.quant_type.name, "activation_type": activations.quant_type.name,
             "simulated": weights.simulated or activations.simulated, "target": config.target.value,
-            "per_channel": config.per_channel, "reduce_range": reduce_range, "calibrator": config.calibrator.value}
+            "per_channel": config.per_channel, "reduce_range": reduce_range,
+            "calibrator": config.activation_calibrator().value}
+    if config.calibrator == Calibrator.AUTO:
+        bits["calibrator_chosen_by"] = f"auto: activations of {'4 bits or fewer' if activations.bits <= 4 else 'over 4 bits'}"
     with tempfile.TemporaryDirectory(prefix="dsgonnx-quant-") as scratch:
         with stages("pre-process"):
             prepared = pre_process(loaded.path, Path(scratch) / "prepared.onnx")
@@ -153,16 +156,19 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
         if config.cle:
             with stages("equalize"):
                 prepared, equalized = _equalize(prepared, Path(scratch) / "equalized.onnx")
-        with stages("calibrate"):
-            ranges = compute_ranges(prepared, ArrayReader(loaded.input.name, calib_images, batch), config.calibrator,
-                                    activations)
         prepared_model = onnx.load(str(prepared))
-        policy = {"pool_range": {"policy": config.pool_range.value, "tensors": []}}
-        if config.pool_range == PoolRange.INPUT:
-            ranges, policy["pool_range"]["tensors"] = share_pool_ranges(prepared_model, ranges)
         first = set()
         if config.first_layer_8bit and min(weights.bits, activations.bits) < 8:
             first = first_layer_tensors(prepared_model)
+        with stages("calibrate"):
+            # the tensors kept at 8 bits get ranges for the 8-bit grid (the MSE search depends on it)
+            eight = resolve_bits(8, 8, config.target)[1]
+            ranges = compute_ranges(prepared, ArrayReader(loaded.input.name, calib_images, batch),
+                                    config.activation_calibrator(), activations, {name: eight for name in first})
+        policy = {"pool_range": {"policy": config.pool_range.value, "tensors": []}}
+        if config.pool_range == PoolRange.INPUT:
+            ranges, policy["pool_range"]["tensors"] = share_pool_ranges(prepared_model, ranges)
+        if first:
             policy["first_layer_8bit"] = {"tensors": sorted(first),
                                           "weight_share": round(weight_share(prepared_model, first), 5)}
         refined = None

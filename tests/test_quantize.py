@@ -253,6 +253,46 @@ def test_calibrators(setup, calibrator):
     assert agreement >= 0.95, agreement  # W8A8 on 40 images (#18 saw a 5-bit model pass the old 0.85)
 
 
+def test_auto_calibrator_is_mse_at_4_bits_and_searches_the_8_bit_tensors_ranges_for_their_own_grid(setup, monkeypatch):
+    import dsgonnx.pipeline
+    from dsgonnx.config import Calibrator
+    from dsgonnx.quant.calibrate import compute_ranges
+    from dsgonnx.quant.reader import ArrayReader
+
+    assert QuantConfig(wbits=8, abits=8).activation_calibrator() == Calibrator.MINMAX
+    assert QuantConfig(wbits=4, abits=4, calibrator="minmax").activation_calibrator() == Calibrator.MINMAX
+    seen = []
+
+    def spy(prepared, reader, method, activations, specs=None):
+        ranges = compute_ranges(prepared, reader, method, activations, specs)
+        # the same images' histograms searched for the 4-bit grid everywhere
+        images = np.array(reader.images)
+        low = compute_ranges(prepared, ArrayReader("input", images, len(images)), method, activations)
+        seen.append((method, activations, specs, ranges, low))
+        return ranges
+
+    monkeypatch.setattr(dsgonnx.pipeline, "compute_ranges", spy)
+    result, out = _quantize(setup, "auto-w4a4.onnx", wbits=4, abits=4)
+    ((method, activations, specs, ranges, low),) = seen
+    assert result.bits["calibrator"] == "mse" and result.bits["calibrator_chosen_by"].startswith("auto")
+    assert Calibrator.parse(method, "calibrator") == Calibrator.MSE and activations.bits == 4
+    assert specs["input"].bits == 8  # the model input stays at 8 bits (first_layer_8bit)
+
+    def width(data, name):
+        lowest, highest = data.data[name].range_value
+        return float(highest) - float(lowest)
+
+    # at 8 bits the search clips the input's tails less than it would for 16 levels
+    assert width(ranges, "input") > 1.2 * width(low, "input")
+    rest = [name for name in ranges.data if name not in specs]
+    assert rest and all(width(ranges, name) == width(low, name) for name in rest)
+    # the written model reads the input on the 8-bit grid of that wider range
+    model = onnx.load(str(out))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "input")
+    assert np.isclose(float(inits[q.input[1]]), width(ranges, "input") / 255, rtol=1e-3)
+
+
 def test_synthetic_calibration_and_validation_on_held_out_samples(setup, monkeypatch):
     import dsgonnx.pipeline
 

@@ -119,7 +119,8 @@ def _given(values: dict, fields: dict) -> dict:
               help="After --refine, --qat or --rounding squant, keep plain rounding (at 4 bits or fewer under --rounding auto, "
                    "also SQuant's) instead where it follows the float model more closely "
                    "(logit SQNR on the held-out synthetic samples, else the calibration images, and on procedural images).")
-@click.option("--calibrator", type=choice(Calibrator), default=Calibrator.MINMAX.value, show_default=True)
+@click.option("--calibrator", type=choice(Calibrator), default=Calibrator.AUTO.value, show_default=True,
+              help="Activation ranges; auto: mse for activations of 4 bits or fewer, else minmax.")
 @click.option("--target", type=choice(Target), default=Target.CPU.value, show_default=True)
 @click.option("--per-channel/--per-tensor", default=True, show_default=True, help="Weight scales per output channel.")
 @click.option("--exclude", multiple=True, metavar="NODE", help="Keep this node in float (repeatable).")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import onnx
@@ -31,8 +32,10 @@ _AVERAGING = ("GlobalAveragePool", "AveragePool", "ReduceMean")
 _SAME_VALUES = ("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Identity")  # outputs hold the input's values
 
 
-def compute_ranges(model_path: Path, reader: ArrayReader, method: str, activations: BitSpec) -> TensorsData:
-    """Ranges of every float activation of ``model_path`` over the reader's images."""
+def compute_ranges(model_path: Path, reader: ArrayReader, method: str, activations: BitSpec,
+                   specs: Optional[dict[str, BitSpec]] = None) -> TensorsData:
+    """Ranges of every float activation of ``model_path`` over the reader's images, for the
+    grid of ``activations`` (``specs``: tensor name -> another grid; only ``mse`` depends on it)."""
     method = Calibrator.parse(method, "calibrator").value
     options = {"symmetric": activations.symmetric}
     if method == "mse":
@@ -52,7 +55,8 @@ def compute_ranges(model_path: Path, reader: ArrayReader, method: str, activatio
             histograms = calibrator.collector.histogram_dict
             return TensorsData(
                 CalibrationMethod.MinMax,
-                {name: mse_range(hist, edges, lo, hi, activations) for name, (hist, edges, lo, hi, _) in histograms.items()},
+                {name: mse_range(hist, edges, lo, hi, (specs or {}).get(name, activations))
+                 for name, (hist, edges, lo, hi, _) in histograms.items()},
             )
         return calibrator.compute_data()
 
