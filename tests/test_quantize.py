@@ -497,3 +497,27 @@ def test_activation_grids_span_the_calibrated_range_on_the_b_bit_grid(setup, tmp
     calib = np.load(setup["calib"])["images"]
     relu = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"input": calib})[-1]
     assert zero == 0 and scale == pytest.approx(float(relu.max()) / 63, rel=1e-5)
+
+
+def test_noise_floor_nudges_each_chosen_bias_integer_by_one_step_and_nothing_else(setup):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from noise_floor import nudge_biases
+
+    _, out = _quantize(setup, "nudged-w8a8.onnx")
+    model = onnx.load(str(out))
+    before = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    dequantized = {n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    biases = {name for name, value in before.items() if value.dtype == np.int32 and name in dequantized}
+    assert biases  # the QDQ model holds int32 biases (else this proves nothing); their zero points stay
+    moved = nudge_biases(model, 1.0, np.random.default_rng(0))
+    after = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert moved == sum(before[name].size for name in biases)
+    for name, value in before.items():
+        if name in biases:
+            assert np.array_equal(np.abs(after[name].astype(np.int64) - value), np.ones(value.shape))
+        else:
+            assert np.array_equal(after[name], value)
+    assert nudge_biases(model, 0.0, np.random.default_rng(0)) == 0
