@@ -37,6 +37,8 @@ def compute_ranges(model_path: Path, reader: ArrayReader, method: str, activatio
     """Ranges of every float activation of ``model_path`` over the reader's images, for the
     grid of ``activations`` (``specs``: tensor name -> another grid; only ``mse`` depends on it)."""
     method = Calibrator.parse(method, "calibrator").value
+    if method not in _ORT_METHOD:  # "auto" stands for a method by bit width (QuantConfig.activation_calibrator)
+        raise ValueError(f"compute_ranges needs a calibration method, not {method!r}")
     options = {"symmetric": activations.symmetric}
     if method == "mse":
         options.update(num_bins=MSE_BINS)
