@@ -24,6 +24,7 @@ from onnx import numpy_helper
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from quant_table import held_out  # noqa: E402
 from run_all import MANIFEST  # noqa: E402
 
 
@@ -63,21 +64,13 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    from dsgonnx.calibration_data import spread_indices
     from dsgonnx.graph.onnx_io import load_model
-    from dsgonnx.preprocess import preprocess_from_preset, scan_image_folder
-    from dsgonnx.validation.data import open_dataset
+    from dsgonnx.preprocess import preprocess_from_preset
 
     path, data, (preset, overrides), _ = MANIFEST[args.model]
-    loaded = load_model(path)
-    folder = scan_image_folder(data)
-    excluded = {folder.files[i] for i in spread_indices(len(folder.files), args.num_samples)}
-    if args.max_eval:
-        rest = [f for f in folder.files if f not in excluded]
-        keep = set(rest[:: max(1, len(rest) // args.max_eval)][: args.max_eval])
-        excluded |= set(rest) - keep
-    held = open_dataset(loaded.input, data, preprocess_from_preset(preset, **overrides), exclude_files=frozenset(excluded))
-    images, labels = held.batch(0, held.size), np.asarray(held.labels)
+    images, labels = held_out(load_model(path), data, preprocess_from_preset(preset, **overrides), args.num_samples,
+                              args.max_eval)
+    labels = np.asarray(labels)
 
     base = _predict(args.qdq, images).argmax(1)
     top1 = [100 * float(np.mean(base == labels))]

@@ -68,6 +68,24 @@ def parse_row(row: str) -> tuple[str, list[str]]:
     return base, variants
 
 
+def held_out(loaded, data, recipe, num_samples: int, max_eval=None):
+    """The images (and labels) of ``data`` a table scores on: all but the ``num_samples`` files
+    quantize's real-data calibration picks from the folder, thinned evenly to ``max_eval``."""
+    from dsgonnx.calibration_data import spread_indices
+    from dsgonnx.preprocess import scan_image_folder
+    from dsgonnx.validation.data import open_dataset
+
+    folder = scan_image_folder(data)
+    calib_files = frozenset(folder.files[i] for i in spread_indices(len(folder.files), num_samples))
+    excluded = set(calib_files)
+    if max_eval:
+        rest = [f for f in folder.files if f not in calib_files]
+        keep = set(rest[:: max(1, len(rest) // max_eval)][:max_eval])
+        excluded |= set(rest) - keep
+    held = open_dataset(loaded.input, data, recipe, exclude_files=frozenset(excluded))
+    return held.batch(0, held.size), held.labels
+
+
 def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), seeds=(0,), num_samples=100,
               iters=500, synth=None, calibrator="auto", logits="exclude", device="auto", max_eval=None,
               refine=None, qat=None, cache=None, twin=None, log=sys.stderr) -> dict:
@@ -84,23 +102,11 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
     import torch
 
     from dsgonnx import QatConfig, QuantConfig, RefineConfig, SynthConfig, SyntheticSet, ValidateConfig, quantize, synthesize, validate
-    from dsgonnx.calibration_data import spread_indices
     from dsgonnx.graph.onnx_io import load_model
     from dsgonnx.graph.to_torch import resolve_device
-    from dsgonnx.preprocess import scan_image_folder
-    from dsgonnx.validation.data import open_dataset
 
     loaded = load_model(model)
-    folder = scan_image_folder(data)
-    # the same files quantize's real-data calibration picks from this folder
-    calib_files = frozenset(folder.files[i] for i in spread_indices(len(folder.files), num_samples))
-    excluded = set(calib_files)
-    if max_eval:
-        rest = [f for f in folder.files if f not in calib_files]
-        keep = set(rest[:: max(1, len(rest) // max_eval)][:max_eval])
-        excluded |= set(rest) - keep
-    held = open_dataset(loaded.input, data, recipe, exclude_files=frozenset(excluded))
-    held_images, held_labels = held.batch(0, held.size), held.labels
+    held_images, held_labels = held_out(loaded, data, recipe, num_samples, max_eval)
     results = {"model": str(model), "bits": list(bits), "seeds": list(seeds), "num_samples": num_samples,
                "iters": iters, "synth": synth or {}, "calibrator": calibrator, "logits": logits,
                "device": str(resolve_device(device)), "rows": {}}

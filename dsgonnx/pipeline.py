@@ -148,7 +148,7 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
             "per_channel": config.per_channel, "reduce_range": reduce_range,
             "calibrator": config.activation_calibrator().value}
     if config.calibrator == Calibrator.AUTO:
-        bits["calibrator_chosen_by"] = f"auto: activations of {'4 bits or fewer' if activations.bits <= 4 else 'over 4 bits'}"
+        bits["calibrator_chosen_by"] = f"auto: {activations.bits}-bit activations"
     with tempfile.TemporaryDirectory(prefix="dsgonnx-quant-") as scratch:
         with stages("pre-process"):
             prepared = pre_process(loaded.path, Path(scratch) / "prepared.onnx")

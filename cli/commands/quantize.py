@@ -88,8 +88,8 @@ def _given(values: dict, fields: dict) -> dict:
               help="Learn the activation step sizes with the rounding at this rate (LSQ; relative steps) [default: 0, "
                    "the calibrated steps].")
 @click.option("--qat", is_flag=True,
-              help="Quantization-aware training (beats PTQ with real images; with synthetic data at CPU budgets the "
-                   "fallback keeps SQuant's rounding so far; see README): "
+              help="Quantization-aware training (ResNet-20/56 W4A4 on 100 DSG images: 78.64/80.23 vs plain PTQ "
+                   "74.94/72.34; see README): "
                    "distil the float model into the quantized one on a generator's fresh images or the calibration data.")
 @click.option("--qat-iters", type=int, help="QAT steps [default: 10000 on CUDA, 2000 on CPU].")
 @click.option("--qat-lr", type=float, help="QAT learning rate of the weights and biases (Adam, cosine) [default: 1e-4].")
