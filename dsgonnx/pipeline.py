@@ -550,7 +550,8 @@ def _against_plain(learned: Path, plain: dict[str, Path], float_path: Path, hold
     for where, probe_scores in scores.items():
         say(f"{label}: logit SQNR against the float model on {len(probes[where])} {where}: "
             + ", ".join(f"{figures['sqnr_db']} dB with {names[name]}" for name, figures in probe_scores.items()))
-    say(f"{label}: kept {names[kept]}")
+    say(f"{label}: kept {names[kept]}" + (f"; quantize without --{label} writes this same model" if kept in plain and
+                                         label in ("qat", "refine") else ""))
     check = {"samples": len(probes[on]), "on": on, **scores[on], "kept": kept}
     if procedural is not None:
         check["procedural"] = {"samples": len(probes["procedural images"]), **scores["procedural images"]}

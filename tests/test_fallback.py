@@ -6,6 +6,7 @@ without learning is never what the user gets, unless they ask (``--no-fallback``
 from __future__ import annotations
 
 import json
+import logging
 
 import numpy as np
 import onnx
@@ -82,13 +83,16 @@ def test_a_learned_model_worse_than_plain_rounding_is_replaced_by_it(setup):
     assert "against_plain" not in kept.decisions["qat"] and "kept" not in kept.refine and kept.refined_weights
 
 
-def test_above_4_bits_the_learned_model_is_checked_against_nearest_rounding_alone(setup):
+def test_above_4_bits_the_learned_model_is_checked_against_nearest_rounding_alone(setup, caplog):
     folder = setup["folder"]
+    caplog.set_level(logging.INFO, logger="dsgonnx")
     result = quantize(str(setup["model"]), QuantConfig(output=str(folder / "w6.onnx"), calib=str(setup["npz"]),
                                                        qat=WRECK, **{**COMMON, "wbits": 6, "abits": 6}))
     check = result.decisions["qat"]["against_plain"]
     assert {"learned", "plain"} <= check.keys() and "squant" not in check and check["kept"] == "plain", check
     assert "rounding" not in result.decisions and result.refined_weights == {}
+    # the user is told that training bought nothing here: plain quantize writes the same file
+    assert "qat: kept plain rounding; quantize without --qat writes this same model" in caplog.messages
 
 
 def test_a_better_learned_model_is_kept_judged_on_held_out_samples(setup):
