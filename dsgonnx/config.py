@@ -433,8 +433,8 @@ class QatConfig:
     ``data``: what each step trains on — ``generator`` (fresh images from a conditional
     generator trained alongside against the float model's BN statistics, GDFQ-style; needs a
     model with BN statistics), ``calib`` (the calibration images, augmented when ``augment``),
-    ``mixed`` (half of each batch from each), or ``auto`` (the generator where the calibration
-    is synthesised by dsg/zeroq on a model with BN statistics, else the calibration images). ``generator_loss``: ``dsg`` (slack
+    ``mixed`` (half of each batch from each), or ``auto`` (the calibration images: on
+    ResNet-20/56 W4A4 the fixed DSG set beat the generator, see README). ``generator_loss``: ``dsg`` (slack
     alignment, layerwise enhancement, sample correlation inhibition) or ``bns`` (GDFQ's batch
     statistics); None follows the calibration method (``zeroq`` → ``bns``, else ``dsg``).
     ``generator_warmup``: generator steps before the model trains (GDFQ warms up too);

@@ -447,15 +447,16 @@ def _round(prepared: Path, out: Path, weights, reduce_range: bool, config: Quant
 
 
 def _qat_generator(loaded: LoadedModel, config: QuantConfig, calib_info: dict):
-    """What QAT's generator trains against (``qat.data``), or None to train on the calibration
-    images: ``auto`` takes the generator where the calibration was synthesised from the
-    model's BN statistics (dsg, zeroq), the generator's loss following that method."""
+    """What QAT's generator trains against (``qat.data`` ``generator`` or ``mixed``), or None to
+    train on the calibration images (``calib``, and ``auto``: measured under MSE ranges, the
+    fixed set of 100 DSG images beat the generator on ResNet-20 W4A4, 78.64 vs 77.73, and
+    ResNet-56, 80.23 vs 74.51, in a third to two thirds of the time). The generator's loss
+    follows the calibration method where not given: GDFQ's for zeroq, else DSG's."""
     from .refine.qat import GeneratorSource
 
     qat = config.qat
     method = calib_info.get("method")
-    from_bn = config.synthetic and method in (SynthMethod.DSG.value, SynthMethod.ZEROQ.value)
-    if qat.data == "calib" or (qat.data == "auto" and not from_bn):
+    if qat.data in ("calib", "auto"):
         return None  # (a model without BN statistics is refused where the generator is built)
     loss = qat.generator_loss or ("bns" if method == SynthMethod.ZEROQ.value else "dsg")
     box = None

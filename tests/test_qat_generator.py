@@ -1,8 +1,8 @@
 """QAT on a generator's fresh images (``--qat-data generator``, dsgonnx.synth.generative).
 
 The generator makes images of the model's shape inside its pixel box, training it against the
-float model lowers its cross-entropy and BN terms (DSG's losses and GDFQ's), QAT picks it by
-default for BN-matched calibration and trains the quantized model on it, an interrupted run
+float model lowers its cross-entropy and BN terms (DSG's losses and GDFQ's), QAT trains the
+quantized model on it when asked (by default on the calibration images), an interrupted run
 resumes to the same model (the generator's state included), and a model without BN statistics
 is refused in one line.
 """
@@ -79,8 +79,8 @@ def _quantize(tiny, name, qat, **options):
                                                     **(common | options)))
 
 
-def test_qat_trains_on_the_generator_by_default(tiny):
-    result = _quantize(tiny, "gen", QatConfig(iters=120, batch_size=32, lr=1e-3, generator_warmup=40))
+def test_qat_trains_on_the_generator_when_asked_and_on_the_calibration_images_by_default(tiny):
+    result = _quantize(tiny, "gen", QatConfig(iters=120, batch_size=32, lr=1e-3, generator_warmup=40, data="generator"))
     report = result.refine
     assert report["data"] == "generator" and report["generator"]["loss"] == "dsg"
     assert report["generator"]["warmup_steps"] == 40 and report["generator"]["steps"] == 160
@@ -89,9 +89,13 @@ def test_qat_trains_on_the_generator_by_default(tiny):
     start, end = np.mean(report["train_loss_start"]), np.mean(report["train_loss"])
     assert end < 0.8 * start, report
     assert report["distillation_after"] != report["distillation_before"]
-    # zeroq calibration → GDFQ's loss; a fixed set given as a file → the set itself
-    zeroq = _quantize(tiny, "gen_zeroq", QatConfig(iters=2, batch_size=8, generator_warmup=1), calib="zeroq")
+    # zeroq calibration → GDFQ's loss
+    zeroq = _quantize(tiny, "gen_zeroq", QatConfig(iters=2, batch_size=8, generator_warmup=1, data="generator"),
+                      calib="zeroq")
     assert zeroq.refine["data"] == "generator" and zeroq.refine["generator"]["loss"] == "bns"
+    # by default (auto) the calibration images, synthesised (dsg here) or given as a file
+    synthesised = _quantize(tiny, "auto_dsg", QatConfig(iters=2, batch_size=8))
+    assert synthesised.refine["data"] == "calibration images" and "generator" not in synthesised.refine
     np.savez(tiny["folder"] / "calib.npz", images=np.random.default_rng(0).normal(size=(32, 3, 16, 16)).astype(np.float32))
     fixed = _quantize(tiny, "fixed", QatConfig(iters=2, batch_size=8), calib=str(tiny["folder"] / "calib.npz"),
                       holdout=0)
@@ -101,7 +105,7 @@ def test_qat_trains_on_the_generator_by_default(tiny):
 def test_an_interrupted_generator_run_resumes_to_the_uninterrupted_model(tiny, monkeypatch):
     from dsgonnx.refine import qat as qat_module
 
-    settings = dict(iters=30, batch_size=16, generator_warmup=5)
+    settings = dict(iters=30, batch_size=16, generator_warmup=5, data="generator")
     straight = _quantize(tiny, "g_straight", QatConfig(**settings))
     checkpoint = tiny["folder"] / "gen.ckpt"
     calls = {"n": 0}
