@@ -524,9 +524,9 @@ def _against_plain(learned: Path, plain: dict[str, Path], float_path: Path, hold
     learned model: it was fitted to them) and, where given, on ``procedural`` images too.
 
     From nearest rounding, each next candidate (``plain``'s others in order, then ``learned``,
-    then the ``variants``) replaces the one kept if it follows the float model at least as
-    closely on every probe: a model that wins on the samples it was made from and loses on
-    independent images is not kept.
+    then the ``variants``) replaces the one kept where it is at least as close on one probe and
+    not measurably less close on any (see :func:`choose_closest`): a model that wins on the
+    samples it was made from and loses on independent images is not kept.
     """
     from .validation.metrics import sqnr_db, top1_agreement
 
@@ -536,7 +536,7 @@ def _against_plain(learned: Path, plain: dict[str, Path], float_path: Path, hold
     probes = {on: _whole_batches(probe[:FALLBACK_SAMPLES], loaded)}
     if procedural is not None:
         probes["procedural images"] = _whole_batches(procedural, loaded)
-    scores = {}
+    scores, errors = {}, {}
     for where, samples in probes.items():
         reference = _logits(float_path, samples, loaded)
         for name, path in paths.items():
@@ -544,35 +544,89 @@ def _against_plain(learned: Path, plain: dict[str, Path], float_path: Path, hold
             sqnr = sqnr_db(reference, out)
             scores.setdefault(where, {})[name] = {"sqnr_db": None if sqnr is None else round(sqnr, 3),
                                                   "agreement": round(top1_agreement(reference, out), 4)}
-    kept = choose_closest(["plain", *(name for name in plain if name != "plain"), "learned", *(variants or {})],
-                          [{name: figures["sqnr_db"] for name, figures in probe_scores.items()}
-                           for probe_scores in scores.values()])
+            errors.setdefault(where, {})[name] = sample_errors(reference, out)
+    order = ["plain", *(name for name in plain if name != "plain"), "learned", *(variants or {})]
+    kept, steps = choose_closest(order, list(errors.values()), list(errors))
     names = {**PLAIN_NAMES, **VARIANT_NAMES, "learned": label}
     for where, probe_scores in scores.items():
         say(f"{label}: logit SQNR against the float model on {len(probes[where])} {where}: "
             + ", ".join(f"{figures['sqnr_db']} dB with {names[name]}" for name, figures in probe_scores.items()))
+    for step in steps:
+        say(f"{label}: {names[step['candidate']]} against {names[step['against']]}: "
+            + "; ".join(f"{_signed(d['db'])} dB (90% interval {_signed(d['low'])} to {_signed(d['high'])}) on {where}"
+                        for where, d in step["probes"].items())
+            + (" — replaces it" if step["replaced"] else " — not kept"))
     say(f"{label}: kept {names[kept]}" + (f"; quantize without --{label} writes this same model" if kept in plain and
                                          label in ("qat", "refine") else ""))
-    check = {"samples": len(probes[on]), "on": on, **scores[on], "kept": kept}
+    check = {"samples": len(probes[on]), "on": on, **scores[on], "kept": kept, "steps": steps}
     if procedural is not None:
         check["procedural"] = {"samples": len(probes["procedural images"]), **scores["procedural images"]}
     return check
 
 
-def choose_closest(order: list[str], probes: list[dict[str, Optional[float]]]) -> str:
-    """The candidate kept: ``order[0]`` unless a later one's SQNR is at least the kept one's on
-    every probe (each probe: candidate -> SQNR in dB; None where the outputs were not finite,
-    which counts below any figure)."""
-    def at_least(name: str, kept: str, figures: dict) -> bool:
-        if figures.get(name) is None:
-            return figures.get(kept) is None
-        return figures.get(kept) is None or figures[name] >= figures[kept]
+def _signed(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:+.2f}"
 
-    kept = order[0]
+
+def sample_errors(reference: np.ndarray, out: np.ndarray) -> Optional[np.ndarray]:
+    """Each sample's squared logit error (float64), or None where an output is not finite."""
+    diff = reference.astype(np.float64) - out.astype(np.float64)
+    errors = np.sum(diff.reshape(len(diff), -1) ** 2, axis=1)
+    return errors if np.all(np.isfinite(errors)) else None
+
+
+# the paired bootstrap behind the choice: draws, and the one-sided level at which a candidate
+# counts as less close than the model kept (its whole 90% interval below 0 dB)
+BOOTSTRAP_DRAWS = 2000
+BOOTSTRAP_LEVEL = 0.05
+
+
+def paired_difference(kept: np.ndarray, candidate: np.ndarray, draws: int = BOOTSTRAP_DRAWS,
+                      level: float = BOOTSTRAP_LEVEL, seed: int = 0) -> dict:
+    """How much closer ``candidate`` follows the float model than ``kept`` on one probe, in dB
+    of logit SQNR (the signal cancels: 10·log10 of kept's summed squared error over the
+    candidate's), with the ``level`` and 1 − ``level`` quantiles of a paired bootstrap over
+    the probe's samples. Deterministic for a given ``seed``."""
+    tiny = np.finfo(np.float64).tiny
+
+    def db(k, c):
+        return 10.0 * np.log10((np.sum(k, axis=-1) + tiny) / (np.sum(c, axis=-1) + tiny))
+
+    picks = np.random.default_rng(seed).integers(0, len(kept), size=(draws, len(kept)))
+    spread = db(kept[picks], candidate[picks])
+    low, high = np.quantile(spread, [level, 1.0 - level])
+    return {"db": round(float(db(kept, candidate)), 3), "low": round(float(low), 3), "high": round(float(high), 3)}
+
+
+def choose_closest(order: list[str], probes: list[dict[str, Optional[np.ndarray]]],
+                   names: Optional[list[str]] = None) -> tuple[str, list[dict]]:
+    """The candidate kept, and the comparisons that chose it. ``probes``: per probe, each
+    candidate's per-sample squared logit errors (None where its outputs were not finite, which
+    counts as worse than any finite figure). ``order[0]`` is kept unless a later candidate
+    follows the float model at least as closely on one probe (by summed error: SQNR) and is
+    not measurably less close on any: on no probe is its paired-bootstrap interval wholly
+    below the kept one's SQNR. A difference inside the probe's sampling error decides nothing
+    against a candidate that wins elsewhere; a model that wins on the samples it was fitted
+    to and clearly loses on independent images is not kept."""
+    names = names or [f"probe {i}" for i in range(len(probes))]
+    kept, steps = order[0], []
     for name in order[1:]:
-        if all(at_least(name, kept, figures) for figures in probes):
+        compared, better, worse = {}, False, False
+        for where, errors in zip(names, probes):
+            mine, theirs = errors.get(name), errors.get(kept)
+            if mine is None or theirs is None:
+                compared[where] = {"db": None, "low": None, "high": None}
+                better |= theirs is None
+                worse |= mine is None and theirs is not None
+                continue
+            compared[where] = figures = paired_difference(theirs, mine)
+            better |= figures["db"] >= 0
+            worse |= figures["high"] < 0
+        replaced = better and not worse
+        steps.append({"candidate": name, "against": kept, "probes": compared, "replaced": replaced})
+        if replaced:
             kept = name
-    return kept
+    return kept, steps
 
 
 def _whole_batches(samples: np.ndarray, loaded: LoadedModel) -> np.ndarray:

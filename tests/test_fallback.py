@@ -17,7 +17,7 @@ from onnx import numpy_helper
 
 from dsgonnx import QatConfig, QuantConfig, RefineConfig, quantize
 from dsgonnx.graph.onnx_io import load_model
-from dsgonnx.pipeline import PROBE_FIRST, choose_closest
+from dsgonnx.pipeline import PROBE_FIRST, choose_closest, paired_difference, sample_errors
 from dsgonnx.synth.procedural import procedural_images
 from dsgonnx.synth import SynthConfig, synthesize
 from dsgonnx.validation.metrics import sqnr_db
@@ -131,18 +131,54 @@ def test_cli_reports_the_choice_and_no_fallback_keeps_the_learned_model(setup):
     assert "against_plain" not in summary["decisions"]["qat"] and "kept" not in summary["qat"]
 
 
-def test_a_candidate_replaces_the_one_kept_only_if_it_is_at_least_as_close_on_every_probe():
+def _errors(rng, count=64):
+    """Per-sample squared logit errors as a probe gives them: positive and heavy-tailed."""
+    return rng.exponential(1.0, count) * rng.lognormal(0.0, 1.0, count)
+
+
+def test_a_candidate_replaces_the_one_kept_where_it_wins_somewhere_and_clearly_loses_nowhere():
+    rng = np.random.default_rng(0)
     order = ["plain", "squant", "learned"]
-    assert choose_closest(order, [{"plain": 5.0, "squant": 6.0, "learned": 7.0}]) == "learned"
-    # better on the samples it was fitted to, worse on independent images: not kept
-    assert choose_closest(order, [{"plain": 5.0, "squant": 4.0, "learned": 7.0},
-                                  {"plain": 9.0, "squant": 8.0, "learned": 8.5}]) == "plain"
-    assert choose_closest(order, [{"plain": 5.0, "squant": 6.0, "learned": 7.0},
-                                  {"plain": 9.0, "squant": 9.5, "learned": 9.2}]) == "squant"
-    assert choose_closest(order, [{"plain": 5.0, "squant": 5.0, "learned": 5.0}]) == "learned"  # ties: the later
-    # non-finite outputs (None) count below any figure
-    assert choose_closest(order, [{"plain": None, "squant": -3.0, "learned": None}]) == "squant"
-    assert choose_closest(order, [{"plain": 1.0, "squant": None, "learned": 2.0}]) == "learned"
+    fitted, independent = _errors(rng), _errors(rng)
+    scaled = lambda errors, db: errors * 10 ** (-db / 10)  # the same samples, db closer to the float model
+    # closer everywhere: each later candidate replaces the one before
+    probes = [{"plain": fitted, "squant": scaled(fitted, 1), "learned": scaled(fitted, 2)}]
+    assert choose_closest(order, probes)[0] == "learned"
+    # better on the samples it was fitted to, less close on every independent image: not kept
+    # (a loss of 0.2 dB on each of the 64 samples is far outside their sampling error)
+    probes = [{"plain": fitted, "squant": scaled(fitted, -1), "learned": scaled(fitted, 4)},
+              {"plain": independent, "squant": scaled(independent, -1), "learned": scaled(independent, -0.2)}]
+    kept, steps = choose_closest(order, probes, ["fitted", "independent"])
+    assert kept == "plain" and [s["replaced"] for s in steps] == [False, False], steps
+    assert steps[1]["probes"]["independent"]["db"] == pytest.approx(-0.2, abs=1e-3)
+    assert steps[1]["probes"]["independent"]["high"] < 0 < steps[1]["probes"]["fitted"]["low"]
+    # the same 0.2 dB on the whole probe, but as the sum of samples that go either way: inside the
+    # probe's sampling error, so the win on the fitted samples decides
+    noisy = independent * rng.lognormal(0.0, 0.8, 64)
+    noisy *= independent.sum() / noisy.sum() * 10 ** 0.02
+    probes[1]["learned"] = noisy
+    kept, steps = choose_closest(order, probes, ["fitted", "independent"])
+    figures = steps[1]["probes"]["independent"]
+    assert kept == "learned" and figures["db"] == pytest.approx(-0.2, abs=1e-3) and figures["low"] < -0.2 < 0 < figures["high"]
+    # less close on both probes, however slightly: not kept; ties: the later
+    probes = [{"plain": fitted, "squant": scaled(fitted, -0.01), "learned": fitted}]
+    assert choose_closest(order, probes)[0] == "learned"
+    assert choose_closest(order[:2], probes)[0] == "plain"
+    # non-finite outputs (None) count as less close than any finite figure
+    assert choose_closest(order, [{"plain": None, "squant": fitted * 1e6, "learned": None}])[0] == "squant"
+    assert choose_closest(order, [{"plain": fitted, "squant": None, "learned": scaled(fitted, 1)}])[0] == "learned"
+
+
+def test_the_paired_difference_is_the_difference_of_the_two_models_logit_sqnr():
+    rng = np.random.default_rng(1)
+    reference = rng.normal(size=(64, 10)).astype(np.float32)
+    first = reference + rng.normal(scale=0.1, size=reference.shape).astype(np.float32)
+    second = reference + rng.normal(scale=0.05, size=reference.shape).astype(np.float32)
+    figures = paired_difference(sample_errors(reference, first), sample_errors(reference, second))
+    assert figures["db"] == pytest.approx(sqnr_db(reference, second) - sqnr_db(reference, first), abs=1e-3)
+    assert figures["low"] < figures["db"] < figures["high"] and figures["db"] == pytest.approx(6.0, abs=0.5)
+    assert paired_difference(sample_errors(reference, first), sample_errors(reference, second)) == figures  # seeded
+    assert sample_errors(reference, np.full_like(reference, np.inf)) is None
 
 
 def test_held_out_procedural_samples_are_not_probed_twice_a_procedural_file_is(setup):
@@ -173,7 +209,7 @@ def test_after_refinement_the_model_without_bias_correction_is_a_candidate_and_i
     assert {"plain", "learned", "uncorrected"} <= check.keys() and "uncorrected" in check["procedural"], check
     assert check["uncorrected"]["sqnr_db"] != check["learned"]["sqnr_db"]  # the biases differ, so do the logits
     # made to choose it, quantize writes the refined integers with the refined layers' biases uncorrected
-    monkeypatch.setattr(pipeline, "choose_closest", lambda order, probes: "uncorrected")
+    monkeypatch.setattr(pipeline, "choose_closest", lambda order, probes, names: ("uncorrected", []))
     chosen = quantize(str(setup["model"]), QuantConfig(output=str(folder / "uncorrected.onnx"), **options))
     assert chosen.refine["kept"] == "refined without bias correction"
     written, corrected = _weights(chosen.output), _weights(learned.output)

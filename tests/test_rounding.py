@@ -102,7 +102,13 @@ def test_rounding_is_checked_against_plain_and_refused_with_refine(tiny):
     summary = json.loads(result.stdout)
     check = summary["decisions"]["rounding"]["against_plain"]
     assert check["on"] == "held-out synthetic samples" and check["kept"] in ("learned", "plain")
-    assert (check["kept"] == "plain") == (check["plain"]["sqnr_db"] > check["learned"]["sqnr_db"])
+    # the choice follows the comparison recorded: SQuant's model against nearest rounding on each probe
+    (step,) = check["steps"]
+    assert step["candidate"] == "learned" and step["against"] == "plain"
+    assert check["kept"] == ("learned" if step["replaced"] else "plain")
+    for where, figures in (("held-out synthetic samples", check), ("procedural images", check["procedural"])):
+        difference = figures["learned"]["sqnr_db"] - figures["plain"]["sqnr_db"]
+        assert step["probes"][where]["db"] == pytest.approx(difference, abs=2e-3)
     assert summary["rounding"]["method"] == "squant"
     bad = runner.invoke(cli, ["quantize", str(tiny["model"]), "-o", str(tiny["folder"] / "bad.onnx"), "--rounding",
                               "squant", "--refine", "brecq"])
