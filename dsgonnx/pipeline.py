@@ -96,7 +96,7 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
     """
     config = replace(config or QuantConfig(), **overrides) if overrides else (config or QuantConfig())
     stages = _Stages()
-    distributed.join_device(config.device)  # torchrun: the ranks share the synthesis; rank 0 alone quantizes
+    distributed.join_device(config.device)  # torchrun: the ranks share the synthesis (and QAT); rank 0 writes
     if isinstance(model, LoadedModel):
         loaded = model
     else:
@@ -131,10 +131,11 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
 
     with stages("calibration data"):
         calib_images, holdout, calib_info, calib_files = _calibration_data(loaded, config)
-    if not distributed.is_writer():
+    if not distributed.is_writer() and config.qat is None:
         say(f"quantize: rank {distributed.world().rank} made its share of the calibration images; "
             "rank 0 quantizes and writes the model")
         return QuantResult(output=None, bits={}, calibration=calib_info, decisions={}, timings=stages.timings)
+    # with --qat every rank goes on: the same calibration and grids, then a share of each training batch
     fixed = loaded.input.fixed_batch
     if fixed and len(calib_images) % fixed:  # every run of the model takes whole batches
         filled = -(-len(calib_images) // fixed) * fixed
@@ -175,8 +176,14 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
         learning = "qat" if config.qat is not None else "refine" if config.refine is not None else "rounding"
         if config.refine is not None or config.qat is not None:
             with stages(learning):
+                # (under torchrun a rank that fails in training exits: torchrun then stops the others)
                 refined = _refine(prepared, Path(scratch) / "refined.onnx", ranges, weights, activations, calib_images,
                                   holdout, reduce_range, config, first, loaded, calib_info)
+            if not distributed.is_writer():
+                say(f"quantize: rank {distributed.world().rank} trained on its share of each batch; "
+                    "rank 0 writes the model")
+                return QuantResult(output=None, bits=bits, calibration=calib_info, decisions={},
+                                   timings=stages.timings)
         elif config.weight_rounding() != Rounding.NEAREST:
             with stages(learning):
                 refined = _round(prepared, Path(scratch) / "rounded.onnx", weights, reduce_range, config, first)

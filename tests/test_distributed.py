@@ -98,3 +98,89 @@ def test_a_failing_rank_stops_every_rank_and_nothing_is_written(tiny, tmp_path):
     assert any("missing.onnx" in line and "rank" not in line for line in errors)  # rank 1's own error
     assert any("rank 1 of 2 failed" in line for line in errors)  # rank 0 names it
     assert not out.exists() and not list(tmp_path.glob("*.npz*"))
+
+
+def _initializers(path: Path) -> dict:
+    import onnx
+    from onnx import numpy_helper
+
+    return {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+
+
+QAT = ["--w4a4", "--num-samples", "24", "--qat", "--qat-iters", "12", "--qat-batch-size", "8", "--qat-lr", "1e-3",
+       "--no-fallback", "--no-validate", "--device", "cpu", "--force"]
+
+
+@pytest.fixture(scope="module")
+def calib(tiny, tmp_path_factory):
+    path = tmp_path_factory.mktemp("calib") / "calib.npz"
+    images = np.random.default_rng(0).normal(size=(24, 3, 16, 16)).astype(np.float32)
+    np.savez(path, images=images)
+    return path
+
+
+def test_qat_under_torchrun_splits_each_batch_and_trains_the_model_one_process_trains(tiny, calib, tmp_path):
+    two, one = tmp_path / "two.onnx", tmp_path / "one.onnx"
+    launched = _torchrun(BIN / "dsgonnx", "quantize", tiny["kept"], "-o", two, "--calib", calib, *QAT)
+    assert launched.returncode == 0, launched.stderr[-2000:]
+    assert launched.stdout.count('"output"') == 1  # rank 0 alone reports and writes
+    assert "rank 1 trained on its share of each batch" in launched.stderr
+    alone = subprocess.run([str(BIN / "dsgonnx"), "quantize", str(tiny["kept"]), "-o", str(one), "--calib", str(calib),
+                            *QAT], capture_output=True, text=True, env=_env())
+    assert alone.returncode == 0, alone.stderr
+    start = subprocess.run([str(BIN / "dsgonnx"), "quantize", str(tiny["kept"]), "-o", str(tmp_path / "plain.onnx"),
+                            "--calib", str(calib), *QAT[: QAT.index("--qat")], "--no-validate", "--device", "cpu",
+                            "--rounding", "nearest"], capture_output=True, text=True, env=_env())
+    assert start.returncode == 0, start.stderr
+    split, whole, plain = _initializers(two), _initializers(one), _initializers(tmp_path / "plain.onnx")
+    integers = [name for name in whole if name.endswith("_quantized") and whole[name].dtype != np.int32]
+    assert integers and split.keys() == whole.keys()
+    # the same steps as one process on the whole batch (gradients summed in another order:
+    # a weight within float rounding of a rounding boundary may land on the other integer)
+    differ = sum(int((split[n] != whole[n]).sum()) for n in integers)
+    moved = sum(int((plain[n] != whole[n]).sum()) for n in integers if n in plain and plain[n].shape == whole[n].shape)
+    total = sum(whole[n].size for n in integers)
+    assert moved > 20 * max(differ, 1) and differ <= total // 200, (differ, moved, total)
+    for name, value in whole.items():
+        if value.dtype == np.float32:
+            np.testing.assert_allclose(split[name], value, rtol=1e-3, atol=1e-6, err_msg=name)
+
+
+def test_qat_with_a_generator_under_torchrun_is_refused_on_every_rank_and_nothing_is_written(tiny, calib, tmp_path):
+    out = tmp_path / "gen.onnx"
+    launched = _torchrun(BIN / "dsgonnx", "quantize", tiny["kept"], "-o", out, "--calib", calib, *QAT,
+                         "--qat-data", "generator")
+    assert launched.returncode != 0
+    errors = [line for line in launched.stderr.splitlines() if line.startswith("dsgonnx: error:")]
+    assert len(errors) == 2 and all("does not split over torchrun's ranks" in line for line in errors), errors
+    assert not out.exists() and not list(tmp_path.glob("*.onnx*"))
+
+
+def test_ranks_that_disagree_on_the_qat_settings_all_stop_with_one_line(tiny, calib, tmp_path):
+    out = tmp_path / "x.onnx"
+    argv = [str(a) for a in ["quantize", tiny["kept"], "-o", out, "--calib", calib, *QAT]]
+    script = _ranked_script(tmp_path, f"argv = {argv!r}\nargv[argv.index('--qat-lr') + 1] = str(1e-3 * (rank + 1))")
+    launched = _torchrun(script)
+    assert launched.returncode != 0
+    lines = [line for line in launched.stderr.splitlines() if "the ranks disagree on the QAT" in line]
+    assert len(lines) == 2 and all(line.startswith("dsgonnx: error:") for line in lines), launched.stderr[-2000:]
+    assert not out.exists()
+
+
+def test_qat_under_torchrun_stops_on_its_time_budget_together_and_resumes_from_rank_0s_checkpoint(tiny, calib, tmp_path):
+    checkpoint, out = tmp_path / "qat.pt", tmp_path / "resumed.onnx"
+    common = ["quantize", tiny["kept"], "--calib", calib, *QAT, "--qat-checkpoint", checkpoint]
+    stopped = _torchrun(BIN / "dsgonnx", *common, "-o", tmp_path / "stopped.onnx", "--qat-time-budget", "1e-9")
+    assert stopped.returncode == 0, stopped.stderr[-2000:]
+    assert json.loads(stopped.stdout)["qat"]["stopped"] == "time budget" and checkpoint.exists()
+    resumed = _torchrun(BIN / "dsgonnx", *common, "-o", out, "--qat-resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    summary = json.loads(resumed.stdout)["qat"]
+    assert summary["resumed_from"] == 0 and summary["steps"] == 12 and summary["stopped"] == "done"
+    # resumed where every rank stopped, it ends where one uninterrupted process ends
+    alone = subprocess.run([str(BIN / "dsgonnx"), "quantize", str(tiny["kept"]), "-o", str(tmp_path / "one.onnx"),
+                            "--calib", str(calib), *QAT], capture_output=True, text=True, env=_env())
+    assert alone.returncode == 0, alone.stderr
+    written, whole = _initializers(out), _initializers(tmp_path / "one.onnx")
+    for name, value in whole.items():
+        np.testing.assert_allclose(written[name], value, rtol=1e-3, atol=1e-6, err_msg=name)

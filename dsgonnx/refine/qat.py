@@ -30,6 +30,14 @@ either
 - a batch drawn from the calibration images, augmented (flips, shifts) so that a fixed set
   is seen in new views; the teacher labels every view afresh.
 
+Under ``torchrun`` (:mod:`dsgonnx.distributed`) training on the calibration images is data
+parallel: every rank draws the same batch and the same augmentation (one seeded generator),
+trains on its share of the batch (every ``size``-th image from its rank on), and the ranks
+sum their gradients, each weighted by its share, so every rank takes the step one process
+would take on the whole batch (the same to float rounding). A non-finite loss or the time
+budget on any rank stops every rank at the same step. The generator's data does not split
+(one generator, trained step by step with the student): it is refused under torchrun.
+
 What comes back is what reconstruction returns (:class:`~.reconstruct.RefineResult`): the
 nearest integers of the trained weights on their learned steps, the learned activation
 steps, and a float model holding the trained biases — the export path is the same, so the
@@ -53,6 +61,7 @@ import torch
 import torch.nn.functional as F
 from onnx import numpy_helper
 
+from .. import distributed
 from ..config import DEFAULT_SLACK_READING, QatConfig
 from ..errors import DataError, UnsupportedModelError
 from ..graph.onnx_io import LoadedModel, load_model
@@ -201,6 +210,45 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
+class _Ranks:
+    """The data-parallel side of one QAT run: which images of each batch are this rank's,
+    and the one all-reduce per step that sums the weighted gradients and shares the flags."""
+
+    def __init__(self, world, parameters: list, batch: int):
+        if batch < world.size:
+            raise DataError(f"qat: a batch of {batch} images cannot be shared by {world.size} ranks; "
+                            f"raise --qat-batch-size to {world.size} or more")
+        self.world, self.parameters, self.batch = world, parameters, batch
+
+    def share(self, x: torch.Tensor) -> torch.Tensor:
+        return x[self.world.rank :: self.world.size]
+
+    def weight(self, count: int) -> float:
+        """This rank's loss weight: its share of the whole batch."""
+        return count / self.batch
+
+    def reduce(self, loss: torch.Tensor, failed: bool, stop: bool) -> tuple[float, bool, bool]:
+        """Sum every rank's gradients (in place) and weighted loss; (the whole batch's loss,
+        whether any rank's loss was not finite, whether any rank is over its time budget)."""
+        import torch.distributed as dist
+
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.parameters]
+        flags = torch.tensor([0.0 if failed else float(loss.detach()), float(failed), float(stop)],
+                             dtype=grads[0].dtype, device=grads[0].device)
+        flat = torch.cat([g.reshape(-1) for g in grads] + [flags])
+        dist.all_reduce(flat)
+        offset = 0
+        for parameter, grad in zip(self.parameters, grads):
+            parameter.grad = flat[offset : offset + grad.numel()].view_as(grad)
+            offset += grad.numel()
+        total, any_failed, any_stop = flat[offset:].tolist()
+        return total, any_failed > 0, any_stop > 0
+
+
+def _images_digest(images: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(images, dtype=np.float32).tobytes()).hexdigest()
+
+
 def qat_model(model_path: Path, output_path: Path, placement: Placement, images: np.ndarray,
               eval_images: Optional[np.ndarray], *, exclude: set[str], per_channel: bool, weight_top: int,
               config: QatConfig, device: str = "auto", seed: int = 0,
@@ -253,6 +301,14 @@ def qat_model(model_path: Path, output_path: Path, placement: Placement, images:
         optimisers = [torch.optim.Adam([{"params": weights, "lr": config.lr}] + groups)]
     optimiser = _Together(optimisers, config.iters)
 
+    world = distributed.world()
+    ranks = None
+    if world is not None and world.size > 1:
+        if generator is not None:
+            raise DataError(f"qat: --qat-data {config.data} trains one generator step by step with the student and "
+                            "does not split over torchrun's ranks; run it in one process, or train on the "
+                            "calibration images (--qat-data calib)")
+        ranks = _Ranks(world, weights + steps + act_steps, min(config.batch_size, len(images)))
     calib = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
     chunk = max(config.batch_size, 64)
     corrected = _correct_start(layers, teacher, calib, chunk, torch_device)
@@ -281,14 +337,26 @@ def qat_model(model_path: Path, output_path: Path, placement: Placement, images:
     signature = _signature(model_path, config, len(calib), placement, seed,
                            generator.describe() if generator is not None else None)
     resumed_from = None
-    if config.resume and checkpoint is not None and checkpoint.exists():
+    if ranks is not None:  # the same model, grids, settings and images on every rank
+        distributed.agree("the QAT model, grids, settings and calibration images", (signature, _images_digest(images)))
+
+    def read_checkpoint() -> Optional[dict]:
+        """The checkpoint to resume from (rank 0 reads it; every rank gets it), or None."""
+        if not (config.resume and checkpoint is not None and distributed.is_writer() and checkpoint.exists()):
+            return None
         try:
-            state = torch.load(str(checkpoint), map_location=torch_device, weights_only=True)
+            state = torch.load(str(checkpoint), map_location="cpu", weights_only=True)
         except Exception as error:  # noqa: BLE001 - any unreadable file is the user's to fix
             raise DataError(f"qat: cannot read checkpoint {checkpoint}: {error}") from None
         if not isinstance(state, dict) or state.get("signature") != signature:
             raise DataError(f"qat: checkpoint {checkpoint} was made for another model, data or settings; "
                             "remove it or drop --qat-resume")
+        return state
+
+    state = distributed.together(read_checkpoint)
+    if ranks is not None:
+        state = distributed.exchange(state)[0]
+    if state is not None:
         with torch.no_grad():
             for parameter, value in zip(weights + steps + act_steps, state["parameters"]):
                 parameter.copy_(value)
@@ -326,6 +394,8 @@ def qat_model(model_path: Path, output_path: Path, placement: Placement, images:
     progress = Progress("qat", config.iters)
 
     def save() -> None:
+        if not distributed.is_writer():
+            return
         _save_checkpoint(checkpoint, {"signature": signature, "step": step,
                                       "parameters": [p.detach() for p in weights + steps + act_steps],
                                       "optimiser": optimiser.state_dict(),
@@ -333,33 +403,50 @@ def qat_model(model_path: Path, output_path: Path, placement: Placement, images:
                                       **({"generator": trainer.state_dict()} if trainer is not None else {})})
 
     while step < config.iters:
-        if over_budget():
+        if ranks is None and over_budget():
             stopped = "time budget"
             if checkpoint is not None:  # a later --qat-resume continues where the budget stopped it
                 save()
             break
         student.train()
+        drawn_from = batches.get_state() if ranks is not None else None
         parts = [trainer.step()] if trainer is not None else []
         if batch > 0:
             index = torch.randint(len(calib), (batch,), generator=batches)
             x = calib[index]
             if config.augment:
                 x = augment(x, batches)
+            if ranks is not None:  # the whole batch drawn and augmented on every rank, each trains on its share
+                x = ranks.share(x)
             x = x.to(torch_device)
             with torch.no_grad():
                 parts.append((x, logits(teacher(x))))
         x = torch.cat([part[0] for part in parts]) if len(parts) > 1 else parts[0][0]
         target = torch.cat([part[1] for part in parts]) if len(parts) > 1 else parts[0][1]
         loss = distillation(logits(student(x)), target, config.temperature, config.loss)
-        if not torch.isfinite(loss):
-            raise DataError(f"qat: the distillation loss ({LOSS_NAMES[config.loss]}) became {float(loss.detach())} at step "
-                            f"{step + 1}; lower --qat-lr")
         optimiser.zero_grad(set_to_none=True)
-        loss.backward()
+        if ranks is None:
+            failed, value = not torch.isfinite(loss), loss
+        else:
+            failed = not bool(torch.isfinite(loss))
+            if not failed:
+                (loss * ranks.weight(len(x))).backward()
+            value, failed, stop = ranks.reduce(loss * ranks.weight(len(x)), failed, over_budget())
+            if stop and not failed:  # this step is not taken: a resumed run draws its batch again
+                stopped = "time budget"
+                batches.set_state(drawn_from)
+                if checkpoint is not None:
+                    save()
+                break
+        if failed:
+            raise DataError(f"qat: the distillation loss ({LOSS_NAMES[config.loss]}) became "
+                            f"{float(value) if ranks is None else 'non-finite on a rank'} at step {step + 1}; lower --qat-lr")
+        if ranks is None:
+            loss.backward()
         optimiser.step()
         step += 1
         if step % 10 == 0 or step == config.iters:
-            losses.append(float(loss.detach()))
+            losses.append(float(value))
             progress.update(step, f"{config.loss} {losses[-1]:.4g}" + (f" ce {trainer.last['cross_entropy']:.3g}"
                                                              if trainer is not None else ""))
         if checkpoint is not None and (step % config.checkpoint_every == 0 or step == config.iters):
