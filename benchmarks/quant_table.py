@@ -271,7 +271,9 @@ def markdown(results: dict) -> str:
             lines.append(f"\n{mark} the learned (or SQuant-rounded) model did not follow the float model as closely as "
                          f"{FALLBACK_NAMES[name]} (logit SQNR on held-out synthetic samples, or on the calibration "
                          f"images with a set from a file or real data{probes}): quantize wrote that model "
-                         "(`--fallback`, the default).")
+                         "(`--fallback`, the default; cells whose check has `steps` in results.json were decided by "
+                         "commit db97425's rule — at least as close on one probe and not measurably less close on any, "
+                         "by a paired bootstrap — the others by the earlier one, at least as close on every probe).")
     lines.append(f"\nFP32 top-1 {fp:.2f}% on {results['eval_images']} held-out images.")
     return "\n".join(lines)
 

@@ -584,7 +584,8 @@ class QuantConfig:
     ``fallback``: after ``refine``, ``qat`` or a ``rounding`` other than nearest, also write
     the plain model (nearest rounding; after ``refine``/``qat``, also the rounding of
     ``plain_rounding()`` when that is SQuant's) and keep the learned model only where its
-    logits follow the float model's at least as closely on every probe: the held-out synthetic
+    logits follow the float model's at least as closely on one probe and not measurably less
+    closely on any (a paired bootstrap over the probe's samples): the held-out synthetic
     samples (else the calibration images) and procedural images.
     """
 

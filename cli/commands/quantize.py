@@ -117,8 +117,9 @@ def _given(values: dict, fields: dict) -> dict:
 @click.option("--qat-resume", is_flag=True, help="Continue QAT from --qat-checkpoint.")
 @click.option("--fallback/--no-fallback", default=True, show_default=True,
               help="After --refine, --qat or --rounding squant, keep plain rounding (at 4 bits or fewer under --rounding auto, "
-                   "also SQuant's) instead where it follows the float model more closely "
-                   "(logit SQNR on the held-out synthetic samples, else the calibration images, and on procedural images).")
+                   "also SQuant's) unless the learned model follows the float model at least as closely on one probe and "
+                   "not measurably less closely on any (logit SQNR, paired bootstrap over the samples; probes: the held-out "
+                   "synthetic samples, else the calibration images, and procedural images).")
 @click.option("--calibrator", type=choice(Calibrator), default=Calibrator.AUTO.value, show_default=True,
               help="Activation ranges; auto: mse for activations of 4 bits or fewer, else minmax.")
 @click.option("--target", type=choice(Target), default=Target.CPU.value, show_default=True)
