@@ -227,13 +227,13 @@ class _Ranks:
         """This rank's loss weight: its share of the whole batch."""
         return count / self.batch
 
-    def reduce(self, loss: torch.Tensor, failed: bool, stop: bool) -> tuple[float, bool, bool]:
-        """Sum every rank's gradients (in place) and weighted loss; (the whole batch's loss,
+    def reduce(self, loss: float, failed: bool, stop: bool) -> tuple[float, bool, bool]:
+        """Sum every rank's gradients (in place) and weighted ``loss``; (the whole batch's loss,
         whether any rank's loss was not finite, whether any rank is over its time budget)."""
         import torch.distributed as dist
 
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.parameters]
-        flags = torch.tensor([0.0 if failed else float(loss.detach()), float(failed), float(stop)],
+        flags = torch.tensor([0.0 if failed else loss, float(failed), float(stop)],
                              dtype=grads[0].dtype, device=grads[0].device)
         flat = torch.cat([g.reshape(-1) for g in grads] + [flags])
         dist.all_reduce(flat)
@@ -424,14 +424,15 @@ def qat_model(model_path: Path, output_path: Path, placement: Placement, images:
         x = torch.cat([part[0] for part in parts]) if len(parts) > 1 else parts[0][0]
         target = torch.cat([part[1] for part in parts]) if len(parts) > 1 else parts[0][1]
         loss = distillation(logits(student(x)), target, config.temperature, config.loss)
+        failed = not bool(torch.isfinite(loss))
+        if ranks is not None:
+            loss = loss * ranks.weight(len(x))  # this rank's part of the whole batch's loss
         optimiser.zero_grad(set_to_none=True)
-        if ranks is None:
-            failed, value = not torch.isfinite(loss), loss
-        else:
-            failed = not bool(torch.isfinite(loss))
-            if not failed:
-                (loss * ranks.weight(len(x))).backward()
-            value, failed, stop = ranks.reduce(loss * ranks.weight(len(x)), failed, over_budget())
+        if not failed:
+            loss.backward()
+        value = loss.detach()
+        if ranks is not None:
+            value, failed, stop = ranks.reduce(float(value), failed, over_budget())
             if stop and not failed:  # this step is not taken: a resumed run draws its batch again
                 stopped = "time budget"
                 batches.set_state(drawn_from)
@@ -441,8 +442,6 @@ def qat_model(model_path: Path, output_path: Path, placement: Placement, images:
         if failed:
             raise DataError(f"qat: the distillation loss ({LOSS_NAMES[config.loss]}) became "
                             f"{float(value) if ranks is None else 'non-finite on a rank'} at step {step + 1}; lower --qat-lr")
-        if ranks is None:
-            loss.backward()
         optimiser.step()
         step += 1
         if step % 10 == 0 or step == config.iters:
