@@ -30,6 +30,7 @@ SOURCES = {
     "zeroq": {"method": "zeroq"},
     "dsg-nosci": {"method": "dsg", "sci": False},
     "dsg": {"method": "dsg"},
+    "dsg-ce": {"method": "dsg", "ce_weight": 1.0},  # DSG plus cross-entropy to a random class per image
     "dsg-kept": {"method": "dsg"},  # DSG images made on the model's BN-kept twin (``twin=``), for a folded model
 }
 # "<source>+<variant>[+<variant>]": the same calibration images, quantized with other settings
@@ -54,9 +55,13 @@ VARIANTS = {
     "qat": {},
     "qatgen": {},
     "qatgdfq": {},
+    # with +qat*: where training starts (the default, auto, is SQuant's rounding at 4 bits or fewer)
+    "sqstart": {},  # SQuant's rounding (quantize --qat-start squant)
+    "nearstart": {},  # nearest rounding (quantize --qat-start nearest; the default before it)
 }
 QAT_DATA = {"qat": {"data": "calib"}, "qatgen": {"data": "generator", "generator_loss": "dsg"},
             "qatgdfq": {"data": "generator", "generator_loss": "bns"}}
+QAT_VARIANTS = {"sqstart": {"start": "squant"}, "nearstart": {"start": "nearest"}}
 LSQ_LR = 1e-3
 ONLY_AT = {"mixed": (2, 3, 5, 6, 7), "nofirst": (2, 3, 4, 5, 6, 7)}  # the widths where a variant changes anything
 
@@ -128,6 +133,10 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
             if len(learning) > 1 or (learning and refine_method):
                 raise SystemExit(f"row {row!r}: one of +refine, +qat, +qatgen, +qatgdfq")
             qat_settings = dict(qat or {}, **QAT_DATA[learning[0]]) if learning else None
+            for variant in (v for v in variants if v in QAT_VARIANTS):
+                if qat_settings is None:
+                    raise SystemExit(f"row {row!r}: +{variant} sets how QAT trains; add +qat, +qatgen or +qatgdfq")
+                qat_settings.update(QAT_VARIANTS[variant])
             for seed in (seeds if base != "real" else (0,)):
                 if (base, seed) not in made:
                     if base == "real":

@@ -417,6 +417,7 @@ QAT_DATA = ("auto", "generator", "calib", "mixed")
 GENERATOR_LOSSES = ("dsg", "bns")
 QAT_OPTIMIZERS = ("adam", "sgd")
 QAT_LOSSES = ("mse", "kl")
+QAT_STARTS = ("auto", "nearest", "squant")
 
 
 @dataclass(frozen=True)
@@ -444,6 +445,10 @@ class QatConfig:
     ``loss``: what the student minimises against the float model's logits — ``mse`` (their
     mean squared difference) or ``kl`` (T²·KL of the softened logits at ``temperature``, the
     papers' distillation, which a 4-bit student lowers by flattening its logits: see README).
+    ``start``: the weight integers training starts from, on the student's own grid — ``nearest``
+    (plain rounding), ``squant`` (SQuant's data-free flips of it, :mod:`dsgonnx.quant.rounding`),
+    either way with bias correction, or ``auto``: the rounding quantize writes without QAT
+    (:meth:`QuantConfig.plain_rounding`: SQuant's at 4 bits or fewer, else nearest).
     """
 
     iters: Optional[int] = None
@@ -464,6 +469,7 @@ class QatConfig:
     bn_weight: float = 0.1
     optimizer: str = "adam"
     loss: str = "mse"
+    start: str = "auto"
 
     def __post_init__(self):
         _require(self.iters is None or (_is_int(self.iters) and self.iters >= 0),
@@ -477,6 +483,7 @@ class QatConfig:
         _require(self.optimizer in QAT_OPTIMIZERS,
                  f"`qat.optimizer` must be one of {', '.join(QAT_OPTIMIZERS)}, got {self.optimizer!r}")
         _require(self.loss in QAT_LOSSES, f"`qat.loss` must be one of {', '.join(QAT_LOSSES)}, got {self.loss!r}")
+        _require(self.start in QAT_STARTS, f"`qat.start` must be one of {', '.join(QAT_STARTS)}, got {self.start!r}")
         _require(_is_int(self.generator_warmup) and self.generator_warmup >= 0,
                  f"`qat.generator_warmup` must not be negative, got {self.generator_warmup}")
         for name in ("lr", "temperature"):

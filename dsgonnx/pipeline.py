@@ -425,7 +425,10 @@ def _refine(prepared: Path, out: Path, ranges, weights, activations, images, hol
     if config.qat is not None:
         from .refine.qat import qat_model
 
-        return qat_model(prepared, out, placement, images, holdout, config=config.qat,
+        qat = config.qat
+        if qat.start == "auto":  # start where quantize without --qat is (and what --fallback weighs it against)
+            qat = replace(qat, start="squant" if config.plain_rounding() == Rounding.SQUANT else "nearest")
+        return qat_model(prepared, out, placement, images, holdout, config=qat,
                          generator=_qat_generator(loaded, config, calib_info), **common)
     return refine_model(prepared, out, placement, images, holdout, config=config.refine, **common)
 

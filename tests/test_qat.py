@@ -89,6 +89,59 @@ def test_training_lowers_the_distillation_loss_and_the_file_is_the_trained_model
     assert decided["qat"]["fidelity"]["agreement"] >= 0.9 and decided["qat"]["fidelity"]["sqnr_db"] >= 25, decided
 
 
+def test_a_squant_start_holds_squants_integers_on_the_students_grid_bias_corrected(setup, monkeypatch):
+    from dsgonnx.quant.correct import conv_shift
+    from dsgonnx.refine import qat as qat_module
+
+    seen = []
+    original = qat_module.squant_integers
+
+    def recording(weight, scales, low, high):
+        seen.append((weight, scales, original(weight, scales, low, high), high))
+        return seen[-1][2]
+
+    monkeypatch.setattr(qat_module, "squant_integers", recording)
+    biases = {}  # per run: weight name -> the layer's float bias as trained (here: as it starts)
+    export = qat_module._export
+
+    def recording_export(layers, *args, **kwargs):
+        biases[len(biases)] = {layer.weight_name: layer.module.inner.bias.detach().double().numpy().copy()
+                               for layer in layers}
+        return export(layers, *args, **kwargs)
+
+    monkeypatch.setattr(qat_module, "_export", recording_export)
+    nearest = _quantize(setup, "start-nearest", QatConfig(iters=0, start="nearest"), holdout=0)
+    assert not seen and nearest.refine["start"] == {"rounding": "nearest"}
+    # auto starts where quantize without --qat is: SQuant's rounding at 4 bits (nearest at 8, below)
+    squant = _quantize(setup, "start-squant", QatConfig(iters=0), holdout=0)
+    names = list(squant.refined_weights)
+    assert squant.refine["start"]["rounding"] == "squant" and len(seen) == len(names)
+    flipped = 0
+    for name, (weight, scales, integers, top) in zip(names, seen):
+        start, plain = squant.refined_weights[name], nearest.refined_weights[name]
+        # the same grid, the nearest integers of the same float weight, and SQuant's flips of them written
+        np.testing.assert_array_equal(start.scales, plain.scales)
+        np.testing.assert_allclose(scales, plain.scales, rtol=1e-6)
+        assert top == (127 if name == names[0] else 7)  # the first layer stays at 8 bits
+        np.testing.assert_array_equal(np.clip(np.rint(weight / scales.reshape(-1, *[1] * (weight.ndim - 1))), -top, top),
+                                      plain.integers)
+        np.testing.assert_array_equal(start.integers, integers)
+        assert np.abs(start.integers - plain.integers).max() <= 1
+        flipped += int((start.integers != plain.integers).sum())
+    assert flipped == squant.refine["start"]["rounded_other_way"] > 0
+    # bias correction measures the start's shift against the float weight: on the first layer, which
+    # reads the images, the two starts' biases differ by exactly (q_squant - q_nearest)·s·E[x]
+    first = names[0]
+    weight, scales, integers, _ = seen[0]
+    delta = (integers - nearest.refined_weights[first].integers) * scales.reshape(-1, 1, 1, 1)
+    mean = np.load(setup["npz"])["images"].astype(np.float64).mean(axis=(0, 2, 3))
+    expected = -conv_shift(delta, mean, mean.size // delta.shape[1])
+    assert np.abs(expected).max() > 1e-5
+    np.testing.assert_allclose(biases[1][first] - biases[0][first], expected, rtol=1e-3, atol=1e-7)
+    eight = _quantize(setup, "start-8bit", QatConfig(iters=0), holdout=0, wbits=8, abits=8)
+    assert eight.refine["start"] == {"rounding": "nearest"} and len(seen) == len(names)
+
+
 def test_an_interrupted_run_resumes_to_the_uninterrupted_model(setup, monkeypatch):
     from dsgonnx.refine import qat as qat_module
 

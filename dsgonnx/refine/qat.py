@@ -20,7 +20,9 @@ noise (Kim et al. 2021, "Comparing Kullback-Leibler divergence and mean squared 
 in knowledge distillation"). BN is already
 folded into the layers, so the student's BN statistics are frozen by construction.
 Training starts where plain rounding with bias correction is (each layer's bias less
-ΔW·E[x], E[x] measured on the float model over the calibration images). Each step trains on
+ΔW·E[x], E[x] measured on the float model over the calibration images), or with ``start=
+"squant"`` where SQuant's rounding on the student's own grid is (its flipped elements moved
+to their new integers, bias-corrected the same way). Each step trains on
 either
 
 - fresh images from a conditional generator trained alongside, one generator step per
@@ -69,6 +71,7 @@ from ..graph.to_torch import resolve_device, to_torch
 from ..progress import Progress, say
 from ..quant.correct import conv_shift
 from ..quant.placement import Placement
+from ..quant.rounding import squant_integers
 from ..synth.generative import GeneratorTrainer, logits
 from ..validation.metrics import top1_agreement
 from .reconstruct import RefineResult, _export, _find_layers, _learn_steps
@@ -130,16 +133,19 @@ def augment(images: torch.Tensor, generator: torch.Generator, shift: float = 0.1
 def _correct_start(layers: list, teacher: torch.nn.Module, images: torch.Tensor, chunk: int,
                    device: torch.device) -> int:
     """Start where plain rounding with bias correction is: subtract each layer's expected output
-    shift ΔW·E[x] (ΔW: its nearest rounding on its step minus the float weight) from its bias,
+    shift ΔW·E[x] (ΔW: the nearest rounding of the student's weight on its step minus the
+    teacher's float weight) from its bias,
     E[x] per input channel measured on the float model over ``images``. Returns how many
     layers were corrected (those with a bias)."""
     sums: dict[int, torch.Tensor] = {}
     counts: dict[int, int] = {}
+    floats: dict[int, torch.Tensor] = {}  # the teacher's weight: the student's may start elsewhere
     hooks = []
     for number, layer in enumerate(layers):
         _, _, inner = layer_module(teacher, str(layer.fx_node.target))
         if inner is None or layer.module.inner.bias is None:
             continue
+        floats[number] = inner.weight
 
         def record(_module, args, number=number):
             x = args[0].detach().double()
@@ -155,13 +161,36 @@ def _correct_start(layers: list, teacher: torch.nn.Module, images: torch.Tensor,
         hook.remove()
     for number, total in sums.items():
         quant = layers[number].module
-        weight = quant.inner.weight.detach().double()
+        weight = floats[number].detach().double()
         delta = (quant.nearest_integers().double() * quant.scale.double() - weight).cpu().numpy()
         mean = (total / counts[number]).cpu().numpy()
         shift = conv_shift(delta, mean, mean.size // delta.shape[1]) if delta.ndim > 2 else delta @ mean
         with torch.no_grad():
             quant.inner.bias.sub_(torch.from_numpy(shift).to(quant.inner.bias))
     return len(sums)
+
+
+def _start_squant(layers: list) -> tuple[int, int]:
+    """Move each layer's weight so that its nearest integers are SQuant's on the layer's own grid
+    (:func:`~dsgonnx.quant.rounding.squant_integers`): the elements SQuant rounds the other way
+    are set to their new integer times the step, the rest keep their float value (and so their
+    nearest integer). Returns (elements moved, elements)."""
+    moved = total = 0
+    for layer in layers:
+        quant = layer.module
+        weight = quant.inner.weight.detach()
+        out = weight.shape[0]
+        scales = quant.scale.detach().reshape(-1).double().cpu().numpy()
+        if scales.size != out:  # one step for the tensor
+            scales = np.full(out, scales[0])
+        integers = squant_integers(weight.double().cpu().numpy(), scales, -quant.top, quant.top)
+        integers = torch.from_numpy(integers).to(weight)
+        flip = integers != quant.nearest_integers()
+        with torch.no_grad():
+            quant.inner.weight.copy_(torch.where(flip, integers * quant.scale, weight))
+        moved += int(flip.sum())
+        total += flip.numel()
+    return moved, total
 
 
 class _Together:
@@ -311,6 +340,7 @@ def qat_model(model_path: Path, output_path: Path, placement: Placement, images:
         ranks = _Ranks(world, weights + steps + act_steps, min(config.batch_size, len(images)))
     calib = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
     chunk = max(config.batch_size, 64)
+    moved = _start_squant(layers) if config.start == "squant" else None
     corrected = _correct_start(layers, teacher, calib, chunk, torch_device)
     held = (np.asarray(eval_images, dtype=np.float32) if eval_images is not None and len(eval_images)
             else np.asarray(images, dtype=np.float32))
@@ -373,7 +403,9 @@ def qat_model(model_path: Path, output_path: Path, placement: Placement, images:
     source = (f"{len(calib)} images" if trainer is None else f"a {generator.loss} generator's fresh images"
               + (f" and {len(calib)} images" if config.data == "mixed" else ""))
     say(f"qat: {len(layers)} layers, {len(quantizers)} quantized activations, {config.iters} steps of batch "
-        f"{config.batch_size} on {source}, on {torch_device}; held-out {config.loss} {before:.4g}, top-1 agreement {agreed_before:.3f}")
+        f"{config.batch_size} on {source}, on {torch_device}, from {config.start} rounding"
+        + (f" ({moved[0]} of {moved[1]} weights rounded the other way)" if moved is not None else "")
+        + f"; held-out {config.loss} {before:.4g}, top-1 agreement {agreed_before:.3f}")
     stopped = "done"
     losses = []
     batch = min(config.batch_size - (trainer.batch_size if trainer is not None else 0), len(calib))
@@ -470,6 +502,8 @@ def qat_model(model_path: Path, output_path: Path, placement: Placement, images:
               "steps": step, "stopped": stopped, "resumed_from": resumed_from,
               "steps_per_second": round(done_steps / train_seconds, 3) if train_seconds > 0 and done_steps else None,
               "calibration_samples": len(calib), "bias_corrected_start": corrected,
+              "start": {"rounding": config.start,
+                        **({"rounded_other_way": moved[0], "values": moved[1]} if moved is not None else {})},
               "data": data,
               **({"generator": {**generator.describe(), "lr": config.generator_lr, "bn_weight": config.bn_weight,
                                 "warmup_steps": warmup, "steps": trainer.steps,
