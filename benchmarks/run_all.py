@@ -244,8 +244,11 @@ def main(argv=None) -> int:
                      f"training (`dsgonnx quantize --qat`) with {trained[0]} (less the data settings) on, in turn, those "
                      "images (flipped and shifted), a generator's fresh images trained with DSG's losses "
                      "(`--qat-data generator`), or with GDFQ's batch statistics (`--qat-generator-loss bns`); "
-                     "the `synthesis s` column adds the training's seconds.", ""]
-                    if (trained := [json.dumps({k: v for k, v in r["qat"].items() if k not in ("data", "generator_loss")})
+                     "training starts from SQuant's rounding at 4 bits or fewer (`--qat-start auto`), from nearest "
+                     "rounding in rows `…+nearstart` and in the W4A4 cells the notes say were measured before "
+                     "commit 4c40750; the `synthesis s` column adds the training's seconds.", ""]
+                    if (trained := [json.dumps({k: v for k, v in r["qat"].items()
+                                                if k not in ("data", "generator_loss", "start")})
                                     for r in results["rows"].values() if r.get("qat")]) else []),
                   markdown(results), ""]
     if chart:
