@@ -131,11 +131,11 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
 
     with stages("calibration data"):
         calib_images, holdout, calib_info, calib_files = _calibration_data(loaded, config)
-    if not distributed.is_writer() and config.qat is None:
+    if not distributed.is_writer() and config.qat is None and config.refine is None:
         say(f"quantize: rank {distributed.world().rank} made its share of the calibration images; "
             "rank 0 quantizes and writes the model")
         return QuantResult(output=None, bits={}, calibration=calib_info, decisions={}, timings=stages.timings)
-    # with --qat every rank goes on: the same calibration and grids, then a share of each training batch
+    # with --qat or --refine every rank goes on: the same calibration and grids, then a share of each training batch
     fixed = loaded.input.fixed_batch
     if fixed and len(calib_images) % fixed:  # every run of the model takes whole batches
         filled = -(-len(calib_images) // fixed) * fixed

@@ -119,27 +119,34 @@ def calib(tiny, tmp_path_factory):
     return path
 
 
-def test_qat_under_torchrun_splits_each_batch_and_trains_the_model_one_process_trains(tiny, calib, tmp_path):
+def _split_and_alone(tiny, calib, tmp_path, args: list, first_learning_flag: str):
+    """Quantize with ``args`` under torchrun (2 ranks) and in one process, and with plain nearest
+    rounding; returns (split run, its integers that differ from one process's, integers that
+    differ from nearest rounding, integers in all)."""
     two, one = tmp_path / "two.onnx", tmp_path / "one.onnx"
-    launched = _torchrun(BIN / "dsgonnx", "quantize", tiny["kept"], "-o", two, "--calib", calib, *QAT)
+    launched = _torchrun(BIN / "dsgonnx", "quantize", tiny["kept"], "-o", two, "--calib", calib, *args)
     assert launched.returncode == 0, launched.stderr[-2000:]
     assert launched.stdout.count('"output"') == 1  # rank 0 alone reports and writes
     assert "rank 1 trained on its share of each batch" in launched.stderr
     alone = subprocess.run([str(BIN / "dsgonnx"), "quantize", str(tiny["kept"]), "-o", str(one), "--calib", str(calib),
-                            *QAT], capture_output=True, text=True, env=_env())
+                            *args], capture_output=True, text=True, env=_env())
     assert alone.returncode == 0, alone.stderr
     start = subprocess.run([str(BIN / "dsgonnx"), "quantize", str(tiny["kept"]), "-o", str(tmp_path / "plain.onnx"),
-                            "--calib", str(calib), *QAT[: QAT.index("--qat")], "--no-validate", "--device", "cpu",
-                            "--rounding", "nearest"], capture_output=True, text=True, env=_env())
+                            "--calib", str(calib), *args[: args.index(first_learning_flag)], "--no-validate", "--device",
+                            "cpu", "--rounding", "nearest"], capture_output=True, text=True, env=_env())
     assert start.returncode == 0, start.stderr
     split, whole, plain = _initializers(two), _initializers(one), _initializers(tmp_path / "plain.onnx")
     integers = [name for name in whole if name.endswith("_quantized") and whole[name].dtype != np.int32]
     assert integers and split.keys() == whole.keys()
-    # the same steps as one process on the whole batch (gradients summed in another order:
-    # a weight within float rounding of a rounding boundary may land on the other integer)
     differ = sum(int((split[n] != whole[n]).sum()) for n in integers)
     moved = sum(int((plain[n] != whole[n]).sum()) for n in integers if n in plain and plain[n].shape == whole[n].shape)
-    total = sum(whole[n].size for n in integers)
+    return launched, (split, whole), differ, moved, sum(whole[n].size for n in integers)
+
+
+def test_qat_under_torchrun_splits_each_batch_and_trains_the_model_one_process_trains(tiny, calib, tmp_path):
+    _, (split, whole), differ, moved, total = _split_and_alone(tiny, calib, tmp_path, QAT, "--qat")
+    # the same steps as one process on the whole batch (gradients summed in another order:
+    # a weight within float rounding of a rounding boundary may land on the other integer)
     assert moved > 20 * max(differ, 1) and differ <= total // 200, (differ, moved, total)
     for name, value in whole.items():
         if value.dtype == np.float32:
@@ -154,17 +161,6 @@ def test_qat_with_a_generator_under_torchrun_is_refused_on_every_rank_and_nothin
     errors = [line for line in launched.stderr.splitlines() if line.startswith("dsgonnx: error:")]
     assert len(errors) == 2 and all("does not split over torchrun's ranks" in line for line in errors), errors
     assert not out.exists() and not list(tmp_path.glob("*.onnx*"))
-
-
-def test_ranks_that_disagree_on_the_qat_settings_all_stop_with_one_line(tiny, calib, tmp_path):
-    out = tmp_path / "x.onnx"
-    argv = [str(a) for a in ["quantize", tiny["kept"], "-o", out, "--calib", calib, *QAT]]
-    script = _ranked_script(tmp_path, f"argv = {argv!r}\nargv[argv.index('--qat-lr') + 1] = str(1e-3 * (rank + 1))")
-    launched = _torchrun(script)
-    assert launched.returncode != 0
-    lines = [line for line in launched.stderr.splitlines() if "the ranks disagree on the QAT" in line]
-    assert len(lines) == 2 and all(line.startswith("dsgonnx: error:") for line in lines), launched.stderr[-2000:]
-    assert not out.exists()
 
 
 def test_qat_under_torchrun_stops_on_its_time_budget_together_and_resumes_from_rank_0s_checkpoint(tiny, calib, tmp_path):
@@ -184,3 +180,40 @@ def test_qat_under_torchrun_stops_on_its_time_budget_together_and_resumes_from_r
     written, whole = _initializers(out), _initializers(tmp_path / "one.onnx")
     for name, value in whole.items():
         np.testing.assert_allclose(written[name], value, rtol=1e-3, atol=1e-6, err_msg=name)
+
+
+REFINE = ["--w4a4", "--num-samples", "24", "--refine", "brecq", "--refine-iters", "40", "--refine-lr", "1e-2",
+          "--refine-batch-size", "8", "--no-fallback", "--no-validate", "--device", "cpu", "--force"]
+
+
+def test_refine_under_torchrun_splits_each_batch_and_learns_the_rounding_one_process_learns(tiny, calib, tmp_path):
+    # without QDrop's random drops (each rank draws its own) both runs see the same numbers
+    launched, _, differ, moved, total = _split_and_alone(tiny, calib, tmp_path, [*REFINE, "--refine-drop", "0"],
+                                                         "--refine")
+    assert "each batch shared by 2 ranks" in launched.stderr
+    # (AdaRound decides by the sign of each learned value: float order flips one only at 0; trained
+    # on half of each batch without the all-reduce, 6 of these 1,368 integers came out otherwise)
+    assert moved > 20 * max(differ, 1) and differ <= total // 1000, (differ, moved, total)
+    # with QDrop on, the split run still trains and writes one model
+    dropped = _torchrun(BIN / "dsgonnx", "quantize", tiny["kept"], "-o", tmp_path / "drop.onnx", "--calib", calib, *REFINE)
+    assert dropped.returncode == 0 and dropped.stdout.count('"output"') == 1, dropped.stderr[-2000:]
+    # a batch the ranks cannot share ends every rank with one line, nothing written
+    small = _torchrun(BIN / "dsgonnx", "quantize", tiny["kept"], "-o", tmp_path / "small.onnx", "--calib", calib,
+                      *REFINE[: REFINE.index("--refine-batch-size")], "--refine-batch-size", "1",
+                      *REFINE[REFINE.index("--refine-batch-size") + 2 :])
+    assert small.returncode != 0 and not (tmp_path / "small.onnx").exists()
+    assert "refine: a batch of 1 samples cannot be shared by 2 ranks; raise --refine-batch-size to 2" in small.stderr
+
+
+@pytest.mark.parametrize("learning", ["qat", "refine"])
+def test_ranks_that_disagree_on_the_training_settings_all_stop_with_one_line(tiny, calib, tmp_path, learning):
+    args, flag, what = {"qat": (QAT, "--qat-lr", "the QAT"),
+                        "refine": (REFINE, "--refine-lr", "the model, grids, refine")}[learning]
+    out = tmp_path / "x.onnx"
+    argv = [str(a) for a in ["quantize", tiny["kept"], "-o", out, "--calib", calib, *args]]
+    script = _ranked_script(tmp_path, f"argv = {argv!r}\nargv[argv.index({flag!r}) + 1] = str(1e-3 * (rank + 1))")
+    launched = _torchrun(script)
+    assert launched.returncode != 0
+    lines = [line for line in launched.stderr.splitlines() if f"the ranks disagree on {what}" in line]
+    assert len(lines) == 2 and all(line.startswith("dsgonnx: error:") for line in lines), launched.stderr[-2000:]
+    assert not out.exists()

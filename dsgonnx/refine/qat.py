@@ -74,6 +74,7 @@ from ..quant.placement import Placement
 from ..quant.rounding import squant_integers
 from ..synth.generative import GeneratorTrainer, logits
 from ..validation.metrics import top1_agreement
+from .ranks import Ranks
 from .reconstruct import RefineResult, _export, _find_layers, _learn_steps
 from .simulate import first_output, insert_activation_quant, layer_module
 
@@ -239,41 +240,6 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     os.replace(tmp, path)
 
 
-class _Ranks:
-    """The data-parallel side of one QAT run: which images of each batch are this rank's,
-    and the one all-reduce per step that sums the weighted gradients and shares the flags."""
-
-    def __init__(self, world, parameters: list, batch: int):
-        if batch < world.size:
-            raise DataError(f"qat: a batch of {batch} images cannot be shared by {world.size} ranks; "
-                            f"raise --qat-batch-size to {world.size} or more")
-        self.world, self.parameters, self.batch = world, parameters, batch
-
-    def share(self, x: torch.Tensor) -> torch.Tensor:
-        return x[self.world.rank :: self.world.size]
-
-    def weight(self, count: int) -> float:
-        """This rank's loss weight: its share of the whole batch."""
-        return count / self.batch
-
-    def reduce(self, loss: float, failed: bool, stop: bool) -> tuple[float, bool, bool]:
-        """Sum every rank's gradients (in place) and weighted ``loss``; (the whole batch's loss,
-        whether any rank's loss was not finite, whether any rank is over its time budget)."""
-        import torch.distributed as dist
-
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.parameters]
-        flags = torch.tensor([0.0 if failed else loss, float(failed), float(stop)],
-                             dtype=grads[0].dtype, device=grads[0].device)
-        flat = torch.cat([g.reshape(-1) for g in grads] + [flags])
-        dist.all_reduce(flat)
-        offset = 0
-        for parameter, grad in zip(self.parameters, grads):
-            parameter.grad = flat[offset : offset + grad.numel()].view_as(grad)
-            offset += grad.numel()
-        total, any_failed, any_stop = flat[offset:].tolist()
-        return total, any_failed > 0, any_stop > 0
-
-
 def _images_digest(images: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(images, dtype=np.float32).tobytes()).hexdigest()
 
@@ -337,7 +303,7 @@ def qat_model(model_path: Path, output_path: Path, placement: Placement, images:
             raise DataError(f"qat: --qat-data {config.data} trains one generator step by step with the student and "
                             "does not split over torchrun's ranks; run it in one process, or train on the "
                             "calibration images (--qat-data calib)")
-        ranks = _Ranks(world, weights + steps + act_steps, min(config.batch_size, len(images)))
+        ranks = Ranks(world, weights + steps + act_steps, min(config.batch_size, len(images)), "qat", "--qat-batch-size")
     calib = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
     chunk = max(config.batch_size, 64)
     moved = _start_squant(layers) if config.start == "squant" else None

@@ -20,6 +20,8 @@ with the exported model (:func:`.simulate.fidelity`).
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +33,7 @@ import torch
 from onnx import numpy_helper
 from torch import nn
 
+from .. import distributed
 from ..config import RefineConfig, RefineMethod
 from ..errors import UnsupportedModelError
 from ..graph.onnx_io import load_model
@@ -40,6 +43,7 @@ from ..quant.placement import Placement
 from ..quant.qdq import quantized_weights
 from .blocks import Unit, concat, join_nodes, partition, run_unit, take, tensors
 from .quantizers import ActQuant, QuantLayer, weight_scales
+from .ranks import Ranks
 from .simulate import first_output, insert_activation_quant, layer_module
 
 
@@ -185,15 +189,23 @@ def refine_model(model_path: Path, output_path: Path, placement: Placement, imag
     calib = torch.from_numpy(np.asarray(images, dtype=np.float32))
     held = torch.from_numpy(np.asarray(eval_images, dtype=np.float32)) if eval_images is not None and len(eval_images) else None
     rows = torch.cat([calib, held]) if held is not None else calib
+    world = distributed.world()
+    world = world if world is not None and world.size > 1 else None
+    if world is not None:  # the same model, grids, settings and images on every rank
+        digest = hashlib.sha256(np.ascontiguousarray(rows.numpy()).tobytes()).hexdigest()
+        distributed.agree("the model, grids, refine settings and calibration images",
+                          (hashlib.sha256(Path(model_path).read_bytes()).hexdigest(), json.dumps(config.to_dict(), default=str),
+                           repr(sorted(placement.activations.items())), seed, digest))
     run = _Reconstruction(module, by_node, config, torch_device, n_train=len(calib),
                           eval_rows=slice(len(calib), len(rows)) if held is not None else slice(0, len(calib)),
-                          chunk=max(config.batch_size, 64), units=len(trained), seed=seed)
+                          chunk=max(config.batch_size, 64), units=len(trained), seed=seed, world=world)
     placeholder = next(n for n in module.graph.nodes if n.op == "placeholder")
     fp_env = {placeholder: rows.to(torch_device)}
     q_env = {placeholder: fp_env[placeholder]}
     say(f"refine: {config.method}, {len(layers)} layers in {len(trained)} "
         f"{'blocks' if config.method == RefineMethod.BRECQ else 'layers'}, {len(quantizers)} quantized activations, "
-        f"{config.iters} iterations each, {run.n_train} calibration samples, on {torch_device}")
+        f"{config.iters} iterations each, {run.n_train} calibration samples, on {torch_device}"
+        + (f", each batch shared by {world.size} ranks" if world is not None else ""))
     report_units = []  # every QuantLayer starts in "fp" mode until its unit is reached
     done: set = set()
     everything = slice(0, len(rows))
@@ -221,7 +233,7 @@ def refine_model(model_path: Path, output_path: Path, placement: Placement, imag
     seconds = round(time.perf_counter() - started, 2)
     unsimulated = [f"activation {name}" for name in missing] + [f"float reader of {n}" for n in placement.float_readers]
     report = {"method": config.method.value, "config": config.to_dict(), "device": str(torch_device),
-              "seconds": seconds, "calibration_samples": run.n_train,
+              "seconds": seconds, "calibration_samples": run.n_train, "ranks": world.size if world is not None else 1,
               "loss_measured_on": "held-out samples" if held is not None else "the calibration samples",
               "held_out_samples": len(rows) - run.n_train if held is not None else 0,
               "refined_layers": [layer.onnx_name for layer in layers], "skipped_layers": skipped,
@@ -259,12 +271,13 @@ class _Reconstruction:
     one for the mini-batches (CPU), one for QDrop (on the device), both from ``seed``."""
 
     def __init__(self, module, by_node: dict, config: RefineConfig, device: torch.device, *, n_train: int,
-                 eval_rows: slice, chunk: int, units: int, seed: int):
-        self.module, self.by_node, self.config, self.device = module, by_node, config, device
+                 eval_rows: slice, chunk: int, units: int, seed: int, world=None):
+        self.module, self.by_node, self.config, self.device, self.world = module, by_node, config, device, world
         self.n_train, self.eval_rows, self.chunk, self.units = n_train, eval_rows, chunk, units
         self.batches = torch.Generator().manual_seed(seed)
         self.trained_steps: set[int] = set()  # a shared step is learned in the first unit that uses it
-        self.drops = torch.Generator(device=device).manual_seed(seed)
+        # QDrop's draws: a stream of its own on each rank (the ranks hold different samples)
+        self.drops = torch.Generator(device=device).manual_seed(seed + (world.rank if world is not None else 0) * 1_000_003)
         self.number = 0
 
     def _eval_loss(self, unit: Unit, q_in: list, targets: list) -> float:
@@ -302,16 +315,26 @@ class _Reconstruction:
             label = f"refine [{self.number}/{self.units}] {names[0]}" + (f" .. {names[-1]}" if len(names) > 1 else "")
             progress = Progress(label, iters)
             batch = min(config.batch_size, self.n_train)
+            ranks = None
+            if self.world is not None:  # each rank reconstructs its share of every batch; one all-reduce per step
+                ranks = Ranks(self.world, [p for group in groups for p in group["params"]], batch, "refine",
+                              "--refine-batch-size")
             for step in range(iters):
-                index = torch.randint(self.n_train, (batch,), generator=self.batches).to(self.device)
+                index = torch.randint(self.n_train, (batch,), generator=self.batches)
+                if ranks is not None:
+                    index = ranks.share(index)
+                index = index.to(self.device)
                 outputs = run_unit(self.module, unit, [take(v, index) for v in q_in])
                 rec = _loss(outputs, [take(t, index) for t in targets])
                 beta = _beta(step, iters, config)
-                loss = rec
-                if beta is not None and config.reg_weight > 0:
-                    loss = rec + config.reg_weight * sum(layer.regulariser(beta) for layer in quant)
+                loss = rec if ranks is None else rec * ranks.weight(len(index))
+                if beta is not None and config.reg_weight > 0:  # the weights' own term: once over the ranks
+                    loss = loss + config.reg_weight * sum(layer.regulariser(beta) for layer in quant) / (
+                        1 if ranks is None else self.world.size)
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
+                if ranks is not None:
+                    ranks.reduce(float(rec.detach()) * ranks.weight(len(index)))
                 optimiser.step()
                 if (step % 50 == 0 or step == iters - 1) and progress.wanted:
                     progress.update(step + 1, f"rec {rec.item():.4g}")
