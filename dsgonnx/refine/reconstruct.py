@@ -268,7 +268,8 @@ def _learn_steps(quantizers: dict[str, ActQuant], placement: Placement) -> dict[
 class _Reconstruction:
     """The state shared by every unit's optimisation: the module, its quantized layers, the
     settings (iterations resolved for the device), the sample split and the generators —
-    one for the mini-batches (CPU), one for QDrop (on the device), both from ``seed``."""
+    one for the mini-batches (CPU), one for QDrop (on the device), both from ``seed`` (under
+    torchrun, ``world``: the same batches on every rank, QDrop's draws offset by the rank)."""
 
     def __init__(self, module, by_node: dict, config: RefineConfig, device: torch.device, *, n_train: int,
                  eval_rows: slice, chunk: int, units: int, seed: int, world=None):
