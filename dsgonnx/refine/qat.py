@@ -48,8 +48,6 @@ QDQ model holds exactly what was trained.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 import time
@@ -74,7 +72,7 @@ from ..quant.placement import Placement
 from ..quant.rounding import squant_integers
 from ..synth.generative import GeneratorTrainer, logits
 from ..validation.metrics import top1_agreement
-from .ranks import Ranks
+from .ranks import Ranks, images_digest, run_digest
 from .reconstruct import RefineResult, _export, _find_layers, _learn_steps
 from .simulate import first_output, insert_activation_quant, layer_module
 
@@ -226,11 +224,8 @@ def _signature(model_path: Path, config: QatConfig, n_images: int, placement: Pl
                data: Optional[dict] = None) -> str:
     """What a checkpoint must have been made from to be resumed: the model, the grids and the
     settings that shape the run (not the time budget, the checkpoint path or resume itself)."""
-    digest = hashlib.sha256(Path(model_path).read_bytes())
     settings = {k: v for k, v in config.to_dict().items() if k not in ("time_budget", "checkpoint", "resume")}
-    grids = sorted((name, g.scale, g.zero_point, g.low, g.high) for name, g in placement.activations.items())
-    digest.update(json.dumps([settings, grids, n_images, seed, data], sort_keys=True, default=str).encode())
-    return digest.hexdigest()
+    return run_digest(model_path, settings, placement, n_images, seed, data)
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
@@ -238,10 +233,6 @@ def _save_checkpoint(path: Path, state: dict) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(state, str(tmp))
     os.replace(tmp, path)
-
-
-def _images_digest(images: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(images, dtype=np.float32).tobytes()).hexdigest()
 
 
 def qat_model(model_path: Path, output_path: Path, placement: Placement, images: np.ndarray,
@@ -334,7 +325,7 @@ def qat_model(model_path: Path, output_path: Path, placement: Placement, images:
                            generator.describe() if generator is not None else None)
     resumed_from = None
     if ranks is not None:  # the same model, grids, settings and images on every rank
-        distributed.agree("the QAT model, grids, settings and calibration images", (signature, _images_digest(images)))
+        distributed.agree("the QAT model, grids, settings and calibration images", (signature, images_digest(images)))
 
     def read_checkpoint() -> Optional[dict]:
         """The checkpoint to resume from (rank 0 reads it; every rank gets it), or None."""

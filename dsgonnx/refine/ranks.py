@@ -6,9 +6,29 @@ the whole batch (the same to float rounding)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
 import torch
 
 from ..errors import DataError
+from ..quant.placement import Placement
+
+
+def run_digest(model_path: Path, settings: dict, placement: Placement, *extra) -> str:
+    """A digest of what shapes a training run: the model file, ``settings``, the activation
+    grids and ``extra`` (JSON-able) — what the ranks must agree on, and what a checkpoint is
+    made from."""
+    digest = hashlib.sha256(Path(model_path).read_bytes())
+    grids = sorted((name, g.scale, g.zero_point, g.low, g.high) for name, g in placement.activations.items())
+    digest.update(json.dumps([settings, grids, *extra], sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def images_digest(images: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(images, dtype=np.float32).tobytes()).hexdigest()
 
 
 class Ranks:
@@ -29,7 +49,7 @@ class Ranks:
         """This rank's loss weight: its share of the whole batch."""
         return count / self.batch
 
-    def reduce(self, loss: float, failed: bool = False, stop: bool = False) -> tuple[float, bool, bool]:
+    def reduce(self, loss: float = 0.0, failed: bool = False, stop: bool = False) -> tuple[float, bool, bool]:
         """Sum every rank's gradients (in place) and weighted ``loss``; (the whole batch's loss,
         whether any rank's loss was not finite, whether any rank asked to stop)."""
         import torch.distributed as dist

@@ -20,8 +20,6 @@ with the exported model (:func:`.simulate.fidelity`).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +41,7 @@ from ..quant.placement import Placement
 from ..quant.qdq import quantized_weights
 from .blocks import Unit, concat, join_nodes, partition, run_unit, take, tensors
 from .quantizers import ActQuant, QuantLayer, weight_scales
-from .ranks import Ranks
+from .ranks import Ranks, images_digest, run_digest
 from .simulate import first_output, insert_activation_quant, layer_module
 
 
@@ -192,10 +190,8 @@ def refine_model(model_path: Path, output_path: Path, placement: Placement, imag
     world = distributed.world()
     world = world if world is not None and world.size > 1 else None
     if world is not None:  # the same model, grids, settings and images on every rank
-        digest = hashlib.sha256(np.ascontiguousarray(rows.numpy()).tobytes()).hexdigest()
         distributed.agree("the model, grids, refine settings and calibration images",
-                          (hashlib.sha256(Path(model_path).read_bytes()).hexdigest(), json.dumps(config.to_dict(), default=str),
-                           repr(sorted(placement.activations.items())), seed, digest))
+                          (run_digest(model_path, config.to_dict(), placement, seed), images_digest(rows.numpy())))
     run = _Reconstruction(module, by_node, config, torch_device, n_train=len(calib),
                           eval_rows=slice(len(calib), len(rows)) if held is not None else slice(0, len(calib)),
                           chunk=max(config.batch_size, 64), units=len(trained), seed=seed, world=world)
@@ -335,7 +331,7 @@ class _Reconstruction:
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 if ranks is not None:
-                    ranks.reduce(float(rec.detach()) * ranks.weight(len(index)))
+                    ranks.reduce()  # the gradients; the loss stays this rank's (only the progress line shows it)
                 optimiser.step()
                 if (step % 50 == 0 or step == iters - 1) and progress.wanted:
                     progress.update(step + 1, f"rec {rec.item():.4g}")
