@@ -31,6 +31,7 @@ SOURCES = {
     "dsg-nosci": {"method": "dsg", "sci": False},
     "dsg": {"method": "dsg"},
     "dsg-ce": {"method": "dsg", "ce_weight": 1.0},  # DSG plus cross-entropy to a random class per image
+    "dsg-norm": {"method": "dsg", "normalize_gaps": True},  # DSG with BN gaps in units of the running std
     "dsg-kept": {"method": "dsg"},  # DSG images made on the model's BN-kept twin (``twin=``), for a folded model
 }
 # "<source>+<variant>[+<variant>]": the same calibration images, quantized with other settings

@@ -268,6 +268,9 @@ class SynthOptions:
     # inversion: every Conv output's per-sample channel statistics held to those its procedural
     # start images have (ZeroQ's alignment with the start as the target); None: by method
     anchor_weight: Optional[float] = None
+    # zeroq/dsg: each BN gap in units of that channel's running std (every layer on one scale),
+    # instead of the papers' absolute gaps, where layers with large activations dominate the loss
+    normalize_gaps: bool = False
     patience: int = 100  # ReduceLROnPlateau patience in iterations (ZeroQ: 100)
     low_res: Optional[int] = None
     low_res_share: float = 0.75

@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from dsgonnx.artifacts import SyntheticSet
 from dsgonnx.errors import NoBatchNormError
@@ -81,6 +81,34 @@ def test_dsg_samples_are_more_diverse_than_zeroq(models):
     assert dsg.meta["diversity"]["sample_similarity"] < zeroq.meta["diversity"]["sample_similarity"]
 
 
+def _rescaled(src, dst, factor: float):
+    """``src`` with its first Conv's output ``factor``× larger and the BN after it rescaled to
+    match: the same function, one layer's activations on another scale."""
+    model = onnx.load(str(src))
+    weights = {init.name: init for init in model.graph.initializer}
+    conv = next(node for node in model.graph.node if node.op_type == "Conv")
+    bn = next(node for node in model.graph.node if node.op_type == "BatchNormalization" and node.input[0] == conv.output[0])
+    for name, by in ((conv.input[1], factor), (bn.input[3], factor), (bn.input[4], factor * factor)):
+        weights[name].CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weights[name]) * np.float32(by), name))
+    onnx.save(model, str(dst))
+    return dst
+
+
+def test_normalized_gaps_do_not_depend_on_a_layers_scale(models):
+    """With ``normalize_gaps`` a layer whose activations are 8× larger (same function) pulls
+    the images no harder: the same images; with the papers' absolute gaps, other images.
+    (ZeroQ's loss: DSG's SCI, an eigendecomposition, grows last-bit differences over the steps.)"""
+    twin = _rescaled(models["kept"], models["folder"] / "rescaled.onnx", 8.0)
+    normalized = [_run(m, method="zeroq", iters=30, seed=1, normalize_gaps=True) for m in (models["kept"], twin)]
+    absolute = [_run(m, method="zeroq", iters=30, seed=1).images for m in (models["kept"], twin)]
+    apart = np.abs(normalized[0].images - normalized[1].images).max()
+    assert apart < 1e-3
+    assert np.abs(absolute[0] - absolute[1]).max() > 0.5
+    # the recorded per-layer losses are in those units too
+    np.testing.assert_allclose(list(normalized[1].meta["final_layer_losses"].values()),
+                               list(normalized[0].meta["final_layer_losses"].values()), rtol=1e-3, atol=1e-6)
+
+
 def test_meta_records_the_run(models, tmp_path):
     result = _run(models["kept"], iters=5, num_samples=6, batch_size=4)
     meta = result.meta
@@ -126,6 +154,10 @@ def test_cli_writes_npz_and_preview_and_refuses_to_overwrite(models):
     assert preview.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     again = CliRunner().invoke(cli, args)
     assert again.exit_code == 2 and "--force" in again.stderr
+    assert SyntheticSet.load(out).meta["config"]["normalize_gaps"] is False  # the papers' absolute gaps
+    normalized = CliRunner().invoke(cli, args[:3] + [str(models["folder"] / "norm.npz")] + args[4:8] + ["--normalize-gaps"])
+    assert normalized.exit_code == 0, normalized.output
+    assert SyntheticSet.load(models["folder"] / "norm.npz").meta["config"]["normalize_gaps"] is True
 
 
 def test_cli_folded_model_with_method_dsg_exits_2(models):

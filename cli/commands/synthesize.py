@@ -46,6 +46,9 @@ images have; without it only the input prior (mean 0, std 1) shapes them.
 @click.option("--l2-weight", type=float, help="Image L2 prior [default: 0].")
 @click.option("--anchor-weight", type=float,
               help="Inversion: Conv outputs held to their procedural start's statistics [default: 10 for inversion].")
+@click.option("--normalize-gaps/--absolute-gaps", default=None,
+              help="zeroq/dsg: BN gaps in units of each channel's running std, every layer on one scale "
+                   "[default: absolute, the papers'].")
 @click.option("--low-res", type=int, help="Resolution schedule: optimise at NxN pixels first, then at full size (0: off).")
 @click.option("--low-res-share", type=float, default=0.75, show_default=True, help="Share of iterations at --low-res.")
 @click.option("--amp", is_flag=True, help="bfloat16 autocast on CUDA (statistics stay float32).")
@@ -59,6 +62,7 @@ def synthesize_cmd(model, output, preprocess, preprocess_given, input_shape, pre
     """Synthesize calibration images for MODEL (from its BatchNorm statistics where it has them)."""
     from dsgonnx import synthesize
 
+    settings = {name: value for name, value in settings.items() if not (name == "normalize_gaps" and value is None)}
     config = SynthConfig(preprocess=preprocess, slack=not no_slack, lse=not no_lse, sci=not no_sci,
                          input_prior=not no_input_prior, **settings)
     out = output or Path(model).with_name(f"{Path(model).stem}.{config.method}.npz")

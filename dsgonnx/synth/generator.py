@@ -280,6 +280,10 @@ class _Run:
         self.iter_seconds: list[float] = []
         self.labels: dict[int, torch.Tensor] = {}  # first sample of a batch -> its target classes
         self.anchor: Optional[_Anchor] = None
+        # the units of each layer's gaps: its running std (``normalize_gaps``; 1 where the graph
+        # carries no variance), else None (the papers' absolute gaps)
+        self.scales = [torch.where(torch.isfinite(std), std, torch.ones_like(std)) if self.config.normalize_gaps
+                       else None for _, std in self.targets]
 
     def reseed(self, seed: int) -> None:
         """The random streams of one batch: a CPU generator (initial images, labels, jitter) and
@@ -323,8 +327,9 @@ class _Run:
                 if tap is not None:
                     model(images)
                     layer_losses = [
-                        losses.bn_alignment(m, s, tm, ts, *(() if mg is None else (mg.mean, mg.std))).mean().item()
-                        for (m, s), (tm, ts), mg in zip(tap.stats, self.targets, margins)
+                        losses.bn_alignment(m, s, tm, ts, *(() if mg is None else (mg.mean, mg.std)), scale=sc)
+                        .mean().item()
+                        for (m, s), (tm, ts), mg, sc in zip(tap.stats, self.targets, margins, self.scales)
                     ]
                     stats = [(m.detach().cpu(), s.detach().cpu()) for m, s in tap.stats]
                 else:
@@ -363,8 +368,8 @@ class _Run:
 
         def bn(images, output, tap, margins):
             layer_losses = torch.stack(
-                [losses.bn_alignment(m, s, tm, ts, *(() if mg is None else (mg.mean, mg.std)))
-                 for (m, s), (tm, ts), mg in zip(tap.stats, self.targets, margins)], dim=1)
+                [losses.bn_alignment(m, s, tm, ts, *(() if mg is None else (mg.mean, mg.std)), scale=sc)
+                 for (m, s), (tm, ts), mg, sc in zip(tap.stats, self.targets, margins, self.scales)], dim=1)
             return losses.combine_layers(layer_losses, weights)
 
         terms = [("bn", bn)] if self.layers else []

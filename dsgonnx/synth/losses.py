@@ -64,6 +64,7 @@ def bn_alignment(
     target_std: torch.Tensor,
     mean_margin: Optional[torch.Tensor] = None,
     std_margin: Optional[torch.Tensor] = None,
+    scale: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Per-sample BN alignment loss ``(N,)``.
 
@@ -71,6 +72,8 @@ def bn_alignment(
     Slack Distribution Alignment ``‖max(|μ̃−μ|−δ, 0)‖² + ‖max(|σ̃−σ|−γ, 0)‖²`` — zero inside
     the margins, quadratic outside. Margins broadcast: a scalar per layer or one per channel.
     A NaN target std (a layer whose variance the graph does not carry) drops the std term.
+    ``scale`` ``(C,)``: the gaps (past the margins) are measured in these units, e.g. the
+    running std, so that every layer's term is on one scale whatever its activations' size.
     """
     known = torch.isfinite(target_std)
     if not bool(known.all()):  # the sample's own std: no gap, and no NaN in the gradients
@@ -82,6 +85,8 @@ def bn_alignment(
         mean_gap = torch.clamp(mean_gap - mean_margin, min=0)
     if std_margin is not None:
         std_gap = torch.clamp(std_gap - std_margin, min=0)
+    if scale is not None:
+        mean_gap, std_gap = mean_gap / scale, std_gap / scale
     return (mean_gap**2).sum(dim=1) + (std_gap**2).sum(dim=1)
 
 
