@@ -31,7 +31,12 @@ SOURCES = {
     "dsg-nosci": {"method": "dsg", "sci": False},
     "dsg": {"method": "dsg"},
     "dsg-ce": {"method": "dsg", "ce_weight": 1.0},  # DSG plus cross-entropy to a random class per image
+    "dsg-ce100": {"method": "dsg", "ce_weight": 100.0},  # the same, weighted to make the images class-confident
+    # the batch's pooled statistics held to the BN ones (DeepInversion's, GDFQ's), each sample free
+    "dsg-batch": {"method": "dsg", "alignment": "batch"},
+    "dsg-batch-ce10": {"method": "dsg", "alignment": "batch", "ce_weight": 10.0},  # and class-confident images
     "dsg-norm": {"method": "dsg", "normalize_gaps": True},  # DSG with BN gaps in units of the running std
+    "dsg-full": {"method": "dsg", "low_res": 0},  # DSG at full resolution throughout (no low-res schedule)
     "dsg-kept": {"method": "dsg"},  # DSG images made on the model's BN-kept twin (``twin=``), for a folded model
 }
 # "<source>+<variant>[+<variant>]": the same calibration images, quantized with other settings
@@ -147,8 +152,9 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
                             raise SystemExit(f"row {row!r} needs the model's BN-kept twin; {model} has none here")
                         source = twin if base == "dsg-kept" else model
                         start = time.perf_counter()
-                        made_as = SynthConfig(**dict(SOURCES[base], num_samples=num_samples, iters=iters, seed=seed,
-                                                     device=device, preprocess=recipe, **(synth or {})))
+                        # a source's own settings (e.g. dsg-full's low_res 0) over the profile's
+                        made_as = SynthConfig(**{**(synth or {}), **SOURCES[base], "num_samples": num_samples,
+                                                 "iters": iters, "seed": seed, "device": device, "preprocess": recipe})
                         cached = _cached_set(cache, source, made_as)
                         if cached is not None and cached.exists():
                             synthetic = SyntheticSet.load(cached)

@@ -23,7 +23,7 @@ __version__ = "0.1.0"
 
 logging.getLogger("dsgonnx").addHandler(logging.NullHandler())
 
-_CONFIG = ("BiasCorrection", "Calibrator", "Device", "DeviceDefaults", "LogitsPolicy", "PoolRange", "Provider", "QatConfig", "QuantConfig", "RefineConfig",
+_CONFIG = ("Alignment", "BiasCorrection", "Calibrator", "Device", "DeviceDefaults", "LogitsPolicy", "PoolRange", "Provider", "QatConfig", "QuantConfig", "RefineConfig",
            "RefineMethod", "Rounding", "SUPPORTED_BITS", "SlackReading", "SynthConfig", "SynthMethod", "SynthOptions", "Target",
            "ValidateConfig", "DEFAULT_BATCH_SIZE", "device_defaults")
 _EXPORTS = {

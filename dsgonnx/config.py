@@ -97,6 +97,13 @@ class SlackReading(Choice):
     CHANNEL_LOWER = "channel-lower"
 
 
+class Alignment(Choice):
+    """Which BN statistics zeroq/dsg hold to the running ones."""
+
+    SAMPLE = "sample"  # each sample's own (ZeroQ, DSG): every sample pulled to the population's statistics
+    BATCH = "batch"  # the batch's pooled statistics (DeepInversion, GDFQ): each sample free, the set matched
+
+
 class Calibrator(Choice):
     # mse for activations of 4 bits or fewer, else minmax (measured: W4A4 on four models, README)
     AUTO = "auto"
@@ -271,6 +278,7 @@ class SynthOptions:
     # zeroq/dsg: each BN gap in units of that channel's running std (every layer on one scale),
     # instead of the papers' absolute gaps, where layers with large activations dominate the loss
     normalize_gaps: bool = False
+    alignment: Alignment = Alignment.SAMPLE
     patience: int = 100  # ReduceLROnPlateau patience in iterations (ZeroQ: 100)
     low_res: Optional[int] = None
     low_res_share: float = 0.75
@@ -279,6 +287,7 @@ class SynthOptions:
 
     def __post_init__(self):
         object.__setattr__(self, "slack_reading", SlackReading.parse(self.slack_reading, "slack_reading"))
+        object.__setattr__(self, "alignment", Alignment.parse(self.alignment, "alignment"))
         _require(self.lr is None or (_is_number(self.lr) and self.lr > 0), f"`lr` must be positive, got {self.lr}")
         _require(self.batch_size is None or (_is_int(self.batch_size) and self.batch_size >= 1),
                  f"`batch_size` must be at least 1, got {self.batch_size}")

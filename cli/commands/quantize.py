@@ -6,7 +6,7 @@ import json
 
 import click
 
-from dsgonnx import (BiasCorrection, Calibrator, DataError, LogitsPolicy, PoolRange, QatConfig, QuantConfig, RefineConfig, RefineMethod, Rounding, SlackReading,
+from dsgonnx import (Alignment, BiasCorrection, Calibrator, DataError, LogitsPolicy, PoolRange, QatConfig, QuantConfig, RefineConfig, RefineMethod, Rounding, SlackReading,
                      SynthOptions, Target)
 from dsgonnx_cli.options import (PREPROCESS_HELP, choice, device_option, input_shape_option, preprocess_options,
                                  provider_option, quiet_option)
@@ -38,7 +38,8 @@ written), 2 bad input (nothing written).
 """ + PREPROCESS_HELP
 
 # flag -> SynthOptions / RefineConfig field, for the flags that tune a nested setting
-_SYNTH_FLAGS = {"lr": "lr", "slack_reading": "slack_reading", "low_res": "low_res", "normalize_gaps": "normalize_gaps"}
+_SYNTH_FLAGS = {"lr": "lr", "slack_reading": "slack_reading", "low_res": "low_res", "normalize_gaps": "normalize_gaps",
+                "alignment": "alignment", "ce_weight": "ce_weight"}
 _REFINE_FLAGS = {"refine_iters": "iters", "refine_lr": "lr", "refine_reg": "reg_weight", "refine_drop": "drop_prob",
                  "refine_batch_size": "batch_size", "refine_act_lr": "act_lr"}
 _QAT_FLAGS = {"qat_iters": "iters", "qat_lr": "lr", "qat_batch_size": "batch_size", "qat_act_lr": "act_lr",
@@ -76,6 +77,8 @@ def _given(values: dict, fields: dict) -> dict:
 @click.option("--lr", type=float, help="Synthesis learning rate.")
 @click.option("--slack-reading", type=choice(SlackReading), help="DSG margin reading (see dsgonnx synthesize --help).")
 @click.option("--low-res", type=int, help="Synthesis resolution schedule: start at NxN pixels (0: off).")
+@click.option("--alignment", type=choice(Alignment), help="Synthesis: per-sample or batch BN alignment (see dsgonnx synthesize --help).")
+@click.option("--ce-weight", type=float, help="Synthesis: cross-entropy to a random class per image (see dsgonnx synthesize --help).")
 @click.option("--normalize-gaps/--absolute-gaps", default=None,
               help="Synthesis: BN gaps in units of each channel's running std (see dsgonnx synthesize --help).")
 @click.option("--refine", type=choice(RefineMethod),

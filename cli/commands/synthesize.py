@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from dsgonnx import SlackReading, SynthConfig, SynthMethod, is_writer
+from dsgonnx import Alignment, SlackReading, SynthConfig, SynthMethod, is_writer
 from dsgonnx_cli.options import (PREPROCESS_HELP, choice, device_option, input_shape_option, preprocess_options,
                                  quiet_option)
 
@@ -46,6 +46,9 @@ images have; without it only the input prior (mean 0, std 1) shapes them.
 @click.option("--l2-weight", type=float, help="Image L2 prior [default: 0].")
 @click.option("--anchor-weight", type=float,
               help="Inversion: Conv outputs held to their procedural start's statistics [default: 10 for inversion].")
+@click.option("--alignment", type=choice(Alignment), default=SynthConfig.alignment.value, show_default=True,
+              help="zeroq/dsg: hold each sample's BN statistics to the running ones (sample: ZeroQ, DSG) or the "
+                   "batch's pooled statistics (batch: DeepInversion, GDFQ; no slack margins or LSE).")
 @click.option("--normalize-gaps/--absolute-gaps", default=None,
               help="zeroq/dsg: BN gaps in units of each channel's running std, every layer on one scale "
                    "[default: absolute, the papers'].")

@@ -18,7 +18,7 @@ import torch
 
 from .. import distributed
 from ..artifacts import SyntheticSet
-from ..config import SynthConfig, SynthMethod
+from ..config import Alignment, SynthConfig, SynthMethod
 from ..errors import NoBatchNormError, SynthesisError
 from ..graph.bn_taps import BNLayer, BNProbe, bn_folded, find_bn_layers
 from ..graph.onnx_io import LoadedModel, load_model
@@ -301,7 +301,7 @@ class _Run:
         images = init.to(self.device).contiguous(memory_format=self.memory_format)
         if config.method == SynthMethod.INVERSION and config.anchor_weight and config.iters:
             self.anchor = _Anchor(model, images)
-        keep = config.method == SynthMethod.DSG and config.slack
+        keep = config.method == SynthMethod.DSG and config.slack and config.alignment == Alignment.SAMPLE
         tap = _StatsTap(self.torch_model, self.layers, keep_inputs=keep) if self.layers else None
         margins: list[Optional[Margins]] = [None] * len(self.layers)
         try:
@@ -326,11 +326,7 @@ class _Run:
             with torch.no_grad():
                 if tap is not None:
                     model(images)
-                    layer_losses = [
-                        losses.bn_alignment(m, s, tm, ts, *(() if mg is None else (mg.mean, mg.std)), scale=sc)
-                        .mean().item()
-                        for (m, s), (tm, ts), mg, sc in zip(tap.stats, self.targets, margins, self.scales)
-                    ]
+                    layer_losses = [loss.mean().item() for loss in self._layer_losses(tap, margins)]
                     stats = [(m.detach().cpu(), s.detach().cpu()) for m, s in tap.stats]
                 else:
                     layer_losses, stats = [], []
@@ -359,6 +355,14 @@ class _Run:
             return None
         return small
 
+    def _layer_losses(self, tap, margins) -> list[torch.Tensor]:
+        """Each BN layer's alignment loss: per sample ``(N,)`` (with the slack margins where
+        given), or ``(1,)`` for the batch's pooled statistics (``alignment`` batch)."""
+        batch = self.config.alignment == Alignment.BATCH
+        return [losses.bn_alignment(*(losses.pooled_stats(m, s) if batch else (m, s)), tm, ts,
+                                    *(() if mg is None else (mg.mean, mg.std)), scale=sc)
+                for (m, s), (tm, ts), mg, sc in zip(tap.stats, self.targets, margins, self.scales)]
+
     def _terms(self, n: int, first: int) -> list[tuple[str, Callable]]:
         """The loss terms of this method and these settings, decided once per batch:
         ``(name, term(images, output, tap) -> scalar)``."""
@@ -367,10 +371,10 @@ class _Run:
         weights = losses.lse_weights(n, len(self.layers), dsg and config.lse, first).to(self.device)
 
         def bn(images, output, tap, margins):
-            layer_losses = torch.stack(
-                [losses.bn_alignment(m, s, tm, ts, *(() if mg is None else (mg.mean, mg.std)), scale=sc)
-                 for (m, s), (tm, ts), mg, sc in zip(tap.stats, self.targets, margins, self.scales)], dim=1)
-            return losses.combine_layers(layer_losses, weights)
+            layer_losses = self._layer_losses(tap, margins)
+            if config.alignment == Alignment.BATCH:  # one pooled term per layer: no per-sample weights
+                return torch.cat(layer_losses).sum()
+            return losses.combine_layers(torch.stack(layer_losses, dim=1), weights)
 
         terms = [("bn", bn)] if self.layers else []
         if config.input_prior:

@@ -57,6 +57,14 @@ def per_sample_stats(x: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, 
     return mean, torch.sqrt(var + eps)
 
 
+def pooled_stats(mean: torch.Tensor, std: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch's channel mean and std ``(1, C)`` from per-sample ones ``(N, C)`` (each sample's
+    E[x²] taken as σ̃² + μ̃²: equal sample sizes, the per-sample unbiasing left in)."""
+    pooled_mean = mean.mean(dim=0, keepdim=True)
+    second = (std * std + mean * mean).mean(dim=0, keepdim=True)
+    return pooled_mean, torch.sqrt((second - pooled_mean * pooled_mean).clamp_min(1e-12))
+
+
 def bn_alignment(
     mean: torch.Tensor,
     std: torch.Tensor,
