@@ -140,3 +140,11 @@ def test_per_sample_stats_gradient_matches_autograd():
     z = base.clone().contiguous(memory_format=torch.channels_last).requires_grad_(True)
     loss(*losses.per_sample_stats(z)).backward()
     torch.testing.assert_close(z.grad, y.grad, atol=1e-5, rtol=1e-4)
+
+
+def test_pooled_stats_are_the_whole_batchs():
+    x = torch.randn(6, 4, 9, 9) * torch.linspace(0.5, 3, 4).reshape(1, 4, 1, 1) + torch.randn(6, 4, 1, 1)
+    mean, std = losses.pooled_stats(*losses.per_sample_stats(x))
+    flat = x.transpose(0, 1).reshape(4, -1)
+    torch.testing.assert_close(mean[0], flat.mean(1))
+    torch.testing.assert_close(std[0], flat.std(1), rtol=2e-2, atol=1e-4)  # per-sample unbiasing left in

@@ -81,6 +81,19 @@ def test_dsg_samples_are_more_diverse_than_zeroq(models):
     assert dsg.meta["diversity"]["sample_similarity"] < zeroq.meta["diversity"]["sample_similarity"]
 
 
+def test_batch_alignment_matches_the_set_and_leaves_samples_free(models):
+    """alignment batch: the pooled BN loss falls as the per-sample one does under ZeroQ/DSG,
+    and the samples' own statistics spread wider around the targets than per-sample
+    alignment leaves them."""
+    settings = dict(iters=40, num_samples=16, seed=0, preprocess=PRESETS["imagenet"])
+    start = _run(models["kept"], alignment="batch", **dict(settings, iters=0))
+    batch = _run(models["kept"], alignment="batch", **settings)
+    sample = _run(models["kept"], **settings)
+    assert batch.meta["config"]["alignment"] == "batch"
+    assert _total(batch) < 0.5 * _total(start)
+    assert batch.meta["diversity"]["stat_spread"] > 1.5 * sample.meta["diversity"]["stat_spread"]
+
+
 def _rescaled(src, dst, factor: float):
     """``src`` with its first Conv's output ``factor``× larger and the BN after it rescaled to
     match: the same function, one layer's activations on another scale."""
