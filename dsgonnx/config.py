@@ -278,7 +278,9 @@ class SynthOptions:
     # zeroq/dsg: each BN gap in units of that channel's running std (every layer on one scale),
     # instead of the papers' absolute gaps, where layers with large activations dominate the loss
     normalize_gaps: bool = False
-    alignment: Alignment = Alignment.SAMPLE
+    # None: by use: batch where the images train QAT (``QuantConfig.synth_config``; measured on
+    # three models, README "What the DSG images lack for QAT"), else sample (the papers')
+    alignment: Optional[Alignment] = None
     patience: int = 100  # ReduceLROnPlateau patience in iterations (ZeroQ: 100)
     low_res: Optional[int] = None
     low_res_share: float = 0.75
@@ -287,7 +289,8 @@ class SynthOptions:
 
     def __post_init__(self):
         object.__setattr__(self, "slack_reading", SlackReading.parse(self.slack_reading, "slack_reading"))
-        object.__setattr__(self, "alignment", Alignment.parse(self.alignment, "alignment"))
+        if self.alignment is not None:
+            object.__setattr__(self, "alignment", Alignment.parse(self.alignment, "alignment"))
         _require(self.lr is None or (_is_number(self.lr) and self.lr > 0), f"`lr` must be positive, got {self.lr}")
         _require(self.batch_size is None or (_is_int(self.batch_size) and self.batch_size >= 1),
                  f"`batch_size` must be at least 1, got {self.batch_size}")
@@ -355,7 +358,7 @@ class SynthConfig(SynthOptions):
                    "measured on folded models (benchmarks/RESULTS.md, BN folded)")
         own = INVERSION_WEIGHTS if method == SynthMethod.INVERSION else METHOD_DEFAULTS
         unset = {name: own[name] for name in own if getattr(self, name) is None}
-        return replace(self, method=method, **unset), why
+        return replace(self, method=method, alignment=self.alignment or Alignment.SAMPLE, **unset), why
 
     def for_device(self, device_type: str, input_size: int) -> "SynthConfig":
         """This config with ``iters`` and ``low_res`` resolved for the device and input size."""
@@ -707,8 +710,16 @@ class QuantConfig:
 
     def synth_config(self, num_samples: int) -> SynthConfig:
         """The synthesis run this config asks for (``num_samples`` includes held-out samples)."""
-        return SynthConfig.from_options(self.synth, method=self.calib, num_samples=num_samples, iters=self.iters,
+        options = self.synth
+        if options.alignment is None and self.trains_on_calibration_images():
+            options = replace(options, alignment=Alignment.BATCH)
+        return SynthConfig.from_options(options, method=self.calib, num_samples=num_samples, iters=self.iters,
                                         seed=self.seed, device=self.device, preprocess=self.preprocess)
+
+    def trains_on_calibration_images(self) -> bool:
+        """Whether QAT trains on the calibration images (``qat.data`` auto, calib or mixed):
+        then synthesis aligns the batch's statistics unless ``synth.alignment`` says otherwise."""
+        return self.qat is not None and self.qat.data != "generator"
 
     def to_dict(self) -> dict:
         data = _to_dict(self)

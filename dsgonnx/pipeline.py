@@ -308,11 +308,18 @@ def _calibration_data(loaded: LoadedModel, config: QuantConfig):
         synthetic = synthesize(loaded, config.synth_config(config.num_samples + holdout))
         images = synthetic.images
         settings = synthetic.meta["config"]
+        chosen = {}
+        if config.synth.alignment is None and synthetic.meta["method"] in (SynthMethod.ZEROQ.value, SynthMethod.DSG.value) \
+                and settings["alignment"] == "batch":
+            chosen = {"alignment_choice": "batch: QAT trains on these images (measured on three models, README "
+                                          "'What the DSG images lack for QAT'); --alignment sample for the papers'"}
+            say(f"quantize: synthesis held the batch's BN statistics, not each sample's, to the model's: "
+                f"{chosen['alignment_choice'].split(': ', 1)[1]}")
         info = {"method": synthetic.meta["method"], "num_samples": config.num_samples, "iters": settings["iters"],
                 **({"requested": config.calib.value, "method_choice": synthetic.meta["method_choice"]}
                    if synthetic.meta.get("method_choice") else {}),
                 "seconds": round(time.perf_counter() - start, 3), "device": synthetic.meta["device"],
-                "diversity": synthetic.meta["diversity"], "holdout": holdout, "synth": settings}
+                "diversity": synthetic.meta["diversity"], "holdout": holdout, "synth": settings, **chosen}
         return images[: config.num_samples], (images[config.num_samples :] if holdout else None), info, ()
     real = load_real_images(config.calib, loaded.input, config.num_samples, config.preprocess)
     info = {"method": real.method, "source": real.source, "num_samples": len(real.images), "iters": 0,

@@ -14,7 +14,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from dsgonnx import QatConfig, QuantConfig, quantize
+from dsgonnx import QatConfig, QuantConfig, SynthOptions, quantize
 from dsgonnx.errors import NoBatchNormError
 from dsgonnx.graph.onnx_io import load_model
 from dsgonnx.graph.to_torch import to_torch
@@ -99,6 +99,13 @@ def test_qat_trains_on_the_generator_when_asked_and_on_the_calibration_images_by
     # by default (auto) the calibration images, synthesised (dsg here) or given as a file
     synthesised = _quantize(tiny, "auto_dsg", QatConfig(iters=2, batch_size=8))
     assert synthesised.refine["data"] == "calibration images" and "generator" not in synthesised.refine
+    # images QAT trains on are synthesised with the batch's statistics aligned (README: measured on three
+    # models); the generator's run calibrates on the papers' per-sample alignment, as does an explicit choice
+    assert synthesised.calibration["synth"]["alignment"] == "batch" and "alignment_choice" in synthesised.calibration
+    assert result.calibration["synth"]["alignment"] == "sample" and "alignment_choice" not in result.calibration
+    asked = _quantize(tiny, "auto_dsg_sample", QatConfig(iters=2, batch_size=8), synth=SynthOptions(alignment="sample"))
+    assert asked.calibration["synth"]["alignment"] == "sample" and "alignment_choice" not in asked.calibration
+    assert _quantize(tiny, "ptq", None).calibration["synth"]["alignment"] == "sample"
     np.savez(tiny["folder"] / "calib.npz", images=np.random.default_rng(0).normal(size=(32, 3, 16, 16)).astype(np.float32))
     fixed = _quantize(tiny, "fixed", QatConfig(iters=2, batch_size=8), calib=str(tiny["folder"] / "calib.npz"),
                       holdout=0)

@@ -46,9 +46,10 @@ images have; without it only the input prior (mean 0, std 1) shapes them.
 @click.option("--l2-weight", type=float, help="Image L2 prior [default: 0].")
 @click.option("--anchor-weight", type=float,
               help="Inversion: Conv outputs held to their procedural start's statistics [default: 10 for inversion].")
-@click.option("--alignment", type=choice(Alignment), default=SynthConfig.alignment.value, show_default=True,
+@click.option("--alignment", type=choice(Alignment),
               help="zeroq/dsg: hold each sample's BN statistics to the running ones (sample: ZeroQ, DSG) or the "
-                   "batch's pooled statistics (batch: DeepInversion, GDFQ; no slack margins or LSE).")
+                   "batch's pooled statistics (batch: DeepInversion, GDFQ; no slack margins or LSE) "
+                   "[default: sample; quantize --qat synthesizes with batch].")
 @click.option("--normalize-gaps/--absolute-gaps", default=None,
               help="zeroq/dsg: BN gaps in units of each channel's running std, every layer on one scale "
                    "[default: absolute, the papers'].")
