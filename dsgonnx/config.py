@@ -279,7 +279,7 @@ class SynthOptions:
     # instead of the papers' absolute gaps, where layers with large activations dominate the loss
     normalize_gaps: bool = False
     # None: by use: batch where the images train QAT (``QuantConfig.synth_config``; measured on
-    # three models, README "What the DSG images lack for QAT"), else sample (the papers')
+    # four models, README "What the DSG images lack for QAT"), else sample (the papers')
     alignment: Optional[Alignment] = None
     patience: int = 100  # ReduceLROnPlateau patience in iterations (ZeroQ: 100)
     low_res: Optional[int] = None

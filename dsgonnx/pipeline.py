@@ -311,7 +311,7 @@ def _calibration_data(loaded: LoadedModel, config: QuantConfig):
         chosen = {}
         if config.synth.alignment is None and synthetic.meta["method"] in (SynthMethod.ZEROQ.value, SynthMethod.DSG.value) \
                 and settings["alignment"] == "batch":
-            chosen = {"alignment_choice": "batch: QAT trains on these images (measured on three models, README "
+            chosen = {"alignment_choice": "batch: QAT trains on these images (measured on four models, README "
                                           "'What the DSG images lack for QAT'); --alignment sample for the papers'"}
             say(f"quantize: synthesis held the batch's BN statistics, not each sample's, to the model's: "
                 f"{chosen['alignment_choice'].split(': ', 1)[1]}")
