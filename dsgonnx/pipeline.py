@@ -295,6 +295,10 @@ def _even_batch(count: int, limit: int = 16) -> int:
     return max(b for b in range(1, min(limit, count) + 1) if count % b == 0)
 
 
+_BATCH_FOR_QAT = ("QAT trains on these images (measured on four models, README 'What the DSG images lack for QAT'); "
+                  "--alignment sample for the papers'")
+
+
 def _calibration_data(loaded: LoadedModel, config: QuantConfig):
     """(calibration images, held-out images or None, description, calibration files)."""
     start = time.perf_counter()
@@ -305,16 +309,15 @@ def _calibration_data(loaded: LoadedModel, config: QuantConfig):
         wanted = ((config.validate and config.val_data is None) or config.refine is not None or config.qat is not None
                   or config.weight_rounding() != Rounding.NEAREST)
         holdout = config.holdout if wanted else 0
-        synthetic = synthesize(loaded, config.synth_config(config.num_samples + holdout))
+        made_as = config.synth_config(config.num_samples + holdout)
+        synthetic = synthesize(loaded, made_as)
         images = synthetic.images
         settings = synthetic.meta["config"]
         chosen = {}
-        if config.synth.alignment is None and synthetic.meta["method"] in (SynthMethod.ZEROQ.value, SynthMethod.DSG.value) \
-                and settings["alignment"] == "batch":
-            chosen = {"alignment_choice": "batch: QAT trains on these images (measured on four models, README "
-                                          "'What the DSG images lack for QAT'); --alignment sample for the papers'"}
-            say(f"quantize: synthesis held the batch's BN statistics, not each sample's, to the model's: "
-                f"{chosen['alignment_choice'].split(': ', 1)[1]}")
+        # the alignment synth_config chose for QAT's images (the method decided may not align BN at all)
+        if made_as.alignment != config.synth.alignment and SynthMethod(synthetic.meta["method"]).needs_bn:
+            chosen = {"alignment_choice": f"{made_as.alignment}: {_BATCH_FOR_QAT}"}
+            say(f"quantize: synthesis held the batch's BN statistics, not each sample's, to the model's: {_BATCH_FOR_QAT}")
         info = {"method": synthetic.meta["method"], "num_samples": config.num_samples, "iters": settings["iters"],
                 **({"requested": config.calib.value, "method_choice": synthetic.meta["method_choice"]}
                    if synthetic.meta.get("method_choice") else {}),

@@ -99,7 +99,7 @@ def test_qat_trains_on_the_generator_when_asked_and_on_the_calibration_images_by
     # by default (auto) the calibration images, synthesised (dsg here) or given as a file
     synthesised = _quantize(tiny, "auto_dsg", QatConfig(iters=2, batch_size=8))
     assert synthesised.refine["data"] == "calibration images" and "generator" not in synthesised.refine
-    # images QAT trains on are synthesised with the batch's statistics aligned (README: measured on three
+    # images QAT trains on are synthesised with the batch's statistics aligned (README: measured on four
     # models); the generator's run calibrates on the papers' per-sample alignment, as does an explicit choice
     assert synthesised.calibration["synth"]["alignment"] == "batch" and "alignment_choice" in synthesised.calibration
     assert result.calibration["synth"]["alignment"] == "sample" and "alignment_choice" not in result.calibration
