@@ -64,10 +64,12 @@ VARIANTS = {
     # with +qat*: where training starts (the default, auto, is SQuant's rounding at 4 bits or fewer)
     "sqstart": {},  # SQuant's rounding (quantize --qat-start squant)
     "nearstart": {},  # nearest rounding (quantize --qat-start nearest; the default before it)
+    # with +qat*: the library's own step count for the device (--qat-iters unset: 2000 on CPU), not the profile's
+    "defaultsteps": {},
 }
 QAT_DATA = {"qat": {"data": "calib"}, "qatgen": {"data": "generator", "generator_loss": "dsg"},
             "qatgdfq": {"data": "generator", "generator_loss": "bns"}}
-QAT_VARIANTS = {"sqstart": {"start": "squant"}, "nearstart": {"start": "nearest"}}
+QAT_VARIANTS = {"sqstart": {"start": "squant"}, "nearstart": {"start": "nearest"}, "defaultsteps": {"iters": None}}
 LSQ_LR = 1e-3
 ONLY_AT = {"mixed": (2, 3, 5, 6, 7), "nofirst": (2, 3, 4, 5, 6, 7)}  # the widths where a variant changes anything
 
