@@ -66,10 +66,13 @@ VARIANTS = {
     "nearstart": {},  # nearest rounding (quantize --qat-start nearest; the default before it)
     # with +qat*: the library's own step count for the device (--qat-iters unset: 2000 on CPU), not the profile's
     "defaultsteps": {},
+    "mixup": {},  # with +qat*: half of each batch blended pairwise (quantize --qat-mix mixup)
+    "cutmix": {},  # the same with a box of the other image (quantize --qat-mix cutmix)
 }
 QAT_DATA = {"qat": {"data": "calib"}, "qatgen": {"data": "generator", "generator_loss": "dsg"},
             "qatgdfq": {"data": "generator", "generator_loss": "bns"}}
-QAT_VARIANTS = {"sqstart": {"start": "squant"}, "nearstart": {"start": "nearest"}, "defaultsteps": {"iters": None}}
+QAT_VARIANTS = {"sqstart": {"start": "squant"}, "nearstart": {"start": "nearest"}, "defaultsteps": {"iters": None},
+                "mixup": {"mix": "mixup"}, "cutmix": {"mix": "cutmix"}}
 LSQ_LR = 1e-3
 ONLY_AT = {"mixed": (2, 3, 5, 6, 7), "nofirst": (2, 3, 4, 5, 6, 7)}  # the widths where a variant changes anything
 

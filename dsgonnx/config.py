@@ -433,6 +433,7 @@ GENERATOR_LOSSES = ("dsg", "bns")
 QAT_OPTIMIZERS = ("adam", "sgd")
 QAT_LOSSES = ("mse", "kl")
 QAT_STARTS = ("auto", "nearest", "squant")
+QAT_MIXES = ("none", "mixup", "cutmix")
 
 
 @dataclass(frozen=True)
@@ -464,6 +465,11 @@ class QatConfig:
     (plain rounding), ``squant`` (SQuant's data-free flips of it, :mod:`dsgonnx.quant.rounding`),
     either way with bias correction, or ``auto``: the rounding quantize writes without QAT
     (:meth:`QuantConfig.plain_rounding`: SQuant's at 4 bits or fewer, else nearest).
+    ``mix``: with probability ½ each calibration image of a batch is blended with another of
+    the batch after augmentation — ``mixup`` (a weighted sum, weight uniform in [0, 1]) or
+    ``cutmix`` (a box of the other, its area uniform in [0, 1]) — so a fixed set shows the
+    student images between its samples; the teacher labels each blend. ``none`` trains on the
+    views alone.
     """
 
     iters: Optional[int] = None
@@ -485,10 +491,12 @@ class QatConfig:
     optimizer: str = "adam"
     loss: str = "mse"
     start: str = "auto"
+    mix: str = "none"
 
     def __post_init__(self):
         _require(self.iters is None or (_is_int(self.iters) and self.iters >= 0),
                  f"`qat.iters` must not be negative, got {self.iters}")
+        _require(self.mix in QAT_MIXES, f"`qat.mix` must be one of {', '.join(QAT_MIXES)}, got {self.mix!r}")
         _require(self.data in QAT_DATA, f"`qat.data` must be one of {', '.join(QAT_DATA)}, got {self.data!r}")
         _require(self.generator_loss is None or self.generator_loss in GENERATOR_LOSSES,
                  f"`qat.generator_loss` must be one of {', '.join(GENERATOR_LOSSES)}, got {self.generator_loss!r}")

@@ -13,6 +13,7 @@ import json
 import numpy as np
 import onnx
 import pytest
+import torch
 from click.testing import CliRunner
 from onnx import numpy_helper
 
@@ -228,6 +229,39 @@ def test_kl_rewards_a_noisy_student_for_flattening_its_logits_far_more_than_mse(
     assert float(distillation(teacher, teacher, 1.0, "mse")) == 0.0
 
 
+def test_mixing_blends_half_the_batch_with_a_partner_and_is_seeded():
+    from dsgonnx.refine.qat import mix
+
+    n, h, w = 400, 12, 10
+    images = torch.randn(n, 3, h, w)
+    assert mix(images, torch.Generator().manual_seed(0), "none") is images
+    for how in ("mixup", "cutmix"):
+        out = mix(images, torch.Generator().manual_seed(1), how)
+        assert torch.equal(out, mix(images, torch.Generator().manual_seed(1), how))
+        changed = ~torch.isclose(out, images).flatten(1).all(1)
+        assert 0.4 < float(changed.float().mean()) < 0.6, how  # each image with probability 1/2
+        for i in torch.nonzero(changed).flatten()[:30].tolist():  # each a blend with some other image
+            assert any(_blend_of(out[i], images[i], images[j], how) for j in range(n) if j != i), (how, i)
+    # cutmix pastes one rectangle of the partner, every pixel all-or-nothing across channels
+    out = mix(images, torch.Generator().manual_seed(2), "cutmix")
+    for i in range(20):
+        moved = ~torch.isclose(out[i], images[i]).all(0)
+        if moved.any():
+            rows, cols = torch.nonzero(moved.any(1)).flatten(), torch.nonzero(moved.any(0)).flatten()
+            assert moved[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()
+
+
+def _blend_of(out, image, other, how) -> bool:
+    """Whether ``out`` is ``image`` blended with ``other``: a weighted sum with one weight in
+    [0, 1] (mixup), or each pixel (all channels) from one of the two (cutmix)."""
+    if how == "mixup":
+        diff = (other - image).flatten()
+        weight = float(((out - image).flatten() @ diff) / (diff @ diff))
+        return -1e-4 <= 1 - weight <= 1 + 1e-4 and torch.allclose(image + weight * (other - image), out, atol=1e-5)
+    from_other = torch.isclose(out, other).all(0)
+    return bool((from_other | torch.isclose(out, image).all(0)).all() and from_other.any())
+
+
 def test_config_and_cli_reject_bad_settings_in_one_line(setup):
     with pytest.raises(DataError, match="`qat.lr` must be positive"):
         QatConfig(lr=0)
@@ -239,10 +273,13 @@ def test_config_and_cli_reject_bad_settings_in_one_line(setup):
     out = setup["folder"] / "cli.onnx"
     good = runner.invoke(cli, ["quantize", str(setup["model"]), "--w4a4", "--calib", str(setup["npz"]), "--num-samples",
                                "64", "-o", str(out), "--force", "--no-validate", "--quiet", "--qat", "--qat-iters", "5",
-                               "--qat-batch-size", "16", "--qat-no-augment"])
+                               "--qat-batch-size", "16", "--qat-no-augment", "--qat-mix", "cutmix"])
     assert good.exit_code == 0, good.output
     summary = json.loads(good.stdout)
     assert summary["qat"]["steps"] == 5 and summary["qat"]["config"]["augment"] is False
+    assert summary["qat"]["config"]["mix"] == "cutmix"
+    with pytest.raises(DataError, match="`qat.mix` must be one of none, mixup, cutmix"):
+        QatConfig(mix="blend")
     for args, message in ((["--qat-iters", "5"], "need --qat"),
                           (["--qat", "--refine", "brecq"], "give one"),
                           (["--qat", "--qat-lr", "-1"], "--qat-lr must be positive"),

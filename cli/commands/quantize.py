@@ -46,7 +46,8 @@ _QAT_FLAGS = {"qat_iters": "iters", "qat_lr": "lr", "qat_batch_size": "batch_siz
               "qat_weight_step_lr": "weight_step_lr", "qat_time_budget": "time_budget", "qat_checkpoint": "checkpoint",
               "qat_augment": "augment", "qat_data": "data", "qat_generator_loss": "generator_loss",
               "qat_generator_lr": "generator_lr", "qat_generator_warmup": "generator_warmup",
-              "qat_optimizer": "optimizer", "qat_loss": "loss", "qat_start": "start"}
+              "qat_optimizer": "optimizer", "qat_loss": "loss", "qat_start": "start",
+              "qat_mix": "mix"}
 
 
 def _bits(w8a8, w6a6, w4a4, wbits, abits):
@@ -122,6 +123,9 @@ def _given(values: dict, fields: dict) -> dict:
               help="The weight integers QAT starts from, on its own grid: nearest rounding, or SQuant's data-free "
                    "flips of it, bias-corrected either way; auto: the rounding quantize writes without --qat "
                    "(SQuant's at 4 bits or fewer, else nearest) [default: auto].")
+@click.option("--qat-mix", type=click.Choice(["none", "mixup", "cutmix"]),
+              help="Blend half of each batch's calibration images pairwise: mixup (a weighted sum) or cutmix (a box "
+                   "of another image), the teacher labelling each blend [default: none].")
 @click.option("--qat-time-budget", type=float, metavar="SECONDS", help="Stop QAT after this long and export what it learned.")
 @click.option("--qat-checkpoint", type=click.Path(dir_okay=False), help="Save the QAT state to this file as it trains.")
 @click.option("--qat-resume", is_flag=True, help="Continue QAT from --qat-checkpoint.")

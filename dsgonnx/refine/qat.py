@@ -30,7 +30,8 @@ either
   GDFQ's scheme, with DSG's losses or GDFQ's), after ``generator_warmup`` steps of the
   generator alone; the teacher's logits come from the generator's own step; or
 - a batch drawn from the calibration images, augmented (flips, shifts) so that a fixed set
-  is seen in new views; the teacher labels every view afresh.
+  is seen in new views, and with ``mix`` half of them blended pairwise (mixup or cutmix);
+  the teacher labels every view afresh.
 
 Under ``torchrun`` (:mod:`dsgonnx.distributed`) training on the calibration images is data
 parallel: every rank draws the same batch and the same augmentation (one seeded generator),
@@ -127,6 +128,37 @@ def augment(images: torch.Tensor, generator: torch.Generator, shift: float = 0.1
     index = torch.arange(n, device=images.device)[:, None, None, None]
     channel = torch.arange(out.shape[1], device=images.device)[None, :, None, None]
     return padded[index, channel, rows[:, None, :, None], cols[:, None, None, :]]
+
+
+def mix(images: torch.Tensor, generator: torch.Generator, how: str) -> torch.Tensor:
+    """Each image blended, with probability ½, with another image of the batch (a random
+    pairing): ``mixup`` takes λ·image + (1 − λ)·other, ``cutmix`` pastes a box of the other
+    covering a fraction λ of the image (its sides √λ of the image's, placed at random); λ
+    uniform in [0, 1] per image. ``none`` (or a batch of one) returns ``images``. Drawn from
+    ``generator``, so every rank of a data-parallel run blends alike."""
+    n, _, h, w = images.shape
+    if how == "none" or n < 2:
+        return images
+    partner = torch.randperm(n, generator=generator)
+    chosen = torch.rand(n, generator=generator) < 0.5
+    lam = torch.rand(n, generator=generator)
+    other = images[partner.to(images.device)]
+    if how == "mixup":
+        weight = lam.to(images.device, images.dtype)[:, None, None, None]
+        blended = weight * images + (1 - weight) * other
+    elif how == "cutmix":
+        side = lam.sqrt()
+        box_h, box_w = (side * h).round().long(), (side * w).round().long()
+        top = (torch.rand(n, generator=generator) * (h - box_h + 1)).floor().long()
+        left = (torch.rand(n, generator=generator) * (w - box_w + 1)).floor().long()
+        rows, cols = torch.arange(h)[None, :], torch.arange(w)[None, :]
+        in_rows = (rows >= top[:, None]) & (rows < (top + box_h)[:, None])  # n × h
+        in_cols = (cols >= left[:, None]) & (cols < (left + box_w)[:, None])  # n × w
+        box = (in_rows[:, :, None] & in_cols[:, None, :]).to(images.device)
+        blended = torch.where(box[:, None], other, images)
+    else:
+        raise ValueError(f"unknown mix {how!r}")
+    return torch.where(chosen.to(images.device)[:, None, None, None], blended, images)
 
 
 def _correct_start(layers: list, teacher: torch.nn.Module, images: torch.Tensor, chunk: int,
@@ -405,6 +437,7 @@ def qat_model(model_path: Path, output_path: Path, placement: Placement, images:
             x = calib[index]
             if config.augment:
                 x = augment(x, batches)
+            x = mix(x, batches, config.mix)
             if ranks is not None:  # the whole batch drawn and augmented on every rank, each trains on its share
                 x = ranks.share(x)
             x = x.to(torch_device)
