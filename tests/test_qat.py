@@ -257,7 +257,7 @@ def _blend_of(out, image, other, how) -> bool:
     if how == "mixup":
         diff = (other - image).flatten()
         weight = float(((out - image).flatten() @ diff) / (diff @ diff))
-        return -1e-4 <= 1 - weight <= 1 + 1e-4 and torch.allclose(image + weight * (other - image), out, atol=1e-5)
+        return -1e-4 <= weight <= 1 + 1e-4 and torch.allclose(image + weight * (other - image), out, atol=1e-5)
     from_other = torch.isclose(out, other).all(0)
     return bool((from_other | torch.isclose(out, image).all(0)).all() and from_other.any())
 

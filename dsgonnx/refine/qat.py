@@ -132,7 +132,7 @@ def augment(images: torch.Tensor, generator: torch.Generator, shift: float = 0.1
 
 def mix(images: torch.Tensor, generator: torch.Generator, how: str) -> torch.Tensor:
     """Each image blended, with probability ½, with another image of the batch (a random
-    pairing): ``mixup`` takes λ·image + (1 − λ)·other, ``cutmix`` pastes a box of the other
+    pairing; an image paired with itself stays as it is): ``mixup`` takes λ·image + (1 − λ)·other, ``cutmix`` pastes a box of the other
     covering a fraction λ of the image (its sides √λ of the image's, placed at random); λ
     uniform in [0, 1] per image. ``none`` (or a batch of one) returns ``images``. Drawn from
     ``generator``, so every rank of a data-parallel run blends alike."""
