@@ -64,6 +64,7 @@ VARIANTS = {
     # with +qat*: where training starts (the default, auto, is SQuant's rounding at 4 bits or fewer)
     "sqstart": {},  # SQuant's rounding (quantize --qat-start squant)
     "nearstart": {},  # nearest rounding (quantize --qat-start nearest; the default before it)
+    "refstart": {},  # reconstruction's result, with the profile's refine settings (quantize --qat-start refine)
     # with +qat*: the library's own step count for the device (--qat-iters unset: 2000 on CPU), not the profile's
     "defaultsteps": {},
     "mixup": {},  # with +qat*: half of each batch blended pairwise (quantize --qat-mix mixup)
@@ -71,7 +72,8 @@ VARIANTS = {
 }
 QAT_DATA = {"qat": {"data": "calib"}, "qatgen": {"data": "generator", "generator_loss": "dsg"},
             "qatgdfq": {"data": "generator", "generator_loss": "bns"}}
-QAT_VARIANTS = {"sqstart": {"start": "squant"}, "nearstart": {"start": "nearest"}, "defaultsteps": {"iters": None},
+QAT_VARIANTS = {"sqstart": {"start": "squant"}, "nearstart": {"start": "nearest"}, "refstart": {"start": "refine"},
+                "defaultsteps": {"iters": None},
                 "mixup": {"mix": "mixup"}, "cutmix": {"mix": "cutmix"}}
 LSQ_LR = 1e-3
 ONLY_AT = {"mixed": (2, 3, 5, 6, 7), "nofirst": (2, 3, 4, 5, 6, 7)}  # the widths where a variant changes anything
@@ -148,6 +150,7 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
                 if qat_settings is None:
                     raise SystemExit(f"row {row!r}: +{variant} sets how QAT trains; add +qat, +qatgen or +qatgdfq")
                 qat_settings.update(QAT_VARIANTS[variant])
+            start_refine = dict(refine or {}) if qat_settings and qat_settings.get("start") == "refine" else None
             for seed in (seeds if base != "real" else (0,)):
                 if (base, seed) not in made:
                     if base == "real":
@@ -181,10 +184,13 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
                     done = quantize(loaded, QuantConfig(
                         wbits=b, abits=b, calib=calib, num_samples=num_samples, calibrator=row_calibrator, logits=logits,
                         preprocess=recipe, output=str(out), force=True, validate=False, device=device,
-                        seed=seed, refine=RefineConfig(method=refine_method, **refine_settings) if refine_method else None,
+                        seed=seed, refine=(RefineConfig(method=refine_method, **refine_settings) if refine_method else
+                                           RefineConfig(**start_refine) if start_refine is not None else None),
                         qat=QatConfig(**qat_settings) if qat_settings else None, **settings))
                     if done.refine and "fidelity" in done.refine:
-                        refine_seconds.append(done.refine["seconds"])
+                        # (with +refstart, the reconstruction QAT started from too)
+                        refine_seconds.append(done.refine["seconds"]
+                                              + done.refine.get("start", {}).get("reconstruction", {}).get("seconds", 0))
                         # the trained simulation against the written file (before bias correction)
                         fidelity[str(b)] = {k: done.refine["fidelity"][k] for k in ("agreement", "sqnr_db")}
                     check = next((d["against_plain"] for d in done.decisions.values()
@@ -218,7 +224,8 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
             }
             if qat_settings:
                 results["rows"][row].update(qat=qat_settings, refine_seconds=round(float(np.mean(refine_seconds)), 1),
-                                            refine_fidelity=fidelity)
+                                            refine_fidelity=fidelity,
+                                            **({"start_refine": start_refine} if start_refine is not None else {}))
             if refine_method:
                 results["rows"][row].update(refine=dict(refine_settings, method=refine_method),
                                             refine_seconds=round(float(np.mean(refine_seconds)), 1),

@@ -250,7 +250,9 @@ def main(argv=None) -> int:
                      "(`--qat-data generator`), or with GDFQ's batch statistics (`--qat-generator-loss bns`); "
                      "training starts from SQuant's rounding at 4 bits or fewer (`--qat-start auto`), from nearest "
                      "rounding in rows `…+nearstart` and in the W4A4 cells the notes say were measured before "
-                     "commit 4c40750; the `synthesis s` column adds the training's seconds.", ""]
+                     "commit 4c40750, from reconstruction's result in rows `…+refstart` (`--qat-start refine`, "
+                     "reconstructed with the profile's refine settings); the `synthesis s` column adds the "
+                     "training's seconds (and the reconstruction's).", ""]
                     if (trained := [json.dumps({k: v for k, v in r["qat"].items()
                                                 if k not in ("data", "generator_loss", "start")})
                                     for r in results["rows"].values() if r.get("qat")]) else []),

@@ -432,7 +432,7 @@ QAT_DATA = ("auto", "generator", "calib", "mixed")
 GENERATOR_LOSSES = ("dsg", "bns")
 QAT_OPTIMIZERS = ("adam", "sgd")
 QAT_LOSSES = ("mse", "kl")
-QAT_STARTS = ("auto", "nearest", "squant")
+QAT_STARTS = ("auto", "nearest", "squant", "refine")
 QAT_MIXES = ("none", "mixup", "cutmix")
 
 
@@ -463,7 +463,10 @@ class QatConfig:
     papers' distillation, which a 4-bit student lowers by flattening its logits: see README).
     ``start``: the weight integers training starts from, on the student's own grid — ``nearest``
     (plain rounding), ``squant`` (SQuant's data-free flips of it, :mod:`dsgonnx.quant.rounding`),
-    either way with bias correction, or ``auto``: the rounding quantize writes without QAT
+    either way with bias correction, ``refine``: the reconstruction's result (its learned
+    integers, weight steps and any learned activation steps, bias-corrected the same way;
+    reconstruction runs first, with ``QuantConfig.refine``'s settings, else brecq's defaults),
+    or ``auto``: the rounding quantize writes without QAT
     (:meth:`QuantConfig.plain_rounding`: SQuant's at 4 bits or fewer, else nearest).
     ``mix``: with probability ½ each calibration image of a batch is blended with another of
     the batch after augmentation — ``mixup`` (a weighted sum, weight uniform in [0, 1]) or
@@ -608,7 +611,8 @@ class QuantConfig:
     (an image folder or an ``.npz`` with ``images``), a float32 NCHW array in the model's
     input space, or a :class:`~dsgonnx.SyntheticSet`. ``synth`` tunes the synthesis
     (:class:`SynthOptions`); ``iters=None`` is by device. ``refine``: a
-    :class:`RefineConfig` (or just its method, ``"brecq"``) to learn the weight rounding.
+    :class:`RefineConfig` (or just its method, ``"brecq"``) to learn the weight rounding;
+    with ``qat`` (``qat.start`` ``refine`` only) the reconstruction QAT starts from.
     ``rounding``: ``squant`` rounds the weights with SQuant's data-free flips instead of to the
     nearest integer; ``auto`` (:meth:`weight_rounding`) does for weights of 4 bits or fewer.
     ``fallback``: after ``refine``, ``qat`` or a ``rounding`` other than nearest, also write
@@ -675,8 +679,9 @@ class QuantConfig:
             object.__setattr__(self, "qat", QatConfig())
         _require(self.qat is None or isinstance(self.qat, QatConfig),
                  f"`qat` must be a QatConfig, got {type(self.qat).__name__}")
-        _require(self.qat is None or self.refine is None,
-                 "`qat` and `refine` are two ways to learn the quantized model; choose one")
+        _require(self.qat is None or self.refine is None or self.qat.start == "refine",
+                 "`qat` and `refine` are two ways to learn the quantized model; choose one (or train from the "
+                 "reconstruction's result: `qat.start` 'refine', `refine` its settings)")
         _require(self.rounding in (Rounding.AUTO, Rounding.NEAREST) or (self.refine is None and self.qat is None),
                  f"`rounding` {self.rounding.value} is for models that are not refined or trained (`refine` and "
                  "`qat` learn the rounding); choose one")

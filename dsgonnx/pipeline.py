@@ -20,7 +20,7 @@ import onnx
 from . import __version__, distributed
 from .artifacts import check_output_folder, publish
 from .calibration_data import load_real_images
-from .config import BiasCorrection, Calibrator, PoolRange, QuantConfig, Rounding, SynthMethod, ValidateConfig
+from .config import BiasCorrection, Calibrator, PoolRange, QuantConfig, RefineConfig, Rounding, SynthMethod, ValidateConfig
 from .errors import DataError, ModelLoadError, UnsupportedModelError
 from .graph.layout import channels_last_input
 from .graph.onnx_io import LoadedModel, load_model
@@ -419,7 +419,8 @@ def _refine(prepared: Path, out: Path, ranges, weights, activations, images, hol
     """Learn the weight rounding (``config.refine``) or train the model (``config.qat``) on the
     calibration images (dsgonnx.refine; imports torch) in the simulation of the QDQ model ORT
     writes for ``prepared`` (the ``kept`` tensors on the 8-bit grids); QAT may train on a
-    generator's images instead (:func:`_qat_generator`)."""
+    generator's images instead (:func:`_qat_generator`), and with ``qat.start`` ``refine`` starts
+    from a reconstruction (``config.refine``, else brecq's defaults)."""
     from .quant.bits import resolve_bits
     from .quant.placement import placement_of
     from .quant.qdq import excluded_nodes, weight_top
@@ -438,8 +439,13 @@ def _refine(prepared: Path, out: Path, ranges, weights, activations, images, hol
         qat = config.qat
         if qat.start == "auto":  # start where quantize without --qat is (and what --fallback weighs it against)
             qat = replace(qat, start="squant" if config.plain_rounding() == Rounding.SQUANT else "nearest")
+        start = None
+        if qat.start == "refine":  # reconstruct first, on the same images and grids; train from its result
+            start = refine_model(prepared, out.with_name(f"start-{out.name}"), placement, images, holdout,
+                                 config=config.refine or RefineConfig(), **common)
+            start.release()
         return qat_model(prepared, out, placement, images, holdout, config=qat,
-                         generator=_qat_generator(loaded, config, calib_info), **common)
+                         generator=_qat_generator(loaded, config, calib_info), start=start, **common)
     return refine_model(prepared, out, placement, images, holdout, config=config.refine, **common)
 
 

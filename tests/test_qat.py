@@ -143,6 +143,40 @@ def test_a_squant_start_holds_squants_integers_on_the_students_grid_bias_correct
     assert eight.refine["start"] == {"rounding": "nearest"} and len(seen) == len(names)
 
 
+def test_a_refine_start_holds_the_reconstructions_integers_and_steps_and_trains_from_them(setup):
+    from dsgonnx import RefineConfig
+
+    refine = RefineConfig(iters=40, batch_size=32, act_lr=1e-3)  # activation steps learned too
+    refined = quantize(str(setup["model"]), QuantConfig(
+        wbits=4, abits=4, calib=str(setup["npz"]), num_samples=64, force=True, validate=False, seed=0, fallback=False,
+        holdout=0, output=str(setup["folder"] / "reconstructed.onnx"), refine=refine))
+    start = _quantize(setup, "start-refine", QatConfig(iters=0, start="refine"), holdout=0, refine=refine)
+    # QAT's model before any step is the reconstruction's: the same integers on the same weight steps
+    assert set(start.refined_weights) == set(refined.refined_weights)
+    for name, weight in refined.refined_weights.items():
+        np.testing.assert_array_equal(start.refined_weights[name].integers, weight.integers)
+        # (to float rounding: QAT learns the step as its log)
+        np.testing.assert_allclose(start.refined_weights[name].scales, weight.scales, rtol=1e-6)
+    # (reconstruction moved integers off nearest rounding, so this is not nearest rounding's start)
+    assert sum(unit["rounded_other_way"] for unit in refined.refine["units"]) > 0
+    # and the activation steps reconstruction learned, written as QAT's
+    learned = refined.refine["learned_activation_steps"]
+    assert learned and sum(abs(s["learned"] / s["calibrated"] - 1) > 1e-3 for s in learned.values()) > 0
+    for name, step in start.refine["learned_activation_steps"].items():
+        assert step["learned"] == pytest.approx(learned[name]["learned"], rel=1e-5)
+    summary = start.refine["start"]
+    assert summary["rounding"] == "refine" and summary["reconstruction"]["method"] == "brecq"
+    assert summary["reconstruction"]["config"]["iters"] == 40
+    assert summary["reconstruction"]["layers"] == len(refined.refined_weights)
+    assert summary["reconstruction"]["activation_steps"] == len(learned)
+    assert summary["reconstruction"]["loss_after"] < summary["reconstruction"]["loss_before"]
+    # training moves on from there: the held-out distillation loss falls below the start's
+    trained = _quantize(setup, "from-refine", QatConfig(iters=100, batch_size=32, lr=1e-3, augment=False, start="refine"),
+                        refine=refine)
+    assert trained.refine["distillation_after"] < trained.refine["distillation_before"], trained.refine
+    assert any(not np.array_equal(trained.refined_weights[n].integers, w.integers) for n, w in refined.refined_weights.items())
+
+
 def test_an_interrupted_run_resumes_to_the_uninterrupted_model(setup, monkeypatch):
     from dsgonnx.refine import qat as qat_module
 
@@ -269,19 +303,23 @@ def test_config_and_cli_reject_bad_settings_in_one_line(setup):
         QatConfig(resume=True)
     with pytest.raises(DataError, match="choose one"):
         QuantConfig(qat=QatConfig(), refine="brecq")
+    assert QuantConfig(qat=QatConfig(start="refine"), refine="adaround").refine.method.value == "adaround"
     runner = CliRunner()
     out = setup["folder"] / "cli.onnx"
     good = runner.invoke(cli, ["quantize", str(setup["model"]), "--w4a4", "--calib", str(setup["npz"]), "--num-samples",
                                "64", "-o", str(out), "--force", "--no-validate", "--quiet", "--qat", "--qat-iters", "5",
-                               "--qat-batch-size", "16", "--qat-no-augment", "--qat-mix", "cutmix"])
+                               "--qat-batch-size", "16", "--qat-no-augment", "--qat-mix", "cutmix",
+                               "--qat-start", "refine", "--refine-iters", "5"])
     assert good.exit_code == 0, good.output
     summary = json.loads(good.stdout)
     assert summary["qat"]["steps"] == 5 and summary["qat"]["config"]["augment"] is False
-    assert summary["qat"]["config"]["mix"] == "cutmix"
+    assert summary["qat"]["config"]["mix"] == "cutmix" and summary["qat"]["config"]["start"] == "refine"
+    assert summary["qat"]["start"]["reconstruction"]["config"]["iters"] == 5
     with pytest.raises(DataError, match="`qat.mix` must be one of none, mixup, cutmix"):
         QatConfig(mix="blend")
     for args, message in ((["--qat-iters", "5"], "need --qat"),
                           (["--qat", "--refine", "brecq"], "give one"),
+                          (["--qat", "--refine-iters", "5"], "need --refine adaround|brecq (or --qat --qat-start refine)"),
                           (["--qat", "--qat-lr", "-1"], "--qat-lr must be positive"),
                           (["--qat", "--qat-resume"], "--qat-resume needs --qat-checkpoint")):
         bad = runner.invoke(cli, ["quantize", str(setup["model"]), "-o", str(setup["folder"] / "bad.onnx"),

@@ -119,10 +119,11 @@ def _given(values: dict, fields: dict) -> dict:
 @click.option("--qat-loss", type=click.Choice(["mse", "kl"]),
               help="QAT's distillation loss on the float model's logits: their mean squared difference, or KL of the "
                    "softmax (the papers'; a 4-bit student lowers it by flattening its logits) [default: mse].")
-@click.option("--qat-start", type=click.Choice(["auto", "nearest", "squant"]),
-              help="The weight integers QAT starts from, on its own grid: nearest rounding, or SQuant's data-free "
-                   "flips of it, bias-corrected either way; auto: the rounding quantize writes without --qat "
-                   "(SQuant's at 4 bits or fewer, else nearest) [default: auto].")
+@click.option("--qat-start", type=click.Choice(["auto", "nearest", "squant", "refine"]),
+              help="The weight integers QAT starts from, on its own grid: nearest rounding, SQuant's data-free "
+                   "flips of it, or reconstruction's learned rounding (run first, with --refine's method and "
+                   "--refine-* settings, else brecq's defaults), bias-corrected each way; auto: the rounding "
+                   "quantize writes without --qat (SQuant's at 4 bits or fewer, else nearest) [default: auto].")
 @click.option("--qat-mix", type=click.Choice(["none", "mixup", "cutmix"]),
               help="Blend half of each batch's calibration images pairwise: mixup (a weighted sum) or cutmix (a box "
                    "of another image), the teacher labelling each blend [default: none].")
@@ -187,15 +188,19 @@ def quant_config(w8a8, w6a6, w4a4, wbits, abits, refine, preprocess, preprocess_
     w, a = _bits(w8a8, w6a6, w4a4, wbits, abits)
     synth, refine_options = _given(flags, _SYNTH_FLAGS), _given(flags, _REFINE_FLAGS)
     qat_options = _given(flags, _QAT_FLAGS) | ({"resume": True} if qat_resume else {})
-    if refine_options and not refine:
-        raise DataError("--refine-* options need --refine adaround|brecq")
+    from_refine = qat and qat_options.get("start") == "refine"  # --refine/--refine-* set the reconstruction
+    if refine_options and not (refine or from_refine):
+        raise DataError("--refine-* options need --refine adaround|brecq (or --qat --qat-start refine)")
     if qat_options and not qat:
         raise DataError("--qat-* options need --qat")
-    if qat and refine:
-        raise DataError("--qat and --refine are two ways to learn the quantized model; give one")
+    if qat and refine and not from_refine:
+        raise DataError("--qat and --refine are two ways to learn the quantized model; give one "
+                        "(or --qat-start refine to train from --refine's result)")
     rest = {key: value for key, value in flags.items()
             if key not in _SYNTH_FLAGS and key not in _REFINE_FLAGS and key not in _QAT_FLAGS}
     rest["mixed"] = rest.get("mixed", "off") == "auto"
     return QuantConfig(wbits=w, abits=a, preprocess=preprocess, validate=not no_validate,
-                       synth=SynthOptions(**synth), refine=RefineConfig(method=refine, **refine_options) if refine else None,
+                       synth=SynthOptions(**synth),
+                       refine=(RefineConfig(**({"method": refine} if refine else {}), **refine_options)
+                               if refine or refine_options else None),
                        qat=QatConfig(**qat_options) if qat else None, **rest)

@@ -22,7 +22,9 @@ folded into the layers, so the student's BN statistics are frozen by constructio
 Training starts where plain rounding with bias correction is (each layer's bias less
 ΔW·E[x], E[x] measured on the float model over the calibration images), or with ``start=
 "squant"`` where SQuant's rounding on the student's own grid is (its flipped elements moved
-to their new integers, bias-corrected the same way). Each step trains on
+to their new integers, bias-corrected the same way), or with ``start="refine"`` where
+reconstruction left the model (:func:`~.reconstruct.refine_model`'s integers and weight steps,
+and its activation steps where it learned them; bias-corrected the same way). Each step trains on
 either
 
 - fresh images from a conditional generator trained alongside, one generator step per
@@ -201,6 +203,32 @@ def _correct_start(layers: list, teacher: torch.nn.Module, images: torch.Tensor,
     return len(sums)
 
 
+def _start_refined(layers: list, quantizers: dict, start: RefineResult) -> tuple[int, int]:
+    """Put each layer on the grid reconstruction learned (``start.weights``: its weight step, and
+    a float weight of exactly step·integer, so the nearest integers are the learned ones) and each
+    activation on its learned step (``start.activations``). Returns (layers moved, activation
+    steps moved)."""
+    moved = 0
+    for layer in layers:
+        grid = start.weights.get(layer.weight_name)
+        if grid is None:
+            continue
+        quant = layer.module
+        integers = grid.integers.T if layer.transposed else grid.integers
+        if tuple(integers.shape) != tuple(quant.inner.weight.shape) or grid.scales.size != quant.scale.numel():
+            raise ValueError(f"qat: the reconstruction's grid of {layer.weight_name} does not fit the layer")
+        scale = torch.from_numpy(np.asarray(grid.scales, dtype=np.float32)).reshape(quant.scale.shape).to(quant.scale)
+        with torch.no_grad():
+            quant.scale.copy_(scale)
+            quant.inner.weight.copy_(torch.from_numpy(integers).to(quant.inner.weight) * scale)
+        moved += 1
+    for name, (step, _) in start.activations.items():
+        quantizer = quantizers[name]
+        quantizer.scale = float(step)
+        quantizer.fixed_step.fill_(float(step))
+    return moved, len(start.activations)
+
+
 def _start_squant(layers: list) -> tuple[int, int]:
     """Move each layer's weight so that its nearest integers are SQuant's on the layer's own grid
     (:func:`~dsgonnx.quant.rounding.squant_integers`): the elements SQuant rounds the other way
@@ -222,6 +250,16 @@ def _start_squant(layers: list) -> tuple[int, int]:
         moved += int(flip.sum())
         total += flip.numel()
     return moved, total
+
+
+def _start_summary(report: dict, moved: tuple[int, int]) -> dict:
+    """What a QAT report keeps of the reconstruction it started from."""
+    units = report.get("units", [])
+    return {"method": report.get("method"), "config": report.get("config"), "seconds": report.get("seconds"),
+            "layers": moved[0], "activation_steps": moved[1],
+            "loss_before": round(sum(u["loss_before"] for u in units), 6),
+            "loss_after": round(sum(u["loss_after"] for u in units), 6),
+            "loss_measured_on": report.get("loss_measured_on")}
 
 
 class _Together:
@@ -253,11 +291,12 @@ class _Together:
 
 
 def _signature(model_path: Path, config: QatConfig, n_images: int, placement: Placement, seed: int,
-               data: Optional[dict] = None) -> str:
+               data: Optional[dict] = None, start: Optional[dict] = None) -> str:
     """What a checkpoint must have been made from to be resumed: the model, the grids and the
-    settings that shape the run (not the time budget, the checkpoint path or resume itself)."""
+    settings that shape the run (not the time budget, the checkpoint path or resume itself;
+    ``start``: the settings of the reconstruction it starts from)."""
     settings = {k: v for k, v in config.to_dict().items() if k not in ("time_budget", "checkpoint", "resume")}
-    return run_digest(model_path, settings, placement, n_images, seed, data)
+    return run_digest(model_path, settings, placement, n_images, seed, data, *([start] if start is not None else []))
 
 
 def _save_checkpoint(path: Path, state: dict) -> None:
@@ -270,7 +309,8 @@ def _save_checkpoint(path: Path, state: dict) -> None:
 def qat_model(model_path: Path, output_path: Path, placement: Placement, images: np.ndarray,
               eval_images: Optional[np.ndarray], *, exclude: set[str], per_channel: bool, weight_top: int,
               config: QatConfig, device: str = "auto", seed: int = 0,
-              weight_tops: Optional[dict] = None, generator: Optional[GeneratorSource] = None) -> RefineResult:
+              weight_tops: Optional[dict] = None, generator: Optional[GeneratorSource] = None,
+              start: Optional[RefineResult] = None) -> RefineResult:
     """Train the quantized simulation of ``model_path`` by distillation on ``images``.
 
     Arguments as :func:`~.reconstruct.refine_model`'s (``placement``: what the QDQ model
@@ -278,6 +318,8 @@ def qat_model(model_path: Path, output_path: Path, placement: Placement, images:
     calibration images) measure the distillation loss before and after, without augmentation.
     Writes the float model holding the trained biases and scale·integer weights to
     ``output_path``. ``generator``: train on a generator's fresh images (else on ``images``).
+    ``start``: with ``config.start`` ``refine``, the reconstruction of the same model and grids
+    to start from.
     """
     started = time.perf_counter()
     torch_device = resolve_device(device)
@@ -291,6 +333,9 @@ def qat_model(model_path: Path, output_path: Path, placement: Placement, images:
     if not layers:
         raise UnsupportedModelError("qat: the model has no Conv/Gemm layer to train")
     quantizers, missing = insert_activation_quant(student_model, placement.activations)
+    if (config.start == "refine") != (start is not None):
+        raise ValueError("qat: start 'refine' needs the reconstruction to start from (and only it takes one)")
+    refined_start = _start_refined(layers, quantizers, start) if start is not None else None
     for layer in layers:
         if layer.input_name in quantizers:
             layer.module.quantize_bias_on(quantizers[layer.input_name])
@@ -354,7 +399,8 @@ def qat_model(model_path: Path, output_path: Path, placement: Placement, images:
     step = 0
     checkpoint = Path(config.checkpoint) if config.checkpoint else None
     signature = _signature(model_path, config, len(calib), placement, seed,
-                           generator.describe() if generator is not None else None)
+                           generator.describe() if generator is not None else None,
+                           start.report.get("config") if start is not None else None)
     resumed_from = None
     if ranks is not None:  # the same model, grids, settings and images on every rank
         distributed.agree("the QAT model, grids, settings and calibration images", (signature, images_digest(images)))
@@ -493,7 +539,8 @@ def qat_model(model_path: Path, output_path: Path, placement: Placement, images:
               "steps_per_second": round(done_steps / train_seconds, 3) if train_seconds > 0 and done_steps else None,
               "calibration_samples": len(calib), "bias_corrected_start": corrected,
               "start": {"rounding": config.start,
-                        **({"rounded_other_way": moved[0], "values": moved[1]} if moved is not None else {})},
+                        **({"rounded_other_way": moved[0], "values": moved[1]} if moved is not None else {}),
+                        **({"reconstruction": _start_summary(start.report, refined_start)} if start is not None else {})},
               "data": data,
               **({"generator": {**generator.describe(), "lr": config.generator_lr, "bn_weight": config.bn_weight,
                                 "warmup_steps": warmup, "steps": trainer.steps,
