@@ -620,7 +620,8 @@ class QuantConfig:
     ``plain_rounding()`` when that is SQuant's) and keep the learned model only where its
     logits follow the float model's at least as closely on one probe and not measurably less
     closely on any (a paired bootstrap over the probe's samples): the held-out synthetic
-    samples (else the calibration images) and procedural images.
+    samples (else the calibration images), procedural images, and, where the calibration
+    images are procedural and ``refine``/``qat`` learn from them, 32 inversion images.
     """
 
     wbits: int = 8

@@ -17,7 +17,7 @@ from onnx import numpy_helper
 
 from dsgonnx import QatConfig, QuantConfig, RefineConfig, SynthOptions, quantize
 from dsgonnx.graph.onnx_io import load_model
-from dsgonnx.pipeline import PROBE_FIRST, choose_closest, paired_difference, sample_errors
+from dsgonnx.pipeline import INVERSION_PROBE_SAMPLES, PROBE_FIRST, choose_closest, paired_difference, sample_errors
 from dsgonnx.synth.procedural import procedural_images
 from dsgonnx.synth import SynthConfig, synthesize
 from dsgonnx.validation.metrics import sqnr_db
@@ -82,6 +82,7 @@ def test_a_learned_model_worse_than_plain_rounding_is_replaced_by_it(setup):
     for name, path in ((best, fell.output), ("learned", kept.output)):
         assert sqnr_db(fp, _logits(path, procedural)) == pytest.approx(check["procedural"][name]["sqnr_db"], abs=1e-3)
     assert "against_plain" not in kept.decisions["qat"] and "kept" not in kept.refine and kept.refined_weights
+    assert "inversion" not in check  # DSG images: the procedural probe is independent of them already
 
 
 def test_above_4_bits_the_learned_model_is_checked_against_nearest_rounding_alone(setup, caplog):
@@ -185,19 +186,33 @@ def test_the_paired_difference_is_the_difference_of_the_two_models_logit_sqnr():
     assert sample_errors(reference, np.full_like(reference, np.inf)) is None
 
 
-def test_held_out_procedural_samples_are_not_probed_twice_a_procedural_file_is(setup):
+def test_procedural_calibration_is_checked_on_inversion_images_and_not_on_procedural_images_twice(setup):
     folder = setup["folder"]
     result = quantize(str(setup["model"]), QuantConfig(output=str(folder / "proc.onnx"), calib="procedural", holdout=16,
                                                        qat=WRECK, **COMMON))
     check = result.decisions["qat"]["against_plain"]
     assert check["on"] == "held-out synthetic samples" and "procedural" not in check, check
-    # the same images from a file: nothing held out, so the independent probe is added
+    # fresh procedural images would share the kind of image the model learned from: the
+    # independent probe is inversion images, made from procedural starts no calibration set holds
+    assert check["inversion"]["samples"] == INVERSION_PROBE_SAMPLES and check["inversion"]["seconds"] > 0, check
+    assert "fallback probes" in result.timings
+    inversion = synthesize(load_model(setup["model"]), SynthConfig(method="inversion", num_samples=INVERSION_PROBE_SAMPLES,
+                                                                   seed=PROBE_FIRST)).images
+    kept = check["kept"]
+    assert sqnr_db(_logits(setup["model"], inversion), _logits(result.output, inversion)) == pytest.approx(
+        check["inversion"][kept]["sqnr_db"], abs=1e-2), check
+    # the same images from a file: nothing held out, so the procedural probe is added as well
     synthetic = synthesize(load_model(setup["model"]), SynthConfig(method="procedural", num_samples=64, seed=0))
     synthetic.save(folder / "proc.npz")
     result = quantize(str(setup["model"]), QuantConfig(output=str(folder / "proc.onnx"), calib=str(folder / "proc.npz"),
                                                        qat=WRECK, **COMMON))
     check = result.decisions["qat"]["against_plain"]
     assert check["on"] == "calibration images" and check["procedural"]["samples"] == 64, check
+    assert check["inversion"]["samples"] == INVERSION_PROBE_SAMPLES, check
+    # weights rounded by SQuant alone learn nothing from the images: no inversion probe
+    rounded = quantize(str(setup["model"]), QuantConfig(output=str(folder / "proc.onnx"), calib=str(folder / "proc.npz"),
+                                                        **COMMON))
+    assert "inversion" not in rounded.decisions["rounding"]["against_plain"]
 
 
 def test_after_refinement_the_model_without_bias_correction_is_a_candidate_and_is_written_when_chosen(setup,

@@ -134,7 +134,8 @@ def _given(values: dict, fields: dict) -> dict:
               help="After --refine, --qat or --rounding squant, keep plain rounding (at 4 bits or fewer under --rounding auto, "
                    "also SQuant's) unless the learned model follows the float model at least as closely on one probe and "
                    "not measurably less closely on any (logit SQNR, paired bootstrap over the samples; probes: the held-out "
-                   "synthetic samples, else the calibration images, and procedural images).")
+                   "synthetic samples, else the calibration images; procedural images; and, where the calibration "
+                   "images are procedural and --refine/--qat learn from them, 32 inversion images).")
 @click.option("--calibrator", type=choice(Calibrator), default=Calibrator.AUTO.value, show_default=True,
               help="Activation ranges; auto: mse for activations of 4 bits or fewer, else minmax.")
 @click.option("--target", type=choice(Target), default=Target.CPU.value, show_default=True)
