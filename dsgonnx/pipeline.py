@@ -533,8 +533,8 @@ VARIANT_NAMES = {UNCORRECTED: "refined without bias correction"}
 PROBE_FIRST = 1_000_000
 
 
-# the inversion probe: how many images, and the seed offset that keeps its procedural starts
-# apart from any calibration set's
+# the inversion probe's size; its seed is the run's plus PROBE_FIRST, so none of its procedural
+# starts is an image of a calibration set made with the run's seed
 INVERSION_PROBE_SAMPLES = 32
 
 
