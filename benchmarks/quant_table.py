@@ -61,9 +61,10 @@ VARIANTS = {
     "qat": {},
     "qatgen": {},
     "qatgdfq": {},
-    # with +qat*: where training starts (the default, auto, is SQuant's rounding at 4 bits or fewer)
-    "sqstart": {},  # SQuant's rounding (quantize --qat-start squant)
-    "nearstart": {},  # nearest rounding (quantize --qat-start nearest; the default before it)
+    # with +qat* or +refine: where training starts (QAT's default, auto, is SQuant's rounding at 4 bits
+    # or fewer; reconstruction's is nearest rounding)
+    "sqstart": {},  # SQuant's rounding (quantize --qat-start/--refine-start squant)
+    "nearstart": {},  # nearest rounding (quantize --qat-start/--refine-start nearest; QAT's default before 4c40750)
     "refstart": {},  # reconstruction's result, with the profile's refine settings (quantize --qat-start refine)
     # with +qat*: the library's own step count for the device (--qat-iters unset: 2000 on CPU), not the profile's
     "defaultsteps": {},
@@ -75,6 +76,7 @@ QAT_DATA = {"qat": {"data": "calib"}, "qatgen": {"data": "generator", "generator
 QAT_VARIANTS = {"sqstart": {"start": "squant"}, "nearstart": {"start": "nearest"}, "refstart": {"start": "refine"},
                 "defaultsteps": {"iters": None},
                 "mixup": {"mix": "mixup"}, "cutmix": {"mix": "cutmix"}}
+REFINE_STARTS = ("sqstart", "nearstart")  # the starts reconstruction has too
 LSQ_LR = 1e-3
 ONLY_AT = {"mixed": (2, 3, 5, 6, 7), "nofirst": (2, 3, 4, 5, 6, 7)}  # the widths where a variant changes anything
 
@@ -147,8 +149,12 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
                 raise SystemExit(f"row {row!r}: one of +refine, +qat, +qatgen, +qatgdfq")
             qat_settings = dict(qat or {}, **QAT_DATA[learning[0]]) if learning else None
             for variant in (v for v in variants if v in QAT_VARIANTS):
+                if qat_settings is None and refine_method and variant in REFINE_STARTS:
+                    refine_settings.update(QAT_VARIANTS[variant])  # where reconstruction starts
+                    continue
                 if qat_settings is None:
-                    raise SystemExit(f"row {row!r}: +{variant} sets how QAT trains; add +qat, +qatgen or +qatgdfq")
+                    raise SystemExit(f"row {row!r}: +{variant} sets how QAT trains; add +qat, +qatgen or +qatgdfq"
+                                     + (" (or +refine)" if variant in REFINE_STARTS else ""))
                 qat_settings.update(QAT_VARIANTS[variant])
             start_refine = dict(refine or {}) if qat_settings and qat_settings.get("start") == "refine" else None
             for seed in (seeds if base != "real" else (0,)):

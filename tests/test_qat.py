@@ -92,16 +92,17 @@ def test_training_lowers_the_distillation_loss_and_the_file_is_the_trained_model
 
 def test_a_squant_start_holds_squants_integers_on_the_students_grid_bias_corrected(setup, monkeypatch):
     from dsgonnx.quant.correct import conv_shift
+    from dsgonnx.quant import rounding
     from dsgonnx.refine import qat as qat_module
 
     seen = []
-    original = qat_module.squant_integers
+    original = rounding.squant_integers
 
     def recording(weight, scales, low, high):
         seen.append((weight, scales, original(weight, scales, low, high), high))
         return seen[-1][2]
 
-    monkeypatch.setattr(qat_module, "squant_integers", recording)
+    monkeypatch.setattr(rounding, "squant_integers", recording)
     biases = {}  # per run: weight name -> the layer's float bias as trained (here: as it starts)
     export = qat_module._export
 

@@ -86,6 +86,33 @@ def test_refinement_lowers_block_error_on_held_out_synthetic_samples(setup, meth
     assert all(unit["rounded_other_way"] > 0 for unit in report["units"])  # it learned, not just nearest
 
 
+def test_a_squant_start_begins_at_squants_integers_and_learns_from_there(setup):
+    """--refine-start squant: each unit starts from SQuant's rounding on its own (refined) grid —
+    with a rate too small to move anything, the integers written are SQuant's, computed here
+    from the float weights and the written scales — and learning from it lowers the held-out
+    loss below that start."""
+    from dsgonnx.quant.rounding import squant_integers
+
+    frozen = _refine(setup, "brecq", start="squant", lr=1e-9, iters=5)
+    prepared = onnx.load(str(setup["folder"] / "prepared-brecq.onnx"))
+    floats = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in prepared.graph.initializer}
+    flipped = 0
+    for name, weight in frozen.weights.items():
+        scales = np.broadcast_to(np.asarray(weight.scales, np.float64).reshape(-1), floats[name].shape[:1])
+        expected = squant_integers(floats[name], scales, -7, 7)
+        np.testing.assert_array_equal(weight.integers, expected, err_msg=name)
+        nearest = np.clip(np.rint(floats[name] / scales.reshape([-1] + [1] * (floats[name].ndim - 1))), -7, 7)
+        flipped += int((expected != nearest).sum())
+    assert flipped > 0  # SQuant's rounding is not nearest rounding here: the start is measured, not assumed
+    assert all(unit["rounded_other_way"] > 0 and unit["loss_start"] != unit["loss_before"] for unit in frozen.report["units"])
+    assert frozen.report["config"]["start"] == "squant"
+
+    learned = _refine(setup, "brecq", start="squant").report
+    start = sum(unit["loss_start"] for unit in learned["units"])
+    assert sum(unit["loss_after"] for unit in learned["units"]) < 0.97 * start, learned["units"]
+    assert "loss_start" not in _refine(setup, "brecq", start="nearest", iters=5).report["units"][0]
+
+
 def _quantized_weights(path):
     """weight name -> (integers, scales) of every weight DequantizeLinear in a QDQ model."""
     model = onnx.load(str(path))
@@ -172,6 +199,13 @@ def test_cli_refine_reports_units_and_rejects_bad_options(setup):
     summary = json.loads(result.stdout)
     assert summary["refine"]["method"] == "brecq" and len(summary["refine"]["units"]) == 2
     assert summary["refine"]["config"]["iters"] == 20 and summary["refine"]["config"]["drop_prob"] == 0.5
+    assert summary["refine"]["config"]["start"] == "nearest"
+    squant = runner.invoke(cli, ["quantize", str(setup["model"]), "--w4a4", "--calib", str(setup["npz"]),
+                                 "--num-samples", "64", "-o", str(out), "--force", "--no-validate", "--quiet",
+                                 "--refine", "brecq", "--refine-iters", "20", "--refine-start", "squant"])
+    assert squant.exit_code == 0, squant.output
+    started = json.loads(squant.stdout)["refine"]
+    assert started["config"]["start"] == "squant" and all("loss_start" in unit for unit in started["units"])
     for args, message in ((["--refine", "brecq", "--refine-iters", "-1"], "must not be negative"),
                           (["--refine-iters", "20"], "need --refine"),
                           (["--refine", "adaround", "--refine-drop", "1.5"], "drop probability"),
@@ -187,6 +221,8 @@ def test_refine_config_rejects_bad_settings():
         QuantConfig(refine=3)
     with pytest.raises(DataError, match="unknown `refine` 'gptq'"):
         RefineConfig(method="gptq")
+    with pytest.raises(DataError, match="`refine.start` must be one of nearest, squant, got 'refine'"):
+        RefineConfig(start="refine")
     with pytest.raises(DataError, match="`refine.iters` must not be negative"):
         QuantConfig(refine=RefineConfig(iters=-1))
     assert QuantConfig(refine="adaround").refine == RefineConfig(method="adaround")

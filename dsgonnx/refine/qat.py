@@ -72,7 +72,6 @@ from ..graph.to_torch import resolve_device, to_torch
 from ..progress import Progress, say
 from ..quant.correct import conv_shift
 from ..quant.placement import Placement
-from ..quant.rounding import squant_integers
 from ..synth.generative import GeneratorTrainer, logits
 from ..validation.metrics import top1_agreement
 from .ranks import Ranks, images_digest, run_digest
@@ -238,12 +237,7 @@ def _start_squant(layers: list) -> tuple[int, int]:
     for layer in layers:
         quant = layer.module
         weight = quant.inner.weight.detach()
-        out = weight.shape[0]
-        scales = quant.scale.detach().reshape(-1).double().cpu().numpy()
-        if scales.size != out:  # one step for the tensor
-            scales = np.full(out, scales[0])
-        integers = squant_integers(weight.double().cpu().numpy(), scales, -quant.top, quant.top)
-        integers = torch.from_numpy(integers).to(weight)
+        integers = quant.squant_integers()
         flip = integers != quant.nearest_integers()
         with torch.no_grad():
             quant.inner.weight.copy_(torch.where(flip, integers * quant.scale, weight))

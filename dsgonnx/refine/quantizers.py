@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -161,11 +162,35 @@ class QuantLayer(nn.Module):
         return (integers.float() * scale).to(bias.dtype)
 
     # -- rounding -----------------------------------------------------------------------
-    def init_rounding(self) -> None:
-        """V such that h(V) equals the fractional part of w/s (training starts at the float weight)."""
+    def init_rounding(self, integers: Optional[torch.Tensor] = None) -> None:
+        """V such that h(V) equals the fractional part of w/s (training starts at the float
+        weight). With ``integers`` (another rounding of the weight: each element its floor or
+        ceiling), the elements it rounds the other way from nearest start mirrored about ½ —
+        as far on the side of its integer as they were on the nearest one's — so that deciding
+        at once would give ``integers``."""
         scaled = self.inner.weight.detach() / self.scale
-        rest = (scaled - torch.floor(scaled)).clamp(1e-4, 1 - 1e-4)
+        floor = torch.floor(scaled)
+        rest = scaled - floor
+        if integers is not None:
+            up = integers.to(scaled) - floor
+            flip = (integers.to(scaled) != self.nearest_integers()) & ((up == 0) | (up == 1))
+            mirrored = torch.where(up == 1, (1 - rest).clamp(min=0.5 + 1e-3), (1 - rest).clamp(max=0.5 - 1e-3))
+            rest = torch.where(flip, mirrored, rest)
+        rest = rest.clamp(1e-4, 1 - 1e-4)
         self.alpha = nn.Parameter(-torch.log((ZETA - GAMMA) / (rest - GAMMA) - 1))
+
+    def squant_integers(self) -> torch.Tensor:
+        """SQuant's integers of the weight on this layer's grid
+        (:func:`~dsgonnx.quant.rounding.squant_integers`: nearest rounding, then the kernel
+        and channel flips)."""
+        from ..quant.rounding import squant_integers
+
+        weight = self.inner.weight.detach()
+        scales = self.scale.detach().reshape(-1).double().cpu().numpy()
+        if scales.size != weight.shape[0]:  # one step for the tensor
+            scales = np.full(weight.shape[0], scales[0])
+        integers = squant_integers(weight.double().cpu().numpy(), scales, -self.top, self.top)
+        return torch.from_numpy(integers).to(weight)
 
     def soft_bits(self) -> torch.Tensor:
         return torch.clamp(torch.sigmoid(self.alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)

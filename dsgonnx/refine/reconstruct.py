@@ -294,9 +294,15 @@ class _Reconstruction:
             layer.mode = "nearest"
         before = self._eval_loss(unit, q_in, targets)
         start = time.perf_counter()
+        started_at = None
         if iters > 0:
             for layer in quant:
-                layer.init_rounding()
+                layer.init_rounding(layer.squant_integers() if config.start == "squant" else None)
+            if config.start == "squant":  # the loss where learning starts: SQuant's rounding
+                for layer in quant:
+                    layer.mode = "hard"
+                started_at = self._eval_loss(unit, q_in, targets)
+            for layer in quant:
                 layer.mode = "soft"
                 layer.train()
             for act in acts:
@@ -344,7 +350,8 @@ class _Reconstruction:
                 act.stop_dropping()
         after = self._eval_loss(unit, q_in, targets)
         flipped = sum(int((layer.integers() != layer.nearest_integers()).sum()) for layer in quant)
-        return {"layers": names, "loss_before": round(before, 6), "loss_after": round(after, 6),
+        return {"layers": names, "loss_before": round(before, 6),
+                **({} if started_at is None else {"loss_start": round(started_at, 6)}), "loss_after": round(after, 6),
                 "seconds": round(time.perf_counter() - start, 2), "rounded_other_way": flipped,
                 "weights": sum(layer.inner.weight.numel() for layer in quant)}
 
