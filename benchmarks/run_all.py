@@ -242,8 +242,10 @@ def main(argv=None) -> int:
                   "Commands: " + "; ".join(f"`{c}`" for c in results.get("commands", [])), "",
                   *[line for note in results.get("notes", []) for line in (f"Note: {note}", "")],
                   *([f"Rows `…+refine`: the same calibration images, then reconstruction PTQ "
-                     f"(`dsgonnx quantize --refine`) with {refined[0]}.", ""]
-                    if (refined := [json.dumps(r["refine"]) for r in results["rows"].values() if r.get("refine")]) else []),
+                     f"(`dsgonnx quantize --refine`) with {refined[0]}, starting from nearest rounding "
+                     "(from SQuant's rounding in rows `…+refine+sqstart`, `--refine-start squant`).", ""]
+                    if (refined := [json.dumps({k: v for k, v in r["refine"].items() if k != "start"})
+                                    for r in results["rows"].values() if r.get("refine")]) else []),
                   *([f"Rows `…+qat`, `…+qatgen`, `…+qatgdfq`: calibrated on the same images, then quantization-aware "
                      f"training (`dsgonnx quantize --qat`) with {trained[0]} (less the data settings) on, in turn, those "
                      "images (flipped and shifted), a generator's fresh images trained with DSG's losses "
