@@ -76,7 +76,6 @@ QAT_DATA = {"qat": {"data": "calib"}, "qatgen": {"data": "generator", "generator
 QAT_VARIANTS = {"sqstart": {"start": "squant"}, "nearstart": {"start": "nearest"}, "refstart": {"start": "refine"},
                 "defaultsteps": {"iters": None},
                 "mixup": {"mix": "mixup"}, "cutmix": {"mix": "cutmix"}}
-REFINE_STARTS = ("sqstart", "nearstart")  # the starts reconstruction has too
 LSQ_LR = 1e-3
 ONLY_AT = {"mixed": (2, 3, 5, 6, 7), "nofirst": (2, 3, 4, 5, 6, 7)}  # the widths where a variant changes anything
 
@@ -122,6 +121,7 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
     import torch
 
     from dsgonnx import QatConfig, QuantConfig, RefineConfig, SynthConfig, SyntheticSet, ValidateConfig, quantize, synthesize, validate
+    from dsgonnx.config import REFINE_STARTS
     from dsgonnx.graph.onnx_io import load_model
     from dsgonnx.graph.to_torch import resolve_device
 
@@ -149,12 +149,13 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
                 raise SystemExit(f"row {row!r}: one of +refine, +qat, +qatgen, +qatgdfq")
             qat_settings = dict(qat or {}, **QAT_DATA[learning[0]]) if learning else None
             for variant in (v for v in variants if v in QAT_VARIANTS):
-                if qat_settings is None and refine_method and variant in REFINE_STARTS:
-                    refine_settings.update(QAT_VARIANTS[variant])  # where reconstruction starts
+                refine_start = QAT_VARIANTS[variant].get("start") in REFINE_STARTS  # a start reconstruction has too
+                if qat_settings is None and refine_method and refine_start:
+                    refine_settings.update(QAT_VARIANTS[variant])
                     continue
                 if qat_settings is None:
                     raise SystemExit(f"row {row!r}: +{variant} sets how QAT trains; add +qat, +qatgen or +qatgdfq"
-                                     + (" (or +refine)" if variant in REFINE_STARTS else ""))
+                                     + (" (or +refine)" if refine_start else ""))
                 qat_settings.update(QAT_VARIANTS[variant])
             start_refine = dict(refine or {}) if qat_settings and qat_settings.get("start") == "refine" else None
             for seed in (seeds if base != "real" else (0,)):
