@@ -633,6 +633,10 @@ class QuantConfig:
     closely on any (a paired bootstrap over the probe's samples): the held-out synthetic
     samples (else the calibration images), procedural images, and, where the calibration
     images are procedural and ``refine``/``qat`` learn from them, 32 inversion images.
+    ``keep_candidates``: a folder where the fallback also writes every model it weighed
+    (``plain.onnx``, ``squant.onnx``, ``refined.onnx`` / ``trained.onnx``,
+    ``refined-uncorrected.onnx``; :func:`dsgonnx.pipeline.candidate_files`), finished like the
+    output, to be scored on data the user holds.
     """
 
     wbits: int = 8
@@ -670,6 +674,7 @@ class QuantConfig:
     refine: Optional[RefineConfig] = None
     qat: Optional[QatConfig] = None
     fallback: bool = True  # after refine/qat/squant: plain rounding where it follows the float model more closely
+    keep_candidates: Optional[str] = None  # a folder: every model the fallback weighed is written there too
 
     def __post_init__(self):
         check_bits(self.wbits, self.abits, self.target)
@@ -707,6 +712,14 @@ class QuantConfig:
         _require(_is_number(self.mixed_budget) and 0 < self.mixed_budget <= 1,
                  f"`mixed_budget` is a share of the weights in (0, 1], got {self.mixed_budget!r}")
         check_thresholds(self.max_drop, self.min_agreement)
+        if self.keep_candidates is not None:
+            _require(isinstance(self.keep_candidates, (str, os.PathLike)),
+                     f"`keep_candidates` must be a folder path, got {type(self.keep_candidates).__name__}")
+            object.__setattr__(self, "keep_candidates", os.fspath(self.keep_candidates))
+            _require(self.fallback and (self.refine is not None or self.qat is not None
+                                        or self.weight_rounding() != Rounding.NEAREST),
+                     "`keep_candidates` keeps the models --fallback weighs: it needs the fallback on and `refine`, "
+                     f"`qat` or SQuant's rounding (at W{self.wbits} without them quantize writes one model)")
 
     def activation_calibrator(self) -> Calibrator:
         """The calibrator ``calibrator`` stands for: ``auto`` is ``mse`` for activations of 4

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field, replace
@@ -113,6 +114,8 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
                         f"not at W{weights.bits}A{activations.bits}")
     output = Path(config.output) if config.output else default_output(loaded.source, config.wbits, config.abits)
     _check_output(loaded.source, output, config.force)
+    if config.keep_candidates is not None:
+        _check_candidates(Path(config.keep_candidates), loaded.source, output, candidate_files(config), config.force)
     if config.validate:  # the validation's inputs and report, before any work or output
         from .validation.report import check_report_path
 
@@ -266,6 +269,15 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
                                            calib_images, loaded, learning, probes,
                                            {name: path for name, (path, _) in variants.items()})
                     decisions[learning]["against_plain"] = check
+                    if config.keep_candidates is not None:
+                        weighed = {"learned": (tmp, decisions),
+                                   **{name: (path, plain_decisions[name]) for name, (path, _) in plain.items()},
+                                   **{name: (path, {**written, learning: decisions[learning]})
+                                      for name, (path, written) in variants.items()}}
+                        with stages("keep candidates"):
+                            check["candidates"] = _keep_candidates(
+                                Path(config.keep_candidates), weighed, candidate_files(config), loaded, bits,
+                                calib_info, calib_images[: fixed or 1], config.force)
                     if check["kept"] in variants:
                         path, written = variants[check["kept"]]
                         os.replace(path, tmp)
@@ -292,6 +304,63 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
         with stages("validate"):
             result.report = _validate(loaded, output, config, holdout, calib_files, bits, calib_info, result.refine)
     return result
+
+
+def candidate_files(config: QuantConfig) -> dict[str, str]:
+    """The file each model the fallback weighs is kept in under ``config.keep_candidates``:
+    "plain" (nearest rounding), "squant" (SQuant's rounding, where quantize without
+    refine/qat writes it), "learned" (the refined, trained or SQuant-rounded model) and the
+    refined model's ``uncorrected`` variant; all but the last bias-corrected as ``config`` says."""
+    learning = "qat" if config.qat is not None else "refine" if config.refine is not None else "rounding"
+    files = {"plain": "plain.onnx"}
+    if learning != "rounding" and config.plain_rounding() == Rounding.SQUANT:
+        files["squant"] = "squant.onnx"
+    files["learned"] = {"refine": "refined.onnx", "qat": "trained.onnx",
+                        "rounding": f"{config.weight_rounding().value}.onnx"}[learning]
+    if learning == "refine" and config.bias_correction != BiasCorrection.OFF:
+        files[UNCORRECTED] = "refined-uncorrected.onnx"
+    return files
+
+
+def _check_candidates(folder: Path, model_path: Path, output: Path, files: dict[str, str], force: bool) -> None:
+    """Refuse, before any work, a ``keep_candidates`` folder the candidates cannot go to."""
+    existing = next(path for path in (folder, *folder.absolute().parents) if path.exists())  # made if missing
+    if not existing.is_dir():
+        raise DataError(f"`keep_candidates` {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK):
+        raise DataError(f"`keep_candidates` folder is not writable: {existing}")
+    for file in files.values():
+        path = folder / file
+        if path.resolve() in (model_path.resolve(), output.resolve()):
+            raise DataError(f"`keep_candidates` would write {path}, which is the "
+                            f"{'input model' if path.resolve() == model_path.resolve() else 'output'}; choose another folder")
+        if path.exists() and not force:
+            raise DataError(f"{path} exists; set `force` to overwrite it (or choose another `keep_candidates` folder)")
+
+
+def _keep_candidates(folder: Path, weighed: dict[str, tuple[Path, dict]], files: dict[str, str], loaded: LoadedModel,
+                     bits: dict, calib_info: dict, sample: np.ndarray, force: bool) -> dict[str, str]:
+    """Copy each model the fallback weighed (name -> (its file, its decisions)) into ``folder``
+    as ``files`` names it, finished as the output is (layout, metadata, checker), each through a
+    temporary file renamed into place. Returns name -> path written."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for name, (path, decisions) in weighed.items():
+        target = folder / files[name]
+        fd, tmp_name = tempfile.mkstemp(dir=folder, prefix=f".{target.name}.", suffix=".tmp.onnx")
+        os.close(fd)
+        tmp = Path(tmp_name)
+        try:
+            shutil.copyfile(path, tmp)
+            _finish_model(tmp, loaded, bits, calib_info, json.loads(json.dumps(decisions, default=str)), sample)
+            publish(tmp, target, replace=force)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        written[name] = str(target)
+    say(f"quantize: the {len(written)} models the fallback weighed are in {folder}: "
+        + ", ".join(f"{Path(path).name}" for path in written.values()))
+    return written
 
 
 def _even_batch(count: int, limit: int = 16) -> int:

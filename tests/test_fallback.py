@@ -240,3 +240,41 @@ def test_after_refinement_the_model_without_bias_correction_is_a_candidate_and_i
     fp = _logits(setup["model"], setup["calib"])
     sqnr = sqnr_db(fp, _logits(chosen.output, setup["calib"]))
     assert sqnr == pytest.approx(chosen.decisions["refine"]["against_plain"]["uncorrected"]["sqnr_db"], abs=1e-3)
+
+
+def test_keep_candidates_writes_every_model_weighed_with_the_figures_the_choice_read(setup):
+    folder = setup["folder"] / "candidates"
+    options = dict(calib=str(setup["npz"]), refine=RefineConfig(method="brecq", iters=20, batch_size=16), **COMMON)
+    result = quantize(str(setup["model"]), QuantConfig(output=str(folder.parent / "kept.onnx"),
+                                                       keep_candidates=str(folder), **options))
+    check = result.decisions["refine"]["against_plain"]
+    files = {"plain": "plain.onnx", "squant": "squant.onnx", "learned": "refined.onnx",
+             "uncorrected": "refined-uncorrected.onnx"}
+    assert check["candidates"] == {name: str(folder / file) for name, file in files.items()}
+    assert sorted(p.name for p in folder.iterdir()) == sorted(files.values())  # no temporary file left
+    fp = _logits(setup["model"], setup["calib"])
+    logits = {name: _logits(folder / file, setup["calib"]) for name, file in files.items()}
+    for name in files:  # each file is the model the fallback measured (on the calibration images here)
+        assert sqnr_db(fp, logits[name]) == pytest.approx(check[name]["sqnr_db"], abs=1e-3), name
+        meta = {p.key: p.value for p in onnx.load(str(folder / files[name])).metadata_props}
+        assert json.loads(meta["dsgonnx.bits"])["weights"] == 4
+    assert len({logits[name].tobytes() for name in files}) == len(files)  # four different models
+    np.testing.assert_array_equal(logits[check["kept"]], _logits(result.output, setup["calib"]))
+
+
+def test_keep_candidates_refuses_before_any_work_what_it_could_not_write(setup, tmp_path):
+    from dsgonnx.errors import DataError
+
+    (tmp_path / "squant.onnx").write_bytes(b"mine")
+    with pytest.raises(DataError, match="squant.onnx exists"):  # (without `force`)
+        quantize(str(setup["model"]), QuantConfig(output=str(tmp_path / "out.onnx"), calib="gaussian",
+                                                  keep_candidates=str(tmp_path), **{**COMMON, "force": False}))
+    assert (tmp_path / "squant.onnx").read_bytes() == b"mine" and not (tmp_path / "out.onnx").exists()
+    with pytest.raises(DataError, match="needs the fallback on"):  # at 8 bits, no refine: one model, no candidates
+        QuantConfig(wbits=8, abits=8, keep_candidates=str(tmp_path))
+    with pytest.raises(DataError, match="needs the fallback on"):
+        QuantConfig(wbits=4, abits=4, refine="brecq", fallback=False, keep_candidates=str(tmp_path))
+    runner = CliRunner()
+    result = runner.invoke(cli, ["quantize", str(setup["model"]), "--w4a4", "--calib", "gaussian", "--no-validate",
+                                 "--keep-candidates", str(tmp_path), "-o", str(tmp_path / "out.onnx")])
+    assert result.exit_code != 0 and "squant.onnx exists" in result.output and "Traceback" not in result.output

@@ -140,6 +140,9 @@ def _given(values: dict, fields: dict) -> dict:
                    "not measurably less closely on any (logit SQNR, paired bootstrap over the samples; probes: the held-out "
                    "synthetic samples, else the calibration images; procedural images; and, where the calibration "
                    "images are procedural and --refine/--qat learn from them, 32 inversion images).")
+@click.option("--keep-candidates", type=click.Path(file_okay=False), metavar="DIR",
+              help="Also write every model --fallback weighed into DIR (plain.onnx, squant.onnx, refined.onnx or "
+                   "trained.onnx, refined-uncorrected.onnx), to score them on data you hold: its probes are synthetic.")
 @click.option("--calibrator", type=choice(Calibrator), default=Calibrator.AUTO.value, show_default=True,
               help="Activation ranges; auto: mse for activations of 4 bits or fewer, else minmax.")
 @click.option("--target", type=choice(Target), default=Target.CPU.value, show_default=True)
