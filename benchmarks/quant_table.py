@@ -70,6 +70,9 @@ VARIANTS = {
     "defaultsteps": {},
     "mixup": {},  # with +qat*: half of each batch blended pairwise (quantize --qat-mix mixup)
     "cutmix": {},  # the same with a box of the other image (quantize --qat-mix cutmix)
+    # with +refine/+qat*/+squant: every model the fallback weighed is kept (quantize --keep-candidates)
+    # and scored on the held-out images too, the written one marked
+    "cands": {},
 }
 QAT_DATA = {"qat": {"data": "calib"}, "qatgen": {"data": "generator", "generator_loss": "dsg"},
             "qatgdfq": {"data": "generator", "generator_loss": "bns"}}
@@ -135,7 +138,7 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
         for row in sources:
             base, variants = parse_row(row)
             runs = {b: [] for b in bits}
-            seconds, per_iter, similarity, refine_seconds, fidelity, kept = [], [], [], [], {}, {}
+            seconds, per_iter, similarity, refine_seconds, fidelity, kept, candidates = [], [], [], [], {}, {}, {}
             refine_settings = dict(refine or {"method": "brecq"}) if "refine" in variants else {}
             refine_method = refine_settings.pop("method", None)
             if "lsq" in variants:
@@ -188,6 +191,8 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
                     if any(b not in ONLY_AT.get(variant, (b,)) for variant in variants):
                         continue  # mixed precision acts among simulated widths, the 8-bit first layer below 8
                     out = Path(scratch) / f"{row}-{seed}-w{b}a{b}.onnx"
+                    if "cands" in variants:
+                        settings["keep_candidates"] = str(Path(scratch) / f"{row}-{seed}-w{b}a{b}-candidates")
                     done = quantize(loaded, QuantConfig(
                         wbits=b, abits=b, calib=calib, num_samples=num_samples, calibrator=row_calibrator, logits=logits,
                         preprocess=recipe, output=str(out), force=True, validate=False, device=device,
@@ -211,6 +216,9 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
                     results["providers"] = report["providers"]["quantized"]
                     runs[b].append((report["quantized"]["top1"], report["quantized"]["top5"], report["agreement"],
                                     report["sqnr_db"]))
+                    if check is not None and "candidates" in check:
+                        candidates.setdefault(str(b), []).append(
+                            _score_candidates(model, check, held_images, held_labels))
                     if "mixed" in done.decisions:
                         results.setdefault("mixed", {})[f"{row} W{b}A{b}"] = done.decisions["mixed"]["weight_share_8bit"]
                     print(f"{Path(model).name} {row} seed {seed} W{b}A{b}: top-1 {report['quantized']['top1']:.2f}% "
@@ -239,6 +247,8 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
                                             refine_fidelity=fidelity)
             if kept:
                 results["rows"][row]["against_plain"] = kept
+            if candidates:
+                results["rows"][row]["candidates"] = candidates
     results["torch"] = torch.__version__
     return results
 
@@ -250,6 +260,49 @@ CHECK_KEYS = ("kept", "on", "learned", "plain", "squant", "uncorrected", "proced
 FALLBACK_MARKS = {"†": "plain", "‡": "squant", "§": "uncorrected"}
 FALLBACK_NAMES = {"plain": "plain (nearest) rounding", "squant": "SQuant's rounding without learning",
                   "uncorrected": "the refined model without bias correction on its refined layers"}
+
+
+def _score_candidates(model, check: dict, images, labels) -> dict:
+    """Each model quantize's fallback weighed (``check["candidates"]``, written by
+    --keep-candidates) scored on the held-out images, with the logit SQNR the fallback read on
+    each of its probes; ``kept``: the one written."""
+    from dsgonnx import ValidateConfig, validate
+
+    scored = {"kept": check["kept"], "models": {}}
+    probes = {check["on"]: check, **{name: check[name] for name in ("procedural", "inversion") if name in check}}
+    for name, path in check["candidates"].items():
+        report = validate(model, path, ValidateConfig(), images=images, labels=labels).to_dict()
+        scored["models"][name] = {"top1": report["quantized"]["top1"], "agreement": round(100 * report["agreement"], 2),
+                                  "sqnr_db": report["sqnr_db"],
+                                  "probes": {where: probe[name]["sqnr_db"] for where, probe in probes.items()}}
+    return scored
+
+
+CANDIDATE_NAMES = {"plain": "nearest rounding", "squant": "SQuant's rounding",
+                   "uncorrected": "refined, refined layers' biases uncorrected"}
+
+
+def candidates_markdown(results: dict) -> str:
+    """The ``+cands`` rows' candidates: what the fallback read on its probes and what each
+    scores on the held-out images (empty where no row has them)."""
+    lines = []
+    for source, row in results["rows"].items():
+        for b, runs in row.get("candidates", {}).items():
+            for run in runs:
+                if not lines:
+                    lines = ["| row | bits | candidate | top-1 | agreement | held-out logit SQNR dB | "
+                             "SQNR dB on the fallback's probes |", "|---|---|---|---|---|---|---|"]
+                best = max(figures["top1"] for figures in run["models"].values())
+                learned = ("refined, bias-corrected" if row.get("refine") else "trained" if row.get("qat")
+                           else "SQuant's rounding")
+                for name, figures in run["models"].items():
+                    label = ({**CANDIDATE_NAMES, "learned": learned}[name]
+                             + (" (written)" if name == run["kept"] else ""))
+                    top1 = f"**{figures['top1']:.2f}**" if figures["top1"] == best else f"{figures['top1']:.2f}"
+                    probes = ", ".join(f"{where} {db}" for where, db in figures["probes"].items())
+                    lines.append(f"| {source} | W{b}A{b} | {label} | {top1} | {figures['agreement']:.2f} | "
+                                 f"{figures['sqnr_db']} | {probes} |")
+    return "\n".join(lines)
 
 
 def _cached_set(cache, model, settings):
@@ -312,6 +365,9 @@ def markdown(results: dict) -> str:
                          "commit db97425's rule — at least as close on one probe and not measurably less close on any, "
                          "by a paired bootstrap — the others by the earlier one, at least as close on every probe).")
     lines.append(f"\nFP32 top-1 {fp:.2f}% on {results['eval_images']} held-out images.")
+    if scored := candidates_markdown(results):
+        lines += ["", "Rows `…+cands`: every model the fallback weighed (`quantize --keep-candidates`), scored on the "
+                  "same held-out images; the best top-1 in bold, the one quantize wrote marked.", "", scored]
     return "\n".join(lines)
 
 
