@@ -278,7 +278,8 @@ def _score_candidates(model, check: dict, images, labels) -> dict:
     return scored
 
 
-CANDIDATE_NAMES = {"plain": "nearest rounding", "squant": "SQuant's rounding",
+# in the fallback's order (each weighed against the one kept before it); "learned" is named by the row
+CANDIDATE_NAMES = {"plain": "nearest rounding", "squant": "SQuant's rounding", "learned": None,
                    "uncorrected": "refined, refined layers' biases uncorrected"}
 
 
@@ -295,13 +296,15 @@ def candidates_markdown(results: dict) -> str:
                 best = max(figures["top1"] for figures in run["models"].values())
                 learned = ("refined, bias-corrected" if row.get("refine") else "trained" if row.get("qat")
                            else "SQuant's rounding")
-                for name, figures in run["models"].items():
+                for name in sorted(run["models"], key=list(CANDIDATE_NAMES).index):
+                    figures = run["models"][name]
                     label = ({**CANDIDATE_NAMES, "learned": learned}[name]
                              + (" (written)" if name == run["kept"] else ""))
                     top1 = f"**{figures['top1']:.2f}**" if figures["top1"] == best else f"{figures['top1']:.2f}"
                     probes = ", ".join(f"{where} {db}" for where, db in figures["probes"].items())
+                    sqnr = "–" if figures["sqnr_db"] is None else f"{figures['sqnr_db']:.2f}"
                     lines.append(f"| {source} | W{b}A{b} | {label} | {top1} | {figures['agreement']:.2f} | "
-                                 f"{figures['sqnr_db']} | {probes} |")
+                                 f"{sqnr} | {probes} |")
     return "\n".join(lines)
 
 
