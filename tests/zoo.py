@@ -73,9 +73,35 @@ class TinyResNet(nn.Module):
         return self.fc(self.features(x))
 
 
+class TinyMobile(nn.Module):
+    """Stem, a depthwise 3x3 and a pointwise 1x1 (MobileNet's unit), pool, linear: 3×16×16."""
+
+    def __init__(self, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1, bias=False), nn.BatchNorm2d(8))
+        self.dw = nn.Sequential(nn.Conv2d(8, 8, 3, 2, 1, groups=8, bias=False), nn.BatchNorm2d(8))
+        self.pw = nn.Sequential(nn.Conv2d(8, 16, 1, bias=False), nn.BatchNorm2d(16))
+        self.fc = nn.Linear(16, classes)
+
+    def features(self, x):
+        return torch.relu(self.pw(torch.relu(self.dw(torch.relu(self.stem(x)))))).mean((2, 3))
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+
+
 def tiny_resnet(seed: int = 0, classes: int = 10) -> TinyResNet:
     torch.manual_seed(seed)
-    net = TinyResNet(classes)
+    return _randomized(TinyResNet(classes), seed)
+
+
+def tiny_mobile(seed: int = 0) -> TinyMobile:
+    torch.manual_seed(seed)
+    return _randomized(TinyMobile(), seed)
+
+
+def _randomized(net, seed: int):
+    """``net`` with BN statistics and affine parameters drawn at random, its head set to separate samples."""
     with torch.no_grad():
         for bn in (m for m in net.modules() if isinstance(m, nn.BatchNorm2d)):
             bn.running_mean.uniform_(-0.5, 0.5)
@@ -108,6 +134,11 @@ def _export_bn_kept(net: nn.Module, example: torch.Tensor, path: Path, output: s
 def export_tiny_resnet(path: Path) -> Path:
     """TinyResNet through the TorchScript exporter with its BN layers kept."""
     return _export_bn_kept(tiny_resnet(), _example(), path)
+
+
+def export_tiny_mobile(path: Path) -> Path:
+    """TinyMobile (a depthwise convolution) through the TorchScript exporter with its BN layers kept."""
+    return _export_bn_kept(tiny_mobile(), _example(), path)
 
 
 def decompose_bn(src: Path, dst: Path, style: str) -> Path:

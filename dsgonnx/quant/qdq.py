@@ -254,6 +254,15 @@ def quantized_weights(model: onnx.ModelProto, exclude: Iterable[str] = ()) -> li
     return sites
 
 
+def depthwise_layers(model: onnx.ModelProto, exclude: Iterable[str] = ()) -> list[str]:
+    """The Conv nodes among :func:`quantized_weights` whose output channels each read one input
+    channel (``group`` > 1, one input channel per group): depthwise convolutions."""
+    shapes = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    return [site.node.name for site in quantized_weights(model, exclude) if site.node.op_type == "Conv"
+            and next((a.i for a in site.node.attribute if a.name == "group"), 1) > 1
+            and len(shapes.get(site.weight, ())) > 1 and shapes[site.weight][1] == 1]
+
+
 # element-wise activations that follow a layer and that ORT quantizes after it (or folds into
 # its output range): the first layer's output runs through them
 _LAYER_ACTIVATIONS = ("Relu", "Clip", "LeakyRelu", "PRelu", "HardSigmoid", "HardSwish", "Sigmoid", "Tanh", "Elu",
