@@ -740,7 +740,7 @@ class QuantConfig:
     def plain_rounding(self) -> Rounding:
         """The rounding quantize would use without ``refine``/``qat``: what ``--fallback``
         checks a learned model against (besides nearest rounding)."""
-        return replace(self, refine=None, qat=None).weight_rounding()
+        return replace(self, refine=None, qat=None, keep_candidates=None).weight_rounding()
 
     @property
     def synthetic(self) -> bool:

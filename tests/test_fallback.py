@@ -18,7 +18,7 @@ from onnx import numpy_helper
 from dsgonnx import QatConfig, QuantConfig, RefineConfig, SynthOptions, quantize
 from dsgonnx.graph.onnx_io import load_model
 from dsgonnx.quant.qdq import depthwise_layers
-from dsgonnx.pipeline import INVERSION_PROBE_SAMPLES, PROBE_FIRST, choose_closest, paired_difference, sample_errors
+from dsgonnx.pipeline import INVERSION_PROBE_SAMPLES, PROBE_FIRST, candidate_files, choose_closest, paired_difference, sample_errors
 from dsgonnx.synth.procedural import procedural_images
 from dsgonnx.synth import SynthConfig, synthesize
 from dsgonnx.validation.metrics import sqnr_db
@@ -275,6 +275,9 @@ def test_keep_candidates_refuses_before_any_work_what_it_could_not_write(setup, 
         QuantConfig(wbits=8, abits=8, keep_candidates=str(tmp_path))
     with pytest.raises(DataError, match="needs the fallback on"):
         QuantConfig(wbits=4, abits=4, refine="brecq", fallback=False, keep_candidates=str(tmp_path))
+    # above 4 bits a refined model is weighed against nearest rounding alone: two candidates
+    six = QuantConfig(wbits=6, abits=6, refine="brecq", keep_candidates=str(tmp_path))
+    assert six.plain_rounding() == "nearest" and "squant" not in candidate_files(six)
     runner = CliRunner()
     result = runner.invoke(cli, ["quantize", str(setup["model"]), "--w4a4", "--calib", "gaussian", "--no-validate",
                                  "--keep-candidates", str(tmp_path), "-o", str(tmp_path / "out.onnx")])
