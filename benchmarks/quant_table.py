@@ -254,7 +254,7 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
 
 
 # what a table keeps of quantize's fallback check (decisions.<refine|qat|rounding>.against_plain)
-CHECK_KEYS = ("kept", "on", "learned", "plain", "squant", "uncorrected", "procedural", "inversion", "steps")
+CHECK_KEYS = ("kept", "on", "learned", "plain", "squant", "uncorrected", "procedural", "inversion", "steps", "left_out")
 # the model --fallback wrote instead of the learned one: nearest rounding, SQuant's rounding, the
 # refined model without bias correction on its refined layers
 FALLBACK_MARKS = {"†": "plain", "‡": "squant", "§": "uncorrected"}
