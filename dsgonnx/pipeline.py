@@ -257,24 +257,26 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
                                                    "rounding")
                                        for name, (path, rounded) in plain.items()}
                     variants, left_out = {}, {}
-                    # with synthetic calibration images on a network with depthwise convolutions the
-                    # uncorrected model was below the corrected one in every cell measured (EfficientNet-
-                    # Lite0, MobileNet v1 0.25) and yet the probes, synthetic too, preferred it
-                    synthetic = calib_info.get("method") != "real"
-                    depthwise = depthwise_layers(prepared_model, config.exclude) if synthetic else []
-                    if learning == "refine" and correct is not None and depthwise:
-                        left_out[UNCORRECTED] = (f"synthetic calibration images and {len(depthwise)} depthwise "
-                                                 "convolutions: the refined layers' biases stay corrected (README, "
-                                                 "'Every candidate on disk')")
-                        say(f"refine: {VARIANT_NAMES[UNCORRECTED]} is not a candidate: {left_out[UNCORRECTED]}")
-                    elif learning == "refine" and correct is not None:
-                        # the refined model with its refined layers' biases as they were (bias
-                        # correction measured against the refined weights: a shift of 0 there),
-                        # which on ResNets follows the float model more closely
-                        uncorrected = Path(scratch) / "uncorrected.onnx"
-                        variants[UNCORRECTED] = (uncorrected, write(uncorrected, float_path, refined, _BiasCorrector(
-                            float_path, None if config.cle else loaded.model, loaded, calib_images, batch,
-                            config.bias_correction)))
+                    if learning == "refine" and correct is not None:
+                        # with synthetic calibration images on a network with depthwise convolutions the
+                        # uncorrected model was below the corrected one in every cell measured (EfficientNet-
+                        # Lite0, MobileNet v1 0.25) and yet the probes, synthetic too, preferred it
+                        depthwise = (depthwise_layers(prepared_model, config.exclude)
+                                     if calib_info.get("method") != "real" else [])
+                        if depthwise:
+                            left_out[UNCORRECTED] = (f"synthetic calibration images and {len(depthwise)} depthwise "
+                                                     "convolutions: the refined layers' biases stay corrected "
+                                                     "(README, 'Every candidate on disk')")
+                            say(f"refine: {VARIANT_NAMES[UNCORRECTED]} is not a candidate: {left_out[UNCORRECTED]}")
+                        else:
+                            # the refined model with its refined layers' biases as they were (bias
+                            # correction measured against the refined weights: a shift of 0 there),
+                            # which on ResNets follows the float model more closely
+                            uncorrected = Path(scratch) / "uncorrected.onnx"
+                            variants[UNCORRECTED] = (uncorrected, write(
+                                uncorrected, float_path, refined, _BiasCorrector(
+                                    float_path, None if config.cle else loaded.model, loaded, calib_images, batch,
+                                    config.bias_correction)))
                     check = _against_plain(tmp, {name: path for name, (path, _) in plain.items()}, prepared, holdout,
                                            calib_images, loaded, learning, probes,
                                            {name: path for name, (path, _) in variants.items()})
