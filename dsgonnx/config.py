@@ -387,7 +387,8 @@ class RefineConfig:
     soft bit at the weight's fractional part) or ``squant`` (SQuant's rounding on the unit's
     own grid: the elements it rounds the other way start mirrored about ½). Nearest stays the
     default: on the benchmark's W4A4 rows SQuant's start gains on EfficientNet-Lite0 with real
-    images (+6.55) and loses with DSG images (−2.34), and is within 0.35 on the ResNets (README).
+    images (+6.55), is level with DSG images (62.78 both; −2.34 before the fallback left the
+    uncorrected model out there) and at most 0.34 behind on the ResNets (README).
     """
 
     method: RefineMethod = RefineMethod.BRECQ

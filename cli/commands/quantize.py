@@ -96,7 +96,7 @@ def _given(values: dict, fields: dict) -> dict:
                    "the calibrated steps].")
 @click.option("--refine-start", type=click.Choice(["nearest", "squant"]),
               help="The rounding each layer/block's learning starts from: nearest (AdaRound's), or SQuant's data-free "
-                   "flips of it on the layer's own grid (W4A4 EfficientNet-Lite0: +6.55 with real images, -2.34 with "
+                   "flips of it on the layer's own grid (W4A4 EfficientNet-Lite0: +6.55 with real images, level with "
                    "DSG's; see README) [default: nearest].")
 @click.option("--qat", is_flag=True,
               help="Quantization-aware training (W4A4 on 100 DSG images, CPU budgets: ResNet-20/56 78.67/80.00 vs "
