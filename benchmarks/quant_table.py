@@ -61,8 +61,8 @@ VARIANTS = {
     "qat": {},
     "qatgen": {},
     "qatgdfq": {},
-    # with +qat* or +refine: where training starts (QAT's default, auto, is SQuant's rounding at 4 bits
-    # or fewer; reconstruction's is nearest rounding)
+    # with +qat* or +refine: where training starts (the default of both, auto, is SQuant's rounding at
+    # 4 bits or fewer, else nearest)
     "sqstart": {},  # SQuant's rounding (quantize --qat-start/--refine-start squant)
     "nearstart": {},  # nearest rounding (quantize --qat-start/--refine-start nearest; QAT's default before 4c40750)
     "refstart": {},  # reconstruction's result, with the profile's refine settings (quantize --qat-start refine)

@@ -242,8 +242,10 @@ def main(argv=None) -> int:
                   "Commands: " + "; ".join(f"`{c}`" for c in results.get("commands", [])), "",
                   *[line for note in results.get("notes", []) for line in (f"Note: {note}", "")],
                   *([f"Rows `…+refine`: the same calibration images, then reconstruction PTQ "
-                     f"(`dsgonnx quantize --refine`) with {refined[0]}, starting from nearest rounding "
-                     "(from SQuant's rounding in rows `…+refine+sqstart`, `--refine-start squant`).", ""]
+                     f"(`dsgonnx quantize --refine`) with {refined[0]}, starting where quantize without "
+                     "`--refine` is (`--refine-start auto`: SQuant's rounding at 4 bits or fewer, else nearest; "
+                     "nearest rounding in the W4A4 cells the notes say were measured before that default, and in "
+                     "rows `…+refine+nearstart`), from SQuant's rounding in rows `…+refine+sqstart`.", ""]
                     if (refined := [json.dumps({k: v for k, v in r["refine"].items() if k != "start"})
                                     for r in results["rows"].values() if r.get("refine")]) else []),
                   *([f"Rows `…+qat`, `…+qatgen`, `…+qatgdfq`: calibrated on the same images, then quantization-aware "

@@ -373,7 +373,7 @@ class SynthConfig(SynthOptions):
 
 # --- reconstruction ---------------------------------------------------------------------------
 
-REFINE_STARTS = ("nearest", "squant")
+REFINE_STARTS = ("auto", "nearest", "squant")
 
 
 @dataclass(frozen=True)
@@ -384,11 +384,15 @@ class RefineConfig:
     (QDrop), 0 for adaround. ``act_lr`` > 0 learns the activation step sizes with the rounding
     (LSQ; Adam on the log of each step, so the rate is relative); 0 keeps the calibrated ones.
     ``start``: the rounding each unit's learning starts from — ``nearest`` (AdaRound's: every
-    soft bit at the weight's fractional part) or ``squant`` (SQuant's rounding on the unit's
-    own grid: the elements it rounds the other way start mirrored about ½). Nearest stays the
-    default: on the benchmark's W4A4 rows SQuant's start gains on EfficientNet-Lite0 with real
-    images (+6.55), is level with DSG images (62.78 both; −2.34 before the fallback left the
-    uncorrected model out there) and at most 0.34 behind on the ResNets (README).
+    soft bit at the weight's fractional part), ``squant`` (SQuant's rounding on the unit's own
+    grid: the elements it rounds the other way start mirrored about ½), or ``auto`` (the
+    default): the rounding quantize writes without ``refine``
+    (:meth:`QuantConfig.plain_rounding`: SQuant's at 4 bits or fewer, else nearest), as QAT's
+    ``auto``. Measured on the benchmark's W4A4 rows (README, 'Where reconstruction starts'):
+    SQuant's start is ahead or level on EfficientNet-Lite0 with every source (+6.55 with real
+    images, level with DSG's, +2.78 BN-folded), level on MobileNet v1 0.75 and within
+    0.34 either way on the ResNets (+0.77 BN-folded ResNet-20). :func:`refine_model` needs it
+    resolved (``nearest`` or ``squant``); quantize resolves ``auto``.
     """
 
     method: RefineMethod = RefineMethod.BRECQ
@@ -403,7 +407,7 @@ class RefineConfig:
     block_layers: int = 4
     scale_search: bool = True
     act_lr: float = 0.0
-    start: str = "nearest"
+    start: str = "auto"
 
     def __post_init__(self):
         object.__setattr__(self, "method", RefineMethod.parse(self.method, "refine"))
@@ -435,6 +439,13 @@ class RefineConfig:
         """This config with ``iters`` and ``drop_prob`` resolved."""
         iters = self.iters if self.iters is not None else device_defaults(device_type).refine_iters
         return replace(self, iters=iters, drop_prob=self.dropping)
+
+    def resolved(self, plain: "Rounding") -> "RefineConfig":
+        """This config with ``start`` ``auto`` made the rounding ``plain`` (what quantize writes
+        without reconstruction, :meth:`QuantConfig.plain_rounding`)."""
+        if self.start != "auto":
+            return self
+        return replace(self, start="squant" if plain == Rounding.SQUANT else "nearest")
 
     def to_dict(self) -> dict:
         return _to_dict(self) | {"drop_prob": self.dropping}

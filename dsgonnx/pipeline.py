@@ -530,11 +530,12 @@ def _refine(prepared: Path, out: Path, ranges, weights, activations, images, hol
         start = None
         if qat.start == "refine":  # reconstruct first, on the same images and grids; train from its result
             start = refine_model(prepared, out.with_name(f"start-{out.name}"), placement, images, holdout,
-                                 config=config.refine or RefineConfig(), **common)
+                                 config=(config.refine or RefineConfig()).resolved(config.plain_rounding()), **common)
             start.release()
         return qat_model(prepared, out, placement, images, holdout, config=qat,
                          generator=_qat_generator(loaded, config, calib_info), start=start, **common)
-    return refine_model(prepared, out, placement, images, holdout, config=config.refine, **common)
+    return refine_model(prepared, out, placement, images, holdout, config=config.refine.resolved(config.plain_rounding()),
+                        **common)
 
 
 def _round(prepared: Path, out: Path, weights, reduce_range: bool, config: QuantConfig, kept: set[str]):

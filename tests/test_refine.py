@@ -51,6 +51,7 @@ def _refine(setup, method, bits=4, **options):
     ranges = compute_ranges(prepared, ArrayReader("input", setup["calib"], 16), "minmax", activations)
     exclude, _ = excluded_nodes(onnx.load(str(prepared)), (), "exclude")
     options.setdefault("iters", ITERS)
+    options.setdefault("start", "nearest")  # what quantize resolves `auto` to above 4 bits
     placement = placement_of(prepared, ranges, weights, activations, per_channel=True, reduce_range=False)
     return refine_model(prepared, folder / f"refined-{method}.onnx", placement,
                         setup["calib"], setup["held"], exclude=set(exclude), per_channel=True,
@@ -111,6 +112,26 @@ def test_a_squant_start_begins_at_squants_integers_and_learns_from_there(setup):
     start = sum(unit["loss_start"] for unit in learned["units"])
     assert sum(unit["loss_after"] for unit in learned["units"]) < 0.97 * start, learned["units"]
     assert "loss_start" not in _refine(setup, "brecq", start="nearest", iters=5).report["units"][0]
+
+
+def test_the_default_start_is_the_rounding_quantize_writes_without_refine(setup):
+    """refine.start auto: SQuant's rounding at 4 bits or fewer (each unit's loss at that start
+    is measured), nearest above, and nearest at 4 bits where --rounding nearest makes that what
+    quantize writes without --refine; refine_model itself takes only a resolved start."""
+    folder = setup["folder"]
+    common = dict(calib=str(setup["npz"]), num_samples=64, force=True, validate=False, fallback=False,
+                  refine=RefineConfig(method="brecq", iters=5))
+    runs = {name: quantize(str(setup["model"]), QuantConfig(output=str(folder / f"start-{name}.onnx"), **options,
+                                                            **common)).refine
+            for name, options in {"w4": dict(wbits=4, abits=4), "w6": dict(wbits=6, abits=6),
+                                  "w4-nearest": dict(wbits=4, abits=4, rounding="nearest")}.items()}
+    assert runs["w4"]["config"]["start"] == "squant"
+    assert all("loss_start" in unit for unit in runs["w4"]["units"])
+    for name in ("w6", "w4-nearest"):
+        assert runs[name]["config"]["start"] == "nearest", name
+        assert not any("loss_start" in unit for unit in runs[name]["units"]), name
+    with pytest.raises(ValueError, match="resolves 'auto'"):
+        _refine(setup, "brecq", start="auto", iters=1)
 
 
 def _quantized_weights(path):
@@ -199,13 +220,14 @@ def test_cli_refine_reports_units_and_rejects_bad_options(setup):
     summary = json.loads(result.stdout)
     assert summary["refine"]["method"] == "brecq" and len(summary["refine"]["units"]) == 2
     assert summary["refine"]["config"]["iters"] == 20 and summary["refine"]["config"]["drop_prob"] == 0.5
-    assert summary["refine"]["config"]["start"] == "nearest"
-    squant = runner.invoke(cli, ["quantize", str(setup["model"]), "--w4a4", "--calib", str(setup["npz"]),
-                                 "--num-samples", "64", "-o", str(out), "--force", "--no-validate", "--quiet",
-                                 "--refine", "brecq", "--refine-iters", "20", "--refine-start", "squant"])
-    assert squant.exit_code == 0, squant.output
-    started = json.loads(squant.stdout)["refine"]
+    started = summary["refine"]  # --refine-start auto: SQuant's rounding at 4 bits
     assert started["config"]["start"] == "squant" and all("loss_start" in unit for unit in started["units"])
+    nearest = runner.invoke(cli, ["quantize", str(setup["model"]), "--w4a4", "--calib", str(setup["npz"]),
+                                  "--num-samples", "64", "-o", str(out), "--force", "--no-validate", "--quiet",
+                                  "--refine", "brecq", "--refine-iters", "20", "--refine-start", "nearest"])
+    assert nearest.exit_code == 0, nearest.output
+    started = json.loads(nearest.stdout)["refine"]
+    assert started["config"]["start"] == "nearest" and not any("loss_start" in unit for unit in started["units"])
     for args, message in ((["--refine", "brecq", "--refine-iters", "-1"], "must not be negative"),
                           (["--refine-iters", "20"], "need --refine"),
                           (["--refine", "adaround", "--refine-drop", "1.5"], "drop probability"),
@@ -221,7 +243,7 @@ def test_refine_config_rejects_bad_settings():
         QuantConfig(refine=3)
     with pytest.raises(DataError, match="unknown `refine` 'gptq'"):
         RefineConfig(method="gptq")
-    with pytest.raises(DataError, match="`refine.start` must be one of nearest, squant, got 'refine'"):
+    with pytest.raises(DataError, match="`refine.start` must be one of auto, nearest, squant, got 'refine'"):
         RefineConfig(start="refine")
     with pytest.raises(DataError, match="`refine.iters` must not be negative"):
         QuantConfig(refine=RefineConfig(iters=-1))

@@ -159,6 +159,9 @@ def refine_model(model_path: Path, output_path: Path, placement: Placement, imag
     images) measure each unit's reconstruction loss before and after. Writes the refined
     model to ``output_path``.
     """
+    if config.start not in ("nearest", "squant"):
+        raise ValueError(f"refine_model starts from nearest or squant rounding, got {config.start!r} "
+                         "(quantize resolves 'auto': RefineConfig.resolved)")
     started = time.perf_counter()
     torch_device = resolve_device(device)
     config = config.for_device(torch_device.type)
