@@ -390,8 +390,8 @@ class RefineConfig:
     (:meth:`QuantConfig.plain_rounding`: SQuant's at 4 bits or fewer, else nearest), as QAT's
     ``auto``. Measured on the benchmark's W4A4 rows (README, 'Where reconstruction starts'):
     SQuant's start is ahead or level on EfficientNet-Lite0 with every source (+6.55 with real
-    images, level with DSG's, +2.78 BN-folded), level on MobileNet v1 0.75 and within
-    0.34 either way on the ResNets (+0.77 BN-folded ResNet-20). :func:`refine_model` needs it
+    images, level with DSG's, +2.78 BN-folded), level on MobileNet v1 0.75, within
+    0.34 on the ResNets but for ResNet-20 with DSG images (−1.41; +0.77 BN-folded ResNet-20). :func:`refine_model` needs it
     resolved (``nearest`` or ``squant``); quantize resolves ``auto``.
     """
 

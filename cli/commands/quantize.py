@@ -97,8 +97,8 @@ def _given(values: dict, fields: dict) -> dict:
 @click.option("--refine-start", type=click.Choice(["auto", "nearest", "squant"]),
               help="The rounding each layer/block's learning starts from: nearest (AdaRound's), SQuant's data-free "
                    "flips of it on the layer's own grid, or auto: what quantize writes without --refine (SQuant's at "
-                   "4 bits or fewer, else nearest; W4A4 EfficientNet-Lite0 +6.55 with real images, ResNets within "
-                   "0.34; see README) [default: auto].")
+                   "4 bits or fewer, else nearest; W4A4 EfficientNet-Lite0 +6.55 with real images, ResNet-20 DSG "
+                   "-1.41, other ResNets within 0.34; see README) [default: auto].")
 @click.option("--qat", is_flag=True,
               help="Quantization-aware training (W4A4 on 100 DSG images, CPU budgets: ResNet-20/56 78.67/80.00 vs "
                    "plain PTQ 74.94/72.34, MobileNet v1 0.75 42.22 vs 38.67; see README): "
