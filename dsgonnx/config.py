@@ -391,8 +391,9 @@ class RefineConfig:
     ``auto``. Measured on the benchmark's W4A4 rows (README, 'Where reconstruction starts'):
     SQuant's start is ahead or level on EfficientNet-Lite0 with every source (+6.55 with real
     images, level with DSG's, +2.78 BN-folded), level on MobileNet v1 0.75, within
-    0.34 on the ResNets but for ResNet-20 with DSG images (−1.41; +0.77 BN-folded ResNet-20). :func:`refine_model` needs it
-    resolved (``nearest`` or ``squant``); quantize resolves ``auto``.
+    0.34 on the ResNets but for ResNet-20 with DSG images (−1.41; +0.77 BN-folded ResNet-20).
+    :func:`refine_model` needs it resolved (``nearest`` or ``squant``); quantize resolves ``auto``
+    (:meth:`resolved`).
     """
 
     method: RefineMethod = RefineMethod.BRECQ
@@ -443,12 +444,16 @@ class RefineConfig:
     def resolved(self, plain: "Rounding") -> "RefineConfig":
         """This config with ``start`` ``auto`` made the rounding ``plain`` (what quantize writes
         without reconstruction, :meth:`QuantConfig.plain_rounding`)."""
-        if self.start != "auto":
-            return self
-        return replace(self, start="squant" if plain == Rounding.SQUANT else "nearest")
+        return self if self.start != "auto" else replace(self, start=_start_from(plain))
 
     def to_dict(self) -> dict:
         return _to_dict(self) | {"drop_prob": self.dropping}
+
+
+def _start_from(plain: "Rounding") -> str:
+    """The ``start`` that ``auto`` means for reconstruction and QAT: the integers of the rounding
+    ``plain`` that quantize writes without them."""
+    return "squant" if plain == Rounding.SQUANT else "nearest"
 
 
 QAT_DATA = ("auto", "generator", "calib", "mixed")
@@ -495,7 +500,10 @@ class QatConfig:
     the batch after augmentation — ``mixup`` (a weighted sum, weight uniform in [0, 1]) or
     ``cutmix`` (a box of the other, its area uniform in [0, 1]) — so a fixed set shows the
     student images between its samples; the teacher labels each blend. ``none`` trains on the
-    views alone.
+    views alone. ``feature_weight``: adds that weight times the mean, over the trained layers, of
+    each layer output's squared difference from the float model's relative to the float output's
+    mean square (feature distillation: every image constrains every layer, not ten logits); 0
+    distils the logits alone.
     """
 
     iters: Optional[int] = None
@@ -518,10 +526,13 @@ class QatConfig:
     loss: str = "mse"
     start: str = "auto"
     mix: str = "none"
+    feature_weight: float = 0.0
 
     def __post_init__(self):
         _require(self.iters is None or (_is_int(self.iters) and self.iters >= 0),
                  f"`qat.iters` must not be negative, got {self.iters}")
+        _require(_is_number(self.feature_weight) and self.feature_weight >= 0,
+                 f"`qat.feature_weight` must not be negative, got {self.feature_weight}")
         _require(self.mix in QAT_MIXES, f"`qat.mix` must be one of {', '.join(QAT_MIXES)}, got {self.mix!r}")
         _require(self.data in QAT_DATA, f"`qat.data` must be one of {', '.join(QAT_DATA)}, got {self.data!r}")
         _require(self.generator_loss is None or self.generator_loss in GENERATOR_LOSSES,
@@ -554,6 +565,10 @@ class QatConfig:
     def for_device(self, device_type: str) -> "QatConfig":
         """This config with ``iters`` resolved."""
         return replace(self, iters=self.iters if self.iters is not None else device_defaults(device_type).qat_iters)
+
+    def resolved(self, plain: "Rounding") -> "QatConfig":
+        """This config with ``start`` ``auto`` made the rounding ``plain`` (as :meth:`RefineConfig.resolved`)."""
+        return self if self.start != "auto" else replace(self, start=_start_from(plain))
 
     def to_dict(self) -> dict:
         return _to_dict(self)

@@ -524,9 +524,8 @@ def _refine(prepared: Path, out: Path, ranges, weights, activations, images, hol
     if config.qat is not None:
         from .refine.qat import qat_model
 
-        qat = config.qat
-        if qat.start == "auto":  # start where quantize without --qat is (and what --fallback weighs it against)
-            qat = replace(qat, start="squant" if config.plain_rounding() == Rounding.SQUANT else "nearest")
+        # start where quantize without --qat is (and what --fallback weighs it against)
+        qat = config.qat.resolved(config.plain_rounding())
         start = None
         if qat.start == "refine":  # reconstruct first, on the same images and grids; train from its result
             start = refine_model(prepared, out.with_name(f"start-{out.name}"), placement, images, holdout,

@@ -17,7 +17,7 @@ import torch
 from click.testing import CliRunner
 from onnx import numpy_helper
 
-from dsgonnx import QatConfig, QuantConfig, quantize
+from dsgonnx import QatConfig, QuantConfig, RefineConfig, Rounding, quantize
 from dsgonnx.errors import DataError
 from dsgonnx.graph.onnx_io import load_model
 from dsgonnx.quant.placement import read_placement
@@ -142,6 +142,13 @@ def test_a_squant_start_holds_squants_integers_on_the_students_grid_bias_correct
     np.testing.assert_allclose(biases[1][first] - biases[0][first], expected, rtol=1e-3, atol=1e-7)
     eight = _quantize(setup, "start-8bit", QatConfig(iters=0), holdout=0, wbits=8, abits=8)
     assert eight.refine["start"] == {"rounding": "nearest"} and len(seen) == len(names)
+    # the library's qat_model takes only a resolved start; QatConfig.resolved maps auto as refine's does
+    with pytest.raises(ValueError, match="QatConfig.resolved"):
+        qat_module.qat_model(setup["model"], setup["folder"] / "unresolved.onnx", None, None, None, exclude=set(),
+                             per_channel=True, weight_top=7, config=QatConfig())
+    for plain, start in ((Rounding.SQUANT, "squant"), (Rounding.NEAREST, "nearest")):
+        assert QatConfig().resolved(plain).start == RefineConfig().resolved(plain).start == start
+    assert QatConfig(start="refine").resolved(Rounding.SQUANT).start == "refine"
 
 
 def test_a_refine_start_holds_the_reconstructions_integers_and_steps_and_trains_from_them(setup):
@@ -262,6 +269,40 @@ def test_kl_rewards_a_noisy_student_for_flattening_its_logits_far_more_than_mse(
     kl, mse = best("kl"), best("mse")
     assert kl < 0.5 * mse and mse > 0.6, (kl, mse)
     assert float(distillation(teacher, teacher, 1.0, "mse")) == 0.0
+
+
+def test_feature_distillation_trains_every_layers_output_towards_the_float_models(setup, monkeypatch):
+    from dsgonnx.refine import qat as qat_module
+
+    calls = []
+    original = qat_module.FeatureTaps.loss
+
+    def recording(taps):
+        assert set(taps.student) == set(taps.teacher) and taps.teacher
+        shapes = [(taps.student[i].shape, taps.teacher[i].shape) for i in taps.teacher]
+        assert all(s == t for s, t in shapes), shapes
+        assert all(taps.student[i].requires_grad and not taps.teacher[i].requires_grad for i in taps.teacher)
+        value = original(taps)
+        calls.append((len(shapes), shapes[0][0][0], float(value)))
+        return value
+
+    monkeypatch.setattr(qat_module.FeatureTaps, "loss", recording)
+    result = _quantize(setup, "features", QatConfig(iters=40, batch_size=32, lr=1e-3, augment=False, feature_weight=100))
+    assert result.refine["config"]["feature_weight"] == 100
+    layers = len(result.refined_weights)
+    assert len(calls) == 40 and all(n == layers and batch == 32 for n, batch, _ in calls)
+    weighted = np.mean([c[2] for c in calls[-10:]])
+    calls.clear()  # the same run with the term all but off: the layers' outputs end further from the float model's
+    _quantize(setup, "features-off", QatConfig(iters=40, batch_size=32, lr=1e-3, augment=False, feature_weight=1e-9))
+    unweighted = np.mean([c[2] for c in calls[-10:]])
+    assert 0 < weighted < 0.8 * unweighted, (weighted, unweighted)
+    # with a generator's images in the batch, the teacher's layers are read on the whole batch
+    calls.clear()
+    _quantize(setup, "features-mixed", QatConfig(iters=2, batch_size=16, data="mixed", generator_warmup=0,
+                                                 feature_weight=1))
+    assert [(n, batch) for n, batch, _ in calls] == [(layers, 16)] * 2
+    with pytest.raises(DataError, match="feature_weight"):
+        QatConfig(feature_weight=-1)
 
 
 def test_mixing_blends_half_the_batch_with_a_partner_and_is_seeded():

@@ -47,7 +47,7 @@ _QAT_FLAGS = {"qat_iters": "iters", "qat_lr": "lr", "qat_batch_size": "batch_siz
               "qat_augment": "augment", "qat_data": "data", "qat_generator_loss": "generator_loss",
               "qat_generator_lr": "generator_lr", "qat_generator_warmup": "generator_warmup",
               "qat_optimizer": "optimizer", "qat_loss": "loss", "qat_start": "start",
-              "qat_mix": "mix"}
+              "qat_mix": "mix", "qat_feature_weight": "feature_weight"}
 
 
 def _bits(w8a8, w6a6, w4a4, wbits, abits):
@@ -132,6 +132,10 @@ def _given(values: dict, fields: dict) -> dict:
 @click.option("--qat-mix", type=click.Choice(["none", "mixup", "cutmix"]),
               help="Blend half of each batch's calibration images pairwise: mixup (a weighted sum) or cutmix (a box "
                    "of another image), the teacher labelling each blend [default: none].")
+@click.option("--qat-feature-weight", type=float, metavar="W",
+              help="Also distil every trained layer's output: W times the mean over those layers of the squared "
+                   "difference from the float model's, relative to the float output's mean square [default: 0, "
+                   "logits only].")
 @click.option("--qat-time-budget", type=float, metavar="SECONDS", help="Stop QAT after this long and export what it learned.")
 @click.option("--qat-checkpoint", type=click.Path(dir_okay=False), help="Save the QAT state to this file as it trains.")
 @click.option("--qat-resume", is_flag=True, help="Continue QAT from --qat-checkpoint.")

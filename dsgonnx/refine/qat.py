@@ -111,6 +111,42 @@ def distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: floa
     return F.kl_div(log_p, target, log_target=True, reduction="batchmean") * temperature**2
 
 
+class FeatureTaps:
+    """The outputs of the trained layers in the teacher and the student, kept while ``on``, for
+    feature distillation (``QatConfig.feature_weight``)."""
+
+    def __init__(self, teacher: torch.nn.Module, layers: list):
+        self.on = False
+        self.teacher: dict[int, torch.Tensor] = {}
+        self.student: dict[int, torch.Tensor] = {}
+        self._handles = []
+        for i, layer in enumerate(layers):
+            self._handles.append(teacher.get_submodule(str(layer.fx_node.target)).register_forward_hook(
+                self._keep(self.teacher, i)))
+            self._handles.append(layer.module.register_forward_hook(self._keep(self.student, i)))
+
+    def _keep(self, store: dict, i: int):
+        def hook(module, inputs, output):
+            if self.on:
+                store[i] = output
+        return hook
+
+    def loss(self) -> torch.Tensor:
+        """The mean over the layers of the student output's squared difference from the teacher's,
+        relative to the teacher output's mean square; the kept outputs are dropped."""
+        if set(self.student) != set(self.teacher) or not self.teacher:
+            raise RuntimeError("qat: the teacher's and the student's layer outputs were not both recorded")
+        terms = [F.mse_loss(self.student[i].float(), t.float()) / t.float().pow(2).mean().clamp_min(1e-12)
+                 for i, t in self.teacher.items()]
+        self.teacher.clear()
+        self.student.clear()
+        return torch.stack(terms).mean()
+
+    def close(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
 def augment(images: torch.Tensor, generator: torch.Generator, shift: float = 0.125) -> torch.Tensor:
     """A new view of each image: flipped left-right with probability ½ and shifted by up to
     ``shift`` of its size in each direction (edges replicated), drawn from ``generator``."""
@@ -315,6 +351,9 @@ def qat_model(model_path: Path, output_path: Path, placement: Placement, images:
     ``start``: with ``config.start`` ``refine``, the reconstruction of the same model and grids
     to start from.
     """
+    if config.start == "auto":
+        raise ValueError("qat_model starts from nearest, squant or refine, got 'auto' "
+                         "(quantize resolves it: QatConfig.resolved)")
     started = time.perf_counter()
     torch_device = resolve_device(device)
     config = config.for_device(torch_device.type)
@@ -453,6 +492,7 @@ def qat_model(model_path: Path, output_path: Path, placement: Placement, images:
                 progress.update(trainer.steps, " ".join(f"{k} {v:.3g}" for k, v in trainer.last.items()))
         progress.close()
     progress = Progress("qat", config.iters)
+    taps = FeatureTaps(teacher, layers) if config.feature_weight > 0 else None
 
     def save() -> None:
         if not distributed.is_writer():
@@ -482,10 +522,21 @@ def qat_model(model_path: Path, output_path: Path, placement: Placement, images:
                 x = ranks.share(x)
             x = x.to(torch_device)
             with torch.no_grad():
+                if taps is not None:
+                    taps.on = trainer is None  # with the generator's images too, the teacher runs again on all
                 parts.append((x, logits(teacher(x))))
         x = torch.cat([part[0] for part in parts]) if len(parts) > 1 else parts[0][0]
         target = torch.cat([part[1] for part in parts]) if len(parts) > 1 else parts[0][1]
+        if taps is not None:
+            taps.on = True
+            if len(parts) > 1 or trainer is not None:  # the generator's images: the teacher's layers run again
+                with torch.no_grad():
+                    teacher(x)
         loss = distillation(logits(student(x)), target, config.temperature, config.loss)
+        if taps is not None:
+            taps.on = False
+            features = taps.loss()
+            loss = loss + config.feature_weight * features
         failed = not bool(torch.isfinite(loss))
         if ranks is not None:
             loss = loss * ranks.weight(len(x))  # this rank's part of the whole batch's loss
@@ -509,10 +560,13 @@ def qat_model(model_path: Path, output_path: Path, placement: Placement, images:
         if step % 10 == 0 or step == config.iters:
             losses.append(float(value))
             progress.update(step, f"{config.loss} {losses[-1]:.4g}" + (f" ce {trainer.last['cross_entropy']:.3g}"
-                                                             if trainer is not None else ""))
+                                                             if trainer is not None else "")
+                            + (f" features {float(features.detach()):.4g}" if taps is not None else ""))
         if checkpoint is not None and (step % config.checkpoint_every == 0 or step == config.iters):
             save()
     progress.close()
+    if taps is not None:
+        taps.close()
     if trainer is not None:
         trainer.close()
     train_seconds = time.perf_counter() - train_started
