@@ -70,10 +70,11 @@ VARIANTS = {
     "defaultsteps": {},
     "mixup": {},  # with +qat*: half of each batch blended pairwise (quantize --qat-mix mixup)
     "cutmix": {},  # the same with a box of the other image (quantize --qat-mix cutmix)
-    # with +qat*: every trained layer's output distilled too, with weight 10, 30, 100 (quantize --qat-feature-weight W)
+    # with +qat*: every trained layer's output distilled too, with weight 10, 30, 100, 300 (quantize --qat-feature-weight W)
     "feat10": {},
     "feat30": {},
     "feat100": {},
+    "feat300": {},
     # with +refine/+qat*/+squant: every model the fallback weighed is kept (quantize --keep-candidates)
     # and scored on the held-out images too, the written one marked
     "cands": {},
@@ -83,7 +84,7 @@ QAT_DATA = {"qat": {"data": "calib"}, "qatgen": {"data": "generator", "generator
 QAT_VARIANTS = {"sqstart": {"start": "squant"}, "nearstart": {"start": "nearest"}, "refstart": {"start": "refine"},
                 "defaultsteps": {"iters": None},
                 "mixup": {"mix": "mixup"}, "cutmix": {"mix": "cutmix"},
-                **{f"feat{w}": {"feature_weight": float(w)} for w in (10, 30, 100)}}
+                **{f"feat{w}": {"feature_weight": float(w)} for w in (10, 30, 100, 300)}}
 LSQ_LR = 1e-3
 ONLY_AT = {"mixed": (2, 3, 5, 6, 7), "nofirst": (2, 3, 4, 5, 6, 7)}  # the widths where a variant changes anything
 
