@@ -75,6 +75,7 @@ VARIANTS = {
     "feat30": {},
     "feat100": {},
     "feat300": {},
+    "nofeat": {},  # with +qat*: the logits alone (quantize --qat-feature-weight 0; the default before it was auto)
     # with +refine/+qat*/+squant: every model the fallback weighed is kept (quantize --keep-candidates)
     # and scored on the held-out images too, the written one marked
     "cands": {},
@@ -84,6 +85,7 @@ QAT_DATA = {"qat": {"data": "calib"}, "qatgen": {"data": "generator", "generator
 QAT_VARIANTS = {"sqstart": {"start": "squant"}, "nearstart": {"start": "nearest"}, "refstart": {"start": "refine"},
                 "defaultsteps": {"iters": None},
                 "mixup": {"mix": "mixup"}, "cutmix": {"mix": "cutmix"},
+                "nofeat": {"feature_weight": 0.0},
                 **{f"feat{w}": {"feature_weight": float(w)} for w in (10, 30, 100, 300)}}
 LSQ_LR = 1e-3
 ONLY_AT = {"mixed": (2, 3, 5, 6, 7), "nofirst": (2, 3, 4, 5, 6, 7)}  # the widths where a variant changes anything

@@ -462,6 +462,9 @@ QAT_OPTIMIZERS = ("adam", "sgd")
 QAT_LOSSES = ("mse", "kl")
 QAT_STARTS = ("auto", "nearest", "squant", "refine")
 QAT_MIXES = ("none", "mixup", "cutmix")
+# QAT's feature distillation weight by default on networks without depthwise convolutions
+# (README, 'Distilling every layer'); 0 on networks with them
+AUTO_FEATURE_WEIGHT = 100.0
 
 
 @dataclass(frozen=True)
@@ -503,7 +506,10 @@ class QatConfig:
     views alone. ``feature_weight``: adds that weight times the mean, over the trained layers, of
     each layer output's squared difference from the float model's relative to the float output's
     mean square (feature distillation: every image constrains every layer, not ten logits); 0
-    distils the logits alone.
+    distils the logits alone; None (the default): :data:`AUTO_FEATURE_WEIGHT` on a network
+    without depthwise convolutions, 0 on one with them (W4A4, 100 DSG images: ResNet-56 81.39
+    against 79.67, ResNet-20 79.42 against 78.95; MobileNet v1 0.75 48.22 against 50.56;
+    README, 'Distilling every layer').
     """
 
     iters: Optional[int] = None
@@ -526,12 +532,12 @@ class QatConfig:
     loss: str = "mse"
     start: str = "auto"
     mix: str = "none"
-    feature_weight: float = 0.0
+    feature_weight: Optional[float] = None
 
     def __post_init__(self):
         _require(self.iters is None or (_is_int(self.iters) and self.iters >= 0),
                  f"`qat.iters` must not be negative, got {self.iters}")
-        _require(_is_number(self.feature_weight) and self.feature_weight >= 0,
+        _require(self.feature_weight is None or (_is_number(self.feature_weight) and self.feature_weight >= 0),
                  f"`qat.feature_weight` must not be negative, got {self.feature_weight}")
         _require(self.mix in QAT_MIXES, f"`qat.mix` must be one of {', '.join(QAT_MIXES)}, got {self.mix!r}")
         _require(self.data in QAT_DATA, f"`qat.data` must be one of {', '.join(QAT_DATA)}, got {self.data!r}")
@@ -566,9 +572,15 @@ class QatConfig:
         """This config with ``iters`` resolved."""
         return replace(self, iters=self.iters if self.iters is not None else device_defaults(device_type).qat_iters)
 
-    def resolved(self, plain: "Rounding") -> "QatConfig":
-        """This config with ``start`` ``auto`` made the rounding ``plain`` (as :meth:`RefineConfig.resolved`)."""
-        return self if self.start != "auto" else replace(self, start=_start_from(plain))
+    def resolved(self, plain: "Rounding", depthwise: bool) -> "QatConfig":
+        """This config with ``start`` ``auto`` made the rounding ``plain`` (as :meth:`RefineConfig.resolved`)
+        and ``feature_weight`` None made :data:`AUTO_FEATURE_WEIGHT` on a network without depthwise
+        convolutions, 0 on one with them (``depthwise``)."""
+        start = _start_from(plain) if self.start == "auto" else self.start
+        weight = self.feature_weight
+        if weight is None:
+            weight = 0.0 if depthwise else AUTO_FEATURE_WEIGHT
+        return replace(self, start=start, feature_weight=weight)
 
     def to_dict(self) -> dict:
         return _to_dict(self)

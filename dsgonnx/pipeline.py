@@ -514,7 +514,8 @@ def _refine(prepared: Path, out: Path, ranges, weights, activations, images, hol
     from .quant.qdq import excluded_nodes, weight_top
     from .refine import refine_model
 
-    exclude, _ = excluded_nodes(onnx.load(str(prepared)), config.exclude, config.logits)
+    prepared_model = onnx.load(str(prepared))
+    exclude, _ = excluded_nodes(prepared_model, config.exclude, config.logits)
     placement = placement_of(prepared, ranges, weights, activations, per_channel=config.per_channel,
                              reduce_range=reduce_range, exclude=config.exclude, logits=config.logits, keep_8bit=kept)
     weights8, _ = resolve_bits(8, 8, config.target)
@@ -524,8 +525,14 @@ def _refine(prepared: Path, out: Path, ranges, weights, activations, images, hol
     if config.qat is not None:
         from .refine.qat import qat_model
 
-        # start where quantize without --qat is (and what --fallback weighs it against)
-        qat = config.qat.resolved(config.plain_rounding())
+        # start where quantize without --qat is (and what --fallback weighs it against); distil the
+        # layers' outputs too unless the network has depthwise convolutions
+        depthwise = depthwise_layers(prepared_model, config.exclude)
+        qat = config.qat.resolved(config.plain_rounding(), bool(depthwise))
+        if config.qat.feature_weight is None:
+            say(f"qat: feature distillation weight {qat.feature_weight:g} ("
+                + (f"{len(depthwise)} depthwise convolutions" if depthwise else "no depthwise convolutions")
+                + "; --qat-feature-weight sets it)")
         start = None
         if qat.start == "refine":  # reconstruct first, on the same images and grids; train from its result
             start = refine_model(prepared, out.with_name(f"start-{out.name}"), placement, images, holdout,

@@ -147,8 +147,8 @@ def test_a_squant_start_holds_squants_integers_on_the_students_grid_bias_correct
         qat_module.qat_model(setup["model"], setup["folder"] / "unresolved.onnx", None, None, None, exclude=set(),
                              per_channel=True, weight_top=7, config=QatConfig())
     for plain, start in ((Rounding.SQUANT, "squant"), (Rounding.NEAREST, "nearest")):
-        assert QatConfig().resolved(plain).start == RefineConfig().resolved(plain).start == start
-    assert QatConfig(start="refine").resolved(Rounding.SQUANT).start == "refine"
+        assert QatConfig().resolved(plain, False).start == RefineConfig().resolved(plain).start == start
+    assert QatConfig(start="refine").resolved(Rounding.SQUANT, False).start == "refine"
 
 
 def test_a_refine_start_holds_the_reconstructions_integers_and_steps_and_trains_from_them(setup):

@@ -133,9 +133,10 @@ def _given(values: dict, fields: dict) -> dict:
               help="Blend half of each batch's calibration images pairwise: mixup (a weighted sum) or cutmix (a box "
                    "of another image), the teacher labelling each blend [default: none].")
 @click.option("--qat-feature-weight", type=float, metavar="W",
-              help="Also distil every trained layer's output: W times the mean over those layers of the squared "
-                   "difference from the float model's, relative to the float output's mean square [default: 0, "
-                   "logits only].")
+              help="Also distil every trained layer's output: W times the mean over those layers of its squared "
+                   "difference from the float model's, relative to the float output's square; 0: the logits alone "
+                   "[default: 100 on networks without depthwise convolutions (W4A4 ResNet-56 81.39 vs 79.67), 0 "
+                   "with them (MobileNet v1 0.75 48.22 vs 50.56); see README].")
 @click.option("--qat-time-budget", type=float, metavar="SECONDS", help="Stop QAT after this long and export what it learned.")
 @click.option("--qat-checkpoint", type=click.Path(dir_okay=False), help="Save the QAT state to this file as it trains.")
 @click.option("--qat-resume", is_flag=True, help="Continue QAT from --qat-checkpoint.")

@@ -132,12 +132,16 @@ class FeatureTaps:
         return hook
 
     def loss(self) -> torch.Tensor:
-        """The mean over the layers of the student output's squared difference from the teacher's,
-        relative to the teacher output's mean square; the kept outputs are dropped."""
+        """The mean over the layers and samples of each sample's squared difference from the
+        teacher's output relative to the teacher output's square (per sample, so that torchrun's
+        shares of a batch add up to the whole batch's); the kept outputs are dropped."""
         if set(self.student) != set(self.teacher) or not self.teacher:
             raise RuntimeError("qat: the teacher's and the student's layer outputs were not both recorded")
-        terms = [F.mse_loss(self.student[i].float(), t.float()) / t.float().pow(2).mean().clamp_min(1e-12)
-                 for i, t in self.teacher.items()]
+        terms = []
+        for i, t in self.teacher.items():
+            t = t.float().flatten(1)
+            error = (self.student[i].float().flatten(1) - t).pow(2).sum(1)
+            terms.append((error / t.pow(2).sum(1).clamp_min(1e-12)).mean())
         self.teacher.clear()
         self.student.clear()
         return torch.stack(terms).mean()
@@ -351,9 +355,10 @@ def qat_model(model_path: Path, output_path: Path, placement: Placement, images:
     ``start``: with ``config.start`` ``refine``, the reconstruction of the same model and grids
     to start from.
     """
-    if config.start == "auto":
-        raise ValueError("qat_model starts from nearest, squant or refine, got 'auto' "
-                         "(quantize resolves it: QatConfig.resolved)")
+    if config.start == "auto" or config.feature_weight is None:
+        raise ValueError("qat_model takes a resolved start (nearest, squant or refine) and feature weight, got "
+                         f"start {config.start!r}, feature_weight {config.feature_weight!r} "
+                         "(quantize resolves them: QatConfig.resolved)")
     started = time.perf_counter()
     torch_device = resolve_device(device)
     config = config.for_device(torch_device.type)
