@@ -255,8 +255,12 @@ def main(argv=None) -> int:
                      "training starts from SQuant's rounding at 4 bits or fewer (`--qat-start auto`), from nearest "
                      "rounding in rows `…+nearstart` and in the W4A4 cells the notes say were measured before "
                      "commit 4c40750, from reconstruction's result in rows `…+refstart` (`--qat-start refine`, "
-                     "reconstructed with the profile's refine settings); the `synthesis s` column adds the "
-                     "training's seconds (and the reconstruction's).", ""]
+                     "reconstructed with the profile's refine settings); the logits alone are distilled "
+                     "(`--qat-feature-weight 0`) but in the cells the notes say were measured at or after commit "
+                     "07db876, where every trained layer's output is distilled too on networks without depthwise "
+                     "convolutions (`auto`: weight 100), and in rows `…+featW` (weight W; rows `…+nofeat`: the "
+                     "logits alone); the `synthesis s` column adds the training's seconds (and the reconstruction's).",
+                     ""]
                     if (trained := [json.dumps({k: v for k, v in r["qat"].items()
                                                 if k not in ("data", "generator_loss", "start")})
                                     for r in results["rows"].values() if r.get("qat")]) else []),

@@ -100,8 +100,8 @@ def _given(values: dict, fields: dict) -> dict:
                    "4 bits or fewer, else nearest; W4A4 EfficientNet-Lite0 +6.55 with real images, ResNet-20 DSG "
                    "-1.41, other ResNets within 0.34; see README) [default: auto].")
 @click.option("--qat", is_flag=True,
-              help="Quantization-aware training (W4A4 on 100 DSG images, CPU budgets: ResNet-20/56 78.67/80.00 vs "
-                   "plain PTQ 74.94/72.34, MobileNet v1 0.75 42.22 vs 38.67; see README): "
+              help="Quantization-aware training (W4A4 on the 100 batch-aligned DSG images it makes, CPU budgets: "
+                   "ResNet-20/56 78.87/80.93 vs plain PTQ 76.92/71.41, MobileNet v1 0.75 50.56 vs 38.22; see README): "
                    "distil the float model into the quantized one on a generator's fresh images or the calibration data.")
 @click.option("--qat-iters", type=int, help="QAT steps [default: 10000 on CUDA, 2000 on CPU].")
 @click.option("--qat-lr", type=float, help="QAT learning rate of the weights and biases (Adam, cosine) [default: 1e-4].")
@@ -135,8 +135,8 @@ def _given(values: dict, fields: dict) -> dict:
 @click.option("--qat-feature-weight", type=float, metavar="W",
               help="Also distil every trained layer's output: W times the mean over those layers of its squared "
                    "difference from the float model's, relative to the float output's square; 0: the logits alone "
-                   "[default: 100 on networks without depthwise convolutions (W4A4 ResNet-56 81.39 vs 79.67), 0 "
-                   "with them (MobileNet v1 0.75 48.22 vs 50.56); see README].")
+                   "[default: 100 on networks without depthwise convolutions (W4A4 ResNet-56 80.93 vs 79.67), 0 "
+                   "with them (MobileNet v1 0.75: 50.33 vs 50.56, no gain measured); see README].")
 @click.option("--qat-time-budget", type=float, metavar="SECONDS", help="Stop QAT after this long and export what it learned.")
 @click.option("--qat-checkpoint", type=click.Path(dir_okay=False), help="Save the QAT state to this file as it trains.")
 @click.option("--qat-resume", is_flag=True, help="Continue QAT from --qat-checkpoint.")

@@ -558,7 +558,9 @@ def qat_model(model_path: Path, output_path: Path, placement: Placement, images:
                     save()
                 break
         if failed:
-            raise DataError(f"qat: the distillation loss ({LOSS_NAMES[config.loss]}) became "
+            term = ("feature distillation" if taps is not None and not bool(torch.isfinite(features))
+                    else LOSS_NAMES[config.loss])
+            raise DataError(f"qat: the distillation loss ({term}) became "
                             f"{float(value) if ranks is None else 'non-finite on a rank'} at step {step + 1}; lower --qat-lr")
         optimiser.step()
         step += 1
