@@ -283,7 +283,7 @@ def test_feature_distillation_trains_every_layers_output_towards_the_float_model
         assert all(s == t for s, t in shapes), shapes
         assert all(taps.student[i].requires_grad and not taps.teacher[i].requires_grad for i in taps.teacher)
         value = original(taps)
-        calls.append((len(shapes), shapes[0][0][0], float(value)))
+        calls.append((len(shapes), shapes[0][0][0], float(value.detach())))
         return value
 
     monkeypatch.setattr(qat_module.FeatureTaps, "loss", recording)
