@@ -18,12 +18,13 @@ from click.testing import CliRunner
 from onnx import numpy_helper
 
 from dsgonnx import QatConfig, QuantConfig, RefineConfig, Rounding, quantize
+from dsgonnx.config import AUTO_FEATURE_WEIGHT
 from dsgonnx.errors import DataError
 from dsgonnx.graph.onnx_io import load_model
 from dsgonnx.quant.placement import read_placement
 from dsgonnx.synth import SynthConfig, synthesize
 from dsgonnx_cli.main import cli
-from zoo import export_tiny_resnet
+from zoo import export_tiny_mobile, export_tiny_resnet
 
 
 @pytest.fixture(scope="module")
@@ -303,6 +304,14 @@ def test_feature_distillation_trains_every_layers_output_towards_the_float_model
     assert [(n, batch) for n, batch, _ in calls] == [(layers, 16)] * 2
     with pytest.raises(DataError, match="feature_weight"):
         QatConfig(feature_weight=-1)
+    # the default (auto): on with the weight measured on the ResNets, off on a network with a depthwise convolution
+    resnet = _quantize(setup, "features-auto", QatConfig(iters=0), holdout=0)
+    assert resnet.refine["config"]["feature_weight"] == AUTO_FEATURE_WEIGHT > 0
+    mobile = quantize(str(export_tiny_mobile(setup["folder"] / "mobile.onnx")),
+                      QuantConfig(output=str(setup["folder"] / "features-mobile.onnx"), qat=QatConfig(iters=0), wbits=4,
+                                  abits=4, calib=str(setup["npz"]), num_samples=64, force=True, validate=False,
+                                  fallback=False, holdout=0))
+    assert mobile.refine["config"]["feature_weight"] == 0
 
 
 def test_mixing_blends_half_the_batch_with_a_partner_and_is_seeded():
