@@ -528,13 +528,13 @@ def qat_model(model_path: Path, output_path: Path, placement: Placement, images:
             x = x.to(torch_device)
             with torch.no_grad():
                 if taps is not None:
-                    taps.on = trainer is None  # with the generator's images too, the teacher runs again on all
+                    taps.on = trainer is None  # else the teacher's layers are read below, on the whole batch
                 parts.append((x, logits(teacher(x))))
         x = torch.cat([part[0] for part in parts]) if len(parts) > 1 else parts[0][0]
         target = torch.cat([part[1] for part in parts]) if len(parts) > 1 else parts[0][1]
         if taps is not None:
             taps.on = True
-            if len(parts) > 1 or trainer is not None:  # the generator's images: the teacher's layers run again
+            if trainer is not None:  # the generator's images in the batch: the teacher's layers run again on all
                 with torch.no_grad():
                     teacher(x)
         loss = distillation(logits(student(x)), target, config.temperature, config.loss)
