@@ -48,6 +48,7 @@ VARIANTS = {
     "calpool": {"pool_range": "calibrated"},  # pooled features on their own calibrated range (the default before)
     "nofirst": {"first_layer_8bit": False},  # input and first layer at the low width too (below 8 bits)
     "lsq": {},  # with +refine: the activation steps learned too (quantize --refine-act-lr LSQ_LR)
+    "views4": {},  # with +refine: each calibration image and 3 flipped/shifted views of it (quantize --refine-views 4)
     "squant": {"rounding": "squant"},  # SQuant's data-free flips instead of nearest rounding
     "nearest": {"rounding": "nearest"},  # nearest rounding where the default (auto) is SQuant's (4 bits or fewer)
     "nofallback": {"fallback": False},  # with +refine/+qat*: the learned model even where plain rounding is closer
@@ -153,6 +154,10 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
                 if not refine_method:
                     raise SystemExit(f"row {row!r}: +lsq learns activation steps while refining; add +refine")
                 refine_settings["act_lr"] = LSQ_LR
+            if "views4" in variants:
+                if not refine_method:
+                    raise SystemExit(f"row {row!r}: +views4 adds views to reconstruction's images; add +refine")
+                refine_settings["views"] = 4
             settings = {k: v for variant in variants for k, v in VARIANTS[variant].items()}
             row_calibrator = settings.pop("calibrator", calibrator)
             learning = [v for v in variants if v in QAT_DATA]

@@ -388,7 +388,9 @@ class RefineConfig:
     grid: the elements it rounds the other way start mirrored about ½), or ``auto`` (the
     default): the rounding quantize writes without ``refine``
     (:meth:`QuantConfig.plain_rounding`: SQuant's at 4 bits or fewer, else nearest), as QAT's
-    ``auto``. Measured on the benchmark's W4A4 rows (README, 'Where reconstruction starts'):
+    ``auto``. ``views``: each calibration image enters reconstruction as that many views, itself
+    and ``views`` − 1 flipped and shifted copies (as QAT's, drawn once from the run's seed).
+    Measured on the benchmark's W4A4 rows (README, 'Where reconstruction starts'):
     SQuant's start is ahead or level on EfficientNet-Lite0 with every source (+6.55 with real
     images, level with DSG's, +2.78 BN-folded), level on MobileNet v1 0.75, within
     0.34 on the ResNets but for ResNet-20 with DSG images (−1.41; +0.77 BN-folded ResNet-20).
@@ -409,9 +411,12 @@ class RefineConfig:
     scale_search: bool = True
     act_lr: float = 0.0
     start: str = "auto"
+    views: int = 1
 
     def __post_init__(self):
         object.__setattr__(self, "method", RefineMethod.parse(self.method, "refine"))
+        _require(_is_int(self.views) and self.views >= 1,
+                 f"`refine.views` (views of each calibration image) must be at least 1, got {self.views}")
         _require(self.start in REFINE_STARTS,
                  f"`refine.start` must be one of {', '.join(REFINE_STARTS)}, got {self.start!r}")
         _require(_is_number(self.act_lr) and 0 <= self.act_lr < 1,

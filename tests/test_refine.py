@@ -231,11 +231,33 @@ def test_cli_refine_reports_units_and_rejects_bad_options(setup):
     for args, message in ((["--refine", "brecq", "--refine-iters", "-1"], "must not be negative"),
                           (["--refine-iters", "20"], "need --refine"),
                           (["--refine", "adaround", "--refine-drop", "1.5"], "drop probability"),
-                          (["--refine", "brecq", "--refine-act-lr", "-0.1"], "activation step learning rate")):
+                          (["--refine", "brecq", "--refine-act-lr", "-0.1"], "activation step learning rate"),
+                          (["--refine", "brecq", "--refine-views", "0"], "views of each calibration image")):
         bad = runner.invoke(cli, ["quantize", str(setup["model"]), "-o", str(setup["folder"] / "bad.onnx"),
                                   "--calib", "gaussian", *args])
         assert bad.exit_code == 2 and message in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
         assert not (setup["folder"] / "bad.onnx").exists()
+
+
+def test_views_are_flipped_and_shifted_copies_the_reconstruction_learns_from(setup):
+    """--refine-views 3: each calibration image and two new views of it (left-right flips and
+    shifts with replicated edges: no value outside the image's own), drawn from the seed."""
+    import torch
+
+    from dsgonnx.refine.views import with_views
+
+    images = torch.from_numpy(setup["calib"])
+    views = with_views(images, 3, seed=0)
+    assert views.shape == (3 * len(images), *images.shape[1:]) and torch.equal(views[: len(images)], images)
+    assert torch.equal(views, with_views(images, 3, seed=0)) and not torch.equal(views, with_views(images, 3, seed=1))
+    for copy in (views[len(images) : 2 * len(images)], views[2 * len(images) :]):
+        assert not torch.equal(copy, images)
+        low, high = images.amin(dim=(2, 3)), images.amax(dim=(2, 3))
+        assert torch.all(copy.amin(dim=(2, 3)) >= low) and torch.all(copy.amax(dim=(2, 3)) <= high)
+    assert with_views(images, 1, seed=0) is images
+    report = _refine(setup, "brecq", views=3, iters=20).report
+    assert report["calibration_samples"] == 3 * len(images) and report["config"]["views"] == 3
+    assert report["held_out_samples"] == len(setup["held"])  # the held-out samples get no views
 
 
 def test_refine_config_rejects_bad_settings():

@@ -43,6 +43,7 @@ from .blocks import Unit, concat, join_nodes, partition, run_unit, take, tensors
 from .quantizers import ActQuant, QuantLayer, weight_scales
 from .ranks import Ranks, images_digest, run_digest
 from .simulate import first_output, insert_activation_quant, layer_module
+from .views import with_views
 
 
 @dataclass
@@ -187,7 +188,7 @@ def refine_model(model_path: Path, output_path: Path, placement: Placement, imag
     units = partition(module, set(by_node), join_nodes(module, op_types), config.method, config.block_layers)
     trained = [u for u in units if u.layers]
 
-    calib = torch.from_numpy(np.asarray(images, dtype=np.float32))
+    calib = with_views(torch.from_numpy(np.asarray(images, dtype=np.float32)), config.views, seed)
     held = torch.from_numpy(np.asarray(eval_images, dtype=np.float32)) if eval_images is not None and len(eval_images) else None
     rows = torch.cat([calib, held]) if held is not None else calib
     world = distributed.world()
