@@ -18,6 +18,7 @@ from onnx import numpy_helper
 
 from dsgonnx.errors import DataError
 from dsgonnx.graph.onnx_io import load_model
+from dsgonnx.hardware import needs_reduce_range
 from dsgonnx.pipeline import quantize
 from dsgonnx.quant import QuantConfig
 from dsgonnx.quant.bits import resolve_bits
@@ -184,8 +185,14 @@ def test_qdq_model_holds_exactly_the_learned_integers(setup, bits, reduce_range)
     assert all(np.abs(learned[n].integers).max() == 127 for n in first & set(learned))
     decided = json.loads({p.key: p.value for p in onnx.load(str(out)).metadata_props}["dsgonnx.decisions"])["refine"]
     assert (decided["method"], decided["layers"]) == ("adaround", 6)
-    # the simulation refine trained against is the exported model (test_fidelity.py checks it tensor by tensor)
-    assert decided["fidelity"]["agreement"] >= 0.9 and decided["fidelity"]["sqnr_db"] >= 30, decided["fidelity"]
+    # the simulation refine trained against is the exported model (test_fidelity.py checks it tensor by tensor),
+    # where ORT computes it exactly: at 8 bits without reduce_range an x86 CPU without VNNI sums u8×s8 pairs
+    # in saturating 16-bit lanes (dsgonnx.hardware), so the file itself is off by more than the bound there
+    fidelity = decided["fidelity"]
+    if bits == 8 and not reduce_range and needs_reduce_range():
+        assert fidelity["agreement"] >= 0.9, fidelity
+    else:
+        assert fidelity["agreement"] >= 0.9 and fidelity["sqnr_db"] >= 30, fidelity
 
 
 def _agreement(model, quantized, images):
