@@ -245,7 +245,9 @@ def main(argv=None) -> int:
                      f"(`dsgonnx quantize --refine`) with {refined[0]}, starting where quantize without "
                      "`--refine` is (`--refine-start auto`: SQuant's rounding at 4 bits or fewer, else nearest; "
                      "nearest rounding in the W4A4 cells the notes say were measured before that default, and in "
-                     "rows `…+refine+nearstart`), from SQuant's rounding in rows `…+refine+sqstart`.", ""]
+                     "rows `…+refine+nearstart`), from SQuant's rounding in rows `…+refine+sqstart`; rows `…+lsq` "
+                     "learn the activation steps too (`--refine-act-lr 1e-3`), rows `…+views4` reconstruct on each "
+                     "image and 3 flipped and shifted copies of it (`--refine-views 4`).", ""]
                     if (refined := [json.dumps({k: v for k, v in r["refine"].items() if k != "start"})
                                     for r in results["rows"].values() if r.get("refine")]) else []),
                   *([f"Rows `…+qat`, `…+qatgen`, `…+qatgdfq`: calibrated on the same images, then quantization-aware "
