@@ -267,6 +267,14 @@ def test_views_are_flipped_and_shifted_copies_the_reconstruction_learns_from(set
     assert report["held_out_samples"] == len(setup["held"])  # the held-out samples get no views
 
 
+def test_views_that_would_not_fit_in_memory_are_refused_before_any_work(setup, monkeypatch):
+    import dsgonnx.hardware
+
+    monkeypatch.setattr(dsgonnx.hardware, "available_memory", lambda: 2**20)  # 1 MiB: too little for 3 × 64 views
+    with pytest.raises(DataError, match=r"`num_samples × refine.views` 192 images of 3×16×16 need about"):
+        _refine(setup, "brecq", views=3, iters=1)
+
+
 def test_refine_config_rejects_bad_settings():
     with pytest.raises(DataError, match="`refine` must be a RefineConfig"):
         QuantConfig(refine=3)

@@ -36,6 +36,7 @@ from ..config import RefineConfig, RefineMethod
 from ..errors import UnsupportedModelError
 from ..graph.onnx_io import load_model
 from ..graph.to_torch import resolve_device, to_torch
+from ..hardware import check_image_memory
 from ..progress import Progress, say
 from ..quant.placement import Placement
 from ..quant.qdq import quantized_weights
@@ -188,6 +189,8 @@ def refine_model(model_path: Path, output_path: Path, placement: Placement, imag
     units = partition(module, set(by_node), join_nodes(module, op_types), config.method, config.block_layers)
     trained = [u for u in units if u.layers]
 
+    if config.views > 1:  # the views are held, and run through every unit, beside the images
+        check_image_memory(len(images) * config.views, np.shape(images)[1:], "num_samples × refine.views")
     calib = with_views(torch.from_numpy(np.asarray(images, dtype=np.float32)), config.views, seed)
     held = torch.from_numpy(np.asarray(eval_images, dtype=np.float32)) if eval_images is not None and len(eval_images) else None
     rows = torch.cat([calib, held]) if held is not None else calib
