@@ -20,7 +20,6 @@ from onnx import numpy_helper
 from dsgonnx import QatConfig, QuantConfig, RefineConfig, Rounding, quantize
 from dsgonnx.config import AUTO_FEATURE_WEIGHT
 from dsgonnx.errors import DataError
-from dsgonnx.hardware import needs_reduce_range
 from dsgonnx.graph.onnx_io import load_model
 from dsgonnx.quant.placement import read_placement
 from dsgonnx.synth import SynthConfig, synthesize
@@ -126,8 +125,7 @@ def test_a_squant_start_holds_squants_integers_on_the_students_grid_bias_correct
         # the same grid, the nearest integers of the same float weight, and SQuant's flips of them written
         np.testing.assert_array_equal(start.scales, plain.scales)
         np.testing.assert_allclose(scales, plain.scales, rtol=1e-6)
-        # the first layer stays at 8 bits (±63 with reduce_range, on an x86 CPU without VNNI)
-        assert top == ((63 if needs_reduce_range() else 127) if name == names[0] else 7)
+        assert top == (127 if name == names[0] else 7)  # the first layer stays at 8 bits
         np.testing.assert_array_equal(np.clip(np.rint(weight / scales.reshape(-1, *[1] * (weight.ndim - 1))), -top, top),
                                       plain.integers)
         np.testing.assert_array_equal(start.integers, integers)
