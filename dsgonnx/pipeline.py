@@ -126,9 +126,7 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
     if reduce_range is None:
         from .hardware import needs_reduce_range
 
-        # 8-bit weights (below 8 bits: the first layer's and --mixed's) on an x86 CPU without VNNI,
-        # whose u8×s8 kernels would saturate; reduce_range moves no simulated width (weight_top)
-        reduce_range = config.target == "cpu" and needs_reduce_range()
+        reduce_range = config.target == "cpu" and weights.bits == 8 and needs_reduce_range()
     say(f"quantize: W{config.wbits}A{config.abits} for {config.target} "
         f"(weights {weights.quant_type.name}{' simulated' if weights.simulated else ''}, activations "
         f"{activations.quant_type.name}{' simulated' if activations.simulated else ''}"

@@ -521,23 +521,3 @@ def test_noise_floor_nudges_each_chosen_bias_integer_by_one_step_and_nothing_els
         else:
             assert np.array_equal(after[name], value)
     assert nudge_biases(model, 0.0, np.random.default_rng(0)) == 0
-
-
-def test_without_vnni_the_8_bit_first_layer_gets_reduce_range_below_8_bits_too(setup, monkeypatch):
-    """An x86 CPU without VNNI sums u8×s8 pairs in saturating 16-bit lanes (dsgonnx.hardware):
-    below 8 bits the first layer is still 8-bit, so its weights take reduce_range's ±63 there
-    (±127 elsewhere), while the 4-bit weights stay on their own ±7 grid either way."""
-    import dsgonnx.hardware
-
-    for needs, top in ((True, 63), (False, 127)):
-        monkeypatch.setattr(dsgonnx.hardware, "needs_reduce_range", lambda info=None, answer=needs: answer)
-        result, out = _quantize(setup, f"w4-reduce-{needs}.onnx", wbits=4, abits=4)
-        assert result.bits["reduce_range"] is needs
-        model = onnx.load(str(out))
-        inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-        weights = {node.input[0][: -len("_quantized")]: np.abs(inits[node.input[0]].astype(np.int64)).max()
-                   for node in model.graph.node if node.op_type == "DequantizeLinear"
-                   and node.input[0] in inits and inits[node.input[0]].ndim > 1}  # conv weights, not biases
-        first = set(result.decisions["first_layer_8bit"]["tensors"]) & set(weights)
-        assert first and all(weights[name] == top for name in first), (needs, weights)
-        assert all(weights[name] <= 8 for name in set(weights) - first), (needs, weights)  # INT4: [-8, 7]
