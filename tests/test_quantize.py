@@ -14,6 +14,7 @@ from click.testing import CliRunner
 from onnx import helper, numpy_helper
 
 from dsgonnx.artifacts import SyntheticSet
+from dsgonnx.hardware import needs_reduce_range
 from dsgonnx.pipeline import quantize
 from dsgonnx.preprocess import PRESETS
 from dsgonnx.quant import QuantConfig
@@ -138,7 +139,9 @@ def test_first_layer_stays_8_bit_below_8_bits(setup):
     assert 0 < first["weight_share"] < 1
     weights = {n.input[0]: w for n, w in _weight_dq(model)}
     first_weight = next(w for name, w in weights.items() if "conv1" in name)
-    assert np.abs(first_weight).max() == 127  # the 8-bit grid, its scale fitted to the weight
+    # the 8-bit grid, its scale fitted to the weight: ORT's reduced one, ±64, on a CPU without VNNI
+    assert np.abs(first_weight).max() == (64 if result.bits["reduce_range"] else 127)
+    assert result.bits["reduce_range"] is needs_reduce_range()
     assert all(np.abs(w).max() <= 31 for name, w in weights.items() if "conv1" not in name)
     clipped = _clipped(model)
     assert "input" not in clipped and "/Relu_output_0" not in clipped  # 8-bit: no simulated-bit Clip
@@ -167,6 +170,27 @@ def test_int4_models_keep_the_first_layer_in_8_bit_types(setup):
         assert numpy_helper.to_array(inits[node.input[1]]).shape == (weight.shape[0],), node.input[0]
 
 
+@pytest.mark.parametrize("wbits,narrow", [(4, (-8, 7)), (6, (-31, 31))])
+def test_reduce_range_narrows_only_the_8_bit_weights(setup, wbits, narrow):
+    """On a CPU without VNNI ORT's u8·s8 kernels saturate at ±127: the 8-bit first layer of a
+    low-bit model takes ORT's reduced grid, ±64, and the B-bit weights keep their whole grid
+    (ORT's own reduce_range would narrow native INT4 to [-4, 3])."""
+    result, out = _quantize(setup, f"reduced-w{wbits}.onnx", wbits=wbits, abits=wbits, reduce_range=True)
+    assert result.bits["reduce_range"] is True
+    model = onnx.load(str(out))
+    inits = {t.name: t for t in model.graph.initializer}
+    for node, weight in _weight_dq(model):
+        scales = numpy_helper.to_array(inits[node.input[1]]).astype(np.float64)
+        low, high = (-64, 64) if "conv1" in node.input[0] else narrow
+        assert low <= weight.min() and weight.max() <= high, node.input[0]
+        # each channel's scale fits its largest weight to the grid's end (a narrower grid would leave the end unused)
+        ends = np.abs(weight.astype(np.int64)).reshape(len(weight), -1).max(axis=1)
+        assert ends.max() == max(-low, high), node.input[0]
+        assert scales.shape == (len(weight),)
+    plain, _ = _quantize(setup, f"full-w{wbits}.onnx", wbits=wbits, abits=wbits, reduce_range=False)
+    assert plain.bits["reduce_range"] is False
+
+
 def test_a_kept_8_bit_grid_is_not_clipped_where_ort_shares_it(tmp_path):
     """ORT gives a Pad (MaxPool, Reshape, ...) its input's quantization grid; when that input
     stays at 8 bits, the padded integers must not be clipped to the 6-bit range (they were:
@@ -189,8 +213,8 @@ def test_a_kept_8_bit_grid_is_not_clipped_where_ort_shares_it(tmp_path):
     images = np.random.default_rng(1).uniform(-1, 1, (4, 3, 8, 8)).astype(np.float32)
     weights, activations = resolve_bits(6, 6, "cpu")
     ranges = compute_ranges(prepared, ArrayReader("input", images, 4), "minmax", activations)
-    quantize_qdq(prepared, tmp_path / "q.onnx", ranges, weights, activations, per_channel=True, reduce_range=False,
-                 logits="quantize", keep_8bit={"input", "w"})
+    quantize_qdq(prepared, tmp_path / "q.onnx", ranges, weights, activations, per_channel=True,
+                 reduce_range=needs_reduce_range(), logits="quantize", keep_8bit={"input", "w"})
     q = onnx.load(str(tmp_path / "q.onnx"))
     scales = {n.input[0]: n.input[1] for n in q.graph.node if n.op_type == "QuantizeLinear"}
     assert scales["padded"] == scales["input"]  # ORT shares the grid (else this test proves nothing)

@@ -195,9 +195,13 @@ def refined_weight_overrides(refined: dict) -> dict:
     return overrides
 
 
+REDUCED_TOP = 64  # ORT's reduced INT8 range is [-64, 64] (quant_utils ONNX_INT_TYPE_REDUCED_RANGE)
+
+
 def weight_top(spec: BitSpec, reduce_range: bool) -> int:
-    """Largest weight integer: the B-bit grid's, 63 for 8-bit weights with reduce_range."""
-    return 63 if reduce_range and spec.bits == 8 else spec.levels[1]
+    """Largest weight integer: the B-bit grid's, 64 for 8-bit weights with reduce_range
+    (u8·s8 pairs then sum below 2^15: 2·255·64 = 32640)."""
+    return REDUCED_TOP if reduce_range and spec.bits == 8 else spec.levels[1]
 
 
 def ort_weight_range(spec: BitSpec, reduce_range: bool) -> tuple[int, int]:
@@ -305,12 +309,15 @@ def weight_share(model: onnx.ModelProto, names: Iterable[str]) -> float:
     return sum(sizes.get(name, 0) for name in set(names)) / total if total else 0.0
 
 
-def weight_overrides(model: onnx.ModelProto, spec: BitSpec, per_channel: bool, exclude: set[str]) -> dict:
-    """Symmetric B-bit scales for every weight ORT will quantize (simulated bits)."""
+def weight_overrides(model: onnx.ModelProto, top: int, per_channel: bool, exclude: set[str],
+                     names: Optional[set[str]] = None) -> dict:
+    """Symmetric scales of the grid ±``top`` for every weight ORT will quantize (or those of
+    them in ``names``)."""
     initializers = {t.name: t for t in model.graph.initializer}
-    top = spec.levels[1]
     overrides = {}
     for site in quantized_weights(model, exclude):
+        if names is not None and site.weight not in names:
+            continue
         weight = numpy_helper.to_array(initializers[site.weight]).astype(np.float64)
         if per_channel and site.axis is not None:
             reduce = tuple(i for i in range(weight.ndim) if i != site.axis)
@@ -347,7 +354,9 @@ def quantize_qdq(
     model's weights must already be scale·integer. ``learned_activations``: tensor -> learned
     (scale, zero point), written as they are. ``keep_8bit``: weights and activations
     (tensor names) that stay on the 8-bit grid when the others are simulated (mixed
-    precision). Returns what was decided: excluded nodes, the final layer, simulated tensors.
+    precision). ``reduce_range``: the 8-bit weights on ORT's reduced grid, ±64 (CPUs without
+    VNNI, whose u8·s8 kernels saturate at ±127); below 8 bits that is only the kept ones.
+    Returns what was decided: excluded nodes, the final layer, simulated tensors.
     """
     logits = LogitsPolicy.parse(logits, "logits")
     keep_8bit = set(keep_8bit)
@@ -374,8 +383,13 @@ def quantize_qdq(
             source = Path(scratch) / "opset21.onnx"
             onnx.save(model, str(source))
         if weights.simulated:
-            overrides = weight_overrides(model, weights, per_channel, set(exclude))
+            overrides = weight_overrides(model, weights.levels[1], per_channel, set(exclude))
             extra["TensorQuantOverrides"].update({k: v for k, v in overrides.items() if k not in keep_8bit})
+        if reduce_range and weights.bits != 8:
+            # ORT's reduce_range would narrow the B-bit (and native INT4) grids too: the 8-bit
+            # weights kept among them get ORT's reduced grid from explicit scales instead
+            extra["TensorQuantOverrides"].update(
+                weight_overrides(model, REDUCED_TOP, per_channel, set(exclude), names=keep_8bit))
         if refined:
             extra["TensorQuantOverrides"].update(refined_weight_overrides(refined))
         if learned_activations:
@@ -402,7 +416,7 @@ def quantize_qdq(
                     calibration_data_reader=None,
                     quant_format=QuantFormat.QDQ,
                     per_channel=per_channel,
-                    reduce_range=reduce_range,
+                    reduce_range=reduce_range and weights.bits == 8,
                     activation_type=activations.quant_type,
                     weight_type=weights.quant_type,
                     nodes_to_exclude=exclude,
