@@ -99,21 +99,27 @@ def test_above_4_bits_the_learned_model_is_checked_against_nearest_rounding_alon
 
 
 def test_a_better_learned_model_is_kept_judged_on_held_out_samples(setup):
-    # (KL: on this tiny random net every model follows the float one at about -5 dB on procedural
-    # images, and training on the squared difference ends 0.15 dB below plain rounding there
-    # while 4 dB above it on the held-out samples; KL's training is ahead on both probes)
+    # (the first layer on ORT's reduced 8-bit grid, ±64, as quantize gives it on a CPU without
+    # VNNI: ORT computes that model exactly on every x86 CPU, so the outcome is the same on all;
+    # with ±127 on a CPU without VNNI the written model is off the trained one, 13-16 dB)
+    # (the squared difference: measured with ±64, the learned model is ahead on both probes,
+    # +3.9 dB on the held-out samples (90% interval +2.8 to +5.0) and +1.9 on procedural images
+    # (+1.5 to +2.3), where every model follows the float one at about -5 dB; KL's training
+    # is 4.4 dB behind plain rounding on the held-out samples there, and ahead with ±127)
     # (the logits alone: the figures below are of that training; feature distillation, the default
     # on this net without depthwise convolutions, is tested in test_qat.py)
-    trained = QatConfig(iters=150, batch_size=32, lr=1e-3, augment=False, data="calib", loss="kl", feature_weight=0)
+    trained = QatConfig(iters=150, batch_size=32, lr=1e-3, augment=False, data="calib", loss="mse", feature_weight=0)
     # (DSG's per-sample alignment, the images these figures were measured on: on the batch-aligned
-    # images quantize --qat synthesizes by default, this tiny random net's KL run ends at 2.4 dB on
+    # images quantize --qat synthesizes by default, this tiny random net's KL run ended at 2.4 dB on
     # the held-out samples against plain rounding's 13.1, and the fallback rightly keeps plain)
     # (--rounding nearest: the plain model is nearest rounding alone; on this tiny model SQuant's
-    # rounding follows the float model more closely than this short QAT does, and so does plain
+    # rounding followed the float model more closely than this short QAT did, and so did plain
     # rounding on MSE ranges (9.1 vs 6.6 dB): the plain model here has MinMax ranges)
+    # (those two measured with KL and the first layer at ±127)
     result = quantize(str(setup["model"]), QuantConfig(output=str(setup["folder"] / "trained.onnx"), calib="dsg",
                                                        iters=40, holdout=32, qat=trained, rounding="nearest",
-                                                       calibrator="minmax", synth=PER_SAMPLE, **COMMON))
+                                                       calibrator="minmax", synth=PER_SAMPLE, reduce_range=True,
+                                                       **COMMON))
     check = result.decisions["qat"]["against_plain"]
     assert check["on"] == "held-out synthetic samples" and check["samples"] == 32
     assert check["kept"] == "learned" and "squant" not in check, check

@@ -88,10 +88,17 @@ def test_qat_trains_on_the_generator_when_asked_and_on_the_calibration_images_by
     report = result.refine
     assert report["data"] == "generator" and report["generator"]["loss"] == "dsg"
     assert report["generator"]["warmup_steps"] == 40 and report["generator"]["steps"] == 160
-    # the model learns the generator's images: its distillation loss on fresh batches falls (on the
-    # held-out DSG images it need not: measured, it rises on this net, see the README)
+    # the model learns the generator's images: its distillation loss on fresh batches ends far below
+    # that of the same run with the student held still (measured: 3.9 against 24.7); its fall within
+    # the run is no measure, as the generator's images change while it trains (measured: to 0.85 of
+    # the first logged losses on one machine, below 0.8 on another), and on the held-out DSG
+    # images it need not fall (measured, it rises on this net, see the README)
     start, end = np.mean(report["train_loss_start"]), np.mean(report["train_loss"])
-    assert end < 0.8 * start, report
+    assert end < start, report
+    still = _quantize(tiny, "gen_still", QatConfig(iters=120, batch_size=32, lr=1e-12, weight_step_lr=0, act_lr=0,
+                                                   generator_warmup=40, data="generator", start="nearest",
+                                                   feature_weight=0))
+    assert end < 0.5 * np.mean(still.refine["train_loss"]), (report, still.refine)
     assert report["distillation_after"] != report["distillation_before"]
     # zeroq calibration → GDFQ's loss
     zeroq = _quantize(tiny, "gen_zeroq", QatConfig(iters=2, batch_size=8, generator_warmup=1, data="generator"),
