@@ -80,6 +80,10 @@ VARIANTS = {
     # with +refine/+qat*/+squant: every model the fallback weighed is kept (quantize --keep-candidates)
     # and scored on the held-out images too, the written one marked
     "cands": {},
+    # the fallback's independent probe (quantize --fallback-probes): 32 inversion images made with the
+    # profile's iterations and synthesis settings, instead of (+invprobe) or beside (+bothprobes) procedural ones
+    "invprobe": {"fallback_probes": ("inversion",)},
+    "bothprobes": {"fallback_probes": ("procedural", "inversion")},
 }
 QAT_DATA = {"qat": {"data": "calib"}, "qatgen": {"data": "generator", "generator_loss": "dsg"},
             "qatgdfq": {"data": "generator", "generator_loss": "bns"}}
@@ -132,7 +136,7 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
     import numpy as np
     import torch
 
-    from dsgonnx import QatConfig, QuantConfig, RefineConfig, SynthConfig, SyntheticSet, ValidateConfig, quantize, synthesize, validate
+    from dsgonnx import QatConfig, QuantConfig, RefineConfig, SynthConfig, SynthOptions, SyntheticSet, ValidateConfig, quantize, synthesize, validate
     from dsgonnx.config import REFINE_STARTS
     from dsgonnx.graph.onnx_io import load_model
     from dsgonnx.graph.to_torch import resolve_device
@@ -160,6 +164,8 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
                 refine_settings["views"] = 4
             settings = {k: v for variant in variants for k, v in VARIANTS[variant].items()}
             row_calibrator = settings.pop("calibrator", calibrator)
+            if "inversion" in settings.get("fallback_probes", ()):  # the probe's synthesis as the profile's
+                settings.update(iters=iters, synth=SynthOptions(**(synth or {})))
             learning = [v for v in variants if v in QAT_DATA]
             if len(learning) > 1 or (learning and refine_method):
                 raise SystemExit(f"row {row!r}: one of +refine, +qat, +qatgen, +qatgdfq")

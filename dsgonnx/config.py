@@ -657,6 +657,10 @@ def _calibration_source(calib):
                     f"an array or a SyntheticSet; got {type(calib).__name__}")
 
 
+# the independent images the fallback can check a learned model on (besides the held-out samples)
+FALLBACK_PROBES = ("procedural", "inversion")
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """What to quantize to, calibrated on what, and how to check it (``dsgonnx.quantize``).
@@ -677,7 +681,8 @@ class QuantConfig:
     closely on any (a paired bootstrap over the probe's samples): the held-out synthetic
     samples (else the calibration images), procedural images, and, where the calibration
     images are procedural and ``refine``/``qat`` learn from them, 32 inversion images.
-    ``keep_candidates``: a folder where the fallback also writes every model it weighed
+    ``fallback_probes``: those independent images, chosen ("procedural", "inversion" or both)
+    instead of by that rule. ``keep_candidates``: a folder where the fallback also writes every model it weighed
     (``plain.onnx``, ``squant.onnx``, ``refined.onnx`` / ``trained.onnx``,
     ``refined-uncorrected.onnx``; :func:`dsgonnx.pipeline.candidate_files`), finished like the
     output, to be scored on data the user holds.
@@ -719,6 +724,7 @@ class QuantConfig:
     qat: Optional[QatConfig] = None
     fallback: bool = True  # after refine/qat/squant: plain rounding where it follows the float model more closely
     keep_candidates: Optional[str] = None  # a folder: every model the fallback weighed is written there too
+    fallback_probes: Optional[tuple[str, ...]] = None  # independent images the fallback checks on; None: auto
 
     def __post_init__(self):
         check_bits(self.wbits, self.abits, self.target)
@@ -756,6 +762,17 @@ class QuantConfig:
         _require(_is_number(self.mixed_budget) and 0 < self.mixed_budget <= 1,
                  f"`mixed_budget` is a share of the weights in (0, 1], got {self.mixed_budget!r}")
         check_thresholds(self.max_drop, self.min_agreement)
+        if self.fallback_probes is not None:
+            probes = self.fallback_probes
+            probes = tuple(p.strip() for p in probes.split(",")) if isinstance(probes, str) else tuple(probes)
+            _require(len(probes) > 0 and all(p in FALLBACK_PROBES for p in probes) and len(set(probes)) == len(probes),
+                     f"`fallback_probes` must name one or both of {', '.join(FALLBACK_PROBES)}, got "
+                     f"{','.join(map(str, probes)) or 'none'}")
+            object.__setattr__(self, "fallback_probes", probes)
+            _require(self.fallback and (self.refine is not None or self.qat is not None
+                                        or self.weight_rounding() != Rounding.NEAREST),
+                     "`fallback_probes` are the images --fallback checks on: it needs the fallback on and `refine`, "
+                     f"`qat` or SQuant's rounding (at W{self.wbits} without them quantize writes one model)")
         if self.keep_candidates is not None:
             _require(isinstance(self.keep_candidates, (str, os.PathLike)),
                      f"`keep_candidates` must be a folder path, got {type(self.keep_candidates).__name__}")

@@ -644,22 +644,26 @@ def _independent_probes(loaded: LoadedModel, config: QuantConfig, calib_info: di
     refined model without bias correction (+4.1 dB over SQuant's rounding on them, −3.1 dB on
     real images: 40.56 % top-1 against 63.67); on 32 inversion images it is measurably less
     close than the bias-corrected refined model, which is kept instead (57.11 %; README,
-    "BN-folded models").
+    "BN-folded models"). ``config.fallback_probes`` names them instead of this rule.
     """
     procedural = calib_info.get("method") == SynthMethod.PROCEDURAL.value
+    wanted = config.fallback_probes
+    if wanted is None:  # the rule above
+        wanted = (*(() if procedural and holdout is not None and len(holdout) else ("procedural",)),
+                  *(("inversion",) if procedural and learning in ("refine", "qat") else ()))
     probes = {}
-    if not (procedural and holdout is not None and len(holdout)):
+    if "procedural" in wanted:
         from .synth.procedural import procedural_images
 
         start = time.perf_counter()
         images = procedural_images(FALLBACK_SAMPLES, loaded.input.chw, config.seed, config.preprocess, PROBE_FIRST)
         probes["procedural images"] = {"images": images, "seconds": round(time.perf_counter() - start, 3)}
-    if procedural and learning in ("refine", "qat"):
+    if "inversion" in wanted:
         from .synth import SynthConfig, synthesize
 
         start = time.perf_counter()
         say(f"{learning}: {INVERSION_PROBE_SAMPLES} inversion images to check the learned model on "
-            "(the calibration images are procedural)")
+            + ("(the calibration images are procedural)" if config.fallback_probes is None else "(--fallback-probes)"))
         made_as = SynthConfig.from_options(replace(config.synth, alignment=None), method=SynthMethod.INVERSION,
                                            num_samples=INVERSION_PROBE_SAMPLES, iters=config.iters,
                                            seed=config.seed + PROBE_FIRST, device=config.device,

@@ -16,9 +16,10 @@ from click.testing import CliRunner
 from onnx import numpy_helper
 
 from dsgonnx import QatConfig, QuantConfig, RefineConfig, SynthOptions, quantize
+from dsgonnx.errors import DataError
 from dsgonnx.graph.onnx_io import load_model
 from dsgonnx.quant.qdq import depthwise_layers
-from dsgonnx.pipeline import INVERSION_PROBE_SAMPLES, PROBE_FIRST, candidate_files, choose_closest, paired_difference, sample_errors
+from dsgonnx.pipeline import FALLBACK_SAMPLES, INVERSION_PROBE_SAMPLES, PROBE_FIRST, candidate_files, choose_closest, paired_difference, sample_errors
 from dsgonnx.synth.procedural import procedural_images
 from dsgonnx.synth import SynthConfig, synthesize
 from dsgonnx.validation.metrics import sqnr_db
@@ -222,6 +223,30 @@ def test_procedural_calibration_is_checked_on_inversion_images_and_not_on_proced
     rounded = quantize(str(setup["model"]), QuantConfig(output=str(folder / "proc.onnx"), calib=str(folder / "proc.npz"),
                                                         **COMMON))
     assert "inversion" not in rounded.decisions["rounding"]["against_plain"]
+
+
+def test_the_independent_probes_can_be_chosen(setup):
+    folder = setup["folder"]
+    common = dict(output=str(folder / "probes.onnx"), calib=str(setup["npz"]), qat=WRECK, **COMMON)
+    chosen = quantize(str(setup["model"]), QuantConfig(fallback_probes="inversion", **common))
+    check = chosen.decisions["qat"]["against_plain"]
+    # DSG images: by the rule, procedural images; asked for, inversion images alone decide beside the calibration images
+    assert "procedural" not in check and check["inversion"]["samples"] == INVERSION_PROBE_SAMPLES, check
+    assert all(set(step["probes"]) == {"calibration images", "inversion images"} for step in check["steps"]), check
+    inversion = synthesize(load_model(setup["model"]), SynthConfig(method="inversion", num_samples=INVERSION_PROBE_SAMPLES,
+                                                                   seed=PROBE_FIRST)).images
+    kept = check["kept"]
+    assert sqnr_db(_logits(setup["model"], inversion), _logits(chosen.output, inversion)) == pytest.approx(
+        check["inversion"][kept]["sqnr_db"], abs=1e-2), check
+    both = quantize(str(setup["model"]), QuantConfig(fallback_probes=("procedural", "inversion"), **common))
+    check = both.decisions["qat"]["against_plain"]
+    assert check["procedural"]["samples"] == FALLBACK_SAMPLES and check["inversion"]["samples"] == INVERSION_PROBE_SAMPLES
+    assert all(len(step["probes"]) == 3 for step in check["steps"]), check
+    for bad in ("", "procedural,procedural", "real", ("inversion", "noise")):
+        with pytest.raises(DataError, match="fallback_probes"):
+            QuantConfig(fallback_probes=bad, **common)
+    with pytest.raises(DataError, match="needs the fallback on"):
+        QuantConfig(fallback_probes="inversion", **{**common, "fallback": False})
 
 
 def test_after_refinement_the_model_without_bias_correction_is_a_candidate_and_is_written_when_chosen(setup,
