@@ -377,7 +377,8 @@ def markdown(results: dict) -> str:
     # (checks before commit b89b24f had one probe)
     probes = " and on procedural images" if any("procedural" in c for c in every_check) else ""
     if any("inversion" in c for c in every_check):  # (since commit b19c7c9)
-        probes += "; where the model learned from procedural images, on 32 inversion images too"
+        probes += ("; where the model learned from procedural images, and in rows +invprobe / +bothprobes, "
+                   "on 32 inversion images too (rows +invprobe: instead of procedural images)")
     for mark, name in FALLBACK_MARKS.items():
         if any(c["kept"] == name for c in every_check):
             lines.append(f"\n{mark} the learned (or SQuant-rounded) model did not follow the float model as closely as "
