@@ -122,6 +122,11 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
         check_report_path(config.report)
         if config.val_data is not None and not os.path.exists(config.val_data):
             raise DataError(f"`val_data`: data not found: {config.val_data}")
+    chw = loaded.input.chw
+    if config.refine is not None and config.refine.views > 1 and None not in chw:  # before any image is made
+        from .hardware import check_image_memory
+
+        check_image_memory(config.num_samples * config.refine.views, chw, "num_samples × refine.views")
     reduce_range = config.reduce_range
     if reduce_range is None:
         from .hardware import needs_reduce_range

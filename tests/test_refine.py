@@ -277,6 +277,18 @@ def test_views_that_would_not_fit_in_memory_are_refused_before_any_work(setup, m
     monkeypatch.setattr(dsgonnx.hardware, "available_memory", lambda: 2**20)  # 1 MiB: too little for 3 × 64 views
     with pytest.raises(DataError, match=r"`num_samples × refine.views` 192 images of 3×16×16 need about"):
         _refine(setup, "brecq", views=3, iters=1)
+    # quantize refuses before it makes or reads the calibration images (synthesis can take minutes)
+    import dsgonnx.pipeline
+
+    def no_images(*args, **kwargs):
+        raise AssertionError("calibration images made before the memory check")
+
+    monkeypatch.setattr(dsgonnx.pipeline, "_calibration_data", no_images)
+    with pytest.raises(DataError, match=r"`num_samples × refine.views` 192 images of 3×16×16 need about"):
+        quantize(str(setup["model"]), QuantConfig(wbits=4, abits=4, calib="dsg", num_samples=64, validate=False,
+                                                  output=str(setup["folder"] / "views-memory.onnx"), force=True,
+                                                  refine=RefineConfig(views=3, iters=1)))
+    assert not (setup["folder"] / "views-memory.onnx").exists()
 
 
 def test_refine_config_rejects_bad_settings():
