@@ -131,8 +131,9 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
     if reduce_range is None:
         from .hardware import needs_reduce_range
 
-        # every 8-bit weight: the model's at W8, the first layer's (and --mixed's) below 8 bits
-        eight_bit = weights.bits == 8 or (weights.bits < 8 and (config.first_layer_8bit or config.mixed))
+        # every 8-bit weight: the model's at W8, the first layer's (and --mixed's) where a side is below 8 bits
+        below = min(weights.bits, activations.bits) < 8
+        eight_bit = weights.bits == 8 or (below and (config.first_layer_8bit or config.mixed))
         reduce_range = config.target == "cpu" and eight_bit and needs_reduce_range()
     say(f"quantize: W{config.wbits}A{config.abits} for {config.target} "
         f"(weights {weights.quant_type.name}{' simulated' if weights.simulated else ''}, activations "

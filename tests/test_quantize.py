@@ -150,6 +150,11 @@ def test_first_layer_stays_8_bit_below_8_bits(setup):
     assert "first_layer_8bit" not in uniform.decisions and "input" in _clipped(onnx.load(str(out6)))
     eight, _ = _quantize(setup, "w8a8-first.onnx")
     assert "first_layer_8bit" not in eight.decisions  # nothing to keep at 8 bits
+    # 16-bit weights with 4-bit activations keep an 8-bit first layer too, on the same grid
+    wide, out16 = _quantize(setup, "w16a4-first8.onnx", wbits=16, abits=4)
+    assert wide.bits["reduce_range"] is needs_reduce_range()
+    first16 = next(w for n, w in _weight_dq(onnx.load(str(out16))) if "conv1" in n.input[0])
+    assert first16.dtype == np.int8 and np.abs(first16).max() == (64 if needs_reduce_range() else 127)
 
 
 def test_int4_models_keep_the_first_layer_in_8_bit_types(setup):
