@@ -769,18 +769,22 @@ class QuantConfig:
                      f"`fallback_probes` must name one or both of {', '.join(FALLBACK_PROBES)}, got "
                      f"{','.join(map(str, probes)) or 'none'}")
             object.__setattr__(self, "fallback_probes", probes)
-            _require(self.fallback and (self.refine is not None or self.qat is not None
-                                        or self.weight_rounding() != Rounding.NEAREST),
+            _require(self._weighs_candidates(),
                      "`fallback_probes` are the images --fallback checks on: it needs the fallback on and `refine`, "
                      f"`qat` or SQuant's rounding (at W{self.wbits} without them quantize writes one model)")
         if self.keep_candidates is not None:
             _require(isinstance(self.keep_candidates, (str, os.PathLike)),
                      f"`keep_candidates` must be a folder path, got {type(self.keep_candidates).__name__}")
             object.__setattr__(self, "keep_candidates", os.fspath(self.keep_candidates))
-            _require(self.fallback and (self.refine is not None or self.qat is not None
-                                        or self.weight_rounding() != Rounding.NEAREST),
+            _require(self._weighs_candidates(),
                      "`keep_candidates` keeps the models --fallback weighs: it needs the fallback on and `refine`, "
                      f"`qat` or SQuant's rounding (at W{self.wbits} without them quantize writes one model)")
+
+    def _weighs_candidates(self) -> bool:
+        """Whether the fallback weighs models against each other: it is on and there is a learned
+        or SQuant-rounded model to weigh against plain rounding."""
+        return self.fallback and (self.refine is not None or self.qat is not None
+                                  or self.weight_rounding() != Rounding.NEAREST)
 
     def activation_calibrator(self) -> Calibrator:
         """The calibrator ``calibrator`` stands for: ``auto`` is ``mse`` for activations of 4

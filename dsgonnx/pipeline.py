@@ -127,12 +127,12 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
         from .hardware import check_image_memory
 
         check_image_memory(config.num_samples * config.refine.views, chw, "num_samples × refine.views")
+    below = min(weights.bits, activations.bits) < 8  # where the first layer (and --mixed's tensors) stay at 8 bits
     reduce_range = config.reduce_range
     if reduce_range is None:
         from .hardware import needs_reduce_range
 
         # every 8-bit weight: the model's at W8, the first layer's (and --mixed's) where a side is below 8 bits
-        below = min(weights.bits, activations.bits) < 8
         eight_bit = weights.bits == 8 or (below and (config.first_layer_8bit or config.mixed))
         reduce_range = config.target == "cpu" and eight_bit and needs_reduce_range()
     say(f"quantize: W{config.wbits}A{config.abits} for {config.target} "
@@ -170,7 +170,7 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
                 prepared, equalized = _equalize(prepared, Path(scratch) / "equalized.onnx")
         prepared_model = onnx.load(str(prepared))
         first = set()
-        if config.first_layer_8bit and min(weights.bits, activations.bits) < 8:
+        if config.first_layer_8bit and below:
             first = first_layer_tensors(prepared_model)
         with stages("calibrate"):
             # the tensors kept at 8 bits get ranges for the 8-bit grid (the MSE search depends on it)
