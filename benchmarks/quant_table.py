@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -123,7 +124,7 @@ def held_out(loaded, data, recipe, num_samples: int, max_eval=None):
 
 def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), seeds=(0,), num_samples=100,
               iters=500, synth=None, calibrator="auto", logits="exclude", device="auto", max_eval=None,
-              refine=None, qat=None, cache=None, twin=None, log=sys.stderr) -> dict:
+              refine=None, qat=None, cache=None, twin=None, synth_samples=None, keep=None, log=sys.stderr) -> dict:
     """Quantize ``model`` for every (row, seed, bits) and score it on ``data``.
 
     A row is a calibration source with optional variants (``dsg+mixed``); rows of one source
@@ -132,7 +133,11 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
     QatConfig fields for the ``+qat``/``+qatgen``/``+qatgdfq`` rows. ``cache``: a
     folder of synthetic sets; a set made with the same settings is loaded from it (its synthesis
     seconds are those recorded when it was made), a new one is saved there. ``twin``: the BN-kept
-    file of a folded ``model``, on which the ``dsg-kept`` row synthesizes."""
+    file of a folded ``model``, on which the ``dsg-kept`` row synthesizes. ``synth_samples``: the
+    synthetic sets' size (default ``num_samples``, which stays the real calibration's and so fixes the
+    held-out split). ``keep``: a folder to leave every quantized model (and kept candidate) in,
+    unscored, listed in ``results["pending"]`` for :func:`score_pending` (a run on a machine
+    without the labelled images, e.g. a lent GPU; ``data`` then needs only the calibration files)."""
     import numpy as np
     import torch
 
@@ -142,10 +147,14 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
     from dsgonnx.graph.to_torch import resolve_device
 
     loaded = load_model(model)
-    held_images, held_labels = held_out(loaded, data, recipe, num_samples, max_eval)
+    held_images, held_labels = held_out(loaded, data, recipe, num_samples, max_eval) if keep is None else (None, None)
     results = {"model": str(model), "bits": list(bits), "seeds": list(seeds), "num_samples": num_samples,
                "iters": iters, "synth": synth or {}, "calibrator": calibrator, "logits": logits,
-               "device": str(resolve_device(device)), "rows": {}}
+               "device": str(resolve_device(device)), "rows": {},
+               **({"synth_samples": synth_samples} if synth_samples else {})}
+    if keep is not None:
+        Path(keep).mkdir(parents=True, exist_ok=True)
+        results["pending"] = []
     made: dict = {}  # (source, seed) -> (calibration, synthesis seconds, s/iter, similarity)
     with tempfile.TemporaryDirectory() as scratch:
         for row in sources:
@@ -180,6 +189,7 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
                                      + (" (or +refine)" if refine_start else ""))
                 qat_settings.update(QAT_VARIANTS[variant])
             start_refine = dict(refine or {}) if qat_settings and qat_settings.get("start") == "refine" else None
+            synthetic_samples = num_samples if base == "real" else (synth_samples or num_samples)
             for seed in (seeds if base != "real" else (0,)):
                 if (base, seed) not in made:
                     if base == "real":
@@ -190,7 +200,7 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
                         source = twin if base == "dsg-kept" else model
                         start = time.perf_counter()
                         # a source's own settings (e.g. dsg-full's low_res 0) over the profile's
-                        made_as = SynthConfig(**{**(synth or {}), **SOURCES[base], "num_samples": num_samples,
+                        made_as = SynthConfig(**{**(synth or {}), **SOURCES[base], "num_samples": synthetic_samples,
                                                  "iters": iters, "seed": seed, "device": device, "preprocess": recipe})
                         cached = _cached_set(cache, source, made_as)
                         if cached is not None and cached.exists():
@@ -209,11 +219,12 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
                 for b in bits:
                     if any(b not in ONLY_AT.get(variant, (b,)) for variant in variants):
                         continue  # mixed precision acts among simulated widths, the 8-bit first layer below 8
-                    out = Path(scratch) / f"{row}-{seed}-w{b}a{b}.onnx"
+                    out = Path(keep if keep is not None else scratch) / f"{row}-{seed}-w{b}a{b}.onnx"
                     if "cands" in variants:
-                        settings["keep_candidates"] = str(Path(scratch) / f"{row}-{seed}-w{b}a{b}-candidates")
+                        settings["keep_candidates"] = str(out.with_name(f"{out.stem}-candidates"))
                     done = quantize(loaded, QuantConfig(
-                        wbits=b, abits=b, calib=calib, num_samples=num_samples, calibrator=row_calibrator, logits=logits,
+                        wbits=b, abits=b, calib=calib, num_samples=synthetic_samples, calibrator=row_calibrator,
+                        logits=logits,
                         preprocess=recipe, output=str(out), force=True, validate=False, device=device,
                         seed=seed, refine=(RefineConfig(method=refine_method, **refine_settings) if refine_method else
                                            RefineConfig(**start_refine) if start_refine is not None else None),
@@ -228,30 +239,28 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
                                   if isinstance(d, dict) and "against_plain" in d), None)
                     if check is not None:  # quantize's choice between the learned (or SQuant) model and plain rounding
                         kept.setdefault(str(b), []).append({k: check[k] for k in CHECK_KEYS if k in check})
+                    if "mixed" in done.decisions:
+                        results.setdefault("mixed", {})[f"{row} W{b}A{b}"] = done.decisions["mixed"]["weight_share_8bit"]
+                    if keep is not None:  # scored later, where the labelled images are
+                        item = {"row": row, "seed": seed, "bits": b, "model": out.name}
+                        if check is not None and "candidates" in check:
+                            item.update(check=kept[str(b)][-1], candidates={
+                                name: os.path.relpath(path, keep) for name, path in check["candidates"].items()})
+                        results["pending"].append(item)
+                        print(f"{Path(model).name} {row} seed {seed} W{b}A{b}: kept unscored as {out}", file=log,
+                              flush=True)
+                        continue
                     report = validate(model, str(out), ValidateConfig(), images=held_images,
                                       labels=held_labels).to_dict()
-                    results["fp32"] = {"top1": report["fp32"]["top1"], "top5": report["fp32"]["top5"]}
-                    results["eval_images"] = report["num_samples"]
-                    results["providers"] = report["providers"]["quantized"]
-                    runs[b].append((report["quantized"]["top1"], report["quantized"]["top5"], report["agreement"],
-                                    report["sqnr_db"]))
+                    _note_evaluation(results, report)
+                    runs[b].append(_figures(report))
                     if check is not None and "candidates" in check:
                         candidates.setdefault(str(b), []).append(
                             _score_candidates(model, check, held_images, held_labels))
-                    if "mixed" in done.decisions:
-                        results.setdefault("mixed", {})[f"{row} W{b}A{b}"] = done.decisions["mixed"]["weight_share_8bit"]
                     print(f"{Path(model).name} {row} seed {seed} W{b}A{b}: top-1 {report['quantized']['top1']:.2f}% "
                           f"(fp32 {report['fp32']['top1']:.2f}%, {report['num_samples']} images)", file=log, flush=True)
-            runs = {b: v for b, v in runs.items() if v}
             results["rows"][row] = {
-                "top1": {str(b): [round(float(np.mean([r[0] for r in v])), 2), round(float(np.std([r[0] for r in v])), 2)]
-                         for b, v in runs.items()},
-                "top5": {str(b): round(float(np.mean([r[1] for r in v])), 2) for b, v in runs.items()},
-                # top-1 agreement with FP32 (%) and logit SQNR (dB): quieter than top-1 on 900 images
-                "agreement": {str(b): round(100 * float(np.mean([r[2] for r in v])), 2) for b, v in runs.items()},
-                "sqnr_db": {str(b): (round(float(np.mean(finite)), 2) if (finite := [r[3] for r in v if r[3] is not None])
-                                     else None) for b, v in runs.items()},
-                "runs": len(next(iter(runs.values()))) if runs else 0,
+                **_row_figures(runs),
                 "synthesis_seconds": round(float(np.mean(seconds)), 1) if seconds else None,
                 "seconds_per_iter": round(float(np.mean(per_iter)), 4) if per_iter else None,
                 "sample_similarity": round(float(np.mean(similarity)), 5) if similarity else None,
@@ -269,6 +278,62 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
             if candidates:
                 results["rows"][row]["candidates"] = candidates
     results["torch"] = torch.__version__
+    return results
+
+
+def _figures(report: dict) -> tuple:
+    return (report["quantized"]["top1"], report["quantized"]["top5"], report["agreement"], report["sqnr_db"])
+
+
+def _note_evaluation(results: dict, report: dict) -> None:
+    results["fp32"] = {"top1": report["fp32"]["top1"], "top5": report["fp32"]["top5"]}
+    results["eval_images"] = report["num_samples"]
+    results["providers"] = report["providers"]["quantized"]
+
+
+def _row_figures(runs: dict) -> dict:
+    """A row's cells from its runs ({bits: [(top1, top5, agreement, sqnr_db), ...]})."""
+    import numpy as np
+
+    runs = {b: v for b, v in runs.items() if v}
+    return {
+        "top1": {str(b): [round(float(np.mean([r[0] for r in v])), 2), round(float(np.std([r[0] for r in v])), 2)]
+                 for b, v in runs.items()},
+        "top5": {str(b): round(float(np.mean([r[1] for r in v])), 2) for b, v in runs.items()},
+        # top-1 agreement with FP32 (%) and logit SQNR (dB): quieter than top-1 on 900 images
+        "agreement": {str(b): round(100 * float(np.mean([r[2] for r in v])), 2) for b, v in runs.items()},
+        "sqnr_db": {str(b): (round(float(np.mean(finite)), 2) if (finite := [r[3] for r in v if r[3] is not None])
+                             else None) for b, v in runs.items()},
+        "runs": len(next(iter(runs.values()))) if runs else 0,
+    }
+
+
+def score_pending(results: dict, folder, model, data, recipe, max_eval=None, log=sys.stderr) -> dict:
+    """Score the models a ``run_table(..., keep=folder)`` left unscored (``model``: the same file
+    as the run's, here) on the held-out images of ``data`` (the split ``run_table`` would have
+    used) and fill in their rows' cells."""
+    from dsgonnx import ValidateConfig, validate
+    from dsgonnx.graph.onnx_io import load_model
+
+    folder = Path(folder)
+    held_images, held_labels = held_out(load_model(model), data, recipe, results["num_samples"], max_eval)
+    runs, candidates = {}, {}
+    for item in results.pop("pending"):
+        report = validate(model, str(folder / item["model"]), ValidateConfig(), images=held_images,
+                          labels=held_labels).to_dict()
+        _note_evaluation(results, report)
+        runs.setdefault(item["row"], {}).setdefault(item["bits"], []).append(_figures(report))
+        if "candidates" in item:
+            check = dict(item["check"], candidates={name: str(folder / path) for name, path in item["candidates"].items()})
+            candidates.setdefault(item["row"], {}).setdefault(str(item["bits"]), []).append(
+                _score_candidates(model, check, held_images, held_labels))
+        print(f"{Path(model).name} {item['row']} seed {item['seed']} W{item['bits']}A{item['bits']}: top-1 "
+              f"{report['quantized']['top1']:.2f}% (fp32 {report['fp32']['top1']:.2f}%, {report['num_samples']} images)",
+              file=log, flush=True)
+    for row, cells in runs.items():
+        results["rows"][row].update(_row_figures(cells))
+    for row, cells in candidates.items():
+        results["rows"][row]["candidates"] = cells
     return results
 
 

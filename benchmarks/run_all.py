@@ -7,7 +7,20 @@ and the EfficientNet-Lite0 export (models/export_efficientnet_lite0.py).
 
 Profiles: ``paper`` = 500 synthesis iterations at full resolution (the papers' setting;
 meant for a GPU), ``cpu`` = what a 2-core CPU finishes in reasonable time: 500 iterations
-for the 32-px CIFAR models, 100 (the first 75 at 128 px) for the 224-px ImageNet models.
+for the 32-px CIFAR models, 100 (the first 75 at 128 px) for the 224-px ImageNet models;
+``gpu`` = what one GPU finishes in minutes (synthetic sets of 256 samples, 500 full-size
+iterations, reconstruction 2000 iterations per block). Tables of a profile other than ``cpu``
+are kept as ``<model>@<profile>``.
+
+On a machine without the labelled images (a lent GPU), ``--pack DIR`` first copies what the
+runs of --models need from ../shared (the models, only the calibration files of each data set)
+to DIR; there ``DSGONNX_SHARED`` names DIR, ``--defer-scoring`` leaves every quantized model
+unscored under ``--out``/models, and ``--score`` scores them back where the data is:
+
+    python benchmarks/run_all.py --models efficientnet_lite0 --pack .gpu/shared   # here
+    DSGONNX_SHARED=.gpu/shared python benchmarks/run_all.py --profile gpu --device cuda \
+        --models efficientnet_lite0 --bits 4 --sources dsg-batch+refine --defer-scoring --out OUT
+    python benchmarks/run_all.py --models "" --score OUT      # here, with ../shared
 
     python benchmarks/run_all.py --profile cpu
     python benchmarks/run_all.py --profile cpu --models cifar10_resnet20 --seeds 0,1,2
@@ -18,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -26,10 +40,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-SHARED = ROOT.parent / "shared"
+SHARED = Path(os.environ.get("DSGONNX_SHARED", ROOT.parent / "shared")).resolve()
 sys.path.insert(0, str(HERE))
 
-from quant_table import SOURCES, VARIANTS, markdown, parse_row, run_table  # noqa: E402
+from quant_table import SOURCES, VARIANTS, markdown, parse_row, run_table, score_pending  # noqa: E402
 
 # name -> model path, data, preprocessing (preset, overrides), input size class
 MANIFEST = {
@@ -60,6 +74,13 @@ PROFILES = {
                       "qat": {"iters": 600, "generator_warmup": 200}},
             "large": {"iters": 100, "synth": {"low_res": 128}, "refine": {"method": "brecq", "iters": 100, "batch_size": 16},
                       "qat": {"iters": 200, "batch_size": 16, "generator_warmup": 100}}},
+    # one GPU, minutes per model: synthetic sets of 256 (real calibration stays at --num-samples,
+    # which fixes the held-out split), the papers' 500 full-size synthesis iterations
+    # (QAT: 2000 steps of 64, stopped after 240 s so that a row fits one visit of the lent GPU)
+    "gpu": {"small": {"iters": 500, "synth_samples": 256, "refine": {"method": "brecq", "iters": 2000},
+                      "qat": {"iters": 2000, "time_budget": 240}},
+            "large": {"iters": 500, "synth_samples": 256, "refine": {"method": "brecq", "iters": 2000},
+                      "qat": {"iters": 2000, "time_budget": 240}}},
 }
 
 
@@ -96,6 +117,34 @@ def _merged(previous, results: dict) -> dict:
     order = {row: (list(SOURCES).index(parse_row(row)[0]), len(parse_row(row)[1])) for row in rows}
     results["rows"] = {row: rows[row] for row in sorted(rows, key=lambda row: order[row])}
     return results
+
+
+def _pack(folder: Path, names, num_samples: int) -> int:
+    """Copy what the runs of ``names`` read from ../shared to ``folder``, in the same layout."""
+    import shutil
+
+    from dsgonnx.calibration_data import spread_indices
+    from dsgonnx.preprocess import scan_image_folder
+
+    for name in names:
+        model, data, _, _ = MANIFEST[name]
+        files = scan_image_folder(str(data)).files
+        wanted = [model] + [Path(files[i]) for i in spread_indices(len(files), num_samples)]
+        for path in (p for p in wanted if p.is_relative_to(SHARED)):
+            target = folder / path.relative_to(SHARED)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target)
+        print(f"{name}: {model.name if model.is_relative_to(SHARED) else 'model not under ../shared (carry it)'} "
+              f"and {num_samples} calibration files of {data.name} in {folder}", file=sys.stderr)
+    return 0
+
+
+def _gpu_name(results: dict) -> str:
+    if not results["device"].startswith("cuda"):
+        return ""
+    import torch
+
+    return f", {torch.cuda.get_device_name()}"
 
 
 def _cpu_name() -> str:
@@ -153,6 +202,13 @@ def main(argv=None) -> int:
     parser.add_argument("--calib-cache", metavar="DIR", help="reuse synthetic sets made with the same settings from DIR")
     parser.add_argument("--merge", metavar="JSON", help="add the rows of another run's results.json (e.g. one run "
                         "beside this on another machine) to --out, then write the tables; use with --models ''")
+    parser.add_argument("--defer-scoring", action="store_true",
+                        help="keep the quantized models unscored under --out/models (a machine without the labelled "
+                             "images); score them with --score")
+    parser.add_argument("--pack", metavar="DIR", help="copy the files of ../shared the --models' runs need on a "
+                        "machine without ../shared (their models, the calibration files of their data) to DIR, and stop")
+    parser.add_argument("--score", metavar="DIR", help="score the models a --defer-scoring run left in DIR on the "
+                        "held-out images here, then add its rows to --out as --merge does; use with --models ''")
     args = parser.parse_args(argv)
 
     from dsgonnx.preprocess import preprocess_from_preset
@@ -160,6 +216,8 @@ def main(argv=None) -> int:
     if not SHARED.is_dir():
         print(f"benchmarks need {SHARED} (models and labelled images)", file=sys.stderr)
         return 2
+    if args.pack:
+        return _pack(Path(args.pack), filter(None, args.models.split(",")), args.num_samples)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     json_path = out / "results.json"
@@ -169,6 +227,18 @@ def main(argv=None) -> int:
         for name, results in json.loads(Path(args.merge).read_text()).items():
             all_results[name] = _merged(all_results.get(name), results)
         json_path.write_text(json.dumps(all_results, indent=2))
+    if args.score:
+        for key, results in json.loads((Path(args.score) / "results.json").read_text()).items():
+            if "pending" in results:
+                model, data, (preset, overrides), _ = MANIFEST[key.split("@")[0]]
+                start = time.time()
+                score_pending(results, Path(args.score) / "models", str(model), str(data),
+                              preprocess_from_preset(preset, **overrides))
+                command = f"python benchmarks/{Path(__file__).name} " + " ".join(argv if argv is not None else sys.argv[1:])
+                results.update(commands=results.get("commands", []) + [command],
+                               scored=f"{platform.platform()} ({_cpu_name()}), {round(time.time() - start)} s")
+            all_results[key] = _merged(all_results.get(key), results)
+        json_path.write_text(json.dumps(all_results, indent=2))
     for name in filter(None, args.models.split(",")):
         model, data, (preset, overrides), size = MANIFEST[name]
         if not model.exists():
@@ -176,18 +246,25 @@ def main(argv=None) -> int:
                   "models/fold_bn.py)", file=sys.stderr)
             continue
         profile = PROFILES[args.profile][size]
+        key = name if args.profile == "cpu" else f"{name}@{args.profile}"
         start = time.time()
         results = run_table(str(model), str(data), preprocess_from_preset(preset, **overrides),
                             bits=[int(b) for b in args.bits.split(",")], sources=args.sources.split(","),
                             seeds=[int(s) for s in args.seeds.split(",")], num_samples=args.num_samples,
                             iters=profile["iters"], synth=profile.get("synth"), device=args.device,
                             refine=profile.get("refine"), qat=profile.get("qat"), cache=args.calib_cache,
-                            twin=str(MANIFEST[name.removesuffix(".folded")][0]) if name.endswith(".folded") else None)
+                            twin=str(MANIFEST[name.removesuffix(".folded")][0]) if name.endswith(".folded") else None,
+                            synth_samples=profile.get("synth_samples"),
+                            keep=out / "models" if args.defer_scoring else None)
         command = f"python benchmarks/{Path(__file__).name} " + " ".join(argv if argv is not None else sys.argv[1:])
         results.update(profile=args.profile, preprocess=[preset, overrides], wall_seconds=round(time.time() - start),
-                       commands=[command], machine=f"{platform.platform()} ({_cpu_name()})")
-        all_results[name] = _merged(all_results.get(name), results)
+                       commands=[command], machine=f"{platform.platform()} ({_cpu_name()}{_gpu_name(results)})")
+        all_results[key] = _merged(all_results.get(key), results)
         json_path.write_text(json.dumps(all_results, indent=2))  # keep what is done
+    if args.defer_scoring:
+        print(f"models kept unscored under {out / 'models'}; score them with: python benchmarks/{Path(__file__).name} "
+              f"--models '' --score {out}", file=sys.stderr)
+        return 0
     versions = _versions()
     chart = _chart(all_results, out / "results.png")
     lines = [
@@ -236,9 +313,12 @@ def main(argv=None) -> int:
         lines += [f"{'###' if name.endswith('.folded') else '##'} {name}", "",
                   f"Profile `{profile}`: {results['iters']} synthesis iterations"
                   + (f", the first 75% at {synth['low_res']} px" if synth.get("low_res") else "")
-                  + f", {results['num_samples']} calibration samples, seeds {results['seeds']}, synthesis on "
+                  + f", {results['num_samples']} calibration samples"
+                  + (f" ({results['synth_samples']} in each synthetic set)" if results.get("synth_samples") else "")
+                  + f", seeds {results['seeds']}, synthesis on "
                   f"{results['device']}, ONNX Runtime {', '.join(results.get('providers', []))}; "
-                  f"wall time {results.get('wall_seconds', '?')} s on {results.get('machine', '?')}.", "",
+                  f"wall time {results.get('wall_seconds', '?')} s on {results.get('machine', '?')}"
+                  + (f"; scored on {results['scored']}" if results.get("scored") else "") + ".", "",
                   "Commands: " + "; ".join(f"`{c}`" for c in results.get("commands", [])), "",
                   *[line for note in results.get("notes", []) for line in (f"Note: {note}", "")],
                   *([f"Rows `…+refine`: the same calibration images, then reconstruction PTQ "
