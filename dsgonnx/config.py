@@ -615,6 +615,11 @@ class ValidateConfig:
                    calibration); they may not replace standard keys.
     exclude_files: image files of an image folder to leave out (quantize passes the
                    files it calibrated on, so they are never scored).
+    exact:         run the quantized model's QDQ graph as written (DequantizeLinear -> float
+                   op -> QuantizeLinear, no fused integer kernels): what a CPU whose int8
+                   kernels cannot saturate (VNNI, ARM) computes, on any CPU. For a model made
+                   for such a CPU (``reduce_range`` false) scored on x86 without VNNI, where
+                   ORT's u8xs8 kernels can saturate; slower.
     """
 
     data: Optional[str] = None
@@ -627,6 +632,7 @@ class ValidateConfig:
     report_path: Optional[str] = None
     extra: Mapping[str, Any] = field(default_factory=dict)
     exclude_files: frozenset = frozenset()
+    exact: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "provider", Provider.parse(self.provider, "provider"))

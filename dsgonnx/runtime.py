@@ -27,17 +27,21 @@ CUDA = "CUDAExecutionProvider"
 KEEP_FLOAT_WEIGHTS = ("WeightBiasQuantization",)
 
 
-def ort_session(path, providers=(CPU,), disabled_optimizers=()):
+def ort_session(path, providers=(CPU,), disabled_optimizers=(), as_written=False):
     """An ``onnxruntime.InferenceSession`` for ``path``: errors only in ORT's log (its
     per-node placement warnings are noise here); a model ORT cannot load is a one-line
     :class:`~dsgonnx.errors.ModelLoadError`. ``disabled_optimizers``: ORT graph
-    transformers not to run (``KEEP_FLOAT_WEIGHTS``)."""
+    transformers not to run (``KEEP_FLOAT_WEIGHTS``). ``as_written``: no graph optimization
+    at all, so a QDQ model runs as DequantizeLinear -> float op -> QuantizeLinear, the exact
+    integer result (up to float rounding) whatever int8 kernels this CPU would pick."""
     import onnxruntime as ort
 
     from .errors import ModelLoadError
 
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    if as_written:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
         return ort.InferenceSession(os.fspath(path), options, providers=list(providers),
                                     disabled_optimizers=list(disabled_optimizers))

@@ -571,3 +571,42 @@ def test_mobilenet_w8a8_on_imagenet_samples(tmp_path):
     assert report["fp32"]["top1"] >= 40 and 0.5 <= report["agreement"] < 1 and report["sqnr_db"] > 5
     tight = run_cli(*common, "--max-drop", "30", "--min-agreement", "1")
     assert_one_line_error(tight, 1, "below --min-agreement 1")
+
+
+def _sqnr(reference: np.ndarray, other: np.ndarray) -> float:
+    return float(10 * np.log10(np.sum(reference.astype(np.float64) ** 2) / np.sum((reference - other).astype(np.float64) ** 2)))
+
+
+def test_exact_scores_the_qdq_graph_as_written(tiny, tmp_path):
+    """--exact: the quantized model without ORT's fused integer kernels (what a CPU whose int8
+    kernels cannot saturate computes); the default runs it as ORT does on this machine."""
+    from dsgonnx import QuantConfig, quantize
+
+    images = tiny_images(n=64, seed=3)
+    q = tmp_path / "q.onnx"
+    quantize(str(tiny["fp"]), QuantConfig(calib=images, num_samples=64, reduce_range=False, output=str(q),
+                                          validate=False))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    as_written = ort.InferenceSession(str(q), options, providers=["CPUExecutionProvider"])
+    written = as_written.run(None, {as_written.get_inputs()[0].name: images})[0]
+    fused, fp = ort_outputs(q, images), ort_outputs(tiny["fp"], images)
+    assert not np.array_equal(written, fused)  # ORT's integer kernels round differently: the two runs differ
+
+    exact = validate(tiny["fp"], q, ValidateConfig(exact=True), images=images).to_dict()
+    native = validate(tiny["fp"], q, ValidateConfig(), images=images).to_dict()
+    assert exact["arithmetic"] == "exact" and native["arithmetic"] == "native"
+    assert exact["sqnr_db"] == pytest.approx(_sqnr(fp, written), rel=1e-4)
+    assert native["sqnr_db"] == pytest.approx(_sqnr(fp, fused), rel=1e-4)
+
+
+def test_cli_exact_says_so(tiny, tmp_path):
+    from click.testing import CliRunner
+
+    from dsgonnx_cli.main import cli
+
+    report = tmp_path / "r.json"
+    result = CliRunner().invoke(cli, ["validate", str(tiny["fp"]), str(tiny["crushed"]), "--data", str(tiny["labelled"]),
+                                       "--exact", "--report", str(report)])
+    assert result.exit_code == 0, result.output
+    assert "arithmetic        exact" in result.output and json.loads(report.read_text())["arithmetic"] == "exact"

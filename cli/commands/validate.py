@@ -30,8 +30,12 @@ Without --preprocess the imagenet preset is used.
 @click.option("--report", "report_path", type=click.Path(), help="Write the JSON report here (atomically).")
 @click.option("--max-drop", type=float, help="Fail (exit 1) when top-1 drops by more than this many points.")
 @click.option("--min-agreement", type=float, help="Fail (exit 1) when top-1 agreement is below this fraction (0-1).")
+@click.option("--exact", is_flag=True,
+              help="Run Q_MODEL's QDQ graph as written (no fused integer kernels): what a CPU whose int8 kernels "
+                   "cannot saturate (VNNI, ARM) computes, here. For a model quantized without reduce_range, "
+                   "scored on x86 without VNNI; slower.")
 def validate_cmd(fp_model, q_model, data, preprocess, preprocess_given, class_list, provider, batch_size, report_path,
-                 max_drop, min_agreement):
+                 max_drop, min_agreement, exact):
     """Compare FP_MODEL and its quantized copy Q_MODEL in ONNX Runtime and gate on accuracy."""
     from dsgonnx import check_gate, validate
     from dsgonnx_cli.main import spell
@@ -40,7 +44,7 @@ def validate_cmd(fp_model, q_model, data, preprocess, preprocess_given, class_li
         raise DataError(f"{preprocess_given[0]} does not apply to an .npz: its images are already preprocessed")
     config = ValidateConfig(data=data, preprocess=preprocess, class_list=class_list, provider=provider,
                             batch_size=batch_size, max_drop=max_drop, min_agreement=min_agreement,
-                            report_path=report_path)
+                            report_path=report_path, exact=exact)
     report = validate(fp_model, q_model, config)
     click.echo(spell(report.table(), click.get_current_context().command))
     if report_path:

@@ -45,7 +45,7 @@ def validate(
     fp_model_path, q_model_path = str(fp_model_path), str(q_model_path)
     data = None if config.data is None else str(config.data)
     check_report_path(config.report_path)
-    fp, q = open_models(fp_model_path, q_model_path, config.provider)
+    fp, q = open_models(fp_model_path, q_model_path, config.provider, exact=config.exact)
     spec = shared_input(fp.io, q.io)
     dataset = open_dataset(spec, data, config.preprocess, config.class_list, images, labels, config.exclude_files)
     check_thresholds(config.max_drop, config.min_agreement, dataset.labels is not None)
@@ -64,6 +64,7 @@ def validate(
         batch_size=batch_size,
         latency_ms={"fp32": run.fp_latency_ms, "quantized": run.q_latency_ms},
         latency_batches=run.timed_batches,
+        arithmetic="exact" if config.exact else "native",
         extra=dict(config.extra),
     )
     report.to_dict()  # fail on clashing extra fields before anything is written

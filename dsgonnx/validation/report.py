@@ -37,6 +37,8 @@ provider_requested         auto | cuda | cpu
 onnxruntime                onnxruntime version
 cpu                        {machine, model, isa ("AVX2 AVX-512 VNNI", "unknown", ...),
                            avx2, avx512, vnni}: int8 kernels depend on these
+arithmetic                 native: the quantized model as ORT runs it on this machine (fused
+                           integer kernels); exact: its QDQ graph as written (``--exact``)
 batch_size                 samples per inference call (1 for models with a fixed batch of 1)
 latency_ms.fp32 / .quantized  median wall time of one inference call of batch_size samples, ms,
                            after one warm-up call, over the full batches (all batches if none
@@ -94,6 +96,7 @@ class ValidationReport:
     latency_ms: dict[str, float | None]
     latency_batches: int
     gate: GateResult | None = None
+    arithmetic: str = "native"
     extra: dict[str, Any] = field(default_factory=dict)
 
     # Convenience views used by the gate and by callers.
@@ -136,6 +139,7 @@ class ValidationReport:
             "provider_requested": self.provider_requested,
             "onnxruntime": self.onnxruntime_version,
             "cpu": self.cpu,
+            "arithmetic": self.arithmetic,
             "batch_size": self.batch_size,
             "latency_ms": dict(self.latency_ms),
             "latency_batches": self.latency_batches,
@@ -181,6 +185,8 @@ class ValidationReport:
             f"  providers         fp32 {', '.join(self.providers['fp32'])}; quantized {', '.join(self.providers['quantized'])}",
             f"  onnxruntime       {self.onnxruntime_version}; CPU {self.cpu.get('model') or '?'} ({self.cpu.get('isa')})",
         ]
+        if self.arithmetic == "exact":
+            rows.append("  arithmetic        exact: the quantized model's QDQ graph as written (--exact)")
         if self.gate is not None and self.gate.passed is not None:
             rows.append(f"  gate              {'PASSED' if self.gate.passed else 'FAILED'}: {self.gate.message}")
         return "\n".join(rows)

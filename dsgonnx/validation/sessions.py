@@ -76,11 +76,12 @@ def flatten_classifier_output(out: np.ndarray, path: str) -> np.ndarray:
     return out.reshape(out.shape[0], -1).astype(np.float32, copy=False)
 
 
-def open_models(fp_path: str, q_path: str, provider: str) -> tuple[ModelRunner, ModelRunner]:
+def open_models(fp_path: str, q_path: str, provider: str, exact: bool = False) -> tuple[ModelRunner, ModelRunner]:
     """Sessions for both models on the requested provider; the quantized one follows the FP one.
 
     ``cuda`` must really run on CUDA (else :class:`DsgonnxError`, exit 2); ``auto`` uses
-    CUDA when a session actually starts with it and the CPU otherwise.
+    CUDA when a session actually starts with it and the CPU otherwise. ``exact``: the
+    quantized model's graph as written, without ORT's fused integer kernels.
     """
     if provider not in PROVIDER_CHOICES:
         raise DsgonnxError(f"`provider` must be one of {', '.join(PROVIDER_CHOICES)}, got {provider!r}")
@@ -89,7 +90,7 @@ def open_models(fp_path: str, q_path: str, provider: str) -> tuple[ModelRunner, 
     fp_session = _session_for_request(fp_path, provider)
     # Same execution path for both: whatever the FP session really got.
     providers = [CUDA, CPU] if CUDA in fp_session.get_providers() else [CPU]
-    q_session = ort_session(q_path, providers)
+    q_session = ort_session(q_path, providers, as_written=exact)
     if provider == "cuda" and CUDA not in q_session.get_providers():
         raise DsgonnxError(f"`provider` cuda: the CUDA provider did not start for {q_path}")
     return ModelRunner(read_model_io(fp_path, fp_session), fp_session), ModelRunner(read_model_io(q_path, q_session), q_session)
