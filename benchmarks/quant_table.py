@@ -50,6 +50,7 @@ VARIANTS = {
     "nofirst": {"first_layer_8bit": False},  # input and first layer at the low width too (below 8 bits)
     "lsq": {},  # with +refine: the activation steps learned too (quantize --refine-act-lr LSQ_LR)
     "views4": {},  # with +refine: each calibration image and 3 flipped/shifted views of it (quantize --refine-views 4)
+    "it500": {},  # with +refine: 500 iterations per block whatever the profile's (quantize --refine-iters 500)
     "squant": {"rounding": "squant"},  # SQuant's data-free flips instead of nearest rounding
     "nearest": {"rounding": "nearest"},  # nearest rounding where the default (auto) is SQuant's (4 bits or fewer)
     "nofallback": {"fallback": False},  # with +refine/+qat*: the learned model even where plain rounding is closer
@@ -171,6 +172,10 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
                 if not refine_method:
                     raise SystemExit(f"row {row!r}: +views4 adds views to reconstruction's images; add +refine")
                 refine_settings["views"] = 4
+            if "it500" in variants:
+                if not refine_method:
+                    raise SystemExit(f"row {row!r}: +it500 sets reconstruction's iterations; add +refine")
+                refine_settings["iters"] = 500
             settings = {k: v for variant in variants for k, v in VARIANTS[variant].items()}
             row_calibrator = settings.pop("calibrator", calibrator)
             if "inversion" in settings.get("fallback_probes", ()):  # the probe's synthesis as the profile's
@@ -311,7 +316,9 @@ def _row_figures(runs: dict) -> dict:
 def score_pending(results: dict, folder, model, data, recipe, max_eval=None, log=sys.stderr) -> dict:
     """Score the models a ``run_table(..., keep=folder)`` left unscored (``model``: the same file
     as the run's, here) on the held-out images of ``data`` (the split ``run_table`` would have
-    used) and fill in their rows' cells."""
+    used) and fill in their rows' cells. They are scored exactly (``validate --exact``: their
+    QDQ graphs as written): quantize chose reduce_range for the CPU they were made on, and on
+    an x86 CPU without VNNI ORT's fused kernels would saturate a model made for one with it."""
     from dsgonnx import ValidateConfig, validate
     from dsgonnx.graph.onnx_io import load_model
 
@@ -319,14 +326,14 @@ def score_pending(results: dict, folder, model, data, recipe, max_eval=None, log
     held_images, held_labels = held_out(load_model(model), data, recipe, results["num_samples"], max_eval)
     runs, candidates = {}, {}
     for item in results.pop("pending"):
-        report = validate(model, str(folder / item["model"]), ValidateConfig(), images=held_images,
+        report = validate(model, str(folder / item["model"]), ValidateConfig(exact=True), images=held_images,
                           labels=held_labels).to_dict()
         _note_evaluation(results, report)
         runs.setdefault(item["row"], {}).setdefault(item["bits"], []).append(_figures(report))
         if "candidates" in item:
             check = dict(item["check"], candidates={name: str(folder / path) for name, path in item["candidates"].items()})
             candidates.setdefault(item["row"], {}).setdefault(str(item["bits"]), []).append(
-                _score_candidates(model, check, held_images, held_labels))
+                _score_candidates(model, check, held_images, held_labels, exact=True))
         print(f"{Path(model).name} {item['row']} seed {item['seed']} W{item['bits']}A{item['bits']}: top-1 "
               f"{report['quantized']['top1']:.2f}% (fp32 {report['fp32']['top1']:.2f}%, {report['num_samples']} images)",
               file=log, flush=True)
@@ -334,6 +341,7 @@ def score_pending(results: dict, folder, model, data, recipe, max_eval=None, log
         results["rows"][row].update(_row_figures(cells))
     for row, cells in candidates.items():
         results["rows"][row]["candidates"] = cells
+    results["arithmetic"] = "exact"
     return results
 
 
@@ -346,7 +354,7 @@ FALLBACK_NAMES = {"plain": "plain (nearest) rounding", "squant": "SQuant's round
                   "uncorrected": "the refined model without bias correction on its refined layers"}
 
 
-def _score_candidates(model, check: dict, images, labels) -> dict:
+def _score_candidates(model, check: dict, images, labels, exact=False) -> dict:
     """Each model quantize's fallback weighed (``check["candidates"]``, written by
     --keep-candidates) scored on the held-out images, with the logit SQNR the fallback read on
     each of its probes; ``kept``: the one written."""
@@ -355,7 +363,7 @@ def _score_candidates(model, check: dict, images, labels) -> dict:
     scored = {"kept": check["kept"], "models": {}}
     probes = {check["on"]: check, **{name: check[name] for name in ("procedural", "inversion") if name in check}}
     for name, path in check["candidates"].items():
-        report = validate(model, path, ValidateConfig(), images=images, labels=labels).to_dict()
+        report = validate(model, path, ValidateConfig(exact=exact), images=images, labels=labels).to_dict()
         scored["models"][name] = {"top1": report["quantized"]["top1"], "agreement": round(100 * report["agreement"], 2),
                                   "sqnr_db": report["sqnr_db"],
                                   "probes": {where: probe[name]["sqnr_db"] for where, probe in probes.items()}}

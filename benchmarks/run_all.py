@@ -318,7 +318,10 @@ def main(argv=None) -> int:
                   + f", seeds {results['seeds']}, synthesis on "
                   f"{results['device']}, ONNX Runtime {', '.join(results.get('providers', []))}; "
                   f"wall time {results.get('wall_seconds', '?')} s on {results.get('machine', '?')}"
-                  + (f"; scored on {results['scored']}" if results.get("scored") else "") + ".", "",
+                  + (f"; scored on {results['scored']}" if results.get("scored") else "")
+                  + ("; the quantized models run as written (`validate --exact`: no fused integer kernels, the "
+                     "integer result of a CPU whose kernels cannot saturate)" if results.get("arithmetic") == "exact"
+                     else "") + ".", "",
                   "Commands: " + "; ".join(f"`{c}`" for c in results.get("commands", [])), "",
                   *[line for note in results.get("notes", []) for line in (f"Note: {note}", "")],
                   *([f"Rows `…+refine`: the same calibration images, then reconstruction PTQ "
@@ -327,7 +330,8 @@ def main(argv=None) -> int:
                      "nearest rounding in the W4A4 cells the notes say were measured before that default, and in "
                      "rows `…+refine+nearstart`), from SQuant's rounding in rows `…+refine+sqstart`; rows `…+lsq` "
                      "learn the activation steps too (`--refine-act-lr 1e-3`), rows `…+views4` reconstruct on each "
-                     "image and 3 flipped and shifted copies of it (`--refine-views 4`).", ""]
+                     "image and 3 flipped and shifted copies of it (`--refine-views 4`), rows `…+it500` take 500 iterations per "
+                     "block whatever the profile's (`--refine-iters 500`).", ""]
                     if (refined := [json.dumps({k: v for k, v in r["refine"].items() if k != "start"})
                                     for r in results["rows"].values() if r.get("refine")]) else []),
                   *([f"Rows `…+qat`, `…+qatgen`, `…+qatgdfq`: calibrated on the same images, then quantization-aware "
