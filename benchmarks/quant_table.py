@@ -360,13 +360,14 @@ def _score_candidates(model, check: dict, images, labels, exact=False) -> dict:
     each of its probes; ``kept``: the one written."""
     from dsgonnx import ValidateConfig, validate
 
-    scored = {"kept": check["kept"], "models": {}}
+    scored = {"kept": check["kept"], "models": {}, "left_out": sorted(check.get("left_out", {}))}
     probes = {check["on"]: check, **{name: check[name] for name in ("procedural", "inversion") if name in check}}
     for name, path in check["candidates"].items():
         report = validate(model, path, ValidateConfig(exact=exact), images=images, labels=labels).to_dict()
         scored["models"][name] = {"top1": report["quantized"]["top1"], "agreement": round(100 * report["agreement"], 2),
                                   "sqnr_db": report["sqnr_db"],
-                                  "probes": {where: probe[name]["sqnr_db"] for where, probe in probes.items()}}
+                                  "probes": {where: probe[name]["sqnr_db"] for where, probe in probes.items()
+                                             if name in probe}}
     return scored
 
 
@@ -391,9 +392,10 @@ def candidates_markdown(results: dict) -> str:
                 for name in sorted(run["models"], key=list(CANDIDATE_NAMES).index):
                     figures = run["models"][name]
                     label = ({**CANDIDATE_NAMES, "learned": learned}[name]
-                             + (" (written)" if name == run["kept"] else ""))
+                             + (" (written)" if name == run["kept"] else "")
+                             + (" (kept on disk, not weighed)" if name in run.get("left_out", ()) else ""))
                     top1 = f"**{figures['top1']:.2f}**" if figures["top1"] == best else f"{figures['top1']:.2f}"
-                    probes = ", ".join(f"{where} {db}" for where, db in figures["probes"].items())
+                    probes = ", ".join(f"{where} {db}" for where, db in figures["probes"].items()) or "–"
                     sqnr = "–" if figures["sqnr_db"] is None else f"{figures['sqnr_db']:.2f}"
                     lines.append(f"| {source} | W{b}A{b} | {label} | {top1} | {figures['agreement']:.2f} | "
                                  f"{sqnr} | {probes} |")

@@ -264,24 +264,25 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
                     plain_decisions = {name: write(path, rounded.path if rounded else prepared, rounded, corrector,
                                                    "rounding")
                                        for name, (path, rounded) in plain.items()}
-                    variants, left_out = {}, {}
+                    variants, left_out, unweighed = {}, {}, {}
                     if learning == "refine" and correct is not None:
                         # with synthetic calibration images on a network with depthwise convolutions the
-                        # uncorrected model was below the corrected one in every cell measured (EfficientNet-
-                        # Lite0, MobileNet v1 0.25) and yet the probes, synthetic too, preferred it
+                        # uncorrected model was below the corrected one in every cell measured on the CPU
+                        # (EfficientNet-Lite0, MobileNet v1 0.25) and yet the probes, synthetic too, preferred it
                         depthwise = (depthwise_layers(prepared_model, config.exclude)
                                      if calib_info.get("method") != "real" else [])
+                        # the refined model with its refined layers' biases as they were (bias
+                        # correction measured against the refined weights: a shift of 0 there),
+                        # which on ResNets follows the float model more closely
+                        uncorrected = Path(scratch) / "uncorrected.onnx"
                         if depthwise:
                             left_out[UNCORRECTED] = (f"synthetic calibration images and {len(depthwise)} depthwise "
                                                      "convolutions: the refined layers' biases stay corrected "
                                                      "(README, 'Every candidate on disk')")
-                            say(f"refine: {VARIANT_NAMES[UNCORRECTED]} is not a candidate: {left_out[UNCORRECTED]}")
-                        else:
-                            # the refined model with its refined layers' biases as they were (bias
-                            # correction measured against the refined weights: a shift of 0 there),
-                            # which on ResNets follows the float model more closely
-                            uncorrected = Path(scratch) / "uncorrected.onnx"
-                            variants[UNCORRECTED] = (uncorrected, write(
+                            say(f"refine: {VARIANT_NAMES[UNCORRECTED]} is not a candidate: {left_out[UNCORRECTED]}"
+                                + ("; it is kept with the candidates, not weighed" if config.keep_candidates else ""))
+                        if not depthwise or config.keep_candidates is not None:
+                            (unweighed if depthwise else variants)[UNCORRECTED] = (uncorrected, write(
                                 uncorrected, float_path, refined, _BiasCorrector(
                                     float_path, None if config.cle else loaded.model, loaded, calib_images, batch,
                                     config.bias_correction)))
@@ -295,7 +296,7 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
                         weighed = {"learned": (tmp, decisions),
                                    **{name: (path, plain_decisions[name]) for name, (path, _) in plain.items()},
                                    **{name: (path, {**written, learning: decisions[learning]})
-                                      for name, (path, written) in variants.items()}}
+                                      for name, (path, written) in {**variants, **unweighed}.items()}}
                         with stages("keep candidates"):
                             check["candidates"] = _keep_candidates(
                                 Path(config.keep_candidates), weighed, candidate_files(config), loaded, bits,
@@ -380,7 +381,7 @@ def _keep_candidates(folder: Path, weighed: dict[str, tuple[Path, dict]], files:
             if tmp.exists():
                 tmp.unlink()
         written[name] = str(target)
-    say(f"quantize: the {len(written)} models the fallback weighed are in {folder}: "
+    say(f"quantize: the {len(written)} models the fallback weighed (or left out) are in {folder}: "
         + ", ".join(f"{Path(path).name}" for path in written.values()))
     return written
 
