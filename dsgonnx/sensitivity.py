@@ -29,7 +29,7 @@ import onnx
 from onnx import numpy_helper
 
 from .config import QuantConfig
-from .errors import DataError, UnsupportedModelError
+from .errors import DataError, ModelLoadError, UnsupportedModelError
 from .progress import Progress, say
 from .runtime import KEEP_FLOAT_WEIGHTS, ort_session
 
@@ -172,12 +172,13 @@ def _sorted(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
-def _outputs(path, input_name: str, images: np.ndarray, batch: int) -> np.ndarray:
+def _outputs(path, input_name: str, images: np.ndarray, batch: int, exact: bool = False) -> np.ndarray:
     """The classifier output (N×classes) of the model at ``path`` on ``images``, in batches.
-    Weights made float stay float (ORT would quantize them again, per tensor)."""
+    Weights made float stay float (ORT would quantize them again, per tensor). ``exact``: the
+    graph as written (no fused integer kernels; see ``ValidateConfig.exact``)."""
     from .validation.sessions import flatten_classifier_output
 
-    session = ort_session(path, disabled_optimizers=KEEP_FLOAT_WEIGHTS)
+    session = ort_session(path, disabled_optimizers=KEEP_FLOAT_WEIGHTS, as_written=exact)
     output = session.get_outputs()[0].name
     return np.concatenate([
         flatten_classifier_output(np.asarray(session.run([output], {input_name: images[i : i + batch]})[0]), str(path))
@@ -185,12 +186,12 @@ def _outputs(path, input_name: str, images: np.ndarray, batch: int) -> np.ndarra
 
 
 def _score(model: onnx.ModelProto, input_name: str, images: np.ndarray, reference: np.ndarray, labels, batch: int,
-           scratch: Path) -> dict:
+           scratch: Path, exact: bool = False) -> dict:
     from .validation.metrics import compare_outputs
 
     path = scratch / "probe.onnx"
     onnx.save(model, str(path))
-    metrics = compare_outputs(reference, _outputs(path, input_name, images, batch), labels)
+    metrics = compare_outputs(reference, _outputs(path, input_name, images, batch, exact), labels)
     scores = {"sqnr_db": None if metrics.sqnr_db is None else round(metrics.sqnr_db, 3),
               "agreement": round(metrics.agreement, 4)}
     if labels is not None:
@@ -261,12 +262,17 @@ class AnalysisReport:
 
 
 def analyze(model, config: Optional[QuantConfig] = None, *, data=None, eval_samples: int = 256,
-            report: Optional[str | os.PathLike] = None, chart: Optional[str | os.PathLike] = None) -> AnalysisReport:
+            report: Optional[str | os.PathLike] = None, chart: Optional[str | os.PathLike] = None,
+            quantized: Optional[str | os.PathLike] = None, exact: bool = False) -> AnalysisReport:
     """Per-tensor sensitivity of ``model`` quantized as ``config`` says (``dsgonnx analyze``).
 
     ``data``: labelled images (folder or .npz) to measure on, the calibration files left out;
     without it, held-out synthetic samples (``config.holdout``, at least 16) — data-free.
     ``report`` / ``chart``: also write the JSON report / a PNG bar chart (atomically).
+    ``quantized``: analyze this QDQ model of ``model`` (one dsgonnx quantize wrote, e.g. on
+    another machine) instead of quantizing; ``config`` does not apply and ``data`` is needed.
+    ``exact``: run every probe as written, without ORT's fused integer kernels (what a CPU whose
+    int8 kernels cannot saturate computes; see ``ValidateConfig.exact``).
     """
     from .graph.layout import channels_first_input
     from .graph.onnx_io import load_model
@@ -282,14 +288,22 @@ def analyze(model, config: Optional[QuantConfig] = None, *, data=None, eval_samp
         if path is not None and Path(path).suffix.lower() != suffix:
             raise DataError(f"`{'report' if suffix == '.json' else 'chart'}` must be a {suffix} file, got {path}")
     loaded = load_model(model, config.input_shape)
+    if quantized is not None and data is None:
+        raise DataError("analyze of a given quantized model needs `data` (images to measure on)")
     with tempfile.TemporaryDirectory(prefix="dsgonnx-analyze-") as scratch:
         scratch = Path(scratch)
-        holdout = max(config.holdout, 16) if data is None and config.synthetic else 0
-        # without data, quantize keeps its held-out synthetic samples (and checks the model on them)
-        result = quantize(loaded, replace(config, output=str(scratch / "q.onnx"), force=True, validate=data is None,
-                                          val_data=None, max_drop=None, min_agreement=None, report=None,
-                                          holdout=holdout))
-        qdq = onnx.load(str(result.output))
+        if quantized is not None:
+            qdq, bits = _given_quantized(quantized, loaded)
+            calibration_files = ()
+        else:
+            holdout = max(config.holdout, 16) if data is None and config.synthetic else 0
+            # without data, quantize keeps its held-out synthetic samples (and checks the model on them)
+            result = quantize(loaded, replace(config, output=str(scratch / "q.onnx"), force=True,
+                                              validate=data is None, val_data=None, max_drop=None,
+                                              min_agreement=None, report=None, holdout=holdout))
+            qdq = onnx.load(str(result.output))
+            bits = dict(result.bits, tag=f"W{config.wbits}A{config.abits}")
+            calibration_files = result.calibration_files
         if loaded.layout == "NHWC":  # measured on NCHW arrays, as the float twin
             channels_first_input(qdq, loaded.input.name)
         points = quant_points(qdq)
@@ -298,7 +312,7 @@ def analyze(model, config: Optional[QuantConfig] = None, *, data=None, eval_samp
         floats = float_parts(onnx.load(str(pre_process(loaded.path, scratch / "prepared.onnx"))), qdq)
         if data is not None:
             dataset = open_dataset(loaded.input, os.fspath(data), config.preprocess,
-                                   exclude_files=frozenset(result.calibration_files))
+                                   exclude_files=frozenset(calibration_files))
             rows = np.unique(np.linspace(0, dataset.size - 1, min(eval_samples, dataset.size)).astype(int))
             images = np.concatenate([dataset.batch(i, i + 1) for i in rows]).astype(np.float32)
             labels = dataset.labels[rows] if dataset.labels is not None else None
@@ -312,11 +326,11 @@ def analyze(model, config: Optional[QuantConfig] = None, *, data=None, eval_samp
         batch = loaded.input.fixed_batch or 32
         if loaded.input.fixed_batch:
             images = images[: len(images) - len(images) % batch] if len(images) >= batch else images
-        reference = _outputs(loaded.path, loaded.input.name, images, batch)
+        reference = _outputs(loaded.path, loaded.input.name, images, batch)  # the float model
         from .validation.metrics import compare_outputs
 
         fp32 = {"top1": round(compare_outputs(reference, reference, labels).fp_top1, 3)} if labels is not None else {}
-        full = _score(qdq, loaded.input.name, images, reference, labels, batch, scratch)
+        full = _score(qdq, loaded.input.name, images, reference, labels, batch, scratch, exact)
         say(f"analyze: {len(points)} quantized tensors, {len(images)} samples ({samples['source']}); "
             f"all quantized: SQNR {full['sqnr_db']} dB, agreement {full['agreement']}")
         progress = Progress("analyze", len(points))
@@ -325,11 +339,11 @@ def analyze(model, config: Optional[QuantConfig] = None, *, data=None, eval_samp
             others = [p for p in points if p is not point]
             tensors.append(Sensitivity(point.name, point.kind, point.layer, point.elements,
                                        alone=_score(with_float(qdq, others, floats), loaded.input.name, images,
-                                                    reference, labels, batch, scratch),
+                                                    reference, labels, batch, scratch, exact),
                                        all_but=_score(with_float(qdq, [point], floats), loaded.input.name, images,
-                                                      reference, labels, batch, scratch)))
+                                                      reference, labels, batch, scratch, exact)))
             progress.update(number, point.name)
-    analysis = AnalysisReport(str(loaded.source), dict(result.bits, tag=f"W{config.wbits}A{config.abits}"), samples,
+    analysis = AnalysisReport(str(loaded.source), bits, dict(samples, arithmetic="exact" if exact else "native"),
                               full, fp32, tensors, round(time.perf_counter() - started, 2))
     say(analysis.table())
     if report is not None:
@@ -342,6 +356,25 @@ def analyze(model, config: Optional[QuantConfig] = None, *, data=None, eval_samp
     if chart is not None:
         analysis.save_chart(chart)
     return analysis
+
+
+def _given_quantized(path, loaded) -> tuple[onnx.ModelProto, dict]:
+    """The QDQ model at ``path`` (made by dsgonnx quantize from ``loaded``'s file) and its bits
+    as quantize stamped them."""
+    import json
+
+    try:
+        qdq = onnx.load(os.fspath(path))
+    except Exception as exc:  # a missing file, not ONNX, ...
+        raise ModelLoadError(f"cannot load the quantized model {path}: {exc}".splitlines()[0]) from None
+    meta = {p.key: p.value for p in qdq.metadata_props}
+    if "dsgonnx.source_sha256" not in meta:
+        raise UnsupportedModelError(f"{path} was not written by dsgonnx quantize (no dsgonnx metadata): analyze reads "
+                                    "the QDQ layout quantize writes")
+    if meta["dsgonnx.source_sha256"] != loaded.sha256:
+        raise DataError(f"{path} was quantized from another model than {loaded.source.name} (source checksum differs)")
+    bits = json.loads(meta.get("dsgonnx.bits", "{}"))
+    return qdq, dict(bits, tag=f"W{bits.get('weights', '?')}A{bits.get('activations', '?')}", given=os.fspath(path))
 
 
 def choose_8bit(qdq_path: Path, float_path: Path, input_name: str, images: np.ndarray, budget: float,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -131,3 +132,49 @@ def test_a_model_without_quantizable_tensors_is_one_line_exit_2(tmp_path):
                                       "4", "--quiet"])
     assert result.exit_code == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "no quantized tensors to analyze" in result.stderr
+
+
+def test_a_given_quantized_model_is_analyzed_as_the_one_analyze_makes(setup, tmp_path):
+    """--quantized: the same figures as analyze quantizing with the same settings itself, so a
+    model made elsewhere (a GPU machine) can be taken apart here; --exact runs the probes as written."""
+    config = QuantConfig(calib=str(setup["folder"] / "calib.npz"), num_samples=16)
+    held = str(setup["folder"] / "held.npz")
+    made = dsgonnx.quantize(setup["model"], replace(config, validate=False, output=str(tmp_path / "q.onnx")))
+    own = dsgonnx.analyze(setup["model"], config, data=held, eval_samples=64)
+    given = dsgonnx.analyze(setup["model"], data=held, eval_samples=64, quantized=made.output)
+    assert given.full == own.full and len(given.tensors) == len(own.tensors) > 5
+    assert {t.tensor: t.alone for t in given.tensors} == {t.tensor: t.alone for t in own.tensors}
+    assert given.bits["given"] == str(made.output) and given.bits["tag"] == "W8A8"
+    exact = dsgonnx.analyze(setup["model"], data=held, eval_samples=64, quantized=made.output, exact=True)
+    assert exact.samples["arithmetic"] == "exact" and given.samples["arithmetic"] == "native"
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    written = ort.InferenceSession(str(made.output), options, providers=["CPUExecutionProvider"])
+    images = np.load(held)["images"]
+    fp, q = _run(setup["model"], images), written.run(None, {"input": images})[0]
+    sqnr = 10 * np.log10(np.sum(fp.astype(np.float64) ** 2) / np.sum((fp - q).astype(np.float64) ** 2))
+    assert exact.full["sqnr_db"] == pytest.approx(sqnr, abs=2e-3)
+
+
+def test_cli_analyze_quantized_refuses_what_does_not_apply(setup, tmp_path):
+    q = tmp_path / "q.onnx"
+    dsgonnx.quantize(setup["model"], QuantConfig(calib=str(setup["folder"] / "calib.npz"), num_samples=16,
+                                                 validate=False, output=str(q)))
+    held = str(setup["folder"] / "held.npz")
+    ok = CliRunner().invoke(cli, ["analyze", str(setup["model"]), "--quantized", str(q), "--data", held, "--quiet"])
+    assert ok.exit_code == 0 and "most damaging" in ok.stdout, ok.stderr
+    bad = CliRunner().invoke(cli, ["analyze", str(setup["model"]), "--quantized", str(q), "--data", held, "--w4a4"])
+    assert bad.exit_code == 2 and "--w4a4 is a quantize option" in bad.stderr, bad.stderr
+    bad = CliRunner().invoke(cli, ["analyze", str(setup["model"]), "--quantized", str(q)])
+    assert bad.exit_code == 2 and "needs --data" in bad.stderr and "Traceback" not in bad.output, bad.stderr
+    other = tmp_path / "other.onnx"  # the same network, another weight: another model
+    model = onnx.load(str(setup["model"]))
+    model.graph.initializer[0].raw_data = bytes(reversed(model.graph.initializer[0].raw_data))
+    onnx.save(model, str(other))
+    bad = CliRunner().invoke(cli, ["analyze", str(other), "--quantized", str(q), "--data", held])
+    assert bad.exit_code == 2 and "quantized from another model" in bad.stderr, bad.stderr
+    bad = CliRunner().invoke(cli, ["analyze", str(setup["model"]), "--quantized", str(setup["model"]), "--data", held])
+    assert bad.exit_code == 2 and "not written by dsgonnx quantize" in bad.stderr, bad.stderr
+    bad = CliRunner().invoke(cli, ["analyze", str(setup["model"]), "--quantized", str(tmp_path / "none.onnx"),
+                                   "--data", held])
+    assert bad.exit_code == 2 and "cannot load the quantized model" in bad.stderr, bad.stderr
