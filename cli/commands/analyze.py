@@ -40,8 +40,7 @@ def analyze_cmd(model, data, eval_samples, report, chart, quantized, exact, **fl
     """Which quantized tensors of MODEL cost the accuracy, one at a time."""
     from click.core import ParameterSource
 
-    from dsgonnx import analyze
-    from dsgonnx.errors import DataError
+    from dsgonnx import DataError, analyze
 
     context = click.get_current_context()
     if quantized is not None:
