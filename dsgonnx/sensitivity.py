@@ -31,7 +31,7 @@ from onnx import numpy_helper
 from .config import QuantConfig
 from .errors import DataError, ModelLoadError, UnsupportedModelError
 from .progress import Progress, say
-from .runtime import KEEP_FLOAT_WEIGHTS, ort_session
+from .runtime import KEEP_FLOAT_WEIGHTS, one_line, ort_session
 
 _SIMULATION = ("Clip",)  # what may sit between QuantizeLinear and DequantizeLinear (simulated bits)
 
@@ -366,7 +366,7 @@ def _given_quantized(path, loaded) -> tuple[onnx.ModelProto, dict]:
     try:
         qdq = onnx.load(os.fspath(path))
     except Exception as exc:  # a missing file, not ONNX, ...
-        raise ModelLoadError(f"cannot load the quantized model {path}: {exc}".splitlines()[0]) from None
+        raise ModelLoadError(f"cannot load the quantized model {path}: {one_line(exc)}") from None
     meta = {p.key: p.value for p in qdq.metadata_props}
     if "dsgonnx.source_sha256" not in meta:
         raise UnsupportedModelError(f"{path} was not written by dsgonnx quantize (no dsgonnx metadata): analyze reads "
