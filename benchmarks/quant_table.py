@@ -51,6 +51,8 @@ VARIANTS = {
     "lsq": {},  # with +refine: the activation steps learned too (quantize --refine-act-lr LSQ_LR)
     "views4": {},  # with +refine: each calibration image and 3 flipped/shifted views of it (quantize --refine-views 4)
     "it500": {},  # with +refine: 500 iterations per block whatever the profile's (quantize --refine-iters 500)
+    "it2000": {},  # with +refine: 2000 iterations per block (quantize --refine-iters 2000)
+    "qdropin": {},  # with +refine: QDrop's mixing of each block's input with the float one (quantize --refine-input-drop 0.5)
     "squant": {"rounding": "squant"},  # SQuant's data-free flips instead of nearest rounding
     "nearest": {"rounding": "nearest"},  # nearest rounding where the default (auto) is SQuant's (4 bits or fewer)
     "nofallback": {"fallback": False},  # with +refine/+qat*: the learned model even where plain rounding is closer
@@ -172,10 +174,12 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
                 if not refine_method:
                     raise SystemExit(f"row {row!r}: +views4 adds views to reconstruction's images; add +refine")
                 refine_settings["views"] = 4
-            if "it500" in variants:
-                if not refine_method:
-                    raise SystemExit(f"row {row!r}: +it500 sets reconstruction's iterations; add +refine")
-                refine_settings["iters"] = 500
+            for variant, setting, value in (("it500", "iters", 500), ("it2000", "iters", 2000),
+                                            ("qdropin", "input_drop", 0.5)):
+                if variant in variants:
+                    if not refine_method:
+                        raise SystemExit(f"row {row!r}: +{variant} sets how reconstruction learns; add +refine")
+                    refine_settings[setting] = value
             settings = {k: v for variant in variants for k, v in VARIANTS[variant].items()}
             row_calibrator = settings.pop("calibrator", calibrator)
             if "inversion" in settings.get("fallback_probes", ()):  # the probe's synthesis as the profile's

@@ -330,8 +330,9 @@ def main(argv=None) -> int:
                      "nearest rounding in the W4A4 cells the notes say were measured before that default, and in "
                      "rows `…+refine+nearstart`), from SQuant's rounding in rows `…+refine+sqstart`; rows `…+lsq` "
                      "learn the activation steps too (`--refine-act-lr 1e-3`), rows `…+views4` reconstruct on each "
-                     "image and 3 flipped and shifted copies of it (`--refine-views 4`), rows `…+it500` take 500 iterations per "
-                     "block whatever the profile's (`--refine-iters 500`).", ""]
+                     "image and 3 flipped and shifted copies of it (`--refine-views 4`), rows `…+it500` and `…+it2000` take 500 "
+                     "and 2000 iterations per block whatever the profile's (`--refine-iters 500`, `2000`), rows "
+                     "`…+qdropin` mix each block's input with the float model's (`--refine-input-drop 0.5`).", ""]
                     if (refined := [json.dumps({k: v for k, v in r["refine"].items() if k != "start"})
                                     for r in results["rows"].values() if r.get("refine")]) else []),
                   *([f"Rows `…+qat`, `…+qatgen`, `…+qatgdfq`: calibrated on the same images, then quantization-aware "

@@ -390,6 +390,12 @@ class RefineConfig:
     (:meth:`QuantConfig.plain_rounding`: SQuant's at 4 bits or fewer, else nearest), as QAT's
     ``auto``. ``views``: each calibration image enters reconstruction as that many views, itself
     and ``views`` − 1 flipped and shifted copies (as QAT's, drawn once from the run's seed).
+    ``input_drop``: while a unit learns, each element of its inputs comes from the float
+    model's stream with this probability, else from the quantized prefix's (QDrop's mixing of
+    a block's input, Wei et al. 2022, beside ``drop_prob`` inside the block); ``None`` (the
+    default): ``drop_prob``'s value, as QDrop draws both with one probability (0.5 for brecq,
+    0 for adaround; measured in README, 'QDrop's input mixing'); 0 trains on the quantized
+    prefix's alone.
     Measured on the benchmark's W4A4 rows (README, 'Where reconstruction starts'):
     SQuant's start is ahead or level on EfficientNet-Lite0 with every source (+6.55 with real
     images, level with DSG's, +2.78 BN-folded), level on MobileNet v1 0.75, within
@@ -412,9 +418,13 @@ class RefineConfig:
     act_lr: float = 0.0
     start: str = "auto"
     views: int = 1
+    input_drop: Optional[float] = None
 
     def __post_init__(self):
         object.__setattr__(self, "method", RefineMethod.parse(self.method, "refine"))
+        _require(self.input_drop is None or (_is_number(self.input_drop) and 0 <= self.input_drop < 1),
+                 f"`refine.input_drop` (probability of a unit input's element being the float model's) must be in "
+                 f"[0, 1), got {self.input_drop}")
         _require(_is_int(self.views) and self.views >= 1,
                  f"`refine.views` (views of each calibration image) must be at least 1, got {self.views}")
         _require(self.start in REFINE_STARTS,
@@ -441,10 +451,14 @@ class RefineConfig:
             return self.drop_prob
         return 0.5 if self.method == RefineMethod.BRECQ else 0.0
 
+    @property
+    def input_dropping(self) -> float:
+        return self.input_drop if self.input_drop is not None else self.dropping
+
     def for_device(self, device_type: str) -> "RefineConfig":
-        """This config with ``iters`` and ``drop_prob`` resolved."""
+        """This config with ``iters``, ``drop_prob`` and ``input_drop`` resolved."""
         iters = self.iters if self.iters is not None else device_defaults(device_type).refine_iters
-        return replace(self, iters=iters, drop_prob=self.dropping)
+        return replace(self, iters=iters, drop_prob=self.dropping, input_drop=self.input_dropping)
 
     def resolved(self, plain: "Rounding") -> "RefineConfig":
         """This config with ``start`` ``auto`` made the rounding ``plain`` (what quantize writes
@@ -452,7 +466,7 @@ class RefineConfig:
         return self if self.start != "auto" else replace(self, start=_start_from(plain))
 
     def to_dict(self) -> dict:
-        return _to_dict(self) | {"drop_prob": self.dropping}
+        return _to_dict(self) | {"drop_prob": self.dropping, "input_drop": self.input_dropping}
 
 
 def _start_from(plain: "Rounding") -> str:

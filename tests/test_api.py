@@ -78,6 +78,8 @@ def test_device_defaults_are_resolved_from_one_table():
     assert RefineConfig().for_device("cpu").iters == 500 and RefineConfig().for_device("cuda").iters == 2000
     assert RefineConfig(method="brecq").for_device("cpu").drop_prob == 0.5
     assert RefineConfig(method="adaround").for_device("cpu").drop_prob == 0.0
+    assert RefineConfig(method="brecq").for_device("cpu").input_drop == 0.5  # QDrop's one probability
+    assert RefineConfig(method="brecq", drop_prob=0.0).for_device("cpu").input_drop == 0.0
 
 
 def test_quantize_takes_a_method_a_path_an_array_or_a_synthetic_set(tiny, tmp_path):

@@ -243,11 +243,51 @@ def test_cli_refine_reports_units_and_rejects_bad_options(setup):
                           (["--refine-iters", "20"], "need --refine"),
                           (["--refine", "adaround", "--refine-drop", "1.5"], "drop probability"),
                           (["--refine", "brecq", "--refine-act-lr", "-0.1"], "activation step learning rate"),
-                          (["--refine", "brecq", "--refine-views", "0"], "views of each calibration image")):
+                          (["--refine", "brecq", "--refine-views", "0"], "views of each calibration image"),
+                          (["--refine", "brecq", "--refine-input-drop", "1"], "being the float model's")):
         bad = runner.invoke(cli, ["quantize", str(setup["model"]), "-o", str(setup["folder"] / "bad.onnx"),
                                   "--calib", "gaussian", *args])
         assert bad.exit_code == 2 and message in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
         assert not (setup["folder"] / "bad.onnx").exists()
+
+
+def test_input_drop_mixes_each_blocks_quantized_input_with_the_float_models(setup, monkeypatch):
+    """--refine-input-drop p (QDrop's input mixing): while a block learns, each element of its
+    input is the float model's with probability p, else the quantized blocks' before it; the
+    model input (one stream for both) is not mixed. Unset, p is --refine-drop's (QDrop's one
+    probability): 0.5 for brecq, 0 for adaround."""
+    import torch
+
+    from dsgonnx.refine import reconstruct
+
+    quantized, fp = torch.zeros(200, 500), torch.ones(200, 500)
+    mixed = reconstruct._mixed(quantized, fp, 0.3, torch.Generator().manual_seed(0))
+    assert set(mixed.unique().tolist()) == {0.0, 1.0} and abs(float(mixed.mean()) - 0.3) < 0.01
+    assert torch.equal(mixed, reconstruct._mixed(quantized, fp, 0.3, torch.Generator().manual_seed(0)))
+    integers = torch.zeros(4, dtype=torch.int64)
+    assert reconstruct._mixed(integers, torch.ones(4, dtype=torch.int64), 0.5, torch.Generator()) is integers
+    assert reconstruct._mixed(quantized, torch.ones(3), 0.5, torch.Generator()) is quantized
+
+    seen = []
+
+    def spy(quantized, fp, prob, generator):
+        seen.append((float((quantized - fp).abs().max()), prob))
+        return mixed_by(quantized, fp, prob, generator)
+
+    mixed_by = reconstruct._mixed
+    monkeypatch.setattr(reconstruct, "_mixed", spy)
+    report = _refine(setup, "brecq", input_drop=0.3, iters=30).report
+    assert report["config"]["input_drop"] == 0.3 and report["config"]["drop_prob"] == 0.5
+    assert len(seen) == 30  # the second block's input, once a step; the first block reads the model input
+    assert all(prob == 0.3 and gap > 0 for gap, prob in seen)  # two different streams mixed
+    seen.clear()
+    assert _refine(setup, "brecq", iters=30).report["config"]["input_drop"] == 0.5 and len(seen) == 30
+    seen.clear()
+    assert _refine(setup, "brecq", drop_prob=0.2, iters=30).report["config"]["input_drop"] == 0.2
+    assert {prob for _, prob in seen} == {0.2}
+    seen.clear()
+    assert _refine(setup, "brecq", input_drop=0, iters=30).report["config"]["input_drop"] == 0 and not seen
+    assert _refine(setup, "adaround", iters=5).report["config"]["input_drop"] == 0 and not seen
 
 
 def test_views_are_flipped_and_shifted_copies_the_reconstruction_learns_from(setup):

@@ -42,7 +42,7 @@ _SYNTH_FLAGS = {"lr": "lr", "slack_reading": "slack_reading", "low_res": "low_re
                 "alignment": "alignment", "ce_weight": "ce_weight"}
 _REFINE_FLAGS = {"refine_iters": "iters", "refine_lr": "lr", "refine_reg": "reg_weight", "refine_drop": "drop_prob",
                  "refine_batch_size": "batch_size", "refine_act_lr": "act_lr", "refine_start": "start",
-                 "refine_views": "views"}
+                 "refine_views": "views", "refine_input_drop": "input_drop"}
 _QAT_FLAGS = {"qat_iters": "iters", "qat_lr": "lr", "qat_batch_size": "batch_size", "qat_act_lr": "act_lr",
               "qat_weight_step_lr": "weight_step_lr", "qat_time_budget": "time_budget", "qat_checkpoint": "checkpoint",
               "qat_augment": "augment", "qat_data": "data", "qat_generator_loss": "generator_loss",
@@ -91,6 +91,10 @@ def _given(values: dict, fields: dict) -> dict:
 @click.option("--refine-lr", type=float, help="Refinement learning rate (Adam on the rounding variables).")
 @click.option("--refine-reg", type=float, help="Weight of AdaRound's rounding regulariser.")
 @click.option("--refine-drop", type=float, help="QDrop probability of keeping an activation float while refining.")
+@click.option("--refine-input-drop", type=float,
+              help="QDrop's input mixing: the probability of each element of a block's input being the float "
+                   "model's, else the quantized blocks' before it [default: --refine-drop's: 0.5 for brecq, 0 for "
+                   "adaround; EfficientNet-Lite0 W4A4 DSG +7.56, see README].")
 @click.option("--refine-batch-size", type=int, help="Refinement batch size.")
 @click.option("--refine-act-lr", type=float,
               help="Learn the activation step sizes with the rounding at this rate (LSQ; relative steps) [default: 0, "

@@ -140,6 +140,16 @@ def _run_rows(module, unit: Unit, inputs: list, rows: slice, batch: int) -> list
     return [concat([p[i] for p in parts]) for i in range(len(unit.outputs))]
 
 
+def _mixed(quantized, fp, prob: float, generator: torch.Generator):
+    """QDrop's unit input: each element the float model's with probability ``prob``, else the
+    quantized prefix's (values that are not float tensors of one shape stay quantized)."""
+    if (not isinstance(quantized, torch.Tensor) or not isinstance(fp, torch.Tensor)
+            or not quantized.is_floating_point() or quantized.shape != fp.shape):
+        return quantized
+    from_float = torch.rand(quantized.shape, generator=generator, device=quantized.device, dtype=quantized.dtype) < prob
+    return torch.where(from_float, fp, quantized)
+
+
 def _beta(step: int, total: int, config: RefineConfig) -> Optional[float]:
     start = config.warmup * total
     if step < start:
@@ -220,7 +230,7 @@ def refine_model(model_path: Path, output_path: Path, placement: Placement, imag
         for quantizer in unit_acts:
             quantizer.enabled = True
         if unit.layers:
-            report_units.append(run.reconstruct(unit, q_in, targets, unit_acts))
+            report_units.append(run.reconstruct(unit, q_in, targets, unit_acts, fp_in))
             q_out = _run_rows(module, unit, q_in, everything, run.chunk)
         else:
             same = not unit_acts and all(a is b for a, b in zip(fp_in, q_in))
@@ -290,9 +300,10 @@ class _Reconstruction:
         with torch.no_grad():
             return float(_loss(outputs, [take(t, index) for t in targets]))
 
-    def reconstruct(self, unit: Unit, q_in: list, targets: list, acts: list[ActQuant]) -> dict:
+    def reconstruct(self, unit: Unit, q_in: list, targets: list, acts: list[ActQuant], fp_in: list) -> dict:
         """Learn the rounding of the unit's layers (its activations ``acts`` quantized, dropped
-        at random while training); its loss before (nearest rounding) and after."""
+        at random while training; its inputs ``q_in``, mixed with the float model's ``fp_in``
+        with ``input_drop``); its loss before (nearest rounding) and after."""
         config, iters = self.config, self.config.iters
         self.number += 1
         quant = [self.by_node[n].module for n in unit.layers]
@@ -334,7 +345,11 @@ class _Reconstruction:
                 if ranks is not None:
                     index = ranks.share(index)
                 index = index.to(self.device)
-                outputs = run_unit(self.module, unit, [take(v, index) for v in q_in])
+                inputs = [take(v, index) for v in q_in]
+                if config.input_dropping > 0:
+                    inputs = [v if q is f else _mixed(v, take(f, index), config.input_dropping, self.drops)
+                              for v, q, f in zip(inputs, q_in, fp_in)]
+                outputs = run_unit(self.module, unit, inputs)
                 rec = _loss(outputs, [take(t, index) for t in targets])
                 beta = _beta(step, iters, config)
                 loss = rec if ranks is None else rec * ranks.weight(len(index))
