@@ -332,7 +332,9 @@ def main(argv=None) -> int:
                      "learn the activation steps too (`--refine-act-lr 1e-3`), rows `…+views4` reconstruct on each "
                      "image and 3 flipped and shifted copies of it (`--refine-views 4`), rows `…+it500` and `…+it2000` take 500 "
                      "and 2000 iterations per block whatever the profile's (`--refine-iters 500`, `2000`), rows "
-                     "`…+qdropin` mix each block's input with the float model's (`--refine-input-drop 0.5`).", ""]
+                     "`…+qdropin` mix each block's input with the float model's (`--refine-input-drop 0.5`, the default since "
+                     "commit 9dc8c4a; the other rows were measured before it, without the mixing), rows `…+noqdropin` "
+                     "do not (`--refine-input-drop 0`).", ""]
                     if (refined := [json.dumps({k: v for k, v in r["refine"].items() if k != "start"})
                                     for r in results["rows"].values() if r.get("refine")]) else []),
                   *([f"Rows `…+qat`, `…+qatgen`, `…+qatgdfq`: calibrated on the same images, then quantization-aware "
