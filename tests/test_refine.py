@@ -251,6 +251,34 @@ def test_cli_refine_reports_units_and_rejects_bad_options(setup):
         assert not (setup["folder"] / "bad.onnx").exists()
 
 
+def test_random_mask_draws_each_element_with_the_probability_from_seven_bytes_per_draw():
+    """QDrop's masks (the dropped activations, the mixed block inputs): each element True with
+    probability p to the nearest 1/256, the same at every position of the 7 bytes a 64-bit draw
+    gives (the draw's top byte holds only 7 random bits and would be True for every p ≥ 1/2),
+    reproducible from the generator's seed, any shape."""
+    import torch
+
+    from dsgonnx.refine.quantizers import random_mask
+
+    shape = (5, 7, 11, 13)  # 5005 elements: not a whole number of draws
+    for prob in (0.1, 0.3, 0.5, 0.9):
+        masks = torch.stack([random_mask(shape, prob, torch.Generator().manual_seed(seed)) for seed in range(40)])
+        assert masks.shape == (40, *shape) and masks.dtype == torch.bool
+        expected = round(prob * 256) / 256
+        flat = masks.reshape(40, -1)[:, : 5005 // 7 * 7].reshape(40, -1, 7).float()
+        for byte in range(7):  # 28,600 draws each: binomial standard error under 0.003
+            assert abs(float(flat[:, :, byte].mean()) - expected) < 0.012, (prob, byte)
+        assert abs(float(masks.float().mean()) - expected) < 0.005
+        # neighbours independent: the pair agrees as often as two independent draws would
+        pairs = float((flat[:, :, 0] == flat[:, :, 1]).float().mean())
+        assert abs(pairs - (expected ** 2 + (1 - expected) ** 2)) < 0.012
+    again = random_mask(shape, 0.3, torch.Generator().manual_seed(3))
+    assert torch.equal(again, random_mask(shape, 0.3, torch.Generator().manual_seed(3)))
+    assert not torch.equal(again, random_mask(shape, 0.3, torch.Generator().manual_seed(4)))
+    assert not random_mask((4, 4), 0.0, torch.Generator()).any() and random_mask((4, 4), 1.0, torch.Generator()).all()
+    assert float(random_mask((100_000,), 0.0001, torch.Generator().manual_seed(0)).float().mean()) > 0  # 1/256
+
+
 def test_input_drop_mixes_each_blocks_quantized_input_with_the_float_models(setup, monkeypatch):
     """--refine-input-drop p (QDrop's input mixing): while a block learns, each element of its
     input is the float model's with probability p, else the quantized blocks' before it; the

@@ -41,7 +41,7 @@ from ..progress import Progress, say
 from ..quant.placement import Placement
 from ..quant.qdq import quantized_weights
 from .blocks import Unit, concat, join_nodes, partition, run_unit, take, tensors
-from .quantizers import ActQuant, QuantLayer, weight_scales
+from .quantizers import ActQuant, QuantLayer, random_mask, weight_scales
 from .ranks import Ranks, images_digest, run_digest
 from .simulate import first_output, insert_activation_quant, layer_module
 from .views import with_views
@@ -142,11 +142,12 @@ def _run_rows(module, unit: Unit, inputs: list, rows: slice, batch: int) -> list
 
 def _mixed(quantized, fp, prob: float, generator: torch.Generator):
     """QDrop's unit input: each element the float model's with probability ``prob``, else the
-    quantized prefix's (values that are not float tensors of one shape stay quantized)."""
+    quantized prefix's (values that are not float tensors of one shape stay quantized); ``prob``
+    to the nearest 1/256 (:func:`random_mask`)."""
     if (not isinstance(quantized, torch.Tensor) or not isinstance(fp, torch.Tensor)
             or not quantized.is_floating_point() or quantized.shape != fp.shape):
         return quantized
-    from_float = torch.rand(quantized.shape, generator=generator, device=quantized.device, dtype=quantized.dtype) < prob
+    from_float = random_mask(quantized.shape, prob, generator, quantized.device)
     return torch.where(from_float, fp, quantized)
 
 
