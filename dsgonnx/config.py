@@ -395,7 +395,8 @@ class RefineConfig:
     a block's input, Wei et al. 2022, beside ``drop_prob`` inside the block); ``None`` (the
     default): ``drop_prob``'s value, as QDrop draws both with one probability (0.5 for brecq,
     0 for adaround; measured in README, 'QDrop's input mixing'); 0 trains on the quantized
-    prefix's alone.
+    prefix's alone. Both probabilities are drawn to the nearest 1/256
+    (:func:`dsgonnx.refine.quantizers.random_mask`).
     Measured on the benchmark's W4A4 rows (README, 'Where reconstruction starts'):
     SQuant's start is ahead or level on EfficientNet-Lite0 with every source (+6.55 with real
     images, level with DSG's, +2.78 BN-folded), level on MobileNet v1 0.75, within

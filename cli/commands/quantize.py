@@ -90,7 +90,8 @@ def _given(values: dict, fields: dict) -> dict:
 @click.option("--refine-iters", type=int, help="Refinement iterations per layer/block [default: 2000 on CUDA, 500 on CPU].")
 @click.option("--refine-lr", type=float, help="Refinement learning rate (Adam on the rounding variables).")
 @click.option("--refine-reg", type=float, help="Weight of AdaRound's rounding regulariser.")
-@click.option("--refine-drop", type=float, help="QDrop probability of keeping an activation float while refining.")
+@click.option("--refine-drop", type=float,
+              help="QDrop probability of keeping an activation float while refining (to the nearest 1/256).")
 @click.option("--refine-input-drop", type=float,
               help="QDrop's input mixing: the probability of each element of a block's input being the float "
                    "model's, else the quantized blocks' before it [default: --refine-drop's: 0.5 for brecq, 0 for "
