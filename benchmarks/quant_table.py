@@ -89,7 +89,13 @@ VARIANTS = {
     # profile's iterations and synthesis settings, instead of (+invprobe) or beside (+bothprobes) procedural ones
     "invprobe": {"fallback_probes": ("inversion",)},
     "bothprobes": {"fallback_probes": ("procedural", "inversion")},
+    # a synthetic set made with HELD_OUT samples more (dsgonnx synthesize --holdout), which quantize
+    # checks its models on (+held), or the same set's calibration images alone: the fallback checks on
+    # them (+heldaside; as every synthetic row without +held, whose sets are made without)
+    "held": {},
+    "heldaside": {},
 }
+HELD_OUT = 16
 QAT_DATA = {"qat": {"data": "calib"}, "qatgen": {"data": "generator", "generator_loss": "dsg"},
             "qatgdfq": {"data": "generator", "generator_loss": "bns"}}
 QAT_VARIANTS = {"sqstart": {"start": "squant"}, "nearstart": {"start": "nearest"}, "refstart": {"start": "refine"},
@@ -200,10 +206,13 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
                 qat_settings.update(QAT_VARIANTS[variant])
             start_refine = dict(refine or {}) if qat_settings and qat_settings.get("start") == "refine" else None
             synthetic_samples = num_samples if base == "real" else (synth_samples or num_samples)
+            held = HELD_OUT if {"held", "heldaside"} & set(variants) else 0
+            if held and base == "real":
+                raise SystemExit(f"row {row!r}: +held/+heldaside hold out synthetic samples; real calibration has none")
             for seed in (seeds if base != "real" else (0,)):
-                if (base, seed) not in made:
+                if (base, seed, held) not in made:
                     if base == "real":
-                        made[(base, seed)] = (data, None, None, None)
+                        made[(base, seed, held)] = (data, None, None, None)
                     else:
                         if base == "dsg-kept" and twin is None:
                             raise SystemExit(f"row {row!r} needs the model's BN-kept twin; {model} has none here")
@@ -212,17 +221,20 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
                         # a source's own settings (e.g. dsg-full's low_res 0) over the profile's
                         made_as = SynthConfig(**{**(synth or {}), **SOURCES[base], "num_samples": synthetic_samples,
                                                  "iters": iters, "seed": seed, "device": device, "preprocess": recipe})
-                        cached = _cached_set(cache, source, made_as)
+                        cached = _cached_set(cache, source, made_as, held)
                         if cached is not None and cached.exists():
                             synthetic = SyntheticSet.load(cached)
                             took = synthetic.meta["seconds"]
                             print(f"{Path(model).name} {base} seed {seed}: synthetic set from {cached}", file=log)
                         else:
-                            synthetic = synthesize(loaded if source == model else source, made_as, output=cached)
+                            synthetic = synthesize(loaded if source == model else source, made_as, holdout=held,
+                                                   output=cached)
                             took = time.perf_counter() - start
-                        made[(base, seed)] = (synthetic, took, synthetic.meta["seconds_per_iter"],
-                                              synthetic.meta["diversity"].get("sample_similarity"))
-                calib, took, iter_s, similar = made[(base, seed)]
+                        made[(base, seed, held)] = (synthetic, took, synthetic.meta["seconds_per_iter"],
+                                                    synthetic.meta["diversity"].get("sample_similarity"))
+                calib, took, iter_s, similar = made[(base, seed, held)]
+                if "heldaside" in variants:  # the same calibration images, checked on themselves
+                    calib = SyntheticSet(calib.images, calib.meta)
                 seconds += [took] if took is not None else []
                 per_iter += [iter_s] if iter_s else []
                 similarity += [similar] if similar is not None else []
@@ -407,8 +419,9 @@ def candidates_markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _cached_set(cache, model, settings):
-    """Where a synthetic set for ``model`` made with ``settings`` is kept in ``cache`` (None: no cache)."""
+def _cached_set(cache, model, settings, holdout=0):
+    """Where a synthetic set for ``model`` made with ``settings`` (and ``holdout`` samples more,
+    held out) is kept in ``cache`` (None: no cache)."""
     if cache is None:
         return None
     import hashlib
@@ -418,6 +431,7 @@ def _cached_set(cache, model, settings):
     resolved = settings.for_model(has_bn=True)[0]  # weights left unset keyed as the method fills them in
     key = hashlib.sha256(Path(model).read_bytes()).hexdigest()[:12] + json.dumps(asdict(resolved), sort_keys=True,
                                                                                  default=str)
+    key += f"holdout={holdout}" if holdout else ""  # (the sets made before held-out samples keep their names)
     Path(cache).mkdir(parents=True, exist_ok=True)
     return Path(cache) / f"{Path(model).stem}-{settings.method.value}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"
 
@@ -462,11 +476,15 @@ def markdown(results: dict) -> str:
     for mark, name in FALLBACK_MARKS.items():
         if any(c["kept"] == name for c in every_check):
             lines.append(f"\n{mark} the learned (or SQuant-rounded) model did not follow the float model as closely as "
-                         f"{FALLBACK_NAMES[name]} (logit SQNR on held-out synthetic samples, or on the calibration "
-                         f"images with a set from a file or real data{probes}): quantize wrote that model "
+                         f"{FALLBACK_NAMES[name]} (logit SQNR on the calibration images, or in rows `…+held` on the "
+                         f"set's {HELD_OUT} held-out synthetic samples{probes}): quantize wrote that model "
                          "(`--fallback`, the default; cells whose check has `steps` in results.json were decided by "
                          "commit db97425's rule — at least as close on one probe and not measurably less close on any, "
                          "by a paired bootstrap — the others by the earlier one, at least as close on every probe).")
+    if any({"held", "heldaside"} & set(row.split("+")[1:]) for row in results["rows"]):
+        lines.append(f"\nRows `…+held`: the synthetic set was made with {HELD_OUT} samples more, held out "
+                     f"(`dsgonnx synthesize --holdout {HELD_OUT}`), and quantize checks the models it weighs on them; "
+                     "rows `…+heldaside`: the same set's calibration images alone, checked on themselves.")
     lines.append(f"\nFP32 top-1 {fp:.2f}% on {results['eval_images']} held-out images.")
     if scored := candidates_markdown(results):
         lines += ["", "Rows `…+cands`: every model the fallback weighed (`quantize --keep-candidates`), scored on the "

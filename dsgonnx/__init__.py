@@ -25,7 +25,7 @@ logging.getLogger("dsgonnx").addHandler(logging.NullHandler())
 
 _CONFIG = ("Alignment", "BiasCorrection", "Calibrator", "Device", "DeviceDefaults", "LogitsPolicy", "PoolRange", "Provider", "QatConfig", "QuantConfig", "RefineConfig",
            "RefineMethod", "Rounding", "SUPPORTED_BITS", "SlackReading", "SynthConfig", "SynthMethod", "SynthOptions", "Target",
-           "ValidateConfig", "DEFAULT_BATCH_SIZE", "device_defaults")
+           "ValidateConfig", "DEFAULT_BATCH_SIZE", "DEFAULT_HOLDOUT", "device_defaults")
 _EXPORTS = {
     **{name: "dsgonnx.config" for name in _CONFIG},
     "inspect": "dsgonnx.api",

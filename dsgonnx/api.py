@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .artifacts import SyntheticSet, check_output_folder
-from .config import SynthConfig
+from .config import DEFAULT_HOLDOUT, SynthConfig
 from .errors import DataError
 
 
@@ -23,10 +23,17 @@ def inspect(model: str | os.PathLike, input_shape=None, parity_samples: int = 4)
     return inspect_model(model, input_shape, parity_samples)
 
 
-def synthesize(model, config: Optional[SynthConfig] = None, *, input_shape=None, output=None, preview=None,
-               force: bool = False, **overrides) -> SyntheticSet:
+def synthesize(model, config: Optional[SynthConfig] = None, *, holdout: int = DEFAULT_HOLDOUT, input_shape=None,
+               output=None, preview=None, force: bool = False, **overrides) -> SyntheticSet:
     """Synthesize calibration images for ``model`` (a path, a loaded model or its torch twin)
     as ``config`` (or keyword overrides) says (``dsgonnx synthesize``).
+
+    ``holdout``: synthesize that many samples more, together with the ``num_samples``
+    calibration images, and keep them in the set's ``holdout`` (written to the ``.npz``):
+    ``dsgonnx quantize --calib set.npz`` checks the models it weighs (reconstruction, QAT,
+    SQuant's rounding against plain rounding) and validates without ``val_data`` on them, as
+    it does on the samples it holds out when it synthesizes itself — the same split of the
+    same images for the same seed.
 
     ``output``: also write the set to this ``.npz``; ``preview``: also write a PNG grid of the
     images. Both are checked before any work and written atomically; an existing file needs
@@ -38,6 +45,8 @@ def synthesize(model, config: Optional[SynthConfig] = None, *, input_shape=None,
     from .synth.preview import save_grid
 
     config = replace(config or SynthConfig(), **overrides)
+    if not isinstance(holdout, int) or isinstance(holdout, bool) or holdout < 0:
+        raise DataError(f"`holdout` must be a whole number of samples, at least 0; got {holdout!r}")
     for path, suffix in ((output, ".npz"), (preview, ".png")):
         if path is None:
             continue
@@ -52,7 +61,7 @@ def synthesize(model, config: Optional[SynthConfig] = None, *, input_shape=None,
     if isinstance(model, (str, os.PathLike)):
         path = model
         model = distributed.together(lambda: load_model(path, input_shape))
-    result = run_synthesis(model, config)
+    result = run_synthesis(model, replace(config, num_samples=config.num_samples + holdout)).hold_out(holdout)
     if distributed.is_writer():  # rank 0 alone writes; every rank holds the whole set
         if output is not None:  # in the layout the model file takes
             loaded = getattr(model, "loaded", model)

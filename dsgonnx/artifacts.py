@@ -13,7 +13,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -23,38 +23,62 @@ from .preprocess import read_npz
 
 @dataclass
 class SyntheticSet:
-    """Calibration images (float32, NCHW, model input space) and how they were made."""
+    """Calibration images (float32, NCHW, model input space), how they were made, and
+    ``holdout``: samples made with them but kept out of calibration (None: none), on which
+    quantize checks the models it weighs (a model fitted to the calibration images looks
+    better on them than it is)."""
 
     images: np.ndarray
     meta: dict[str, Any] = field(default_factory=dict)
+    holdout: Optional[np.ndarray] = None
 
     def __post_init__(self):
-        if self.images.ndim != 4 or self.images.dtype != np.float32:
-            raise DataError(f"synthetic images must be float32 NCHW, got {self.images.dtype} {self.images.shape}")
+        for name, images in (("images", self.images), ("holdout", self.holdout)):
+            if images is not None and (images.ndim != 4 or images.dtype != np.float32):
+                raise DataError(f"synthetic {name} must be float32 NCHW, got {images.dtype} {images.shape}")
+        if self.holdout is not None and self.holdout.shape[1:] != self.images.shape[1:]:
+            raise DataError(f"held-out samples {self.holdout.shape} are not shaped as the images {self.images.shape}")
 
     def __len__(self) -> int:
         return len(self.images)
 
+    def hold_out(self, count: int) -> "SyntheticSet":
+        """The set with its last ``count`` images moved to ``holdout`` (``meta["holdout"]``
+        counts them): synthesized together with the calibration images, never calibrated on."""
+        if count <= 0:
+            return self
+        if count >= len(self.images):
+            raise DataError(f"cannot hold out {count} of {len(self.images)} synthetic samples: none would be left")
+        return SyntheticSet(self.images[:-count], {**self.meta, "holdout": count}, self.images[-count:])
+
     def save(self, path: str | os.PathLike, replace: bool = True, layout: str = "NCHW") -> Path:
-        """Write ``images`` and ``meta`` (a JSON string) to an ``.npz``, atomically (without
-        ``replace``, never over an existing file); ``layout`` "NHWC" writes the images channels
-        last, as a channels-last model takes them (``meta["layout"]`` says so)."""
+        """Write ``images``, ``holdout`` (when there are some) and ``meta`` (a JSON string) to an
+        ``.npz``, atomically (without ``replace``, never over an existing file); ``layout``
+        "NHWC" writes the images channels last, as a channels-last model takes them
+        (``meta["layout"]`` says so)."""
         path = Path(path)
         if path.suffix != ".npz":
             raise DataError(f"synthetic sets are saved as .npz, not {path.name!r}")
-        images, meta = self.images, self.meta
+        arrays = {"images": self.images, **({"holdout": self.holdout} if self.holdout is not None else {})}
+        meta = self.meta
         if layout == "NHWC":
-            images, meta = np.ascontiguousarray(images.transpose(0, 2, 3, 1)), {**meta, "layout": "NHWC"}
-        write_atomically(path, lambda handle: np.savez(handle, images=images, meta=np.array(json.dumps(meta))), replace)
+            arrays = {name: np.ascontiguousarray(a.transpose(0, 2, 3, 1)) for name, a in arrays.items()}
+            meta = {**meta, "layout": "NHWC"}
+        write_atomically(path, lambda handle: np.savez(handle, **arrays, meta=np.array(json.dumps(meta))), replace)
         return path
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "SyntheticSet":
         data = read_npz(path)
-        if data.images.ndim != 4 or data.images.dtype != np.float32:
-            raise DataError(f"{path}: 'images' must be float32 NCHW, got {data.images.dtype} {data.images.shape}")
-        images = data.images.transpose(0, 3, 1, 2) if data.meta.get("layout") == "NHWC" else data.images
-        return cls(images=np.ascontiguousarray(images), meta=data.meta)
+        arrays = {}
+        for name, images in (("images", data.images), ("holdout", data.holdout)):
+            if images is None:
+                continue
+            if images.ndim != 4 or images.dtype != np.float32:
+                raise DataError(f"{path}: '{name}' must be float32 NCHW, got {images.dtype} {images.shape}")
+            arrays[name] = np.ascontiguousarray(images.transpose(0, 3, 1, 2) if data.meta.get("layout") == "NHWC"
+                                                else images)
+        return cls(meta=data.meta, **arrays)
 
 
 def check_output_folder(path: str | os.PathLike) -> Path:

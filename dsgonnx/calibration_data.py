@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -21,6 +22,7 @@ class RealImages:
     files: tuple[str, ...]  # the image files used (empty for arrays and .npz files)
     source: str
     method: str = "real"  # a synthetic set (dsgonnx synthesize) keeps its method
+    holdout: Optional[np.ndarray] = None  # a synthetic set's samples kept out of calibration (float32 NCHW)
 
 
 def spread_indices(total: int, count: int) -> np.ndarray:
@@ -34,9 +36,11 @@ def spread_indices(total: int, count: int) -> np.ndarray:
 
 def load_real_images(source, spec: InputSpec, count: int, preprocess: Preprocess | None) -> RealImages:
     """Up to ``count`` calibration images from ``source``: a path (image folder or .npz), a
-    float NCHW array in the model's input space, or a SyntheticSet."""
+    float NCHW array in the model's input space, or a SyntheticSet; with the held-out samples
+    of a set that has some (``dsgonnx synthesize --holdout``)."""
     if isinstance(source, SyntheticSet):
-        return _from_array(source.images, spec, count, "SyntheticSet in memory", source.meta.get("method", "real"))
+        return _from_array(source.images, spec, count, "SyntheticSet in memory", source.meta.get("method", "real"),
+                           source.holdout)
     if isinstance(source, np.ndarray):
         return _from_array(source, spec, count, "array in memory")
     path = os.fspath(source)
@@ -50,17 +54,24 @@ def load_real_images(source, spec: InputSpec, count: int, preprocess: Preprocess
         return RealImages(images, tuple(chosen), path)
     if Path(path).suffix.lower() == ".npz":
         data = read_npz(path)
-        return _from_array(data.images, spec, count, path, str(data.meta.get("method", "real")))
+        return _from_array(data.images, spec, count, path, str(data.meta.get("method", "real")), data.holdout)
     raise DataError(f"`calib` must be dsg, zeroq, gaussian, an image folder or an .npz file; got {path!r}")
 
 
-def _from_array(images, spec: InputSpec, count: int, source: str, method: str = "real") -> RealImages:
-    check_images(source, images)
+def _from_array(images, spec: InputSpec, count: int, source: str, method: str = "real", holdout=None) -> RealImages:
+    images = _model_input(images, spec, source, "images")
+    held = None if holdout is None else np.ascontiguousarray(_model_input(holdout, spec, source, "holdout"), np.float32)
+    chosen = spread_indices(len(images), count)
+    return RealImages(np.asarray(images[chosen], dtype=np.float32), (), source, method, held)
+
+
+def _model_input(images, spec: InputSpec, source: str, name: str) -> np.ndarray:
+    """``images`` checked and shaped as the model takes them (NCHW)."""
+    check_images(source, images, name)
     channels, height, width = spec.chw
     if images.ndim == 4 and tuple(images.shape[1:]) == (height, width, channels) != tuple(spec.chw):
         images = images.transpose(0, 3, 1, 2)  # channels last (a set written for an NHWC model): NCHW here
     if images.ndim != 4 or tuple(images.shape[1:]) != tuple(spec.chw):
-        raise DataError(f"{source}: 'images' has shape {images.shape}; the model takes N×{'×'.join(map(str, spec.chw))} "
+        raise DataError(f"{source}: '{name}' has shape {images.shape}; the model takes N×{'×'.join(map(str, spec.chw))} "
                         f"(or N×{height}×{width}×{channels})")
-    chosen = spread_indices(len(images), count)
-    return RealImages(np.asarray(images[chosen], dtype=np.float32), (), source, method)
+    return images

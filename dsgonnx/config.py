@@ -680,6 +680,10 @@ def _calibration_source(calib):
 
 # the independent images the fallback can check a learned model on (besides the held-out samples)
 FALLBACK_PROBES = ("procedural", "inversion")
+# synthetic samples made beside the calibration images and kept out of them (quantize's own
+# synthesis and `dsgonnx synthesize`): the fallback checks its models, and validation without
+# val_data scores them, on these
+DEFAULT_HOLDOUT = 16
 
 
 @dataclass(frozen=True)
@@ -735,7 +739,9 @@ class QuantConfig:
     force: bool = False
     validate: bool = True
     val_data: Optional[str] = None
-    holdout: int = 16  # extra synthetic samples for validation without val_data
+    # held-out synthetic samples (validation without val_data, the fallback's check): made beside the
+    # calibration images when quantize synthesizes; at most this many of a set's `holdout` (--calib set.npz)
+    holdout: int = DEFAULT_HOLDOUT
     max_drop: Optional[float] = None
     min_agreement: Optional[float] = None
     report: Optional[str] = None

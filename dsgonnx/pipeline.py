@@ -399,16 +399,15 @@ _BATCH_FOR_QAT = ("QAT trains on these images (measured on four models, README '
 def _calibration_data(loaded: LoadedModel, config: QuantConfig):
     """(calibration images, held-out images or None, description, calibration files)."""
     start = time.perf_counter()
+    # held out: to validate on without val_data, and for refine/qat/rounding to be checked on
+    wanted = ((config.validate and config.val_data is None) or config.refine is not None or config.qat is not None
+              or config.weight_rounding() != Rounding.NEAREST)
+    holdout = config.holdout if wanted else 0
     if config.synthetic:
         from .synth import synthesize
 
-        # held out: to validate on without val_data, and for refine/qat/rounding to be checked on
-        wanted = ((config.validate and config.val_data is None) or config.refine is not None or config.qat is not None
-                  or config.weight_rounding() != Rounding.NEAREST)
-        holdout = config.holdout if wanted else 0
         made_as = config.synth_config(config.num_samples + holdout)
-        synthetic = synthesize(loaded, made_as)
-        images = synthetic.images
+        synthetic = synthesize(loaded, made_as).hold_out(holdout)  # the same split as `dsgonnx synthesize --holdout`
         settings = synthetic.meta["config"]
         chosen = {}
         # the alignment synth_config chose for QAT's images (the method decided may not align BN at all)
@@ -420,11 +419,15 @@ def _calibration_data(loaded: LoadedModel, config: QuantConfig):
                    if synthetic.meta.get("method_choice") else {}),
                 "seconds": round(time.perf_counter() - start, 3), "device": synthetic.meta["device"],
                 "diversity": synthetic.meta["diversity"], "holdout": holdout, "synth": settings, **chosen}
-        return images[: config.num_samples], (images[config.num_samples :] if holdout else None), info, ()
+        return synthetic.images, synthetic.holdout, info, ()
     real = load_real_images(config.calib, loaded.input, config.num_samples, config.preprocess)
+    held = real.holdout[:holdout] if real.holdout is not None and holdout else None
     info = {"method": real.method, "source": real.source, "num_samples": len(real.images), "iters": 0,
-            "seconds": round(time.perf_counter() - start, 3)}
-    return real.images, None, info, real.files
+            "seconds": round(time.perf_counter() - start, 3), **({"holdout": len(held)} if held is not None else {})}
+    if held is None and holdout and real.method != "real":
+        say(f"quantize: {real.source} holds no held-out samples, so the models are checked on the calibration "
+            "images (`dsgonnx synthesize --holdout N` keeps N aside)")
+    return real.images, held, info, real.files
 
 
 def _finish_model(path: Path, loaded: LoadedModel, bits: dict, calibration: dict, decisions: dict, sample: np.ndarray):

@@ -35,7 +35,9 @@ Data sources
   by extension; hidden entries (``.name``) and non-image files are ignored.
 * A **flat folder** of images (no class sub-folders): unlabelled images.
 * An **.npz** file with ``images`` (already preprocessed, in the model's input layout) and
-  optionally ``labels`` (integer class indices), loaded with ``allow_pickle=False``.
+  optionally ``labels`` (integer class indices), loaded with ``allow_pickle=False``. A set
+  ``dsgonnx synthesize`` wrote may also hold ``holdout``: samples made with ``images`` and
+  kept out of calibration, for quantize to check its models on.
 """
 
 from __future__ import annotations
@@ -329,17 +331,20 @@ def read_class_list(path: str) -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class NpzData:
-    """What an .npz holds for dsgonnx: ``images``, optional ``labels`` and ``meta`` (the JSON
-    record ``dsgonnx synthesize`` writes; ``{}`` when absent)."""
+    """What an .npz holds for dsgonnx: ``images``, optional ``labels``, ``meta`` (the JSON
+    record ``dsgonnx synthesize`` writes; ``{}`` when absent) and ``holdout`` (synthetic
+    samples kept out of calibration; None when absent)."""
 
     images: np.ndarray
     labels: np.ndarray | None
     meta: dict
+    holdout: np.ndarray | None = None
 
 
 def read_npz(path: str | os.PathLike) -> NpzData:
-    """The one .npz reader: ``images`` (floating, N×…), ``labels`` (integer, N) and ``meta``,
-    loaded with ``allow_pickle=False``; anything else is a one-line DataError."""
+    """The one .npz reader: ``images`` (floating, N×…), ``labels`` (integer, N), ``meta`` and
+    ``holdout`` (floating, M×… as ``images``), loaded with ``allow_pickle=False``; anything
+    else is a one-line DataError."""
     import json
 
     path = os.fspath(path)
@@ -357,6 +362,7 @@ def read_npz(path: str | os.PathLike) -> NpzData:
             images = archive["images"]
             labels = archive["labels"] if "labels" in archive.files else None
             meta = json.loads(str(archive["meta"])) if "meta" in archive.files else {}
+            holdout = archive["holdout"] if "holdout" in archive.files else None
     except DataError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # JSONDecodeError is a ValueError
@@ -365,7 +371,12 @@ def read_npz(path: str | os.PathLike) -> NpzData:
     if labels is not None:
         check_labels(path, labels, len(images))
         labels = labels.astype(np.int64)
-    return NpzData(images, labels, meta if isinstance(meta, dict) else {})
+    if holdout is not None:
+        check_images(path, holdout, "holdout")
+        if holdout.shape[1:] != images.shape[1:]:
+            raise DataError(f"{path}: 'holdout' has shape {holdout.shape}; its samples must be shaped as "
+                            f"'images' ({'×'.join(map(str, images.shape[1:]))})")
+    return NpzData(images, labels, meta if isinstance(meta, dict) else {}, holdout)
 
 
 def load_npz(path: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -374,14 +385,14 @@ def load_npz(path: str) -> tuple[np.ndarray, np.ndarray | None]:
     return data.images, data.labels
 
 
-def check_images(path: str, images: np.ndarray) -> None:
+def check_images(path: str, images: np.ndarray, name: str = "images") -> None:
     """Preprocessed images must be a non-empty floating N×… array of finite values."""
     if not isinstance(images, np.ndarray) or not np.issubdtype(images.dtype, np.floating):
-        raise DataError(f"{path}: 'images' must be floating point (already preprocessed), got {getattr(images, 'dtype', type(images).__name__)}")
+        raise DataError(f"{path}: '{name}' must be floating point (already preprocessed), got {getattr(images, 'dtype', type(images).__name__)}")
     if images.ndim < 2 or len(images) == 0:
-        raise DataError(f"{path}: 'images' must be N×… with N ≥ 1, got shape {images.shape}")
+        raise DataError(f"{path}: '{name}' must be N×… with N ≥ 1, got shape {images.shape}")
     if not np.isfinite(images).all():
-        raise DataError(f"{path}: 'images' contains NaN or infinite values")
+        raise DataError(f"{path}: '{name}' contains NaN or infinite values")
 
 
 def check_labels(path: str, labels: np.ndarray, count: int) -> None:

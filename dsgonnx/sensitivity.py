@@ -267,7 +267,8 @@ def analyze(model, config: Optional[QuantConfig] = None, *, data=None, eval_samp
     """Per-tensor sensitivity of ``model`` quantized as ``config`` says (``dsgonnx analyze``).
 
     ``data``: labelled images (folder or .npz) to measure on, the calibration files left out;
-    without it, held-out synthetic samples (``config.holdout``, at least 16) — data-free.
+    without it, held-out synthetic samples (``config.holdout``, at least 16; a saved set's own
+    when ``config.calib`` is one written with ``dsgonnx synthesize --holdout``) — data-free.
     ``report`` / ``chart``: also write the JSON report / a PNG bar chart (atomically).
     ``quantized``: analyze this QDQ model of ``model`` (one dsgonnx quantize wrote, e.g. on
     another machine) instead of quantizing; ``config`` does not apply and ``data`` is needed.
@@ -296,7 +297,8 @@ def analyze(model, config: Optional[QuantConfig] = None, *, data=None, eval_samp
             qdq, bits = _given_quantized(quantized, loaded)
             calibration_files = ()
         else:
-            holdout = max(config.holdout, 16) if data is None and config.synthetic else 0
+            # (a saved set gives up to this many of its own held-out samples)
+            holdout = max(config.holdout, 16) if data is None else 0
             # without data, quantize keeps its held-out synthetic samples (and checks the model on them)
             result = quantize(loaded, replace(config, output=str(scratch / "q.onnx"), force=True,
                                               validate=data is None, val_data=None, max_drop=None,
@@ -322,7 +324,9 @@ def analyze(model, config: Optional[QuantConfig] = None, *, data=None, eval_samp
             samples = {"source": f"held-out {result.calibration['method']} samples", "count": len(images),
                        "labelled": False}
         else:
-            raise DataError("analyze on real calibration data needs `data` (labelled images to measure on)")
+            raise DataError("analyze without `data` measures on held-out synthetic samples and the calibration data "
+                            "holds none: it needs `data` (images to measure on), or a set written by "
+                            "`dsgonnx synthesize --holdout N`")
         batch = loaded.input.fixed_batch or 32
         if loaded.input.fixed_batch:
             images = images[: len(images) - len(images) % batch] if len(images) >= batch else images

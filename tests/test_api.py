@@ -59,8 +59,10 @@ def test_synthesize_cli_and_api_give_the_same_images(tiny):
          folder / "cli.npz", "--quiet")
     api = dsgonnx.synthesize(tiny["model"], SynthConfig(method="zeroq", iters=5, num_samples=4),
                              output=folder / "api.npz")
-    np.testing.assert_array_equal(SyntheticSet.load(folder / "cli.npz").images, api.images)
-    np.testing.assert_array_equal(SyntheticSet.load(folder / "api.npz").images, api.images)
+    for saved in (SyntheticSet.load(folder / "cli.npz"), SyntheticSet.load(folder / "api.npz")):
+        np.testing.assert_array_equal(saved.images, api.images)
+        np.testing.assert_array_equal(saved.holdout, api.holdout)  # both hold out the default 16
+    assert api.holdout.shape == (dsgonnx.DEFAULT_HOLDOUT, 3, 16, 16)
 
 
 def test_device_defaults_are_resolved_from_one_table():

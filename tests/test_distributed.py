@@ -49,7 +49,9 @@ def _ranked_script(tmp_path: Path, argv_by_rank: str) -> Path:
 @pytest.mark.parametrize("method", ["dsg", "inversion"])
 def test_two_ranks_write_one_set_equal_to_one_process_making_the_same_batches(tiny, tmp_path, method):
     model = tiny["kept"] if method == "dsg" else tiny["folded"]
-    common = ["--num-samples", "12", "--iters", "4", "--device", "cpu", "--method", method, "--preprocess", "imagenet"]
+    # 12 samples in all, the last 4 held out: two ranks of 6 each, as one process in batches of 6
+    common = ["--num-samples", "8", "--holdout", "4", "--iters", "4", "--device", "cpu", "--method", method,
+              "--preprocess", "imagenet"]
     two = tmp_path / "two.npz"
     launched = _torchrun(BIN / "dsgonnx", "synthesize", model, "-o", two, *common)
     assert launched.returncode == 0, launched.stderr[-2000:]
@@ -59,10 +61,13 @@ def test_two_ranks_write_one_set_equal_to_one_process_making_the_same_batches(ti
                             "--batch-size", "6", "--quiet"], capture_output=True, text=True, env=_env())
     assert alone.returncode == 0, alone.stderr
     together, single = SyntheticSet.load(two), SyntheticSet.load(one)
-    assert together.images.shape == (12, 3, 16, 16) and together.meta["ranks"] == 2
+    assert together.images.shape == (8, 3, 16, 16) and together.holdout.shape == (4, 3, 16, 16)
+    assert together.meta["ranks"] == 2 and together.meta["holdout"] == 4
     np.testing.assert_array_equal(together.images, single.images)
+    np.testing.assert_array_equal(together.holdout, single.holdout)
     assert together.meta["target_classes"] == single.meta["target_classes"]
-    assert not np.allclose(together.images[:6], together.images[6:])  # the ranks made different batches
+    made = np.concatenate([together.images, together.holdout])
+    assert not np.allclose(made[:6], made[6:])  # the ranks made different batches
 
 
 def test_quantize_under_torchrun_writes_one_model_from_rank_0(tiny, tmp_path):

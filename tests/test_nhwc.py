@@ -68,19 +68,22 @@ def test_dynamic_nhwc_sizes_take_input_shape_in_either_layout(models):
 def test_synthesize_quantize_validate_analyze_keep_the_nhwc_contract(models):
     folder, runner = models["folder"], CliRunner()
     npz = folder / "set.npz"
-    result = runner.invoke(cli, ["synthesize", str(models["nhwc"]), "-o", str(npz), "--num-samples", "48",
-                                 "--iters", "20", "--quiet"])
+    result = runner.invoke(cli, ["synthesize", str(models["nhwc"]), "-o", str(npz), "--num-samples", "32",
+                                 "--holdout", "16", "--iters", "20", "--quiet"])
     assert result.exit_code == 0, result.output
     data = np.load(npz)
-    assert data["images"].shape == (48, 16, 16, 3) and json.loads(str(data["meta"]))["layout"] == "NHWC"
-    out = folder / "q.onnx"
+    assert data["images"].shape == (32, 16, 16, 3) and data["holdout"].shape == (16, 16, 16, 3)
+    assert json.loads(str(data["meta"]))["layout"] == "NHWC"
+    out, report = folder / "q.onnx", folder / "held.json"
     result = runner.invoke(cli, ["quantize", str(models["nhwc"]), "--w8a8", "--calib", str(npz), "--num-samples", "32",
-                                 "-o", str(out), "--quiet", "--no-validate"])
+                                 "-o", str(out), "--quiet", "--report", str(report)])
     assert result.exit_code == 0, result.output
+    # validated without --val-data on the set's held-out samples, fed channels last as the file takes them
+    assert json.loads(report.read_text())["num_samples"] == 16
     assert _input_dims(out) == ("input", ["N", 16, 16, 3])  # the user's interface, unchanged
     decisions = json.loads({p.key: p.value for p in onnx.load(str(out)).metadata_props}["dsgonnx.decisions"])
     assert decisions["input_layout"].startswith("NHWC")
-    held = data["images"][32:]
+    held = data["holdout"]
     assert top1_agreement(_run(models["nhwc"], held), _run(out, held)) >= 0.9
     # the quantized model is the twin's QDQ model behind the Transpose: stripping it gives NCHW back
     stripped = onnx.load(str(out))

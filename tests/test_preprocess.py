@@ -209,6 +209,9 @@ def test_load_npz_checks_keys_dtypes_and_shapes(tmp_path):
         "nan.npz": ({"images": np.full((1, 3, 2, 2), np.nan, np.float32)}, "NaN"),
         "empty.npz": ({"images": np.zeros((0, 3), np.float32)}, "N ≥ 1"),
         "objects.npz": ({"images": np.array([object()], dtype=object)}, "cannot read"),
+        "heldshape.npz": ({"images": images, "holdout": np.zeros((2, 3, 2, 3), np.float32)}, "shaped as 'images'"),
+        "heldnan.npz": ({"images": images, "holdout": np.full((2, 3, 2, 2), np.nan, np.float32)},
+                        "'holdout' contains NaN"),
     }
     for name, (arrays, message) in cases.items():
         np.savez(tmp_path / name, **arrays)

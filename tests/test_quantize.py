@@ -345,6 +345,41 @@ def test_synthetic_calibration_and_validation_on_held_out_samples(setup, monkeyp
     assert report["calibration"]["method"] == "dsg" and report["bits"]["weights"] == 8
 
 
+def test_a_saved_set_holds_out_what_quantize_would_and_the_models_are_checked_on_it(setup):
+    from dsgonnx import synthesize
+    from dsgonnx.graph.onnx_io import load_model
+    from dsgonnx.pipeline import _calibration_data
+
+    loaded = load_model(str(setup["model"]))
+    config = QuantConfig(calib="dsg", num_samples=8, iters=5, holdout=4, preprocess=PRESETS["imagenet"], validate=True)
+    images, held, info, _ = _calibration_data(loaded, config)
+    path = setup["folder"] / "held.npz"
+    made = synthesize(loaded, config.synth_config(8), holdout=4, output=path, force=True)
+    saved = SyntheticSet.load(path)
+    # two steps (synthesize, then quantize --calib held.npz) calibrate and check on quantize's own split
+    for got in (made, saved):
+        np.testing.assert_array_equal(got.images, images)
+        np.testing.assert_array_equal(got.holdout, held)
+    assert info["holdout"] == saved.meta["holdout"] == 4
+    assert not any(np.array_equal(h, c) for h in held for c in images)
+
+    # W4A4: SQuant's rounding is weighed against nearest rounding on the held-out samples, and the
+    # model validated on them without val_data
+    result, _ = _quantize(setup, "held.onnx", calib=str(path), num_samples=8, wbits=4, abits=4, validate=True)
+    check = result.decisions["rounding"]["against_plain"]
+    assert (check["on"], check["samples"]) == ("held-out synthetic samples", 4)
+    assert result.report.to_dict()["num_samples"] == 4 and result.calibration["holdout"] == 4
+    np.testing.assert_array_equal(result.holdout, held)
+    fewer, _ = _quantize(setup, "held2.onnx", calib=str(path), num_samples=8, wbits=4, abits=4, holdout=2)
+    assert fewer.decisions["rounding"]["against_plain"]["samples"] == 2  # at most --holdout of them
+
+    # the same images without held-out samples: checked on the calibration images, nothing to validate on
+    bare = SyntheticSet(saved.images, saved.meta).save(setup["folder"] / "bare.npz")
+    alone, _ = _quantize(setup, "bare.onnx", calib=str(bare), num_samples=8, wbits=4, abits=4, validate=True)
+    assert alone.decisions["rounding"]["against_plain"]["on"] == "calibration images"
+    assert alone.report is None and alone.holdout is None
+
+
 def test_saved_synthetic_set_keeps_its_method(setup):
     images = np.random.default_rng(1).standard_normal((10, 3, 16, 16)).astype(np.float32)
     path = SyntheticSet(images, {"method": "zeroq"}).save(setup["folder"] / "set.npz")

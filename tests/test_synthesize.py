@@ -162,7 +162,8 @@ def test_cli_writes_npz_and_preview_and_refuses_to_overwrite(models):
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
-    assert summary["images"] == [4, 3, 16, 16]
+    assert summary["images"] == [4, 3, 16, 16] and summary["holdout"] == 16  # made beside them, kept apart
+    assert SyntheticSet.load(out).holdout.shape == (16, 3, 16, 16)
     assert SyntheticSet.load(out).meta["config"]["preprocess"]["preset"] == "imagenet"
     assert preview.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     again = CliRunner().invoke(cli, args)

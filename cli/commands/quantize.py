@@ -6,7 +6,7 @@ import json
 
 import click
 
-from dsgonnx import (Alignment, BiasCorrection, Calibrator, DataError, LogitsPolicy, PoolRange, QatConfig, QuantConfig, RefineConfig, RefineMethod, Rounding, SlackReading,
+from dsgonnx import (DEFAULT_HOLDOUT, Alignment, BiasCorrection, Calibrator, DataError, LogitsPolicy, PoolRange, QatConfig, QuantConfig, RefineConfig, RefineMethod, Rounding, SlackReading,
                      SynthOptions, Target)
 from dsgonnx_cli.options import (PREPROCESS_HELP, choice, device_option, input_shape_option, preprocess_options,
                                  provider_option, quiet_option)
@@ -192,7 +192,10 @@ def _given(values: dict, fields: dict) -> dict:
 @device_option("Synthesis and refinement device.")
 @preprocess_options()
 @click.option("--val-data", type=click.Path(), help="Labelled images to validate on (calibration files are left out).")
-@click.option("--holdout", type=int, default=16, show_default=True, help="Extra synthetic samples to validate on without --val-data.")
+@click.option("--holdout", type=click.IntRange(min=0), default=DEFAULT_HOLDOUT, show_default=True,
+              help="Synthetic samples kept out of calibration, to check learned models (and validate without "
+                   "--val-data) on: synthesized beside the calibration images, or at most this many of an .npz "
+                   "set's (dsgonnx synthesize --holdout).")
 @click.option("--max-drop", type=float, help="Exit 1 when top-1 drops by more than this many points.")
 @click.option("--min-agreement", type=float, help="Exit 1 when top-1 agreement falls below this fraction.")
 @click.option("--report", type=click.Path(dir_okay=False), help="Write the JSON report here.")

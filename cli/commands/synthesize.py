@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from dsgonnx import Alignment, SlackReading, SynthConfig, SynthMethod, is_writer
+from dsgonnx import DEFAULT_HOLDOUT, Alignment, SlackReading, SynthConfig, SynthMethod, is_writer
 from dsgonnx_cli.options import (PREPROCESS_HELP, choice, device_option, input_shape_option, preprocess_options,
                                  quiet_option)
 
@@ -29,6 +29,9 @@ images have; without it only the input prior (mean 0, std 1) shapes them.
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Output .npz [default: <model stem>.<method>.npz].")
 @click.option("--method", type=choice(SynthMethod), default=SynthMethod.AUTO.value, show_default=True)
 @click.option("--num-samples", type=int, default=64, show_default=True)
+@click.option("--holdout", type=click.IntRange(min=0), default=DEFAULT_HOLDOUT, show_default=True,
+              help="Synthesize this many samples more, kept apart in the .npz: quantize --calib OUT.npz checks "
+                   "the models it weighs, and validates without --val-data, on them.")
 @click.option("--iters", type=int, help="Optimisation steps [default: 500 on CUDA (the papers'); on CPU 100, the first 75 at 128 px for inputs >= 160 px].")
 @click.option("--lr", type=float, help="Adam learning rate [default: 0.1; 0.01 for inversion].")
 @click.option("--batch-size", type=int, help="Samples optimised together [default: all, up to a memory cap].")
@@ -62,7 +65,7 @@ images have; without it only the input prior (mean 0, std 1) shapes them.
 @click.option("--force", is_flag=True, help="Overwrite an existing output file.")
 @quiet_option
 def synthesize_cmd(model, output, preprocess, preprocess_given, input_shape, preview, force, no_slack, no_lse, no_sci,
-                   no_input_prior, **settings):
+                   no_input_prior, holdout, **settings):
     """Synthesize calibration images for MODEL (from its BatchNorm statistics where it has them)."""
     from dsgonnx import synthesize
 
@@ -70,9 +73,11 @@ def synthesize_cmd(model, output, preprocess, preprocess_given, input_shape, pre
     config = SynthConfig(preprocess=preprocess, slack=not no_slack, lse=not no_lse, sci=not no_sci,
                          input_prior=not no_input_prior, **settings)
     out = output or Path(model).with_name(f"{Path(model).stem}.{config.method}.npz")
-    result = synthesize(model, config, input_shape=input_shape, output=out, preview=preview, force=force)
+    result = synthesize(model, config, holdout=holdout, input_shape=input_shape, output=out, preview=preview,
+                        force=force)
     if not is_writer():  # under torchrun, rank 0 alone reports
         return
-    click.echo(json.dumps({"output": str(out), "images": list(result.images.shape), "seconds": result.meta["seconds"],
+    click.echo(json.dumps({"output": str(out), "images": list(result.images.shape),
+                           "holdout": 0 if result.holdout is None else len(result.holdout), "seconds": result.meta["seconds"],
                            "seconds_per_iter": result.meta["seconds_per_iter"], "device": result.meta["device"],
                            "diversity": result.meta["diversity"]}, indent=2))
