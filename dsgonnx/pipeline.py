@@ -400,9 +400,8 @@ def _calibration_data(loaded: LoadedModel, config: QuantConfig):
     """(calibration images, held-out images or None, description, calibration files)."""
     start = time.perf_counter()
     # held out: to validate on without val_data, and for refine/qat/rounding to be checked on
-    wanted = ((config.validate and config.val_data is None) or config.refine is not None or config.qat is not None
-              or config.weight_rounding() != Rounding.NEAREST)
-    holdout = config.holdout if wanted else 0
+    checked = config.refine is not None or config.qat is not None or config.weight_rounding() != Rounding.NEAREST
+    holdout = config.holdout if checked or (config.validate and config.val_data is None) else 0
     if config.synthetic:
         from .synth import synthesize
 
@@ -424,7 +423,7 @@ def _calibration_data(loaded: LoadedModel, config: QuantConfig):
     held = real.holdout[:holdout] if real.holdout is not None and holdout else None
     info = {"method": real.method, "source": real.source, "num_samples": len(real.images), "iters": 0,
             "seconds": round(time.perf_counter() - start, 3), **({"holdout": len(held)} if held is not None else {})}
-    if held is None and holdout and real.method != "real":
+    if held is None and holdout and checked and real.method != "real":
         say(f"quantize: {real.source} holds no held-out samples, so the models are checked on the calibration "
             "images (`dsgonnx synthesize --holdout N` keeps N aside)")
     return real.images, held, info, real.files

@@ -345,7 +345,7 @@ def test_synthetic_calibration_and_validation_on_held_out_samples(setup, monkeyp
     assert report["calibration"]["method"] == "dsg" and report["bits"]["weights"] == 8
 
 
-def test_a_saved_set_holds_out_what_quantize_would_and_the_models_are_checked_on_it(setup):
+def test_a_saved_set_holds_out_what_quantize_would_and_the_models_are_checked_on_it(setup, caplog):
     from dsgonnx import synthesize
     from dsgonnx.graph.onnx_io import load_model
     from dsgonnx.pipeline import _calibration_data
@@ -375,9 +375,11 @@ def test_a_saved_set_holds_out_what_quantize_would_and_the_models_are_checked_on
 
     # the same images without held-out samples: checked on the calibration images, nothing to validate on
     bare = SyntheticSet(saved.images, saved.meta).save(setup["folder"] / "bare.npz")
-    alone, _ = _quantize(setup, "bare.onnx", calib=str(bare), num_samples=8, wbits=4, abits=4, validate=True)
+    with caplog.at_level("INFO", logger="dsgonnx"):
+        alone, _ = _quantize(setup, "bare.onnx", calib=str(bare), num_samples=8, wbits=4, abits=4, validate=True)
     assert alone.decisions["rounding"]["against_plain"]["on"] == "calibration images"
     assert alone.report is None and alone.holdout is None
+    assert "holds no held-out samples, so the models are checked on the calibration images" in caplog.text
 
 
 def test_saved_synthetic_set_keeps_its_method(setup):
