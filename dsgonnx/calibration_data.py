@@ -58,6 +58,16 @@ def load_real_images(source, spec: InputSpec, count: int, preprocess: Preprocess
     raise DataError(f"`calib` must be dsg, zeroq, gaussian, an image folder or an .npz file; got {path!r}")
 
 
+def holds_out(source) -> bool:
+    """Whether calibration ``source`` (not a method name) brings held-out synthetic samples: a
+    SyntheticSet or an .npz with ``holdout`` (an unreadable file is a one-line DataError)."""
+    if isinstance(source, SyntheticSet):
+        return source.holdout is not None
+    if isinstance(source, (str, os.PathLike)) and Path(source).suffix.lower() == ".npz" and os.path.isfile(source):
+        return read_npz(source).holdout is not None
+    return False
+
+
 def _from_array(images, spec: InputSpec, count: int, source: str, method: str = "real", holdout=None) -> RealImages:
     images = _model_input(images, spec, source, "images")
     held = None if holdout is None else np.ascontiguousarray(_model_input(holdout, spec, source, "holdout"), np.float32)

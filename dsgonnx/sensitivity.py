@@ -28,6 +28,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from .calibration_data import holds_out
 from .config import QuantConfig
 from .errors import DataError, ModelLoadError, UnsupportedModelError
 from .progress import Progress, say
@@ -261,6 +262,10 @@ class AnalysisReport:
         return path
 
 
+_NO_SAMPLES = ("analyze without `data` measures on held-out synthetic samples and the calibration data holds none: "
+               "it needs `data` (images to measure on), or a set written by `dsgonnx synthesize --holdout N`")
+
+
 def analyze(model, config: Optional[QuantConfig] = None, *, data=None, eval_samples: int = 256,
             report: Optional[str | os.PathLike] = None, chart: Optional[str | os.PathLike] = None,
             quantized: Optional[str | os.PathLike] = None, exact: bool = False) -> AnalysisReport:
@@ -291,6 +296,8 @@ def analyze(model, config: Optional[QuantConfig] = None, *, data=None, eval_samp
     loaded = load_model(model, config.input_shape)
     if quantized is not None and data is None:
         raise DataError("analyze of a given quantized model needs `data` (images to measure on)")
+    if quantized is None and data is None and not config.synthetic and not holds_out(config.calib):
+        raise DataError(_NO_SAMPLES)  # before quantizing, which may take long
     with tempfile.TemporaryDirectory(prefix="dsgonnx-analyze-") as scratch:
         scratch = Path(scratch)
         if quantized is not None:
@@ -324,9 +331,7 @@ def analyze(model, config: Optional[QuantConfig] = None, *, data=None, eval_samp
             samples = {"source": f"held-out {result.calibration['method']} samples", "count": len(images),
                        "labelled": False}
         else:
-            raise DataError("analyze without `data` measures on held-out synthetic samples and the calibration data "
-                            "holds none: it needs `data` (images to measure on), or a set written by "
-                            "`dsgonnx synthesize --holdout N`")
+            raise DataError(_NO_SAMPLES)
         batch = loaded.input.fixed_batch or 32
         if loaded.input.fixed_batch:
             images = images[: len(images) - len(images) % batch] if len(images) >= batch else images

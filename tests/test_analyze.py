@@ -116,6 +116,17 @@ def test_cli_analyze_data_free_and_bad_input(setup, tmp_path):
     assert bad.exit_code == 2 and "--eval-samples must be at least 1" in bad.stderr, bad.stderr
     bad = CliRunner().invoke(cli, ["analyze", str(setup["model"]), "--calib", str(setup["folder"] / "calib.npz")])
     assert bad.exit_code == 2 and "needs --data" in bad.stderr, bad.stderr
+    # said before quantizing (nothing on stderr but the error)
+    assert "dsgonnx synthesize --holdout N" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
+    # a saved set brings its held-out samples: data-free on those
+    rng = np.random.default_rng(3)
+    held = dsgonnx.SyntheticSet(rng.standard_normal((8, 3, 16, 16)).astype(np.float32), {"method": "zeroq"},
+                                rng.standard_normal((6, 3, 16, 16)).astype(np.float32)).save(tmp_path / "held.npz")
+    result = CliRunner().invoke(cli, ["analyze", str(setup["model"]), "--calib", str(held), "--num-samples", "8",
+                                      "--report", str(tmp_path / "held.json"), "--quiet"])
+    assert result.exit_code == 0, result.stderr
+    samples = json.loads((tmp_path / "held.json").read_text())["samples"]
+    assert (samples["source"], samples["count"], samples["labelled"]) == ("held-out zeroq samples", 6, False)
 
 
 def test_a_model_without_quantizable_tensors_is_one_line_exit_2(tmp_path):
