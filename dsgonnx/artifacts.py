@@ -49,7 +49,11 @@ class SyntheticSet:
             return self
         if count >= len(self.images):
             raise DataError(f"cannot hold out {count} of {len(self.images)} synthetic samples: none would be left")
-        return SyntheticSet(self.images[:-count], {**self.meta, "holdout": count}, self.images[-count:])
+        meta = {**self.meta, "holdout": count}
+        if isinstance(meta.get("target_classes"), list):  # one per sample (inversion, cross-entropy): split too
+            meta["target_classes"], meta["holdout_target_classes"] = (meta["target_classes"][:-count],
+                                                                      meta["target_classes"][-count:])
+        return SyntheticSet(self.images[:-count], meta, self.images[-count:])
 
     def save(self, path: str | os.PathLike, replace: bool = True, layout: str = "NCHW") -> Path:
         """Write ``images``, ``holdout`` (when there are some) and ``meta`` (a JSON string) to an

@@ -50,8 +50,9 @@ def test_binary_models_run_inspect_synthesize_quantize_validate(models, kind):
     info = inspect(models[kind])
     assert info["num_classes"] == 1 and info["head"] == "binary (one output)"
     # cross-entropy to random 0/1 labels on the one output, BCE on logits or on the sigmoid
-    synthetic = synthesize(models[kind], SynthConfig(method="dsg", num_samples=48, iters=30, ce_weight=1.0, seed=0))
-    plain = synthesize(models[kind], SynthConfig(method="dsg", num_samples=48, iters=30, seed=0))
+    synthetic = synthesize(models[kind], SynthConfig(method="dsg", num_samples=48, iters=30, ce_weight=1.0, seed=0),
+                           holdout=0)
+    plain = synthesize(models[kind], SynthConfig(method="dsg", num_samples=48, iters=30, seed=0), holdout=0)
     assert np.isfinite(synthetic.images).all() and np.abs(synthetic.images - plain.images).max() > 1e-3
     scores = ort.InferenceSession(str(models[kind]), providers=["CPUExecutionProvider"]).run(
         None, {"input": synthetic.images})[0][:, 0]

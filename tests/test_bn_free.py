@@ -94,9 +94,9 @@ def test_auto_synthesizes_dsg_with_bn_statistics_and_procedural_without(tiny):
 def test_inversion_starts_from_procedural_images_and_draws_the_target_classes(folded_resnet20):
     path = str(folded_resnet20["folded"])
     settings = dict(method="inversion", num_samples=16, preprocess=CIFAR, device="cpu", seed=1)
-    start = synthesize(path, SynthConfig(iters=0, **settings))
+    start = synthesize(path, SynthConfig(iters=0, **settings), holdout=0)
     np.testing.assert_array_equal(start.images, procedural_images(16, (3, 32, 32), seed=1, preprocess=CIFAR))
-    end = synthesize(path, SynthConfig(iters=150, **settings))
+    end = synthesize(path, SynthConfig(iters=150, **settings), holdout=0)
     assert {k: end.meta["config"][k] for k in ("lr", "ce_weight", "tv_weight", "anchor_weight")} == \
         {"lr": 0.01, "ce_weight": 1.0, "tv_weight": 0.5, "anchor_weight": 10.0}
     low, high = (b.reshape(1, 3, 1, 1) for b in CIFAR.pixel_box(3))
@@ -117,9 +117,10 @@ def test_the_anchor_holds_inversion_near_the_statistics_of_its_start(folded_resn
     anchor the images end nearer their start than without it."""
     path = str(folded_resnet20["folded"])
     settings = dict(method="inversion", num_samples=16, preprocess=CIFAR, device="cpu", iters=60)
-    start = synthesize(path, SynthConfig(iters=0, **{k: v for k, v in settings.items() if k != "iters"})).images
-    anchored = synthesize(path, SynthConfig(**settings)).images
-    free = synthesize(path, SynthConfig(anchor_weight=0.0, **settings)).images
+    start = synthesize(path, SynthConfig(iters=0, **{k: v for k, v in settings.items() if k != "iters"}),
+                       holdout=0).images
+    anchored = synthesize(path, SynthConfig(**settings), holdout=0).images
+    free = synthesize(path, SynthConfig(anchor_weight=0.0, **settings), holdout=0).images
     assert np.linalg.norm(anchored - start) < 0.8 * np.linalg.norm(free - start)
 
 

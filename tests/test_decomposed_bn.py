@@ -48,7 +48,7 @@ def test_inspect_names_what_each_pattern_carries(models):
 
 def test_full_pattern_synthesizes_as_the_bn_model_does(models):
     config = SynthConfig(method="dsg", num_samples=16, iters=20, seed=0)
-    with_bn, decomposed = synthesize(models["bn"], config), synthesize(models["full"], config)
+    with_bn, decomposed = synthesize(models["bn"], config, holdout=0), synthesize(models["full"], config, holdout=0)
     assert np.abs(with_bn.images - decomposed.images).max() < 0.05  # the same targets, float order aside
 
 
@@ -76,7 +76,7 @@ def test_mean_only_layers_pull_the_means_towards_their_targets(models):
         return sum(float(np.sum((means[layer.name] - layer.running_mean) ** 2)) for layer in layers)
 
     def run(method, iters=None):
-        return synthesize(models["mean"], SynthConfig(method=method, num_samples=16, iters=iters, seed=0))
+        return synthesize(models["mean"], SynthConfig(method=method, num_samples=16, iters=iters, seed=0), holdout=0)
 
     short, long = run("zeroq", 1), run("zeroq", 100)
     assert all(np.isfinite(v) for v in long.meta["final_layer_losses"].values())

@@ -66,6 +66,8 @@ def test_two_ranks_write_one_set_equal_to_one_process_making_the_same_batches(ti
     np.testing.assert_array_equal(together.images, single.images)
     np.testing.assert_array_equal(together.holdout, single.holdout)
     assert together.meta["target_classes"] == single.meta["target_classes"]
+    if method == "inversion":  # one target class per sample, split as the images are
+        assert len(together.meta["target_classes"]) == 8 and len(together.meta["holdout_target_classes"]) == 4
     made = np.concatenate([together.images, together.holdout])
     assert not np.allclose(made[:6], made[6:])  # the ranks made different batches
 
