@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from .artifacts import SyntheticSet, check_output_folder
-from .config import DEFAULT_HOLDOUT, SynthConfig
+from .config import DEFAULT_HOLDOUT, SynthConfig, _is_int
 from .errors import DataError
 
 
@@ -45,7 +45,7 @@ def synthesize(model, config: Optional[SynthConfig] = None, *, holdout: int = DE
     from .synth.preview import save_grid
 
     config = replace(config or SynthConfig(), **overrides)
-    if not isinstance(holdout, int) or isinstance(holdout, bool) or holdout < 0:
+    if not _is_int(holdout) or holdout < 0:
         raise DataError(f"`holdout` must be a whole number of samples, at least 0; got {holdout!r}")
     for path, suffix in ((output, ".npz"), (preview, ".png")):
         if path is None:
