@@ -89,6 +89,7 @@ VARIANTS = {
     # profile's iterations and synthesis settings, instead of (+invprobe) or beside (+bothprobes) procedural ones
     "invprobe": {"fallback_probes": ("inversion",)},
     "bothprobes": {"fallback_probes": ("procedural", "inversion")},
+    "noprobe": {"fallback_probes": ()},  # the held-out samples (else the calibration images) alone
     # a synthetic set made with HELD_OUT samples more (dsgonnx synthesize --holdout), which quantize
     # checks its models on (+held), or the same set's calibration images alone: the fallback checks on
     # them (+heldaside; as every synthetic row without +held, whose sets are made without)

@@ -704,9 +704,12 @@ class QuantConfig:
     ``plain_rounding()`` when that is SQuant's) and keep the learned model only where its
     logits follow the float model's at least as closely on one probe and not measurably less
     closely on any (a paired bootstrap over the probe's samples): the held-out synthetic
-    samples (else the calibration images), procedural images, and, where the calibration
-    images are procedural and ``refine``/``qat`` learn from them, 32 inversion images.
-    ``fallback_probes``: those independent images, chosen ("procedural", "inversion" or both)
+    samples (else the calibration images), procedural images (not beside held-out samples
+    synthesized from the model's BN statistics, DSG or ZeroQ: those decide alone), and, where
+    the calibration images are procedural and ``refine``/``qat`` learn from them, 32 inversion
+    images.
+    ``fallback_probes``: those independent images, chosen ("procedural", "inversion", both, or
+    "none" / an empty sequence: the held-out samples, else the calibration images, alone)
     instead of by that rule. ``keep_candidates``: a folder where the fallback also writes every model it weighed
     (``plain.onnx``, ``squant.onnx``, ``refined.onnx`` / ``trained.onnx``,
     ``refined-uncorrected.onnx``; :func:`dsgonnx.pipeline.candidate_files`), finished like the
@@ -792,9 +795,10 @@ class QuantConfig:
         if self.fallback_probes is not None:
             probes = self.fallback_probes
             probes = tuple(p.strip() for p in probes.split(",")) if isinstance(probes, str) else tuple(probes)
-            _require(len(probes) > 0 and all(p in FALLBACK_PROBES for p in probes) and len(set(probes)) == len(probes),
-                     f"`fallback_probes` must name one or both of {', '.join(FALLBACK_PROBES)}, got "
-                     f"{','.join(map(str, probes)) or 'none'}")
+            probes = () if probes == ("none",) else probes  # the held-out samples (else calibration images) alone
+            _require(all(p in FALLBACK_PROBES for p in probes) and len(set(probes)) == len(probes),
+                     f"`fallback_probes` must name one or both of {', '.join(FALLBACK_PROBES)}, or be none, got "
+                     f"{','.join(map(str, probes))!r}")
             object.__setattr__(self, "fallback_probes", probes)
             _require(self._weighs_candidates(),
                      "`fallback_probes` are the images --fallback checks on: it needs the fallback on and `refine`, "

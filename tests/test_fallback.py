@@ -242,7 +242,13 @@ def test_the_independent_probes_can_be_chosen(setup):
     check = both.decisions["qat"]["against_plain"]
     assert check["procedural"]["samples"] == FALLBACK_SAMPLES and check["inversion"]["samples"] == INVERSION_PROBE_SAMPLES
     assert all(len(step["probes"]) == 3 for step in check["steps"]), check
-    for bad in ("", "procedural,procedural", "real", ("inversion", "noise")):
+    # none: the calibration images (here: no held-out samples) decide alone
+    alone = quantize(str(setup["model"]), QuantConfig(fallback_probes="none", **common))
+    check = alone.decisions["qat"]["against_plain"]
+    assert "procedural" not in check and "inversion" not in check, check
+    assert check["steps"] and all(set(step["probes"]) == {"calibration images"} for step in check["steps"]), check
+    assert QuantConfig(fallback_probes=(), **common).fallback_probes == ()
+    for bad in ("", "procedural,procedural", "real", ("inversion", "noise"), "none,procedural"):
         with pytest.raises(DataError, match="fallback_probes"):
             QuantConfig(fallback_probes=bad, **common)
     with pytest.raises(DataError, match="needs the fallback on"):

@@ -15,7 +15,7 @@ from onnx import helper, numpy_helper
 
 from dsgonnx.artifacts import SyntheticSet
 from dsgonnx.hardware import needs_reduce_range
-from dsgonnx.pipeline import quantize
+from dsgonnx.pipeline import FALLBACK_SAMPLES, quantize
 from dsgonnx.preprocess import PRESETS
 from dsgonnx.quant import QuantConfig
 from dsgonnx_cli.main import cli
@@ -368,16 +368,24 @@ def test_a_saved_set_holds_out_what_quantize_would_and_the_models_are_checked_on
     result, _ = _quantize(setup, "held.onnx", calib=str(path), num_samples=8, wbits=4, abits=4, validate=True)
     check = result.decisions["rounding"]["against_plain"]
     assert (check["on"], check["samples"]) == ("held-out synthetic samples", 4)
+    # held-out DSG samples decide alone: no procedural probe beside them
+    assert "procedural" not in check and all(set(s["probes"]) == {check["on"]} for s in check["steps"]), check
     assert result.report.to_dict()["num_samples"] == 4 and result.calibration["holdout"] == 4
     np.testing.assert_array_equal(result.holdout, held)
     fewer, _ = _quantize(setup, "held2.onnx", calib=str(path), num_samples=8, wbits=4, abits=4, holdout=2)
     assert fewer.decisions["rounding"]["against_plain"]["samples"] == 2  # at most --holdout of them
+    # held-out Gaussian noise is not what the model was made for: the procedural probe stays beside it
+    noise, _ = _quantize(setup, "noise.onnx", calib="gaussian", num_samples=8, wbits=4, abits=4, holdout=4)
+    check = noise.decisions["rounding"]["against_plain"]
+    assert check["on"] == "held-out synthetic samples" and check["procedural"]["samples"] == FALLBACK_SAMPLES, check
 
     # the same images without held-out samples: checked on the calibration images, nothing to validate on
     bare = SyntheticSet(saved.images, saved.meta).save(setup["folder"] / "bare.npz")
     with caplog.at_level("INFO", logger="dsgonnx"):
         alone, _ = _quantize(setup, "bare.onnx", calib=str(bare), num_samples=8, wbits=4, abits=4, validate=True)
-    assert alone.decisions["rounding"]["against_plain"]["on"] == "calibration images"
+    check = alone.decisions["rounding"]["against_plain"]
+    # the calibration images favour what was fitted to them: procedural images are checked as well
+    assert check["on"] == "calibration images" and check["procedural"]["samples"] == FALLBACK_SAMPLES, check
     assert alone.report is None and alone.holdout is None
     assert "holds no held-out samples, so the models are checked on the calibration images" in caplog.text
 

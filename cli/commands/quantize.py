@@ -153,12 +153,13 @@ def _given(values: dict, fields: dict) -> dict:
               help="After --refine, --qat or --rounding squant, keep plain rounding (at 4 bits or fewer under --rounding auto, "
                    "also SQuant's) unless the learned model follows the float model at least as closely on one probe and "
                    "not measurably less closely on any (logit SQNR, paired bootstrap over the samples; probes: the held-out "
-                   "synthetic samples, else the calibration images; procedural images; and, where the calibration "
-                   "images are procedural and --refine/--qat learn from them, 32 inversion images).")
+                   "synthetic samples, else the calibration images; procedural images, unless held-out DSG/ZeroQ samples "
+                   "decide alone; and, where the calibration images are procedural and --refine/--qat learn from them, "
+                   "32 inversion images).")
 @click.option("--fallback-probes", metavar="LIST",
               help="The independent images --fallback checks on besides the held-out samples, instead of the rule "
-                   "above: procedural, inversion (32 images synthesised with the run's --iters and synthesis options) "
-                   "or procedural,inversion.")
+                   "above: procedural, inversion (32 images synthesised with the run's --iters and synthesis options), "
+                   "procedural,inversion, or none (the held-out samples, else the calibration images, alone).")
 @click.option("--keep-candidates", type=click.Path(file_okay=False), metavar="DIR",
               help="Also write every model --fallback weighed into DIR (plain.onnx, squant.onnx, refined.onnx or "
                    "trained.onnx, refined-uncorrected.onnx), to score them on data you hold: its probes are synthetic.")
