@@ -90,6 +90,8 @@ VARIANTS = {
     "invprobe": {"fallback_probes": ("inversion",)},
     "bothprobes": {"fallback_probes": ("procedural", "inversion")},
     "noprobe": {"fallback_probes": ()},  # the held-out samples (else the calibration images) alone
+    # procedural images beside the held-out samples (the rule before commit e6035b8 for DSG sets)
+    "procprobe": {"fallback_probes": ("procedural",)},
     # a synthetic set made with HELD_OUT samples more (dsgonnx synthesize --holdout), which quantize
     # checks its models on (+held), or the same set's calibration images alone: the fallback checks on
     # them (+heldaside; as every synthetic row without +held, whose sets are made without)
