@@ -479,15 +479,18 @@ def markdown(results: dict) -> str:
     for mark, name in FALLBACK_MARKS.items():
         if any(c["kept"] == name for c in every_check):
             lines.append(f"\n{mark} the learned (or SQuant-rounded) model did not follow the float model as closely as "
-                         f"{FALLBACK_NAMES[name]} (logit SQNR on the calibration images, or in rows `…+held` on the "
-                         f"set's {HELD_OUT} held-out synthetic samples{probes}): quantize wrote that model "
+                         f"{FALLBACK_NAMES[name]} (logit SQNR on the calibration images{probes}, or in rows `…+held` "
+                         f"on the set's {HELD_OUT} held-out synthetic samples: alone since commit e6035b8, with "
+                         "procedural images beside them before it and in rows `…+procprobe`): quantize wrote that model "
                          "(`--fallback`, the default; cells whose check has `steps` in results.json were decided by "
                          "commit db97425's rule — at least as close on one probe and not measurably less close on any, "
                          "by a paired bootstrap — the others by the earlier one, at least as close on every probe).")
     if any({"held", "heldaside"} & set(row.split("+")[1:]) for row in results["rows"]):
         lines.append(f"\nRows `…+held`: the synthetic set was made with {HELD_OUT} samples more, held out "
-                     f"(`dsgonnx synthesize --holdout {HELD_OUT}`), and quantize checks the models it weighs on them; "
-                     "rows `…+heldaside`: the same set's calibration images alone, checked on themselves.")
+                     f"(`dsgonnx synthesize --holdout {HELD_OUT}`), and quantize checks the models it weighs on them "
+                     "(DSG sets: on them alone since commit e6035b8; rows `…+held+procprobe` on procedural images "
+                     "too, `--fallback-probes procedural`, as before it); rows `…+heldaside`: the same set's "
+                     "calibration images alone, checked on themselves (and on procedural images).")
     lines.append(f"\nFP32 top-1 {fp:.2f}% on {results['eval_images']} held-out images.")
     if scored := candidates_markdown(results):
         lines += ["", "Rows `…+cands`: every model the fallback weighed (`quantize --keep-candidates`), scored on the "

@@ -668,6 +668,9 @@ def _independent_probes(loaded: LoadedModel, config: QuantConfig, calib_info: di
     if wanted is None:  # the rule above
         held = holdout is not None and len(holdout) > 0
         decide_alone = held and (procedural or _from_bn_statistics(calib_info))
+        if decide_alone and not procedural:
+            say(f"{learning}: the {len(holdout)} held-out {calib_info['method']} samples decide alone "
+                "(--fallback-probes procedural checks procedural images beside them)")
         wanted = (*(() if decide_alone else ("procedural",)),
                   *(("inversion",) if procedural and learning in ("refine", "qat") else ()))
     probes = {}

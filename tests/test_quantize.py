@@ -365,7 +365,9 @@ def test_a_saved_set_holds_out_what_quantize_would_and_the_models_are_checked_on
 
     # W4A4: SQuant's rounding is weighed against nearest rounding on the held-out samples, and the
     # model validated on them without val_data
-    result, _ = _quantize(setup, "held.onnx", calib=str(path), num_samples=8, wbits=4, abits=4, validate=True)
+    with caplog.at_level("INFO", logger="dsgonnx"):
+        result, _ = _quantize(setup, "held.onnx", calib=str(path), num_samples=8, wbits=4, abits=4, validate=True)
+    assert "rounding: the 4 held-out dsg samples decide alone" in caplog.text
     check = result.decisions["rounding"]["against_plain"]
     assert (check["on"], check["samples"]) == ("held-out synthetic samples", 4)
     # held-out DSG samples decide alone: no procedural probe beside them
