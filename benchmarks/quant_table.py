@@ -97,8 +97,11 @@ VARIANTS = {
     # them (+heldaside; as every synthetic row without +held, whose sets are made without)
     "held": {},
     "heldaside": {},
+    # a synthetic set of LARGE_SET samples (the real calibration, and so the scoring split, unchanged)
+    "s256": {},
 }
 HELD_OUT = 16
+LARGE_SET = 256
 QAT_DATA = {"qat": {"data": "calib"}, "qatgen": {"data": "generator", "generator_loss": "dsg"},
             "qatgdfq": {"data": "generator", "generator_loss": "bns"}}
 QAT_VARIANTS = {"sqstart": {"start": "squant"}, "nearstart": {"start": "nearest"}, "refstart": {"start": "refine"},
@@ -209,13 +212,17 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
                 qat_settings.update(QAT_VARIANTS[variant])
             start_refine = dict(refine or {}) if qat_settings and qat_settings.get("start") == "refine" else None
             synthetic_samples = num_samples if base == "real" else (synth_samples or num_samples)
+            if "s256" in variants:
+                if base == "real":
+                    raise SystemExit(f"row {row!r}: +s256 sizes a synthetic set; the real calibration stays at --num-samples")
+                synthetic_samples = LARGE_SET
             held = HELD_OUT if {"held", "heldaside"} & set(variants) else 0
             if held and base == "real":
                 raise SystemExit(f"row {row!r}: +held/+heldaside hold out synthetic samples; real calibration has none")
             for seed in (seeds if base != "real" else (0,)):
-                if (base, seed, held) not in made:
+                if (base, seed, held, synthetic_samples) not in made:
                     if base == "real":
-                        made[(base, seed, held)] = (data, None, None, None)
+                        made[(base, seed, held, synthetic_samples)] = (data, None, None, None)
                     else:
                         if base == "dsg-kept" and twin is None:
                             raise SystemExit(f"row {row!r} needs the model's BN-kept twin; {model} has none here")
@@ -233,9 +240,9 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
                             synthetic = synthesize(loaded if source == model else source, made_as, holdout=held,
                                                    output=cached)
                             took = time.perf_counter() - start
-                        made[(base, seed, held)] = (synthetic, took, synthetic.meta["seconds_per_iter"],
+                        made[(base, seed, held, synthetic_samples)] = (synthetic, took, synthetic.meta["seconds_per_iter"],
                                                     synthetic.meta["diversity"].get("sample_similarity"))
-                calib, took, iter_s, similar = made[(base, seed, held)]
+                calib, took, iter_s, similar = made[(base, seed, held, synthetic_samples)]
                 if "heldaside" in variants:  # the same calibration images, checked on themselves
                     calib = SyntheticSet(calib.images, calib.meta)
                 seconds += [took] if took is not None else []
@@ -491,6 +498,9 @@ def markdown(results: dict) -> str:
                      "(DSG sets: on them alone since commit e6035b8; rows `…+held+procprobe` on procedural images "
                      "too, `--fallback-probes procedural`, as before it); rows `…+heldaside`: the same set's "
                      "calibration images alone, checked on themselves (and on procedural images).")
+    if any("s256" in row.split("+")[1:] for row in results["rows"]):
+        lines.append(f"\nRows `…+s256`: a synthetic set of {LARGE_SET} samples (synthesis seconds for all of them; "
+                     f"the real rows' calibration stays at {results['num_samples']} images, and so does the scoring split).")
     lines.append(f"\nFP32 top-1 {fp:.2f}% on {results['eval_images']} held-out images.")
     if scored := candidates_markdown(results):
         lines += ["", "Rows `…+cands`: every model the fallback weighed (`quantize --keep-candidates`), scored on the "
