@@ -94,7 +94,9 @@ VARIANTS = {
     "procprobe": {"fallback_probes": ("procedural",)},
     # a synthetic set made with HELD_OUT samples more (dsgonnx synthesize --holdout), which quantize
     # checks its models on (+held), or the same set's calibration images alone: the fallback checks on
-    # them (+heldaside; as every synthetic row without +held, whose sets are made without)
+    # them (+heldaside; as every synthetic row without +held, whose sets are made without); real+held:
+    # HELD_OUT of the files not calibrated on held out (quantize's default since real folders hold out), the
+    # other real rows with --holdout 0
     "held": {},
     "heldaside": {},
     # a synthetic set of LARGE_SET samples (the real calibration, and so the scoring split, unchanged)
@@ -217,8 +219,10 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
                     raise SystemExit(f"row {row!r}: +s256 sizes a synthetic set; the real calibration stays at --num-samples")
                 synthetic_samples = LARGE_SET
             held = HELD_OUT if {"held", "heldaside"} & set(variants) else 0
-            if held and base == "real":
-                raise SystemExit(f"row {row!r}: +held/+heldaside hold out synthetic samples; real calibration has none")
+            if "heldaside" in variants and base == "real":
+                raise SystemExit(f"row {row!r}: +heldaside checks a synthetic set's calibration images on themselves")
+            if base == "real":  # +held: quantize holds out HELD_OUT of the files not calibrated on (among those scored)
+                settings["holdout"], held = held, 0
             for seed in (seeds if base != "real" else (0,)):
                 if (base, seed, held, synthetic_samples) not in made:
                     if base == "real":
@@ -497,7 +501,11 @@ def markdown(results: dict) -> str:
                      f"(`dsgonnx synthesize --holdout {HELD_OUT}`), and quantize checks the models it weighs on them "
                      "(DSG sets: on them alone since commit e6035b8; rows `…+held+procprobe` on procedural images "
                      "too, `--fallback-probes procedural`, as before it); rows `…+heldaside`: the same set's "
-                     "calibration images alone, checked on themselves (and on procedural images).")
+                     "calibration images alone, checked on themselves (and on procedural images). Rows "
+                     f"`real…+held`: quantize held out {HELD_OUT} of the files not calibrated on "
+                     f"(`--holdout {HELD_OUT}`, the default since the commit of these rows), which decide alone; "
+                     f"they are {HELD_OUT} of the images scored (unlabelled there: only the float model's logits "
+                     "are compared); the other real rows hold none out (`--holdout 0`, as before).")
     if any("s256" in row.split("+")[1:] for row in results["rows"]):
         lines.append(f"\nRows `…+s256`: a synthetic set of {LARGE_SET} samples (synthesis seconds for all of them; "
                      f"the real rows' calibration stays at {results['num_samples']} images, and so does the scoring split).")

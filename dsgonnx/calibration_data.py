@@ -22,7 +22,9 @@ class RealImages:
     files: tuple[str, ...]  # the image files used (empty for arrays and .npz files)
     source: str
     method: str = "real"  # a synthetic set (dsgonnx synthesize) keeps its method
-    holdout: Optional[np.ndarray] = None  # a synthetic set's samples kept out of calibration (float32 NCHW)
+    # kept out of calibration (float32 NCHW): a synthetic set's own held-out samples, else unused ones of the source
+    holdout: Optional[np.ndarray] = None
+    holdout_files: tuple[str, ...] = ()  # the image files held out (a folder)
 
 
 def spread_indices(total: int, count: int) -> np.ndarray:
@@ -34,44 +36,71 @@ def spread_indices(total: int, count: int) -> np.ndarray:
     return np.arange(count) * stride
 
 
-def load_real_images(source, spec: InputSpec, count: int, preprocess: Preprocess | None) -> RealImages:
+def unused_indices(total: int, chosen: np.ndarray, count: int) -> np.ndarray:
+    """``count`` indices of ``range(total)`` outside ``chosen``, spread evenly over the unused
+    ones as :func:`spread_indices` spreads; none when fewer than ``count`` are unused."""
+    unused = np.setdiff1d(np.arange(total), chosen)
+    if count < 1 or len(unused) < count:
+        return np.arange(0)
+    return unused[spread_indices(len(unused), count)]
+
+
+def load_real_images(source, spec: InputSpec, count: int, preprocess: Preprocess | None,
+                     holdout: int = 0) -> RealImages:
     """Up to ``count`` calibration images from ``source``: a path (image folder or .npz), a
-    float NCHW array in the model's input space, or a SyntheticSet; with the held-out samples
-    of a set that has some (``dsgonnx synthesize --holdout``)."""
+    float NCHW array in the model's input space, or a SyntheticSet. Held out beside them: the
+    samples of a set that has some (``dsgonnx synthesize --holdout``), else ``holdout`` more of
+    the source's images, spread evenly over those not calibrated on, when it has that many
+    (:func:`unused_indices`; never calibrated on, so the fallback and validation can check on them)."""
     if isinstance(source, SyntheticSet):
         return _from_array(source.images, spec, count, "SyntheticSet in memory", source.meta.get("method", "real"),
-                           source.holdout)
+                           source.holdout, holdout)
     if isinstance(source, np.ndarray):
-        return _from_array(source, spec, count, "array in memory")
+        return _from_array(source, spec, count, "array in memory", spare=holdout)
     path = os.fspath(source)
     if not os.path.exists(path):
         raise DataError(f"calibration data not found: {path}")
     if os.path.isdir(path):
         folder = scan_image_folder(path)
         recipe = (preprocess or preprocess_from_preset()).for_input_size(spec.shape[2])
-        chosen = [folder.files[i] for i in spread_indices(len(folder.files), count)]
+        indices = spread_indices(len(folder.files), count)
+        chosen = [folder.files[i] for i in indices]
         images = np.stack([load_image(file, recipe) for file in chosen]).astype(np.float32)
-        return RealImages(images, tuple(chosen), path)
+        held_files = tuple(folder.files[i] for i in unused_indices(len(folder.files), indices, holdout))
+        held = np.stack([load_image(file, recipe) for file in held_files]).astype(np.float32) if held_files else None
+        return RealImages(images, tuple(chosen), path, holdout=held, holdout_files=held_files)
     if Path(path).suffix.lower() == ".npz":
         data = read_npz(path)
-        return _from_array(data.images, spec, count, path, str(data.meta.get("method", "real")), data.holdout)
+        return _from_array(data.images, spec, count, path, str(data.meta.get("method", "real")), data.holdout, holdout)
     raise DataError(f"`calib` must be dsg, zeroq, gaussian, an image folder or an .npz file; got {path!r}")
 
 
-def holds_out(source) -> bool:
-    """Whether calibration ``source`` (not a method name) brings held-out synthetic samples: a
-    SyntheticSet or an .npz with ``holdout`` (an unreadable file is a one-line DataError)."""
+def holds_out(source, count: int = 0, spare: int = 0) -> bool:
+    """Whether calibration ``source`` (not a method name) brings held-out samples: a SyntheticSet
+    or an .npz with ``holdout``, or (``spare`` > 0) a source with ``spare`` images beside the
+    ``count`` calibrated on, which :func:`load_real_images` holds out (an unreadable file is a
+    one-line DataError)."""
     if isinstance(source, SyntheticSet):
-        return source.holdout is not None
+        return source.holdout is not None or (spare > 0 and len(source.images) >= count + spare)
+    if isinstance(source, np.ndarray):
+        return spare > 0 and len(source) >= count + spare
     if isinstance(source, (str, os.PathLike)) and Path(source).suffix.lower() == ".npz" and os.path.isfile(source):
-        return read_npz(source).holdout is not None
+        data = read_npz(source)
+        return data.holdout is not None or (spare > 0 and len(data.images) >= count + spare)
+    if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
+        return spare > 0 and len(scan_image_folder(os.fspath(source)).files) >= count + spare
     return False
 
 
-def _from_array(images, spec: InputSpec, count: int, source: str, method: str = "real", holdout=None) -> RealImages:
+def _from_array(images, spec: InputSpec, count: int, source: str, method: str = "real", holdout=None,
+                spare: int = 0) -> RealImages:
+    """``count`` of ``images`` (spread) to calibrate on; held out: ``holdout`` (a set's own),
+    else ``spare`` of the rows not chosen (:func:`unused_indices`)."""
     images = _model_input(images, spec, source, "images")
     held = None if holdout is None else np.ascontiguousarray(_model_input(holdout, spec, source, "holdout"), np.float32)
     chosen = spread_indices(len(images), count)
+    if held is None and (rows := unused_indices(len(images), chosen, spare)).size:
+        held = np.asarray(images[rows], dtype=np.float32)
     return RealImages(np.asarray(images[chosen], dtype=np.float32), (), source, method, held)
 
 

@@ -703,9 +703,9 @@ class QuantConfig:
     the plain model (nearest rounding; after ``refine``/``qat``, also the rounding of
     ``plain_rounding()`` when that is SQuant's) and keep the learned model only where its
     logits follow the float model's at least as closely on one probe and not measurably less
-    closely on any (a paired bootstrap over the probe's samples): the held-out synthetic
-    samples (else the calibration images), procedural images (not beside held-out samples
-    synthesized from the model's BN statistics, DSG or ZeroQ: those decide alone), and, where
+    closely on any (a paired bootstrap over the probe's samples): the held-out samples (else
+    the calibration images), procedural images (not beside held-out real images or held-out
+    samples synthesized from the model's BN statistics, DSG or ZeroQ: those decide alone), and, where
     the calibration images are procedural and ``refine``/``qat`` learn from them, 32 inversion
     images.
     ``fallback_probes``: those independent images, chosen ("procedural", "inversion", both, or
@@ -742,8 +742,9 @@ class QuantConfig:
     force: bool = False
     validate: bool = True
     val_data: Optional[str] = None
-    # held-out synthetic samples (validation without val_data, the fallback's check): made beside the
-    # calibration images when quantize synthesizes; at most this many of a set's `holdout` (--calib set.npz)
+    # held-out samples (validation without val_data, the fallback's check): made beside the calibration
+    # images when quantize synthesizes; at most this many of a set's `holdout` (--calib set.npz); else
+    # this many of the source's images not calibrated on (an image folder or array with enough of them)
     holdout: int = DEFAULT_HOLDOUT
     max_drop: Optional[float] = None
     min_agreement: Optional[float] = None

@@ -45,8 +45,9 @@ class QuantResult:
     refine: Optional[dict] = None  # dsgonnx.refine report (reconstruction or QAT): layers, losses, time
     refined_weights: dict = field(default_factory=dict)  # weight name -> RefinedWeight (learned integers, scales)
     timings: dict[str, float] = field(default_factory=dict)
-    holdout: Optional[np.ndarray] = None  # held-out synthetic samples (never calibrated on)
+    holdout: Optional[np.ndarray] = None  # held-out samples or images (never calibrated on)
     calibration_files: tuple[str, ...] = ()  # image files calibrated on (left out of validation)
+    holdout_files: tuple[str, ...] = ()  # image files held out to check on (left out of validation too)
 
     def summary(self) -> dict:
         """The JSON summary ``dsgonnx quantize`` prints."""
@@ -288,7 +289,7 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
                                     config.bias_correction)))
                     check = _against_plain(tmp, {name: path for name, (path, _) in plain.items()}, prepared, holdout,
                                            calib_images, loaded, learning, probes,
-                                           {name: path for name, (path, _) in variants.items()})
+                                           {name: path for name, (path, _) in variants.items()}, _held_name(calib_info))
                     if left_out:
                         check["left_out"] = left_out
                     decisions[learning]["against_plain"] = check
@@ -322,10 +323,12 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
     say(f"quantize: wrote {output}")
     result = QuantResult(output=output, bits=bits, calibration=calib_info, decisions=decisions, timings=stages.timings,
                          refine=refined.report if refined else None, refined_weights=refined.weights if refined else {},
-                         holdout=holdout, calibration_files=tuple(calib_files))
+                         holdout=holdout, calibration_files=tuple(calib_files),
+                         holdout_files=tuple(calib_info.get("holdout_files", ())))
     if config.validate:
         with stages("validate"):
-            result.report = _validate(loaded, output, config, holdout, calib_files, bits, calib_info, result.refine)
+            result.report = _validate(loaded, output, config, holdout, (*calib_files, *result.holdout_files), bits,
+                                      calib_info, result.refine)
     return result
 
 
@@ -419,13 +422,20 @@ def _calibration_data(loaded: LoadedModel, config: QuantConfig):
                 "seconds": round(time.perf_counter() - start, 3), "device": synthetic.meta["device"],
                 "diversity": synthetic.meta["diversity"], "holdout": holdout, "synth": settings, **chosen}
         return synthetic.images, synthetic.holdout, info, ()
-    real = load_real_images(config.calib, loaded.input, config.num_samples, config.preprocess)
+    real = load_real_images(config.calib, loaded.input, config.num_samples, config.preprocess, holdout)
     held = real.holdout[:holdout] if real.holdout is not None and holdout else None
     info = {"method": real.method, "source": real.source, "num_samples": len(real.images), "iters": 0,
-            "seconds": round(time.perf_counter() - start, 3), **({"holdout": len(held)} if held is not None else {})}
+            "seconds": round(time.perf_counter() - start, 3), **({"holdout": len(held)} if held is not None else {}),
+            **({"holdout_files": list(real.holdout_files)} if held is not None and real.holdout_files else {})}
     if held is None and holdout and checked and real.method != "real":
         say(f"quantize: {real.source} holds no held-out samples, so the models are checked on the calibration "
             "images (`dsgonnx synthesize --holdout N` keeps N aside)")
+    elif held is None and holdout and checked:
+        say(f"quantize: {real.source} has fewer than {holdout} images beside the {len(real.images)} calibrated on "
+            "to hold out, so the models are checked on the calibration images")
+    elif held is not None and real.method == "real":
+        say(f"quantize: {len(held)} of the images in {real.source} not calibrated on are held out to check "
+            + ("the models on" if checked else "the quantized model on (no `val_data`)"))
     return real.images, held, info, real.files
 
 
@@ -667,9 +677,11 @@ def _independent_probes(loaded: LoadedModel, config: QuantConfig, calib_info: di
     wanted = config.fallback_probes
     if wanted is None:  # the rule above
         held = holdout is not None and len(holdout) > 0
-        decide_alone = held and (procedural or _from_bn_statistics(calib_info))
+        real = calib_info.get("method") == "real"
+        decide_alone = held and (procedural or real or _from_bn_statistics(calib_info))
         if decide_alone and not procedural:
-            say(f"{learning}: the {len(holdout)} held-out {calib_info['method']} samples decide alone "
+            say(f"{learning}: the {len(holdout)} held-out {'real images' if real else calib_info['method'] + ' samples'} "
+                "decide alone "
                 "(--fallback-probes procedural checks procedural images beside them)")
         wanted = (*(() if decide_alone else ("procedural",)),
                   *(("inversion",) if procedural and learning in ("refine", "qat") else ()))
@@ -695,6 +707,11 @@ def _independent_probes(loaded: LoadedModel, config: QuantConfig, calib_info: di
     return probes
 
 
+def _held_name(calib_info: dict) -> str:
+    """What the held-out samples are, in the fallback's check and its log lines."""
+    return "held-out real images" if calib_info.get("method") == "real" else "held-out synthetic samples"
+
+
 def _from_bn_statistics(calib_info: dict) -> bool:
     """Whether the calibration images were synthesized from the model's BN statistics."""
     method = calib_info.get("method")
@@ -703,13 +720,13 @@ def _from_bn_statistics(calib_info: dict) -> bool:
 
 def _against_plain(learned: Path, plain: dict[str, Path], float_path: Path, holdout, images, loaded: LoadedModel,
                    label: str, independent: Optional[dict[str, dict]] = None,
-                   variants: Optional[dict[str, Path]] = None) -> dict:
+                   variants: Optional[dict[str, Path]] = None, held_as: str = "held-out synthetic samples") -> dict:
     """Which QDQ model of one float model follows it most closely — ``learned`` (after
     reconstruction, QAT or SQuant's rounding), one of ``plain`` ("plain": nearest rounding of the
     float weights; "squant": SQuant's rounding of them), all bias-corrected, or one of the learned
     model's ``variants`` (``uncorrected``: the refined layers' biases left as they were) — by
-    logit SQNR on up to 64 held-out synthetic samples (else calibration images, which favour the
-    learned model: it was fitted to them) and on each ``independent`` probe (name ->
+    logit SQNR on up to 64 held-out samples, named ``held_as`` (else calibration images, which
+    favour the learned model: it was fitted to them) and on each ``independent`` probe (name ->
     {"images", "seconds"}, :func:`_independent_probes`).
 
     From nearest rounding, each next candidate (``plain``'s others in order, then ``learned``,
@@ -720,7 +737,7 @@ def _against_plain(learned: Path, plain: dict[str, Path], float_path: Path, hold
     from .validation.metrics import sqnr_db, top1_agreement
 
     probe = holdout if holdout is not None and len(holdout) else images
-    on = "held-out synthetic samples" if probe is holdout else "calibration images"
+    on = held_as if probe is holdout else "calibration images"
     paths = {**plain, "learned": learned, **(variants or {})}
     probes = {on: _whole_batches(probe[:FALLBACK_SAMPLES], loaded)}
     for where, probe_set in (independent or {}).items():
@@ -849,8 +866,10 @@ def _learned_kept(refined, dropped: set[str]) -> Optional[dict]:
     return {name: g for name, g in refined.activations.items() if name not in dropped} if refined else None
 
 
-def _validate(loaded: LoadedModel, output: Path, config: QuantConfig, holdout, calib_files, bits, calibration,
+def _validate(loaded: LoadedModel, output: Path, config: QuantConfig, holdout, used_files, bits, calibration,
               refine=None):
+    """Validate the written model on ``config.val_data`` (``used_files``, calibrated on or held out
+    to decide on, left out), else on the held-out samples (agreement with the float model)."""
     from .validation import check_gate, validate
 
     extra = {"bits": bits, "simulated": bits["simulated"], "calibration": calibration}
@@ -858,7 +877,7 @@ def _validate(loaded: LoadedModel, output: Path, config: QuantConfig, holdout, c
         extra[_learning_key(refine)] = refine
     vconfig = ValidateConfig(data=config.val_data, preprocess=config.preprocess, provider=config.provider,
                              max_drop=config.max_drop, min_agreement=config.min_agreement, report_path=config.report,
-                             extra=extra, exclude_files=frozenset(calib_files))
+                             extra=extra, exclude_files=frozenset(used_files))
     if config.val_data is None:
         if holdout is None or not len(holdout):
             say("validate: no `val_data` and no held-out samples; skipped")

@@ -262,8 +262,9 @@ class AnalysisReport:
         return path
 
 
-_NO_SAMPLES = ("analyze without `data` measures on held-out synthetic samples and the calibration data holds none: "
-               "it needs `data` (images to measure on), or a set written by `dsgonnx synthesize --holdout N`")
+_NO_SAMPLES = ("analyze without `data` measures on held-out samples and the calibration data holds none: it needs "
+               "`data` (images to measure on), a set written by `dsgonnx synthesize --holdout N`, or calibration "
+               "images with `holdout` more than `num_samples`")
 
 
 def analyze(model, config: Optional[QuantConfig] = None, *, data=None, eval_samples: int = 256,
@@ -272,8 +273,9 @@ def analyze(model, config: Optional[QuantConfig] = None, *, data=None, eval_samp
     """Per-tensor sensitivity of ``model`` quantized as ``config`` says (``dsgonnx analyze``).
 
     ``data``: labelled images (folder or .npz) to measure on, the calibration files left out;
-    without it, held-out synthetic samples (``config.holdout``, at least 16; a saved set's own
-    when ``config.calib`` is one written with ``dsgonnx synthesize --holdout``) — data-free.
+    without it, held-out samples (``config.holdout``, at least 16: synthesized beside the
+    calibration images, a saved set's own when ``config.calib`` is one written with ``dsgonnx
+    synthesize --holdout``, or images of a calibration folder or array not calibrated on).
     ``report`` / ``chart``: also write the JSON report / a PNG bar chart (atomically).
     ``quantized``: analyze this QDQ model of ``model`` (one dsgonnx quantize wrote, e.g. on
     another machine) instead of quantizing; ``config`` does not apply and ``data`` is needed.
@@ -296,7 +298,8 @@ def analyze(model, config: Optional[QuantConfig] = None, *, data=None, eval_samp
     loaded = load_model(model, config.input_shape)
     if quantized is not None and data is None:
         raise DataError("analyze of a given quantized model needs `data` (images to measure on)")
-    if quantized is None and data is None and not config.synthetic and not holds_out(config.calib):
+    if quantized is None and data is None and not config.synthetic and not holds_out(config.calib, config.num_samples,
+                                                                                       max(config.holdout, 16)):
         raise DataError(_NO_SAMPLES)  # before quantizing, which may take long
     with tempfile.TemporaryDirectory(prefix="dsgonnx-analyze-") as scratch:
         scratch = Path(scratch)
@@ -306,7 +309,7 @@ def analyze(model, config: Optional[QuantConfig] = None, *, data=None, eval_samp
         else:
             # (a saved set gives up to this many of its own held-out samples)
             holdout = max(config.holdout, 16) if data is None else 0
-            # without data, quantize keeps its held-out synthetic samples (and checks the model on them)
+            # without data, quantize keeps its held-out samples (and checks the model on them)
             result = quantize(loaded, replace(config, output=str(scratch / "q.onnx"), force=True,
                                               validate=data is None, val_data=None, max_drop=None,
                                               min_agreement=None, report=None, holdout=holdout))
@@ -328,7 +331,9 @@ def analyze(model, config: Optional[QuantConfig] = None, *, data=None, eval_samp
             samples = {"source": os.fspath(data), "count": len(images), "labelled": labels is not None}
         elif result.holdout is not None:
             images, labels = result.holdout[:eval_samples], None
-            samples = {"source": f"held-out {result.calibration['method']} samples", "count": len(images),
+            method = result.calibration["method"]
+            samples = {"source": "held-out real images" if method == "real" else f"held-out {method} samples",
+                       "count": len(images),
                        "labelled": False}
         else:
             raise DataError(_NO_SAMPLES)

@@ -127,6 +127,12 @@ def test_cli_analyze_data_free_and_bad_input(setup, tmp_path):
     assert result.exit_code == 0, result.stderr
     samples = json.loads((tmp_path / "held.json").read_text())["samples"]
     assert (samples["source"], samples["count"], samples["labelled"]) == ("held-out zeroq samples", 6, False)
+    # real images beyond the --num-samples calibrated on: data-free on 16 of those not calibrated on
+    result = CliRunner().invoke(cli, ["analyze", str(setup["model"]), "--calib", str(setup["folder"] / "held.npz"),
+                                      "--num-samples", "8", "--report", str(tmp_path / "real.json"), "--quiet"])
+    assert result.exit_code == 0, result.stderr
+    samples = json.loads((tmp_path / "real.json").read_text())["samples"]
+    assert (samples["source"], samples["count"], samples["labelled"]) == ("held-out real images", 16, False)
 
 
 def test_a_model_without_quantizable_tensors_is_one_line_exit_2(tmp_path):

@@ -392,6 +392,67 @@ def test_a_saved_set_holds_out_what_quantize_would_and_the_models_are_checked_on
     assert "holds no held-out samples, so the models are checked on the calibration images" in caplog.text
 
 
+def _image_folder(root, classes=10, per_class=3):
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    for c in range(classes):
+        (root / f"class{c}").mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            pixels = np.clip(rng.normal(128, 60, 3)[None, None] + rng.normal(0, 30, (20, 20, 3)), 0, 255)
+            Image.fromarray(pixels.astype(np.uint8)).save(root / f"class{c}" / f"{i:02d}.png")
+    return root
+
+
+def test_an_image_folder_holds_out_unused_files_that_decide_and_validate(setup, tmp_path, caplog):
+    from dsgonnx.calibration_data import spread_indices, unused_indices
+    from dsgonnx.preprocess import load_image, preprocess_from_preset, scan_image_folder
+    from dsgonnx.validation.metrics import sqnr_db
+
+    folder = _image_folder(tmp_path / "photos")
+    files = scan_image_folder(str(folder)).files
+    with caplog.at_level("INFO", logger="dsgonnx"):
+        result, out = _quantize(setup, "photos.onnx", calib=str(folder), num_samples=8, wbits=4, abits=4,
+                                validate=True, val_data=str(folder))
+    calibrated, held = set(result.calibration_files), result.holdout_files
+    # 8 files calibrated on (every 3rd of 30 from the first), 16 of the other 22 held out, spread evenly over them
+    assert len(calibrated) == 8 and len(held) == len(set(held)) == 16 and not calibrated & set(held)
+    chosen = spread_indices(len(files), 8)
+    assert list(held) == [files[i] for i in unused_indices(len(files), chosen, 16)]
+    assert result.calibration["holdout"] == 16 and result.calibration["holdout_files"] == list(held)
+    # SQuant's rounding and nearest rounding are weighed on the held-out photos alone
+    check = result.decisions["rounding"]["against_plain"]
+    assert (check["on"], check["samples"]) == ("held-out real images", 16) and "procedural" not in check, check
+    assert "the 16 held-out real images decide alone" in caplog.text
+    recipe = preprocess_from_preset().for_input_size(16)
+    photos = np.stack([load_image(f, recipe) for f in held]).astype(np.float32)
+    np.testing.assert_array_equal(result.holdout, photos)
+    assert sqnr_db(reference_logits(photos), _run(out, photos)) == pytest.approx(
+        check[check["kept"]]["sqnr_db"], abs=1e-2)
+    # validated on the same folder: neither the calibrated nor the held-out files are scored
+    assert result.report.to_dict()["num_samples"] == 30 - 8 - 16
+
+    # no val_data: validated (agreement with the float model) on the held-out photos
+    alone, _ = _quantize(setup, "photos2.onnx", calib=str(folder), num_samples=8, wbits=4, abits=4, validate=True)
+    assert alone.report.to_dict()["num_samples"] == 16 and alone.holdout_files == held
+    # an array holds out its unused rows the same way
+    rows = np.random.default_rng(1).standard_normal((40, 3, 16, 16)).astype(np.float32)
+    array, _ = _quantize(setup, "rows.onnx", calib=rows, num_samples=24, wbits=4, abits=4)
+    np.testing.assert_array_equal(array.holdout, rows[unused_indices(40, spread_indices(40, 24), 16)])
+    assert array.decisions["rounding"]["against_plain"]["on"] == "held-out real images"
+    # fewer spare files than --holdout: none held out, the calibration images and procedural images decide
+    caplog.clear()
+    with caplog.at_level("INFO", logger="dsgonnx"):
+        few, _ = _quantize(setup, "few.onnx", calib=str(folder), num_samples=20, wbits=4, abits=4)
+    check = few.decisions["rounding"]["against_plain"]
+    assert few.holdout is None and few.holdout_files == () and "holdout" not in few.calibration
+    assert check["on"] == "calibration images" and check["procedural"]["samples"] == FALLBACK_SAMPLES, check
+    assert "has fewer than 16 images beside the 20 calibrated on" in caplog.text
+    # --holdout 0: nothing held out
+    none, _ = _quantize(setup, "none.onnx", calib=str(folder), num_samples=8, wbits=4, abits=4, holdout=0)
+    assert none.holdout is None and none.decisions["rounding"]["against_plain"]["on"] == "calibration images"
+
+
 def test_saved_synthetic_set_keeps_its_method(setup):
     images = np.random.default_rng(1).standard_normal((10, 3, 16, 16)).astype(np.float32)
     path = SyntheticSet(images, {"method": "zeroq"}).save(setup["folder"] / "set.npz")

@@ -194,9 +194,10 @@ def _given(values: dict, fields: dict) -> dict:
 @preprocess_options()
 @click.option("--val-data", type=click.Path(), help="Labelled images to validate on (calibration files are left out).")
 @click.option("--holdout", type=click.IntRange(min=0), default=DEFAULT_HOLDOUT, show_default=True,
-              help="Synthetic samples kept out of calibration, to check learned models (and validate without "
-                   "--val-data) on: synthesized beside the calibration images, or at most this many of an .npz "
-                   "set's (dsgonnx synthesize --holdout).")
+              help="Samples kept out of calibration, to check learned models (and validate without "
+                   "--val-data) on: synthesized beside the calibration images, at most this many of an .npz "
+                   "set's (dsgonnx synthesize --holdout), else this many images of --calib not calibrated on "
+                   "(left out of --val-data too).")
 @click.option("--max-drop", type=float, help="Exit 1 when top-1 drops by more than this many points.")
 @click.option("--min-agreement", type=float, help="Exit 1 when top-1 agreement falls below this fraction.")
 @click.option("--report", type=click.Path(dir_okay=False), help="Write the JSON report here.")
