@@ -501,11 +501,12 @@ def markdown(results: dict) -> str:
                      f"(`dsgonnx synthesize --holdout {HELD_OUT}`), and quantize checks the models it weighs on them "
                      "(DSG sets: on them alone since commit e6035b8; rows `…+held+procprobe` on procedural images "
                      "too, `--fallback-probes procedural`, as before it); rows `…+heldaside`: the same set's "
-                     "calibration images alone, checked on themselves (and on procedural images). Rows "
-                     f"`real…+held`: quantize held out {HELD_OUT} of the files not calibrated on "
-                     f"(`--holdout {HELD_OUT}`, the default since the commit of these rows), which decide alone; "
-                     f"they are {HELD_OUT} of the images scored (unlabelled there: only the float model's logits "
-                     "are compared); the other real rows hold none out (`--holdout 0`, as before).")
+                     "calibration images alone, checked on themselves (and on procedural images).")
+    if any(parse_row(row)[0] == "real" and "held" in parse_row(row)[1] for row in results["rows"]):
+        lines.append(f"\nRows `real…+held`: quantize held out {HELD_OUT} of the files not calibrated on "
+                     f"(`--holdout {HELD_OUT}`, the default since commit 919f8c0), which decide alone; they are "
+                     f"{HELD_OUT} of the images scored (unlabelled there: only the float model's logits are "
+                     "compared); the other real rows hold none out (`--holdout 0`, as before it).")
     if any("s256" in row.split("+")[1:] for row in results["rows"]):
         lines.append(f"\nRows `…+s256`: a synthetic set of {LARGE_SET} samples (synthesis seconds for all of them; "
                      f"the real rows' calibration stays at {results['num_samples']} images, and so does the scoring split).")
