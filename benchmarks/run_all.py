@@ -154,6 +154,8 @@ def _cpu_name() -> str:
 
 
 def _chart(all_results: dict, path: Path) -> bool:
+    if not all_results:  # (every model skipped: nothing to draw)
+        return False
     try:
         import matplotlib
 
