@@ -661,9 +661,11 @@ def _independent_probes(loaded: LoadedModel, config: QuantConfig, calib_info: di
     images, SQuant's rounding written instead: 38.89) and in MobileNet v1 0.25 W4A4 (7.44 vs
     4.56) and W6A6 (53.33 vs nearest rounding's 54.00: 6 of 900 images, while the real
     images' logit SQNR favoured the refined model, 11.03 vs 10.87 dB); it changed nothing on
-    ResNet-20 or EfficientNet-Lite0 W4A4 (README, "Held-out samples decide alone"). Without
-    held-out samples the calibration images favour what was fitted to them, and the
-    procedural probe stays. "inversion images": where the calibration
+    ResNet-20 or EfficientNet-Lite0 W4A4 (README, "Held-out samples decide alone"). Held-out
+    real images (files or rows of the calibration source not calibrated on) decide alone too:
+    the procedural probe's three scored vetoes on real data dropped the model with the better
+    top-1 on real images (README, "Held-out real images"). Without held-out samples the
+    calibration images favour what was fitted to them, and the procedural probe stays. "inversion images": where the calibration
     images are procedural and the model learns from them (``--refine``, ``--qat``), procedural
     starts the model has turned towards its classes (``--calib inversion``): fresh procedural
     images cannot tell a model fitted to procedural images from one that follows the float
