@@ -793,6 +793,11 @@ class QuantConfig:
         _require(_is_number(self.mixed_budget) and 0 < self.mixed_budget <= 1,
                  f"`mixed_budget` is a share of the weights in (0, 1], got {self.mixed_budget!r}")
         check_thresholds(self.max_drop, self.min_agreement)
+        _require(self.validate or (self.max_drop is None and self.min_agreement is None),
+                 "a gate (`max_drop`, `min_agreement`) needs the validation, which is off")
+        _require(self.max_drop is None or self.val_data is not None,
+                 "`max_drop` needs labelled `val_data` (without it quantize validates on held-out samples, "
+                 "unlabelled: gate those on `min_agreement`)")
         if self.fallback_probes is not None:
             probes = self.fallback_probes
             probes = tuple(p.strip() for p in probes.split(",")) if isinstance(probes, str) else tuple(probes)

@@ -20,7 +20,7 @@ import onnx
 
 from . import __version__, distributed
 from .artifacts import check_output_folder, publish
-from .calibration_data import load_real_images
+from .calibration_data import holds_out, load_real_images
 from .config import BiasCorrection, Calibrator, PoolRange, QuantConfig, RefineConfig, Rounding, SynthMethod, ValidateConfig
 from .errors import DataError, ModelLoadError, UnsupportedModelError
 from .graph.layout import channels_last_input
@@ -123,6 +123,10 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
         check_report_path(config.report)
         if config.val_data is not None and not os.path.exists(config.val_data):
             raise DataError(f"`val_data`: data not found: {config.val_data}")
+        if config.val_data is None and config.min_agreement is not None and (
+                config.holdout == 0 or not (config.synthetic or holds_out(config.calib, config.num_samples,
+                                                                          config.holdout))):
+            raise DataError(f"`min_agreement` has nothing to score on: no `val_data`, and {_NOTHING_HELD}")
     chw = loaded.input.chw
     if config.refine is not None and config.refine.views > 1 and None not in chw:  # before any image is made
         from .hardware import check_image_memory
@@ -399,6 +403,10 @@ _BATCH_FOR_QAT = ("QAT trains on these images (measured on four models, README '
                   "--alignment sample for the papers'")
 
 
+_NOTHING_HELD = ("nothing is held out of calibration (`holdout` 0, or calibration images without `holdout` more "
+                 "than `num_samples`)")
+
+
 def _calibration_data(loaded: LoadedModel, config: QuantConfig):
     """(calibration images, held-out images or None, description, calibration files)."""
     start = time.perf_counter()
@@ -665,8 +673,9 @@ def _independent_probes(loaded: LoadedModel, config: QuantConfig, calib_info: di
     real images (files or rows of the calibration source not calibrated on) decide alone too:
     the procedural probe's three scored vetoes on real data dropped the model with the better
     top-1 on real images (README, "Held-out real images"). Without held-out samples the
-    calibration images favour what was fitted to them, and the procedural probe stays. "inversion images": where the calibration
-    images are procedural and the model learns from them (``--refine``, ``--qat``), procedural
+    calibration images favour what was fitted to them, and the procedural probe stays.
+    "inversion images": where the calibration images are procedural and the model learns
+    from them (``--refine``, ``--qat``), procedural
     starts the model has turned towards its classes (``--calib inversion``): fresh procedural
     images cannot tell a model fitted to procedural images from one that follows the float
     model on what it was trained for. On BN-folded EfficientNet-Lite0 W4A4 they chose the
@@ -682,8 +691,8 @@ def _independent_probes(loaded: LoadedModel, config: QuantConfig, calib_info: di
         real = calib_info.get("method") == "real"
         decide_alone = held and (procedural or real or _from_bn_statistics(calib_info))
         if decide_alone and not procedural:
-            say(f"{learning}: the {len(holdout)} held-out {'real images' if real else calib_info['method'] + ' samples'} "
-                "decide alone "
+            kind = "real images" if real else f"{calib_info['method']} samples"
+            say(f"{learning}: the {len(holdout)} held-out {kind} decide alone "
                 "(--fallback-probes procedural checks procedural images beside them)")
         wanted = (*(() if decide_alone else ("procedural",)),
                   *(("inversion",) if procedural and learning in ("refine", "qat") else ()))

@@ -524,6 +524,11 @@ BAD = [
     # the validation's inputs are checked before any work, not after the model is written
     (["--val-data", "{tmp}/missing"], "--val-data: data not found"),
     (["--report", "{tmp}/nowhere/r.json"], "--report: folder"),
+    # a CI gate that cannot be evaluated is refused up front, never passed silently
+    (["--max-drop", "1"], "--max-drop needs labelled --val-data"),
+    (["--min-agreement", "0.5"], "--min-agreement has nothing to score on"),  # 24 images, --num-samples 64
+    (["--min-agreement", "0.5", "--holdout", "0", "--calib", "gaussian"], "--min-agreement has nothing to score on"),
+    (["--min-agreement", "0.5", "--no-validate"], "needs the validation, which is off"),
 ]
 
 
@@ -534,7 +539,7 @@ def test_bad_input_exits_2_and_writes_nothing(setup, bad_inputs, args, message):
         args += ["--calib", str(setup["calib"])]
     before = set(os.listdir(setup["folder"])) | set(os.listdir(bad_inputs))
     model_bytes = setup["model"].read_bytes()
-    validation = "--val-data" in args or "--report" in args
+    validation = {"--val-data", "--report", "--max-drop", "--min-agreement"} & set(args)
     result = _cli(setup["model"], *args, *([] if validation else ["--no-validate"]))
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
