@@ -237,6 +237,24 @@ def test_in_memory_images_for_held_out_synthetic_samples(tiny):
         evaluate_gate(report, max_drop=1.0)
 
 
+def test_a_saved_set_is_scored_on_its_held_out_samples(tiny, tmp_path, caplog):
+    """`validate --data set.npz` of a set written with held-out samples scores those, not the
+    calibration images the quantized model was fitted to."""
+    from dsgonnx import SyntheticSet
+
+    calib, held = tiny_images(n=40, seed=3), tiny_images(n=12, seed=4)
+    path = SyntheticSet(calib, {"method": "dsg"}, held).save(tmp_path / "set.npz")
+    with caplog.at_level("INFO", logger="dsgonnx"):
+        report = validate(tiny["fp"], tiny["crushed"], ValidateConfig(data=str(path)))
+    assert report.to_dict()["num_samples"] == 12 and not report.labelled
+    expected = np.mean(ort_outputs(tiny["fp"], held).argmax(1) == ort_outputs(tiny["crushed"], held).argmax(1))
+    assert report.agreement == pytest.approx(expected)
+    assert "scoring its 12 held-out samples, not the 40 calibration images" in caplog.text
+    # labels make it a labelled data set: its images are scored
+    np.savez(tmp_path / "labelled.npz", images=calib, labels=np.zeros(40, np.int64), holdout=held)
+    assert validate(tiny["fp"], tiny["crushed"], ValidateConfig(data=str(tmp_path / "labelled.npz"))).labelled
+
+
 def test_softmax_outputs_are_detected_and_not_softmaxed_again(tmp_path):
     onnx.save(tiny_model(softmax=True), tmp_path / "fp.onnx")
     onnx.save(crushed(tiny_model(softmax=True)), tmp_path / "q.onnx")

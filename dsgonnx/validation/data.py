@@ -20,11 +20,12 @@ from dsgonnx.preprocess import (
     check_images,
     check_labels,
     load_image,
-    load_npz,
     preprocess_from_preset,
     read_class_list,
+    read_npz,
     scan_image_folder,
 )
+from dsgonnx.progress import say
 from dsgonnx.inputs import InputSpec, format_dims
 
 DECODE_THREADS = min(8, os.cpu_count() or 1)
@@ -103,7 +104,12 @@ def open_dataset(
     if data.lower().endswith(".npz"):
         if class_list:
             raise DataError("`class_list` applies to image folders only, not to an .npz")
-        return _array_dataset("npz", data, *load_npz(data), spec)
+        npz = read_npz(data)
+        if npz.labels is None and npz.holdout is not None:  # a synthetic set: its calibration images flatter the model
+            say(f"validate: {data} is a set with held-out samples; scoring its {len(npz.holdout)} held-out samples, "
+                f"not the {len(npz.images)} calibration images")
+            return _array_dataset("npz", data, npz.holdout, None, spec)
+        return _array_dataset("npz", data, npz.images, npz.labels, spec)
     raise DataError(f"`data` must be an image folder or an .npz file, got {data}")
 
 
