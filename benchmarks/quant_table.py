@@ -99,6 +99,7 @@ VARIANTS = {
     # other real rows with --holdout 0
     "held": {},
     "heldaside": {},
+    "held64": {},  # real rows: 64 of the files not calibrated on held out (quantize --holdout 64, the most the fallback uses)
     # a synthetic set of LARGE_SET samples (the real calibration, and so the scoring split, unchanged)
     "s256": {},
 }
@@ -221,8 +222,10 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
             held = HELD_OUT if {"held", "heldaside"} & set(variants) else 0
             if "heldaside" in variants and base == "real":
                 raise SystemExit(f"row {row!r}: +heldaside checks a synthetic set's calibration images on themselves")
+            if "held64" in variants and base != "real":
+                raise SystemExit(f"row {row!r}: +held64 holds out real files; synthetic rows hold out with +held")
             if base == "real":  # +held: quantize holds out HELD_OUT of the files not calibrated on (among those scored)
-                settings["holdout"], held = held, 0
+                settings["holdout"], held = (64 if "held64" in variants else held), 0
             for seed in (seeds if base != "real" else (0,)):
                 if (base, seed, held, synthetic_samples) not in made:
                     if base == "real":
@@ -502,11 +505,12 @@ def markdown(results: dict) -> str:
                      "(DSG sets: on them alone since commit e6035b8; rows `…+held+procprobe` on procedural images "
                      "too, `--fallback-probes procedural`, as before it); rows `…+heldaside`: the same set's "
                      "calibration images alone, checked on themselves (and on procedural images).")
-    if any(parse_row(row)[0] == "real" and "held" in parse_row(row)[1] for row in results["rows"]):
+    if any(parse_row(row)[0] == "real" and {"held", "held64"} & set(parse_row(row)[1]) for row in results["rows"]):
         lines.append(f"\nRows `real…+held`: quantize held out {HELD_OUT} of the files not calibrated on "
                      f"(`--holdout {HELD_OUT}`, the default since commit 919f8c0), which decide alone; they are "
                      f"{HELD_OUT} of the images scored (unlabelled there: only the float model's logits are "
-                     "compared); the other real rows hold none out (`--holdout 0`, as before it).")
+                     "compared); rows `real…+held64` hold out 64 the same way (`--holdout 64`); the other real rows "
+                     "hold none out (`--holdout 0`, as before it).")
     if any("s256" in row.split("+")[1:] for row in results["rows"]):
         lines.append(f"\nRows `…+s256`: a synthetic set of {LARGE_SET} samples (synthesis seconds for all of them; "
                      f"the real rows' calibration stays at {results['num_samples']} images, and so does the scoring split).")
