@@ -80,16 +80,22 @@ def holds_out(source, count: int = 0, spare: int = 0) -> bool:
     or an .npz with ``holdout``, or (``spare`` > 0) a source with ``spare`` images beside the
     ``count`` calibrated on, which :func:`load_real_images` holds out (an unreadable file is a
     one-line DataError)."""
+    own, size = False, None
     if isinstance(source, SyntheticSet):
-        return source.holdout is not None or (spare > 0 and len(source.images) >= count + spare)
-    if isinstance(source, np.ndarray):
-        return spare > 0 and len(source) >= count + spare
-    if isinstance(source, (str, os.PathLike)) and Path(source).suffix.lower() == ".npz" and os.path.isfile(source):
+        own, size = source.holdout is not None, len(source.images)
+    elif isinstance(source, np.ndarray):
+        size = len(source)
+    elif isinstance(source, (str, os.PathLike)) and Path(source).suffix.lower() == ".npz" and os.path.isfile(source):
         data = read_npz(source)
-        return data.holdout is not None or (spare > 0 and len(data.images) >= count + spare)
-    if isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
-        return spare > 0 and len(scan_image_folder(os.fspath(source)).files) >= count + spare
-    return False
+        own, size = data.holdout is not None, len(data.images)
+    elif isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
+        size = len(scan_image_folder(os.fspath(source)).files)
+    return own or (size is not None and unused_indices(size, spread_indices(size, count), spare).size > 0)
+
+
+def held_out_name(method: str) -> str:
+    """What held-out samples of a calibration ``method`` are called in messages and reports."""
+    return "held-out real images" if method == "real" else f"held-out {method} samples"
 
 
 def _from_array(images, spec: InputSpec, count: int, source: str, method: str = "real", holdout=None,

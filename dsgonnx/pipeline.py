@@ -20,7 +20,7 @@ import onnx
 
 from . import __version__, distributed
 from .artifacts import check_output_folder, publish
-from .calibration_data import holds_out, load_real_images
+from .calibration_data import held_out_name, holds_out, load_real_images
 from .config import BiasCorrection, Calibrator, PoolRange, QuantConfig, RefineConfig, Rounding, SynthMethod, ValidateConfig
 from .errors import DataError, ModelLoadError, UnsupportedModelError
 from .graph.layout import channels_last_input
@@ -691,8 +691,7 @@ def _independent_probes(loaded: LoadedModel, config: QuantConfig, calib_info: di
         real = calib_info.get("method") == "real"
         decide_alone = held and (procedural or real or _from_bn_statistics(calib_info))
         if decide_alone and not procedural:
-            kind = "real images" if real else f"{calib_info['method']} samples"
-            say(f"{learning}: the {len(holdout)} held-out {kind} decide alone "
+            say(f"{learning}: the {len(holdout)} {held_out_name(calib_info['method'])} decide alone "
                 "(--fallback-probes procedural checks procedural images beside them)")
         wanted = (*(() if decide_alone else ("procedural",)),
                   *(("inversion",) if procedural and learning in ("refine", "qat") else ()))

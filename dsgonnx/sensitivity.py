@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .calibration_data import holds_out
+from .calibration_data import held_out_name, holds_out
 from .config import QuantConfig
 from .errors import DataError, ModelLoadError, UnsupportedModelError
 from .progress import Progress, say
@@ -331,10 +331,7 @@ def analyze(model, config: Optional[QuantConfig] = None, *, data=None, eval_samp
             samples = {"source": os.fspath(data), "count": len(images), "labelled": labels is not None}
         elif result.holdout is not None:
             images, labels = result.holdout[:eval_samples], None
-            method = result.calibration["method"]
-            samples = {"source": "held-out real images" if method == "real" else f"held-out {method} samples",
-                       "count": len(images),
-                       "labelled": False}
+            samples = {"source": held_out_name(result.calibration["method"]), "count": len(images), "labelled": False}
         else:
             raise DataError(_NO_SAMPLES)
         batch = loaded.input.fixed_batch or 32
