@@ -18,7 +18,8 @@ the uncorrected candidate, the corrections in between and scores them all:
   output's per-channel mean over the calibration images in the quantized model (the layers
   before it already set) is the float model's: the whole systematic error reaching the layer,
   quantized activations included, where the others take the weights' ΔW·E[x] alone. Measured
-  here, not in the library (see RESULTS.md: it helps one model and breaks another).
+  here, not in the library (README, 'How much bias correction a refined model wants': it helps
+  one model and breaks another).
 
 Needs a folder of candidates from a ``…+cands`` row kept unscored (``run_all.py
 --defer-scoring``: ``<out>/models/<row>-<seed>-w<b>a<b>-candidates``) and the calibration images
