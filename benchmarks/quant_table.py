@@ -99,11 +99,12 @@ VARIANTS = {
     # other real rows with --holdout 0
     "held": {},
     "heldaside": {},
-    "held64": {},  # real rows: 64 of the files not calibrated on held out (quantize --holdout 64, the most the fallback uses)
+    "held64": {},  # real rows: HELD_MANY of the files not calibrated on held out (quantize --holdout 64)
     # a synthetic set of LARGE_SET samples (the real calibration, and so the scoring split, unchanged)
     "s256": {},
 }
 HELD_OUT = 16
+HELD_MANY = 64  # the most held-out samples the fallback uses (dsgonnx.pipeline.FALLBACK_SAMPLES)
 LARGE_SET = 256
 QAT_DATA = {"qat": {"data": "calib"}, "qatgen": {"data": "generator", "generator_loss": "dsg"},
             "qatgdfq": {"data": "generator", "generator_loss": "bns"}}
@@ -225,7 +226,7 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
             if "held64" in variants and base != "real":
                 raise SystemExit(f"row {row!r}: +held64 holds out real files; synthetic rows hold out with +held")
             if base == "real":  # +held: quantize holds out HELD_OUT of the files not calibrated on (among those scored)
-                settings["holdout"], held = (64 if "held64" in variants else held), 0
+                settings["holdout"], held = (HELD_MANY if "held64" in variants else held), 0
             for seed in (seeds if base != "real" else (0,)):
                 if (base, seed, held, synthetic_samples) not in made:
                     if base == "real":
@@ -509,8 +510,8 @@ def markdown(results: dict) -> str:
         lines.append(f"\nRows `real…+held`: quantize held out {HELD_OUT} of the files not calibrated on "
                      f"(`--holdout {HELD_OUT}`, the default since commit 919f8c0), which decide alone; they are "
                      f"{HELD_OUT} of the images scored (unlabelled there: only the float model's logits are "
-                     "compared); rows `real…+held64` hold out 64 the same way (`--holdout 64`); the other real rows "
-                     "hold none out (`--holdout 0`, as before it).")
+                     f"compared); rows `real…+held64` hold out {HELD_MANY} the same way (`--holdout {HELD_MANY}`); "
+                     "the other real rows hold none out (`--holdout 0`, as before it).")
     if any("s256" in row.split("+")[1:] for row in results["rows"]):
         lines.append(f"\nRows `…+s256`: a synthetic set of {LARGE_SET} samples (synthesis seconds for all of them; "
                      f"the real rows' calibration stays at {results['num_samples']} images, and so does the scoring split).")
