@@ -66,46 +66,23 @@ def refined_layers(corrected, uncorrected) -> list[str]:
                   and not np.array_equal(one[name], other[name]))
 
 
-def tensor_means(model, path: Path, input_name: str, images, tensors: list[str], batch: int = 20) -> dict:
-    """Tensor -> per-channel (axis 1) mean over ``images``, ``model`` run in ONNX Runtime with
-    ``tensors`` as its only outputs (saved to ``path`` for the session, then removed)."""
-    import onnx
-
-    from dsgonnx.runtime import ort_session
-
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    del probe.graph.output[:]
-    probe.graph.output.extend(onnx.ValueInfoProto(name=tensor) for tensor in tensors)
-    onnx.save(probe, str(path))
-    try:
-        session = ort_session(path)
-    finally:
-        path.unlink()
-    sums = dict.fromkeys(tensors, 0.0)
-    for start in range(0, len(images), batch):
-        for tensor, value in zip(tensors, session.run(tensors, {input_name: images[start : start + batch]})):
-            sums[tensor] = sums[tensor] + value.astype(np.float64).mean(axis=(0, *range(2, value.ndim))) * len(value)
-    return {tensor: total / len(images) for tensor, total in sums.items()}
-
-
 def sequential(qdq_path: Path, float_model, input_name: str, images) -> int:
     """Set each quantized Conv/Gemm's bias of the QDQ model at ``qdq_path`` (in place), in graph
     order, so that its output's per-channel mean over ``images`` is ``float_model``'s; the
     number of layers set."""
     import onnx
 
-    from dsgonnx.quant.correct import _set_bias, correctable_layers
+    from dsgonnx.quant.correct import _set_bias, correctable_layers, tensor_means
 
     qdq = onnx.load(str(qdq_path))
     float_outputs = {node.name: node.output[0] for node in float_model.graph.node}
     layers = [name for name in correctable_layers(qdq) if name in float_outputs]
     probe = qdq_path.with_suffix(".probe.onnx")
-    targets = tensor_means(float_model, probe, input_name, images, [float_outputs[name] for name in layers])
+    targets = tensor_means(float_model, probe, input_name, images, [float_outputs[name] for name in layers], 20)
     nodes = {node.name: node for node in qdq.graph.node}
     for name in layers:
         output = nodes[name].output[0]
-        shift = tensor_means(qdq, probe, input_name, images, [output])[output] - targets[float_outputs[name]]
+        shift = tensor_means(qdq, probe, input_name, images, [output], 20)[output] - targets[float_outputs[name]]
         _set_bias(qdq, nodes[name], {out: n for n in qdq.graph.node for out in n.output},
                   {t.name: t for t in qdq.graph.initializer}, shift)
     onnx.save(qdq, str(qdq_path))

@@ -13,13 +13,13 @@ from onnx import numpy_helper
 
 from dsgonnx import QuantConfig, RefineConfig, quantize
 from dsgonnx.graph.onnx_io import load_model
-from dsgonnx.quant.correct import correctable_layers
+from dsgonnx.quant.correct import correctable_layers, tensor_means
 from dsgonnx.quant.qdq import pre_process
 from dsgonnx.synth import SynthConfig, synthesize
 from zoo import export_tiny_resnet
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-from refined_shifts import build_variants, refined_layers, tensor_means  # noqa: E402
+from refined_shifts import build_variants, refined_layers  # noqa: E402
 
 
 def _biases(path) -> dict:
@@ -56,9 +56,9 @@ def test_the_corrections_are_built_as_the_library_makes_them(tmp_path):
     for name in ("refined-uncorrected", "sequential"):
         written = onnx.load(str(built.get(name, folder / f"{name}.onnx")))
         outputs = {node.name: node.output[0] for node in written.graph.node if node.name in correctable_layers(written)}
-        quantized = tensor_means(written, tmp_path / "q-probe.onnx", "input", calib, list(outputs.values()))
+        quantized = tensor_means(written, tmp_path / "q-probe.onnx", "input", calib, list(outputs.values()), 20)
         reference = tensor_means(prepared, tmp_path / "f-probe.onnx", "input", calib,
-                                 [float_outputs[layer] for layer in outputs])
+                                 [float_outputs[layer] for layer in outputs], 20)
         gaps[name] = {layer: np.abs(quantized[t] - reference[float_outputs[layer]]).max() for layer, t in outputs.items()}
     # sequential: every layer's output mean over the calibration images is the float model's, to
     # a quarter of the uncorrected model's gap (measured here with every output exposed at once,

@@ -186,35 +186,43 @@ def analytic_means(model: onnx.ModelProto, moments: dict, layers: list[str],
     return means
 
 
+def tensor_means(model: onnx.ModelProto, path: Path, input_name: str, images: np.ndarray, tensors: list[str],
+                 batch: int) -> dict[str, np.ndarray]:
+    """Tensor -> its per-channel mean (axis 1) over ``images``, ``model`` run in ONNX Runtime
+    with ``tensors`` as its only outputs (saved to ``path`` for the session, then removed); a
+    tensor that is the model input is averaged as given."""
+    graph_inputs = {i.name for i in model.graph.input}
+    wanted = [t for t in dict.fromkeys(tensors) if t not in graph_inputs]
+    session = None
+    if wanted:
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
+        del probe.graph.output[:]
+        probe.graph.output.extend(onnx.ValueInfoProto(name=tensor) for tensor in wanted)
+        onnx.save(probe, str(path))
+        try:
+            session = ort_session(path)
+        finally:
+            Path(path).unlink()
+    sums: dict[str, np.ndarray] = {}
+    for start in range(0, len(images), batch):
+        chunk = np.ascontiguousarray(images[start : start + batch], dtype=np.float32)
+        values = dict(zip(wanted, session.run(wanted, {input_name: chunk}))) if session is not None else {}
+        values.update({tensor: chunk for tensor in graph_inputs & set(tensors)})
+        for tensor, value in values.items():
+            mean = value.astype(np.float64).mean(axis=(0, *range(2, value.ndim)))
+            sums[tensor] = sums.get(tensor, 0.0) + mean * len(value)
+    return {tensor: total / len(images) for tensor, total in sums.items()}
+
+
 def empirical_means(model_path: Path, input_name: str, images: np.ndarray, layers: list[str],
                     batch: int) -> dict[str, np.ndarray]:
     """Layer (node name) -> per-channel mean of its input over ``images`` (float model in ORT)."""
     model = onnx.load(str(model_path))
     nodes = {node.name: node for node in model.graph.node}
-    tensors = sorted({nodes[name].input[0] for name in layers})
-    graph_inputs = {i.name for i in model.graph.input}
-    outputs = {o.name for o in model.graph.output}
-    for tensor in tensors:
-        if tensor not in outputs and tensor not in graph_inputs:
-            model.graph.output.append(onnx.ValueInfoProto(name=tensor))
-    path = Path(model_path).with_name(Path(model_path).stem + ".means.onnx")
-    onnx.save(model, str(path))
-    session = ort_session(path)
-    wanted = [t for t in tensors if t not in graph_inputs]
-    sums: dict[str, np.ndarray] = {}
-    count = 0
-    for start in range(0, len(images), batch):
-        chunk = np.ascontiguousarray(images[start : start + batch], dtype=np.float32)
-        values = dict(zip(wanted, session.run(wanted, {input_name: chunk}))) if wanted else {}
-        for tensor in graph_inputs & set(tensors):
-            values[tensor] = chunk
-        for tensor, value in values.items():
-            axes = (0,) + tuple(range(2, value.ndim))
-            sums[tensor] = sums.get(tensor, 0.0) + value.astype(np.float64).sum(axis=axes)
-        count += len(chunk)
-    path.unlink()
-    per_position = {t: int(np.prod(v.shape[2:])) if v.ndim > 2 else 1 for t, v in values.items()}
-    return {name: sums[nodes[name].input[0]] / (count * per_position[nodes[name].input[0]]) for name in layers}
+    means = tensor_means(model, Path(model_path).with_name(Path(model_path).stem + ".means.onnx"), input_name,
+                         images, [nodes[name].input[0] for name in layers], batch)
+    return {name: means[nodes[name].input[0]] for name in layers}
 
 
 def _dequantized(node: onnx.NodeProto, inits: dict) -> tuple[np.ndarray, np.ndarray, Optional[int]]:
