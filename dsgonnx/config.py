@@ -396,7 +396,12 @@ class RefineConfig:
     default): ``drop_prob``'s value, as QDrop draws both with one probability (0.5 for brecq,
     0 for adaround; measured in README, 'QDrop's input mixing'); 0 trains on the quantized
     prefix's alone. Both probabilities are drawn to the nearest 1/256
-    (:func:`dsgonnx.refine.quantizers.random_mask`).
+    (:func:`dsgonnx.refine.quantizers.random_mask`). ``correct_inside``: each refined layer's
+    bias is simulated as bias correction will write it, b − ΔW·E[x] (``QuantConfig.bias_correction``'s
+    means, ΔW following the soft rounding while it learns), so reconstruction learns the
+    rounding of the corrected model and each block learns on the corrected blocks before it;
+    False (the default): the correction is applied to the written model only, after
+    reconstruction learned without it (README, 'Bias correction inside the reconstruction').
     Measured on the benchmark's W4A4 rows (README, 'Where reconstruction starts'):
     SQuant's start is ahead or level on EfficientNet-Lite0 with every source (+6.55 with real
     images, level with DSG's, +2.78 BN-folded), level on MobileNet v1 0.75, within
@@ -420,9 +425,12 @@ class RefineConfig:
     start: str = "auto"
     views: int = 1
     input_drop: Optional[float] = None
+    correct_inside: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "method", RefineMethod.parse(self.method, "refine"))
+        _require(isinstance(self.correct_inside, bool),
+                 f"`refine.correct_inside` must be true or false, got {self.correct_inside!r}")
         _require(self.input_drop is None or (_is_number(self.input_drop) and 0 <= self.input_drop < 1),
                  f"`refine.input_drop` (probability of a unit input's element being the float model's) must be in "
                  f"[0, 1), got {self.input_drop}")
@@ -780,6 +788,10 @@ class QuantConfig:
         _require(self.qat is None or self.refine is None or self.qat.start == "refine",
                  "`qat` and `refine` are two ways to learn the quantized model; choose one (or train from the "
                  "reconstruction's result: `qat.start` 'refine', `refine` its settings)")
+        _require(self.refine is None or not self.refine.correct_inside or (
+                 self.bias_correction != BiasCorrection.OFF and self.qat is None),
+                 "`refine.correct_inside` simulates the bias correction quantize writes: it needs `bias_correction` "
+                 "(not off) and no `qat` (QAT trains the biases itself)")
         _require(self.rounding in (Rounding.AUTO, Rounding.NEAREST) or (self.refine is None and self.qat is None),
                  f"`rounding` {self.rounding.value} is for models that are not refined or trained (`refine` and "
                  "`qat` learn the rounding); choose one")

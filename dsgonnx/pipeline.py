@@ -195,11 +195,20 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
             # made before training (every rank of a torchrun launch takes part in a synthesis)
             with stages("fallback probes"):
                 probes = _independent_probes(loaded, config, calib_info, holdout, learning)
+        correct = None
+        if config.bias_correction != BiasCorrection.OFF and config.qat is None:
+            # Refined roundings against the weights before refinement: the refined model's float
+            # weights are its own quantized values, so measured against them every refined
+            # layer's shift is 0. (QAT trains the biases with the weights, end to end: its
+            # corrector, made after training, leaves its layers as trained.)
+            correct = _BiasCorrector(prepared, None if config.cle else loaded.model, loaded, calib_images, batch,
+                                     config.bias_correction)
         if config.refine is not None or config.qat is not None:
             with stages(learning):
                 # (under torchrun a rank that fails in training exits: torchrun then stops the others)
                 refined = _refine(prepared, Path(scratch) / "refined.onnx", ranges, weights, activations, calib_images,
-                                  holdout, reduce_range, config, first, loaded, calib_info)
+                                  holdout, reduce_range, config, first, loaded, calib_info,
+                                  correct if config.refine is not None and config.refine.correct_inside else None)
             if not distributed.is_writer():
                 say(f"quantize: rank {distributed.world().rank} trained on its share of each batch; "
                     "rank 0 writes the model")
@@ -209,14 +218,9 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
             with stages(learning):
                 refined = _round(prepared, Path(scratch) / "rounded.onnx", weights, reduce_range, config, first)
         float_path = refined.path if refined else prepared
-        correct = None
-        if config.bias_correction != BiasCorrection.OFF:
-            # Refined roundings against the weights before refinement: the refined model's float
-            # weights are its own quantized values, so measured against them every refined
-            # layer's shift is 0. QAT trains the biases with the weights, end to end: its layers
-            # are left as trained (measured against the trained model, their shift is 0).
-            correct = _BiasCorrector(float_path if config.qat is not None else prepared,
-                                     None if config.cle else loaded.model, loaded, calib_images, batch,
+        if config.bias_correction != BiasCorrection.OFF and config.qat is not None:
+            # QAT's layers are left as trained (measured against the trained model, their shift is 0)
+            correct = _BiasCorrector(float_path, None if config.cle else loaded.model, loaded, calib_images, batch,
                                      config.bias_correction)
         keep_8bit, mixed = set(), None
         if config.mixed:
@@ -237,12 +241,18 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
                 written["mixed"] = mixed
             if equalized is not None:
                 written["cle"] = equalized
+            # the trained simulation is of the file before bias correction, or after it where the
+            # correction was simulated while learning (refine.correct_inside)
+            inside = learned is not None and bool(learned.report.get("corrected_inside"))
+            if corrector is not None and inside:
+                with stages("bias correction"):
+                    written["bias_correction"] = corrector(path)
             if learned is not None:
                 written[label] = {"method": learned.report["method"], "layers": len(learned.weights)}
                 if learned.simulation is not None:  # learned in a simulation of this file: how closely it follows it
                     with stages(f"{label} check"):
                         written[label]["fidelity"] = _fidelity(learned, path, calib_images, loaded, label)
-            if corrector is not None:
+            if corrector is not None and not inside:
                 with stages("bias correction"):
                     written["bias_correction"] = corrector(path)
             return written
@@ -506,8 +516,8 @@ def _equalize(prepared: Path, out: Path) -> tuple[Path, dict]:
 
 class _BiasCorrector:
     """Subtracts each quantized layer's expected output shift (dsgonnx.quant.correct) in QDQ
-    models of one float model; E[x] is worked out once (the mixed-precision probe and the final
-    model share it). ``float_path``: the float model whose weights are the W of ΔW = Q(W) − W
+    models of one float model; E[x] is worked out once (the mixed-precision probe, the final
+    model and, with ``refine.correct_inside``, reconstruction share it). ``float_path``: the float model whose weights are the W of ΔW = Q(W) − W
     and whose activations give the empirical means — the one before reconstruction, the trained
     one after QAT. ``original`` (the model with BN) gives the analytic means; None after
     equalization, which rescales the channels the BN statistics describe (every mean is then
@@ -517,22 +527,28 @@ class _BiasCorrector:
                  batch: int, mode):
         self.float_path, self.original, self.loaded, self.images, self.batch, self.mode = (
             float_path, original, loaded, images, batch, mode)
-        self._means = None
+        self._means, self._layers = None, set()
 
     def __call__(self, qdq_path: Path) -> dict:
-        from .quant.correct import correct_biases, correctable_layers, input_means
+        from .quant.correct import correct_biases, correctable_layers
 
-        if self._means is None:
-            layers = correctable_layers(onnx.load(str(qdq_path)))
-            self._means = input_means(self.mode, self.original, self.float_path, layers, self.loaded.input.name,
-                                      self.images, self.batch)
-        means, sources = self._means
+        means = self.means(correctable_layers(onnx.load(str(qdq_path))))
         report = correct_biases(qdq_path, onnx.load(str(self.float_path)), means)
-        return {"mode": self.mode.value, **report, "means": sources}
+        return {"mode": self.mode.value, **report, "means": self._means[1]}
+
+    def means(self, layers: list[str]) -> dict:
+        """Layer -> E[x] for ``layers`` (worked out once; again, for all, if a layer is new)."""
+        from .quant.correct import input_means
+
+        if self._means is None or not set(layers) <= self._layers:
+            self._layers = set(layers) | (self._layers if self._means is not None else set())
+            self._means = input_means(self.mode, self.original, self.float_path, sorted(self._layers),
+                                      self.loaded.input.name, self.images, self.batch)
+        return {name: self._means[0][name] for name in layers if name in self._means[0]}
 
 
 def _refine(prepared: Path, out: Path, ranges, weights, activations, images, holdout, reduce_range, config: QuantConfig,
-            kept: set[str], loaded: LoadedModel, calib_info: dict):
+            kept: set[str], loaded: LoadedModel, calib_info: dict, corrector: Optional["_BiasCorrector"] = None):
     """Learn the weight rounding (``config.refine``) or train the model (``config.qat``) on the
     calibration images (dsgonnx.refine; imports torch) in the simulation of the QDQ model ORT
     writes for ``prepared`` (the ``kept`` tensors on the 8-bit grids); QAT may train on a
@@ -540,7 +556,7 @@ def _refine(prepared: Path, out: Path, ranges, weights, activations, images, hol
     from a reconstruction (``config.refine``, else brecq's defaults)."""
     from .quant.bits import resolve_bits
     from .quant.placement import placement_of
-    from .quant.qdq import excluded_nodes, weight_top
+    from .quant.qdq import excluded_nodes, quantized_weights, weight_top
     from .refine import refine_model
 
     prepared_model = onnx.load(str(prepared))
@@ -569,8 +585,12 @@ def _refine(prepared: Path, out: Path, ranges, weights, activations, images, hol
             start.release()
         return qat_model(prepared, out, placement, images, holdout, config=qat,
                          generator=_qat_generator(loaded, config, calib_info), start=start, **common)
+    # with refine.correct_inside: the means the written model's bias correction will use, for every
+    # layer the QDQ model quantizes
+    means = corrector.means([site.node.name for site in quantized_weights(prepared_model, exclude)
+                             if site.node.op_type in ("Conv", "Gemm")]) if corrector is not None else None
     return refine_model(prepared, out, placement, images, holdout, config=config.refine.resolved(config.plain_rounding()),
-                        **common)
+                        input_means=means, **common)
 
 
 def _round(prepared: Path, out: Path, weights, reduce_range: bool, config: QuantConfig, kept: set[str]):
@@ -626,7 +646,8 @@ FIDELITY_SAMPLES = 32
 
 def _fidelity(refined, qdq_path: Path, images: np.ndarray, loaded: LoadedModel, label: str = "refine") -> dict:
     """How closely the trained simulation's logits follow the QDQ model just written (before
-    bias correction) on up to 32 calibration images; the simulation is released after."""
+    bias correction; after it where the simulation held it, ``refine.correct_inside``) on up to
+    32 calibration images; the simulation is released after."""
     from .refine.simulate import fidelity
 
     fixed = loaded.input.fixed_batch

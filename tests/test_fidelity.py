@@ -132,16 +132,21 @@ def test_simulation_is_the_exported_qdq_model(case, bits):
     assert figures["sqnr_db"] >= noise_floor + 5, (figures, noise_floor)
 
 
+@pytest.mark.parametrize("inside", [False, True], ids=["exported", "corrected-inside"])
 @pytest.mark.parametrize("case", ["cifar10_resnet20", "efficientnet_lite0"], indirect=True)
-def test_refinement_trains_against_the_exported_model(case):
+def test_refinement_trains_against_the_exported_model(case, inside):
     """W4A4 with BRECQ (few iterations): the simulation refine trained follows the file it
-    wrote as closely as the plain simulation does (bias correction off: the file is what
-    refine exported)."""
+    wrote as closely as the plain simulation does — bias correction off (the file is what
+    refine exported), or on and simulated while learning (``refine.correct_inside``: the file
+    is the corrected one)."""
     out = case["folder"] / "refined.onnx"
     result = quantize(str(case["path"]), QuantConfig(
         wbits=4, abits=4, calib=case["calib"], num_samples=CALIB, holdout=0, validate=False, output=str(out),
-        force=True, bias_correction="off", refine=RefineConfig(method="brecq", iters=10, batch_size=8),
+        force=True, bias_correction="auto" if inside else "off",
+        refine=RefineConfig(method="brecq", iters=10, batch_size=8, correct_inside=inside),
         fallback=False))  # the file is the refined model, whichever follows the float model more closely
+    assert (result.refine["corrected_inside"] > 0) == inside
+    assert ("bias_correction" in result.decisions) == inside
     figures = result.decisions["refine"]["fidelity"]
     assert figures == result.refine["fidelity"] and figures["samples"] == CALIB
     name = onnx.load(str(out)).graph.output[0].name

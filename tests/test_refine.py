@@ -409,30 +409,21 @@ def _biases(path):
     return found
 
 
-def test_bias_correction_measures_refined_roundings_against_the_float_weights(setup):
-    """The refined layers' expected output shift ΔW·E[x] is taken against the weights before
-    refinement: the refined float model holds Q(W) itself, so against it every shift was 0 and
-    reconstruction lost bias correction (EfficientNet-Lite0 W6A6 DSG + refine 83.00 → 86.89)."""
+def _assert_corrected(setup, result, uncorrected_path, tag: str) -> None:
+    """Each refined Conv's bias in ``result``'s file is the one in ``uncorrected_path`` (the
+    same grids, bias correction off) less ΔW·E[x] for ``result``'s learned integers, E[x] over
+    the calibration images (to within one step of the int32 grid), on at least 5 layers."""
     from dsgonnx.quant.correct import empirical_means
-    from dsgonnx.quant.qdq import pre_process
 
-    folder = setup["folder"]
-    common = dict(wbits=4, abits=4, calib=str(setup["npz"]), num_samples=64, force=True, validate=False, seed=0,
-                  refine=RefineConfig(method="brecq", iters=50), fallback=False)  # the learned model is what is tested
-    off = quantize(str(setup["model"]), QuantConfig(output=str(folder / "bc-off.onnx"), bias_correction="off", **common))
-    on = quantize(str(setup["model"]), QuantConfig(output=str(folder / "bc-on.onnx"), bias_correction="empirical",
-                                                   **common))
-    for name, weight in off.refined_weights.items():  # the same learned integers with and without correction
-        np.testing.assert_array_equal(weight.integers, on.refined_weights[name].integers)
-    prepared_path = pre_process(setup["model"], folder / "prepared-bc.onnx")
+    prepared_path = pre_process(setup["model"], setup["folder"] / f"prepared-{tag}.onnx")
     prepared = onnx.load(str(prepared_path))
     floats = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in prepared.graph.initializer}
     convs = {node.name: node for node in prepared.graph.node if node.op_type == "Conv"}
-    before, after = _biases(off.output), _biases(on.output)
+    before, after = _biases(uncorrected_path), _biases(result.output)
     means = empirical_means(prepared_path, "input", setup["calib"], sorted(convs), 16)
     checked = 0
     for name, node in convs.items():
-        weight = on.refined_weights.get(node.input[1])
+        weight = result.refined_weights.get(node.input[1])
         if weight is None or name not in after:
             continue
         quantized = weight.integers * weight.scales.astype(np.float64).reshape(-1, 1, 1, 1)
@@ -443,3 +434,96 @@ def test_bias_correction_measures_refined_roundings_against_the_float_weights(se
         assert (np.abs(old - new - expected) <= step * 1.001 + 1e-9).all(), (name, old - new, expected, step)
         checked += 1
     assert checked >= 5
+
+
+def test_bias_correction_measures_refined_roundings_against_the_float_weights(setup):
+    """The refined layers' expected output shift ΔW·E[x] is taken against the weights before
+    refinement: the refined float model holds Q(W) itself, so against it every shift was 0 and
+    reconstruction lost bias correction (EfficientNet-Lite0 W6A6 DSG + refine 83.00 → 86.89)."""
+    folder = setup["folder"]
+    common = dict(wbits=4, abits=4, calib=str(setup["npz"]), num_samples=64, force=True, validate=False, seed=0,
+                  refine=RefineConfig(method="brecq", iters=50), fallback=False)  # the learned model is what is tested
+    off = quantize(str(setup["model"]), QuantConfig(output=str(folder / "bc-off.onnx"), bias_correction="off", **common))
+    on = quantize(str(setup["model"]), QuantConfig(output=str(folder / "bc-on.onnx"), bias_correction="empirical",
+                                                   **common))
+    for name, weight in off.refined_weights.items():  # the same learned integers with and without correction
+        np.testing.assert_array_equal(weight.integers, on.refined_weights[name].integers)
+    _assert_corrected(setup, on, off.output, "bc")
+
+
+def test_correct_for_gives_the_shift_bias_correction_subtracts_and_learns_through_it():
+    """QuantLayer.correct_for: ΔW·E[x] per output channel as dsgonnx.quant.correct computes it
+    (grouped and depthwise Conv, Linear), taken from the bias on ORT's int32 grid as bias
+    correction rewrites it, and in soft mode a function of the soft rounding (its gradient
+    reaches the rounding variables, which the plain bias never does)."""
+    import torch
+    from torch import nn
+
+    from dsgonnx.quant.correct import conv_shift
+    from dsgonnx.refine.quantizers import ActQuant, QuantLayer, weight_scales
+
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    for layer, groups in ((nn.Conv2d(6, 8, 3), 1), (nn.Conv2d(8, 8, 3, groups=4), 4), (nn.Conv2d(8, 8, 3, groups=8), 8),
+                          (nn.Linear(5, 3), None)):
+        q = QuantLayer(layer, weight_scales(layer.weight, 7, 0), 7, 0)
+        mean = rng.normal(size=layer.weight.shape[1] * (groups or 1))
+        q.mode = "nearest"
+        assert q.mean_shift() is None  # nothing to correct before correct_for
+        q.correct_for(mean)
+        delta = (q.quantized_weight() - layer.weight).detach().double().numpy()
+        expected = conv_shift(delta, mean, groups) if groups else delta @ mean
+        assert np.abs(expected).max() > 1e-3
+        np.testing.assert_allclose(q.mean_shift().detach().numpy(), expected, rtol=1e-6, atol=1e-9)
+        # on the int32 grid of the input's step times the weight's: b's integers less the shift's
+        q.quantize_bias_on(ActQuant(0.05, 0, 0, 255))
+        step = (0.05 * q.scale.reshape(-1)).double().numpy()
+        written = (np.round(layer.bias.detach().double().numpy() / step) - np.round(expected / step)) * step
+        np.testing.assert_allclose(q.quantized_bias().detach().double().numpy(), written, rtol=1e-6)
+        with pytest.raises(ValueError, match="input mean of 3 channels"):
+            q.correct_for(np.zeros(3))
+        q.init_rounding()
+        q.mode = "soft"
+        q.quantized_bias().sum().backward()
+        assert q.alpha.grad is not None and q.alpha.grad.abs().sum() > 0
+        q.mode = "fp"  # the float layer: nothing to correct
+        assert q.mean_shift() is None
+
+
+def test_correction_inside_the_reconstruction_is_the_correction_written(setup):
+    """refine.correct_inside: every refined layer learns with its bias as bias correction writes
+    it, so the trained simulation follows the corrected file (the fidelity check, after the
+    correction), the file holds b − ΔW·E[x] for the integers learned that way, and what is learned
+    differs from reconstruction without the correction in the loop."""
+    folder = setup["folder"]
+    common = dict(wbits=4, abits=4, calib=str(setup["npz"]), num_samples=64, force=True, validate=False, seed=0,
+                  bias_correction="empirical", fallback=False)  # the learned model is what is tested
+    # the biases before correction (int32 on the input's step times the weight's, which learning leaves)
+    off = quantize(str(setup["model"]), QuantConfig(output=str(folder / "in-off.onnx"),
+                                                    **{**common, "bias_correction": "off"},
+                                                    refine=RefineConfig(method="brecq", iters=50)))
+    after = quantize(str(setup["model"]), QuantConfig(output=str(folder / "in-after.onnx"), **common,
+                                                      refine=RefineConfig(method="brecq", iters=50)))
+    inside = quantize(str(setup["model"]), QuantConfig(output=str(folder / "in-inside.onnx"), **common,
+                                                       refine=RefineConfig(method="brecq", iters=50, correct_inside=True)))
+    refined = inside.refine["refined_layers"]
+    assert inside.refine["corrected_inside"] == len(refined) >= 5 and after.refine["corrected_inside"] == 0
+    assert inside.refine["config"]["correct_inside"] is True
+    fidelity = inside.decisions["refine"]["fidelity"]
+    assert fidelity["agreement"] >= 0.9 and fidelity["sqnr_db"] >= 30, fidelity
+    assert any(not np.array_equal(w.integers, after.refined_weights[name].integers)
+               for name, w in inside.refined_weights.items())
+
+    _assert_corrected(setup, inside, off.output, "in")
+
+
+def test_correction_inside_needs_bias_correction_and_no_qat(setup):
+    with pytest.raises(DataError, match="`refine.correct_inside` simulates the bias correction"):
+        QuantConfig(bias_correction="off", refine=RefineConfig(correct_inside=True))
+    with pytest.raises(DataError, match="must be true or false"):
+        RefineConfig(correct_inside="yes")
+    bad = CliRunner().invoke(cli, ["quantize", str(setup["model"]), "-o", str(setup["folder"] / "bad.onnx"),
+                                   "--calib", "gaussian", "--bias-correction", "off", "--refine", "brecq",
+                                   "--refine-correct-inside"])
+    assert bad.exit_code == 2 and "it needs --bias-correction (not off)" in bad.stderr, bad.stderr
+    assert len(bad.stderr.strip().splitlines()) == 1 and not (setup["folder"] / "bad.onnx").exists()

@@ -42,7 +42,8 @@ _SYNTH_FLAGS = {"lr": "lr", "slack_reading": "slack_reading", "low_res": "low_re
                 "alignment": "alignment", "ce_weight": "ce_weight"}
 _REFINE_FLAGS = {"refine_iters": "iters", "refine_lr": "lr", "refine_reg": "reg_weight", "refine_drop": "drop_prob",
                  "refine_batch_size": "batch_size", "refine_act_lr": "act_lr", "refine_start": "start",
-                 "refine_views": "views", "refine_input_drop": "input_drop"}
+                 "refine_views": "views", "refine_input_drop": "input_drop",
+                 "refine_correct_inside": "correct_inside"}
 _QAT_FLAGS = {"qat_iters": "iters", "qat_lr": "lr", "qat_batch_size": "batch_size", "qat_act_lr": "act_lr",
               "qat_weight_step_lr": "weight_step_lr", "qat_time_budget": "time_budget", "qat_checkpoint": "checkpoint",
               "qat_augment": "augment", "qat_data": "data", "qat_generator_loss": "generator_loss",
@@ -103,6 +104,10 @@ def _given(values: dict, fields: dict) -> dict:
 @click.option("--refine-views", type=int,
               help="Reconstruct on each calibration image and N-1 flipped and shifted views of it [default: 1, "
                    "the images alone].")
+@click.option("--refine-correct-inside/--refine-correct-after", default=None,
+              help="Simulate the bias correction quantize writes (b - dW.E[x]) while reconstructing, so the "
+                   "rounding is learned for the corrected model, or apply it to the written model only "
+                   "[default: after; see README, 'Bias correction inside the reconstruction'].")
 @click.option("--refine-start", type=click.Choice(["auto", "nearest", "squant"]),
               help="The rounding each layer/block's learning starts from: nearest (AdaRound's), SQuant's data-free "
                    "flips of it on the layer's own grid, or auto: what quantize writes without --refine (SQuant's at "

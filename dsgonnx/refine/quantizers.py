@@ -5,7 +5,10 @@ symmetrically on a B-bit grid ``s·q``, ``q ∈ [-top, top]``, with ``q = ⌊w/s
 ``h`` is AdaRound's rectified sigmoid of a learned ``V`` while training ("soft") and
 ``1[V ≥ 0]`` once decided ("hard"). ``s`` is fixed before training (per output channel,
 the clipping ratio that minimises ‖w − s·round(w/s)‖²). Its bias is held, as ONNX Runtime
-exports it, as int32 on the grid of the input's scale times ``s``. Activations are quantized apart
+exports it, as int32 on the grid of the input's scale times ``s`` — less, after
+:meth:`QuantLayer.correct_for`, the shift ΔW·E[x] that quantize's bias correction will subtract
+(:mod:`dsgonnx.quant.correct`), so that the learned rounding is the one of the corrected model
+written. Activations are quantized apart
 from the layers, by an :class:`ActQuant` on every tensor the exported model quantizes
 (:mod:`.simulate`).
 """
@@ -147,6 +150,7 @@ class QuantLayer(nn.Module):
         self.alpha: Optional[nn.Parameter] = None
         self.log_scale: Optional[nn.Parameter] = None  # the learned step (log), mode "train" only
         self._input: tuple = ()  # the ActQuant of the input (not a submodule: it lives in the graph)
+        self.register_buffer("input_mean", None)  # E[x] of each output channel's inputs (correct_for), float64
 
     def learn_scale(self) -> nn.Parameter:
         """Make the weight step learnable (as its log, so Adam's steps are relative)."""
@@ -168,11 +172,52 @@ class QuantLayer(nn.Module):
         """Hold the bias as ORT exports it for an input quantized by ``input_quant``."""
         self._input = (input_quant,)
 
-    def quantized_bias(self) -> Optional[torch.Tensor]:
+    def correct_for(self, mean: np.ndarray) -> None:
+        """Subtract ΔW·E[x] from the bias in the rounding modes (``mean``: E[x] per input
+        channel), as bias correction does to the written model (:func:`~dsgonnx.quant.correct.correct_biases`:
+        ΔW = Q(W) − W against this layer's float weight); in ``soft`` mode the shift follows the
+        soft rounding, so reconstruction learns the rounding of the corrected layer."""
+        weight = self.inner.weight
+        mean = torch.as_tensor(np.asarray(mean, dtype=np.float64))
+        if isinstance(self.inner, nn.Linear):
+            if mean.numel() != weight.shape[1]:
+                raise ValueError(f"input mean of {mean.numel()} channels for a Linear of {weight.shape[1]} inputs")
+            rows = mean.reshape(1, -1).expand(weight.shape[0], -1)
+        else:  # each group of output channels reads its own input channels
+            groups, per_group = self.inner.groups, weight.shape[1]
+            if mean.numel() != groups * per_group:
+                raise ValueError(f"input mean of {mean.numel()} channels for a Conv of {groups * per_group} inputs")
+            rows = mean.reshape(groups, per_group)[torch.arange(weight.shape[0]) // (weight.shape[0] // groups)]
+        self.input_mean = rows.to(device=weight.device, dtype=torch.float64)
+
+    def mean_shift(self, weight: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """ΔW·E[x] per output channel in the current rounding mode (``weight``: Q(W) if already
+        computed; None: no mean set, or a mode without a correction: ``fp``, ``train``)."""
+        if self.input_mean is None or self.mode not in ("nearest", "soft", "hard"):
+            return None
+        delta = (self.quantized_weight() if weight is None else weight) - self.inner.weight.detach()
+        spatial = delta.reshape(delta.shape[0], delta.shape[1], -1).sum(2) if delta.dim() > 2 else delta
+        return (spatial.double() * self.input_mean).sum(1)
+
+    def quantized_bias(self, weight: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """The bias on ORT's int32 grid: round(b / (input scale·s)), with the scale product in
         float32 and the division in float64 as ORT computes them; the float bias without an
-        input grid."""
+        input grid. After :meth:`correct_for`, b − ΔW·E[x] as bias correction writes it: the
+        shift in steps rounded (straight through, so the soft rounding learns through it) and
+        taken from b's integers; a layer without a bias gets a float one, as bias correction
+        adds."""
         bias = self.inner.bias
+        shift = self.mean_shift(weight)
+        if shift is not None:
+            if bias is None or not self._input:
+                corrected = -shift if bias is None else bias.detach().double() - shift
+                return corrected.to(self.inner.weight.dtype)
+            scale = (self._input[0].step().detach().to(bias.device) * self.scale.detach().reshape(-1).float()).double()
+            info = torch.iinfo(torch.int32)
+            # as the written model gets it: ORT's integers of b, less the shift in steps, rounded
+            # (bias correction rewrites the int32 bias; one rounding of b − shift differs by a step)
+            integers = torch.round(bias.detach().double() / scale) - round_ste(shift / scale)
+            return (integers.clamp(info.min, info.max).float() * scale.float()).to(bias.dtype)
         if bias is None or not self._input:
             return bias
         if self.mode == "train":  # rounded straight through: the bias and both steps learn
@@ -247,7 +292,7 @@ class QuantLayer(nn.Module):
         if self.mode == "fp":
             return self.inner(x)
         weight = self.quantized_weight()
-        bias = self.quantized_bias()
+        bias = self.quantized_bias(weight)
         if isinstance(self.inner, nn.Linear):
             return F.linear(x, weight, bias)
         return self.inner._conv_forward(x, weight, bias)

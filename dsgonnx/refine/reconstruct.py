@@ -162,15 +162,18 @@ def _beta(step: int, total: int, config: RefineConfig) -> Optional[float]:
 def refine_model(model_path: Path, output_path: Path, placement: Placement, images: np.ndarray,
                  eval_images: Optional[np.ndarray], *, exclude: set[str], per_channel: bool, weight_top: int,
                  config: RefineConfig, device: str = "auto", seed: int = 0,
-                 weight_tops: Optional[dict] = None) -> RefineResult:
+                 weight_tops: Optional[dict] = None, input_means: Optional[dict] = None) -> RefineResult:
     """Learn the weight rounding of ``model_path`` (an fp32 ONNX model ORT will quantize).
 
     ``placement``: what the QDQ model of ``model_path`` quantizes, read from one ORT wrote
     (:func:`dsgonnx.quant.placement.read_placement`); its activations are simulated on their
     grids. ``weight_tops``: weight name -> largest integer, for weights on another grid than
     ``weight_top``'s (the first layer at 8 bits). ``eval_images`` (else the calibration
-    images) measure each unit's reconstruction loss before and after. Writes the refined
-    model to ``output_path``.
+    images) measure each unit's reconstruction loss before and after. ``input_means``: layer
+    (ONNX node name) -> E[x] per input channel, the means bias correction will use; with
+    ``config.correct_inside`` each refined layer that has one is simulated corrected
+    (:meth:`QuantLayer.correct_for`). Writes the refined model to ``output_path`` (its biases as
+    they were: the correction is applied to the QDQ model, as without ``correct_inside``).
     """
     if config.start not in ("nearest", "squant"):
         raise ValueError(f"refine_model starts from nearest or squant rounding, got {config.start!r} "
@@ -192,6 +195,12 @@ def refine_model(model_path: Path, output_path: Path, placement: Placement, imag
         if layer.input_name in quantizers:  # ORT quantizes the bias on the input's scale times the weight's
             layer.module.quantize_bias_on(quantizers[layer.input_name])
     learned = _learn_steps(quantizers, placement) if config.act_lr > 0 else {}
+    if config.correct_inside and input_means is None:
+        raise ValueError("refine_model: `correct_inside` needs the layers' input means (input_means)")
+    corrected = [layer.onnx_name for layer in layers if config.correct_inside and layer.onnx_name in input_means]
+    for layer in layers:
+        if layer.onnx_name in corrected:
+            layer.module.correct_for(input_means[layer.onnx_name])
     module = torch_model.module.to(torch_device).float().eval()
     op_types = {torch_model.module_names[n.name]: n.op_type for n in onnx_model.graph.node if n.name in torch_model.module_names}
     by_node = {layer.fx_node: layer for layer in layers}
@@ -251,6 +260,7 @@ def refine_model(model_path: Path, output_path: Path, placement: Placement, imag
               "loss_measured_on": "held-out samples" if held is not None else "the calibration samples",
               "held_out_samples": len(rows) - run.n_train if held is not None else 0,
               "refined_layers": [layer.onnx_name for layer in layers], "skipped_layers": skipped,
+              "corrected_inside": len(corrected),
               "simulated_activations": len(quantizers), "unsimulated": unsimulated,
               "learned_activation_steps": {name: {"calibrated": quantizers[name].scale, "learned": scale}
                                            for name, (scale, _) in activations.items()},
