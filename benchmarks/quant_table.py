@@ -54,6 +54,7 @@ VARIANTS = {
     "it2000": {},  # with +refine: 2000 iterations per block (quantize --refine-iters 2000)
     "qdropin": {},  # with +refine: QDrop's mixing of each block's input with the float one (quantize --refine-input-drop 0.5)
     "noqdropin": {},  # with +refine: the quantized prefix's input alone (--refine-input-drop 0; the default before 9dc8c4a)
+    "inside": {},  # with +refine: the bias correction simulated while reconstructing (--refine-correct-inside)
     "squant": {"rounding": "squant"},  # SQuant's data-free flips instead of nearest rounding
     "nearest": {"rounding": "nearest"},  # nearest rounding where the default (auto) is SQuant's (4 bits or fewer)
     "nofallback": {"fallback": False},  # with +refine/+qat*: the learned model even where plain rounding is closer
@@ -192,7 +193,8 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
                     raise SystemExit(f"row {row!r}: +views4 adds views to reconstruction's images; add +refine")
                 refine_settings["views"] = 4
             for variant, setting, value in (("it500", "iters", 500), ("it2000", "iters", 2000),
-                                            ("qdropin", "input_drop", 0.5), ("noqdropin", "input_drop", 0.0)):
+                                            ("qdropin", "input_drop", 0.5), ("noqdropin", "input_drop", 0.0),
+                                            ("inside", "correct_inside", True)):
                 if variant in variants:
                     if not refine_method:
                         raise SystemExit(f"row {row!r}: +{variant} sets how reconstruction learns; add +refine")

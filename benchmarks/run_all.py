@@ -336,7 +336,8 @@ def main(argv=None) -> int:
                      "and 2000 iterations per block whatever the profile's (`--refine-iters 500`, `2000`), rows "
                      "`…+qdropin` mix each block's input with the float model's (`--refine-input-drop 0.5`, the default since "
                      "commit 9dc8c4a; the other rows were measured before it, without the mixing), rows `…+noqdropin` "
-                     "do not (`--refine-input-drop 0`).", ""]
+                     "do not (`--refine-input-drop 0`), rows `…+inside` simulate the bias correction while "
+                     "reconstructing (`--refine-correct-inside`).", ""]
                     if (refined := [json.dumps({k: v for k, v in r["refine"].items() if k != "start"})
                                     for r in results["rows"].values() if r.get("refine")]) else []),
                   *([f"Rows `…+qat`, `…+qatgen`, `…+qatgdfq`: calibrated on the same images, then quantization-aware "
