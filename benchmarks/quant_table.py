@@ -55,6 +55,7 @@ VARIANTS = {
     "qdropin": {},  # with +refine: QDrop's mixing of each block's input with the float one (quantize --refine-input-drop 0.5)
     "noqdropin": {},  # with +refine: the quantized prefix's input alone (--refine-input-drop 0; the default before 9dc8c4a)
     "inside": {},  # with +refine: the bias correction simulated while reconstructing (--refine-correct-inside)
+    "after": {},  # with +refine: the bias correction applied after reconstruction only (--refine-correct-after)
     "squant": {"rounding": "squant"},  # SQuant's data-free flips instead of nearest rounding
     "nearest": {"rounding": "nearest"},  # nearest rounding where the default (auto) is SQuant's (4 bits or fewer)
     "nofallback": {"fallback": False},  # with +refine/+qat*: the learned model even where plain rounding is closer
@@ -194,7 +195,7 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
                 refine_settings["views"] = 4
             for variant, setting, value in (("it500", "iters", 500), ("it2000", "iters", 2000),
                                             ("qdropin", "input_drop", 0.5), ("noqdropin", "input_drop", 0.0),
-                                            ("inside", "correct_inside", True)):
+                                            ("inside", "correct_inside", True), ("after", "correct_inside", False)):
                 if variant in variants:
                     if not refine_method:
                         raise SystemExit(f"row {row!r}: +{variant} sets how reconstruction learns; add +refine")

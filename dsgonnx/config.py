@@ -400,8 +400,11 @@ class RefineConfig:
     bias is simulated as bias correction will write it, b − ΔW·E[x] (``QuantConfig.bias_correction``'s
     means, ΔW following the soft rounding while it learns), so reconstruction learns the
     rounding of the corrected model and each block learns on the corrected blocks before it;
-    False (the default): the correction is applied to the written model only, after
-    reconstruction learned without it (README, 'Bias correction inside the reconstruction').
+    False: the correction is applied to the written model only, after reconstruction learned
+    without it; None (the default): True wherever quantize corrects biases (not with
+    ``bias_correction`` off, nor in the reconstruction QAT starts from) — measured in README,
+    'Bias correction inside the reconstruction'. :func:`refine_model` needs it resolved
+    (:meth:`resolved`).
     Measured on the benchmark's W4A4 rows (README, 'Where reconstruction starts'):
     SQuant's start is ahead or level on EfficientNet-Lite0 with every source (+6.55 with real
     images, level with DSG's, +2.78 BN-folded), level on MobileNet v1 0.75, within
@@ -425,11 +428,11 @@ class RefineConfig:
     start: str = "auto"
     views: int = 1
     input_drop: Optional[float] = None
-    correct_inside: bool = False
+    correct_inside: Optional[bool] = None
 
     def __post_init__(self):
         object.__setattr__(self, "method", RefineMethod.parse(self.method, "refine"))
-        _require(isinstance(self.correct_inside, bool),
+        _require(self.correct_inside is None or isinstance(self.correct_inside, bool),
                  f"`refine.correct_inside` must be true or false, got {self.correct_inside!r}")
         _require(self.input_drop is None or (_is_number(self.input_drop) and 0 <= self.input_drop < 1),
                  f"`refine.input_drop` (probability of a unit input's element being the float model's) must be in "
@@ -469,10 +472,13 @@ class RefineConfig:
         iters = self.iters if self.iters is not None else device_defaults(device_type).refine_iters
         return replace(self, iters=iters, drop_prob=self.dropping, input_drop=self.input_dropping)
 
-    def resolved(self, plain: "Rounding") -> "RefineConfig":
+    def resolved(self, plain: "Rounding", corrected: bool = False) -> "RefineConfig":
         """This config with ``start`` ``auto`` made the rounding ``plain`` (what quantize writes
-        without reconstruction, :meth:`QuantConfig.plain_rounding`)."""
-        return self if self.start != "auto" else replace(self, start=_start_from(plain))
+        without reconstruction, :meth:`QuantConfig.plain_rounding`) and ``correct_inside`` None
+        made ``corrected`` (whether quantize corrects the biases of the model reconstructed)."""
+        start = _start_from(plain) if self.start == "auto" else self.start
+        inside = corrected if self.correct_inside is None else self.correct_inside
+        return replace(self, start=start, correct_inside=inside)
 
     def to_dict(self) -> dict:
         return _to_dict(self) | {"drop_prob": self.dropping, "input_drop": self.input_dropping}
@@ -788,7 +794,7 @@ class QuantConfig:
         _require(self.qat is None or self.refine is None or self.qat.start == "refine",
                  "`qat` and `refine` are two ways to learn the quantized model; choose one (or train from the "
                  "reconstruction's result: `qat.start` 'refine', `refine` its settings)")
-        _require(self.refine is None or not self.refine.correct_inside or (
+        _require(self.refine is None or self.refine.correct_inside is not True or (
                  self.bias_correction != BiasCorrection.OFF and self.qat is None),
                  "`refine.correct_inside` simulates the bias correction quantize writes: it needs `bias_correction` "
                  "(not off) and no `qat` (QAT trains the biases itself)")

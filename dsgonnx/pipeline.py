@@ -208,7 +208,8 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
                 # (under torchrun a rank that fails in training exits: torchrun then stops the others)
                 refined = _refine(prepared, Path(scratch) / "refined.onnx", ranges, weights, activations, calib_images,
                                   holdout, reduce_range, config, first, loaded, calib_info,
-                                  correct if config.refine is not None and config.refine.correct_inside else None)
+                                  correct if config.refine is not None and config.refine.correct_inside is not False
+                                  else None)
             if not distributed.is_writer():
                 say(f"quantize: rank {distributed.world().rank} trained on its share of each batch; "
                     "rank 0 writes the model")
@@ -517,9 +518,9 @@ def _equalize(prepared: Path, out: Path) -> tuple[Path, dict]:
 class _BiasCorrector:
     """Subtracts each quantized layer's expected output shift (dsgonnx.quant.correct) in QDQ
     models of one float model; E[x] is worked out once (the mixed-precision probe, the final
-    model and, with ``refine.correct_inside``, reconstruction share it). ``float_path``: the float model whose weights are the W of ΔW = Q(W) − W
-    and whose activations give the empirical means — the one before reconstruction, the trained
-    one after QAT. ``original`` (the model with BN) gives the analytic means; None after
+    model and, with ``refine.correct_inside``, reconstruction share it). ``float_path``: the
+    float model whose weights are the W of ΔW = Q(W) − W and whose activations give the
+    empirical means — the one before reconstruction, the trained one after QAT. ``original`` (the model with BN) gives the analytic means; None after
     equalization, which rescales the channels the BN statistics describe (every mean is then
     measured)."""
 
@@ -581,16 +582,18 @@ def _refine(prepared: Path, out: Path, ranges, weights, activations, images, hol
         start = None
         if qat.start == "refine":  # reconstruct first, on the same images and grids; train from its result
             start = refine_model(prepared, out.with_name(f"start-{out.name}"), placement, images, holdout,
-                                 config=(config.refine or RefineConfig()).resolved(config.plain_rounding()), **common)
+                                 config=(config.refine or RefineConfig()).resolved(config.plain_rounding(), False),
+                                 **common)
             start.release()
         return qat_model(prepared, out, placement, images, holdout, config=qat,
                          generator=_qat_generator(loaded, config, calib_info), start=start, **common)
-    # with refine.correct_inside: the means the written model's bias correction will use, for every
-    # layer the QDQ model quantizes
+    # with refine.correct_inside (``corrector`` given): the means the written model's bias correction
+    # will use, for every layer the QDQ model quantizes
     means = corrector.means([site.node.name for site in quantized_weights(prepared_model, exclude)
                              if site.node.op_type in ("Conv", "Gemm")]) if corrector is not None else None
-    return refine_model(prepared, out, placement, images, holdout, config=config.refine.resolved(config.plain_rounding()),
-                        input_means=means, **common)
+    return refine_model(prepared, out, placement, images, holdout,
+                        config=config.refine.resolved(config.plain_rounding(), means is not None), input_means=means,
+                        **common)
 
 
 def _round(prepared: Path, out: Path, weights, reduce_range: bool, config: QuantConfig, kept: set[str]):

@@ -442,7 +442,8 @@ def test_bias_correction_measures_refined_roundings_against_the_float_weights(se
     reconstruction lost bias correction (EfficientNet-Lite0 W6A6 DSG + refine 83.00 → 86.89)."""
     folder = setup["folder"]
     common = dict(wbits=4, abits=4, calib=str(setup["npz"]), num_samples=64, force=True, validate=False, seed=0,
-                  refine=RefineConfig(method="brecq", iters=50), fallback=False)  # the learned model is what is tested
+                  refine=RefineConfig(method="brecq", iters=50, correct_inside=False),  # corrected after learning
+                  fallback=False)  # the learned model is what is tested
     off = quantize(str(setup["model"]), QuantConfig(output=str(folder / "bc-off.onnx"), bias_correction="off", **common))
     on = quantize(str(setup["model"]), QuantConfig(output=str(folder / "bc-on.onnx"), bias_correction="empirical",
                                                    **common))
@@ -503,12 +504,13 @@ def test_correction_inside_the_reconstruction_is_the_correction_written(setup):
                                                     **{**common, "bias_correction": "off"},
                                                     refine=RefineConfig(method="brecq", iters=50)))
     after = quantize(str(setup["model"]), QuantConfig(output=str(folder / "in-after.onnx"), **common,
-                                                      refine=RefineConfig(method="brecq", iters=50)))
+                                                      refine=RefineConfig(method="brecq", iters=50, correct_inside=False)))
     inside = quantize(str(setup["model"]), QuantConfig(output=str(folder / "in-inside.onnx"), **common,
-                                                       refine=RefineConfig(method="brecq", iters=50, correct_inside=True)))
+                                                       refine=RefineConfig(method="brecq", iters=50)))  # the default
     refined = inside.refine["refined_layers"]
     assert inside.refine["corrected_inside"] == len(refined) >= 5 and after.refine["corrected_inside"] == 0
-    assert inside.refine["config"]["correct_inside"] is True
+    assert inside.refine["config"]["correct_inside"] is True and after.refine["config"]["correct_inside"] is False
+    assert off.refine["config"]["correct_inside"] is False and off.refine["corrected_inside"] == 0  # nothing to simulate
     fidelity = inside.decisions["refine"]["fidelity"]
     assert fidelity["agreement"] >= 0.9 and fidelity["sqnr_db"] >= 30, fidelity
     assert any(not np.array_equal(w.integers, after.refined_weights[name].integers)

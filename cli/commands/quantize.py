@@ -107,7 +107,8 @@ def _given(values: dict, fields: dict) -> dict:
 @click.option("--refine-correct-inside/--refine-correct-after", default=None,
               help="Simulate the bias correction quantize writes (b - dW.E[x]) while reconstructing, so the "
                    "rounding is learned for the corrected model, or apply it to the written model only "
-                   "[default: after; see README, 'Bias correction inside the reconstruction'].")
+                   "[default: inside wherever biases are corrected; see README, 'Bias correction inside the "
+                   "reconstruction'].")
 @click.option("--refine-start", type=click.Choice(["auto", "nearest", "squant"]),
               help="The rounding each layer/block's learning starts from: nearest (AdaRound's), SQuant's data-free "
                    "flips of it on the layer's own grid, or auto: what quantize writes without --refine (SQuant's at "

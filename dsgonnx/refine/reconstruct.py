@@ -195,9 +195,10 @@ def refine_model(model_path: Path, output_path: Path, placement: Placement, imag
         if layer.input_name in quantizers:  # ORT quantizes the bias on the input's scale times the weight's
             layer.module.quantize_bias_on(quantizers[layer.input_name])
     learned = _learn_steps(quantizers, placement) if config.act_lr > 0 else {}
-    if config.correct_inside and input_means is None:
+    inside = bool(config.correct_inside)  # None (unresolved): as quantize resolves it without bias correction
+    if inside and input_means is None:
         raise ValueError("refine_model: `correct_inside` needs the layers' input means (input_means)")
-    corrected = [layer.onnx_name for layer in layers if config.correct_inside and layer.onnx_name in input_means]
+    corrected = [layer.onnx_name for layer in layers if inside and layer.onnx_name in input_means]
     for layer in layers:
         if layer.onnx_name in corrected:
             layer.module.correct_for(input_means[layer.onnx_name])
