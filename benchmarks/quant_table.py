@@ -56,6 +56,8 @@ VARIANTS = {
     "noqdropin": {},  # with +refine: the quantized prefix's input alone (--refine-input-drop 0; the default before 9dc8c4a)
     "inside": {},  # with +refine: the bias correction simulated while reconstructing (--refine-correct-inside)
     "after": {},  # with +refine: the bias correction applied after reconstruction only (--refine-correct-after)
+    "inwritten": {},  # with +refine: the simulated correction with the written means (--refine-inside-means written)
+    "incalib": {},  # with +refine: ... with the calibration images' means (--refine-inside-means calibration)
     "squant": {"rounding": "squant"},  # SQuant's data-free flips instead of nearest rounding
     "nearest": {"rounding": "nearest"},  # nearest rounding where the default (auto) is SQuant's (4 bits or fewer)
     "nofallback": {"fallback": False},  # with +refine/+qat*: the learned model even where plain rounding is closer
@@ -195,7 +197,9 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
                 refine_settings["views"] = 4
             for variant, setting, value in (("it500", "iters", 500), ("it2000", "iters", 2000),
                                             ("qdropin", "input_drop", 0.5), ("noqdropin", "input_drop", 0.0),
-                                            ("inside", "correct_inside", True), ("after", "correct_inside", False)):
+                                            ("inside", "correct_inside", True), ("after", "correct_inside", False),
+                                            ("inwritten", "inside_means", "written"),
+                                            ("incalib", "inside_means", "calibration")):
                 if variant in variants:
                     if not refine_method:
                         raise SystemExit(f"row {row!r}: +{variant} sets how reconstruction learns; add +refine")

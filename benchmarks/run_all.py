@@ -337,9 +337,12 @@ def main(argv=None) -> int:
                      "`…+qdropin` mix each block's input with the float model's (`--refine-input-drop 0.5`, the default since "
                      "commit 9dc8c4a; the other rows were measured before it, without the mixing), rows `…+noqdropin` "
                      "do not (`--refine-input-drop 0`), rows `…+inside` simulate the bias correction while "
-                     "reconstructing (`--refine-correct-inside`, the default since commit COMMIT_INSIDE; the "
+                     "reconstructing (`--refine-correct-inside`, the default since commit 13b536d; the "
                      "other rows were measured before it, correcting after reconstruction), rows `…+after` "
-                     "correct after it only (`--refine-correct-after`).", ""]
+                     "correct after it only (`--refine-correct-after`); rows `…+inwritten` and `…+incalib` simulate "
+                     "it with the written correction's means or the calibration images' (`--refine-inside-means`; "
+                     "the default `auto` takes the calibration images' with synthetic images since commit "
+                     "COMMIT_MEANS, the written ones with real images).", ""]
                     if (refined := [json.dumps({k: v for k, v in r["refine"].items() if k != "start"})
                                     for r in results["rows"].values() if r.get("refine")]) else []),
                   *([f"Rows `…+qat`, `…+qatgen`, `…+qatgdfq`: calibrated on the same images, then quantization-aware "

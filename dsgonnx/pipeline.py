@@ -587,13 +587,15 @@ def _refine(prepared: Path, out: Path, ranges, weights, activations, images, hol
             start.release()
         return qat_model(prepared, out, placement, images, holdout, config=qat,
                          generator=_qat_generator(loaded, config, calib_info), start=start, **common)
-    # with refine.correct_inside (``corrector`` given): the means the written model's bias correction
-    # will use, for every layer the QDQ model quantizes
-    means = corrector.means([site.node.name for site in quantized_weights(prepared_model, exclude)
-                             if site.node.op_type in ("Conv", "Gemm")]) if corrector is not None else None
-    return refine_model(prepared, out, placement, images, holdout,
-                        config=config.refine.resolved(config.plain_rounding(), means is not None), input_means=means,
-                        **common)
+    refine = config.refine.resolved(config.plain_rounding(), corrector is not None, calib_info.get("method") != "real")
+    means = None
+    if refine.correct_inside:  # the means of the simulated correction, for every layer the QDQ model quantizes
+        layers = [site.node.name for site in quantized_weights(prepared_model, exclude)
+                  if site.node.op_type in ("Conv", "Gemm")]
+        if refine.inside_means == "calibration":  # each layer's input mean over the calibration images
+            corrector = _BiasCorrector(prepared, None, loaded, images, corrector.batch, BiasCorrection.EMPIRICAL)
+        means = corrector.means(layers)
+    return refine_model(prepared, out, placement, images, holdout, config=refine, input_means=means, **common)
 
 
 def _round(prepared: Path, out: Path, weights, reduce_range: bool, config: QuantConfig, kept: set[str]):

@@ -529,3 +529,47 @@ def test_correction_inside_needs_bias_correction_and_no_qat(setup):
                                    "--refine-correct-inside"])
     assert bad.exit_code == 2 and "it needs --bias-correction (not off)" in bad.stderr, bad.stderr
     assert len(bad.stderr.strip().splitlines()) == 1 and not (setup["folder"] / "bad.onnx").exists()
+
+
+def test_inside_means_are_the_calibration_images_own_with_synthetic_images(setup, monkeypatch):
+    """refine.inside_means: ``auto`` with synthetic calibration images simulates the correction
+    with every layer's input mean over those images (``calibration``), while the file is
+    corrected with the written means (here from the BN statistics); ``written`` simulates those."""
+    import dsgonnx.refine as refine_package
+    from dsgonnx.quant.correct import empirical_means
+
+    seen = {}
+    real_refine = refine_package.refine_model
+
+    def spy(*args, **kwargs):
+        seen["means"], seen["config"] = kwargs["input_means"], kwargs["config"]
+        return real_refine(*args, **kwargs)
+
+    monkeypatch.setattr(refine_package, "refine_model", spy)
+    folder = setup["folder"]
+    prepared_path = pre_process(setup["model"], folder / "prepared-means.onnx")
+    convs = sorted(n.name for n in onnx.load(str(prepared_path)).graph.node if n.op_type == "Conv")
+    measured = empirical_means(prepared_path, "input", setup["calib"], convs, 16)
+    from dsgonnx.artifacts import SyntheticSet
+
+    synthetic = SyntheticSet(setup["calib"], {"method": "dsg"})
+    common = dict(wbits=4, abits=4, num_samples=64, force=True, validate=False, seed=0, fallback=False)
+    results = {}
+    # (the plain .npz has no metadata: quantize takes it for real images)
+    for means, calib, expected in (("auto", synthetic, "calibration"), ("auto", str(setup["npz"]), "written"),
+                                   ("written", synthetic, "written")):
+        key = f"{means}-{expected}"
+        results[key] = quantize(str(setup["model"]), QuantConfig(
+            output=str(folder / f"means-{key}.onnx"), calib=calib, **common,
+            refine=RefineConfig(method="brecq", iters=5, inside_means=means)))
+        assert seen["config"].inside_means == expected == results[key].refine["config"]["inside_means"]
+        if expected == "calibration":
+            for name in convs:
+                np.testing.assert_allclose(seen["means"][name], measured[name], rtol=1e-6, atol=1e-9)
+        else:  # the written means come from the BN statistics
+            assert sum(not np.allclose(seen["means"][name], measured[name], rtol=1e-3) for name in convs) >= 3
+    # either way the file holds the written correction
+    written = {key: result.decisions["bias_correction"]["means"] for key, result in results.items()}
+    assert len({json.dumps(value, sort_keys=True) for value in written.values()}) == 1, written
+    with pytest.raises(DataError, match="`refine.inside_means` must be one of auto, written, calibration"):
+        RefineConfig(inside_means="bn")

@@ -43,7 +43,7 @@ _SYNTH_FLAGS = {"lr": "lr", "slack_reading": "slack_reading", "low_res": "low_re
 _REFINE_FLAGS = {"refine_iters": "iters", "refine_lr": "lr", "refine_reg": "reg_weight", "refine_drop": "drop_prob",
                  "refine_batch_size": "batch_size", "refine_act_lr": "act_lr", "refine_start": "start",
                  "refine_views": "views", "refine_input_drop": "input_drop",
-                 "refine_correct_inside": "correct_inside"}
+                 "refine_correct_inside": "correct_inside", "refine_inside_means": "inside_means"}
 _QAT_FLAGS = {"qat_iters": "iters", "qat_lr": "lr", "qat_batch_size": "batch_size", "qat_act_lr": "act_lr",
               "qat_weight_step_lr": "weight_step_lr", "qat_time_budget": "time_budget", "qat_checkpoint": "checkpoint",
               "qat_augment": "augment", "qat_data": "data", "qat_generator_loss": "generator_loss",
@@ -109,6 +109,10 @@ def _given(values: dict, fields: dict) -> dict:
                    "rounding is learned for the corrected model, or apply it to the written model only "
                    "[default: inside wherever biases are corrected; see README, 'Bias correction inside the "
                    "reconstruction'].")
+@click.option("--refine-inside-means", type=click.Choice(["auto", "written", "calibration"]),
+              help="E[x] of the correction simulated while reconstructing: the written correction's, or every "
+                   "layer's input mean over the calibration images (the file is corrected with the written ones); "
+                   "auto: calibration with synthetic images, written with real ones [default: auto; see README].")
 @click.option("--refine-start", type=click.Choice(["auto", "nearest", "squant"]),
               help="The rounding each layer/block's learning starts from: nearest (AdaRound's), SQuant's data-free "
                    "flips of it on the layer's own grid, or auto: what quantize writes without --refine (SQuant's at "
