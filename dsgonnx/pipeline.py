@@ -588,14 +588,16 @@ def _refine(prepared: Path, out: Path, ranges, weights, activations, images, hol
         return qat_model(prepared, out, placement, images, holdout, config=qat,
                          generator=_qat_generator(loaded, config, calib_info), start=start, **common)
     refine = config.refine.resolved(config.plain_rounding(), corrector is not None, calib_info.get("method") != "real")
-    means = None
+    means = written = None
     if refine.correct_inside:  # the means of the simulated correction, for every layer the QDQ model quantizes
         layers = [site.node.name for site in quantized_weights(prepared_model, exclude)
                   if site.node.op_type in ("Conv", "Gemm")]
-        if refine.inside_means == "calibration":  # each layer's input mean over the calibration images
-            corrector = _BiasCorrector(prepared, None, loaded, images, corrector.batch, BiasCorrection.EMPIRICAL)
         means = corrector.means(layers)
-    return refine_model(prepared, out, placement, images, holdout, config=refine, input_means=means, **common)
+        if refine.inside_means == "calibration":  # learn with each layer's input mean over the calibration images
+            means, written = _BiasCorrector(prepared, None, loaded, images, corrector.batch,
+                                            BiasCorrection.EMPIRICAL).means(layers), means
+    return refine_model(prepared, out, placement, images, holdout, config=refine, input_means=means,
+                        written_means=written, **common)
 
 
 def _round(prepared: Path, out: Path, weights, reduce_range: bool, config: QuantConfig, kept: set[str]):

@@ -150,7 +150,7 @@ class QuantLayer(nn.Module):
         self.alpha: Optional[nn.Parameter] = None
         self.log_scale: Optional[nn.Parameter] = None  # the learned step (log), mode "train" only
         self._input: tuple = ()  # the ActQuant of the input (not a submodule: it lives in the graph)
-        self.register_buffer("input_mean", None)  # E[x] of each output channel's inputs (correct_for), float64
+        self.register_buffer("input_mean", None)  # E[x] of each output channel's inputs (correct_for)
 
     def learn_scale(self) -> nn.Parameter:
         """Make the weight step learnable (as its log, so Adam's steps are relative)."""

@@ -162,7 +162,8 @@ def _beta(step: int, total: int, config: RefineConfig) -> Optional[float]:
 def refine_model(model_path: Path, output_path: Path, placement: Placement, images: np.ndarray,
                  eval_images: Optional[np.ndarray], *, exclude: set[str], per_channel: bool, weight_top: int,
                  config: RefineConfig, device: str = "auto", seed: int = 0,
-                 weight_tops: Optional[dict] = None, input_means: Optional[dict] = None) -> RefineResult:
+                 weight_tops: Optional[dict] = None, input_means: Optional[dict] = None,
+                 written_means: Optional[dict] = None) -> RefineResult:
     """Learn the weight rounding of ``model_path`` (an fp32 ONNX model ORT will quantize).
 
     ``placement``: what the QDQ model of ``model_path`` quantizes, read from one ORT wrote
@@ -172,8 +173,10 @@ def refine_model(model_path: Path, output_path: Path, placement: Placement, imag
     images) measure each unit's reconstruction loss before and after. ``input_means``: layer
     (ONNX node name) -> E[x] per input channel, the means bias correction will use; with
     ``config.correct_inside`` each refined layer that has one is simulated corrected
-    (:meth:`QuantLayer.correct_for`). Writes the refined model to ``output_path`` (its biases as
-    they were: the correction is applied to the QDQ model, as without ``correct_inside``).
+    (:meth:`QuantLayer.correct_for`); ``written_means`` (where the correction written uses other
+    means): the simulation returned holds those instead, so that it is the corrected file.
+    Writes the refined model to ``output_path`` (its biases as they were: the correction is
+    applied to the QDQ model, as without ``correct_inside``).
     """
     if config.start not in ("nearest", "squant"):
         raise ValueError(f"refine_model starts from nearest or squant rounding, got {config.start!r} "
@@ -252,6 +255,10 @@ def refine_model(model_path: Path, output_path: Path, placement: Placement, imag
         for env in (fp_env, q_env):
             for node in [n for n in env if all(u in done for u in n.users)]:
                 del env[node]
+    if written_means is not None:  # the simulation of the file: the correction with the means written
+        for layer in layers:
+            if layer.onnx_name in corrected and layer.onnx_name in written_means:
+                layer.module.correct_for(written_means[layer.onnx_name])
     weights = _export(layers, model_path, output_path)
     activations = {name: (float(q.step().detach().cpu()), q.zero_point) for name, q in learned.items()}
     seconds = round(time.perf_counter() - started, 2)
