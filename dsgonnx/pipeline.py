@@ -207,9 +207,7 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
             with stages(learning):
                 # (under torchrun a rank that fails in training exits: torchrun then stops the others)
                 refined = _refine(prepared, Path(scratch) / "refined.onnx", ranges, weights, activations, calib_images,
-                                  holdout, reduce_range, config, first, loaded, calib_info,
-                                  correct if config.refine is not None and config.refine.correct_inside is not False
-                                  else None)
+                                  holdout, reduce_range, config, first, loaded, calib_info, correct)
             if not distributed.is_writer():
                 say(f"quantize: rank {distributed.world().rank} trained on its share of each batch; "
                     "rank 0 writes the model")
@@ -520,15 +518,20 @@ class _BiasCorrector:
     models of one float model; E[x] is worked out once (the mixed-precision probe, the final
     model and, with ``refine.correct_inside``, reconstruction share it). ``float_path``: the
     float model whose weights are the W of ΔW = Q(W) − W and whose activations give the
-    empirical means — the one before reconstruction, the trained one after QAT. ``original`` (the model with BN) gives the analytic means; None after
-    equalization, which rescales the channels the BN statistics describe (every mean is then
-    measured)."""
+    empirical means — the one before reconstruction, the trained one after QAT. ``original``
+    (the model with BN) gives the analytic means; None after equalization, which rescales the
+    channels the BN statistics describe (every mean is then measured)."""
 
     def __init__(self, float_path: Path, original: Optional[onnx.ModelProto], loaded: LoadedModel, images,
                  batch: int, mode):
         self.float_path, self.original, self.loaded, self.images, self.batch, self.mode = (
             float_path, original, loaded, images, batch, mode)
         self._means, self._layers = None, set()
+
+    @property
+    def measured(self) -> bool:
+        """Every mean is measured on the images (no BN statistics used)."""
+        return self.mode == BiasCorrection.EMPIRICAL or self.original is None
 
     def __call__(self, qdq_path: Path) -> dict:
         from .quant.correct import correct_biases, correctable_layers
@@ -554,7 +557,8 @@ def _refine(prepared: Path, out: Path, ranges, weights, activations, images, hol
     calibration images (dsgonnx.refine; imports torch) in the simulation of the QDQ model ORT
     writes for ``prepared`` (the ``kept`` tensors on the 8-bit grids); QAT may train on a
     generator's images instead (:func:`_qat_generator`), and with ``qat.start`` ``refine`` starts
-    from a reconstruction (``config.refine``, else brecq's defaults)."""
+    from a reconstruction (``config.refine``, else brecq's defaults). ``corrector``: the bias
+    correction quantize will write (None: none), which ``refine.correct_inside`` simulates."""
     from .quant.bits import resolve_bits
     from .quant.placement import placement_of
     from .quant.qdq import excluded_nodes, quantized_weights, weight_top
@@ -593,7 +597,8 @@ def _refine(prepared: Path, out: Path, ranges, weights, activations, images, hol
         layers = [site.node.name for site in quantized_weights(prepared_model, exclude)
                   if site.node.op_type in ("Conv", "Gemm")]
         means = corrector.means(layers)
-        if refine.inside_means == "calibration":  # learn with each layer's input mean over the calibration images
+        if refine.inside_means == "calibration" and not corrector.measured:  # (measured: these already)
+            # learn with each layer's input mean over the calibration images
             means, written = _BiasCorrector(prepared, None, loaded, images, corrector.batch,
                                             BiasCorrection.EMPIRICAL).means(layers), means
     return refine_model(prepared, out, placement, images, holdout, config=refine, input_means=means,
