@@ -8,7 +8,6 @@ import click
 
 from dsgonnx import (DEFAULT_HOLDOUT, Alignment, BiasCorrection, Calibrator, DataError, LogitsPolicy, PoolRange, QatConfig, QuantConfig, RefineConfig, RefineMethod, Rounding, SlackReading,
                      SynthOptions, Target)
-from dsgonnx.config import INSIDE_MEANS, REFINE_STARTS
 from dsgonnx_cli.options import (PREPROCESS_HELP, choice, device_option, input_shape_option, preprocess_options,
                                  provider_option, quiet_option)
 
@@ -110,11 +109,11 @@ def _given(values: dict, fields: dict) -> dict:
                    "rounding is learned for the corrected model, or apply it to the written model only "
                    "[default: inside wherever biases are corrected; see README, 'Bias correction inside the "
                    "reconstruction'].")
-@click.option("--refine-inside-means", type=click.Choice(INSIDE_MEANS),
+@click.option("--refine-inside-means", type=click.Choice(["auto", "written", "calibration"]),
               help="E[x] of the correction simulated while reconstructing: the written correction's, or every "
                    "layer's input mean over the calibration images (the file is corrected with the written ones); "
                    "auto: calibration with synthetic images, written with real ones [default: auto; see README].")
-@click.option("--refine-start", type=click.Choice(REFINE_STARTS),
+@click.option("--refine-start", type=click.Choice(["auto", "nearest", "squant"]),
               help="The rounding each layer/block's learning starts from: nearest (AdaRound's), SQuant's data-free "
                    "flips of it on the layer's own grid, or auto: what quantize writes without --refine (SQuant's at "
                    "4 bits or fewer, else nearest; W4A4 EfficientNet-Lite0 +6.55 with real images, ResNet-20 DSG "
