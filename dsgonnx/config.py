@@ -661,6 +661,9 @@ class ValidateConfig:
                    kernels cannot saturate (VNNI, ARM) computes, on any CPU. For a model made
                    for such a CPU (``reduce_range`` false) scored on x86 without VNNI, where
                    ORT's u8xs8 kernels can saturate; slower.
+    per_tensor:    also compare every activation the quantized (QDQ) model quantizes with the
+                   float model's tensor of the same name (:mod:`dsgonnx.validation.per_tensor`):
+                   where the error enters, and whether a grid's range or step costs it.
     """
 
     data: Optional[str] = None
@@ -674,6 +677,7 @@ class ValidateConfig:
     extra: Mapping[str, Any] = field(default_factory=dict)
     exclude_files: frozenset = frozenset()
     exact: bool = False
+    per_tensor: bool = False
 
     def __post_init__(self):
         object.__setattr__(self, "provider", Provider.parse(self.provider, "provider"))

@@ -34,8 +34,12 @@ Without --preprocess the imagenet preset is used.
               help="Run Q_MODEL's QDQ graph as written (no fused integer kernels): what a CPU whose int8 kernels "
                    "cannot saturate (VNNI, ARM) computes, here. For a model quantized without reduce_range, "
                    "scored on x86 without VNNI; slower.")
+@click.option("--per-tensor", is_flag=True,
+              help="Also compare every activation Q_MODEL (QDQ) quantizes with FP_MODEL's tensor of the same name: "
+                   "SQNR of the quantized model there, of the FP tensor on that grid alone, and the share it clips "
+                   "(the QDQ graph as written, on the CPU).")
 def validate_cmd(fp_model, q_model, data, preprocess, preprocess_given, class_list, provider, batch_size, report_path,
-                 max_drop, min_agreement, exact):
+                 max_drop, min_agreement, exact, per_tensor):
     """Compare FP_MODEL and its quantized copy Q_MODEL in ONNX Runtime and gate on accuracy."""
     from dsgonnx import check_gate, validate
     from dsgonnx_cli.main import spell
@@ -44,7 +48,7 @@ def validate_cmd(fp_model, q_model, data, preprocess, preprocess_given, class_li
         raise DataError(f"{preprocess_given[0]} does not apply to an .npz: its images are already preprocessed")
     config = ValidateConfig(data=data, preprocess=preprocess, class_list=class_list, provider=provider,
                             batch_size=batch_size, max_drop=max_drop, min_agreement=min_agreement,
-                            report_path=report_path, exact=exact)
+                            report_path=report_path, exact=exact, per_tensor=per_tensor)
     report = validate(fp_model, q_model, config)
     click.echo(spell(report.table(), click.get_current_context().command))
     if report_path:

@@ -14,7 +14,7 @@ that float model (:mod:`dsgonnx.refine.simulate`) quantizes exactly these tensor
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -77,11 +77,14 @@ class Placement:
     ``activations``: float tensor -> its grid. ``constants``: (node name, input index) ->
     the quantized initializer that input reads. ``float_readers``: quantized tensors that
     some node still reads unquantized (a simulation per tensor would quantize them for it
-    too; empty for what ORT writes by default)."""
+    too; empty for what ORT writes by default). ``dequantized``: for each activation, the
+    name of a tensor in the QDQ model that holds its quantized value (a DequantizeLinear's
+    output)."""
 
     activations: dict[str, Grid]
     constants: dict[tuple[str, int], Constant]
     float_readers: list[str]
+    dequantized: dict[str, str] = field(default_factory=dict)  # activation -> a DequantizeLinear output of it
 
 
 def read_placement(model: onnx.ModelProto) -> Placement:
@@ -92,6 +95,7 @@ def read_placement(model: onnx.ModelProto) -> Placement:
     activations: dict[str, Grid] = {}
     constants: dict[tuple[str, int], Constant] = {}
     readers: dict[str, set[str]] = {}  # dequantized tensor name -> the float tensor it stands for
+    dequantized: dict[str, str] = {}
 
     def array(name: str) -> np.ndarray:
         if name not in initializers:
@@ -122,6 +126,7 @@ def read_placement(model: onnx.ModelProto) -> Placement:
                                    high=min(type_high, high) if high is not None else type_high,
                                    group=node.input[1])
         readers[dq.output[0]] = tensor
+        dequantized.setdefault(tensor, dq.output[0])
 
     float_readers = set()
     for node in graph.node:
@@ -146,7 +151,8 @@ def read_placement(model: onnx.ModelProto) -> Placement:
                 axis += integers.ndim
             constants[(node.name, index)] = Constant(integers.astype(np.int64), scales.reshape(-1),
                                                      zeros.reshape(-1), axis, *_TYPE_RANGES[data_type])
-    return Placement(activations=activations, constants=constants, float_readers=sorted(float_readers))
+    return Placement(activations=activations, constants=constants, float_readers=sorted(float_readers),
+                     dequantized=dequantized)
 
 
 def placement_of(model_path: Path, ranges, weights, activations, **options) -> Placement:

@@ -21,6 +21,7 @@ from dsgonnx.hardware import cpu_info
 from dsgonnx.validation.data import Dataset, open_dataset
 from dsgonnx.validation.gate import check_thresholds, evaluate_gate
 from dsgonnx.validation.metrics import compare_outputs, num_classes
+from dsgonnx.validation.per_tensor import per_tensor_errors, read_quantized_activations
 from dsgonnx.validation.report import ValidationReport, check_report_path, json_value, write_report
 from dsgonnx.validation.sessions import ModelRunner, open_models, shared_input
 
@@ -47,10 +48,13 @@ def validate(
     check_report_path(config.report_path)
     fp, q = open_models(fp_model_path, q_model_path, config.provider, exact=config.exact)
     spec = shared_input(fp.io, q.io)
+    placement = read_quantized_activations(q_model_path) if config.per_tensor else None
     dataset = open_dataset(spec, data, config.preprocess, config.class_list, images, labels, config.exclude_files)
     check_thresholds(config.max_drop, config.min_agreement, dataset.labels is not None)
     batch_size = spec.fixed_batch or min(config.batch_size, dataset.size)
     run = _run_both(fp, q, dataset, batch_size, padded=spec.fixed_batch is not None)
+    per_tensor = None if placement is None else per_tensor_errors(fp_model_path, q_model_path, placement, dataset,
+                                                                  spec.fixed_batch)
 
     report = ValidationReport(
         fp_model=fp_model_path,
@@ -65,6 +69,7 @@ def validate(
         latency_ms={"fp32": run.fp_latency_ms, "quantized": run.q_latency_ms},
         latency_batches=run.timed_batches,
         arithmetic="exact" if config.exact else "native",
+        per_tensor=per_tensor,
         extra=dict(config.extra),
     )
     report.to_dict()  # fail on clashing extra fields before anything is written

@@ -46,6 +46,14 @@ latency_ms.fp32 / .quantized  median wall time of one inference call of batch_si
 latency_batches            how many calls the medians are over
 gate                       {max_drop, min_agreement: the thresholds or null, passed: true /
                            false / null (no threshold), message: one line}
+per_tensor                 null unless asked for (``validate --per-tensor``): {num_samples,
+                           arithmetic ("exact": the QDQ graph as written), tensors: one
+                           {tensor, sqnr_db, grid_sqnr_db, clipped} per activation the
+                           quantized model quantizes, in the fp32 model's order (dsgonnx.
+                           validation.per_tensor: the quantized model's value against the
+                           fp32 tensor, the fp32 tensor on its grid alone, the share of it
+                           outside the grid's range; dB null when not finite), unmatched:
+                           quantized tensors the fp32 model has no tensor of that name for}
 bits, simulated,           only in reports written by ``dsgonnx quantize``: the quantization
 calibration                settings; calibration = {method, num_samples, iters, seconds}
 =========================  ===================================================================
@@ -63,6 +71,7 @@ from typing import Any
 from dsgonnx.errors import DsgonnxError
 from dsgonnx.preprocess import Preprocess
 from dsgonnx.validation.metrics import Metrics
+from dsgonnx.validation.per_tensor import PerTensor
 
 SCHEMA_VERSION = 1
 
@@ -97,6 +106,7 @@ class ValidationReport:
     latency_batches: int
     gate: GateResult | None = None
     arithmetic: str = "native"
+    per_tensor: PerTensor | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     # Convenience views used by the gate and by callers.
@@ -144,6 +154,7 @@ class ValidationReport:
             "latency_ms": dict(self.latency_ms),
             "latency_batches": self.latency_batches,
             "gate": self.gate.to_dict() if self.gate else GateResult(None, None, None, "no gate").to_dict(),
+            "per_tensor": self.per_tensor.to_dict() if self.per_tensor else None,
         }
         clash = sorted(set(self.extra) & set(report))
         if clash:
@@ -189,6 +200,8 @@ class ValidationReport:
             rows.append("  arithmetic        exact: the quantized model's QDQ graph as written (--exact)")
         if self.gate is not None and self.gate.passed is not None:
             rows.append(f"  gate              {'PASSED' if self.gate.passed else 'FAILED'}: {self.gate.message}")
+        if self.per_tensor is not None:
+            rows += ["", self.per_tensor.table()]
         return "\n".join(rows)
 
 
