@@ -11,8 +11,9 @@ Typical use (``dsgonnx validate`` and ``dsgonnx quantize`` do exactly this)::
     check_gate(report, config.max_drop, config.min_agreement)    # AccuracyGateError: exit 1
 
 Modules: ``sessions`` (ONNX Runtime sessions, providers, the shared input), ``data``
-(image folders, .npz, arrays), ``metrics`` (numpy definitions), ``report`` (the JSON keys,
-documented in its docstring, and the table), ``gate``, ``core`` (``validate``). Nothing
+(image folders, .npz, arrays), ``metrics`` (numpy definitions), ``per_tensor`` (every
+quantized activation against the float model's, ``ValidateConfig.per_tensor``), ``report``
+(the JSON keys, documented in its docstring, and the table), ``gate``, ``core`` (``validate``). Nothing
 here imports torch: validation must work where only onnxruntime is installed.
 """
 
