@@ -27,6 +27,7 @@ the one output itself.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -118,8 +119,12 @@ def top1_agreement(fp: np.ndarray, q: np.ndarray) -> float:
 
 def sqnr_db(fp: np.ndarray, q: np.ndarray) -> float | None:
     fp64, q64 = fp.astype(np.float64), q.astype(np.float64)
-    signal = float(np.sum(fp64 * fp64))
-    noise = float(np.sum((fp64 - q64) ** 2))
+    return sqnr_from_sums(float(np.sum(fp64 * fp64)), float(np.sum((fp64 - q64) ** 2)))
+
+
+def sqnr_from_sums(signal: float, noise: float) -> float | None:
+    """``10·log10(signal / noise)`` from the two sums (Σ fp², Σ (fp − q)²): +inf where the noise
+    is 0, −inf where the signal is, None where either is not finite."""
     if not (np.isfinite(noise) and np.isfinite(signal)):
         return None
     if noise == 0:
@@ -127,6 +132,11 @@ def sqnr_db(fp: np.ndarray, q: np.ndarray) -> float | None:
     if signal == 0:
         return float("-inf")
     return float(10.0 * np.log10(signal / noise))
+
+
+def finite_or_none(value: float | None) -> float | None:
+    """``value`` where it is a finite number, else None (JSON has no inf or NaN)."""
+    return value if value is not None and math.isfinite(value) else None
 
 
 def mean_kl(fp: np.ndarray, q: np.ndarray, probabilities: bool) -> float | None:

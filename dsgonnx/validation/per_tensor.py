@@ -32,6 +32,7 @@ import onnx
 
 from dsgonnx.errors import DsgonnxError
 from dsgonnx.quant.placement import Grid, Placement, read_placement
+from dsgonnx.validation.metrics import finite_or_none, sqnr_from_sums
 from dsgonnx.runtime import CPU, ort_session, run_model
 
 BATCH = 8  # samples per call: every quantized tensor of the batch is held at once
@@ -42,13 +43,13 @@ class TensorError:
     """One quantized activation, measured over the samples (dB: 10·log10(Σ f² / Σ error²))."""
 
     tensor: str
-    sqnr_db: float  # the quantized model's value against the float one; inf where equal
-    grid_sqnr_db: float  # the float tensor on this grid alone
+    sqnr_db: float | None  # the quantized model's value against the float one; inf where equal, None: not finite
+    grid_sqnr_db: float | None  # the float tensor on this grid alone
     clipped: float  # share of the float values outside the grid's range
 
     def to_dict(self) -> dict:
-        return {"tensor": self.tensor, "sqnr_db": _finite_or_none(self.sqnr_db),
-                "grid_sqnr_db": _finite_or_none(self.grid_sqnr_db), "clipped": self.clipped}
+        return {"tensor": self.tensor, "sqnr_db": finite_or_none(self.sqnr_db),
+                "grid_sqnr_db": finite_or_none(self.grid_sqnr_db), "clipped": self.clipped}
 
 
 @dataclass(frozen=True)
@@ -120,7 +121,8 @@ def per_tensor_errors(fp_path: str, q_path: str, placement: Placement, dataset, 
                 on_grid, clipped = _on_grid(f, placement.activations[tensor])
                 sums[tensor] += (np.square(f).sum(), np.square(f - q).sum(), np.square(f - on_grid).sum(), clipped,
                                  f.size)
-    tensors = tuple(TensorError(t, _sqnr(s[0], s[1]), _sqnr(s[0], s[2]), float(s[3] / s[4]) if s[4] else 0.0)
+    tensors = tuple(TensorError(t, sqnr_from_sums(s[0], s[1]), sqnr_from_sums(s[0], s[2]),
+                                float(s[3] / s[4]) if s[4] else 0.0)
                     for t, s in sums.items())
     return PerTensor(num_samples=dataset.size, tensors=tensors, unmatched=unmatched)
 
@@ -141,17 +143,5 @@ def _on_grid(values: np.ndarray, grid: Grid) -> tuple[np.ndarray, int]:
     return (np.clip(levels, grid.low, grid.high) - grid.zero_point) * grid.scale, clipped
 
 
-def _sqnr(signal: float, noise: float) -> float:
-    if not (math.isfinite(signal) and math.isfinite(noise)):
-        return math.nan
-    if noise == 0:
-        return math.inf
-    return 10 * math.log10(signal / noise) if signal > 0 else -math.inf
-
-
-def _finite_or_none(value: float) -> float | None:
-    return value if math.isfinite(value) else None
-
-
-def _db(value: float) -> str:
-    return "inf" if value == math.inf else f"{value:.2f}" if math.isfinite(value) else "-"
+def _db(value: float | None) -> str:
+    return "-" if value is None else "inf" if value == math.inf else f"{value:.2f}" if math.isfinite(value) else "-"

@@ -70,7 +70,7 @@ from typing import Any
 
 from dsgonnx.errors import DsgonnxError
 from dsgonnx.preprocess import Preprocess
-from dsgonnx.validation.metrics import Metrics
+from dsgonnx.validation.metrics import Metrics, finite_or_none
 from dsgonnx.validation.per_tensor import PerTensor
 
 SCHEMA_VERSION = 1
@@ -142,8 +142,8 @@ class ValidationReport:
             "drop_top1": m.drop_top1,
             "drop_top5": m.drop_top5,
             "agreement": m.agreement,
-            "sqnr_db": _finite_or_none(m.sqnr_db),
-            "kl": _finite_or_none(m.kl),
+            "sqnr_db": finite_or_none(m.sqnr_db),
+            "kl": finite_or_none(m.kl),
             "nonfinite_outputs": {"fp32": m.nonfinite_fp, "quantized": m.nonfinite_q},
             "providers": self.providers,
             "provider_requested": self.provider_requested,
@@ -246,10 +246,6 @@ def json_value(value):
     if isinstance(value, os.PathLike):
         return os.fspath(value)
     raise TypeError(f"report field of type {type(value).__name__} is not JSON-serialisable")
-
-
-def _finite_or_none(value: float | None) -> float | None:
-    return value if value is not None and math.isfinite(value) else None
 
 
 def _num(value: float | None, unit: str = "", digits: int = 2) -> str:
