@@ -36,6 +36,7 @@ SOURCES = {
     # the batch's pooled statistics held to the BN ones (DeepInversion's, GDFQ's), each sample free
     "dsg-batch": {"method": "dsg", "alignment": "batch"},
     "dsg-batch-ce10": {"method": "dsg", "alignment": "batch", "ce_weight": 10.0},  # and class-confident images
+    "dsg-batch-proc": {"method": "dsg", "alignment": "batch", "start": "procedural"},  # from dead-leaves images
     "dsg-norm": {"method": "dsg", "normalize_gaps": True},  # DSG with BN gaps in units of the running std
     "dsg-full": {"method": "dsg", "low_res": 0},  # DSG at full resolution throughout (no low-res schedule)
     "dsg-kept": {"method": "dsg"},  # DSG images made on the model's BN-kept twin (``twin=``), for a folded model
@@ -444,6 +445,10 @@ def candidates_markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+# SynthConfig fields added after synthetic sets were cached, with the value every such set was made with
+_LATER_FIELDS = {"start": "gaussian"}
+
+
 def _cached_set(cache, model, settings, holdout=0):
     """Where a synthetic set for ``model`` made with ``settings`` (and ``holdout`` samples more,
     held out) is kept in ``cache`` (None: no cache)."""
@@ -453,9 +458,11 @@ def _cached_set(cache, model, settings, holdout=0):
 
     from dataclasses import asdict
 
-    resolved = settings.for_model(has_bn=True)[0]  # weights left unset keyed as the method fills them in
-    key = hashlib.sha256(Path(model).read_bytes()).hexdigest()[:12] + json.dumps(asdict(resolved), sort_keys=True,
-                                                                                 default=str)
+    resolved = asdict(settings.for_model(has_bn=True)[0])  # weights left unset keyed as the method fills them in
+    for name, default in _LATER_FIELDS.items():  # the sets cached before a field existed keep their names
+        if resolved.get(name) == default:
+            del resolved[name]
+    key = hashlib.sha256(Path(model).read_bytes()).hexdigest()[:12] + json.dumps(resolved, sort_keys=True, default=str)
     key += f"holdout={holdout}" if holdout else ""  # (the sets made before held-out samples keep their names)
     Path(cache).mkdir(parents=True, exist_ok=True)
     return Path(cache) / f"{Path(model).stem}-{settings.method.value}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.npz"

@@ -24,7 +24,7 @@ __version__ = "0.1.0"
 logging.getLogger("dsgonnx").addHandler(logging.NullHandler())
 
 _CONFIG = ("Alignment", "BiasCorrection", "Calibrator", "Device", "DeviceDefaults", "LogitsPolicy", "PoolRange", "Provider", "QatConfig", "QuantConfig", "RefineConfig",
-           "RefineMethod", "Rounding", "SUPPORTED_BITS", "SlackReading", "SynthConfig", "SynthMethod", "SynthOptions", "Target",
+           "RefineMethod", "Rounding", "SUPPORTED_BITS", "SlackReading", "SynthConfig", "SynthMethod", "SynthOptions", "SynthStart", "Target",
            "ValidateConfig", "DEFAULT_BATCH_SIZE", "DEFAULT_HOLDOUT", "device_defaults")
 _EXPORTS = {
     **{name: "dsgonnx.config" for name in _CONFIG},

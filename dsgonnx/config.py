@@ -104,6 +104,13 @@ class Alignment(Choice):
     BATCH = "batch"  # the batch's pooled statistics (DeepInversion, GDFQ): each sample free, the set matched
 
 
+class SynthStart(Choice):
+    """What zeroq/dsg optimise from (procedural and inversion always start from dead leaves)."""
+
+    GAUSSIAN = "gaussian"  # N(0, 1) pixels (ZeroQ, DSG): every sample starts with the same statistics
+    PROCEDURAL = "procedural"  # dead-leaves images, each with its own colours, contrast and scales
+
+
 class Calibrator(Choice):
     # mse for activations of 4 bits or fewer, else minmax (measured: W4A4 on four models, README)
     AUTO = "auto"
@@ -281,6 +288,9 @@ class SynthOptions:
     # None: by use: batch where the images train QAT (``QuantConfig.synth_config``; measured on
     # four models, README "What the DSG images lack for QAT"), else sample (the papers')
     alignment: Optional[Alignment] = None
+    # zeroq/dsg: the images optimisation starts from (slack margins are read on a Gaussian batch
+    # either way, as the papers define them)
+    start: SynthStart = SynthStart.GAUSSIAN
     patience: int = 100  # ReduceLROnPlateau patience in iterations (ZeroQ: 100)
     low_res: Optional[int] = None
     low_res_share: float = 0.75
@@ -291,6 +301,7 @@ class SynthOptions:
         object.__setattr__(self, "slack_reading", SlackReading.parse(self.slack_reading, "slack_reading"))
         if self.alignment is not None:
             object.__setattr__(self, "alignment", Alignment.parse(self.alignment, "alignment"))
+        object.__setattr__(self, "start", SynthStart.parse(self.start, "start"))
         _require(self.lr is None or (_is_number(self.lr) and self.lr > 0), f"`lr` must be positive, got {self.lr}")
         _require(self.batch_size is None or (_is_int(self.batch_size) and self.batch_size >= 1),
                  f"`batch_size` must be at least 1, got {self.batch_size}")
@@ -356,6 +367,9 @@ class SynthConfig(SynthOptions):
             why = ("the model carries BN statistics" if has_bn else
                    f"the model carries no BN statistics, and {BN_FREE_DEFAULT} was the best BN-free source "
                    "measured on folded models (benchmarks/RESULTS.md, BN folded)")
+        _require(not (method == SynthMethod.GAUSSIAN and self.start == SynthStart.PROCEDURAL),
+                 "`start` procedural has no meaning for `method` gaussian (its images are drawn, not optimised); "
+                 "use `method` procedural")
         own = INVERSION_WEIGHTS if method == SynthMethod.INVERSION else METHOD_DEFAULTS
         unset = {name: own[name] for name in own if getattr(self, name) is None}
         return replace(self, method=method, alignment=self.alignment or Alignment.SAMPLE, **unset), why
@@ -905,5 +919,5 @@ class QuantConfig:
 __all__ = [
     "BN_FREE_DEFAULT", "BiasCorrection", "Calibrator", "Choice", "DEFAULT_BATCH_SIZE", "Device", "DeviceDefaults", "LogitsPolicy", "NATIVE_BITS",
     "PoolRange", "Provider", "QatConfig", "QuantConfig", "RefineConfig", "RefineMethod", "Rounding", "SUPPORTED_BITS", "SlackReading", "SynthConfig",
-    "SynthMethod", "SynthOptions", "Target", "ValidateConfig", "check_bits", "check_thresholds", "device_defaults",
+    "SynthMethod", "SynthOptions", "SynthStart", "Target", "ValidateConfig", "check_bits", "check_thresholds", "device_defaults",
 ]

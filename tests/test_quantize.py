@@ -499,6 +499,23 @@ def test_cli_policy_flags_reach_the_model(setup):
     assert bad.exit_code == 2 and "--pool-range" in bad.stderr and "Traceback" not in bad.output
 
 
+def test_cli_synthesis_start_reaches_the_synthesis(setup):
+    """quantize --synth-start procedural: the synthetic images start at dead leaves (with no
+    iterations, the statistics are the dead leaves', not noise's) and the summary says so."""
+    out = setup["folder"] / "leaves.onnx"
+    result = _cli(setup["model"], "-o", out, "--calib", "dsg", "--synth-start", "procedural", "--iters", "0",
+                  "--num-samples", "4", "--holdout", "0", "--no-validate", "--force")
+    assert result.exit_code == 0, result.output
+    calibration = json.loads(result.stdout)["calibration"]
+    assert calibration["synth"]["start"] == "procedural" and calibration["method"] == "dsg"
+    noise = _cli(setup["model"], "-o", out, "--calib", "dsg", "--iters", "0", "--num-samples", "4", "--holdout", "0",
+                 "--no-validate", "--force")
+    assert json.loads(noise.stdout)["calibration"]["synth"]["start"] == "gaussian"
+    assert calibration["diversity"] != json.loads(noise.stdout)["calibration"]["diversity"]
+    bad = _cli(setup["model"], "--calib", "dsg", "--synth-start", "leaves")
+    assert bad.exit_code == 2 and "--synth-start" in bad.stderr and "Traceback" not in bad.output
+
+
 @pytest.fixture()
 def bad_inputs(setup, tmp_path):
     np.savez(tmp_path / "shape.npz", images=np.zeros((4, 3, 8, 8), np.float32))

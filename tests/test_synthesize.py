@@ -8,6 +8,7 @@ import json
 import numpy as np
 import onnx
 import pytest
+import torch
 from click.testing import CliRunner
 from onnx import helper, numpy_helper
 
@@ -285,3 +286,56 @@ def test_reading_the_loss_every_few_steps_changes_nothing_but_when(models, monke
     onnx.save(model, str(path))
     with pytest.raises(SynthesisError, match="loss term 'bn' became nan at iteration 0"):
         _run(path, method="zeroq", iters=10)
+
+
+def test_procedural_start_optimises_dead_leaves_with_the_gaussian_margins(models, monkeypatch):
+    """``start`` procedural: zeroq/dsg begin at the dead-leaves images the procedural method
+    draws (iters 0 gives them back exactly), optimisation still pulls the BN statistics to
+    the running ones, and DSG's slack margins are read on the same Gaussian batch the
+    noise start would have begun from (the papers' definition, not the start's)."""
+    import dsgonnx.synth.generator as generator
+    from dsgonnx.synth.procedural import procedural_images
+
+    recipe = PRESETS["imagenet"]
+    settings = dict(method="dsg", num_samples=8, seed=2, preprocess=recipe)
+    drawn = _run(models["kept"], start="procedural", iters=0, **settings)
+    np.testing.assert_array_equal(drawn.images, procedural_images(8, (3, 16, 16), 2, recipe))
+    assert drawn.meta["config"]["start"] == "procedural"
+
+    margins = []
+    read = generator.slack_margins
+
+    def spy(*args):
+        margins.append(read(*args))
+        return margins[-1]
+
+    monkeypatch.setattr(generator, "slack_margins", spy)
+    optimised = _run(models["kept"], start="procedural", iters=40, **settings)
+    noise = _run(models["kept"], iters=1, **settings)
+    assert _total(optimised) < 0.5 * _total(drawn)
+    assert not np.allclose(optimised.images, noise.images, atol=0.1)
+    assert len(margins) == 4  # two BN layers, each run
+    for ours, theirs in zip(margins[:2], margins[2:]):
+        assert torch.equal(ours.mean, theirs.mean) and torch.equal(ours.std, theirs.std)
+
+
+def test_procedural_start_keeps_more_spread_between_samples(models):
+    """Dead leaves differ from one another in colour, contrast and scale where noise images
+    all share one set of statistics; with the batch's pooled statistics aligned (each
+    sample free) that spread survives the optimisation."""
+    settings = dict(method="dsg", alignment="batch", iters=40, num_samples=16, seed=0, preprocess=PRESETS["imagenet"])
+    noise = _run(models["kept"], **settings)
+    leaves = _run(models["kept"], start="procedural", **settings)
+    assert leaves.meta["diversity"]["stat_spread"] > 1.2 * noise.meta["diversity"]["stat_spread"]
+    assert leaves.meta["diversity"]["sample_similarity"] < noise.meta["diversity"]["sample_similarity"]
+
+
+def test_procedural_start_is_refused_for_drawn_gaussian_images(models):
+    from dsgonnx.errors import DataError
+
+    with pytest.raises(DataError, match="`start` procedural has no meaning for `method` gaussian"):
+        _run(models["kept"], method="gaussian", start="procedural")
+    result = CliRunner().invoke(cli, ["synthesize", str(models["kept"]), "-o", str(models["folder"] / "g.npz"),
+                                      "--method", "gaussian", "--start", "procedural"])
+    assert result.exit_code == 2 and "--start procedural has no meaning for --method gaussian" in result.stderr
+    assert "Traceback" not in result.output and not (models["folder"] / "g.npz").exists()

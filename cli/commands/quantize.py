@@ -7,7 +7,7 @@ import json
 import click
 
 from dsgonnx import (DEFAULT_HOLDOUT, Alignment, BiasCorrection, Calibrator, DataError, LogitsPolicy, PoolRange, QatConfig, QuantConfig, RefineConfig, RefineMethod, Rounding, SlackReading,
-                     SynthOptions, Target)
+                     SynthOptions, SynthStart, Target)
 from dsgonnx_cli.options import (PREPROCESS_HELP, choice, device_option, input_shape_option, preprocess_options,
                                  provider_option, quiet_option)
 
@@ -39,7 +39,7 @@ written), 2 bad input (nothing written).
 
 # flag -> SynthOptions / RefineConfig field, for the flags that tune a nested setting
 _SYNTH_FLAGS = {"lr": "lr", "slack_reading": "slack_reading", "low_res": "low_res", "normalize_gaps": "normalize_gaps",
-                "alignment": "alignment", "ce_weight": "ce_weight"}
+                "alignment": "alignment", "ce_weight": "ce_weight", "synth_start": "start"}
 _REFINE_FLAGS = {"refine_iters": "iters", "refine_lr": "lr", "refine_reg": "reg_weight", "refine_drop": "drop_prob",
                  "refine_batch_size": "batch_size", "refine_act_lr": "act_lr", "refine_start": "start",
                  "refine_views": "views", "refine_input_drop": "input_drop",
@@ -83,6 +83,8 @@ def _given(values: dict, fields: dict) -> dict:
 @click.option("--alignment", type=choice(Alignment), help="Synthesis: per-sample or batch BN alignment (see dsgonnx synthesize --help) "
                    "[default: batch with --qat (trains on the images), else sample].")
 @click.option("--ce-weight", type=float, help="Synthesis: cross-entropy to a random class per image (see dsgonnx synthesize --help).")
+@click.option("--synth-start", type=choice(SynthStart),
+              help="Synthesis: optimise from noise or dead-leaves images (see dsgonnx synthesize --start) [default: gaussian].")
 @click.option("--normalize-gaps/--absolute-gaps", default=None,
               help="Synthesis: BN gaps in units of each channel's running std (see dsgonnx synthesize --help).")
 @click.option("--refine", type=choice(RefineMethod),

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from dsgonnx import DEFAULT_HOLDOUT, Alignment, SlackReading, SynthConfig, SynthMethod, is_writer
+from dsgonnx import DEFAULT_HOLDOUT, Alignment, SlackReading, SynthConfig, SynthMethod, SynthStart, is_writer
 from dsgonnx_cli.options import (PREPROCESS_HELP, choice, device_option, input_shape_option, preprocess_options,
                                  quiet_option)
 
@@ -56,6 +56,9 @@ images have; without it only the input prior (mean 0, std 1) shapes them.
 @click.option("--normalize-gaps/--absolute-gaps", default=None,
               help="zeroq/dsg: BN gaps in units of each channel's running std, every layer on one scale "
                    "[default: absolute, the papers'].")
+@click.option("--start", type=choice(SynthStart), default=SynthStart.GAUSSIAN.value, show_default=True,
+              help="zeroq/dsg: optimise from N(0,1) noise (the papers') or from dead-leaves images, each with its own "
+                   "colours, contrast and scales (slack margins are read on noise either way).")
 @click.option("--low-res", type=int, help="Resolution schedule: optimise at NxN pixels first, then at full size (0: off).")
 @click.option("--low-res-share", type=float, default=0.75, show_default=True, help="Share of iterations at --low-res.")
 @click.option("--amp", is_flag=True, help="bfloat16 autocast on CUDA (statistics stay float32).")

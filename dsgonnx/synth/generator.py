@@ -18,7 +18,7 @@ import torch
 
 from .. import distributed
 from ..artifacts import SyntheticSet
-from ..config import Alignment, SynthConfig, SynthMethod
+from ..config import Alignment, SynthConfig, SynthMethod, SynthStart
 from ..errors import NoBatchNormError, SynthesisError
 from ..graph.bn_taps import BNLayer, BNProbe, bn_folded, find_bn_layers
 from ..graph.onnx_io import LoadedModel, load_model
@@ -173,7 +173,7 @@ def synthesize(
             # each batch's randomness from (seed, its first sample) alone: the set does not
             # depend on which rank made which batch (the first batch keeps the plain seed)
             run.reseed(_batch_seed(config.seed, first))
-            if config.method in (SynthMethod.PROCEDURAL, SynthMethod.INVERSION):
+            if config.method in (SynthMethod.PROCEDURAL, SynthMethod.INVERSION) or config.start == SynthStart.PROCEDURAL:
                 init = torch.from_numpy(procedural_images(last - first, loaded.input.chw, config.seed,
                                                           config.preprocess, first))
             else:
@@ -309,6 +309,9 @@ class _Run:
                 with torch.no_grad():
                     model(images)
                 if keep:
+                    if config.start != SynthStart.GAUSSIAN:  # the margins are the Gaussian batch's (the papers')
+                        noise = _project(torch.randn(images.shape, generator=self.generator).to(self.device), self.box)
+                        model(noise.contiguous(memory_format=self.memory_format))
                     margins = [slack_margins(x, mean, std, config.epsilon, config.slack_reading)
                                for x, (mean, std) in zip(tap.inputs, self.targets)]
                     tap.stop_keeping_inputs()
