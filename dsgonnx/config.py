@@ -285,8 +285,9 @@ class SynthOptions:
     # zeroq/dsg: each BN gap in units of that channel's running std (every layer on one scale),
     # instead of the papers' absolute gaps, where layers with large activations dominate the loss
     normalize_gaps: bool = False
-    # None: by use: batch where the images train QAT (``QuantConfig.synth_config``; measured on
-    # four models, README "What the DSG images lack for QAT"), else sample (the papers')
+    # None: by use: batch where the images train QAT or reconstruction (``QuantConfig.synth_config``;
+    # measured, README "What the DSG images lack for QAT" and "Which alignment reconstruction
+    # learns from"), else sample (the papers')
     alignment: Optional[Alignment] = None
     # zeroq/dsg: the images optimisation starts from (slack margins are read on a Gaussian batch
     # either way, as the papers define them)
@@ -905,9 +906,10 @@ class QuantConfig:
                                         seed=self.seed, device=self.device, preprocess=self.preprocess)
 
     def trains_on_calibration_images(self) -> bool:
-        """Whether QAT trains on the calibration images (``qat.data`` auto, calib or mixed):
-        then synthesis aligns the batch's statistics unless ``synth.alignment`` says otherwise."""
-        return self.qat is not None and self.qat.data != "generator"
+        """Whether reconstruction (``refine``) or QAT (``qat.data`` auto, calib or mixed) trains on
+        the calibration images: then synthesis aligns the batch's statistics unless
+        ``synth.alignment`` says otherwise."""
+        return self.refine is not None or (self.qat is not None and self.qat.data != "generator")
 
     def to_dict(self) -> dict:
         data = _to_dict(self)

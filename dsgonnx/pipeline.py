@@ -408,8 +408,8 @@ def _even_batch(count: int, limit: int = 16) -> int:
     return max(b for b in range(1, min(limit, count) + 1) if count % b == 0)
 
 
-_BATCH_FOR_QAT = ("QAT trains on these images (measured on four models, README 'What the DSG images lack for QAT'); "
-                  "--alignment sample for the papers'")
+_BATCH_FOR_TRAINING = ("reconstruction or QAT trains on these images (measured, README 'What the DSG images lack for "
+                       "QAT' and 'Which alignment reconstruction learns from'); --alignment sample for the papers'")
 
 
 _NOTHING_HELD = ("nothing is held out of calibration (`holdout` 0, or calibration images without `holdout` more "
@@ -429,10 +429,11 @@ def _calibration_data(loaded: LoadedModel, config: QuantConfig):
         synthetic = synthesize(loaded, made_as).hold_out(holdout)  # the same split as `dsgonnx synthesize --holdout`
         settings = synthetic.meta["config"]
         chosen = {}
-        # the alignment synth_config chose for QAT's images (the method decided may not align BN at all)
+        # the alignment synth_config chose for images reconstruction or QAT trains on (the method
+        # decided may not align BN at all)
         if made_as.alignment != config.synth.alignment and SynthMethod(synthetic.meta["method"]).needs_bn:
-            chosen = {"alignment_choice": f"{made_as.alignment}: {_BATCH_FOR_QAT}"}
-            say(f"quantize: synthesis held the batch's BN statistics, not each sample's, to the model's: {_BATCH_FOR_QAT}")
+            chosen = {"alignment_choice": f"{made_as.alignment}: {_BATCH_FOR_TRAINING}"}
+            say(f"quantize: synthesis held the batch's BN statistics, not each sample's, to the model's: {_BATCH_FOR_TRAINING}")
         info = {"method": synthetic.meta["method"], "num_samples": config.num_samples, "iters": settings["iters"],
                 **({"requested": config.calib.value, "method_choice": synthetic.meta["method_choice"]}
                    if synthetic.meta.get("method_choice") else {}),

@@ -573,3 +573,24 @@ def test_inside_means_are_the_calibration_images_own_with_synthetic_images(setup
     assert len({json.dumps(value, sort_keys=True) for value in written.values()}) == 1, written
     with pytest.raises(DataError, match="`refine.inside_means` must be one of auto, written, calibration"):
         RefineConfig(inside_means="bn")
+
+
+def test_images_reconstruction_learns_from_are_synthesized_batch_aligned(setup):
+    """quantize --refine with --calib dsg synthesizes with the batch's BN statistics aligned
+    (README, 'Which alignment reconstruction learns from') and says why; an explicit
+    ``alignment`` is kept, and plain PTQ keeps the papers' per-sample alignment."""
+    from dsgonnx.config import SynthOptions
+
+    common = dict(wbits=4, abits=4, calib="dsg", num_samples=8, iters=2, holdout=4, force=True, validate=False,
+                  seed=0, fallback=False)
+    refine = RefineConfig(method="brecq", iters=2)
+    folder = setup["folder"]
+    chosen = quantize(str(setup["model"]), QuantConfig(output=str(folder / "align-refine.onnx"), refine=refine,
+                                                       **common))
+    assert chosen.calibration["synth"]["alignment"] == "batch"
+    assert "reconstruction or QAT trains on these images" in chosen.calibration["alignment_choice"]
+    asked = quantize(str(setup["model"]), QuantConfig(output=str(folder / "align-asked.onnx"), refine=refine,
+                                                      synth=SynthOptions(alignment="sample"), **common))
+    assert asked.calibration["synth"]["alignment"] == "sample" and "alignment_choice" not in asked.calibration
+    plain = quantize(str(setup["model"]), QuantConfig(output=str(folder / "align-plain.onnx"), **common))
+    assert plain.calibration["synth"]["alignment"] == "sample" and "alignment_choice" not in plain.calibration

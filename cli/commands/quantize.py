@@ -83,7 +83,7 @@ def _given(values: dict, fields: dict) -> dict:
 @click.option("--slack-reading", type=choice(SlackReading), help="DSG margin reading (see dsgonnx synthesize --help).")
 @click.option("--low-res", type=int, help="Synthesis resolution schedule: start at NxN pixels (0: off).")
 @click.option("--alignment", type=choice(Alignment), help="Synthesis: per-sample or batch BN alignment (see dsgonnx synthesize --help) "
-                   "[default: batch with --qat (trains on the images), else sample].")
+                   "[default: batch with --refine or --qat (they train on the images), else sample].")
 @click.option("--ce-weight", type=float, help="Synthesis: cross-entropy to a random class per image (see dsgonnx synthesize --help).")
 @click.option("--synth-start", type=choice(SynthStart),
               help="Synthesis: optimise from noise or dead-leaves images (see dsgonnx synthesize --start) [default: gaussian].")

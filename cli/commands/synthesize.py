@@ -52,7 +52,7 @@ images have; without it only the input prior (mean 0, std 1) shapes them.
 @click.option("--alignment", type=choice(Alignment),
               help="zeroq/dsg: hold each sample's BN statistics to the running ones (sample: ZeroQ, DSG) or the "
                    "batch's pooled statistics (batch: DeepInversion, GDFQ; no slack margins or LSE) "
-                   "[default: sample; quantize --qat synthesizes with batch].")
+                   "[default: sample; quantize --refine or --qat synthesizes with batch].")
 @click.option("--normalize-gaps/--absolute-gaps", default=None,
               help="zeroq/dsg: BN gaps in units of each channel's running std, every layer on one scale "
                    "[default: absolute, the papers'].")
