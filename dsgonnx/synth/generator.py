@@ -306,12 +306,13 @@ class _Run:
         margins: list[Optional[Margins]] = [None] * len(self.layers)
         try:
             if tap is not None or config.method == SynthMethod.INVERSION:
+                measured = images
+                if keep and config.start != SynthStart.GAUSSIAN:  # the margins are the Gaussian batch's (the papers')
+                    noise = _project(torch.randn(images.shape, generator=self.generator).to(self.device), self.box)
+                    measured = noise.contiguous(memory_format=self.memory_format)
                 with torch.no_grad():
-                    model(images)
+                    model(measured)
                 if keep:
-                    if config.start != SynthStart.GAUSSIAN:  # the margins are the Gaussian batch's (the papers')
-                        noise = _project(torch.randn(images.shape, generator=self.generator).to(self.device), self.box)
-                        model(noise.contiguous(memory_format=self.memory_format))
                     margins = [slack_margins(x, mean, std, config.epsilon, config.slack_reading)
                                for x, (mean, std) in zip(tap.inputs, self.targets)]
                     tap.stop_keeping_inputs()
