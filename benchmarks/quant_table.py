@@ -37,6 +37,10 @@ SOURCES = {
     "dsg-batch": {"method": "dsg", "alignment": "batch"},
     "dsg-batch-ce10": {"method": "dsg", "alignment": "batch", "ce_weight": 10.0},  # and class-confident images
     "dsg-batch-proc": {"method": "dsg", "alignment": "batch", "start": "procedural"},  # from dead-leaves images
+    # dsg-batch with the GPU profile's synthesis budget whatever the profile: 500 iterations, all at full size
+    "dsg-batch-jit": {"method": "dsg", "alignment": "batch", "jitter": True},  # each step on a shifted, mirrored batch
+    "dsg-batch-tv": {"method": "dsg", "alignment": "batch", "tv_weight": 0.5},  # and a total-variation prior
+    "dsg-batch-i500": {"method": "dsg", "alignment": "batch", "low_res": 0, "iters": 500},
     "dsg-norm": {"method": "dsg", "normalize_gaps": True},  # DSG with BN gaps in units of the running std
     "dsg-full": {"method": "dsg", "low_res": 0},  # DSG at full resolution throughout (no low-res schedule)
     "dsg-kept": {"method": "dsg"},  # DSG images made on the model's BN-kept twin (``twin=``), for a folded model
@@ -246,7 +250,7 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
                         start = time.perf_counter()
                         # a source's own settings (e.g. dsg-full's low_res 0) over the profile's
                         made_as = SynthConfig(**{**(synth or {}), **SOURCES[base], "num_samples": synthetic_samples,
-                                                 "iters": iters, "seed": seed, "device": device, "preprocess": recipe})
+                                                 "iters": SOURCES[base].get("iters", iters), "seed": seed, "device": device, "preprocess": recipe})
                         cached = _cached_set(cache, source, made_as, held)
                         if cached is not None and cached.exists():
                             synthetic = SyntheticSet.load(cached)
@@ -447,6 +451,7 @@ def candidates_markdown(results: dict) -> str:
 
 # SynthConfig fields added after synthetic sets were cached, with the value every such set was made with
 _LATER_FIELDS = {"start": "gaussian"}
+_LATER_BY_METHOD = ("jitter",)  # left out of the key where they are the method's own default
 
 
 def _cached_set(cache, model, settings, holdout=0):
@@ -456,11 +461,12 @@ def _cached_set(cache, model, settings, holdout=0):
         return None
     import hashlib
 
-    from dataclasses import asdict
+    from dataclasses import asdict, replace
 
     resolved = asdict(settings.for_model(has_bn=True)[0])  # weights left unset keyed as the method fills them in
-    for name, default in _LATER_FIELDS.items():  # the sets cached before a field existed keep their names
-        if resolved.get(name) == default:
+    by_method = asdict(replace(settings, **{name: None for name in _LATER_BY_METHOD}).for_model(has_bn=True)[0])
+    for name, default in {**_LATER_FIELDS, **{name: by_method[name] for name in _LATER_BY_METHOD}}.items():
+        if resolved.get(name) == default:  # the sets cached before a field existed keep their names
             del resolved[name]
     key = hashlib.sha256(Path(model).read_bytes()).hexdigest()[:12] + json.dumps(resolved, sort_keys=True, default=str)
     key += f"holdout={holdout}" if holdout else ""  # (the sets made before held-out samples keep their names)

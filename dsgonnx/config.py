@@ -75,9 +75,9 @@ BN_FREE_DEFAULT = SynthMethod.PROCEDURAL
 # models"): without the anchor, or at lr 0.1, it drifts away from its procedural start and
 # loses 5-12 points at W4A4.
 METHOD_DEFAULTS = MappingProxyType({"lr": 0.1, "ce_weight": 0.0, "tv_weight": 0.0, "l2_weight": 0.0,
-                                    "anchor_weight": 0.0})
+                                    "anchor_weight": 0.0, "jitter": False})
 INVERSION_WEIGHTS = MappingProxyType({"lr": 0.01, "ce_weight": 1.0, "tv_weight": 0.5, "l2_weight": 0.0,
-                                      "anchor_weight": 10.0})
+                                      "anchor_weight": 10.0, "jitter": True})
 
 
 class Device(Choice):
@@ -282,6 +282,9 @@ class SynthOptions:
     # inversion: every Conv output's per-sample channel statistics held to those its procedural
     # start images have (ZeroQ's alignment with the start as the target); None: by method
     anchor_weight: Optional[float] = None
+    # each step's forward on a randomly shifted (up to 1/8 of the side, wrapped) and mirrored
+    # copy of the batch (DeepInversion's jitter); None: by method (inversion on, others off)
+    jitter: Optional[bool] = None
     # zeroq/dsg: each BN gap in units of that channel's running std (every layer on one scale),
     # instead of the papers' absolute gaps, where layers with large activations dominate the loss
     normalize_gaps: bool = False
@@ -316,6 +319,7 @@ class SynthOptions:
         for name in ("ce_weight", "tv_weight", "l2_weight", "anchor_weight"):
             value = getattr(self, name)
             _require(value is None or (_is_number(value) and value >= 0), f"`{name}` must not be negative")
+        _require(self.jitter is None or isinstance(self.jitter, bool), f"`jitter` must be true or false, got {self.jitter!r}")
 
     def to_dict(self) -> dict:
         return _to_dict(self)

@@ -49,6 +49,9 @@ images have; without it only the input prior (mean 0, std 1) shapes them.
 @click.option("--l2-weight", type=float, help="Image L2 prior [default: 0].")
 @click.option("--anchor-weight", type=float,
               help="Inversion: Conv outputs held to their procedural start's statistics [default: 10 for inversion].")
+@click.option("--jitter/--no-jitter", default=None,
+              help="Each step on a randomly shifted (up to 1/8 of the side, wrapped) and mirrored copy of the batch "
+                   "(DeepInversion's jitter) [default: on for inversion, else off].")
 @click.option("--alignment", type=choice(Alignment),
               help="zeroq/dsg: hold each sample's BN statistics to the running ones (sample: ZeroQ, DSG) or the "
                    "batch's pooled statistics (batch: DeepInversion, GDFQ; no slack margins or LSE) "
@@ -72,7 +75,8 @@ def synthesize_cmd(model, output, preprocess, preprocess_given, input_shape, pre
     """Synthesize calibration images for MODEL (from its BatchNorm statistics where it has them)."""
     from dsgonnx import synthesize
 
-    settings = {name: value for name, value in settings.items() if not (name == "normalize_gaps" and value is None)}
+    settings = {name: value for name, value in settings.items()
+                if not (name in ("normalize_gaps", "jitter") and value is None)}
     config = SynthConfig(preprocess=preprocess, slack=not no_slack, lse=not no_lse, sci=not no_sci,
                          input_prior=not no_input_prior, **settings)
     out = output or Path(model).with_name(f"{Path(model).stem}.{config.method}.npz")

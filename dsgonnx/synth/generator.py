@@ -431,7 +431,7 @@ class _Run:
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.1, patience=config.patience,
                                                                min_lr=1e-4)
         terms = self._terms(images.shape[0], first)
-        jitter = self._jitter if config.method == SynthMethod.INVERSION else (lambda x: x)
+        jitter = self._jitter if config.jitter else (lambda x: x)
         progress = Progress(label, iters)
         every = SYNC_EVERY.get(self.device.type, 1)
         pending: list[tuple[int, torch.Tensor]] = []  # (iteration, term values and total) not read yet
