@@ -48,13 +48,12 @@ def validate(
     check_report_path(config.report_path)
     fp, q = open_models(fp_model_path, q_model_path, config.provider, exact=config.exact)
     spec = shared_input(fp.io, q.io)
-    placement = read_quantized_activations(q_model_path) if config.per_tensor else None
+    quantized = read_quantized_activations(q_model_path) if config.per_tensor else None
     dataset = open_dataset(spec, data, config.preprocess, config.class_list, images, labels, config.exclude_files)
     check_thresholds(config.max_drop, config.min_agreement, dataset.labels is not None)
     batch_size = spec.fixed_batch or min(config.batch_size, dataset.size)
     run = _run_both(fp, q, dataset, batch_size, padded=spec.fixed_batch is not None)
-    per_tensor = None if placement is None else per_tensor_errors(fp_model_path, q_model_path, placement, dataset,
-                                                                  spec.fixed_batch)
+    per_tensor = None if quantized is None else per_tensor_errors(fp_model_path, quantized, dataset, spec.fixed_batch)
 
     report = ValidationReport(
         fp_model=fp_model_path,

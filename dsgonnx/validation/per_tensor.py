@@ -78,18 +78,30 @@ class PerTensor:
         return "\n".join(rows)
 
 
-def read_quantized_activations(q_path: str) -> Placement:
-    """The QDQ placement of ``q_path``; :class:`DsgonnxError` (exit 2) where it quantizes no activation."""
-    placement = read_placement(onnx.load(q_path))
+@dataclass(frozen=True)
+class QuantizedActivations:
+    """A QDQ model as read once (``model``) and what it quantizes (``placement``)."""
+
+    path: str
+    model: onnx.ModelProto
+    placement: Placement
+
+
+def read_quantized_activations(q_path: str) -> QuantizedActivations:
+    """``q_path`` read, with its QDQ placement; :class:`DsgonnxError` (exit 2) where it quantizes no activation."""
+    model = onnx.load(q_path)
+    placement = read_placement(model)
     if not placement.activations:
         raise DsgonnxError(f"{q_path}: no activation is quantized (no QuantizeLinear -> DequantizeLinear pair); "
                            "--per-tensor compares a QDQ model's quantized activations")
-    return placement
+    return QuantizedActivations(q_path, model, placement)
 
 
-def per_tensor_errors(fp_path: str, q_path: str, placement: Placement, dataset, fixed_batch: int | None) -> PerTensor:
+def per_tensor_errors(fp_path: str, quantized: QuantizedActivations, dataset, fixed_batch: int | None) -> PerTensor:
     """Run both models on every sample of ``dataset`` (:class:`~dsgonnx.validation.data.Dataset`)
-    with the quantized activations as outputs and accumulate each one's errors."""
+    with the quantized activations as outputs and accumulate each one's errors (``quantized.model``
+    is given those outputs and saved with its weights outside it: it is spent afterwards)."""
+    q_path, placement = quantized.path, quantized.placement
     fp_model = onnx.load(fp_path)
     graph_inputs = {i.name for i in fp_model.graph.input}
     names = list(graph_inputs) + [out for node in fp_model.graph.node for out in node.output if out]
@@ -101,7 +113,7 @@ def per_tensor_errors(fp_path: str, q_path: str, placement: Placement, dataset, 
     sums = {t: np.zeros(5) for t in matched}  # Σ f², Σ (f − q)², Σ (f − grid(f))², clipped, values
     with tempfile.TemporaryDirectory(prefix="dsgonnx-per-tensor-") as scratch:
         fp_session = ort_session(_with_outputs(fp_model, fp_outputs, Path(scratch) / "fp.onnx"), [CPU])
-        q_session = ort_session(_with_outputs(onnx.load(q_path), q_outputs, Path(scratch) / "q.onnx"), [CPU],
+        q_session = ort_session(_with_outputs(quantized.model, q_outputs, Path(scratch) / "q.onnx"), [CPU],
                                 as_written=True)
         input_name = fp_session.get_inputs()[0].name
         batch_size = fixed_batch or min(BATCH, dataset.size)
