@@ -37,9 +37,9 @@ SOURCES = {
     "dsg-batch": {"method": "dsg", "alignment": "batch"},
     "dsg-batch-ce10": {"method": "dsg", "alignment": "batch", "ce_weight": 10.0},  # and class-confident images
     "dsg-batch-proc": {"method": "dsg", "alignment": "batch", "start": "procedural"},  # from dead-leaves images
-    # dsg-batch with the GPU profile's synthesis budget whatever the profile: 500 iterations, all at full size
     "dsg-batch-jit": {"method": "dsg", "alignment": "batch", "jitter": True},  # each step on a shifted, mirrored batch
     "dsg-batch-tv": {"method": "dsg", "alignment": "batch", "tv_weight": 0.5},  # and a total-variation prior
+    # dsg-batch with the GPU profile's synthesis budget whatever the profile: 500 iterations, all at full size
     "dsg-batch-i500": {"method": "dsg", "alignment": "batch", "low_res": 0, "iters": 500},
     "dsg-norm": {"method": "dsg", "normalize_gaps": True},  # DSG with BN gaps in units of the running std
     "dsg-full": {"method": "dsg", "low_res": 0},  # DSG at full resolution throughout (no low-res schedule)
@@ -250,7 +250,8 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
                         start = time.perf_counter()
                         # a source's own settings (e.g. dsg-full's low_res 0) over the profile's
                         made_as = SynthConfig(**{**(synth or {}), **SOURCES[base], "num_samples": synthetic_samples,
-                                                 "iters": SOURCES[base].get("iters", iters), "seed": seed, "device": device, "preprocess": recipe})
+                                                 "iters": SOURCES[base].get("iters", iters), "seed": seed,
+                                                 "device": device, "preprocess": recipe})
                         cached = _cached_set(cache, source, made_as, held)
                         if cached is not None and cached.exists():
                             synthetic = SyntheticSet.load(cached)

@@ -319,7 +319,8 @@ class SynthOptions:
         for name in ("ce_weight", "tv_weight", "l2_weight", "anchor_weight"):
             value = getattr(self, name)
             _require(value is None or (_is_number(value) and value >= 0), f"`{name}` must not be negative")
-        _require(self.jitter is None or isinstance(self.jitter, bool), f"`jitter` must be true or false, got {self.jitter!r}")
+        _require(self.jitter is None or isinstance(self.jitter, bool),
+                 f"`jitter` must be true or false, got {self.jitter!r}")
 
     def to_dict(self) -> dict:
         return _to_dict(self)
