@@ -248,10 +248,10 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
                             raise SystemExit(f"row {row!r} needs the model's BN-kept twin; {model} has none here")
                         source = twin if base == "dsg-kept" else model
                         start = time.perf_counter()
-                        # a source's own settings (e.g. dsg-full's low_res 0) over the profile's
-                        made_as = SynthConfig(**{**(synth or {}), **SOURCES[base], "num_samples": synthetic_samples,
-                                                 "iters": SOURCES[base].get("iters", iters), "seed": seed,
-                                                 "device": device, "preprocess": recipe})
+                        # a source's own settings (e.g. dsg-full's low_res 0, dsg-batch-i500's iters) over the profile's
+                        made_as = SynthConfig(**{**(synth or {}), "iters": iters, **SOURCES[base],
+                                                 "num_samples": synthetic_samples, "seed": seed, "device": device,
+                                                 "preprocess": recipe})
                         cached = _cached_set(cache, source, made_as, held)
                         if cached is not None and cached.exists():
                             synthetic = SyntheticSet.load(cached)
