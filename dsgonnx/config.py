@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from enum import Enum
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping, Optional, Union
+from typing import Any, ClassVar, Mapping, Optional, Union
 
 from .errors import DataError
 from .inputs import parse_input_shape
@@ -439,6 +439,9 @@ class RefineConfig:
     (:meth:`resolved`).
     """
 
+    STARTS: ClassVar[tuple] = REFINE_STARTS  # the values each field accepts (the CLI's choices)
+    INSIDE_MEANS: ClassVar[tuple] = INSIDE_MEANS
+
     method: RefineMethod = RefineMethod.BRECQ
     iters: Optional[int] = None
     lr: float = 1e-2
@@ -577,6 +580,13 @@ class QatConfig:
     ResNet-56 80.93 against 79.67, ResNet-20 78.87 against 78.95 with the logits 0.76 dB closer
     to FP32's; MobileNet v1 0.75 50.33 against 50.56, no gain; README, 'Distilling every layer').
     """
+
+    DATA: ClassVar[tuple] = QAT_DATA  # the values each field accepts (the CLI's choices)
+    GENERATOR_LOSSES: ClassVar[tuple] = GENERATOR_LOSSES
+    OPTIMIZERS: ClassVar[tuple] = QAT_OPTIMIZERS
+    LOSSES: ClassVar[tuple] = QAT_LOSSES
+    STARTS: ClassVar[tuple] = QAT_STARTS
+    MIXES: ClassVar[tuple] = QAT_MIXES
 
     iters: Optional[int] = None
     lr: float = 1e-4

@@ -237,3 +237,20 @@ def test_ort_quantization_tools_are_silenced_without_silencing_other_loggers(cap
         print("swallowed")
     assert "still heard" in caplog.text and "not heard" not in caplog.text
     assert logging.root.manager.disable == 0 and logging.getLogger("onnxruntime").level == logging.NOTSET
+
+
+@pytest.mark.parametrize("option, config, field", [
+    ("--refine-start", RefineConfig, "start"), ("--refine-inside-means", RefineConfig, "inside_means"),
+    ("--qat-data", dsgonnx.QatConfig, "data"), ("--qat-generator-loss", dsgonnx.QatConfig, "generator_loss"),
+    ("--qat-optimizer", dsgonnx.QatConfig, "optimizer"), ("--qat-loss", dsgonnx.QatConfig, "loss"),
+    ("--qat-start", dsgonnx.QatConfig, "start"), ("--qat-mix", dsgonnx.QatConfig, "mix")])
+def test_the_cli_offers_exactly_the_values_the_config_accepts(option, config, field):
+    command = cli.get_command(None, "quantize")
+    param = next(p for p in command.params if option in p.opts)
+    offered = list(param.type.choices)
+    for value in offered:
+        config(**{field: value})  # every value the CLI lets through builds a config
+    with pytest.raises(DataError, match=field):
+        config(**{field: "not-a-choice"})
+    result = CliRunner().invoke(cli, ["quantize", "m.onnx", option, "not-a-choice"])
+    assert result.exit_code == 2 and all(v in result.output for v in offered)  # click lists them all

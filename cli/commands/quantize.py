@@ -111,11 +111,11 @@ def _given(values: dict, fields: dict) -> dict:
                    "rounding is learned for the corrected model, or apply it to the written model only "
                    "[default: inside wherever biases are corrected; see README, 'Bias correction inside the "
                    "reconstruction'].")
-@click.option("--refine-inside-means", type=click.Choice(["auto", "written", "calibration"]),
+@click.option("--refine-inside-means", type=click.Choice(RefineConfig.INSIDE_MEANS),
               help="E[x] of the correction simulated while reconstructing: the written correction's, or every "
                    "layer's input mean over the calibration images (the file is corrected with the written ones); "
                    "auto: calibration with synthetic images, written with real ones [default: auto; see README].")
-@click.option("--refine-start", type=click.Choice(["auto", "nearest", "squant"]),
+@click.option("--refine-start", type=click.Choice(RefineConfig.STARTS),
               help="The rounding each layer/block's learning starts from: nearest (AdaRound's), SQuant's data-free "
                    "flips of it on the layer's own grid, or auto: what quantize writes without --refine (SQuant's at "
                    "4 bits or fewer, else nearest; W4A4 EfficientNet-Lite0 +6.55 with real images, ResNet-20 DSG "
@@ -130,27 +130,27 @@ def _given(values: dict, fields: dict) -> dict:
 @click.option("--qat-act-lr", type=float, help="QAT rate of the activation steps (LSQ; 0 keeps the calibrated ones) [default: 1e-4].")
 @click.option("--qat-weight-step-lr", type=float, help="QAT rate of the weight steps (0 keeps them) [default: 1e-3].")
 @click.option("--qat-augment/--qat-no-augment", default=None, help="New views (flips, shifts) of the calibration images each step [default: on].")
-@click.option("--qat-data", type=click.Choice(["auto", "generator", "calib", "mixed"]),
+@click.option("--qat-data", type=click.Choice(QatConfig.DATA),
               help="What QAT trains on: a generator's fresh images, trained alongside against the model's BN "
                    "statistics (GDFQ-style), the calibration images, or half of each; auto: the calibration images "
                    "(measured: they beat the generator on ResNet-20/56 W4A4) [default: auto].")
-@click.option("--qat-generator-loss", type=click.Choice(["dsg", "bns"]),
+@click.option("--qat-generator-loss", type=click.Choice(QatConfig.GENERATOR_LOSSES),
               help="The generator's loss: DSG's (slack alignment, layerwise enhancement, correlation inhibition) or "
                    "GDFQ's batch statistics [default: bns for --calib zeroq, else dsg].")
 @click.option("--qat-generator-lr", type=float, help="The generator's learning rate (Adam) [default: 1e-3].")
 @click.option("--qat-generator-warmup", type=int, help="Generator steps before the model trains [default: 200].")
-@click.option("--qat-optimizer", type=click.Choice(["adam", "sgd"]),
+@click.option("--qat-optimizer", type=click.Choice(QatConfig.OPTIMIZERS),
               help="QAT's optimiser of the weights and biases (sgd: Nesterov momentum 0.9; the steps stay on Adam) "
                    "[default: adam].")
-@click.option("--qat-loss", type=click.Choice(["mse", "kl"]),
+@click.option("--qat-loss", type=click.Choice(QatConfig.LOSSES),
               help="QAT's distillation loss on the float model's logits: their mean squared difference, or KL of the "
                    "softmax (the papers'; a 4-bit student lowers it by flattening its logits) [default: mse].")
-@click.option("--qat-start", type=click.Choice(["auto", "nearest", "squant", "refine"]),
+@click.option("--qat-start", type=click.Choice(QatConfig.STARTS),
               help="The weight integers QAT starts from, on its own grid: nearest rounding, SQuant's data-free "
                    "flips of it, or reconstruction's learned rounding (run first, with --refine's method and "
                    "--refine-* settings, else brecq's defaults), bias-corrected each way; auto: the rounding "
                    "quantize writes without --qat (SQuant's at 4 bits or fewer, else nearest) [default: auto].")
-@click.option("--qat-mix", type=click.Choice(["none", "mixup", "cutmix"]),
+@click.option("--qat-mix", type=click.Choice(QatConfig.MIXES),
               help="Blend half of each batch's calibration images pairwise: mixup (a weighted sum) or cutmix (a box "
                    "of another image), the teacher labelling each blend [default: none].")
 @click.option("--qat-feature-weight", type=float, metavar="W",
