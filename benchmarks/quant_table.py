@@ -54,6 +54,8 @@ VARIANTS = {
     "calpool": {"pool_range": "calibrated"},  # pooled features on their own calibrated range (the default before)
     "nofirst": {"first_layer_8bit": False},  # input and first layer at the low width too (below 8 bits)
     "lsq": {},  # with +refine: the activation steps learned too (quantize --refine-act-lr LSQ_LR)
+    "wstep": {},  # with +refine: each layer's weight steps learned too (quantize --refine-weight-step-lr WSTEP_LR)
+    "nowstep": {},  # with +refine: the clipping-searched weight steps (--refine-weight-step-lr 0; real rows before 2026-12-05's default)
     "views4": {},  # with +refine: each calibration image and 3 flipped/shifted views of it (quantize --refine-views 4)
     "it500": {},  # with +refine: 500 iterations per block whatever the profile's (quantize --refine-iters 500)
     "it2000": {},  # with +refine: 2000 iterations per block (quantize --refine-iters 2000)
@@ -123,6 +125,7 @@ QAT_VARIANTS = {"sqstart": {"start": "squant"}, "nearstart": {"start": "nearest"
                 "nofeat": {"feature_weight": 0.0},
                 **{f"feat{w}": {"feature_weight": float(w)} for w in (10, 30, 100, 300)}}
 LSQ_LR = 1e-3
+WSTEP_LR = 1e-3
 ONLY_AT = {"mixed": (2, 3, 5, 6, 7), "nofirst": (2, 3, 4, 5, 6, 7)}  # the widths where a variant changes anything
 
 
@@ -196,6 +199,14 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
                 if not refine_method:
                     raise SystemExit(f"row {row!r}: +lsq learns activation steps while refining; add +refine")
                 refine_settings["act_lr"] = LSQ_LR
+            if "wstep" in variants:
+                if not refine_method:
+                    raise SystemExit(f"row {row!r}: +wstep learns weight steps while refining; add +refine")
+                refine_settings["weight_step_lr"] = WSTEP_LR
+            if "nowstep" in variants:
+                if not refine_method:
+                    raise SystemExit(f"row {row!r}: +nowstep keeps reconstruction's weight steps; add +refine")
+                refine_settings["weight_step_lr"] = 0.0
             if "views4" in variants:
                 if not refine_method:
                     raise SystemExit(f"row {row!r}: +views4 adds views to reconstruction's images; add +refine")

@@ -394,6 +394,9 @@ class SynthConfig(SynthOptions):
 # --- reconstruction ---------------------------------------------------------------------------
 
 REFINE_STARTS = ("auto", "nearest", "squant")
+# the rate at which reconstruction learns the weight steps with real calibration images (measured:
+# README, "Learned weight steps")
+WEIGHT_STEP_LR = 1e-3
 INSIDE_MEANS = ("auto", "written", "calibration")
 
 
@@ -404,6 +407,11 @@ class RefineConfig:
     ``iters=None``: by device (:func:`device_defaults`); ``drop_prob=None``: 0.5 for brecq
     (QDrop), 0 for adaround. ``act_lr`` > 0 learns the activation step sizes with the rounding
     (LSQ; Adam on the log of each step, so the rate is relative); 0 keeps the calibrated ones.
+    ``weight_step_lr`` > 0 learns each layer's weight steps with its rounding (Genie-M, Jeon et
+    al. 2023: the floors stay on the starting grid, the step scales them; Adam on its log), and
+    the learned steps are the exported scales; 0 keeps the clipping-searched ones; None (the
+    default): :data:`WEIGHT_STEP_LR` with real calibration images, 0 with synthetic ones
+    (:meth:`resolved`; measured in README, 'Learned weight steps').
     ``start``: the rounding each unit's learning starts from — ``nearest`` (AdaRound's: every
     soft bit at the weight's fractional part), ``squant`` (SQuant's rounding on the unit's own
     grid: the elements it rounds the other way start mirrored about ½), or ``auto`` (the
@@ -454,6 +462,7 @@ class RefineConfig:
     block_layers: int = 4
     scale_search: bool = True
     act_lr: float = 0.0
+    weight_step_lr: Optional[float] = None
     start: str = "auto"
     views: int = 1
     input_drop: Optional[float] = None
@@ -475,6 +484,8 @@ class RefineConfig:
                  f"`refine.start` must be one of {', '.join(REFINE_STARTS)}, got {self.start!r}")
         _require(_is_number(self.act_lr) and 0 <= self.act_lr < 1,
                  f"`refine.act_lr` (activation step learning rate) must be in [0, 1), got {self.act_lr}")
+        _require(self.weight_step_lr is None or (_is_number(self.weight_step_lr) and 0 <= self.weight_step_lr < 1),
+                 f"`refine.weight_step_lr` (weight step learning rate) must be in [0, 1), got {self.weight_step_lr}")
         _require(self.iters is None or (_is_int(self.iters) and self.iters >= 0),
                  f"`refine.iters` must not be negative, got {self.iters}")
         _require(_is_number(self.lr) and self.lr > 0, f"`refine.lr` must be positive, got {self.lr}")
@@ -507,13 +518,15 @@ class RefineConfig:
     def resolved(self, plain: "Rounding", corrected: bool = False, synthetic: bool = False) -> "RefineConfig":
         """This config with ``start`` ``auto`` made the rounding ``plain`` (what quantize writes
         without reconstruction, :meth:`QuantConfig.plain_rounding`), ``correct_inside`` None
-        made ``corrected`` (whether quantize corrects the biases of the model reconstructed) and
+        made ``corrected`` (whether quantize corrects the biases of the model reconstructed),
         ``inside_means`` ``auto`` made ``calibration`` for ``synthetic`` calibration images, else
-        ``written``."""
+        ``written``, and ``weight_step_lr`` None made 0 for ``synthetic`` images, else
+        :data:`WEIGHT_STEP_LR`."""
         start = _start_from(plain) if self.start == "auto" else self.start
         inside = corrected if self.correct_inside is None else self.correct_inside
         means = self.inside_means if self.inside_means != "auto" else "calibration" if synthetic else "written"
-        return replace(self, start=start, correct_inside=inside, inside_means=means)
+        steps = self.weight_step_lr if self.weight_step_lr is not None else 0.0 if synthetic else WEIGHT_STEP_LR
+        return replace(self, start=start, correct_inside=inside, inside_means=means, weight_step_lr=steps)
 
     def to_dict(self) -> dict:
         return _to_dict(self) | {"drop_prob": self.dropping, "input_drop": self.input_dropping}

@@ -587,7 +587,8 @@ def _refine(prepared: Path, out: Path, ranges, weights, activations, images, hol
         start = None
         if qat.start == "refine":  # reconstruct first, on the same images and grids; train from its result
             start = refine_model(prepared, out.with_name(f"start-{out.name}"), placement, images, holdout,
-                                 config=(config.refine or RefineConfig()).resolved(config.plain_rounding(), False),
+                                 config=(config.refine or RefineConfig()).resolved(
+                                     config.plain_rounding(), False, calib_info.get("method") != "real"),
                                  **common)
             start.release()
         return qat_model(prepared, out, placement, images, holdout, config=qat,

@@ -53,6 +53,7 @@ def _refine(setup, method, bits=4, **options):
     exclude, _ = excluded_nodes(onnx.load(str(prepared)), (), "exclude")
     options.setdefault("iters", ITERS)
     options.setdefault("start", "nearest")  # what quantize resolves `auto` to above 4 bits
+    options.setdefault("weight_step_lr", 0.0)  # what quantize resolves None to with synthetic images
     placement = placement_of(prepared, ranges, weights, activations, per_channel=True, reduce_range=False)
     return refine_model(prepared, folder / f"refined-{method}.onnx", placement,
                         setup["calib"], setup["held"], exclude=set(exclude), per_channel=True,
@@ -243,6 +244,7 @@ def test_cli_refine_reports_units_and_rejects_bad_options(setup):
                           (["--refine-iters", "20"], "need --refine"),
                           (["--refine", "adaround", "--refine-drop", "1.5"], "drop probability"),
                           (["--refine", "brecq", "--refine-act-lr", "-0.1"], "activation step learning rate"),
+                          (["--refine", "brecq", "--refine-weight-step-lr", "2"], "weight step learning rate"),
                           (["--refine", "brecq", "--refine-views", "0"], "views of each calibration image"),
                           (["--refine", "brecq", "--refine-input-drop", "1"], "being the float model's")):
         bad = runner.invoke(cli, ["quantize", str(setup["model"]), "-o", str(setup["folder"] / "bad.onnx"),
@@ -368,6 +370,8 @@ def test_refine_config_rejects_bad_settings():
         RefineConfig(start="refine")
     with pytest.raises(DataError, match="`refine.iters` must not be negative"):
         QuantConfig(refine=RefineConfig(iters=-1))
+    with pytest.raises(DataError, match="`refine.weight_step_lr`"):
+        RefineConfig(weight_step_lr=-1e-3)
     assert QuantConfig(refine="adaround").refine == RefineConfig(method="adaround")
 
 
@@ -392,6 +396,40 @@ def test_learned_activation_steps_are_what_the_qdq_model_holds(setup):
         assert grid.zero_point == before[name].zero_point and steps[root]["calibrated"] == before[root].scale
         moved += grid.scale != before[name].scale
     assert moved >= len(after) // 2
+    fidelity = result.decisions["refine"]["fidelity"]
+    assert fidelity["agreement"] >= 0.9 and fidelity["sqnr_db"] >= 30, fidelity
+
+
+def test_learned_weight_steps_scale_the_starting_grids_floors_and_are_what_the_qdq_model_holds(setup):
+    """--refine-weight-step-lr (Genie-M): each layer's step learns with its rounding; the file
+    holds the learned steps and integers exactly, every integer is still the floor or the
+    ceiling of the weight on the grid learning started from, and the trained simulation (biases
+    on the int32 grid of the learned step) still follows the file."""
+    folder = setup["folder"]
+    common = dict(wbits=4, abits=4, calib=str(setup["npz"]), num_samples=64, force=True, validate=False,
+                  fallback=False)
+    fixed = quantize(str(setup["model"]), QuantConfig(output=str(folder / "wstep-fixed.onnx"), **common,
+                                                       refine=RefineConfig(method="brecq", iters=100,
+                                                                           weight_step_lr=0.0)))
+    result = quantize(str(setup["model"]), QuantConfig(output=str(folder / "wstep.onnx"), **common,
+                                                        refine=RefineConfig(method="brecq", iters=100,
+                                                                            weight_step_lr=1e-2)))
+    written, learned = _quantized_weights(result.output), result.refined_weights
+    prepared = onnx.load(str(pre_process(setup["model"], folder / "wstep-prepared.onnx")))
+    floats = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in prepared.graph.initializer}
+    moved = 0
+    for name, weight in learned.items():
+        integers, scales = written[name]
+        np.testing.assert_array_equal(integers, weight.integers)
+        np.testing.assert_array_equal(scales, weight.scales)
+        start = fixed.refined_weights[name].scales  # the same clipping search: the grid learning started from
+        moved += int((scales != start).sum())
+        shape = [-1] + [1] * (integers.ndim - 1) if np.ndim(start) else []
+        exact = floats[name] / np.reshape(start.astype(np.float64), shape)
+        top = np.abs(integers).max()
+        inside = np.abs(exact) < top
+        assert (np.abs(integers - exact)[inside] < 1 + 1e-6).all(), name  # floor or ceiling on the starting grid
+    assert moved > sum(w.scales.size for w in learned.values()) // 2  # most steps learned away from the start
     fidelity = result.decisions["refine"]["fidelity"]
     assert fidelity["agreement"] >= 0.9 and fidelity["sqnr_db"] >= 30, fidelity
 
@@ -531,10 +569,12 @@ def test_correction_inside_needs_bias_correction_and_no_qat(setup):
     assert len(bad.stderr.strip().splitlines()) == 1 and not (setup["folder"] / "bad.onnx").exists()
 
 
-def test_inside_means_are_the_calibration_images_own_with_synthetic_images(setup, monkeypatch):
+def test_inside_means_and_weight_steps_follow_the_calibration_images(setup, monkeypatch):
     """refine.inside_means: ``auto`` with synthetic calibration images simulates the correction
     with every layer's input mean over those images (``calibration``), while the file is
-    corrected with the written means (here from the BN statistics); ``written`` simulates those."""
+    corrected with the written means (here from the BN statistics); ``written`` simulates those.
+    refine.weight_step_lr None: the weight steps learn with real images only."""
+    from dsgonnx.config import WEIGHT_STEP_LR
     import dsgonnx.refine as refine_package
     from dsgonnx.quant.correct import empirical_means
 
@@ -563,6 +603,8 @@ def test_inside_means_are_the_calibration_images_own_with_synthetic_images(setup
             output=str(folder / f"means-{key}.onnx"), calib=calib, **common,
             refine=RefineConfig(method="brecq", iters=5, inside_means=means)))
         assert seen["config"].inside_means == expected == results[key].refine["config"]["inside_means"]
+        steps = 0.0 if isinstance(calib, SyntheticSet) else WEIGHT_STEP_LR
+        assert seen["config"].weight_step_lr == steps == results[key].refine["config"]["weight_step_lr"]
         if expected == "calibration":
             for name in convs:
                 np.testing.assert_allclose(seen["means"][name], measured[name], rtol=1e-6, atol=1e-9)

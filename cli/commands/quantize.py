@@ -41,7 +41,8 @@ written), 2 bad input (nothing written).
 _SYNTH_FLAGS = {"lr": "lr", "slack_reading": "slack_reading", "low_res": "low_res", "normalize_gaps": "normalize_gaps",
                 "alignment": "alignment", "ce_weight": "ce_weight", "synth_start": "start"}
 _REFINE_FLAGS = {"refine_iters": "iters", "refine_lr": "lr", "refine_reg": "reg_weight", "refine_drop": "drop_prob",
-                 "refine_batch_size": "batch_size", "refine_act_lr": "act_lr", "refine_start": "start",
+                 "refine_batch_size": "batch_size", "refine_act_lr": "act_lr",
+                 "refine_weight_step_lr": "weight_step_lr", "refine_start": "start",
                  "refine_views": "views", "refine_input_drop": "input_drop",
                  "refine_correct_inside": "correct_inside", "refine_inside_means": "inside_means"}
 _QAT_FLAGS = {"qat_iters": "iters", "qat_lr": "lr", "qat_batch_size": "batch_size", "qat_act_lr": "act_lr",
@@ -103,6 +104,10 @@ def _given(values: dict, fields: dict) -> dict:
 @click.option("--refine-act-lr", type=float,
               help="Learn the activation step sizes with the rounding at this rate (LSQ; relative steps) [default: 0, "
                    "the calibrated steps].")
+@click.option("--refine-weight-step-lr", type=float,
+              help="Learn each layer's weight steps with its rounding at this rate (Genie-M; relative steps), "
+                   "exported as the weight scales; 0 keeps the clipping-searched steps [default: 1e-3 with real "
+                   "calibration images, 0 with synthetic ones; see README, 'Learned weight steps'].")
 @click.option("--refine-views", type=int,
               help="Reconstruct on each calibration image and N-1 flipped and shifted views of it [default: 1, "
                    "the images alone].")

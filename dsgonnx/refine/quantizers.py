@@ -3,8 +3,9 @@
 :class:`QuantLayer` wraps a converted ``Conv``/``Linear`` module. Its weight is quantized
 symmetrically on a B-bit grid ``s·q``, ``q ∈ [-top, top]``, with ``q = ⌊w/s⌋ + h`` where
 ``h`` is AdaRound's rectified sigmoid of a learned ``V`` while training ("soft") and
-``1[V ≥ 0]`` once decided ("hard"). ``s`` is fixed before training (per output channel,
-the clipping ratio that minimises ‖w − s·round(w/s)‖²). Its bias is held, as ONNX Runtime
+``1[V ≥ 0]`` once decided ("hard"). ``s`` is set before training (per output channel,
+the clipping ratio that minimises ‖w − s·round(w/s)‖²); reconstruction may learn it with the
+rounding (``s'·clamp(⌊w/s⌋ + h)``, Genie-M's: :meth:`QuantLayer.settle`). Its bias is held, as ONNX Runtime
 exports it, as int32 on the grid of the input's scale times ``s`` — less, after
 :meth:`QuantLayer.correct_for`, the shift ΔW·E[x] that quantize's bias correction will subtract
 (:mod:`dsgonnx.quant.correct`), so that the learned rounding is the one of the corrected model
@@ -148,7 +149,8 @@ class QuantLayer(nn.Module):
         self.register_buffer("scale", scale.reshape(shape).to(inner.weight.dtype))
         self.mode = "fp"
         self.alpha: Optional[nn.Parameter] = None
-        self.log_scale: Optional[nn.Parameter] = None  # the learned step (log), mode "train" only
+        self.log_scale: Optional[nn.Parameter] = None  # the learned step (log): mode "train", or reconstruction's
+        self.register_buffer("decided", None)  # the learned integers once settled on a learned step (settle)
         self._input: tuple = ()  # the ActQuant of the input (not a submodule: it lives in the graph)
         self.register_buffer("input_mean", None)  # E[x] of each output channel's inputs (correct_for)
 
@@ -167,6 +169,15 @@ class QuantLayer(nn.Module):
     def step(self) -> torch.Tensor:
         """The weight step now (learned or fixed)."""
         return self.scale if self.log_scale is None else torch.exp(self.log_scale)
+
+    def settle(self) -> None:
+        """End reconstruction that learned the step with the rounding (Genie-M's, Jeon et al.
+        2023: ``s'·clamp(⌊w/s⌋ + h)``, the floors on the grid the learning started from):
+        keep the decided integers and make the learned step the layer's scale."""
+        if self.log_scale is None:
+            return
+        self.decided = self.integers().detach().clone()
+        self.fix_scale()
 
     def quantize_bias_on(self, input_quant: "ActQuant") -> None:
         """Hold the bias as ORT exports it for an input quantized by ``input_quant``."""
@@ -212,7 +223,7 @@ class QuantLayer(nn.Module):
             if bias is None or not self._input:
                 corrected = -shift if bias is None else bias.detach().double() - shift
                 return corrected.to(self.inner.weight.dtype)
-            scale = (self._input[0].step().detach().to(bias.device) * self.scale.detach().reshape(-1).float()).double()
+            scale = (self._input[0].step().detach().to(bias.device) * self.step().detach().reshape(-1).float()).double()
             info = torch.iinfo(torch.int32)
             # as the written model gets it: ORT's integers of b, less the shift in steps, rounded
             # (bias correction rewrites the int32 bias; one rounding of b − shift differs by a step)
@@ -223,7 +234,7 @@ class QuantLayer(nn.Module):
         if self.mode == "train":  # rounded straight through: the bias and both steps learn
             scale = self._input[0].step().to(bias.device) * self.step().reshape(-1).float()
             return round_ste(bias / scale) * scale
-        scale = self._input[0].step().detach().to(bias.device) * self.scale.detach().reshape(-1).float()
+        scale = self._input[0].step().detach().to(bias.device) * self.step().detach().reshape(-1).float()
         info = torch.iinfo(torch.int32)
         integers = torch.round(bias.detach().double() / scale.double()).clamp(info.min, info.max)
         return (integers.float() * scale).to(bias.dtype)
@@ -272,6 +283,8 @@ class QuantLayer(nn.Module):
 
     def integers(self) -> torch.Tensor:
         """The weight's integers in the current mode (``hard``: learned; otherwise nearest)."""
+        if self.mode == "hard" and self.decided is not None:
+            return self.decided
         if self.mode != "hard" or self.alpha is None:
             return self.nearest_integers()
         scaled = self.inner.weight.detach() / self.scale
@@ -281,11 +294,11 @@ class QuantLayer(nn.Module):
         if self.mode == "train":
             step = self.step()
             return torch.clamp(round_ste(self.inner.weight / step), -self.top, self.top) * step
-        if self.mode == "soft":
+        if self.mode == "soft":  # the floors on the grid learning started from, times the step (learned or not)
             scaled = self.inner.weight.detach() / self.scale
             q = torch.clamp(torch.floor(scaled) + self.soft_bits(), -self.top, self.top)
-            return q * self.scale
-        return self.integers() * self.scale
+            return q * self.step()
+        return self.integers() * self.step()
 
     # -- forward ------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -181,6 +181,9 @@ def refine_model(model_path: Path, output_path: Path, placement: Placement, imag
     if config.start not in ("nearest", "squant"):
         raise ValueError(f"refine_model starts from nearest or squant rounding, got {config.start!r} "
                          "(quantize resolves 'auto': RefineConfig.resolved)")
+    if config.weight_step_lr is None:
+        raise ValueError("refine_model needs `weight_step_lr` resolved (quantize resolves it by the calibration "
+                         "images: RefineConfig.resolved)")
     started = time.perf_counter()
     torch_device = resolve_device(device)
     config = config.for_device(torch_device.type)
@@ -351,6 +354,8 @@ class _Reconstruction:
             groups = [{"params": [layer.alpha for layer in quant], "lr": config.lr}]
             if steps:
                 groups.append({"params": steps, "lr": config.act_lr})
+            if config.weight_step_lr > 0:  # each layer's weight step with its rounding (Genie-M)
+                groups.append({"params": [layer.learn_scale() for layer in quant], "lr": config.weight_step_lr})
             optimiser = torch.optim.Adam(groups)
             label = f"refine [{self.number}/{self.units}] {names[0]}" + (f" .. {names[-1]}" if len(names) > 1 else "")
             progress = Progress(label, iters)
@@ -385,6 +390,7 @@ class _Reconstruction:
             progress.close()
             for layer in quant:
                 layer.mode = "hard"
+                layer.settle()
                 layer.eval()
             for act in acts:
                 act.eval()
