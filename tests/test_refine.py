@@ -152,7 +152,8 @@ def test_qdq_model_holds_exactly_the_learned_integers(setup, bits, reduce_range)
     out = setup["folder"] / f"refined-w{bits}-{reduce_range}.onnx"
     result = quantize(str(setup["model"]), QuantConfig(
         wbits=bits, abits=bits, calib=str(setup["npz"]), num_samples=64, output=str(out), force=True, validate=False,
-        reduce_range=reduce_range, refine=RefineConfig(method="adaround", iters=100),
+        reduce_range=reduce_range, refine=RefineConfig(method="adaround", iters=100, weight_step_lr=0.0),  # below: on
+        # the written grid every integer is a floor or a ceiling; learned steps are tested apart
         fallback=False))  # the export is tested here, the choice against plain rounding in test_fallback.py
     learned = result.refined_weights
     assert len(learned) == 6
@@ -537,14 +538,16 @@ def test_correction_inside_the_reconstruction_is_the_correction_written(setup):
     folder = setup["folder"]
     common = dict(wbits=4, abits=4, calib=str(setup["npz"]), num_samples=64, force=True, validate=False, seed=0,
                   bias_correction="empirical", fallback=False)  # the learned model is what is tested
-    # the biases before correction (int32 on the input's step times the weight's, which learning leaves)
+    # the biases before correction (int32 on the input's step times the weight's, which learning leaves:
+    # the weight steps stay fixed, so that the three runs share their grids)
+    fixed = dict(method="brecq", iters=50, weight_step_lr=0.0)
     off = quantize(str(setup["model"]), QuantConfig(output=str(folder / "in-off.onnx"),
                                                     **{**common, "bias_correction": "off"},
-                                                    refine=RefineConfig(method="brecq", iters=50)))
+                                                    refine=RefineConfig(**fixed)))
     after = quantize(str(setup["model"]), QuantConfig(output=str(folder / "in-after.onnx"), **common,
-                                                      refine=RefineConfig(method="brecq", iters=50, correct_inside=False)))
+                                                      refine=RefineConfig(**fixed, correct_inside=False)))
     inside = quantize(str(setup["model"]), QuantConfig(output=str(folder / "in-inside.onnx"), **common,
-                                                       refine=RefineConfig(method="brecq", iters=50)))  # the default
+                                                       refine=RefineConfig(**fixed)))  # the default correction
     refined = inside.refine["refined_layers"]
     assert inside.refine["corrected_inside"] == len(refined) >= 5 and after.refine["corrected_inside"] == 0
     assert inside.refine["config"]["correct_inside"] is True and after.refine["config"]["correct_inside"] is False
