@@ -195,23 +195,9 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
             seconds, per_iter, similarity, refine_seconds, fidelity, kept, candidates = [], [], [], [], {}, {}, {}
             refine_settings = dict(refine or {"method": "brecq"}) if "refine" in variants else {}
             refine_method = refine_settings.pop("method", None)
-            if "lsq" in variants:
-                if not refine_method:
-                    raise SystemExit(f"row {row!r}: +lsq learns activation steps while refining; add +refine")
-                refine_settings["act_lr"] = LSQ_LR
-            if "wstep" in variants:
-                if not refine_method:
-                    raise SystemExit(f"row {row!r}: +wstep learns weight steps while refining; add +refine")
-                refine_settings["weight_step_lr"] = WSTEP_LR
-            if "nowstep" in variants:
-                if not refine_method:
-                    raise SystemExit(f"row {row!r}: +nowstep keeps reconstruction's weight steps; add +refine")
-                refine_settings["weight_step_lr"] = 0.0
-            if "views4" in variants:
-                if not refine_method:
-                    raise SystemExit(f"row {row!r}: +views4 adds views to reconstruction's images; add +refine")
-                refine_settings["views"] = 4
-            for variant, setting, value in (("it500", "iters", 500), ("it2000", "iters", 2000),
+            for variant, setting, value in (("lsq", "act_lr", LSQ_LR), ("wstep", "weight_step_lr", WSTEP_LR),
+                                            ("nowstep", "weight_step_lr", 0.0), ("views4", "views", 4),
+                                            ("it500", "iters", 500), ("it2000", "iters", 2000),
                                             ("qdropin", "input_drop", 0.5), ("noqdropin", "input_drop", 0.0),
                                             ("inside", "correct_inside", True), ("after", "correct_inside", False),
                                             ("inwritten", "inside_means", "written"),

@@ -573,6 +573,7 @@ def _refine(prepared: Path, out: Path, ranges, weights, activations, images, hol
     common = dict(exclude=set(exclude), per_channel=config.per_channel, weight_top=weight_top(weights, reduce_range),
                   device=config.device, seed=config.seed,
                   weight_tops={name: weight_top(weights8, reduce_range) for name in kept})
+    synthetic = calib_info.get("method") != "real"
     if config.qat is not None:
         from .refine.qat import qat_model
 
@@ -587,13 +588,13 @@ def _refine(prepared: Path, out: Path, ranges, weights, activations, images, hol
         start = None
         if qat.start == "refine":  # reconstruct first, on the same images and grids; train from its result
             start = refine_model(prepared, out.with_name(f"start-{out.name}"), placement, images, holdout,
-                                 config=(config.refine or RefineConfig()).resolved(
-                                     config.plain_rounding(), False, calib_info.get("method") != "real"),
+                                 config=(config.refine or RefineConfig()).resolved(config.plain_rounding(), False,
+                                                                                   synthetic),
                                  **common)
             start.release()
         return qat_model(prepared, out, placement, images, holdout, config=qat,
                          generator=_qat_generator(loaded, config, calib_info), start=start, **common)
-    refine = config.refine.resolved(config.plain_rounding(), corrector is not None, calib_info.get("method") != "real")
+    refine = config.refine.resolved(config.plain_rounding(), corrector is not None, synthetic)
     means = written = None
     if refine.correct_inside:  # the means of the simulated correction, for every layer the QDQ model quantizes
         layers = [site.node.name for site in quantized_weights(prepared_model, exclude)
