@@ -295,6 +295,10 @@ class SynthOptions:
     # zeroq/dsg: the images optimisation starts from (slack margins are read on a Gaussian batch
     # either way, as the papers define them)
     start: SynthStart = SynthStart.GAUSSIAN
+    # zeroq/dsg: each batch's images are a fresh generator's output G(z), the generator and one
+    # latent per image learned by the method's losses (Genie's parameterisation; synth/latent.py)
+    # instead of the pixels themselves
+    generator: bool = False
     patience: int = 100  # ReduceLROnPlateau patience in iterations (ZeroQ: 100)
     low_res: Optional[int] = None
     low_res_share: float = 0.75
@@ -321,6 +325,9 @@ class SynthOptions:
             _require(value is None or (_is_number(value) and value >= 0), f"`{name}` must not be negative")
         _require(self.jitter is None or isinstance(self.jitter, bool),
                  f"`jitter` must be true or false, got {self.jitter!r}")
+        _require(isinstance(self.generator, bool), f"`generator` must be true or false, got {self.generator!r}")
+        _require(not (self.generator and self.start == SynthStart.PROCEDURAL),
+                 "`generator` makes the images from latent vectors; `start` procedural has no meaning with it")
 
     def to_dict(self) -> dict:
         return _to_dict(self)
@@ -376,6 +383,9 @@ class SynthConfig(SynthOptions):
         _require(not (method == SynthMethod.GAUSSIAN and self.start == SynthStart.PROCEDURAL),
                  "`start` procedural has no meaning for `method` gaussian (its images are drawn, not optimised); "
                  "use `method` procedural")
+        _require(not self.generator or method.needs_bn,
+                 f"`generator` is for the BN-matching methods ({SynthMethod.ZEROQ}, {SynthMethod.DSG}); "
+                 f"`method` is {method}" + (f" ({why})" if why else ""))
         own = INVERSION_WEIGHTS if method == SynthMethod.INVERSION else METHOD_DEFAULTS
         unset = {name: own[name] for name in own if getattr(self, name) is None}
         return replace(self, method=method, alignment=self.alignment or Alignment.SAMPLE, **unset), why

@@ -516,6 +516,23 @@ def test_cli_synthesis_start_reaches_the_synthesis(setup):
     assert bad.exit_code == 2 and "--synth-start" in bad.stderr and "Traceback" not in bad.output
 
 
+def test_cli_synthesis_generator_reaches_the_synthesis(setup):
+    """quantize --synth-generator: the synthetic images are a learned generator's output
+    (other images than the pixels' from the same seed); refused in one line where it has no
+    meaning."""
+    out = setup["folder"] / "generated.onnx"
+    args = ("--calib", "dsg", "--iters", "3", "--num-samples", "4", "--holdout", "0", "--no-validate", "--force")
+    result = _cli(setup["model"], "-o", out, "--synth-generator", *args)
+    assert result.exit_code == 0, result.output
+    calibration = json.loads(result.stdout)["calibration"]
+    assert calibration["synth"]["generator"] is True
+    pixels = json.loads(_cli(setup["model"], "-o", out, *args).stdout)["calibration"]
+    assert pixels["synth"]["generator"] is False and calibration["diversity"] != pixels["diversity"]
+    bad = _cli(setup["model"], "-o", out, "--calib", "procedural", "--synth-generator", "--force")
+    assert bad.exit_code == 2 and "--synth-generator is for the BN-matching methods" in bad.stderr
+    assert "Traceback" not in bad.output
+
+
 @pytest.fixture()
 def bad_inputs(setup, tmp_path):
     np.savez(tmp_path / "shape.npz", images=np.zeros((4, 3, 8, 8), np.float32))

@@ -4,6 +4,7 @@ papers' diversity claim holds; bad cases fail cleanly."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import onnx
@@ -190,9 +191,9 @@ def test_resolution_schedule_starts_small_and_ends_at_full_size(models, monkeypa
     phases = []
     iterate = generator._Run._iterate
 
-    def spy(self, images, tap, margins, label, first, iters):  # each phase: image size, iterations
-        phases.append((tuple(images.shape[2:]), iters))
-        return iterate(self, images, tap, margins, label, first, iters)
+    def spy(self, source, tap, margins, label, first, iters):  # each phase: image size, iterations
+        phases.append((tuple(source().shape[2:]), iters))
+        return iterate(self, source, tap, margins, label, first, iters)
 
     monkeypatch.setattr(generator._Run, "_iterate", spy)
     result = _run(models["kept"], method="zeroq", iters=12, low_res=8, low_res_share=0.5,
@@ -381,3 +382,96 @@ def test_jitter_flag_reaches_the_synthesis(models):
                                       "--iters", "2", "--num-samples", "4", "--holdout", "0", "--no-jitter"])
     assert result.exit_code == 0, result.output
     assert SyntheticSet.load(off).meta["config"]["jitter"] is False
+
+
+def test_generator_learns_the_images_as_its_output(models, monkeypatch):
+    """``generator`` (Genie's parameterisation): each batch's images are ``G(z)`` of a fresh
+    generator, and it is the generator's weights and the latents that the BN loss trains,
+    through the whole resolution schedule (at low resolution the model sees ``G(z)``
+    downsampled); the images stay in the pixel box and are reproducible from the seed."""
+    import dsgonnx.synth.generator as generator
+    from dsgonnx.synth.latent import LatentGenerator
+
+    made, phases = [], []
+    original_init, iterate = generator._Generated.__init__, generator._Run._iterate
+
+    def keep(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        made.append((self, {k: v.detach().clone() for k, v in self.net.state_dict().items()}, self.z.detach().clone()))
+
+    def spy(self, source, tap, margins, label, first, iters):
+        phases.append((source, tuple(source().shape[2:]), iters))
+        return iterate(self, source, tap, margins, label, first, iters)
+
+    monkeypatch.setattr(generator._Generated, "__init__", keep)
+    monkeypatch.setattr(generator._Run, "_iterate", spy)
+    recipe = PRESETS["imagenet"]
+    settings = dict(method="dsg", alignment="batch", seed=2, preprocess=recipe, generator=True)
+    untrained = _run(models["kept"], iters=0, **settings)
+    made.clear(), phases.clear()
+    trained = _run(models["kept"], iters=40, low_res=8, low_res_share=0.5, **settings)
+    assert len(made) == 1 and [(size, n) for _, size, n in phases] == [((8, 8), 20), ((16, 16), 20)]
+    source, weights, latents = made[0]
+    assert all(each is source for each, _, _ in phases)  # one generator through the schedule
+    assert not torch.equal(source.z.detach(), latents)
+    moved = [name for name, value in source.net.state_dict().items()
+             if value.is_floating_point() and not torch.equal(value, weights[name])]
+    assert "project.weight" in moved and "body.2.weight" in moved and "body.6.weight" in moved
+    # the images written are the trained generator's output on the trained latents
+    with torch.no_grad():
+        again = source.result().cpu().numpy()
+    np.testing.assert_allclose(trained.images, again, atol=1e-5)
+    assert _total(trained) < 0.9 * _total(untrained)  # (slower than the pixels: Genie runs 4000 steps)
+    low = (0 - np.array(recipe.mean)) / np.array(recipe.std)
+    high = (1 - np.array(recipe.mean)) / np.array(recipe.std)
+    per_channel = trained.images.transpose(1, 0, 2, 3).reshape(3, -1)
+    assert (per_channel.min(1) >= low - 1e-6).all() and (per_channel.max(1) <= high + 1e-6).all()
+    assert trained.meta["config"]["generator"] is True
+    monkeypatch.undo()
+    plain = _run(models["kept"], iters=40, low_res=8, low_res_share=0.5, **{**settings, "generator": False})
+    repeat = _run(models["kept"], iters=40, low_res=8, low_res_share=0.5, **settings)
+    np.testing.assert_array_equal(repeat.images, trained.images)
+    assert not np.allclose(plain.images, trained.images, atol=1e-2)
+    assert isinstance(generator._Generated(2, (3, 16, 16), 0.1, torch.Generator().manual_seed(0), torch.device("cpu"),
+                                           None, torch.contiguous_format).net, LatentGenerator)
+
+
+def test_generator_makes_batches_of_at_most_its_own_size():
+    from types import SimpleNamespace
+
+    from dsgonnx.synth.generator import default_batch_size
+    from dsgonnx.synth.latent import GENERATOR_BATCH
+
+    loaded = SimpleNamespace(input=SimpleNamespace(chw=(3, 32, 32), shape=(None, 3, 32, 32)))
+    assert default_batch_size(SynthConfig(num_samples=300), loaded, 10) == 300
+    assert default_batch_size(SynthConfig(num_samples=300, generator=True), loaded, 10) == GENERATOR_BATCH
+    fixed = SimpleNamespace(input=SimpleNamespace(chw=(3, 32, 32), shape=(1, 3, 32, 32)))
+    assert default_batch_size(SynthConfig(num_samples=300, generator=True), fixed, 10) == 1
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"method": "procedural"}, "`generator` is for the BN-matching methods (zeroq, dsg); `method` is procedural"),
+    ({"method": "inversion"}, "`method` is inversion"),
+    ({"method": "gaussian"}, "`method` is gaussian"),
+    ({"method": "dsg", "start": "procedural"}, "`start` procedural has no meaning with it"),
+])
+def test_generator_is_refused_where_it_has_no_meaning(models, settings, message):
+    from dsgonnx.errors import DataError
+
+    with pytest.raises(DataError, match=re.escape(message)):
+        _run(models["kept"], generator=True, **settings)
+    with pytest.raises(DataError, match="`generator` must be true or false"):
+        SynthConfig(generator="yes")
+    out = models["folder"] / "gen.npz"
+    result = CliRunner().invoke(cli, ["synthesize", str(models["folded"]), "-o", str(out), "--generator"])
+    assert result.exit_code == 2 and not out.exists() and "Traceback" not in result.output
+    assert result.stderr.count("\n") == 1 and "--generator is for the BN-matching methods" in result.stderr
+    assert "carries no BN statistics" in result.stderr
+
+
+def test_generator_flag_reaches_the_synthesis(models):
+    out = models["folder"] / "genflag.npz"
+    result = CliRunner().invoke(cli, ["synthesize", str(models["kept"]), "-o", str(out), "--method", "zeroq",
+                                      "--iters", "2", "--num-samples", "4", "--holdout", "0", "--generator"])
+    assert result.exit_code == 0, result.output
+    assert SyntheticSet.load(out).meta["config"]["generator"] is True

@@ -62,6 +62,9 @@ images have; without it only the input prior (mean 0, std 1) shapes them.
 @click.option("--start", type=choice(SynthStart), default=SynthStart.GAUSSIAN.value, show_default=True,
               help="zeroq/dsg: optimise from N(0,1) noise (the papers') or from dead-leaves images, each with its own "
                    "colours, contrast and scales (slack margins are read on noise either way).")
+@click.option("--generator", is_flag=True,
+              help="zeroq/dsg: each batch's images are a fresh generator's output G(z), the generator and one latent "
+                   "per image learned by the method's losses (Genie's parameterisation) instead of the pixels.")
 @click.option("--low-res", type=int, help="Resolution schedule: optimise at NxN pixels first, then at full size (0: off).")
 @click.option("--low-res-share", type=float, default=0.75, show_default=True, help="Share of iterations at --low-res.")
 @click.option("--amp", is_flag=True, help="bfloat16 autocast on CUDA (statistics stay float32).")

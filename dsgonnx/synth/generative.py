@@ -34,6 +34,7 @@ from ..errors import DataError, NoBatchNormError
 from ..graph.bn_taps import BNLayer, BNProbe, find_bn_layers
 from ..graph.to_torch import TorchModel
 from . import losses
+from .latent import init_parameters
 from .margins import Margins, slack_margins
 
 
@@ -78,16 +79,8 @@ class ConditionalGenerator(nn.Module):
             self.reset_parameters(torch.Generator().manual_seed(seed))
 
     def reset_parameters(self, generator: torch.Generator) -> None:
-        """torch's default initialisation, drawn from ``generator`` (the global random state is
-        the user's: a library does not reseed it)."""
-        with torch.no_grad():
-            for module in self.modules():
-                if isinstance(module, (nn.Conv2d, nn.Linear)):
-                    nn.init.kaiming_uniform_(module.weight, a=math.sqrt(5), generator=generator)
-                    bound = 1 / math.sqrt(module.weight[0].numel())
-                    nn.init.uniform_(module.bias, -bound, bound, generator=generator)
-                elif isinstance(module, nn.Embedding):
-                    nn.init.normal_(module.weight, generator=generator)
+        """torch's default initialisation, drawn from ``generator``."""
+        init_parameters(self, generator)
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         h = self.project(z * self.embed(labels)).reshape(len(z), self.width, *self.start)

@@ -27,6 +27,7 @@ from ..hardware import check_image_memory
 from ..progress import Progress, say
 from . import losses
 from .diversity import diversity_metrics
+from .latent import DECAY, DECAY_EVERY, GENERATOR_BATCH, GENERATOR_LR, LatentGenerator
 from .margins import Margins, slack_margins
 from .procedural import procedural_images
 
@@ -82,11 +83,13 @@ def _batches(total: int, size: int) -> list[tuple[int, int]]:
 
 def default_batch_size(config: SynthConfig, loaded: LoadedModel, num_layers: int, ranks: int = 1) -> int:
     """All samples at once (a share per rank: one batch each) up to 50 M input values per
-    batch (about 330 images of 3×224², far more for 32² ones); a model with a fixed batch
-    size gets that size."""
+    batch (about 330 images of 3×224², far more for 32² ones), or up to ``GENERATOR_BATCH``
+    with ``generator``; a model with a fixed batch size gets that size."""
     per_image = int(np.prod(loaded.input.chw))
     cap = max(1, int(50_000_000 // per_image))
     size = min(-(-config.num_samples // ranks), cap)
+    if config.generator:  # a generator's feature maps cost far more than the images (Genie: 128 per generator)
+        size = min(size, GENERATOR_BATCH)
     if loaded.input.shape[0] is not None:
         size = loaded.input.shape[0]
     return size
@@ -260,6 +263,59 @@ def _project(images: torch.Tensor, box) -> torch.Tensor:
     return images if box is None else torch.maximum(torch.minimum(images, box[1]), box[0])
 
 
+class _Pixels:
+    """The images themselves are what Adam learns (the papers' synthesis); each step ends
+    with the images projected into the pixel box. One per resolution of the schedule."""
+
+    def __init__(self, images: torch.Tensor, lr: float, box):
+        self.images, self.box, self.count = images.clone().requires_grad_(True), box, len(images)
+        self.optimizers = [torch.optim.Adam([self.images], lr=lr)]
+
+    def __call__(self) -> torch.Tensor:
+        return self.images
+
+    def stepped(self, iteration: int) -> None:
+        if self.box is not None:
+            with torch.no_grad():
+                self.images.copy_(_project(self.images, self.box))
+
+    def result(self) -> torch.Tensor:
+        return self.images.detach()
+
+
+class _Generated:
+    """The images are ``G(z)`` (``generator``; :mod:`.latent`): one generator and one latent
+    per image, learned together through the whole resolution schedule (at low resolution the
+    model sees ``G(z)`` downsampled), the output projected into the pixel box."""
+
+    def __init__(self, n: int, chw, lr: float, random: torch.Generator, device, box, memory_format):
+        self.net = LatentGenerator(chw, random).to(device).train()
+        self.z = torch.randn((n, self.net.latent), generator=random).to(device).requires_grad_(True)
+        # the latents first: the plateau schedule acts on optimizers[0]
+        self.optimizers = [torch.optim.Adam([self.z], lr=lr), torch.optim.Adam(self.net.parameters(), lr=GENERATOR_LR)]
+        self.decay = torch.optim.lr_scheduler.ExponentialLR(self.optimizers[1], gamma=DECAY)
+        self.box, self.memory_format, self.count = box, memory_format, n
+        self.size: Optional[tuple[int, int]] = None
+
+    def __call__(self) -> torch.Tensor:
+        images = self.net(self.z)
+        if self.size is not None:
+            images = torch.nn.functional.interpolate(images, size=self.size, mode="bilinear", align_corners=False,
+                                                     antialias=True)
+        return _project(images, self.box).contiguous(memory_format=self.memory_format)
+
+    def stepped(self, iteration: int) -> None:
+        if (iteration + 1) % DECAY_EVERY == 0:
+            self.decay.step()
+
+    def result(self) -> torch.Tensor:
+        size, self.size = self.size, None
+        with torch.no_grad():
+            images = self()
+        self.size = size
+        return images
+
+
 @dataclass
 class _Run:
     """One synthesis run's fixed state: the model, its BN layers and targets, the settings
@@ -317,16 +373,26 @@ class _Run:
                                for x, (mean, std) in zip(tap.inputs, self.targets)]
                     tap.stop_keeping_inputs()
                 full_iters = config.iters
+                generated = (_Generated(len(images), images.shape[1:], config.lr, self.generator, self.device, self.box,
+                                        self.memory_format) if config.generator else None)
                 if config.low_res and config.iters:
                     low_iters = int(round(config.iters * config.low_res_share))
                     small = self._low_res_start(images)
                     if small is not None:
-                        small = self._iterate(small, tap, margins, f"{label} @{config.low_res}px", first, low_iters)
-                        images = _project(torch.nn.functional.interpolate(
-                            small, size=images.shape[2:], mode="bilinear", align_corners=False), self.box)
-                        images = images.contiguous(memory_format=self.memory_format)
+                        low_label = f"{label} @{config.low_res}px"
+                        if generated is not None:
+                            generated.size = tuple(small.shape[2:])
+                            self._iterate(generated, tap, margins, low_label, first, low_iters)
+                            generated.size = None
+                        else:
+                            small = self._iterate(_Pixels(small, config.lr, self.box), tap, margins, low_label, first,
+                                                  low_iters)
+                            images = _project(torch.nn.functional.interpolate(
+                                small, size=images.shape[2:], mode="bilinear", align_corners=False), self.box)
+                            images = images.contiguous(memory_format=self.memory_format)
                         full_iters = config.iters - low_iters
-                images = self._iterate(images, tap, margins, label, first, full_iters)
+                images = self._iterate(generated or _Pixels(images, config.lr, self.box), tap, margins, label, first,
+                                       full_iters)
             with torch.no_grad():
                 if tap is not None:
                     model(images)
@@ -424,13 +490,13 @@ class _Run:
         moved = torch.roll(images, shifts=(dy, dx), dims=(2, 3))
         return torch.flip(moved, dims=(3,)) if float(torch.rand((), generator=self.generator)) < 0.5 else moved
 
-    def _iterate(self, images, tap, margins, label: str, first: int, iters: int):
+    def _iterate(self, source, tap, margins, label: str, first: int, iters: int) -> torch.Tensor:
+        """``iters`` steps of ``source`` (:class:`_Pixels` or :class:`_Generated`); its images."""
         config, model = self.config, self.torch_model.module
-        images = images.clone().requires_grad_(True)
-        optimizer = torch.optim.Adam([images], lr=config.lr)
+        optimizer = source.optimizers[0]
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.1, patience=config.patience,
                                                                min_lr=1e-4)
-        terms = self._terms(images.shape[0], first)
+        terms = self._terms(source.count, first)
         jitter = self._jitter if config.jitter else (lambda x: x)
         progress = Progress(label, iters)
         every = SYNC_EVERY.get(self.device.type, 1)
@@ -438,7 +504,9 @@ class _Run:
         names = [name for name, _ in terms]
         tick = time.perf_counter()
         for iteration in range(iters):
-            optimizer.zero_grad(set_to_none=True)
+            for each in source.optimizers:
+                each.zero_grad(set_to_none=True)
+            images = source()
             if self.autocast is not None:
                 with self.autocast:
                     output = model(jitter(images))
@@ -448,10 +516,9 @@ class _Run:
             total = sum(values)
             pending.append((iteration, torch.stack([v.detach().float().reshape(()) for v in (*values, total)])))
             total.backward()
-            optimizer.step()
-            if self.box is not None:
-                with torch.no_grad():
-                    images.copy_(_project(images, self.box))
+            for each in source.optimizers:
+                each.step()
+            source.stepped(iteration)
             if len(pending) == every or iteration == iters - 1:  # the one host sync of these iterations
                 rows = torch.stack([row for _, row in pending]).cpu().tolist()
                 now = time.perf_counter()
@@ -469,4 +536,4 @@ class _Run:
                     progress.update(done + 1, f"loss {row[-1]:.4g} lr {optimizer.param_groups[0]['lr']:.2g}")
                 pending.clear()
         progress.close()
-        return images.detach()
+        return source.result()
