@@ -39,6 +39,9 @@ SOURCES = {
     "dsg-batch-proc": {"method": "dsg", "alignment": "batch", "start": "procedural"},  # from dead-leaves images
     # the images a generator's output G(z), generator and latents learned per batch (Genie's parameterisation)
     "dsg-batch-gen": {"method": "dsg", "alignment": "batch", "generator": True},
+    # and every strided convolution's input shifted by up to a pixel each step: Genie's data distillation (Genie-D)
+    "dsg-batch-genie": {"method": "dsg", "alignment": "batch", "generator": True, "swing": True},
+    "dsg-batch-swing": {"method": "dsg", "alignment": "batch", "swing": True},  # the swing alone, on the pixels
     "dsg-batch-jit": {"method": "dsg", "alignment": "batch", "jitter": True},  # each step on a shifted, mirrored batch
     "dsg-batch-tv": {"method": "dsg", "alignment": "batch", "tv_weight": 0.5},  # and a total-variation prior
     # dsg-batch with the GPU profile's synthesis budget whatever the profile: 500 iterations, all at full size
@@ -450,7 +453,7 @@ def candidates_markdown(results: dict) -> str:
 
 
 # SynthConfig fields added after synthetic sets were cached, with the value every such set was made with
-_LATER_FIELDS = {"start": "gaussian", "generator": False}
+_LATER_FIELDS = {"start": "gaussian", "generator": False, "swing": False}
 _LATER_BY_METHOD = ("jitter",)  # left out of the key where they are the method's own default
 
 

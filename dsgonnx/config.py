@@ -299,6 +299,9 @@ class SynthOptions:
     # latent per image learned by the method's losses (Genie's parameterisation; synth/latent.py)
     # instead of the pixels themselves
     generator: bool = False
+    # every strided Conv sees its input shifted by up to one pixel each step, reflected at the
+    # border (Genie's swing convolution: the stride's sampling grid never fixed on the image)
+    swing: bool = False
     patience: int = 100  # ReduceLROnPlateau patience in iterations (ZeroQ: 100)
     low_res: Optional[int] = None
     low_res_share: float = 0.75
@@ -325,7 +328,8 @@ class SynthOptions:
             _require(value is None or (_is_number(value) and value >= 0), f"`{name}` must not be negative")
         _require(self.jitter is None or isinstance(self.jitter, bool),
                  f"`jitter` must be true or false, got {self.jitter!r}")
-        _require(isinstance(self.generator, bool), f"`generator` must be true or false, got {self.generator!r}")
+        for name in ("generator", "swing"):
+            _require(isinstance(getattr(self, name), bool), f"`{name}` must be true or false, got {getattr(self, name)!r}")
         _require(not (self.generator and self.start == SynthStart.PROCEDURAL),
                  "`generator` makes the images from latent vectors; `start` procedural has no meaning with it")
 
@@ -383,6 +387,8 @@ class SynthConfig(SynthOptions):
         _require(not (method == SynthMethod.GAUSSIAN and self.start == SynthStart.PROCEDURAL),
                  "`start` procedural has no meaning for `method` gaussian (its images are drawn, not optimised); "
                  "use `method` procedural")
+        _require(not (self.swing and method.drawn),
+                 f"`swing` shifts what the model sees while images are optimised; `method` {method} draws them")
         _require(not self.generator or method.needs_bn,
                  f"`generator` is for the BN-matching methods ({SynthMethod.ZEROQ}, {SynthMethod.DSG}); "
                  f"`method` is {method}" + (f" ({why})" if why else ""))

@@ -475,3 +475,57 @@ def test_generator_flag_reaches_the_synthesis(models):
                                       "--iters", "2", "--num-samples", "4", "--holdout", "0", "--generator"])
     assert result.exit_code == 0, result.output
     assert SyntheticSet.load(out).meta["config"]["generator"] is True
+
+
+def test_swing_shifts_each_strided_convolutions_input_by_up_to_a_pixel():
+    """Genie's swing convolution: a strided Conv2d sees its input reflected by one pixel at
+    each border and cropped back at a random offset in {−1, 0, 1}²; stride-1 convolutions and
+    the model once detached are untouched."""
+    from dsgonnx.synth.generator import _Swing
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(2, 3, 3, stride=2, padding=1), torch.nn.Conv2d(3, 3, 3, padding=1))
+    x = torch.randn(2, 2, 8, 8)
+    plain = model(x)
+    random = torch.Generator().manual_seed(5)
+    expected_offsets = torch.Generator().manual_seed(5)
+    swing = _Swing(model, random)
+    seen = set()
+    for _ in range(12):
+        dy, dx = (int(v) for v in torch.randint(0, 3, (2,), generator=expected_offsets))
+        seen.add((dy, dx))
+        shifted = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")[:, :, dy:dy + 8, dx:dx + 8]
+        first = torch.nn.functional.conv2d(shifted, model[0].weight, model[0].bias, stride=2, padding=1)
+        torch.testing.assert_close(model(x), model[1](first))  # (the stride-1 layer unhooked)
+    assert len(seen) >= 4  # the offsets really vary
+    swing.remove()
+    torch.testing.assert_close(model(x), plain)
+    assert not model[0]._forward_pre_hooks and not model[1]._forward_pre_hooks
+
+
+def test_swing_acts_on_the_optimisation_steps_only(models, monkeypatch):
+    import dsgonnx.synth.generator as generator
+
+    shifts = []
+    shift = generator._Swing._shift
+
+    def spy(self, conv, args):
+        shifts.append(tuple(args[0].shape))
+        return shift(self, conv, args)
+
+    monkeypatch.setattr(generator._Swing, "_shift", spy)
+    settings = dict(method="dsg", alignment="batch", iters=30, seed=1, preprocess=PRESETS["imagenet"])
+    plain = _run(models["kept"], **settings)
+    assert shifts == []
+    swung = _run(models["kept"], swing=True, **settings)
+    strided = sum(1 for node in onnx.load(str(models["kept"])).graph.node if node.op_type == "Conv"
+                  and any(a.name == "strides" and max(a.ints) > 1 for a in node.attribute))
+    assert strided >= 1 and len(shifts) == 30 * strided  # each step's forward, not the margins or the final read
+    assert swung.meta["config"]["swing"] is True
+    assert not np.allclose(plain.images, swung.images, atol=1e-3)
+    start = _total(_run(models["kept"], **{**settings, "iters": 0}))
+    assert _total(swung) < 0.6 * start
+    from dsgonnx.errors import DataError
+
+    with pytest.raises(DataError, match="`swing` shifts what the model sees while images are optimised; `method` gaussian"):
+        _run(models["kept"], method="gaussian", swing=True)

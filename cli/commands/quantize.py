@@ -40,7 +40,7 @@ written), 2 bad input (nothing written).
 # flag -> SynthOptions / RefineConfig field, for the flags that tune a nested setting
 _SYNTH_FLAGS = {"lr": "lr", "slack_reading": "slack_reading", "low_res": "low_res", "normalize_gaps": "normalize_gaps",
                 "alignment": "alignment", "ce_weight": "ce_weight", "synth_start": "start",
-                "synth_generator": "generator"}
+                "synth_generator": "generator", "synth_swing": "swing"}
 _REFINE_FLAGS = {"refine_iters": "iters", "refine_lr": "lr", "refine_reg": "reg_weight", "refine_drop": "drop_prob",
                  "refine_batch_size": "batch_size", "refine_act_lr": "act_lr",
                  "refine_weight_step_lr": "weight_step_lr", "refine_start": "start",
@@ -90,6 +90,8 @@ def _given(values: dict, fields: dict) -> dict:
 @click.option("--synth-generator", is_flag=True, default=None,
               help="Synthesis: images as a generator's output, generator and latents learned (see dsgonnx synthesize "
                    "--generator).")
+@click.option("--synth-swing", is_flag=True, default=None,
+              help="Synthesis: strided convolutions see shifted inputs (see dsgonnx synthesize --swing).")
 @click.option("--normalize-gaps/--absolute-gaps", default=None,
               help="Synthesis: BN gaps in units of each channel's running std (see dsgonnx synthesize --help).")
 @click.option("--refine", type=choice(RefineMethod),

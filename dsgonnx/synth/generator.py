@@ -7,6 +7,7 @@ weights (LSE) → priors and SCI → Adam step → projection into the pixel box
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -263,6 +264,30 @@ def _project(images: torch.Tensor, box) -> torch.Tensor:
     return images if box is None else torch.maximum(torch.minimum(images, box[1]), box[0])
 
 
+class _Swing:
+    """Genie's swing convolution, while attached: every strided Conv2d sees its input
+    reflected by one pixel at each border and cropped back at an offset of −1, 0 or +1 in
+    each direction, drawn from ``random`` at each forward."""
+
+    def __init__(self, module: torch.nn.Module, random: torch.Generator):
+        self.random = random
+        self._handles = [conv.register_forward_pre_hook(self._shift) for conv in module.modules()
+                         if isinstance(conv, torch.nn.Conv2d) and max(conv.stride) > 1]
+
+    def _shift(self, _conv, args):
+        x = args[0]
+        if min(x.shape[2:]) < 2:  # nothing to reflect
+            return None
+        dy, dx = (int(v) for v in torch.randint(0, 3, (2,), generator=self.random))
+        padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+        return (padded[:, :, dy:dy + x.shape[2], dx:dx + x.shape[3]], *args[1:])
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+
 class _Pixels:
     """The images themselves are what Adam learns (the papers' synthesis); each step ends
     with the images projected into the pixel box. One per resolution of the schedule."""
@@ -492,12 +517,11 @@ class _Run:
 
     def _iterate(self, source, tap, margins, label: str, first: int, iters: int) -> torch.Tensor:
         """``iters`` steps of ``source`` (:class:`_Pixels` or :class:`_Generated`); its images."""
-        config, model = self.config, self.torch_model.module
+        config = self.config
         optimizer = source.optimizers[0]
         scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=0.1, patience=config.patience,
                                                                min_lr=1e-4)
         terms = self._terms(source.count, first)
-        jitter = self._jitter if config.jitter else (lambda x: x)
         progress = Progress(label, iters)
         every = SYNC_EVERY.get(self.device.type, 1)
         pending: list[tuple[int, torch.Tensor]] = []  # (iteration, term values and total) not read yet
@@ -507,11 +531,7 @@ class _Run:
             for each in source.optimizers:
                 each.zero_grad(set_to_none=True)
             images = source()
-            if self.autocast is not None:
-                with self.autocast:
-                    output = model(jitter(images))
-            else:
-                output = model(jitter(images))
+            output = self._forward(images)
             values = [term(images, output, tap, margins) for _, term in terms]
             total = sum(values)
             pending.append((iteration, torch.stack([v.detach().float().reshape(()) for v in (*values, total)])))
@@ -537,3 +557,14 @@ class _Run:
                 pending.clear()
         progress.close()
         return source.result()
+
+    def _forward(self, images: torch.Tensor):
+        """The model's output on one step's images: jittered, through swung strided
+        convolutions and under autocast, as configured."""
+        swing = _Swing(self.torch_model.module, self.generator) if self.config.swing else None
+        try:
+            with self.autocast or contextlib.nullcontext():
+                return self.torch_model.module(self._jitter(images) if self.config.jitter else images)
+        finally:
+            if swing is not None:
+                swing.remove()
