@@ -293,8 +293,10 @@ class SynthOptions:
     # learns from"), else sample (the papers')
     alignment: Optional[Alignment] = None
     # zeroq/dsg: the images optimisation starts from (slack margins are read on a Gaussian batch
-    # either way, as the papers define them)
-    start: SynthStart = SynthStart.GAUSSIAN
+    # either way, as the papers define them); None: by use: procedural where reconstruction
+    # learns from the images of a model with depthwise convolutions (``QuantConfig.synth_config``;
+    # measured, README "Where reconstruction's synthetic images start"), else gaussian (the papers')
+    start: Optional[SynthStart] = None
     # zeroq/dsg: each batch's images are a fresh generator's output G(z), the generator and one
     # latent per image learned by the method's losses (Genie's parameterisation; synth/latent.py)
     # instead of the pixels themselves
@@ -312,7 +314,8 @@ class SynthOptions:
         object.__setattr__(self, "slack_reading", SlackReading.parse(self.slack_reading, "slack_reading"))
         if self.alignment is not None:
             object.__setattr__(self, "alignment", Alignment.parse(self.alignment, "alignment"))
-        object.__setattr__(self, "start", SynthStart.parse(self.start, "start"))
+        if self.start is not None:
+            object.__setattr__(self, "start", SynthStart.parse(self.start, "start"))
         _require(self.lr is None or (_is_number(self.lr) and self.lr > 0), f"`lr` must be positive, got {self.lr}")
         _require(self.batch_size is None or (_is_int(self.batch_size) and self.batch_size >= 1),
                  f"`batch_size` must be at least 1, got {self.batch_size}")
@@ -364,6 +367,8 @@ class SynthConfig(SynthOptions):
 
     def __post_init__(self):
         super().__post_init__()
+        if self.start is None:  # a synthesis run on its own starts where the papers do
+            object.__setattr__(self, "start", SynthStart.GAUSSIAN)
         object.__setattr__(self, "method", SynthMethod.parse(self.method, "method"))
         object.__setattr__(self, "device", Device.parse(self.device, "device"))
         _require(_is_int(self.num_samples) and self.num_samples >= 1,
@@ -941,11 +946,16 @@ class QuantConfig:
     def synthetic(self) -> bool:
         return isinstance(self.calib, SynthMethod)
 
-    def synth_config(self, num_samples: int) -> SynthConfig:
-        """The synthesis run this config asks for (``num_samples`` includes held-out samples)."""
+    def synth_config(self, num_samples: int, depthwise: bool = False) -> SynthConfig:
+        """The synthesis run this config asks for (``num_samples`` includes held-out samples) for
+        a model with (or without) depthwise convolutions."""
         options = self.synth
         if options.alignment is None and self.trains_on_calibration_images():
             options = replace(options, alignment=Alignment.BATCH)
+        if options.start is None:
+            leaves = (self.refine is not None and depthwise and not options.generator
+                      and self.synthetic and self.calib in (SynthMethod.AUTO, SynthMethod.ZEROQ, SynthMethod.DSG))
+            options = replace(options, start=SynthStart.PROCEDURAL if leaves else SynthStart.GAUSSIAN)
         return SynthConfig.from_options(options, method=self.calib, num_samples=num_samples, iters=self.iters,
                                         seed=self.seed, device=self.device, preprocess=self.preprocess)
 

@@ -21,7 +21,8 @@ import onnx
 from . import __version__, distributed
 from .artifacts import check_output_folder, publish
 from .calibration_data import held_out_name, holds_out, load_real_images
-from .config import BiasCorrection, Calibrator, PoolRange, QuantConfig, RefineConfig, Rounding, SynthMethod, ValidateConfig
+from .config import (BiasCorrection, Calibrator, PoolRange, QuantConfig, RefineConfig, Rounding, SynthMethod, SynthStart,
+                     ValidateConfig)
 from .errors import DataError, ModelLoadError, UnsupportedModelError
 from .graph.layout import channels_last_input
 from .graph.onnx_io import LoadedModel, load_model
@@ -411,6 +412,10 @@ def _even_batch(count: int, limit: int = 16) -> int:
 _BATCH_FOR_TRAINING = ("reconstruction or QAT trains on these images (measured, README 'What the DSG images lack for "
                        "QAT' and 'Which alignment reconstruction learns from'); --alignment sample for the papers'")
 
+_LEAVES_FOR_RECONSTRUCTION = ("reconstruction learns from these images and the model has depthwise convolutions (measured, "
+                              "README 'Where reconstruction's synthetic images start'); `synth.start` gaussian for the "
+                              "papers'")
+
 
 _NOTHING_HELD = ("nothing is held out of calibration (`holdout` 0, or calibration images without `holdout` more "
                  "than `num_samples`)")
@@ -425,7 +430,8 @@ def _calibration_data(loaded: LoadedModel, config: QuantConfig):
     if config.synthetic:
         from .synth import synthesize
 
-        made_as = config.synth_config(config.num_samples + holdout)
+        made_as = config.synth_config(config.num_samples + holdout,
+                                      depthwise=bool(depthwise_layers(loaded.model, config.exclude)))
         synthetic = synthesize(loaded, made_as).hold_out(holdout)  # the same split as `dsgonnx synthesize --holdout`
         settings = synthetic.meta["config"]
         chosen = {}
@@ -434,6 +440,10 @@ def _calibration_data(loaded: LoadedModel, config: QuantConfig):
         if made_as.alignment != config.synth.alignment and SynthMethod(synthetic.meta["method"]).needs_bn:
             chosen = {"alignment_choice": f"{made_as.alignment}: {_BATCH_FOR_TRAINING}"}
             say(f"quantize: synthesis held the batch's BN statistics, not each sample's, to the model's: {_BATCH_FOR_TRAINING}")
+        leaves = config.synth.start is None and made_as.start == SynthStart.PROCEDURAL
+        if leaves and SynthMethod(synthetic.meta["method"]).needs_bn:
+            chosen["start_choice"] = f"{made_as.start}: {_LEAVES_FOR_RECONSTRUCTION}"
+            say(f"quantize: synthesis started from dead-leaves images, not noise: {_LEAVES_FOR_RECONSTRUCTION}")
         info = {"method": synthetic.meta["method"], "num_samples": config.num_samples, "iters": settings["iters"],
                 **({"requested": config.calib.value, "method_choice": synthetic.meta["method_choice"]}
                    if synthetic.meta.get("method_choice") else {}),

@@ -516,6 +516,33 @@ def test_cli_synthesis_start_reaches_the_synthesis(setup):
     assert bad.exit_code == 2 and "--synth-start" in bad.stderr and "Traceback" not in bad.output
 
 
+def test_reconstruction_synthesizes_from_dead_leaves_on_depthwise_networks_unless_told(setup):
+    """With --refine (reconstruction learns from the images) on a model with depthwise
+    convolutions, zeroq/dsg start from dead-leaves images unless --synth-start says otherwise,
+    and the summary says why; without --refine, with --synth-generator (whose images come from
+    latents), or on a model without depthwise convolutions, from noise."""
+    from zoo import export_tiny_mobile
+
+    mobile = export_tiny_mobile(setup["folder"] / "mobile.onnx")
+    out = setup["folder"] / "leaves-refined.onnx"
+    args = ("-o", out, "--calib", "dsg", "--iters", "2", "--num-samples", "4", "--holdout", "0", "--no-validate",
+            "--force")
+    refine = ("--w6a6", "--refine", "brecq", "--refine-iters", "2")
+    refined = CliRunner().invoke(cli, ["quantize", *map(str, (mobile, *args, *refine))])  # (not quiet: stderr says why)
+    assert refined.exit_code == 0, refined.output
+    calibration = json.loads(refined.stdout)["calibration"]
+    assert calibration["synth"]["start"] == "procedural" and calibration["method"] == "dsg"
+    assert calibration["start_choice"].startswith("procedural: reconstruction learns from these images and the model "
+                                                  "has depthwise convolutions")
+    assert "started from dead-leaves images" in refined.stderr and "--synth-start gaussian" in refined.stderr
+    for model, extra in ((mobile, ("--synth-start", "gaussian")), (mobile, ("--synth-generator",)),
+                         (setup["model"], ())):
+        told = json.loads(_cli(model, *args, *refine, *extra).stdout)["calibration"]
+        assert told["synth"]["start"] == "gaussian" and "start_choice" not in told
+    plain = json.loads(_cli(mobile, *args).stdout)["calibration"]
+    assert plain["synth"]["start"] == "gaussian" and "start_choice" not in plain
+
+
 def test_cli_synthesis_generator_reaches_the_synthesis(setup):
     """quantize --synth-generator: the synthetic images are a learned generator's output
     (other images than the pixels' from the same seed); refused in one line where it has no

@@ -86,7 +86,8 @@ def _given(values: dict, fields: dict) -> dict:
                    "[default: batch with --refine or --qat (they train on the images), else sample].")
 @click.option("--ce-weight", type=float, help="Synthesis: cross-entropy to a random class per image (see dsgonnx synthesize --help).")
 @click.option("--synth-start", type=choice(SynthStart),
-              help="Synthesis: optimise from noise or dead-leaves images (see dsgonnx synthesize --start) [default: gaussian].")
+              help="Synthesis: optimise from noise or dead-leaves images (see dsgonnx synthesize --start) [default: procedural with --refine on a model with depthwise "
+                   "convolutions, else gaussian].")
 @click.option("--synth-generator", is_flag=True, default=None,
               help="Synthesis: images as a generator's output, generator and latents learned (see dsgonnx synthesize "
                    "--generator).")
