@@ -42,6 +42,7 @@ SOURCES = {
     # and every strided convolution's input shifted by up to a pixel each step: Genie's data distillation (Genie-D)
     "dsg-batch-genie": {"method": "dsg", "alignment": "batch", "generator": True, "swing": True},
     "dsg-batch-swing": {"method": "dsg", "alignment": "batch", "swing": True},  # the swing alone, on the pixels
+    "dsg-batch-proc-swing": {"method": "dsg", "alignment": "batch", "start": "procedural", "swing": True},  # from leaves
     "dsg-batch-jit": {"method": "dsg", "alignment": "batch", "jitter": True},  # each step on a shifted, mirrored batch
     "dsg-batch-tv": {"method": "dsg", "alignment": "batch", "tv_weight": 0.5},  # and a total-variation prior
     # dsg-batch with the GPU profile's synthesis budget whatever the profile: 500 iterations, all at full size
