@@ -555,6 +555,9 @@ def test_cli_synthesis_generator_reaches_the_synthesis(setup):
     assert calibration["synth"]["generator"] is True
     pixels = json.loads(_cli(setup["model"], "-o", out, *args).stdout)["calibration"]
     assert pixels["synth"]["generator"] is False and calibration["diversity"] != pixels["diversity"]
+    swung = json.loads(_cli(setup["model"], "-o", out, "--synth-swing", *args).stdout)["calibration"]
+    assert swung["synth"]["swing"] is True and swung["synth"]["generator"] is False
+    assert swung["diversity"] != pixels["diversity"]
     bad = _cli(setup["model"], "-o", out, "--calib", "procedural", "--synth-generator", "--force")
     assert bad.exit_code == 2 and "--synth-generator is for the BN-matching methods" in bad.stderr
     assert "Traceback" not in bad.output

@@ -475,6 +475,12 @@ def test_generator_flag_reaches_the_synthesis(models):
                                       "--iters", "2", "--num-samples", "4", "--holdout", "0", "--generator"])
     assert result.exit_code == 0, result.output
     assert SyntheticSet.load(out).meta["config"]["generator"] is True
+    swung = models["folder"] / "swingflag.npz"
+    result = CliRunner().invoke(cli, ["synthesize", str(models["kept"]), "-o", str(swung), "--method", "dsg",
+                                      "--iters", "2", "--num-samples", "4", "--holdout", "0", "--swing"])
+    assert result.exit_code == 0, result.output
+    meta = SyntheticSet.load(swung).meta["config"]
+    assert meta["swing"] is True and meta["generator"] is False
 
 
 def test_swing_shifts_each_strided_convolutions_input_by_up_to_a_pixel():
