@@ -754,7 +754,9 @@ def _independent_probes(loaded: LoadedModel, config: QuantConfig, calib_info: di
         start = time.perf_counter()
         say(f"{learning}: {INVERSION_PROBE_SAMPLES} inversion images to check the learned model on "
             + ("(the calibration images are procedural)" if config.fallback_probes is None else "(--fallback-probes)"))
-        made_as = SynthConfig.from_options(replace(config.synth, alignment=None), method=SynthMethod.INVERSION,
+        # (the calibration synthesis's generator, swing and start are not the probes': inversion starts from leaves)
+        probe_options = replace(config.synth, alignment=None, start=None, generator=False, swing=False)
+        made_as = SynthConfig.from_options(probe_options, method=SynthMethod.INVERSION,
                                            num_samples=INVERSION_PROBE_SAMPLES, iters=config.iters,
                                            seed=config.seed + PROBE_FIRST, device=config.device,
                                            preprocess=config.preprocess)

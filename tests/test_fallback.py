@@ -225,6 +225,22 @@ def test_procedural_calibration_is_checked_on_inversion_images_and_not_on_proced
     assert "inversion" not in rounded.decisions["rounding"]["against_plain"]
 
 
+def test_the_inversion_probe_is_made_with_inversions_own_settings(setup):
+    """The calibration synthesis's generator and swing are not the inversion probe's: a run
+    made with them and ``fallback_probes`` inversion weighs its models on the images inversion
+    makes on its own (before, the generator reached the probe and ended the run in an error
+    after training)."""
+    result = quantize(str(setup["model"]), QuantConfig(
+        output=str(setup["folder"] / "generated.onnx"), calib="dsg", iters=3, holdout=0, qat=WRECK,
+        synth=SynthOptions(generator=True, swing=True), fallback_probes="inversion", **COMMON))
+    assert result.calibration["synth"]["generator"] is True and result.calibration["synth"]["swing"] is True
+    check = result.decisions["qat"]["against_plain"]
+    inversion = synthesize(load_model(setup["model"]), SynthConfig(method="inversion", num_samples=INVERSION_PROBE_SAMPLES,
+                                                                   seed=PROBE_FIRST, iters=3)).images
+    assert sqnr_db(_logits(setup["model"], inversion), _logits(result.output, inversion)) == pytest.approx(
+        check["inversion"][check["kept"]]["sqnr_db"], abs=1e-2), check
+
+
 def test_the_independent_probes_can_be_chosen(setup):
     folder = setup["folder"]
     common = dict(output=str(folder / "probes.onnx"), calib=str(setup["npz"]), qat=WRECK, **COMMON)
