@@ -371,17 +371,18 @@ def test_jitter_moves_each_step_and_is_on_by_default_for_inversion_only(models, 
     assert calls == []
 
 
+def _cli_settings(models, name: str, method: str, *flags: str) -> dict:
+    """The settings ``dsgonnx synthesize`` recorded for a short run with ``flags``."""
+    out = models["folder"] / f"{name}.npz"
+    result = CliRunner().invoke(cli, ["synthesize", str(models["kept"]), "-o", str(out), "--method", method,
+                                      "--iters", "2", "--num-samples", "4", "--holdout", "0", *flags])
+    assert result.exit_code == 0, result.output
+    return SyntheticSet.load(out).meta["config"]
+
+
 def test_jitter_flag_reaches_the_synthesis(models):
-    out = models["folder"] / "jit.npz"
-    result = CliRunner().invoke(cli, ["synthesize", str(models["kept"]), "-o", str(out), "--method", "dsg",
-                                      "--iters", "2", "--num-samples", "4", "--holdout", "0", "--jitter"])
-    assert result.exit_code == 0, result.output
-    assert SyntheticSet.load(out).meta["config"]["jitter"] is True
-    off = models["folder"] / "inv.npz"
-    result = CliRunner().invoke(cli, ["synthesize", str(models["kept"]), "-o", str(off), "--method", "inversion",
-                                      "--iters", "2", "--num-samples", "4", "--holdout", "0", "--no-jitter"])
-    assert result.exit_code == 0, result.output
-    assert SyntheticSet.load(off).meta["config"]["jitter"] is False
+    assert _cli_settings(models, "jit", "dsg", "--jitter")["jitter"] is True
+    assert _cli_settings(models, "inv", "inversion", "--no-jitter")["jitter"] is False
 
 
 def test_generator_learns_the_images_as_its_output(models, monkeypatch):
@@ -469,18 +470,10 @@ def test_generator_is_refused_where_it_has_no_meaning(models, settings, message)
     assert "carries no BN statistics" in result.stderr
 
 
-def test_generator_flag_reaches_the_synthesis(models):
-    out = models["folder"] / "genflag.npz"
-    result = CliRunner().invoke(cli, ["synthesize", str(models["kept"]), "-o", str(out), "--method", "zeroq",
-                                      "--iters", "2", "--num-samples", "4", "--holdout", "0", "--generator"])
-    assert result.exit_code == 0, result.output
-    assert SyntheticSet.load(out).meta["config"]["generator"] is True
-    swung = models["folder"] / "swingflag.npz"
-    result = CliRunner().invoke(cli, ["synthesize", str(models["kept"]), "-o", str(swung), "--method", "dsg",
-                                      "--iters", "2", "--num-samples", "4", "--holdout", "0", "--swing"])
-    assert result.exit_code == 0, result.output
-    meta = SyntheticSet.load(swung).meta["config"]
-    assert meta["swing"] is True and meta["generator"] is False
+def test_generator_and_swing_flags_reach_the_synthesis(models):
+    assert _cli_settings(models, "genflag", "zeroq", "--generator")["generator"] is True
+    swung = _cli_settings(models, "swingflag", "dsg", "--swing")
+    assert swung["swing"] is True and swung["generator"] is False
 
 
 def test_swing_shifts_each_strided_convolutions_input_by_up_to_a_pixel():

@@ -323,22 +323,22 @@ class _Generated:
         self.size: Optional[tuple[int, int]] = None
 
     def __call__(self) -> torch.Tensor:
-        images = self.net(self.z)
-        if self.size is not None:
-            images = torch.nn.functional.interpolate(images, size=self.size, mode="bilinear", align_corners=False,
-                                                     antialias=True)
-        return _project(images, self.box).contiguous(memory_format=self.memory_format)
+        return self._images(self.size)
 
     def stepped(self, iteration: int) -> None:
         if (iteration + 1) % DECAY_EVERY == 0:
             self.decay.step()
 
     def result(self) -> torch.Tensor:
-        size, self.size = self.size, None
         with torch.no_grad():
-            images = self()
-        self.size = size
-        return images
+            return self._images(None)
+
+    def _images(self, size: Optional[tuple[int, int]]) -> torch.Tensor:
+        images = self.net(self.z)
+        if size is not None:
+            images = torch.nn.functional.interpolate(images, size=size, mode="bilinear", align_corners=False,
+                                                     antialias=True)
+        return _project(images, self.box).contiguous(memory_format=self.memory_format)
 
 
 @dataclass
