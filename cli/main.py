@@ -46,7 +46,8 @@ def spell(text: str, command: click.Command | None) -> str:
 
     def flag(match: re.Match) -> str:
         name = match.group(1).replace(".", "_")
-        param = params.get(name) or params.get(_ALIASES.get(name, ""))
+        # (``synth.lr``, a SynthOptions field, is quantize's --lr)
+        param = params.get(name) or params.get(_ALIASES.get(name, "")) or params.get(name.removeprefix("synth_"))
         if isinstance(param, click.Option):
             return max(param.opts, key=len)
         if isinstance(param, click.Argument):

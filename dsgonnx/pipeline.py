@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -21,8 +21,8 @@ import onnx
 from . import __version__, distributed
 from .artifacts import check_output_folder, publish
 from .calibration_data import held_out_name, holds_out, load_real_images
-from .config import (BiasCorrection, Calibrator, PoolRange, QuantConfig, RefineConfig, Rounding, SynthMethod, SynthStart,
-                     ValidateConfig)
+from .config import (BiasCorrection, Calibrator, PoolRange, QuantConfig, RefineConfig, Rounding, SynthMethod, SynthOptions,
+                     SynthStart, ValidateConfig)
 from .errors import DataError, ModelLoadError, UnsupportedModelError
 from .graph.layout import channels_last_input
 from .graph.onnx_io import LoadedModel, load_model
@@ -148,6 +148,9 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
 
     with stages("calibration data"):
         calib_images, holdout, calib_info, calib_files = _calibration_data(loaded, config)
+    learning = "qat" if config.qat is not None else "refine" if config.refine is not None else "rounding"
+    checked = config.fallback and (learning != "rounding" or config.weight_rounding() != Rounding.NEAREST)
+    _check_synthesis_used(config, calib_info, _wanted_probes(config, calib_info, holdout, learning) if checked else ())
     if not distributed.is_writer() and config.qat is None and config.refine is None:
         say(f"quantize: rank {distributed.world().rank} made its share of the calibration images; "
             "rank 0 quantizes and writes the model")
@@ -190,9 +193,8 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
             policy["first_layer_8bit"] = {"tensors": sorted(first),
                                           "weight_share": round(weight_share(prepared_model, first), 5)}
         refined = None
-        learning = "qat" if config.qat is not None else "refine" if config.refine is not None else "rounding"
         probes = {}
-        if config.fallback and (learning != "rounding" or config.weight_rounding() != Rounding.NEAREST):
+        if checked:
             # made before training (every rank of a torchrun launch takes part in a synthesis)
             with stages("fallback probes"):
                 probes = _independent_probes(loaded, config, calib_info, holdout, learning)
@@ -730,17 +732,10 @@ def _independent_probes(loaded: LoadedModel, config: QuantConfig, calib_info: di
     close than the bias-corrected refined model, which is kept instead (57.11 %; README,
     "BN-folded models"). ``config.fallback_probes`` names them instead of this rule.
     """
-    procedural = calib_info.get("method") == SynthMethod.PROCEDURAL.value
-    wanted = config.fallback_probes
-    if wanted is None:  # the rule above
-        held = holdout is not None and len(holdout) > 0
-        real = calib_info.get("method") == "real"
-        decide_alone = held and (procedural or real or _from_bn_statistics(calib_info))
-        if decide_alone and not procedural:
-            say(f"{learning}: the {len(holdout)} {held_out_name(calib_info['method'])} decide alone "
-                "(--fallback-probes procedural checks procedural images beside them)")
-        wanted = (*(() if decide_alone else ("procedural",)),
-                  *(("inversion",) if procedural and learning in ("refine", "qat") else ()))
+    wanted = _wanted_probes(config, calib_info, holdout, learning)
+    if config.fallback_probes is None and "procedural" not in wanted and calib_info.get("method") != SynthMethod.PROCEDURAL.value:
+        say(f"{learning}: the {len(holdout)} {held_out_name(calib_info['method'])} decide alone "
+            "(--fallback-probes procedural checks procedural images beside them)")
     probes = {}
     if "procedural" in wanted:
         from .synth.procedural import procedural_images
@@ -763,6 +758,48 @@ def _independent_probes(loaded: LoadedModel, config: QuantConfig, calib_info: di
         images = synthesize(loaded, made_as).images
         probes["inversion images"] = {"images": images, "seconds": round(time.perf_counter() - start, 3)}
     return probes
+
+
+def _wanted_probes(config: QuantConfig, calib_info: dict, holdout, learning: str) -> tuple[str, ...]:
+    """The independent probes :func:`_independent_probes` makes: ``config.fallback_probes``, else
+    by its rule."""
+    if config.fallback_probes is not None:
+        return tuple(config.fallback_probes)
+    procedural = calib_info.get("method") == SynthMethod.PROCEDURAL.value
+    held = holdout is not None and len(holdout) > 0
+    real = calib_info.get("method") == "real"
+    decide_alone = held and (procedural or real or _from_bn_statistics(calib_info))
+    return (*(() if decide_alone else ("procedural",)),
+            *(("inversion",) if procedural and learning in ("refine", "qat") else ()))
+
+
+# what of the synthesis options still acts where quantize synthesizes no calibration images
+_PROBE_IGNORES = ("alignment", "start", "generator", "swing")  # the inversion probe's own
+_QAT_GENERATOR_READS = ("epsilon", "slack_reading")
+
+
+def _check_synthesis_used(config: QuantConfig, calib_info: dict, probes: tuple[str, ...]) -> None:
+    """Refuse synthesis options that would change nothing: calibration images from files (or a
+    set made before) are not synthesized, so only the inversion probe (every option but its own
+    alignment, start, generator and swing, and ``iters``) and QAT's generator (``epsilon``,
+    ``slack_reading``) read them."""
+    if config.synthetic:
+        return
+    defaults = SynthOptions()
+    given = [f.name for f in fields(SynthOptions) if getattr(config.synth, f.name) != getattr(defaults, f.name)]
+    read = set()
+    if "inversion" in probes:
+        read |= set(given) - set(_PROBE_IGNORES) | {"iters"}
+    if config.qat is not None and config.qat.data not in ("calib", "auto"):
+        read |= set(_QAT_GENERATOR_READS)
+    unused = [f"`synth.{name}`" for name in given if name not in read]
+    unused += ["`iters`"] if config.iters is not None and "iters" not in read else []
+    if unused:
+        one = len(unused) == 1
+        raise DataError(f"{', '.join(unused)} {'tunes' if one else 'tune'} synthesis, but the calibration images come "
+                        f"from {calib_info.get('source', 'the data given')} and nothing here would use "
+                        f"{'it' if one else 'them'}: leave {'it' if one else 'them'} out (or calibrate on a "
+                        "synthesis method)")
 
 
 def _held_name(calib_info: dict) -> str:

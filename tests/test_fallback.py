@@ -370,3 +370,31 @@ def _biases(path) -> list:
     """The int32 initializers (the biases) of a QDQ model, as lists."""
     return [numpy_helper.to_array(t).tolist() for t in onnx.load(str(path)).graph.initializer
             if t.data_type == onnx.TensorProto.INT32]
+
+
+def test_synthesis_options_nothing_would_read_are_refused(setup):
+    """Calibration images from a file are not synthesized, so a synthesis option given with them
+    is a one-line error before any work, unless what still synthesizes reads it: the inversion
+    probe takes the run's options (not alignment, start, generator or swing) and ``iters``."""
+    folder = setup["folder"]
+    out = folder / "unused.onnx"
+    result = CliRunner().invoke(cli, ["quantize", str(setup["model"]), "--w4a4", "--calib", str(setup["npz"]),
+                                      "--num-samples", "64", "--no-validate", "--lr", "0.05", "--synth-swing", "-o", str(out),
+                                      "--quiet"])
+    assert result.exit_code == 2 and not out.exists(), result.output
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "--lr, --synth-swing tune synthesis" in result.stderr and str(setup["npz"]) in result.stderr, result.stderr
+    common = dict(output=str(out), calib=str(setup["npz"]), **COMMON)
+    with pytest.raises(DataError, match=r"^`iters` tunes synthesis"):  # plain rounding: no probe synthesizes
+        quantize(str(setup["model"]), QuantConfig(iters=3, **common))
+    with pytest.raises(DataError, match=r"^`synth.swing` tunes synthesis"):  # not the probe's
+        quantize(str(setup["model"]), QuantConfig(qat=WRECK, fallback_probes="inversion", synth=SynthOptions(swing=True),
+                                                  **common))
+    assert not out.exists()
+    read = quantize(str(setup["model"]), QuantConfig(qat=WRECK, fallback_probes="inversion", iters=3,
+                                                     synth=SynthOptions(lr=0.05), **common))
+    check = read.decisions["qat"]["against_plain"]
+    inversion = synthesize(load_model(setup["model"]), SynthConfig(method="inversion", num_samples=INVERSION_PROBE_SAMPLES,
+                                                                   seed=PROBE_FIRST, iters=3, lr=0.05)).images
+    assert sqnr_db(_logits(setup["model"], inversion), _logits(read.output, inversion)) == pytest.approx(
+        check["inversion"][check["kept"]]["sqnr_db"], abs=1e-2), check

@@ -116,7 +116,7 @@ def test_qat_trains_on_the_generator_when_asked_and_on_the_calibration_images_by
     assert _quantize(tiny, "ptq", None).calibration["synth"]["alignment"] == "sample"
     np.savez(tiny["folder"] / "calib.npz", images=np.random.default_rng(0).normal(size=(32, 3, 16, 16)).astype(np.float32))
     fixed = _quantize(tiny, "fixed", QatConfig(iters=2, batch_size=8), calib=str(tiny["folder"] / "calib.npz"),
-                      holdout=0)
+                      holdout=0, iters=None)  # (nothing is synthesized: `iters` would be refused)
     assert fixed.refine["data"] == "calibration images" and "generator" not in fixed.refine
 
 
