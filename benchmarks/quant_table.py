@@ -42,6 +42,12 @@ SOURCES = {
     # and every strided convolution's input shifted by up to a pixel each step: Genie's data distillation (Genie-D)
     "dsg-batch-genie": {"method": "dsg", "alignment": "batch", "generator": True, "swing": True},
     "dsg-batch-swing": {"method": "dsg", "alignment": "batch", "swing": True},  # the swing alone, on the pixels
+    # from leaves at a pixel rate of 0.01 / 0.03 instead of 0.1: the leaves' spatial correlation kept
+    "dsg-batch-proc-lr01": {"method": "dsg", "alignment": "batch", "start": "procedural", "lr": 0.01},
+    "dsg-batch-proc-lr03": {"method": "dsg", "alignment": "batch", "start": "procedural", "lr": 0.03},
+    # without DSG's sample correlation inhibition (`--no-sci`), from leaves (slack and LSE act on
+    # per-sample alignment only: with the batch's, `--no-slack`/`--no-lse` make the same images)
+    "dsg-batch-proc-nosci": {"method": "dsg", "alignment": "batch", "start": "procedural", "sci": False},
     "dsg-batch-proc-swing": {"method": "dsg", "alignment": "batch", "start": "procedural", "swing": True},  # from leaves
     "dsg-batch-jit": {"method": "dsg", "alignment": "batch", "jitter": True},  # each step on a shifted, mirrored batch
     "dsg-batch-tv": {"method": "dsg", "alignment": "batch", "tv_weight": 0.5},  # and a total-variation prior
