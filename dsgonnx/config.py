@@ -397,9 +397,21 @@ class SynthConfig(SynthOptions):
         _require(not self.generator or method.needs_bn,
                  f"`generator` is for the BN-matching methods ({SynthMethod.ZEROQ}, {SynthMethod.DSG}); "
                  f"`method` is {method}" + (f" ({why})" if why else ""))
+        alignment = self.alignment or Alignment.SAMPLE
+        # the ablations switch off a term this run has: slack margins and layerwise enhancement
+        # weigh DSG's per-sample terms (batch alignment has one pooled term per layer); SCI is
+        # DSG's and inversion's
+        per_sample = method == SynthMethod.DSG and alignment == Alignment.SAMPLE
+        inert = [f"`{name}`" for name, acts in (("slack", per_sample), ("lse", per_sample),
+                                                ("sci", method in (SynthMethod.DSG, SynthMethod.INVERSION)))
+                 if not getattr(self, name) and not acts]
+        _require(not inert, f"{' and '.join(inert)} {'changes' if len(inert) == 1 else 'change'} nothing for `method` "
+                            f"{method} with `alignment` {alignment}: DSG's slack margins and layerwise enhancement act "
+                            "on its per-sample alignment alone, and sample correlation inhibition on dsg and inversion"
+                            + (f" ({why})" if why else ""))
         own = INVERSION_WEIGHTS if method == SynthMethod.INVERSION else METHOD_DEFAULTS
         unset = {name: own[name] for name in own if getattr(self, name) is None}
-        return replace(self, method=method, alignment=self.alignment or Alignment.SAMPLE, **unset), why
+        return replace(self, method=method, alignment=alignment, **unset), why
 
     def for_device(self, device_type: str, input_size: int) -> "SynthConfig":
         """This config with ``iters`` and ``low_res`` resolved for the device and input size."""

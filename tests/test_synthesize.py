@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from onnx import helper, numpy_helper
 
 from dsgonnx.artifacts import SyntheticSet
-from dsgonnx.errors import NoBatchNormError
+from dsgonnx.errors import DataError, NoBatchNormError
 from dsgonnx.preprocess import PRESETS
 from dsgonnx.synth import SynthConfig, SynthesisError, synthesize
 from dsgonnx_cli.main import cli
@@ -214,6 +214,21 @@ def test_each_dsg_ablation_changes_the_images(models, flag):
     assert ablated.meta["config"][flag] is False and full.meta["config"][flag] is True
     assert not np.allclose(full.images, ablated.images, atol=1e-6), flag
     np.testing.assert_array_equal(full.images, _run(models["kept"], method="dsg", iters=10, seed=0).images)
+
+
+def test_an_ablation_of_a_term_the_run_does_not_have_is_refused(models):
+    """Slack margins and layerwise enhancement weigh DSG's per-sample terms, so with the batch's
+    alignment (or for zeroq) switching them off would make the same images: refused in one line,
+    as is switching off SCI for a method without it."""
+    with pytest.raises(DataError, match=r"^`slack` changes nothing for `method` dsg with `alignment` batch"):
+        _run(models["kept"], method="dsg", iters=1, alignment="batch", slack=False)
+    with pytest.raises(DataError, match=r"^`lse` and `sci` change nothing for `method` zeroq with `alignment` sample"):
+        _run(models["kept"], method="zeroq", iters=1, lse=False, sci=False)
+    out = models["folder"] / "inert.npz"
+    result = CliRunner().invoke(cli, ["synthesize", str(models["kept"]), "-o", str(out), "--method", "dsg", "--iters", "1",
+                                      "--num-samples", "4", "--alignment", "batch", "--no-lse", "--quiet"])
+    assert result.exit_code == 2 and not out.exists(), result.output
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()] and "--no-lse changes nothing" in result.stderr
 
 
 def test_sci_is_the_squared_gap_between_kernel_spectra_computed_independently():
