@@ -234,8 +234,10 @@ def main(argv=None) -> int:
             if "pending" in results:
                 model, data, (preset, overrides), _ = MANIFEST[key.split("@")[0]]
                 start = time.time()
-                score_pending(results, Path(args.score) / "models", str(model), str(data),
-                              preprocess_from_preset(preset, **overrides))
+                folder = Path(args.score) / "models" / key
+                if not folder.is_dir():  # kept before each model had its own folder
+                    folder = Path(args.score) / "models"
+                score_pending(results, folder, str(model), str(data), preprocess_from_preset(preset, **overrides))
                 command = f"python benchmarks/{Path(__file__).name} " + " ".join(argv if argv is not None else sys.argv[1:])
                 results.update(commands=results.get("commands", []) + [command],
                                scored=f"{platform.platform()} ({_cpu_name()}), {round(time.time() - start)} s")
@@ -257,7 +259,8 @@ def main(argv=None) -> int:
                             refine=profile.get("refine"), qat=profile.get("qat"), cache=args.calib_cache,
                             twin=str(MANIFEST[name.removesuffix(".folded")][0]) if name.endswith(".folded") else None,
                             synth_samples=profile.get("synth_samples"),
-                            keep=out / "models" if args.defer_scoring else None)
+                            # (each model its own folder: the files are named by row, seed and bits alone)
+                            keep=out / "models" / key if args.defer_scoring else None)
         command = f"python benchmarks/{Path(__file__).name} " + " ".join(argv if argv is not None else sys.argv[1:])
         results.update(profile=args.profile, preprocess=[preset, overrides], wall_seconds=round(time.time() - start),
                        commands=[command], machine=f"{platform.platform()} ({_cpu_name()}{_gpu_name(results)})")
