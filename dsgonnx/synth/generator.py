@@ -231,7 +231,25 @@ def synthesize(
     return SyntheticSet(images=images_np, meta=meta)
 
 
-class _Anchor:
+class _Hooks:
+    """Hooks on a model's modules (``_handles``) that come off together: :meth:`remove`, or
+    the end of a ``with`` block."""
+
+    _handles: list
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *_) -> None:
+        self.remove()
+
+
+class _Anchor(_Hooks):
     """Inversion's anchor: forward hooks that keep every Conv output of the current step, and
     as targets each Conv output channel's mean and std over the batch of start images (the
     procedural images: statistics of natural-looking input, where a folded model has no BN
@@ -254,17 +272,12 @@ class _Anchor:
     def __bool__(self) -> bool:
         return bool(self._handles)
 
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
 
 def _project(images: torch.Tensor, box) -> torch.Tensor:
     return images if box is None else torch.maximum(torch.minimum(images, box[1]), box[0])
 
 
-class _Swing:
+class _Swing(_Hooks):
     """Genie's swing convolution, while attached: every strided Conv2d sees its input
     reflected by one pixel at each border and cropped back at an offset of −1, 0 or +1 in
     each direction, drawn from ``random`` at each forward."""
@@ -281,11 +294,6 @@ class _Swing:
         dy, dx = (int(v) for v in torch.randint(0, 3, (2,), generator=self.random))
         padded = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
         return (padded[:, :, dy:dy + x.shape[2], dx:dx + x.shape[3]], *args[1:])
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
 
 
 class _Pixels:
@@ -527,44 +535,41 @@ class _Run:
         pending: list[tuple[int, torch.Tensor]] = []  # (iteration, term values and total) not read yet
         names = [name for name, _ in terms]
         tick = time.perf_counter()
-        for iteration in range(iters):
-            for each in source.optimizers:
-                each.zero_grad(set_to_none=True)
-            images = source()
-            output = self._forward(images)
-            values = [term(images, output, tap, margins) for _, term in terms]
-            total = sum(values)
-            pending.append((iteration, torch.stack([v.detach().float().reshape(()) for v in (*values, total)])))
-            total.backward()
-            for each in source.optimizers:
-                each.step()
-            source.stepped(iteration)
-            if len(pending) == every or iteration == iters - 1:  # the one host sync of these iterations
-                rows = torch.stack([row for _, row in pending]).cpu().tolist()
-                now = time.perf_counter()
-                self.iter_seconds += [(now - tick) / len(rows)] * len(rows)
-                tick = now
-                for (done, _), row in zip(pending, rows):
-                    if not math.isfinite(row[-1]):
-                        bad = next((name for name, value in zip(names, row) if not math.isfinite(value)), "total")
-                        value = row[names.index(bad)] if bad in names else row[-1]
-                        raise SynthesisError(
-                            f"synthesis diverged: loss term '{bad}' became {value} at iteration {done}; "
-                            f"try a smaller `lr` (now {config.lr}) or give the model's preprocessing"
-                        )
-                    scheduler.step(row[-1])
-                    progress.update(done + 1, f"loss {row[-1]:.4g} lr {optimizer.param_groups[0]['lr']:.2g}")
-                pending.clear()
+        # (the swing's hooks for these steps alone: the margins and the final read see the model as it is)
+        with _Swing(self.torch_model.module, self.generator) if config.swing else contextlib.nullcontext():
+            for iteration in range(iters):
+                for each in source.optimizers:
+                    each.zero_grad(set_to_none=True)
+                images = source()
+                output = self._forward(images)
+                values = [term(images, output, tap, margins) for _, term in terms]
+                total = sum(values)
+                pending.append((iteration, torch.stack([v.detach().float().reshape(()) for v in (*values, total)])))
+                total.backward()
+                for each in source.optimizers:
+                    each.step()
+                source.stepped(iteration)
+                if len(pending) == every or iteration == iters - 1:  # the one host sync of these iterations
+                    rows = torch.stack([row for _, row in pending]).cpu().tolist()
+                    now = time.perf_counter()
+                    self.iter_seconds += [(now - tick) / len(rows)] * len(rows)
+                    tick = now
+                    for (done, _), row in zip(pending, rows):
+                        if not math.isfinite(row[-1]):
+                            bad = next((name for name, value in zip(names, row) if not math.isfinite(value)), "total")
+                            value = row[names.index(bad)] if bad in names else row[-1]
+                            raise SynthesisError(
+                                f"synthesis diverged: loss term '{bad}' became {value} at iteration {done}; "
+                                f"try a smaller `lr` (now {config.lr}) or give the model's preprocessing"
+                            )
+                        scheduler.step(row[-1])
+                        progress.update(done + 1, f"loss {row[-1]:.4g} lr {optimizer.param_groups[0]['lr']:.2g}")
+                    pending.clear()
         progress.close()
         return source.result()
 
     def _forward(self, images: torch.Tensor):
-        """The model's output on one step's images: jittered, through swung strided
-        convolutions and under autocast, as configured."""
-        swing = _Swing(self.torch_model.module, self.generator) if self.config.swing else None
-        try:
-            with self.autocast or contextlib.nullcontext():
-                return self.torch_model.module(self._jitter(images) if self.config.jitter else images)
-        finally:
-            if swing is not None:
-                swing.remove()
+        """The model's output on one step's images: jittered and under autocast, as configured
+        (and through swung strided convolutions while :meth:`_iterate` holds the swing)."""
+        with self.autocast or contextlib.nullcontext():
+            return self.torch_model.module(self._jitter(images) if self.config.jitter else images)
