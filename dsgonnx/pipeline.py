@@ -705,6 +705,13 @@ PROBE_FIRST = 1_000_000
 INVERSION_PROBE_SAMPLES = 32
 
 
+# what of the synthesis options still acts where quantize synthesizes no calibration images:
+# the inversion probe's synthesis takes them but for these, its own (_independent_probes) ...
+_PROBE_OWN = {"alignment": None, "start": None, "generator": False, "swing": False}
+# ... and QAT's generator reads these (_qat_generator)
+_QAT_GENERATOR_READS = ("epsilon", "slack_reading")
+
+
 def _independent_probes(loaded: LoadedModel, config: QuantConfig, calib_info: dict, holdout,
                         learning: str) -> dict[str, dict]:
     """The images the fallback checks on besides the held-out samples (else the calibration
@@ -750,7 +757,7 @@ def _independent_probes(loaded: LoadedModel, config: QuantConfig, calib_info: di
         say(f"{learning}: {INVERSION_PROBE_SAMPLES} inversion images to check the learned model on "
             + ("(the calibration images are procedural)" if config.fallback_probes is None else "(--fallback-probes)"))
         # (the calibration synthesis's generator, swing and start are not the probes': inversion starts from leaves)
-        probe_options = replace(config.synth, alignment=None, start=None, generator=False, swing=False)
+        probe_options = replace(config.synth, **_PROBE_OWN)
         made_as = SynthConfig.from_options(probe_options, method=SynthMethod.INVERSION,
                                            num_samples=INVERSION_PROBE_SAMPLES, iters=config.iters,
                                            seed=config.seed + PROBE_FIRST, device=config.device,
@@ -773,11 +780,6 @@ def _wanted_probes(config: QuantConfig, calib_info: dict, holdout, learning: str
             *(("inversion",) if procedural and learning in ("refine", "qat") else ()))
 
 
-# what of the synthesis options still acts where quantize synthesizes no calibration images
-_PROBE_IGNORES = ("alignment", "start", "generator", "swing")  # the inversion probe's own
-_QAT_GENERATOR_READS = ("epsilon", "slack_reading")
-
-
 def _check_synthesis_used(config: QuantConfig, calib_info: dict, probes: tuple[str, ...]) -> None:
     """Refuse synthesis options that would change nothing: calibration images from files (or a
     set made before) are not synthesized, so only the inversion probe (every option but its own
@@ -789,7 +791,7 @@ def _check_synthesis_used(config: QuantConfig, calib_info: dict, probes: tuple[s
     given = [f.name for f in fields(SynthOptions) if getattr(config.synth, f.name) != getattr(defaults, f.name)]
     read = set()
     if "inversion" in probes:
-        read |= set(given) - set(_PROBE_IGNORES) | {"iters"}
+        read |= set(given) - set(_PROBE_OWN) | {"iters"}
     if config.qat is not None and config.qat.data not in ("calib", "auto"):
         read |= set(_QAT_GENERATOR_READS)
     unused = [f"`synth.{name}`" for name in given if name not in read]

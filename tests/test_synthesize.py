@@ -347,8 +347,6 @@ def test_procedural_start_keeps_more_spread_between_samples(models):
 
 
 def test_procedural_start_is_refused_for_drawn_gaussian_images(models):
-    from dsgonnx.errors import DataError
-
     with pytest.raises(DataError, match="`start` procedural has no meaning for `method` gaussian"):
         _run(models["kept"], method="gaussian", start="procedural")
     result = CliRunner().invoke(cli, ["synthesize", str(models["kept"]), "-o", str(models["folder"] / "g.npz"),
@@ -472,8 +470,6 @@ def test_generator_makes_batches_of_at_most_its_own_size():
     ({"method": "dsg", "start": "procedural"}, "`start` procedural has no meaning with it"),
 ])
 def test_generator_is_refused_where_it_has_no_meaning(models, settings, message):
-    from dsgonnx.errors import DataError
-
     with pytest.raises(DataError, match=re.escape(message)):
         _run(models["kept"], generator=True, **settings)
     with pytest.raises(DataError, match="`generator` must be true or false"):
@@ -539,7 +535,5 @@ def test_swing_acts_on_the_optimisation_steps_only(models, monkeypatch):
     assert not np.allclose(plain.images, swung.images, atol=1e-3)
     start = _total(_run(models["kept"], **{**settings, "iters": 0}))
     assert _total(swung) < 0.6 * start
-    from dsgonnx.errors import DataError
-
     with pytest.raises(DataError, match="`swing` shifts what the model sees while images are optimised; `method` gaussian"):
         _run(models["kept"], method="gaussian", swing=True)
