@@ -77,6 +77,8 @@ VARIANTS = {
     "after": {},  # with +refine: the bias correction applied after reconstruction only (--refine-correct-after)
     "inwritten": {},  # with +refine: the simulated correction with the written means (--refine-inside-means written)
     "incalib": {},  # with +refine: ... with the calibration images' means (--refine-inside-means calibration)
+    "pd": {},  # with +refine: PD-Quant's prediction difference added to each block's loss (--refine-prediction-weight PD_WEIGHT)
+    "pdt1": {},  # with +refine+pd: its softmax at temperature 1 (PD-Quant's for MobileNetV2) instead of 4
     "squant": {"rounding": "squant"},  # SQuant's data-free flips instead of nearest rounding
     "nearest": {"rounding": "nearest"},  # nearest rounding where the default (auto) is SQuant's (4 bits or fewer)
     "nofallback": {"fallback": False},  # with +refine/+qat*: the learned model even where plain rounding is closer
@@ -138,6 +140,7 @@ QAT_VARIANTS = {"sqstart": {"start": "squant"}, "nearstart": {"start": "nearest"
                 **{f"feat{w}": {"feature_weight": float(w)} for w in (10, 30, 100, 300)}}
 LSQ_LR = 1e-3
 WSTEP_LR = 1e-3
+PD_WEIGHT = 10.0  # PD-Quant's (its code: KL / λ_r, λ_r = 0.1)
 ONLY_AT = {"mixed": (2, 3, 5, 6, 7), "nofirst": (2, 3, 4, 5, 6, 7)}  # the widths where a variant changes anything
 
 
@@ -213,7 +216,8 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
                                             ("qdropin", "input_drop", 0.5), ("noqdropin", "input_drop", 0.0),
                                             ("inside", "correct_inside", True), ("after", "correct_inside", False),
                                             ("inwritten", "inside_means", "written"),
-                                            ("incalib", "inside_means", "calibration")):
+                                            ("incalib", "inside_means", "calibration"),
+                                            ("pd", "prediction_weight", PD_WEIGHT), ("pdt1", "prediction_temperature", 1.0)):
                 if variant in variants:
                     if not refine_method:
                         raise SystemExit(f"row {row!r}: +{variant} sets how reconstruction learns; add +refine")

@@ -472,6 +472,12 @@ class RefineConfig:
     no shift the calibration images' own means would cause, and the file is corrected with
     the written means), ``auto`` (the default): ``calibration`` with synthetic calibration
     images, ``written`` with real ones.
+    ``prediction_weight`` > 0 adds PD-Quant's prediction difference to each unit's loss (Liu
+    et al. 2023): that weight times KL(softmax(z_fp / T) ‖ softmax(z / T)), z the model's
+    output with the unit's quantized output run through the rest of the network in float
+    (the quantized prefix's values wherever the rest reads earlier tensors), z_fp the float
+    model's, T ``prediction_temperature``; 0 (the default): the block's squared error alone.
+    PD-Quant's code uses weight 10 (its λ_r = 0.1) and T = 4 (1 for MobileNetV2).
     Measured on the benchmark's W4A4 rows (README, 'Where reconstruction starts'):
     SQuant's start is ahead or level on EfficientNet-Lite0 with every source (+6.55 with real
     images, level with DSG's, +2.78 BN-folded), level on MobileNet v1 0.75, within
@@ -501,9 +507,16 @@ class RefineConfig:
     input_drop: Optional[float] = None
     correct_inside: Optional[bool] = None
     inside_means: str = "auto"
+    prediction_weight: float = 0.0
+    prediction_temperature: float = 4.0
 
     def __post_init__(self):
         object.__setattr__(self, "method", RefineMethod.parse(self.method, "refine"))
+        _require(_is_number(self.prediction_weight) and self.prediction_weight >= 0,
+                 f"`refine.prediction_weight` (weight of the prediction difference) must not be negative, "
+                 f"got {self.prediction_weight}")
+        _require(_is_number(self.prediction_temperature) and self.prediction_temperature > 0,
+                 f"`refine.prediction_temperature` must be positive, got {self.prediction_temperature}")
         _require(self.correct_inside is None or isinstance(self.correct_inside, bool),
                  f"`refine.correct_inside` must be true or false, got {self.correct_inside!r}")
         _require(self.inside_means in INSIDE_MEANS,

@@ -247,7 +247,9 @@ def test_cli_refine_reports_units_and_rejects_bad_options(setup):
                           (["--refine", "brecq", "--refine-act-lr", "-0.1"], "activation step learning rate"),
                           (["--refine", "brecq", "--refine-weight-step-lr", "2"], "weight step learning rate"),
                           (["--refine", "brecq", "--refine-views", "0"], "views of each calibration image"),
-                          (["--refine", "brecq", "--refine-input-drop", "1"], "being the float model's")):
+                          (["--refine", "brecq", "--refine-input-drop", "1"], "being the float model's"),
+                          (["--refine", "brecq", "--refine-prediction-weight", "-1"], "weight of the prediction difference"),
+                          (["--refine", "brecq", "--refine-prediction-temperature", "0"], "--refine-prediction-temperature must be positive")):
         bad = runner.invoke(cli, ["quantize", str(setup["model"]), "-o", str(setup["folder"] / "bad.onnx"),
                                   "--calib", "gaussian", *args])
         assert bad.exit_code == 2 and message in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
@@ -373,7 +375,56 @@ def test_refine_config_rejects_bad_settings():
         QuantConfig(refine=RefineConfig(iters=-1))
     with pytest.raises(DataError, match="`refine.weight_step_lr`"):
         RefineConfig(weight_step_lr=-1e-3)
+    with pytest.raises(DataError, match="`refine.prediction_weight`"):
+        RefineConfig(prediction_weight=float("nan"))
     assert QuantConfig(refine="adaround").refine == RefineConfig(method="adaround")
+
+
+def _with_softmax(model, path):
+    """``model`` with a Softmax over its classes appended: it outputs probabilities."""
+    proto = onnx.load(str(model))
+    logits = proto.graph.output[0].name
+    proto.graph.node.append(onnx.helper.make_node("Softmax", [logits], ["probabilities"], axis=1))
+    proto.graph.output[0].name = "probabilities"
+    onnx.save(proto, str(path))
+    return path
+
+
+def _mean_kl(fp: np.ndarray, q: np.ndarray) -> float:
+    log_p = fp - np.log(np.exp(fp - fp.max(1, keepdims=True)).sum(1, keepdims=True)) - fp.max(1, keepdims=True)
+    log_q = q - np.log(np.exp(q - q.max(1, keepdims=True)).sum(1, keepdims=True)) - q.max(1, keepdims=True)
+    return float((np.exp(log_p) * (log_p - log_q)).sum(1).mean())
+
+
+def test_prediction_difference_scores_each_block_through_the_rest_of_the_network(setup):
+    """--refine-prediction-weight (PD-Quant): each block's loss also holds the KL of the softened
+    predictions, the block's quantized output run on through the float rest of the network. Its
+    value before and after is reported per block; a model ending in Softmax is scored through the
+    logarithm of its probabilities, the same KL as its logits give; and learning with the term
+    brings the refined model's predictions closer to the float model's than learning without it."""
+    measured = _refine(setup, "brecq", iters=0, prediction_weight=10.0).report["units"]
+    assert all(u["prediction_before"] == u["prediction_after"] > 0 for u in measured)  # nothing learned
+    assert measured[1]["prediction_before"] > measured[0]["prediction_before"]  # more of the model quantized
+    doubled = _refine(setup, "brecq", iters=0, prediction_weight=20.0).report["units"]
+    assert [u["prediction_before"] for u in doubled] == pytest.approx([2 * u["prediction_before"] for u in measured], rel=1e-5)
+    assert "prediction_before" not in _refine(setup, "brecq", iters=0).report["units"][0]
+
+    probabilities = dict(setup, model=_with_softmax(setup["model"], setup["folder"] / "softmax.onnx"))
+    through_log = _refine(probabilities, "brecq", iters=0, prediction_weight=10.0).report["units"]
+    assert [u["prediction_before"] for u in through_log] == pytest.approx(
+        [u["prediction_before"] for u in measured], rel=1e-4)
+
+    images = setup["calib"]
+    float_logits = ort.InferenceSession(str(setup["model"]), providers=["CPUExecutionProvider"]).run(
+        None, {"input": images})[0]
+    kl = {}
+    for weight in (0.0, 10.0):
+        result = _refine(setup, "brecq", iters=100, prediction_weight=weight)
+        kl[weight] = _mean_kl(float_logits, result.simulation(images))
+        if weight:
+            assert sum(u["prediction_after"] for u in result.report["units"]) < sum(
+                u["prediction_before"] for u in result.report["units"])
+    assert kl[10.0] < kl[0.0], kl
 
 
 def test_learned_activation_steps_are_what_the_qdq_model_holds(setup):

@@ -45,7 +45,9 @@ _REFINE_FLAGS = {"refine_iters": "iters", "refine_lr": "lr", "refine_reg": "reg_
                  "refine_batch_size": "batch_size", "refine_act_lr": "act_lr",
                  "refine_weight_step_lr": "weight_step_lr", "refine_start": "start",
                  "refine_views": "views", "refine_input_drop": "input_drop",
-                 "refine_correct_inside": "correct_inside", "refine_inside_means": "inside_means"}
+                 "refine_correct_inside": "correct_inside", "refine_inside_means": "inside_means",
+                 "refine_prediction_weight": "prediction_weight",
+                 "refine_prediction_temperature": "prediction_temperature"}
 _QAT_FLAGS = {"qat_iters": "iters", "qat_lr": "lr", "qat_batch_size": "batch_size", "qat_act_lr": "act_lr",
               "qat_weight_step_lr": "weight_step_lr", "qat_time_budget": "time_budget", "qat_checkpoint": "checkpoint",
               "qat_augment": "augment", "qat_data": "data", "qat_generator_loss": "generator_loss",
@@ -127,6 +129,12 @@ def _given(values: dict, fields: dict) -> dict:
               help="E[x] of the correction simulated while reconstructing: the written correction's, or every "
                    "layer's input mean over the calibration images (the file is corrected with the written ones); "
                    "auto: calibration with synthetic images, written with real ones [default: auto; see README].")
+@click.option("--refine-prediction-weight", type=float, metavar="W",
+              help="Add PD-Quant's prediction difference to each block's loss: W times the KL of the softened "
+                   "predictions, the block's quantized output run through the rest of the network in float "
+                   "(PD-Quant's code: 10) [default: 0, the block's squared error alone].")
+@click.option("--refine-prediction-temperature", type=float, metavar="T",
+              help="Temperature of the prediction difference's softmax [default: 4].")
 @click.option("--refine-start", type=click.Choice(RefineConfig.STARTS),
               help="The rounding each layer/block's learning starts from: nearest (AdaRound's), SQuant's data-free "
                    "flips of it on the layer's own grid, or auto: what quantize writes without --refine (SQuant's at "

@@ -11,6 +11,7 @@ learned to minimise
 
     ‖unit_q(x_q) − unit_fp(x_fp)‖² + λ · Σ (1 − |2h − 1|^β)
 
+(plus, with ``prediction_weight``, PD-Quant's prediction difference: :class:`_Prediction`)
 with β annealed from 20 to 2 after a warm-up (Nagel et al. 2020; Li et al. 2021), while the
 unit's activations are fake-quantized (optionally with QDrop's random dropping of that
 quantization while training). The learned integers and scales come back per ONNX weight so
@@ -30,6 +31,7 @@ import onnx
 import torch
 from onnx import numpy_helper
 from torch import nn
+from torch.nn import functional as F
 
 from .. import distributed
 from ..config import RefineConfig, RefineMethod
@@ -159,6 +161,65 @@ def _beta(step: int, total: int, config: RefineConfig) -> Optional[float]:
     return config.beta_end + (config.beta_start - config.beta_end) * max(0.0, 1.0 - progress)
 
 
+class _Prediction:
+    """PD-Quant's prediction difference (Liu et al. 2023): a unit's quantized output run through
+    the rest of the network in float, scored against the float model's output by
+    KL(softmax(z_fp / T) ‖ softmax(z / T)), averaged over the samples and weighted
+    (``RefineConfig.prediction_weight``). The rest reads the quantized prefix's values where it
+    reads tensors from before the unit (residual skips). An output of probabilities is compared
+    through its logarithm, a one-column output as two classes (as :mod:`dsgonnx.validation.metrics`
+    reads it)."""
+
+    def __init__(self, module, units: list[Unit], rows: torch.Tensor, config: RefineConfig, chunk: int,
+                 device: torch.device):
+        from ..validation.metrics import binary_head, looks_like_probabilities
+
+        self.module, self.units, self.weight, self.temperature = module, units, config.prediction_weight, \
+            config.prediction_temperature
+        node = next(n for n in module.graph.nodes if n.op == "output").args[0]
+        while isinstance(node, (tuple, list)):
+            node = node[0]
+        self.output = node
+        fp = first_output(module, rows.numpy(), chunk, device)  # every layer float: no unit reached yet
+        fp = fp.reshape(len(fp), -1)
+        self.kind = binary_head(fp) or ("probabilities" if looks_like_probabilities(fp) else "logits")
+        self.target = F.log_softmax(self.logits(torch.from_numpy(fp).to(device)) / self.temperature, dim=1)
+
+    def logits(self, out: torch.Tensor) -> torch.Tensor:
+        out = out.reshape(len(out), -1).float()
+        tiny = torch.finfo(torch.float32).tiny
+        if self.kind == "probabilities":
+            return out.clamp(min=tiny).log()
+        if self.kind == "binary probability":
+            p = out.clamp(tiny, 1 - 1e-7)
+            return torch.cat([(1 - p).log(), p.log()], dim=1)
+        if self.kind == "binary logit":
+            return torch.cat([torch.zeros_like(out), out], dim=1)
+        return out
+
+    def tail(self, unit: Unit) -> Unit:
+        """The nodes after ``unit`` up to the model's output, as a unit whose inputs are what they
+        read from before it (``unit``'s outputs among them)."""
+        after = self.units[next(i for i, u in enumerate(self.units) if u is unit) + 1:]
+        nodes = [n for u in after for n in u.nodes]
+        inside, inputs = set(nodes), []
+        for node in nodes:
+            for arg in node.all_input_nodes:
+                if arg not in inside and arg.op != "get_attr" and arg not in inputs:
+                    inputs.append(arg)
+        if self.output not in inside:  # the unit computes the output itself
+            inputs = [self.output]
+        return Unit(nodes=nodes, layers=[], inputs=inputs, outputs=[self.output])
+
+    def loss(self, tail: Unit, unit: Unit, outputs: list, env: dict, index: torch.Tensor) -> torch.Tensor:
+        """The weighted KL for rows ``index``: ``outputs`` the unit's on them, ``env`` every value
+        the tail reads from before the unit (all rows)."""
+        values = [outputs[unit.outputs.index(n)] if n in unit.outputs else take(env[n], index) for n in tail.inputs]
+        z = self.logits(run_unit(self.module, tail, values)[0])
+        return self.weight * F.kl_div(F.log_softmax(z / self.temperature, dim=1), take(self.target, index),
+                                      log_target=True, reduction="batchmean")
+
+
 def refine_model(model_path: Path, output_path: Path, placement: Placement, images: np.ndarray,
                  eval_images: Optional[np.ndarray], *, exclude: set[str], per_channel: bool, weight_top: int,
                  config: RefineConfig, device: str = "auto", seed: int = 0,
@@ -189,6 +250,8 @@ def refine_model(model_path: Path, output_path: Path, placement: Placement, imag
     config = config.for_device(torch_device.type)
     loaded = load_model(model_path)
     torch_model = to_torch(loaded)
+    for parameter in torch_model.module.parameters():  # the float model's own stay fixed: the roundings,
+        parameter.requires_grad_(False)  # steps, learn (their parameters are made below, trainable)
     onnx_model = torch_model.graph
     layers, skipped = _find_layers(torch_model, onnx_model, placement, exclude, weight_top, per_channel, config.scale_search,
                                    weight_tops or {})
@@ -229,6 +292,7 @@ def refine_model(model_path: Path, output_path: Path, placement: Placement, imag
     run = _Reconstruction(module, by_node, config, torch_device, n_train=len(calib),
                           eval_rows=slice(len(calib), len(rows)) if held is not None else slice(0, len(calib)),
                           chunk=max(config.batch_size, 64), units=len(trained), seed=seed, world=world)
+    prediction = _Prediction(module, units, rows, config, run.chunk, torch_device) if config.prediction_weight > 0 else None
     placeholder = next(n for n in module.graph.nodes if n.op == "placeholder")
     fp_env = {placeholder: rows.to(torch_device)}
     q_env = {placeholder: fp_env[placeholder]}
@@ -247,7 +311,8 @@ def refine_model(model_path: Path, output_path: Path, placement: Placement, imag
         for quantizer in unit_acts:
             quantizer.enabled = True
         if unit.layers:
-            report_units.append(run.reconstruct(unit, q_in, targets, unit_acts, fp_in))
+            tail = None if prediction is None else (prediction, prediction.tail(unit), q_env)
+            report_units.append(run.reconstruct(unit, q_in, targets, unit_acts, fp_in, tail))
             q_out = _run_rows(module, unit, q_in, everything, run.chunk)
         else:
             same = not unit_acts and all(a is b for a, b in zip(fp_in, q_in))
@@ -322,10 +387,24 @@ class _Reconstruction:
         with torch.no_grad():
             return float(_loss(outputs, [take(t, index) for t in targets]))
 
-    def reconstruct(self, unit: Unit, q_in: list, targets: list, acts: list[ActQuant], fp_in: list) -> dict:
+    def _eval_prediction(self, unit: Unit, q_in: list, tail: tuple) -> float:
+        """The weighted prediction difference on the evaluation rows, in chunks."""
+        prediction, rest, env = tail
+        total, rows = 0.0, torch.arange(self.eval_rows.start, self.eval_rows.stop)
+        with torch.no_grad():
+            for start in range(0, len(rows), self.chunk):
+                index = rows[start : start + self.chunk].to(self.device)
+                outputs = run_unit(self.module, unit, [take(v, index) for v in q_in])
+                total += float(prediction.loss(rest, unit, outputs, env, index)) * len(index)
+        return total / max(len(rows), 1)
+
+    def reconstruct(self, unit: Unit, q_in: list, targets: list, acts: list[ActQuant], fp_in: list,
+                    tail: Optional[tuple] = None) -> dict:
         """Learn the rounding of the unit's layers (its activations ``acts`` quantized, dropped
         at random while training; its inputs ``q_in``, mixed with the float model's ``fp_in``
-        with ``input_drop``); its loss before (nearest rounding) and after."""
+        with ``input_drop``); its loss before (nearest rounding) and after. ``tail``: (the
+        :class:`_Prediction`, the rest of the network as a unit, the values it reads) to add
+        the prediction difference."""
         config, iters = self.config, self.config.iters
         self.number += 1
         quant = [self.by_node[n].module for n in unit.layers]
@@ -333,6 +412,7 @@ class _Reconstruction:
         for layer in quant:
             layer.mode = "nearest"
         before = self._eval_loss(unit, q_in, targets)
+        predicted_before = None if tail is None else self._eval_prediction(unit, q_in, tail)
         start = time.perf_counter()
         started_at = None
         if iters > 0:
@@ -375,8 +455,14 @@ class _Reconstruction:
                               for v, q, f in zip(inputs, q_in, fp_in)]
                 outputs = run_unit(self.module, unit, inputs)
                 rec = _loss(outputs, [take(t, index) for t in targets])
+                loss = rec
+                if tail is not None:  # on the quantized prefix's inputs alone, as PD-Quant
+                    plain = outputs if config.input_dropping == 0 else run_unit(
+                        self.module, unit, [take(v, index) for v in q_in])
+                    predicted = tail[0].loss(tail[1], unit, plain, tail[2], index)
+                    loss = loss + predicted
                 beta = _beta(step, iters, config)
-                loss = rec if ranks is None else rec * ranks.weight(len(index))
+                loss = loss if ranks is None else loss * ranks.weight(len(index))
                 if beta is not None and config.reg_weight > 0:  # the weights' own term: once over the ranks
                     loss = loss + config.reg_weight * sum(layer.regulariser(beta) for layer in quant) / (
                         1 if ranks is None else self.world.size)
@@ -386,7 +472,8 @@ class _Reconstruction:
                     ranks.reduce()  # the gradients; the loss stays this rank's (only the progress line shows it)
                 optimiser.step()
                 if (step % 50 == 0 or step == iters - 1) and progress.wanted:
-                    progress.update(step + 1, f"rec {rec.item():.4g}")
+                    progress.update(step + 1, f"rec {rec.item():.4g}"
+                                    + ("" if tail is None else f", pd {predicted.item():.4g}"))
             progress.close()
             for layer in quant:
                 layer.mode = "hard"
@@ -396,10 +483,12 @@ class _Reconstruction:
                 act.eval()
                 act.stop_dropping()
         after = self._eval_loss(unit, q_in, targets)
+        prediction = {} if tail is None else {"prediction_before": round(predicted_before, 6),
+                                              "prediction_after": round(self._eval_prediction(unit, q_in, tail), 6)}
         flipped = sum(int((layer.integers() != layer.nearest_integers()).sum()) for layer in quant)
         return {"layers": names, "loss_before": round(before, 6),
                 **({} if started_at is None else {"loss_start": round(started_at, 6)}), "loss_after": round(after, 6),
-                "seconds": round(time.perf_counter() - start, 2), "rounded_other_way": flipped,
+                **prediction, "seconds": round(time.perf_counter() - start, 2), "rounded_other_way": flipped,
                 "weights": sum(layer.inner.weight.numel() for layer in quant)}
 
 
