@@ -65,9 +65,12 @@ def test_training_lowers_the_distillation_loss_and_the_file_is_the_trained_model
     report = result.refine
     assert report["method"] == "qat" and report["steps"] == 150 and report["stopped"] == "done"
     assert report["distillation_after"] < 0.9 * report["distillation_before"], report
-    # every grid of the QDQ model was learned: the activation steps moved from their calibrated values
+    # every grid of the QDQ model was learned: each activation step moved from its calibrated value by
+    # far more than float32 rounding (at QAT's step rate of 1e-4 a step whose gradient changes sign
+    # moves by ~1e-4 in 150 steps: on one CPU 4 of 9 moved by over 1e-3, on another 5), some by 1e-3
     steps = report["learned_activation_steps"]
-    assert steps and sum(abs(s["learned"] / s["calibrated"] - 1) > 1e-3 for s in steps.values()) > len(steps) // 2
+    moves = sorted(abs(s["learned"] / s["calibrated"] - 1) for s in steps.values())
+    assert steps and moves[0] > 1e-5 and moves[-1] > 1e-3, moves
     written = read_placement(onnx.load(str(result.output))).activations
     for name, step in steps.items():
         assert written[name].scale == pytest.approx(step["learned"], rel=1e-6)
