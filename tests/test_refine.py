@@ -28,6 +28,7 @@ from dsgonnx.quant.qdq import excluded_nodes, pre_process
 from dsgonnx.quant.reader import ArrayReader
 from dsgonnx.refine import RefineConfig, refine_model
 from dsgonnx.synth import SynthConfig, synthesize
+from dsgonnx.validation.metrics import mean_kl
 from dsgonnx_cli.main import cli
 from zoo import export_tiny_resnet
 
@@ -390,12 +391,6 @@ def _with_softmax(model, path):
     return path
 
 
-def _mean_kl(fp: np.ndarray, q: np.ndarray) -> float:
-    log_p = fp - np.log(np.exp(fp - fp.max(1, keepdims=True)).sum(1, keepdims=True)) - fp.max(1, keepdims=True)
-    log_q = q - np.log(np.exp(q - q.max(1, keepdims=True)).sum(1, keepdims=True)) - q.max(1, keepdims=True)
-    return float((np.exp(log_p) * (log_p - log_q)).sum(1).mean())
-
-
 def test_prediction_difference_scores_each_block_through_the_rest_of_the_network(setup):
     """--refine-prediction-weight (PD-Quant): each block's loss also holds the KL of the softened
     predictions, the block's quantized output run on through the float rest of the network. Its
@@ -420,7 +415,7 @@ def test_prediction_difference_scores_each_block_through_the_rest_of_the_network
     kl = {}
     for weight in (0.0, 10.0):
         result = _refine(setup, "brecq", iters=100, prediction_weight=weight)
-        kl[weight] = _mean_kl(float_logits, result.simulation(images))
+        kl[weight] = mean_kl(float_logits, result.simulation(images), probabilities=False)
         if weight:
             assert sum(u["prediction_after"] for u in result.report["units"]) < sum(
                 u["prediction_before"] for u in result.report["units"])
