@@ -66,14 +66,19 @@ def partition(module: fx.GraphModule, layers: set[fx.Node], joins: set[fx.Node],
     close()
     for unit in units:
         inside = set(unit.nodes)
-        seen: list[fx.Node] = []
-        for node in unit.nodes:
-            for arg in node.all_input_nodes:
-                if arg not in inside and arg.op != "get_attr" and arg not in seen:
-                    seen.append(arg)
-        unit.inputs = seen
+        unit.inputs = read_from_outside(unit.nodes)
         unit.outputs = [n for n in unit.nodes if any(user not in inside for user in n.users)]
     return units
+
+
+def read_from_outside(nodes: list[fx.Node]) -> list[fx.Node]:
+    """The computed values ``nodes`` read that none of them computes, in order of first use."""
+    inside, seen = set(nodes), []
+    for node in nodes:
+        for arg in node.all_input_nodes:
+            if arg not in inside and arg.op != "get_attr" and arg not in seen:
+                seen.append(arg)
+    return seen
 
 
 def fetch_attr(module: fx.GraphModule, target: str):

@@ -42,7 +42,7 @@ from ..hardware import check_image_memory
 from ..progress import Progress, say
 from ..quant.placement import Placement
 from ..quant.qdq import quantized_weights
-from .blocks import Unit, concat, join_nodes, partition, run_unit, take, tensors
+from .blocks import Unit, concat, join_nodes, partition, read_from_outside, run_unit, take, tensors
 from .quantizers import ActQuant, QuantLayer, random_mask, weight_scales
 from .ranks import Ranks, images_digest, run_digest
 from .simulate import first_output, insert_activation_quant, layer_module
@@ -197,27 +197,31 @@ class _Prediction:
             return torch.cat([torch.zeros_like(out), out], dim=1)
         return out
 
-    def tail(self, unit: Unit) -> Unit:
-        """The nodes after ``unit`` up to the model's output, as a unit whose inputs are what they
-        read from before it (``unit``'s outputs among them)."""
-        after = self.units[next(i for i, u in enumerate(self.units) if u is unit) + 1:]
-        nodes = [n for u in after for n in u.nodes]
-        inside, inputs = set(nodes), []
-        for node in nodes:
-            for arg in node.all_input_nodes:
-                if arg not in inside and arg.op != "get_attr" and arg not in inputs:
-                    inputs.append(arg)
-        if self.output not in inside:  # the unit computes the output itself
-            inputs = [self.output]
-        return Unit(nodes=nodes, layers=[], inputs=inputs, outputs=[self.output])
+    def after(self, unit: Unit, env: dict) -> "_Tail":
+        """The term for ``unit``: the nodes after it up to the model's output, run on its outputs
+        and on the values of ``env`` (every value computed before it, all rows) they read."""
+        later = self.units[next(i for i, u in enumerate(self.units) if u is unit) + 1:]
+        nodes = [n for u in later for n in u.nodes]
+        inputs = read_from_outside(nodes) if self.output in nodes else [self.output]  # else the unit computes it
+        return _Tail(self, unit, Unit(nodes=nodes, layers=[], inputs=inputs, outputs=[self.output]), env)
 
-    def loss(self, tail: Unit, unit: Unit, outputs: list, env: dict, index: torch.Tensor) -> torch.Tensor:
-        """The weighted KL for rows ``index``: ``outputs`` the unit's on them, ``env`` every value
-        the tail reads from before the unit (all rows)."""
-        values = [outputs[unit.outputs.index(n)] if n in unit.outputs else take(env[n], index) for n in tail.inputs]
-        z = self.logits(run_unit(self.module, tail, values)[0])
-        return self.weight * F.kl_div(F.log_softmax(z / self.temperature, dim=1), take(self.target, index),
-                                      log_target=True, reduction="batchmean")
+
+@dataclass
+class _Tail:
+    """:class:`_Prediction`'s term for one unit (:meth:`_Prediction.after`)."""
+
+    prediction: _Prediction
+    unit: Unit
+    rest: Unit
+    env: dict
+
+    def loss(self, outputs: list, index: torch.Tensor) -> torch.Tensor:
+        """The weighted KL for rows ``index``, ``outputs`` the unit's on them."""
+        outs, p = self.unit.outputs, self.prediction
+        values = [outputs[outs.index(n)] if n in outs else take(self.env[n], index) for n in self.rest.inputs]
+        z = p.logits(run_unit(p.module, self.rest, values)[0])
+        return p.weight * F.kl_div(F.log_softmax(z / p.temperature, dim=1), take(p.target, index),
+                                   log_target=True, reduction="batchmean")
 
 
 def refine_model(model_path: Path, output_path: Path, placement: Placement, images: np.ndarray,
@@ -311,7 +315,7 @@ def refine_model(model_path: Path, output_path: Path, placement: Placement, imag
         for quantizer in unit_acts:
             quantizer.enabled = True
         if unit.layers:
-            tail = None if prediction is None else (prediction, prediction.tail(unit), q_env)
+            tail = None if prediction is None else prediction.after(unit, q_env)
             report_units.append(run.reconstruct(unit, q_in, targets, unit_acts, fp_in, tail))
             q_out = _run_rows(module, unit, q_in, everything, run.chunk)
         else:
@@ -387,24 +391,22 @@ class _Reconstruction:
         with torch.no_grad():
             return float(_loss(outputs, [take(t, index) for t in targets]))
 
-    def _eval_prediction(self, unit: Unit, q_in: list, tail: tuple) -> float:
+    def _eval_prediction(self, unit: Unit, q_in: list, tail: "_Tail") -> float:
         """The weighted prediction difference on the evaluation rows, in chunks."""
-        prediction, rest, env = tail
         total, rows = 0.0, torch.arange(self.eval_rows.start, self.eval_rows.stop)
         with torch.no_grad():
             for start in range(0, len(rows), self.chunk):
                 index = rows[start : start + self.chunk].to(self.device)
                 outputs = run_unit(self.module, unit, [take(v, index) for v in q_in])
-                total += float(prediction.loss(rest, unit, outputs, env, index)) * len(index)
+                total += float(tail.loss(outputs, index)) * len(index)
         return total / max(len(rows), 1)
 
     def reconstruct(self, unit: Unit, q_in: list, targets: list, acts: list[ActQuant], fp_in: list,
-                    tail: Optional[tuple] = None) -> dict:
+                    tail: Optional["_Tail"] = None) -> dict:
         """Learn the rounding of the unit's layers (its activations ``acts`` quantized, dropped
         at random while training; its inputs ``q_in``, mixed with the float model's ``fp_in``
-        with ``input_drop``); its loss before (nearest rounding) and after. ``tail``: (the
-        :class:`_Prediction`, the rest of the network as a unit, the values it reads) to add
-        the prediction difference."""
+        with ``input_drop``); its loss before (nearest rounding) and after. ``tail``: the
+        prediction difference's term for this unit (:meth:`_Prediction.after`), added to its loss."""
         config, iters = self.config, self.config.iters
         self.number += 1
         quant = [self.by_node[n].module for n in unit.layers]
@@ -459,7 +461,7 @@ class _Reconstruction:
                 if tail is not None:  # on the quantized prefix's inputs alone, as PD-Quant
                     plain = outputs if config.input_dropping == 0 else run_unit(
                         self.module, unit, [take(v, index) for v in q_in])
-                    predicted = tail[0].loss(tail[1], unit, plain, tail[2], index)
+                    predicted = tail.loss(plain, index)
                     loss = loss + predicted
                 beta = _beta(step, iters, config)
                 loss = loss if ranks is None else loss * ranks.weight(len(index))
