@@ -684,8 +684,10 @@ def _fidelity(refined, qdq_path: Path, images: np.ndarray, loaded: LoadedModel, 
     figures = {**fidelity(refined.simulation(samples), exported), "samples": len(samples)}
     refined.release()
     refined.report["fidelity"] = figures
+    sqnr = ("inf (identical logits)" if figures["max_abs_diff"] == 0 else
+            "n/a (an output is not finite)" if figures["sqnr_db"] is None else f"{figures['sqnr_db']} dB")
     say(f"{label}: the simulation it trained follows the exported model with top-1 agreement "
-        f"{figures['agreement']:.3f}, logit SQNR {figures['sqnr_db']} dB on {len(samples)} calibration images")
+        f"{figures['agreement']:.3f}, logit SQNR {sqnr} on {len(samples)} calibration images")
     return figures
 
 
@@ -831,7 +833,7 @@ def _against_plain(learned: Path, plain: dict[str, Path], float_path: Path, hold
     not measurably less close on any (see :func:`choose_closest`): a model that wins on the
     samples it was made from and loses on independent images is not kept.
     """
-    from .validation.metrics import sqnr_db, top1_agreement
+    from .validation.metrics import report_db, sqnr_db, top1_agreement
 
     probe = holdout if holdout is not None and len(holdout) else images
     on = held_as if probe is holdout else "calibration images"
@@ -844,8 +846,7 @@ def _against_plain(learned: Path, plain: dict[str, Path], float_path: Path, hold
         reference = _logits(float_path, samples, loaded)
         for name, path in paths.items():
             out = _logits(path, samples, loaded)
-            sqnr = sqnr_db(reference, out)
-            scores.setdefault(where, {})[name] = {"sqnr_db": None if sqnr is None else round(sqnr, 3),
+            scores.setdefault(where, {})[name] = {"sqnr_db": report_db(sqnr_db(reference, out)),
                                                   "agreement": round(top1_agreement(reference, out), 4)}
             errors.setdefault(where, {})[name] = sample_errors(reference, out)
     order = ["plain", *(name for name in plain if name != "plain"), "learned", *(variants or {})]

@@ -157,3 +157,21 @@ def test_refinement_trains_against_the_exported_model(case, inside):
     assert figures["sqnr_db"] >= noise_floor + 5, (figures, noise_floor)
     assert result.refine["unsimulated"] == [] and result.refine["simulated_activations"] == len(
         _activation_dequantizers(onnx.load(str(out))))
+
+
+def test_fidelity_figures_stay_json_for_identical_and_broken_logits():
+    """A simulation equal to the exported model (QAT of two steps on a tiny net gives one) has an
+    infinite SQNR, which JSON cannot hold: the report says null with ``max_abs_diff`` 0, as the
+    validation report does; an output with NaN gives null for both, not a report that fails to write."""
+    import json
+
+    logits = np.random.default_rng(0).normal(size=(8, 10)).astype(np.float32)
+    same = fidelity(logits, logits.copy())
+    assert same == {"agreement": 1.0, "sqnr_db": None, "max_abs_diff": 0.0}
+    close = fidelity(logits + 1e-3, logits)
+    assert close["sqnr_db"] == pytest.approx(sqnr_db(logits, logits + 1e-3), abs=0.01) and close["sqnr_db"] > 40
+    broken = logits.copy()
+    broken[3, 2] = np.nan
+    figures = fidelity(broken, logits)
+    assert figures["sqnr_db"] is None and figures["max_abs_diff"] is None
+    json.dumps([same, close, figures], allow_nan=False)
