@@ -170,6 +170,7 @@ class Provider(Choice):
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8, 16)
 NATIVE_BITS = (4, 8, 16)  # ORT has integer types for these; the others are simulated
 DEFAULT_SLACK_READING = SlackReading.LAYER_LOWER
+DEFAULT_EPSILON = 0.9  # DSG's slack percentile
 
 
 # --- device-dependent defaults: the one place -------------------------------------------
@@ -270,7 +271,9 @@ class SynthOptions:
 
     lr: Optional[float] = None  # Adam's learning rate; None: by method (0.1; inversion 0.01)
     batch_size: Optional[int] = None  # None: all samples in one batch up to a memory-based cap
-    epsilon: float = 0.9
+    # DSG's slack margins: the percentile and how it is read; they act where its per-sample
+    # alignment runs with ``slack`` on (and in QAT's generator with DSG's loss)
+    epsilon: float = DEFAULT_EPSILON
     slack_reading: SlackReading = DEFAULT_SLACK_READING
     slack: bool = True
     lse: bool = True
@@ -335,6 +338,14 @@ class SynthOptions:
             _require(isinstance(getattr(self, name), bool), f"`{name}` must be true or false, got {getattr(self, name)!r}")
         _require(not (self.generator and self.start == SynthStart.PROCEDURAL),
                  "`generator` makes the images from latent vectors; `start` procedural has no meaning with it")
+
+    def margin_settings(self) -> list[str]:
+        """The slack margins' settings given other values than their defaults."""
+        return [name for name, default in (("epsilon", DEFAULT_EPSILON), ("slack_reading", DEFAULT_SLACK_READING))
+                if getattr(self, name) != default]
+
+    def without_margin_settings(self) -> "SynthOptions":
+        return replace(self, epsilon=DEFAULT_EPSILON, slack_reading=DEFAULT_SLACK_READING)
 
     def to_dict(self) -> dict:
         return _to_dict(self)
@@ -409,6 +420,12 @@ class SynthConfig(SynthOptions):
                             f"{method} with `alignment` {alignment}: DSG's slack margins and layerwise enhancement act "
                             "on its per-sample alignment alone, and sample correlation inhibition on dsg and inversion"
                             + (f" ({why})" if why else ""))
+        tuned = self.margin_settings()
+        _require(not tuned or (per_sample and self.slack),
+                 f"{' and '.join(f'`{name}`' for name in tuned)} {'tunes' if len(tuned) == 1 else 'tune'} DSG's slack "
+                 "margins, " + ("and `slack` has switched them off" if per_sample else
+                               f"which `method` {method} with `alignment` {alignment} does not have: they weigh DSG's "
+                               "per-sample alignment alone") + (f" ({why})" if why else ""))
         own = INVERSION_WEIGHTS if method == SynthMethod.INVERSION else METHOD_DEFAULTS
         unset = {name: own[name] for name in own if getattr(self, name) is None}
         return replace(self, method=method, alignment=alignment, **unset), why
@@ -981,8 +998,22 @@ class QuantConfig:
             leaves = (self.refine is not None and depthwise and not options.generator
                       and self.synthetic and self.calib in (SynthMethod.AUTO, SynthMethod.ZEROQ, SynthMethod.DSG))
             options = replace(options, start=SynthStart.PROCEDURAL if leaves else SynthStart.GAUSSIAN)
+        margins = (options.slack and options.alignment in (None, Alignment.SAMPLE)
+                   and self.calib in (SynthMethod.AUTO, SynthMethod.DSG))
+        if not margins and self.qat_generator_loss(self.calib) == "dsg":
+            # the slack settings are QAT's generator's alone (``pipeline._qat_generator``): this synthesis has no margins
+            options = options.without_margin_settings()
         return SynthConfig.from_options(options, method=self.calib, num_samples=num_samples, iters=self.iters,
                                         seed=self.seed, device=self.device, preprocess=self.preprocess)
+
+    def qat_generator_loss(self, method) -> Optional[str]:
+        """The loss QAT's generator trains with for calibration images made by (or read as) ``method``, or
+        None where QAT trains on the calibration images alone (``qat.data`` auto or calib) or does not run:
+        ``qat.generator_loss``, else GDFQ's (``bns``) after zeroq and DSG's (``dsg``: slack margins read
+        with ``synth.epsilon``/``synth.slack_reading``) otherwise."""
+        if self.qat is None or self.qat.data in ("calib", "auto"):
+            return None
+        return self.qat.generator_loss or ("bns" if method == SynthMethod.ZEROQ else "dsg")
 
     def trains_on_calibration_images(self) -> bool:
         """Whether reconstruction (``refine``) or QAT (``qat.data`` auto, calib or mixed) trains on
@@ -998,7 +1029,7 @@ class QuantConfig:
 
 
 __all__ = [
-    "BN_FREE_DEFAULT", "BiasCorrection", "Calibrator", "Choice", "DEFAULT_BATCH_SIZE", "Device", "DeviceDefaults", "LogitsPolicy", "NATIVE_BITS",
+    "BN_FREE_DEFAULT", "BiasCorrection", "Calibrator", "Choice", "DEFAULT_BATCH_SIZE", "DEFAULT_EPSILON", "Device", "DeviceDefaults", "LogitsPolicy", "NATIVE_BITS",
     "PoolRange", "Provider", "QatConfig", "QuantConfig", "RefineConfig", "RefineMethod", "Rounding", "SUPPORTED_BITS", "SlackReading", "SynthConfig",
     "SynthMethod", "SynthOptions", "SynthStart", "Target", "ValidateConfig", "check_bits", "check_thresholds", "device_defaults",
 ]

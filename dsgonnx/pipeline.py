@@ -21,8 +21,8 @@ import onnx
 from . import __version__, distributed
 from .artifacts import check_output_folder, publish
 from .calibration_data import held_out_name, holds_out, load_real_images
-from .config import (BiasCorrection, Calibrator, PoolRange, QuantConfig, RefineConfig, Rounding, SynthMethod, SynthOptions,
-                     SynthStart, ValidateConfig)
+from .config import (DEFAULT_EPSILON, DEFAULT_SLACK_READING, BiasCorrection, Calibrator, PoolRange, QuantConfig,
+                     RefineConfig, Rounding, SynthMethod, SynthOptions, SynthStart, ValidateConfig)
 from .errors import DataError, ModelLoadError, UnsupportedModelError
 from .graph.layout import channels_last_input
 from .graph.onnx_io import LoadedModel, load_model
@@ -651,11 +651,9 @@ def _qat_generator(loaded: LoadedModel, config: QuantConfig, calib_info: dict):
     follows the calibration method where not given: GDFQ's for zeroq, else DSG's."""
     from .refine.qat import GeneratorSource
 
-    qat = config.qat
-    method = calib_info.get("method")
-    if qat.data in ("calib", "auto"):
+    loss = config.qat_generator_loss(calib_info.get("method"))
+    if loss is None:
         return None  # (a model without BN statistics is refused where the generator is built)
-    loss = qat.generator_loss or ("bns" if method == SynthMethod.ZEROQ.value else "dsg")
     box = None
     if config.preprocess is not None:
         box = config.preprocess.pixel_box(loaded.input.chw[0])
@@ -708,9 +706,11 @@ INVERSION_PROBE_SAMPLES = 32
 
 
 # what of the synthesis options still acts where quantize synthesizes no calibration images:
-# the inversion probe's synthesis takes them but for these, its own (_independent_probes) ...
-_PROBE_OWN = {"alignment": None, "start": None, "generator": False, "swing": False}
-# ... and QAT's generator reads these (_qat_generator)
+# the inversion probe's synthesis takes them but for these, its own (_independent_probes; it has
+# no slack margins, nor DSG's per-sample terms) ...
+_PROBE_OWN = {"alignment": None, "start": None, "generator": False, "swing": False, "slack": True, "lse": True,
+              "epsilon": DEFAULT_EPSILON, "slack_reading": DEFAULT_SLACK_READING}
+# ... and QAT's generator with DSG's loss reads these (_qat_generator)
 _QAT_GENERATOR_READS = ("epsilon", "slack_reading")
 
 
@@ -794,7 +794,7 @@ def _check_synthesis_used(config: QuantConfig, calib_info: dict, probes: tuple[s
     read = set()
     if "inversion" in probes:
         read |= set(given) - set(_PROBE_OWN) | {"iters"}
-    if config.qat is not None and config.qat.data not in ("calib", "auto"):
+    if config.qat_generator_loss(calib_info.get("method")) == "dsg":
         read |= set(_QAT_GENERATOR_READS)
     unused = [f"`synth.{name}`" for name in given if name not in read]
     unused += ["`iters`"] if config.iters is not None and "iters" not in read else []

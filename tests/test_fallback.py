@@ -390,6 +390,9 @@ def test_synthesis_options_nothing_would_read_are_refused(setup):
     with pytest.raises(DataError, match=r"^`synth.swing` tunes synthesis"):  # not the probe's
         quantize(str(setup["model"]), QuantConfig(qat=WRECK, fallback_probes="inversion", synth=SynthOptions(swing=True),
                                                   **common))
+    with pytest.raises(DataError, match=r"^`synth.epsilon` tunes synthesis"):  # inversion has no slack margins
+        quantize(str(setup["model"]), QuantConfig(qat=WRECK, fallback_probes="inversion",
+                                                  synth=SynthOptions(epsilon=0.6), **common))
     assert not out.exists()
     read = quantize(str(setup["model"]), QuantConfig(qat=WRECK, fallback_probes="inversion", iters=3,
                                                      synth=SynthOptions(lr=0.05), **common))

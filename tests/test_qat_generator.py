@@ -15,7 +15,7 @@ import torch
 from click.testing import CliRunner
 
 from dsgonnx import QatConfig, QuantConfig, SynthOptions, quantize
-from dsgonnx.errors import NoBatchNormError
+from dsgonnx.errors import DataError, NoBatchNormError
 from dsgonnx.graph.onnx_io import load_model
 from dsgonnx.graph.to_torch import to_torch
 from dsgonnx.synth.generative import ConditionalGenerator, GeneratorTrainer
@@ -118,6 +118,28 @@ def test_qat_trains_on_the_generator_when_asked_and_on_the_calibration_images_by
     fixed = _quantize(tiny, "fixed", QatConfig(iters=2, batch_size=8), calib=str(tiny["folder"] / "calib.npz"),
                       holdout=0, iters=None)  # (nothing is synthesized: `iters` would be refused)
     assert fixed.refine["data"] == "calibration images" and "generator" not in fixed.refine
+
+
+def test_the_slack_settings_go_where_margins_are_read(tiny):
+    """``synth.slack_reading`` (and ``epsilon``) tune DSG's slack margins. With ``qat.data`` mixed
+    the generator's DSG loss reads them while the batch-aligned calibration synthesis has no margins:
+    the generator gets the value given, the synthesis runs (and reports) the default. Where nothing
+    reads them — QAT on the calibration images alone, or GDFQ's loss after zeroq — they are refused
+    before any image is made."""
+    given = SynthOptions(slack_reading="channel-upper")
+    mixed = _quantize(tiny, "mixed_reading", QatConfig(iters=2, batch_size=8, generator_warmup=1, data="mixed"),
+                      synth=given)
+    assert mixed.refine["generator"]["slack_reading"] == "channel-upper"
+    assert mixed.calibration["synth"]["alignment"] == "batch"
+    assert mixed.calibration["synth"]["slack_reading"] == SynthOptions().slack_reading != "channel-upper"
+    out = tiny["folder"] / "unread.onnx"
+    with pytest.raises(DataError, match=r"^`slack_reading` tunes DSG's slack margins, which `method` dsg with "
+                                        "`alignment` batch does not have"):
+        _quantize(tiny, "unread", QatConfig(iters=2, batch_size=8), synth=given)
+    with pytest.raises(DataError, match=r"^`epsilon` tunes DSG's slack margins, which `method` zeroq"):
+        _quantize(tiny, "unread", QatConfig(iters=2, batch_size=8, data="mixed"), calib="zeroq",
+                  synth=SynthOptions(epsilon=0.6))
+    assert not out.exists()
 
 
 def test_an_interrupted_generator_run_resumes_to_the_uninterrupted_model(tiny, monkeypatch):

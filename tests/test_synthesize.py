@@ -231,6 +231,30 @@ def test_an_ablation_of_a_term_the_run_does_not_have_is_refused(models):
     assert result.stderr.strip().splitlines() == [result.stderr.strip()] and "--no-lse changes nothing" in result.stderr
 
 
+def test_the_slack_settings_act_where_dsg_has_margins_and_are_refused_elsewhere(models):
+    """``epsilon`` and ``slack_reading`` place DSG's slack margins: with its per-sample alignment
+    another ε makes other images; where the run has no margins (zeroq, the batch's alignment,
+    ``slack`` off) they would change nothing and are refused in one line, before any work."""
+    full = _run(models["kept"], method="dsg", iters=10, seed=0)
+    tuned = _run(models["kept"], method="dsg", iters=10, seed=0, epsilon=0.6)
+    assert tuned.meta["config"]["epsilon"] == 0.6 and not np.allclose(full.images, tuned.images, atol=1e-6)
+    with pytest.raises(DataError, match=r"^`epsilon` tunes DSG's slack margins, which `method` zeroq with `alignment` "
+                                        "sample does not have"):
+        _run(models["kept"], method="zeroq", iters=1, epsilon=0.6)
+    with pytest.raises(DataError, match=r"^`slack_reading` tunes DSG's slack margins, which `method` dsg with "
+                                        "`alignment` batch does not have"):
+        _run(models["kept"], method="dsg", iters=1, alignment="batch", slack_reading="channel-upper")
+    with pytest.raises(DataError, match=r"^`epsilon` and `slack_reading` tune DSG's slack margins, and `slack` has "
+                                        "switched them off"):
+        _run(models["kept"], method="dsg", iters=1, slack=False, epsilon=0.6, slack_reading="channel-upper")
+    out = models["folder"] / "inert_epsilon.npz"
+    result = CliRunner().invoke(cli, ["synthesize", str(models["kept"]), "-o", str(out), "--method", "procedural",
+                                      "--num-samples", "4", "--epsilon", "0.6", "--quiet"])
+    assert result.exit_code == 2 and not out.exists(), result.output
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()], result.stderr
+    assert "--epsilon tunes DSG's slack margins, which --method procedural" in result.stderr, result.stderr
+
+
 def test_sci_is_the_squared_gap_between_kernel_spectra_computed_independently():
     """SCI against an independent numpy computation: the eigenvalues of the cosine-similarity
     kernel of the samples and of the noise reference, their mean squared difference."""

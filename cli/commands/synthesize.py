@@ -37,7 +37,8 @@ images have; without it only the input prior (mean 0, std 1) shapes them.
 @click.option("--batch-size", type=int, help="Samples optimised together [default: all, up to a memory cap].")
 @click.option("--seed", type=int, default=0, show_default=True)
 @device_option("Synthesis device.")
-@click.option("--epsilon", type=float, default=0.9, show_default=True, help="Slack percentile ε.")
+@click.option("--epsilon", type=float, default=SynthConfig.epsilon, show_default=True,
+              help="Slack percentile ε (DSG's per-sample alignment).")
 @click.option("--slack-reading", type=choice(SlackReading), default=SynthConfig.slack_reading.value, show_default=True,
               help="How margins are read from ε (see README).")
 @click.option("--no-slack", is_flag=True, help="DSG without slack margins (ablation).")

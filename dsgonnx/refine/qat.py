@@ -65,7 +65,7 @@ import torch.nn.functional as F
 from onnx import numpy_helper
 
 from .. import distributed
-from ..config import DEFAULT_SLACK_READING, QatConfig
+from ..config import DEFAULT_EPSILON, DEFAULT_SLACK_READING, QatConfig
 from ..errors import DataError, UnsupportedModelError
 from ..graph.onnx_io import LoadedModel, load_model
 from ..graph.to_torch import resolve_device, to_torch
@@ -94,7 +94,7 @@ class GeneratorSource:
     model: LoadedModel
     loss: str = "dsg"
     box: Optional[tuple[np.ndarray, np.ndarray]] = None
-    epsilon: float = 0.9
+    epsilon: float = DEFAULT_EPSILON
     slack_reading: str = DEFAULT_SLACK_READING.value
 
     def describe(self) -> dict:
