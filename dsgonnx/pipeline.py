@@ -833,7 +833,7 @@ def _against_plain(learned: Path, plain: dict[str, Path], float_path: Path, hold
     not measurably less close on any (see :func:`choose_closest`): a model that wins on the
     samples it was made from and loses on independent images is not kept.
     """
-    from .validation.metrics import report_db, sqnr_db, top1_agreement
+    from .validation.metrics import finite_or_none, sqnr_db, top1_agreement
 
     probe = holdout if holdout is not None and len(holdout) else images
     on = held_as if probe is holdout else "calibration images"
@@ -846,7 +846,7 @@ def _against_plain(learned: Path, plain: dict[str, Path], float_path: Path, hold
         reference = _logits(float_path, samples, loaded)
         for name, path in paths.items():
             out = _logits(path, samples, loaded)
-            scores.setdefault(where, {})[name] = {"sqnr_db": report_db(sqnr_db(reference, out)),
+            scores.setdefault(where, {})[name] = {"sqnr_db": finite_or_none(sqnr_db(reference, out), 3),
                                                   "agreement": round(top1_agreement(reference, out), 4)}
             errors.setdefault(where, {})[name] = sample_errors(reference, out)
     order = ["plain", *(name for name in plain if name != "plain"), "learned", *(variants or {})]

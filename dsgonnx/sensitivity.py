@@ -188,12 +188,12 @@ def _outputs(path, input_name: str, images: np.ndarray, batch: int, exact: bool 
 
 def _score(model: onnx.ModelProto, input_name: str, images: np.ndarray, reference: np.ndarray, labels, batch: int,
            scratch: Path, exact: bool = False) -> dict:
-    from .validation.metrics import compare_outputs, report_db
+    from .validation.metrics import compare_outputs, finite_or_none
 
     path = scratch / "probe.onnx"
     onnx.save(model, str(path))
     metrics = compare_outputs(reference, _outputs(path, input_name, images, batch, exact), labels)
-    scores = {"sqnr_db": report_db(metrics.sqnr_db),
+    scores = {"sqnr_db": finite_or_none(metrics.sqnr_db, 3),
               "agreement": round(metrics.agreement, 4)}
     if labels is not None:
         scores["top1"] = round(metrics.q_top1, 3)

@@ -126,10 +126,10 @@ def simulate_qdq(float_path: Path, qdq_path: Path) -> Simulation:
 def fidelity(simulated: np.ndarray, exported: np.ndarray) -> dict:
     """How closely simulated logits follow the exported model's on the same inputs: top-1
     agreement, SQNR in dB (exported as the signal), and the largest difference."""
-    from ..validation.metrics import report_db, sqnr_db, top1_agreement
+    from ..validation.metrics import finite_or_none, sqnr_db, top1_agreement
 
     simulated, exported = simulated.reshape(len(simulated), -1), exported.reshape(len(exported), -1)
     largest = float(np.abs(simulated - exported).max())
     return {"agreement": round(top1_agreement(exported, simulated), 4),
-            "sqnr_db": report_db(sqnr_db(exported, simulated), 2),  # None: identical (max_abs_diff 0) or not finite
+            "sqnr_db": finite_or_none(sqnr_db(exported, simulated), 2),  # None: identical (max_abs_diff 0) or not finite
             "max_abs_diff": largest if np.isfinite(largest) else None}

@@ -122,12 +122,6 @@ def sqnr_db(fp: np.ndarray, q: np.ndarray) -> float | None:
     return sqnr_from_sums(float(np.sum(fp64 * fp64)), float(np.sum((fp64 - q64) ** 2)))
 
 
-def report_db(value: float | None, digits: int = 3) -> float | None:
-    """An SQNR as a JSON report holds it: rounded, None where it is not finite (identical outputs
-    give +inf, which JSON cannot hold; the validation report's ``sqnr_db`` is null so too)."""
-    return round(value, digits) if value is not None and np.isfinite(value) else None
-
-
 def sqnr_from_sums(signal: float, noise: float) -> float | None:
     """``10·log10(signal / noise)`` from the two sums (Σ fp², Σ (fp − q)²): +inf where the noise
     is 0, −inf where the signal is, None where either is not finite."""
@@ -140,9 +134,12 @@ def sqnr_from_sums(signal: float, noise: float) -> float | None:
     return float(10.0 * np.log10(signal / noise))
 
 
-def finite_or_none(value: float | None) -> float | None:
-    """``value`` where it is a finite number, else None (JSON has no inf or NaN)."""
-    return value if value is not None and math.isfinite(value) else None
+def finite_or_none(value: float | None, digits: int | None = None) -> float | None:
+    """``value`` (rounded to ``digits`` where given) where it is a finite number, else None (JSON
+    has no inf or NaN: identical outputs give an SQNR of +inf)."""
+    if value is None or not math.isfinite(value):
+        return None
+    return value if digits is None else round(value, digits)
 
 
 def mean_kl(fp: np.ndarray, q: np.ndarray, probabilities: bool) -> float | None:
