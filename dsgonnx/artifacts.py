@@ -86,13 +86,27 @@ class SyntheticSet:
 
 
 def check_output_folder(path: str | os.PathLike) -> Path:
-    """The folder ``path`` will be written into; it must exist and be writable."""
+    """The folder ``path`` will be written into; it must exist and take a new file."""
     folder = Path(path).parent if str(Path(path).parent) else Path(".")
     if not folder.is_dir():
         raise DataError(f"output folder does not exist: {folder}")
-    if not os.access(folder, os.W_OK):
-        raise DataError(f"output folder is not writable: {folder}")
+    why = cannot_create_in(folder)
+    if why is not None:
+        raise DataError(f"output folder is not writable: {folder} ({why})")
     return folder
+
+
+def cannot_create_in(folder: str | os.PathLike) -> Optional[str]:
+    """Why no new file can be made in the existing ``folder``, or None where one can. Tried, not
+    read from the permission bits: they allow root everything, also on a read-only or pseudo
+    file system (/proc), where the model would fail to write only after all the work."""
+    try:
+        handle, probe = tempfile.mkstemp(dir=folder, prefix=".dsgonnx-probe-")
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    os.close(handle)
+    os.unlink(probe)
+    return None
 
 
 def _umask() -> int:

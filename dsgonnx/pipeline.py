@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 
 from . import __version__, distributed
-from .artifacts import check_output_folder, publish
+from .artifacts import cannot_create_in, check_output_folder, publish
 from .calibration_data import held_out_name, holds_out, load_real_images
 from .config import (DEFAULT_EPSILON, DEFAULT_SLACK_READING, BiasCorrection, Calibrator, PoolRange, QuantConfig,
                      RefineConfig, Rounding, SynthMethod, SynthOptions, SynthStart, ValidateConfig)
@@ -118,6 +118,8 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
     _check_output(loaded.source, output, config.force)
     if config.keep_candidates is not None:
         _check_candidates(Path(config.keep_candidates), loaded.source, output, candidate_files(config), config.force)
+    if config.qat is not None and config.qat.checkpoint is not None:
+        _check_checkpoint(Path(config.qat.checkpoint), loaded.source, output)
     if config.validate:  # the validation's inputs and report, before any work or output
         from .validation.report import check_report_path
 
@@ -364,13 +366,28 @@ def candidate_files(config: QuantConfig) -> dict[str, str]:
     return files
 
 
+def _check_checkpoint(path: Path, model_path: Path, output: Path) -> None:
+    """Refuse, before any work, a ``qat.checkpoint`` file QAT could not write (it writes it
+    first after ``qat.checkpoint_every`` steps of training)."""
+    if path.is_dir():
+        raise DataError(f"`qat.checkpoint` {path} is a folder; give a file name")
+    if path.resolve() in (model_path.resolve(), output.resolve()):
+        raise DataError(f"`qat.checkpoint` {path} is the {'input model' if path.resolve() == model_path.resolve() else 'output'}; "
+                        "give another file")
+    try:
+        check_output_folder(path)
+    except DataError as exc:
+        raise DataError(f"`qat.checkpoint`: {exc}") from None
+
+
 def _check_candidates(folder: Path, model_path: Path, output: Path, files: dict[str, str], force: bool) -> None:
     """Refuse, before any work, a ``keep_candidates`` folder the candidates cannot go to."""
     existing = next(path for path in (folder, *folder.absolute().parents) if path.exists())  # made if missing
     if not existing.is_dir():
         raise DataError(f"`keep_candidates` {folder}: {existing} is a file, not a folder")
-    if not os.access(existing, os.W_OK):
-        raise DataError(f"`keep_candidates` folder is not writable: {existing}")
+    why = cannot_create_in(existing)
+    if why is not None:
+        raise DataError(f"`keep_candidates` folder is not writable: {existing} ({why})")
     for file in files.values():
         path = folder / file
         if path.resolve() in (model_path.resolve(), output.resolve()):

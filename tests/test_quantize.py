@@ -584,6 +584,13 @@ BAD = [
     (["--calib", "{tmp}/missing"], "calibration data not found"),
     (["-o", "{model}"], "never overwrites its input"),
     (["-o", "{tmp}/nowhere/out.onnx"], "output folder does not exist"),
+    # a folder no file can be made in, whatever its permission bits tell root: refused before any work
+    (["-o", "/proc/out.onnx"], "output folder is not writable: /proc"),
+    (["--report", "/proc/r.json"], "--report: folder /proc is not writable"),
+    (["--w4a4", "--keep-candidates", "/proc"], "--keep-candidates folder is not writable: /proc"),
+    # QAT's checkpoint is first written after training steps: its place is checked before any work
+    (["--w4a4", "--qat", "--qat-checkpoint", "/proc/ck.pt"], "--qat-checkpoint: output folder is not writable: /proc"),
+    (["--w4a4", "--qat", "--qat-checkpoint", "{model}"], "--qat-checkpoint {model} is the input model"),
     (["--exclude", "no_such_node"], "no node named 'no_such_node'"),
     # the validation's inputs are checked before any work, not after the model is written
     (["--val-data", "{tmp}/missing"], "--val-data: data not found"),
@@ -607,6 +614,7 @@ def test_bad_input_exits_2_and_writes_nothing(setup, bad_inputs, args, message):
     result = _cli(setup["model"], *args, *([] if validation else ["--no-validate"]))
     assert result.exit_code == 2, result.output
     lines = result.stderr.strip().splitlines()
+    message = message.format(model=setup["model"])
     assert len(lines) == 1 and message in lines[0], result.stderr
     assert set(os.listdir(setup["folder"])) | set(os.listdir(bad_inputs)) == before
     assert setup["model"].read_bytes() == model_bytes

@@ -68,6 +68,7 @@ import os
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from dsgonnx.artifacts import cannot_create_in
 from dsgonnx.errors import DsgonnxError
 from dsgonnx.preprocess import Preprocess
 from dsgonnx.validation.metrics import Metrics, finite_or_none
@@ -214,8 +215,9 @@ def check_report_path(path: str | None) -> None:
         raise DsgonnxError(f"`report_path` {path} is a folder; give a file name")
     if not os.path.isdir(folder):
         raise DsgonnxError(f"`report_path`: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK):
-        raise DsgonnxError(f"`report_path`: folder {folder} is not writable")
+    why = cannot_create_in(folder)
+    if why is not None:
+        raise DsgonnxError(f"`report_path`: folder {folder} is not writable ({why})")
 
 
 def write_report(report: ValidationReport, path: str) -> None:
