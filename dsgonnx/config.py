@@ -431,7 +431,11 @@ class SynthConfig(SynthOptions):
         return replace(self, method=method, alignment=alignment, **unset), why
 
     def for_device(self, device_type: str, input_size: int) -> "SynthConfig":
-        """This config with ``iters`` and ``low_res`` resolved for the device and input size."""
+        """This config with ``iters`` and ``low_res`` resolved for the device and input size (the
+        smaller side, ``input_size``)."""
+        _require(not self.low_res or self.low_res < input_size,
+                 f"`low_res` {self.low_res} is not below the input's {input_size} px, so there would be no "
+                 "low-resolution phase: give a smaller size, or 0 for none")
         if self.iters is not None:
             return replace(self, low_res=self.low_res or None)
         defaults = device_defaults(device_type)

@@ -203,6 +203,10 @@ def test_resolution_schedule_starts_small_and_ends_at_full_size(models, monkeypa
     assert np.isfinite(result.images).all()
     full = _run(models["kept"], method="zeroq", iters=0, preprocess=PRESETS["imagenet"])
     assert _total(result) < _total(full)
+    # a schedule that could not start smaller than the input would be no schedule: refused, nothing made
+    for size in (16, 24):
+        with pytest.raises(DataError, match=rf"^`low_res` {size} is not below the input's 16 px"):
+            _run(models["kept"], method="zeroq", iters=12, low_res=size)
 
 
 @pytest.mark.parametrize("flag", ["slack", "lse", "sci"])
