@@ -474,6 +474,9 @@ def _calibration_data(loaded: LoadedModel, config: QuantConfig):
     info = {"method": real.method, "source": real.source, "num_samples": len(real.images), "iters": 0,
             "seconds": round(time.perf_counter() - start, 3), **({"holdout": len(held)} if held is not None else {}),
             **({"holdout_files": list(real.holdout_files)} if held is not None and real.holdout_files else {})}
+    if len(real.images) < config.num_samples:
+        say(f"quantize: {real.source} holds {len(real.images)} images to calibrate on, fewer than the "
+            f"{config.num_samples} of `num_samples`: all {len(real.images)} are used")
     if held is None and holdout and checked and real.method != "real":
         say(f"quantize: {real.source} holds no held-out samples, so the models are checked on the calibration "
             "images (`dsgonnx synthesize --holdout N` keeps N aside)")

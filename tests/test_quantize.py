@@ -390,6 +390,11 @@ def test_a_saved_set_holds_out_what_quantize_would_and_the_models_are_checked_on
     assert check["on"] == "calibration images" and check["procedural"]["samples"] == FALLBACK_SAMPLES, check
     assert alone.report is None and alone.holdout is None
     assert "holds no held-out samples, so the models are checked on the calibration images" in caplog.text
+    # fewer images in the file than asked for: all are used, and quantize says so
+    with caplog.at_level("INFO", logger="dsgonnx"):
+        short, _ = _quantize(setup, "short.onnx", calib=str(bare), num_samples=len(saved.images) + 5)
+    assert short.calibration["num_samples"] == len(saved.images)
+    assert f"holds {len(saved.images)} images to calibrate on, fewer than the {len(saved.images) + 5}" in caplog.text
 
 
 def _image_folder(root, classes=10, per_class=3):
