@@ -491,6 +491,34 @@ def test_generator_makes_batches_of_at_most_its_own_size():
     assert default_batch_size(SynthConfig(num_samples=300, generator=True), fixed, 10) == 1
 
 
+def test_batches_shrink_to_the_memory_their_activations_need(models, monkeypatch, caplog):
+    """The default batch holds every sample up to an input-size cap; where the activations of
+    such a batch would not fit in the memory available, the batches shrink to what does, say so,
+    and make what an explicit ``batch_size`` of that size makes."""
+    import dsgonnx.synth.generator as generator
+    from dsgonnx.graph.onnx_io import load_model
+    from dsgonnx.graph.to_torch import to_torch
+
+    twin = to_torch(load_model(str(models["kept"])))
+    per_image = generator.activation_bytes(twin.module, (3, 16, 16), torch.device("cpu"), torch.contiguous_format)
+    # the tiny net's leaf outputs for one 16-px image: at least its 8 channels of 16×16 float32 twice (conv, BN)
+    assert per_image >= 2 * 8 * 16 * 16 * 4
+    roomy = _run(models["kept"], iters=3, num_samples=12)
+    assert roomy.meta["batch_size"] == 12
+    # memory for 5 images' activations (at MEMORY_SHARE of it and ACTIVATION_COPIES per image)
+    have = int(5.5 * generator.ACTIVATION_COPIES * per_image / generator.MEMORY_SHARE)
+    assert generator.memory_batch_cap(per_image, torch.device("cpu")) is not None
+    monkeypatch.setattr(generator, "available_memory", lambda: have)
+    assert generator.memory_batch_cap(per_image, torch.device("cpu")) == (5, have)
+    assert generator.memory_batch_cap(per_image, torch.device("cpu"), sharing=2) == (2, have // 2)
+    with caplog.at_level("INFO", logger="dsgonnx"):
+        tight = _run(models["kept"], iters=3, num_samples=12)
+    assert tight.meta["batch_size"] == 5 and "synthesize: batches of 5 images, not 12" in caplog.text
+    monkeypatch.undo()
+    np.testing.assert_array_equal(tight.images, _run(models["kept"], iters=3, num_samples=12, batch_size=5).images)
+    assert not np.array_equal(tight.images, roomy.images)
+
+
 @pytest.mark.parametrize("settings, message", [
     ({"method": "procedural"}, "`generator` is for the BN-matching methods (zeroq, dsg); `method` is procedural"),
     ({"method": "inversion"}, "`method` is inversion"),
