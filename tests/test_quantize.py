@@ -740,3 +740,36 @@ def test_noise_floor_nudges_each_chosen_bias_integer_by_one_step_and_nothing_els
         else:
             assert np.array_equal(after[name], value)
     assert nudge_biases(model, 0.0, np.random.default_rng(0)) == 0
+
+
+def test_a_max_pool_between_4_bit_activations_runs_in_float(tmp_path):
+    """ORT's QDQ MaxPool reads its input's integers, and ONNX Runtime has no 4-bit MaxPool: a W4A4
+    model with one between two layers was refused by ORT's session ('tensor(uint4) ... MaxPool').
+    It runs in float between a DequantizeLinear and the next QuantizeLinear, and the model runs."""
+    import warnings
+
+    import torch
+    from torch import nn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1),
+                        nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(16, 16, 3, padding=1),
+                        nn.BatchNorm2d(16), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).eval()
+    path = tmp_path / "pool.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.randn(1, 3, 16, 16),), str(path), dynamo=False, opset_version=13,
+                          input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
+                          training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False)
+    out = tmp_path / "pool.w4a4.onnx"
+    result = quantize(str(path), QuantConfig(wbits=4, abits=4, num_samples=16, iters=5, holdout=0, validate=False,
+                                             output=str(out)))
+    model = onnx.load(str(out))
+    producers = {o: n for n in model.graph.node for o in n.output}
+    pool = next(n for n in model.graph.node if n.op_type == "MaxPool")
+    assert producers[pool.input[0]].op_type == "DequantizeLinear" and pool.name in result.decisions["excluded_nodes"]
+    readers = [n for n in model.graph.node if pool.output[0] in n.input]
+    assert [n.op_type for n in readers] == ["QuantizeLinear"]  # the next layer's input is 4-bit again
+    images = np.random.default_rng(0).normal(size=(4, 3, 16, 16)).astype(np.float32)
+    logits = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"input": images})[0]
+    assert logits.shape == (4, 10) and np.isfinite(logits).all()
