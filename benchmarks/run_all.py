@@ -57,6 +57,9 @@ MANIFEST = {
                           ("inception", {}), "large"),
     "mobilenet_v1_0.75": (SHARED / "models/imagenet_mobilenet_v1_0.75.onnx", SHARED / "datasets/imagenet-samples",
                           ("inception", {}), "large"),
+    # float16, opset 7, no BN (quantized through a float32 opset-13 twin): BN-free sources only
+    "squeezenet1.1_fp16": (SHARED / "models/imagenet_squeezenet1.1_fp16_nobn.onnx", SHARED / "datasets/imagenet-samples",
+                           ("none", {"mean": (104, 117, 123), "std": (1, 1, 1), "channel_order": "BGR"}), "large"),
 }
 # BN folded into the convolutions, as vendors ship models (models/fold_bn.py, models/export_efficientnet_lite0.py):
 # "<name>.folded" is MANIFEST[name] with the folded file; the row dsg-kept synthesizes on the BN-kept file

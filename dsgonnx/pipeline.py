@@ -25,7 +25,8 @@ from .config import (DEFAULT_EPSILON, DEFAULT_SLACK_READING, BiasCorrection, Cal
                      RefineConfig, Rounding, SynthMethod, SynthOptions, SynthStart, ValidateConfig)
 from .errors import DataError, ModelLoadError, UnsupportedModelError
 from .graph.layout import channels_last_input
-from .graph.onnx_io import LoadedModel, load_model
+from .graph.normalize import float16_interface
+from .graph.onnx_io import LoadedModel, fixed_batch_interface, load_model, quantizable
 from .progress import say
 from .quant.bits import resolve_bits, tag
 from .quant.calibrate import compute_ranges, share_pool_ranges
@@ -105,11 +106,19 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
     else:
         with stages("load"):
             loaded = distributed.together(lambda: load_model(model, config.input_shape))
-    if loaded.input.dtype != np.float32:
+    if loaded.input.dtype not in (np.float32, np.float16):
         raise UnsupportedModelError(
-            f"quantize needs a float32 model; input '{loaded.input.name}' is {loaded.input.dtype} "
+            f"quantize takes float32 and float16 models; input '{loaded.input.name}' is {loaded.input.dtype} "
             "(convert the model to float32 first)"
         )
+    given = loaded
+    loaded = quantizable(loaded)
+    if loaded is not given:
+        say(f"quantize: {loaded.source.name} is worked on as "
+            + " and ".join(([] if loaded.file_dtype is None else ["float32 (the written model keeps its float16 input "
+                                                                  "and outputs, cast at the edges)"])
+                           + ([] if given.opset >= loaded.opset else [f"opset {loaded.opset} (converted from "
+                                                                      f"{given.opset}: quantization needs it)"])))
     weights, activations = resolve_bits(config.wbits, config.abits, config.target)
     if config.mixed and not (weights.simulated or activations.simulated):
         raise DataError("mixed precision keeps tensors at 8 bits among simulated ones (2, 3, 5, 6 or 7 bits), "
@@ -496,6 +505,13 @@ def _finish_model(path: Path, loaded: LoadedModel, bits: dict, calibration: dict
     if loaded.layout == "NHWC":
         channels_last_input(model, loaded.input.name)
         decisions["input_layout"] = "NHWC: the file's input, transposed to NCHW in front of the quantized graph"
+    if loaded.file_batch is not None:
+        fixed_batch_interface(model, loaded.file_batch)
+        sample = np.resize(sample, (loaded.file_batch, *sample.shape[1:]))
+        decisions["input_batch"] = f"{loaded.file_batch}, as the file fixes it (worked on through a twin that takes any)"
+    if loaded.file_dtype == np.float16:
+        float16_interface(model, loaded.input.name, loaded.float16_outputs)
+        decisions["input_type"] = "float16: the file's input and outputs, cast to and from the float32 quantized graph"
     meta = {"dsgonnx.version": __version__, "dsgonnx.source_sha256": loaded.sha256,
             "dsgonnx.bits": json.dumps(bits), "dsgonnx.simulated": str(bits["simulated"]).lower(),
             "dsgonnx.calibration": json.dumps({k: calibration[k] for k in ("method", "num_samples", "iters")}),

@@ -283,7 +283,8 @@ def analyze(model, config: Optional[QuantConfig] = None, *, data=None, eval_samp
     int8 kernels cannot saturate computes; see ``ValidateConfig.exact``).
     """
     from .graph.layout import channels_first_input
-    from .graph.onnx_io import load_model
+    from .graph.normalize import float32_interface
+    from .graph.onnx_io import any_batch, load_model, quantizable
     from .pipeline import quantize
     from .quant.qdq import pre_process
     from .validation.data import open_dataset
@@ -295,7 +296,7 @@ def analyze(model, config: Optional[QuantConfig] = None, *, data=None, eval_samp
     for path, suffix in ((report, ".json"), (chart, ".png")):
         if path is not None and Path(path).suffix.lower() != suffix:
             raise DataError(f"`{'report' if suffix == '.json' else 'chart'}` must be a {suffix} file, got {path}")
-    loaded = load_model(model, config.input_shape)
+    loaded = quantizable(load_model(model, config.input_shape))  # (a float16 or old-opset file: its float32 twin)
     if quantized is not None and data is None:
         raise DataError("analyze of a given quantized model needs `data` (images to measure on)")
     if quantized is None and data is None and not config.synthetic and not holds_out(config.calib, config.num_samples,
@@ -318,6 +319,10 @@ def analyze(model, config: Optional[QuantConfig] = None, *, data=None, eval_samp
             calibration_files = result.calibration_files
         if loaded.layout == "NHWC":  # measured on NCHW arrays, as the float twin
             channels_first_input(qdq, loaded.input.name)
+        if loaded.file_dtype is not None:  # float32 arrays, as the twin
+            float32_interface(qdq, loaded.input.name)
+        if loaded.file_batch is not None:  # batches of any size, as the twin
+            any_batch(qdq)
         points = quant_points(qdq)
         if not points:
             raise UnsupportedModelError(f"{loaded.source.name}: the quantized model has no quantized tensors to analyze")

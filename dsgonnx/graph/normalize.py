@@ -6,6 +6,7 @@
 - nodes computed only from constants are folded into initializers (torch's dynamo
   exporter, unoptimised, builds a Conv's zero bias as Expand(CastLike(0, x), Shape(W)));
 - initializers are dropped from the graph inputs (old exporters list weights as inputs);
+- a Dropout's mask output nothing reads is dropped (onnx2torch's Dropout gives the data alone);
 - float16 models are computed in float32 (a differentiable torch graph in fp16 on CPU
   is slow and loses the small gradients synthesis needs).
 
@@ -15,6 +16,7 @@ The ONNX Runtime reference always runs the original file, untouched.
 from __future__ import annotations
 
 import copy
+from typing import Iterable
 
 import numpy as np
 import onnx
@@ -27,6 +29,7 @@ def for_torch(model: onnx.ModelProto) -> onnx.ModelProto:
     name_nodes(model.graph)
     constants_to_initializers(model.graph)
     drop_initializer_inputs(model.graph)
+    drop_unused_dropout_masks(model.graph)
     fold_constants(model)
     if _uses_float16(model.graph):
         float16_to_float32(model.graph)
@@ -168,6 +171,16 @@ def drop_initializer_inputs(graph: onnx.GraphProto) -> None:
     graph.input.extend(keep)
 
 
+def drop_unused_dropout_masks(graph: onnx.GraphProto) -> None:
+    """Remove the optional mask output of Dropout nodes where nothing reads it (onnx.version_converter
+    writes one when it lifts an old Dropout to opset 12+; onnx2torch's Dropout returns the data alone,
+    and its graph would then index into the batch for the mask)."""
+    read = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    for node in graph.node:
+        if node.op_type == "Dropout" and len(node.output) > 1 and node.output[1] not in read:
+            del node.output[1:]
+
+
 def _uses_float16(graph: onnx.GraphProto) -> bool:
     values = list(graph.input) + list(graph.output)
     return any(v.type.tensor_type.elem_type == TensorProto.FLOAT16 for v in values) or any(
@@ -192,3 +205,61 @@ def float16_to_float32(graph: onnx.GraphProto) -> None:
                 attr.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(attr.t).astype(np.float32), attr.t.name))
             elif attr.type == onnx.AttributeProto.GRAPH:
                 float16_to_float32(attr.g)
+
+
+CAST_IN = "dsgonnx_input_to_float32"  # the quantized model's Cast: the file's float16 input -> float32
+
+
+def float16_interface(model: onnx.ModelProto, name: str, outputs: Iterable[str]) -> None:
+    """Give ``model`` (a float32 twin's quantized model, in place) the file's float16 interface
+    back: its input ``name`` float16, cast to float32 in front of the graph, and the graph
+    ``outputs`` (those the file gives in float16) cast to float16 after it, under the same names."""
+    outputs = set(outputs)
+    inner = f"{name}__float32"
+    for node in model.graph.node:
+        for index, value in enumerate(node.input):
+            if value == name:
+                node.input[index] = inner
+    model.graph.node.insert(0, helper.make_node("Cast", [name], [inner], name=CAST_IN, to=TensorProto.FLOAT))
+    next(v for v in model.graph.input if v.name == name).type.tensor_type.elem_type = TensorProto.FLOAT16
+    for output in model.graph.output:
+        if output.name not in outputs or output.type.tensor_type.elem_type != TensorProto.FLOAT:
+            continue
+        computed = f"{output.name}__float32"
+        for node in model.graph.node:
+            for index, value in enumerate(node.output):
+                if value == output.name:
+                    node.output[index] = computed
+            for index, value in enumerate(node.input):
+                if value == output.name:
+                    node.input[index] = computed
+        model.graph.node.append(helper.make_node("Cast", [computed], [output.name], name=f"dsgonnx_{output.name}_to_float16",
+                                                 to=TensorProto.FLOAT16))
+        output.type.tensor_type.elem_type = TensorProto.FLOAT16
+    stale = {name, *(o.name for o in model.graph.output)}
+    kept = [v for v in model.graph.value_info if v.name not in stale]
+    del model.graph.value_info[:]
+    model.graph.value_info.extend(kept)
+
+
+def float32_interface(model: onnx.ModelProto, name: str) -> None:
+    """Undo :func:`float16_interface` in place (``model`` then takes and gives float32 arrays)."""
+    casts = [n for n in model.graph.node if n.name == CAST_IN or (n.op_type == "Cast" and n.name.startswith("dsgonnx_")
+                                                                  and n.name.endswith("_to_float16"))]
+    for node in casts:
+        model.graph.node.remove(node)
+        if node.name == CAST_IN:
+            for reader in model.graph.node:
+                for index, value in enumerate(reader.input):
+                    if value == node.output[0]:
+                        reader.input[index] = name
+            next(v for v in model.graph.input if v.name == name).type.tensor_type.elem_type = TensorProto.FLOAT
+        else:
+            for producer in model.graph.node:
+                for index, value in enumerate(producer.output):
+                    if value == node.input[0]:
+                        producer.output[index] = node.output[0]
+                for index, value in enumerate(producer.input):
+                    if value == node.input[0]:
+                        producer.input[index] = node.output[0]
+            next(o for o in model.graph.output if o.name == node.output[0]).type.tensor_type.elem_type = TensorProto.FLOAT

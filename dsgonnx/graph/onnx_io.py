@@ -15,7 +15,7 @@ import hashlib
 import os
 import re
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -49,6 +49,12 @@ class LoadedModel:
     file: Optional[Path] = None  # the user's file (``path`` is a private copy of what was read, or its twin)
     original: Optional[Path] = None  # a private copy of the bytes read (external data inlined)
     layout: str = "NCHW"  # the file's input layout; ``input`` and ``model`` are always NCHW
+    # the file's input type where ``model`` is a float32 twin of a float16 file (:func:`quantizable`),
+    # and the graph outputs the file gives in float16
+    file_dtype: Optional[np.dtype] = None
+    float16_outputs: tuple[str, ...] = ()
+    # the batch the file fixes where ``model`` is a twin that takes any (:func:`quantizable`)
+    file_batch: Optional[int] = None
     _scratch: Optional[tempfile.TemporaryDirectory] = field(default=None, repr=False, compare=False)
 
     @property
@@ -62,8 +68,10 @@ class LoadedModel:
         return self.file or self.path
 
     def in_file_layout(self, images: np.ndarray) -> np.ndarray:
-        """NCHW ``images`` as the file takes them (NHWC for a channels-last model)."""
-        return np.ascontiguousarray(images.transpose(0, 2, 3, 1)) if self.layout == "NHWC" else images
+        """NCHW ``images`` as the file takes them (NHWC for a channels-last model; float16 for a
+        float16 file worked on through a float32 twin)."""
+        images = np.ascontiguousarray(images.transpose(0, 2, 3, 1)) if self.layout == "NHWC" else images
+        return images.astype(self.file_dtype) if self.file_dtype is not None else images
 
 
 def load_model(path: str | os.PathLike, input_shape: Optional[tuple[int, int, int, int] | str] = None) -> LoadedModel:
@@ -120,6 +128,80 @@ def load_model(path: str | os.PathLike, input_shape: Optional[tuple[int, int, in
         op_histogram=histogram,
         has_external_data=has_external,
     )
+
+
+# QuantizeLinear/DequantizeLinear take a per-channel axis from opset 13 on
+QDQ_OPSET = 13
+
+
+def quantizable(loaded: LoadedModel) -> LoadedModel:
+    """``loaded`` as ONNX Runtime's quantization tools take it: a float16 file is worked on
+    through a float32 twin (``file_dtype`` keeps the file's type, and
+    :func:`dsgonnx.graph.normalize.float16_interface` puts it back on the quantized model), and
+    an opset below :data:`QDQ_OPSET` is converted to it by ``onnx.version_converter`` (the op
+    semantics that changed, e.g. Softmax's axis at 13, are rewritten; ORT's tools would only
+    raise the version number), IR version 7, initializers no longer listed as graph inputs.
+    ``loaded`` itself when it needs neither. Raises :class:`UnsupportedModelError` where the
+    conversion fails."""
+    from ..errors import UnsupportedModelError
+    from .normalize import drop_initializer_inputs, float16_to_float32
+
+    half = loaded.input.dtype == np.float16
+    if not half and loaded.opset >= QDQ_OPSET:
+        return loaded
+    batch = loaded.input.shape[0] if loaded.opset < QDQ_OPSET else None
+    model = onnx.ModelProto()
+    model.CopyFrom(loaded.model)
+    if half:
+        float16_to_float32(model.graph)
+    if loaded.opset < QDQ_OPSET:
+        try:
+            from onnx import version_converter
+
+            model = version_converter.convert_version(model, QDQ_OPSET)
+            model.ir_version = max(model.ir_version, 7)  # (IR 3 wants every initializer listed as an input)
+            drop_initializer_inputs(model.graph)
+            onnx.checker.check_model(model)
+            if batch is not None:
+                # the converter writes shape-reading ops (Softmax's axis at 13: Shape, Flatten, Reshape)
+                # that pre-processing would fold with the fixed batch, and reconstruction and QAT run
+                # other batches through the torch twin: the twin takes any batch, the file's comes back
+                any_batch(model)
+        except Exception as exc:  # the converter raises many kinds
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise UnsupportedModelError(f"{loaded.source.name}: opset {loaded.opset} could not be converted to opset "
+                                        f"{QDQ_OPSET}, which quantization needs: {first}") from None
+    model = _infer_shapes(model, loaded.source)
+    path = Path(loaded._scratch.name) / f"{loaded.source.stem}.quantizable.onnx"
+    _save(model, path)
+    shape = (None, *loaded.input.shape[1:]) if batch is not None else loaded.input.shape
+    return replace(loaded, path=path, model=model, input=replace(loaded.input, dtype=np.dtype(np.float32), shape=shape),
+                   opset=opset_of(model), output_names=[o.name for o in model.graph.output],
+                   file_dtype=loaded.input.dtype if half else loaded.file_dtype,
+                   float16_outputs=tuple(o.name for o in loaded.model.graph.output
+                                         if o.type.tensor_type.elem_type == TensorProto.FLOAT16) or loaded.float16_outputs,
+                   file_batch=batch if batch is not None else loaded.file_batch)
+
+
+def any_batch(model: onnx.ModelProto) -> None:
+    """Make the first axis of the graph's inputs and outputs symbolic (``N``), in place, and
+    drop the shapes inferred from it."""
+    for value in list(model.graph.input) + list(model.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if len(dims):
+            dims[0].Clear()
+            dims[0].dim_param = "N"
+    del model.graph.value_info[:]
+
+
+def fixed_batch_interface(model: onnx.ModelProto, batch: int) -> None:
+    """Fix the first axis of ``model``'s inputs and outputs to ``batch`` again, in place (undoes
+    :func:`any_batch` on a quantized twin)."""
+    for value in list(model.graph.input) + list(model.graph.output):
+        dims = value.type.tensor_type.shape.dim
+        if len(dims):
+            dims[0].Clear()
+            dims[0].dim_value = batch
 
 
 def opset_of(model: onnx.ModelProto) -> int:
