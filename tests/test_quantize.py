@@ -773,3 +773,41 @@ def test_a_max_pool_between_4_bit_activations_runs_in_float(tmp_path):
     images = np.random.default_rng(0).normal(size=(4, 3, 16, 16)).astype(np.float32)
     logits = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"input": images})[0]
     assert logits.shape == (4, 10) and np.isfinite(logits).all()
+
+
+def test_what_follows_a_float_final_conv_stays_float_at_4_bits(tmp_path):
+    """A SqueezeNet-style head (the classifier a 1×1 Conv, then ReLU, global pooling, softmax):
+    with the final layer kept float, ORT fused DequantizeLinear -> Conv -> ReLU -> QuantizeLinear
+    into a QLinearConv that has no 4-bit kernel, and the session refused the W4A4 model. The
+    tensors after the final layer now stay float at 4 bits, and the model runs."""
+    import warnings
+
+    import torch
+    from torch import nn
+
+    from dsgonnx.quant.qdq import downstream
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1),
+                        nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 10, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Softmax(dim=1)).eval()
+    path = tmp_path / "head.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.randn(1, 3, 16, 16),), str(path), dynamo=False, opset_version=13,
+                          input_names=["input"], output_names=["probs"], dynamic_axes={"input": {0: "N"}, "probs": {0: "N"}},
+                          training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False)
+    out = tmp_path / "head.w4a4.onnx"
+    result = quantize(str(path), QuantConfig(wbits=4, abits=4, num_samples=16, iters=5, holdout=0, validate=False,
+                                             output=str(out)))
+    model = onnx.load(str(out))
+    final = next(n for n in model.graph.node if n.name == result.decisions["final_layer"])
+    after = downstream(model, final.output[0])
+    assert not [n.name for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[0] in after]
+    images = np.random.default_rng(0).normal(size=(4, 3, 16, 16)).astype(np.float32)
+    probs = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"input": images})[0]
+    assert probs.shape == (4, 10) and np.allclose(probs.sum(axis=1), 1, atol=1e-5)
+    # at 8 bits nothing changes: the measured W8A8 rows keep ORT's placement
+    eight = quantize(str(path), QuantConfig(num_samples=16, iters=5, holdout=0, validate=False,
+                                            output=str(tmp_path / "head.w8a8.onnx")))
+    assert eight.decisions["excluded_nodes"] == [final.name]

@@ -372,6 +372,14 @@ def quantize_qdq(
         # the classifier's output stays float: no range, no Q/DQ on it
         ranges = TensorsData(ranges.calibration_method,
                              {k: v for k, v in ranges.items() if k not in graph_outputs})
+    if activations.needs_opset21 and last is not None and last.name in exclude:
+        # what follows a float final layer (SqueezeNet's Relu, GlobalAveragePool, Softmax) stays float
+        # too at 4 and 16 bits: ONNX Runtime fuses DequantizeLinear -> Conv -> QuantizeLinear into a
+        # QLinearConv, which has no 4-bit kernel (the session refuses the model)
+        after = downstream(model, last.output[0])
+        ranges = TensorsData(ranges.calibration_method, {k: v for k, v in ranges.items() if k not in after})
+        exclude = [*exclude, *(n.name for n in model.graph.node
+                               if n.name not in exclude and any(name in after for name in n.input))]
     extra = {
         "ActivationSymmetric": activations.symmetric,
         "WeightSymmetric": weights.symmetric,
@@ -435,6 +443,22 @@ def quantize_qdq(
         clip_simulated_activations(output_path, activations, keep_8bit)
     return {"excluded_nodes": exclude, "final_layer": None if last is None else last.name,
             "logits": logits.value, "simulated_activation_tensors": len(simulated_activations)}
+
+
+def downstream(model: onnx.ModelProto, tensor: str) -> set[str]:
+    """``tensor`` and every tensor computed from it."""
+    readers: dict[str, list[onnx.NodeProto]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers.setdefault(name, []).append(node)
+    reached, todo = {tensor}, [tensor]
+    while todo:
+        for node in readers.get(todo.pop(), []):
+            for name in node.output:
+                if name and name not in reached:
+                    reached.add(name)
+                    todo.append(name)
+    return reached
 
 
 def eight_bit_types(model: onnx.ModelProto, keep: set[str], weights: BitSpec, activations: BitSpec) -> dict:
