@@ -742,10 +742,9 @@ def test_noise_floor_nudges_each_chosen_bias_integer_by_one_step_and_nothing_els
     assert nudge_biases(model, 0.0, np.random.default_rng(0)) == 0
 
 
-def test_a_max_pool_between_4_bit_activations_runs_in_float(tmp_path):
-    """ORT's QDQ MaxPool reads its input's integers, and ONNX Runtime has no 4-bit MaxPool: a W4A4
-    model with one between two layers was refused by ORT's session ('tensor(uint4) ... MaxPool').
-    It runs in float between a DequantizeLinear and the next QuantizeLinear, and the model runs."""
+def _export_sequential(path, *head):
+    """Two conv-BN-ReLU layers on 3×16×16 images, then ``head``, exported with BN kept (input
+    ``input``, output ``logits``, dynamic batch)."""
     import warnings
 
     import torch
@@ -753,14 +752,23 @@ def test_a_max_pool_between_4_bit_activations_runs_in_float(tmp_path):
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1),
-                        nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(16, 16, 3, padding=1),
-                        nn.BatchNorm2d(16), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10)).eval()
-    path = tmp_path / "pool.onnx"
+                        nn.BatchNorm2d(16), nn.ReLU(), *head).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(net, (torch.randn(1, 3, 16, 16),), str(path), dynamo=False, opset_version=13,
                           input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
                           training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False)
+    return path
+
+
+def test_a_max_pool_between_4_bit_activations_runs_in_float(tmp_path):
+    """ORT's QDQ MaxPool reads its input's integers, and ONNX Runtime has no 4-bit MaxPool: a W4A4
+    model with one between two layers was refused by ORT's session ('tensor(uint4) ... MaxPool').
+    It runs in float between a DequantizeLinear and the next QuantizeLinear, and the model runs."""
+    from torch import nn
+
+    path = _export_sequential(tmp_path / "pool.onnx", nn.MaxPool2d(2), nn.Conv2d(16, 16, 3, padding=1),
+                              nn.BatchNorm2d(16), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
     out = tmp_path / "pool.w4a4.onnx"
     result = quantize(str(path), QuantConfig(wbits=4, abits=4, num_samples=16, iters=5, holdout=0, validate=False,
                                              output=str(out)))
@@ -780,23 +788,12 @@ def test_what_follows_a_float_final_conv_stays_float_at_4_bits(tmp_path):
     with the final layer kept float, ORT fused DequantizeLinear -> Conv -> ReLU -> QuantizeLinear
     into a QLinearConv that has no 4-bit kernel, and the session refused the W4A4 model. The
     tensors after the final layer now stay float at 4 bits, and the model runs."""
-    import warnings
-
-    import torch
     from torch import nn
 
     from dsgonnx.quant.qdq import downstream
 
-    torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1),
-                        nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 10, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
-                        nn.Flatten(), nn.Softmax(dim=1)).eval()
-    path = tmp_path / "head.onnx"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(net, (torch.randn(1, 3, 16, 16),), str(path), dynamo=False, opset_version=13,
-                          input_names=["input"], output_names=["probs"], dynamic_axes={"input": {0: "N"}, "probs": {0: "N"}},
-                          training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False)
+    path = _export_sequential(tmp_path / "head.onnx", nn.Conv2d(16, 10, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                              nn.Flatten(), nn.Softmax(dim=1))
     out = tmp_path / "head.w4a4.onnx"
     result = quantize(str(path), QuantConfig(wbits=4, abits=4, num_samples=16, iters=5, holdout=0, validate=False,
                                              output=str(out)))
