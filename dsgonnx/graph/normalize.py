@@ -210,29 +210,29 @@ def float16_to_float32(graph: onnx.GraphProto) -> None:
 CAST_IN = "dsgonnx_input_to_float32"  # the quantized model's Cast: the file's float16 input -> float32
 
 
+def _rename(model: onnx.ModelProto, old: str, new: str) -> None:
+    """Every node's input or output ``old`` becomes ``new``, in place."""
+    for node in model.graph.node:
+        for names in (node.input, node.output):
+            for index, value in enumerate(names):
+                if value == old:
+                    names[index] = new
+
+
 def float16_interface(model: onnx.ModelProto, name: str, outputs: Iterable[str]) -> None:
     """Give ``model`` (a float32 twin's quantized model, in place) the file's float16 interface
     back: its input ``name`` float16, cast to float32 in front of the graph, and the graph
     ``outputs`` (those the file gives in float16) cast to float16 after it, under the same names."""
     outputs = set(outputs)
     inner = f"{name}__float32"
-    for node in model.graph.node:
-        for index, value in enumerate(node.input):
-            if value == name:
-                node.input[index] = inner
+    _rename(model, name, inner)
     model.graph.node.insert(0, helper.make_node("Cast", [name], [inner], name=CAST_IN, to=TensorProto.FLOAT))
     next(v for v in model.graph.input if v.name == name).type.tensor_type.elem_type = TensorProto.FLOAT16
     for output in model.graph.output:
         if output.name not in outputs or output.type.tensor_type.elem_type != TensorProto.FLOAT:
             continue
         computed = f"{output.name}__float32"
-        for node in model.graph.node:
-            for index, value in enumerate(node.output):
-                if value == output.name:
-                    node.output[index] = computed
-            for index, value in enumerate(node.input):
-                if value == output.name:
-                    node.input[index] = computed
+        _rename(model, output.name, computed)
         model.graph.node.append(helper.make_node("Cast", [computed], [output.name], name=f"dsgonnx_{output.name}_to_float16",
                                                  to=TensorProto.FLOAT16))
         output.type.tensor_type.elem_type = TensorProto.FLOAT16
@@ -249,17 +249,8 @@ def float32_interface(model: onnx.ModelProto, name: str) -> None:
     for node in casts:
         model.graph.node.remove(node)
         if node.name == CAST_IN:
-            for reader in model.graph.node:
-                for index, value in enumerate(reader.input):
-                    if value == node.output[0]:
-                        reader.input[index] = name
+            _rename(model, node.output[0], name)
             next(v for v in model.graph.input if v.name == name).type.tensor_type.elem_type = TensorProto.FLOAT
         else:
-            for producer in model.graph.node:
-                for index, value in enumerate(producer.output):
-                    if value == node.input[0]:
-                        producer.output[index] = node.output[0]
-                for index, value in enumerate(producer.input):
-                    if value == node.input[0]:
-                        producer.input[index] = node.output[0]
+            _rename(model, node.input[0], node.output[0])
             next(o for o in model.graph.output if o.name == node.output[0]).type.tensor_type.elem_type = TensorProto.FLOAT

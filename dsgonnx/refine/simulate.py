@@ -132,4 +132,4 @@ def fidelity(simulated: np.ndarray, exported: np.ndarray) -> dict:
     largest = float(np.abs(simulated - exported).max())
     return {"agreement": round(top1_agreement(exported, simulated), 4),
             "sqnr_db": finite_or_none(sqnr_db(exported, simulated), 2),  # None: identical (max_abs_diff 0) or not finite
-            "max_abs_diff": largest if np.isfinite(largest) else None}
+            "max_abs_diff": finite_or_none(largest)}
