@@ -347,6 +347,11 @@ class SynthOptions:
     def without_margin_settings(self) -> "SynthOptions":
         return replace(self, epsilon=DEFAULT_EPSILON, slack_reading=DEFAULT_SLACK_READING)
 
+    def has_margins(self, method: "SynthMethod", alignment: "Alignment") -> bool:
+        """Whether a synthesis by ``method`` with ``alignment`` places DSG's slack margins: DSG's
+        per-sample alignment with ``slack`` on."""
+        return method == SynthMethod.DSG and alignment == Alignment.SAMPLE and self.slack
+
     def to_dict(self) -> dict:
         return _to_dict(self)
 
@@ -421,7 +426,7 @@ class SynthConfig(SynthOptions):
                             "on its per-sample alignment alone, and sample correlation inhibition on dsg and inversion"
                             + (f" ({why})" if why else ""))
         tuned = self.margin_settings()
-        _require(not tuned or (per_sample and self.slack),
+        _require(not tuned or self.has_margins(method, alignment),
                  f"{' and '.join(f'`{name}`' for name in tuned)} {'tunes' if len(tuned) == 1 else 'tune'} DSG's slack "
                  "margins, " + ("and `slack` has switched them off" if per_sample else
                                f"which `method` {method} with `alignment` {alignment} does not have: they weigh DSG's "
@@ -1002,9 +1007,9 @@ class QuantConfig:
             leaves = (self.refine is not None and depthwise and not options.generator
                       and self.synthetic and self.calib in (SynthMethod.AUTO, SynthMethod.ZEROQ, SynthMethod.DSG))
             options = replace(options, start=SynthStart.PROCEDURAL if leaves else SynthStart.GAUSSIAN)
-        margins = (options.slack and options.alignment in (None, Alignment.SAMPLE)
-                   and self.calib in (SynthMethod.AUTO, SynthMethod.DSG))
-        if not margins and self.qat_generator_loss(self.calib) == "dsg":
+        method = SynthMethod.DSG if self.calib == SynthMethod.AUTO else self.calib  # (auto is dsg wherever it has BN)
+        if (not options.has_margins(method, options.alignment or Alignment.SAMPLE)
+                and self.qat_generator_loss(self.calib) == "dsg"):
             # the slack settings are QAT's generator's alone (``pipeline._qat_generator``): this synthesis has no margins
             options = options.without_margin_settings()
         return SynthConfig.from_options(options, method=self.calib, num_samples=num_samples, iters=self.iters,
