@@ -83,10 +83,11 @@ VARIANTS = {
     "nearest": {"rounding": "nearest"},  # nearest rounding where the default (auto) is SQuant's (4 bits or fewer)
     "nofallback": {"fallback": False},  # with +refine/+qat*: the learned model even where plain rounding is closer
     # activation ranges (the default, auto, is mse at 4 bits or fewer, else minmax): the observed
-    # min/max, the least expected squared error on histograms, ORT's percentile
+    # min/max, the least expected squared error on histograms, ORT's percentile, the least KL divergence
     "minmax": {"calibrator": "minmax"},
     "mse": {"calibrator": "mse"},
     "percentile": {"calibrator": "percentile"},
+    "entropy": {"calibrator": "entropy"},  # KL divergence of the quantized histogram (TensorRT's), 2048 bins
     # quantization-aware training (quantize --qat; settings from ``qat=``) on: the calibration images
     # themselves, a generator trained with DSG's losses, or one trained with GDFQ's BN statistics
     "qat": {},

@@ -282,6 +282,38 @@ def test_calibrators(setup, calibrator):
     assert agreement >= 0.95, agreement  # W8A8 on 40 images (#18 saw a 5-bit model pass the old 0.85)
 
 
+def test_entropy_calibrator_searches_a_range_for_each_grid(tmp_path):
+    """`entropy` took ORT's entropy calibrator with its defaults: 128 histogram bins merged into
+    128 quantized bins, one candidate, so its ranges were MinMax's (bit for bit on every
+    tensor). It now searches 2048 bins for the least KL divergence at the grid's own
+    resolution: heavy tails are clipped, more at fewer bits, a uniform tensor keeps its range."""
+    from dsgonnx.quant.bits import resolve_bits
+    from dsgonnx.quant.calibrate import compute_ranges
+    from dsgonnx.quant.reader import ArrayReader
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["input"], ["heavy"], name="relu"),
+         helper.make_node("Sigmoid", ["input"], ["flat"], name="sigmoid")],
+        "tails", [helper.make_tensor_value_info("input", onnx.TensorProto.FLOAT, [16, 4096])],
+        [helper.make_tensor_value_info("heavy", onnx.TensorProto.FLOAT, [16, 4096]),
+         helper.make_tensor_value_info("flat", onnx.TensorProto.FLOAT, [16, 4096])])
+    path = tmp_path / "tails.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+    rng = np.random.default_rng(0)
+    images = rng.standard_t(2, (16, 4096)).astype(np.float32)  # heavy tails: a few values far out
+
+    def top(method, bits, name):
+        ranges = compute_ranges(path, ArrayReader("input", images, 16), method, resolve_bits(bits, bits, "cpu")[1])
+        return float(np.ravel(ranges.data[name].range_value[1])[0])
+
+    observed = float(images.max())
+    assert top("minmax", 8, "heavy") == observed
+    eight, six = top("entropy", 8, "heavy"), top("entropy", 6, "heavy")
+    assert 0 < six < eight < 0.5 * observed
+    sigmoid_max = float(1 / (1 + np.exp(-images.max())))
+    assert top("entropy", 6, "flat") > 0.95 * sigmoid_max  # nothing to clip: values crowd the top
+
+
 def test_auto_calibrator_is_mse_at_4_bits_and_searches_the_8_bit_tensors_ranges_for_their_own_grid(setup, monkeypatch):
     import dsgonnx.pipeline
     from dsgonnx.config import Calibrator

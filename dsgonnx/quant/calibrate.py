@@ -13,7 +13,7 @@ from typing import Optional
 import numpy as np
 import onnx
 from onnxruntime.quantization import CalibrationMethod
-from onnxruntime.quantization.calibrate import TensorData, TensorsData, create_calibrator
+from onnxruntime.quantization.calibrate import HistogramCollector, TensorData, TensorsData, create_calibrator
 
 from ..config import Calibrator
 from ..runtime import quiet_ort
@@ -24,10 +24,12 @@ CALIBRATORS = Calibrator.values()
 _ORT_METHOD = {
     "minmax": CalibrationMethod.MinMax,
     "percentile": CalibrationMethod.Percentile,
-    "entropy": CalibrationMethod.Entropy,
-    "mse": CalibrationMethod.Entropy,  # its histogram collection; the search below picks the range
+    "entropy": CalibrationMethod.Entropy,  # its histogram collection; entropy_range picks the range
+    "mse": CalibrationMethod.Entropy,  # the same collection; mse_range picks the range
 }
-MSE_BINS = 2048
+# histogram bins of the entropy and MSE searches (TensorRT's 2048). ORT's entropy calibrator
+# collects 128 and merges them into 128 quantized bins: one candidate, the observed min/max.
+HISTOGRAM_BINS = 2048
 _AVERAGING = ("GlobalAveragePool", "AveragePool", "ReduceMean")
 _SAME_VALUES = ("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Identity")  # outputs hold the input's values
 
@@ -40,8 +42,8 @@ def compute_ranges(model_path: Path, reader: ArrayReader, method: str, activatio
     if method not in _ORT_METHOD:  # "auto" stands for a method by bit width (QuantConfig.activation_calibrator)
         raise ValueError(f"compute_ranges needs a calibration method, not {method!r}")
     options = {"symmetric": activations.symmetric}
-    if method == "mse":
-        options.update(num_bins=MSE_BINS)
+    if method in ("mse", "entropy"):
+        options.update(num_bins=HISTOGRAM_BINS)
     with tempfile.TemporaryDirectory(prefix="dsgonnx-calib-") as scratch, quiet_ort():
         calibrator = create_calibrator(
             Path(model_path),
@@ -53,14 +55,39 @@ def compute_ranges(model_path: Path, reader: ArrayReader, method: str, activatio
         )
         reader.rewind()
         calibrator.collect_data(reader)
-        if method == "mse":
-            histograms = calibrator.collector.histogram_dict
+        if method in ("mse", "entropy"):
+            search = mse_range if method == "mse" else entropy_range
             return TensorsData(
                 CalibrationMethod.MinMax,
-                {name: mse_range(hist, edges, lo, hi, (specs or {}).get(name, activations))
-                 for name, (hist, edges, lo, hi, _) in histograms.items()},
+                {name: search(hist, edges, lo, hi, (specs or {}).get(name, activations))
+                 for name, (hist, edges, lo, hi, _) in calibrator.collector.histogram_dict.items()},
             )
         return calibrator.compute_data()
+
+
+def entropy_range(hist: np.ndarray, edges: np.ndarray, low: float, high: float, spec: BitSpec) -> TensorData:
+    """The range whose quantized histogram is closest (KL divergence) to the observed one:
+    ORT's search (TensorRT's), over windows [-t, t] of the histogram, merged into as many bins
+    as the grid has levels in that window (its levels for a symmetric grid; twice them for
+    an asymmetric one, whose levels lie on one side of zero for the non-negative tensors that
+    are most of a network's activations), instead of ORT's fixed 128. A grid finer than the
+    histogram keeps the observed range.
+
+    For a non-negative tensor the bin at zero is left out of the divergence: its values (a
+    ReLU's zeros, often most of the tensor) sit on the grid's zero point. Counted, their spike,
+    spread over the bins it is merged with, made the search clip: a ReLU of a Gaussian at
+    2.4 standard deviations at 8 bits, and less at fewer bits (4.7 without the spike)."""
+    levels = spec.levels[1] - spec.levels[0] + 1
+    merged = levels if spec.symmetric else 2 * levels
+    if merged > hist.size // 2:
+        return TensorData(lowest=np.float32(min(low, 0.0)), highest=np.float32(max(high, 0.0)))
+    if low >= 0:
+        hist = hist.copy()
+        hist[min(int(np.searchsorted(edges, 0.0, side="right")) - 1, hist.size - 1)] = 0
+    threshold = float(max(abs(edges[0]), abs(edges[-1])))
+    search = HistogramCollector("entropy", spec.symmetric, hist.size, merged, None, None)
+    lowest, highest = search.get_entropy_threshold((hist, edges, np.float32(low), np.float32(high), threshold), merged)
+    return TensorData(lowest=np.float32(min(float(lowest), 0.0)), highest=np.float32(max(float(highest), 0.0)))
 
 
 def mse_range(hist: np.ndarray, edges: np.ndarray, low: float, high: float, spec: BitSpec, steps: int = 40) -> TensorData:
