@@ -284,9 +284,9 @@ def test_calibrators(setup, calibrator):
 
 def test_entropy_calibrator_searches_a_range_for_each_grid(tmp_path):
     """`entropy` took ORT's entropy calibrator with its defaults: 128 histogram bins merged into
-    128 quantized bins, one candidate, so its ranges were MinMax's (bit for bit on every
-    tensor). It now searches 2048 bins for the least KL divergence at the grid's own
-    resolution: heavy tails are clipped, more at fewer bits, a uniform tensor keeps its range."""
+    128 quantized bins, one candidate, so its ranges were MinMax's (bit for bit on one batch).
+    It now searches 2048 bins for the least KL divergence at the grid's own resolution: heavy
+    tails are clipped, more at fewer bits; a tensor crowding its top keeps its range."""
     from dsgonnx.quant.bits import resolve_bits
     from dsgonnx.quant.calibrate import compute_ranges
     from dsgonnx.quant.reader import ArrayReader
@@ -819,10 +819,10 @@ def test_a_max_pool_between_4_bit_activations_runs_in_float(tmp_path):
 def test_what_follows_a_float_final_conv_stays_float(tmp_path, bits):
     """A SqueezeNet-style head (the classifier a 1×1 Conv, then ReLU, global pooling, softmax)
     with the final layer kept float: the pooled class scores were quantized on the grid of the
-    final layer's per-pixel range (the shared SqueezeNet's W6A6 lost 16 points to that tensor),
-    and at 4 bits ORT fused DequantizeLinear -> Conv -> ReLU -> QuantizeLinear into a QLinearConv
-    without a 4-bit kernel (the session refused the model). Nothing after the final layer is
-    quantized now, at any width, and the model runs."""
+    final layer's per-pixel range (the shared SqueezeNet's W6A6 with real images: 47.22, and
+    60.11 with that tensor float), and at 4 bits ORT fused DequantizeLinear -> Conv -> ReLU ->
+    QuantizeLinear into a QLinearConv without a 4-bit kernel (the session refused the model).
+    Nothing after the final layer is quantized now, at any width, and the model runs."""
     from torch import nn
 
     from dsgonnx.quant.qdq import downstream
