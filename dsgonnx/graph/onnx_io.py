@@ -183,25 +183,29 @@ def quantizable(loaded: LoadedModel) -> LoadedModel:
                    file_batch=batch if batch is not None else loaded.file_batch)
 
 
-def any_batch(model: onnx.ModelProto) -> None:
-    """Make the first axis of the graph's inputs and outputs symbolic (``N``), in place, and
-    drop the shapes inferred from it."""
+def _set_batch(model: onnx.ModelProto, batch: int | str) -> None:
+    """The first axis of the graph's inputs and outputs becomes ``batch``: a size, or a symbol."""
     for value in list(model.graph.input) + list(model.graph.output):
         dims = value.type.tensor_type.shape.dim
         if len(dims):
             dims[0].Clear()
-            dims[0].dim_param = "N"
+            if isinstance(batch, str):
+                dims[0].dim_param = batch
+            else:
+                dims[0].dim_value = batch
+
+
+def any_batch(model: onnx.ModelProto) -> None:
+    """Make the first axis of the graph's inputs and outputs symbolic (``N``), in place, and
+    drop the shapes inferred from it."""
+    _set_batch(model, "N")
     del model.graph.value_info[:]
 
 
 def fixed_batch_interface(model: onnx.ModelProto, batch: int) -> None:
     """Fix the first axis of ``model``'s inputs and outputs to ``batch`` again, in place (undoes
     :func:`any_batch` on a quantized twin)."""
-    for value in list(model.graph.input) + list(model.graph.output):
-        dims = value.type.tensor_type.shape.dim
-        if len(dims):
-            dims[0].Clear()
-            dims[0].dim_value = batch
+    _set_batch(model, batch)
 
 
 def opset_of(model: onnx.ModelProto) -> int:
