@@ -12,9 +12,10 @@ from typing import Optional
 
 import numpy as np
 import onnx
-from onnxruntime.quantization import CalibrationMethod
+from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod
 from onnxruntime.quantization.calibrate import HistogramCollector, TensorData, TensorsData, create_calibrator
 
+from .. import hardware
 from ..config import Calibrator
 from ..runtime import quiet_ort
 from .bits import BitSpec
@@ -32,6 +33,11 @@ _ORT_METHOD = {
 HISTOGRAM_BINS = 2048
 _AVERAGING = ("GlobalAveragePool", "AveragePool", "ReduceMean")
 _SAME_VALUES = ("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Identity")  # outputs hold the input's values
+# the share of the memory available that the outputs a calibrator collects may take: the
+# histogram calibrators (entropy, mse) keep every tensor of every batch until a run of batches
+# ends, then copy each tensor's batches twice to make its histogram (MobileNet v1 0.25 at 224 px:
+# 14.8 MiB per image at the peak, so 1024 images took 15 GB in one run)
+COLLECTED_MEMORY_SHARE = 0.4
 
 
 def compute_ranges(model_path: Path, reader: ArrayReader, method: str, activations: BitSpec,
@@ -54,7 +60,11 @@ def compute_ranges(model_path: Path, reader: ArrayReader, method: str, activatio
             extra_options=options,
         )
         reader.rewind()
-        calibrator.collect_data(reader)
+        runs = _Runs(reader, calibrator, _collected_budget())
+        if not runs.more:
+            raise ValueError("compute_ranges: the reader gave no images")
+        while runs.more:  # one run unless the collected outputs would outgrow the budget
+            calibrator.collect_data(runs)
         if method in ("mse", "entropy"):
             search = mse_range if method == "mse" else entropy_range
             return TensorsData(
@@ -63,6 +73,46 @@ def compute_ranges(model_path: Path, reader: ArrayReader, method: str, activatio
                  for name, (hist, edges, lo, hi, _) in calibrator.collector.histogram_dict.items()},
             )
         return calibrator.compute_data()
+
+
+def _collected_budget() -> Optional[int]:
+    have = hardware.available_memory()
+    return None if have is None else int(COLLECTED_MEMORY_SHARE * have)
+
+
+class _Runs(CalibrationDataReader):
+    """The reader's batches in runs, each run one ``collect_data`` of ``calibrator``, ended
+    before the outputs the calibrator holds would pass ``budget`` bytes (None: one run). ORT's
+    calibrators merge runs: MinMax exactly, the histograms by widening the first run's bins to
+    the new values (the same bin width, more bins), so a set that fits in one run is calibrated
+    exactly as before."""
+
+    def __init__(self, reader: CalibrationDataReader, calibrator, budget: Optional[int]):
+        self.reader, self.calibrator, self.budget = reader, calibrator, budget
+        self.runs = 0
+        self.peak = 0  # the most bytes of collected outputs held at once
+        self._sizes: list[int] = []  # bytes of each batch's outputs the calibrator holds
+        self._ahead = reader.get_next()
+
+    @property
+    def more(self) -> bool:
+        return self._ahead is not None
+
+    def get_next(self):
+        held = self.calibrator.intermediate_outputs
+        if len(held) < len(self._sizes):  # the calibrator ended a run and let its outputs go
+            self._sizes = []
+        self._sizes += [sum(value.nbytes for value in outputs if value is not None)
+                        for outputs in held[len(self._sizes):]]
+        self.peak = max(self.peak, sum(self._sizes))
+        if self._ahead is None:
+            return None
+        if held and self.budget is not None and sum(self._sizes) + self._sizes[-1] > self.budget:
+            return None  # the next batch would pass the budget: end this run
+        if not held:
+            self.runs += 1
+        batch, self._ahead = self._ahead, self.reader.get_next()
+        return batch
 
 
 def entropy_range(hist: np.ndarray, edges: np.ndarray, low: float, high: float, spec: BitSpec) -> TensorData:
