@@ -141,9 +141,10 @@ def check_image_memory(count: int, chw: tuple[int, int, int], what: str = "num_s
     need = count * int(chw[0]) * int(chw[1]) * int(chw[2]) * 4 * IMAGE_COPIES
     have = available_memory()
     if have is not None and need > have:
-        raise DataError(f"`{what}` {count} images of {chw[0]}×{chw[1]}×{chw[2]} need about {_size(need)} of memory "
-                        f"while they are made and used; {_size(have)} is available — ask for fewer")
+        raise DataError(f"`{what}` {count} images of {chw[0]}×{chw[1]}×{chw[2]} need about {size_text(need)} of memory "
+                        f"while they are made and used; {size_text(have)} is available — ask for fewer")
 
 
-def _size(count: int) -> str:
+def size_text(count: int) -> str:
+    """A byte count for a message: GiB from 1 GiB up, else MiB."""
     return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"

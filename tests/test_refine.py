@@ -685,3 +685,44 @@ def test_images_reconstruction_learns_from_are_synthesized_batch_aligned(setup):
     assert asked.calibration["synth"]["alignment"] == "sample" and "alignment_choice" not in asked.calibration
     plain = quantize(str(setup["model"]), QuantConfig(output=str(folder / "align-plain.onnx"), **common))
     assert plain.calibration["synth"]["alignment"] == "sample" and "alignment_choice" not in plain.calibration
+
+
+def test_samples_whose_activations_would_not_fit_are_refused_before_reconstruction(setup, monkeypatch):
+    import dsgonnx.hardware
+    import dsgonnx.refine.reconstruct as reconstruct
+
+    sized = []
+    real_size = reconstruct.held_bytes_per_sample
+    monkeypatch.setattr(reconstruct, "held_bytes_per_sample", lambda *a: sized.append(real_size(*a)) or sized[-1])
+    started = []
+    real_reconstruct = reconstruct._Reconstruction.reconstruct
+    monkeypatch.setattr(reconstruct._Reconstruction, "reconstruct",
+                        lambda *a, **k: started.append(1) or real_reconstruct(*a, **k))
+    samples = len(setup["calib"]) + len(setup["held"])
+    monkeypatch.setattr(dsgonnx.hardware, "available_memory", lambda: 2**20)  # 1 MiB
+    with pytest.raises(DataError, match=rf"refine: {samples} samples .* of 3×16×16 hold about [0-9.]+ MiB of "
+                                        r"activations .* on cpu; 1.0 MiB is available there — ask for fewer"):
+        _refine(setup, "brecq", iters=1)
+    assert not started and len(sized) == 1
+    assert sized[0] > 3 * 16 * 16 * 4  # the image and the first block's outputs, per sample
+    need = sized[0] * samples
+    for have, fits in ((int(need / reconstruct.HELD_MEMORY_SHARE) + 1, True),
+                       (int(need / reconstruct.HELD_MEMORY_SHARE) - 1, False)):
+        monkeypatch.setattr(dsgonnx.hardware, "available_memory", lambda: have)
+        if fits:
+            assert _refine(setup, "brecq", iters=1).report["units"] and started
+        else:
+            with pytest.raises(DataError, match="ask for fewer"):
+                _refine(setup, "brecq", iters=1)
+
+
+def test_cli_refuses_a_calibration_set_reconstruction_cannot_hold_in_one_line(setup, monkeypatch):
+    import dsgonnx.hardware
+
+    monkeypatch.setattr(dsgonnx.hardware, "available_memory", lambda: 2**19)  # 0.5 MiB
+    out = setup["folder"] / "too-many.onnx"
+    result = CliRunner().invoke(cli, ["quantize", str(setup["model"]), "-o", str(out), "--w4a4", "--calib",
+                                      str(setup["npz"]), "--refine", "brecq", "--refine-iters", "1", "--no-validate", "--quiet"])
+    assert result.exit_code == 2, result.output
+    assert "ask for fewer (--num-samples)" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists()

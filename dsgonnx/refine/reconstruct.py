@@ -35,9 +35,10 @@ from torch.nn import functional as F
 
 from .. import distributed
 from ..config import RefineConfig, RefineMethod
-from ..errors import UnsupportedModelError
+from ..errors import DataError, UnsupportedModelError
 from ..graph.onnx_io import load_model
 from ..graph.to_torch import resolve_device, to_torch
+from .. import hardware
 from ..hardware import check_image_memory
 from ..progress import Progress, say
 from ..quant.placement import Placement
@@ -288,6 +289,7 @@ def refine_model(model_path: Path, output_path: Path, placement: Placement, imag
     calib = with_views(torch.from_numpy(np.asarray(images, dtype=np.float32)), config.views, seed)
     held = torch.from_numpy(np.asarray(eval_images, dtype=np.float32)) if eval_images is not None and len(eval_images) else None
     rows = torch.cat([calib, held]) if held is not None else calib
+    _check_held_memory(module, units, tuple(rows.shape[1:]), len(rows), torch_device, held is not None)
     world = distributed.world()
     world = world if world is not None and world.size > 1 else None
     if world is not None:  # the same model, grids, settings and images on every rank
@@ -350,6 +352,55 @@ def refine_model(model_path: Path, output_path: Path, placement: Placement, imag
         f"(sum over {len(report_units)} units, {report['loss_measured_on']})")
     return RefineResult(path=output_path, weights=weights, report=report, activations=activations,
                         simulation=lambda x: first_output(module, x, run.chunk, torch_device))
+
+
+# the share of the memory available that the activations reconstruction holds may take (as
+# synthesis's batches: dsgonnx.synth.generator.MEMORY_SHARE)
+HELD_MEMORY_SHARE = 0.8
+
+
+def held_bytes_per_sample(module, units: list[Unit], chw: tuple, device: torch.device, held_out: bool) -> int:
+    """Bytes of activations reconstruction holds per sample at its peak: while a unit is
+    reconstructed, the images and every tensor later units still read, in the float and the
+    quantized stream, and the unit's outputs twice (the float targets, the quantized outputs),
+    three times where its loss is evaluated on the calibration samples (no ``held_out`` ones).
+    Sized by running one zero sample through the units, as reconstruction does."""
+    placeholder = next(n for n in module.graph.nodes if n.op == "placeholder")
+    env = {placeholder: torch.zeros((1, *chw), device=device)}
+    done: set = set()
+    peak = 0
+
+    def size(value) -> int:
+        return sum(t.numel() * t.element_size() for t in tensors(value))
+
+    with torch.no_grad():
+        for unit in units:
+            outputs = run_unit(module, unit, [env[n] for n in unit.inputs])
+            streams = sum((1 if node is placeholder else 2) * size(value) for node, value in env.items())
+            peak = max(peak, streams + (2 if held_out else 3) * sum(size(v) for v in outputs))
+            env.update(zip(unit.outputs, outputs))
+            done.update(unit.nodes)
+            for node in [n for n in env if all(u in done for u in n.users)]:
+                del env[node]
+    return peak
+
+
+def _check_held_memory(module, units: list[Unit], chw: tuple, samples: int, device: torch.device,
+                       held_out: bool) -> None:
+    """Refuse, with the figures, samples whose activations reconstruction could not hold in
+    :data:`HELD_MEMORY_SHARE` of the memory available on ``device`` (the GPU's free memory, else
+    the machine's), instead of an allocation failure or the kernel's kill minutes later."""
+    if device.type == "cuda":
+        have = int(torch.cuda.mem_get_info(device)[0])
+    else:
+        have = hardware.available_memory()
+    if have is None:
+        return
+    need = held_bytes_per_sample(module, units, chw, device, held_out) * samples
+    if need > HELD_MEMORY_SHARE * have:
+        raise DataError(f"refine: {samples} samples (with any views and held-out ones) of {'×'.join(map(str, chw))} "
+                        f"hold about {hardware.size_text(need)} of activations while the blocks are reconstructed on "
+                        f"{device.type}; {hardware.size_text(have)} is available there — ask for fewer (`num_samples`)")
 
 
 def _learn_steps(quantizers: dict[str, ActQuant], placement: Placement) -> dict[str, ActQuant]:
