@@ -61,6 +61,7 @@ SOURCES = {
 VARIANTS = {
     "refine": {},  # reconstruction PTQ (quantize --refine; settings from ``refine=``)
     "nobc": {"bias_correction": "off"},  # no bias correction (the default before it)
+    "empbc": {"bias_correction": "empirical"},  # every layer's input mean measured on the calibration images
     "cle": {"cle": True},  # cross-layer equalization
     "mixed": {"mixed": True},  # the most sensitive 5 % of the weights at 8 bits (simulated widths only)
     "calpool": {"pool_range": "calibrated"},  # pooled features on their own calibrated range (the default before)

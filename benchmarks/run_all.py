@@ -306,7 +306,9 @@ def main(argv=None) -> int:
         "900 images top-1 moves by whole images, agreement less so. Rows `<source>+<variant>` use the "
         "same calibration images with other settings: `+refine` reconstruction PTQ (`dsgonnx quantize "
         "--refine`), `+nobc` without bias correction (`--bias-correction off`; the default is `auto` since "
-        "it was measured), `+cle` cross-layer equalization (`--cle`), `+mixed` the most sensitive tensors at "
+        "it was measured), `+empbc` with every layer's input mean measured on the calibration images "
+        "(`--bias-correction empirical`; `auto` reads it from the BN statistics where they reach a layer), "
+        "`+cle` cross-layer equalization (`--cle`), `+mixed` the most sensitive tensors at "
         "8 bits (`--mixed auto`, 5 % of the weight values). Runs made side by side "
         "with `--out` elsewhere are combined with `--merge`; where runs shared the CPU, seconds are indicative.",
         "",
