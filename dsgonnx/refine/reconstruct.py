@@ -33,12 +33,11 @@ from onnx import numpy_helper
 from torch import nn
 from torch.nn import functional as F
 
-from .. import distributed
+from .. import distributed, hardware
 from ..config import RefineConfig, RefineMethod
 from ..errors import DataError, UnsupportedModelError
 from ..graph.onnx_io import load_model
 from ..graph.to_torch import resolve_device, to_torch
-from .. import hardware
 from ..hardware import check_image_memory
 from ..progress import Progress, say
 from ..quant.placement import Placement
