@@ -316,7 +316,7 @@ def test_entropy_calibrator_searches_a_range_for_each_grid(tmp_path):
 
 def test_calibration_collects_in_runs_that_fit_the_memory_available(tmp_path, monkeypatch):
     """The histogram calibrators held every tensor of every batch until the end (MobileNet v1
-    0.25 W4A4: 14.8 MiB more peak memory per image, 8.2 GB for 500). Batches now go in runs
+    0.25 W4A4: 14.8 MiB more peak memory per image, 8.0 GiB for 500). Batches now go in runs
     whose collected outputs stay within a share of the memory available, merged by widening
     the first run's bins, which moves a searched range little. MinMax collects each batch's
     minima and maxima alone, so it never needs more than one run."""

@@ -36,7 +36,7 @@ _SAME_VALUES = ("Flatten", "Reshape", "Squeeze", "Unsqueeze", "Identity")  # out
 # the share of the memory available that the outputs a calibrator collects may take: the
 # histogram calibrators (entropy, mse) keep every tensor of every batch until a run of batches
 # ends, then copy each tensor's batches twice to make its histogram (MobileNet v1 0.25 W4A4 at
-# 224 px: 14.8 MiB more peak memory per image, 8.2 GB for 500 images in one run)
+# 224 px: 14.8 MiB more peak memory per image, 8.0 GiB for 500 images in one run)
 COLLECTED_MEMORY_SHARE = 0.4
 
 
