@@ -127,6 +127,21 @@ def available_memory(path: str = MEMINFO_PATH) -> int | None:
     return None
 
 
+def memory_on(device) -> int | None:
+    """Bytes free for new work on the torch ``device``: the GPU's free memory on CUDA, else
+    the machine's available memory (None where unknown)."""
+    if device.type == "cuda":
+        import torch
+
+        return int(torch.cuda.mem_get_info(device)[0])
+    return available_memory()
+
+
+# the share of the memory available that one stage's working set may take (a synthesis batch's
+# activations, the activations reconstruction holds)
+MEMORY_SHARE = 0.8
+
+
 # what one synthetic image costs while it is made, in copies of the image: the image, its
 # gradient and Adam's two moments in torch, the numpy set, and the calibration copy
 IMAGE_COPIES = 6

@@ -706,8 +706,8 @@ def test_samples_whose_activations_would_not_fit_are_refused_before_reconstructi
     assert not started and len(sized) == 1
     assert sized[0] > 3 * 16 * 16 * 4  # the image and the first block's outputs, per sample
     need = sized[0] * samples
-    for have, fits in ((int(need / reconstruct.HELD_MEMORY_SHARE) + 1, True),
-                       (int(need / reconstruct.HELD_MEMORY_SHARE) - 1, False)):
+    for have, fits in ((int(need / dsgonnx.hardware.MEMORY_SHARE) + 1, True),
+                       (int(need / dsgonnx.hardware.MEMORY_SHARE) - 1, False)):
         monkeypatch.setattr(dsgonnx.hardware, "available_memory", lambda: have)
         if fits:
             assert _refine(setup, "brecq", iters=1).report["units"] and started

@@ -495,6 +495,7 @@ def test_batches_shrink_to_the_memory_their_activations_need(models, monkeypatch
     """The default batch holds every sample up to an input-size cap; where the activations of
     such a batch would not fit in the memory available, the batches shrink to what does, say so,
     and make what an explicit ``batch_size`` of that size makes."""
+    import dsgonnx.hardware
     import dsgonnx.synth.generator as generator
     from dsgonnx.graph.onnx_io import load_model
     from dsgonnx.graph.to_torch import to_torch
@@ -508,7 +509,7 @@ def test_batches_shrink_to_the_memory_their_activations_need(models, monkeypatch
     # memory for 5 images' activations (at MEMORY_SHARE of it and ACTIVATION_COPIES per image)
     have = int(5.5 * generator.ACTIVATION_COPIES * per_image / generator.MEMORY_SHARE)
     assert generator.memory_batch_cap(per_image, torch.device("cpu")) is not None
-    monkeypatch.setattr(generator, "available_memory", lambda: have)
+    monkeypatch.setattr(dsgonnx.hardware, "available_memory", lambda: have)  # memory_on reads it on a CPU
     assert generator.memory_batch_cap(per_image, torch.device("cpu")) == (5, have)
     assert generator.memory_batch_cap(per_image, torch.device("cpu"), sharing=2) == (2, have // 2)
     with caplog.at_level("INFO", logger="dsgonnx"):

@@ -326,8 +326,7 @@ def refine_model(model_path: Path, output_path: Path, placement: Placement, imag
             fp_env[node], q_env[node] = fp_value, q_value
         done.update(unit.nodes)
         for env in (fp_env, q_env):
-            for node in [n for n in env if all(u in done for u in n.users)]:
-                del env[node]
+            _release(env, done)
     if written_means is not None:  # the simulation of the file: the correction with the means written
         for layer in layers:
             if layer.onnx_name in corrected and layer.onnx_name in written_means:
@@ -353,11 +352,6 @@ def refine_model(model_path: Path, output_path: Path, placement: Placement, imag
                         simulation=lambda x: first_output(module, x, run.chunk, torch_device))
 
 
-# the share of the memory available that the activations reconstruction holds may take (as
-# synthesis's batches: dsgonnx.synth.generator.MEMORY_SHARE)
-HELD_MEMORY_SHARE = 0.8
-
-
 def held_bytes_per_sample(module, units: list[Unit], chw: tuple, device: torch.device, held_out: bool) -> int:
     """Bytes of activations reconstruction holds per sample at its peak: while a unit is
     reconstructed, the images and every tensor later units still read, in the float and the
@@ -379,24 +373,26 @@ def held_bytes_per_sample(module, units: list[Unit], chw: tuple, device: torch.d
             peak = max(peak, streams + (2 if held_out else 3) * sum(size(v) for v in outputs))
             env.update(zip(unit.outputs, outputs))
             done.update(unit.nodes)
-            for node in [n for n in env if all(u in done for u in n.users)]:
-                del env[node]
+            _release(env, done)
     return peak
+
+
+def _release(env: dict, done: set) -> None:
+    """Drop from ``env`` the values no node still to run (outside ``done``) reads."""
+    for node in [n for n in env if all(u in done for u in n.users)]:
+        del env[node]
 
 
 def _check_held_memory(module, units: list[Unit], chw: tuple, samples: int, device: torch.device,
                        held_out: bool) -> None:
     """Refuse, with the figures, samples whose activations reconstruction could not hold in
-    :data:`HELD_MEMORY_SHARE` of the memory available on ``device`` (the GPU's free memory, else
-    the machine's), instead of an allocation failure or the kernel's kill minutes later."""
-    if device.type == "cuda":
-        have = int(torch.cuda.mem_get_info(device)[0])
-    else:
-        have = hardware.available_memory()
+    :data:`dsgonnx.hardware.MEMORY_SHARE` of the memory available on ``device`` (the GPU's free
+    memory, else the machine's), instead of an allocation failure or the kernel's kill minutes later."""
+    have = hardware.memory_on(device)
     if have is None:
         return
     need = held_bytes_per_sample(module, units, chw, device, held_out) * samples
-    if need > HELD_MEMORY_SHARE * have:
+    if need > hardware.MEMORY_SHARE * have:
         raise DataError(f"refine: {samples} samples (with any views and held-out ones) of {'×'.join(map(str, chw))} "
                         f"hold about {hardware.size_text(need)} of activations while the blocks are reconstructed on "
                         f"{device.type}; {hardware.size_text(have)} is available there — ask for fewer (`num_samples`)")

@@ -25,7 +25,7 @@ from ..errors import NoBatchNormError, SynthesisError
 from ..graph.bn_taps import BNLayer, BNProbe, bn_folded, find_bn_layers
 from ..graph.onnx_io import LoadedModel, load_model
 from ..graph.to_torch import TorchModel, resolve_device, to_torch
-from ..hardware import available_memory, check_image_memory
+from ..hardware import MEMORY_SHARE, check_image_memory, memory_on
 from ..progress import Progress, say
 from . import losses
 from .diversity import diversity_metrics
@@ -102,8 +102,6 @@ def default_batch_size(config: SynthConfig, loaded: LoadedModel, num_layers: int
 # CPU, peak resident memory between batches of two sizes, was 1.44 (MobileNet v1 0.25 at 224 px;
 # 0.75: 1.15, EfficientNet-Lite0 0.92, ResNet-20 0.77)
 ACTIVATION_COPIES = 1.5
-# the share of the available memory the activations of one batch may take
-MEMORY_SHARE = 0.8
 
 
 def activation_bytes(module: torch.nn.Module, chw, device, memory_format) -> int:
@@ -130,12 +128,10 @@ def memory_batch_cap(per_image: int, device: torch.device, sharing: int = 1) -> 
     """(images per batch whose activations, ``per_image`` bytes each times :data:`ACTIVATION_COPIES`,
     fit in :data:`MEMORY_SHARE` of the memory available, that memory in bytes): the GPU's free
     memory, else the machine's shared by ``sharing`` processes; None where unknown."""
-    if device.type == "cuda":
-        have = int(torch.cuda.mem_get_info(device)[0])
-    else:
-        have = available_memory()
-        if have is None:
-            return None
+    have = memory_on(device)
+    if have is None:
+        return None
+    if device.type != "cuda":
         have //= max(1, sharing)
     return max(1, int(MEMORY_SHARE * have // (ACTIVATION_COPIES * max(per_image, 1)))), have
 
