@@ -716,6 +716,33 @@ def test_samples_whose_activations_would_not_fit_are_refused_before_reconstructi
                 _refine(setup, "brecq", iters=1)
 
 
+def test_a_synthetic_set_reconstruction_could_not_hold_is_refused_before_it_is_made(setup, monkeypatch):
+    """quantize sizes reconstruction's activations on the float model before synthesizing: the
+    same refusal as reconstruction's own, without the synthesis's minutes, and with room the
+    same bytes per sample as reconstruction then measures on the prepared, quantized twin."""
+    import dsgonnx.hardware
+    import dsgonnx.refine.reconstruct as reconstruct
+    import dsgonnx.synth
+
+    sized = []
+    real_size = reconstruct.held_bytes_per_sample
+    monkeypatch.setattr(reconstruct, "held_bytes_per_sample", lambda *a: sized.append(real_size(*a)) or sized[-1])
+    made = []
+    real_synthesize = dsgonnx.synth.synthesize
+    monkeypatch.setattr(dsgonnx.synth, "synthesize", lambda *a, **k: made.append(1) or real_synthesize(*a, **k))
+    out = setup["folder"] / "early.onnx"
+    config = QuantConfig(output=str(out), wbits=4, abits=4, calib="dsg", num_samples=8, iters=2, holdout=4,
+                         refine=RefineConfig(method="brecq", iters=1), force=True, validate=False, seed=0,
+                         fallback=False)
+    monkeypatch.setattr(dsgonnx.hardware, "available_memory", lambda: 2**14)  # 16 KiB
+    with pytest.raises(DataError, match=r"refine: 12 samples .* of 3×16×16 hold about .* ask for fewer"):
+        quantize(str(setup["model"]), config)
+    assert not made and len(sized) == 1 and not out.exists()
+    monkeypatch.setattr(dsgonnx.hardware, "available_memory", lambda: 2**40)
+    quantize(str(setup["model"]), config)
+    assert made and len(sized) == 3 and sized[1] == sized[0] == sized[2], sized
+
+
 def test_cli_refuses_a_calibration_set_reconstruction_cannot_hold_in_one_line(setup, monkeypatch):
     import dsgonnx.hardware
 

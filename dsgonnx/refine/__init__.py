@@ -1,8 +1,8 @@
 """Reconstruction PTQ (AdaRound, BRECQ/QDrop) in the torch twin of the model; imports torch."""
 
 from ..config import RefineConfig, RefineMethod
-from .reconstruct import RefinedWeight, RefineResult, refine_model
+from .reconstruct import RefinedWeight, RefineResult, check_memory_before, refine_model
 
 METHODS = RefineMethod.values()
 
-__all__ = ["METHODS", "RefineConfig", "RefineResult", "RefinedWeight", "refine_model"]
+__all__ = ["METHODS", "RefineConfig", "RefineResult", "RefinedWeight", "check_memory_before", "refine_model"]

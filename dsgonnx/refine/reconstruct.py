@@ -398,6 +398,23 @@ def _check_held_memory(module, units: list[Unit], chw: tuple, samples: int, devi
                         f"{device.type}; {hardware.size_text(have)} is available there — ask for fewer (`num_samples`)")
 
 
+def check_memory_before(model, samples: int, held_out: bool, config: RefineConfig, device: str = "auto") -> None:
+    """:func:`refine_model`'s memory check, made before the calibration images are: ``model`` (a
+    :class:`~dsgonnx.graph.onnx_io.LoadedModel`, the float model quantize starts from) sized
+    by the same one-sample run through the same partition of its torch twin, whose Conv/Gemm
+    layers not yet wrapped and activations not yet quantized change no tensor's size. So a
+    set reconstruction would refuse is refused before the synthesis's minutes, not after."""
+    torch_device = resolve_device(device)
+    torch_model = to_torch(model)
+    module = torch_model.module.to(torch_device).float().eval()
+    op_types = {torch_model.module_names[n.name]: n.op_type for n in torch_model.graph.graph.node
+                if n.name in torch_model.module_names}
+    layers = {n for n in module.graph.nodes
+              if n.op == "call_module" and op_types.get(str(n.target)) in ("Conv", "Gemm")}
+    units = partition(module, layers, join_nodes(module, op_types), config.method, config.block_layers)
+    _check_held_memory(module, units, tuple(model.input.chw), samples, torch_device, held_out)
+
+
 def _learn_steps(quantizers: dict[str, ActQuant], placement: Placement) -> dict[str, ActQuant]:
     """Make the activation steps learnable, one parameter per grid ORT writes (the tensors it
     puts on another's grid share it); returns the tensor each grid is exported under."""
