@@ -144,13 +144,16 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
         from .hardware import check_image_memory
 
         check_image_memory(config.num_samples * config.refine.views, chw, "num_samples × refine.views")
-    if config.refine is not None and config.synthetic and None not in chw:
+    # what reconstructs (QAT's `start` refine too: with refine's settings, else brecq's defaults)
+    reconstruction = config.refine or (RefineConfig() if config.qat is not None and config.qat.start == "refine"
+                                       else None)
+    if reconstruction is not None and config.synthetic and None not in chw:
         # reconstruction's own check, before the synthesis's minutes (a directory of images may hold
         # fewer than asked for: those are checked, once read, by reconstruction)
         from .refine import check_memory_before
 
-        check_memory_before(loaded, config.num_samples * config.refine.views + config.holdout, config.holdout > 0,
-                            config.refine, config.device)
+        check_memory_before(loaded, config.num_samples * reconstruction.views + config.holdout, config.holdout > 0,
+                            reconstruction, config.device)
     below = min(weights.bits, activations.bits) < 8  # where the first layer (and --mixed's tensors) stay at 8 bits
     reduce_range = config.reduce_range
     if reduce_range is None:

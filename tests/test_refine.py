@@ -720,9 +720,12 @@ def test_a_synthetic_set_reconstruction_could_not_hold_is_refused_before_it_is_m
     """quantize sizes reconstruction's activations on the float model before synthesizing: the
     same refusal as reconstruction's own, without the synthesis's minutes, and with room the
     same bytes per sample as reconstruction then measures on the prepared, quantized twin."""
+    from dataclasses import replace
+
     import dsgonnx.hardware
     import dsgonnx.refine.reconstruct as reconstruct
     import dsgonnx.synth
+    from dsgonnx.config import QatConfig
 
     sized = []
     real_size = reconstruct.held_bytes_per_sample
@@ -738,9 +741,12 @@ def test_a_synthetic_set_reconstruction_could_not_hold_is_refused_before_it_is_m
     with pytest.raises(DataError, match=r"refine: 12 samples .* of 3×16×16 hold about .* ask for fewer"):
         quantize(str(setup["model"]), config)
     assert not made and len(sized) == 1 and not out.exists()
+    with pytest.raises(DataError, match="refine: 12 samples .* ask for fewer"):  # QAT that reconstructs first
+        quantize(str(setup["model"]), replace(config, refine=None, qat=QatConfig(start="refine", iters=1)))
+    assert not made and len(sized) == 2 and not out.exists()
     monkeypatch.setattr(dsgonnx.hardware, "available_memory", lambda: 2**40)
     quantize(str(setup["model"]), config)
-    assert made and len(sized) == 3 and sized[1] == sized[0] == sized[2], sized
+    assert made and len(sized) == 4 and len(set(sized)) == 1, sized
 
 
 def test_cli_refuses_a_calibration_set_reconstruction_cannot_hold_in_one_line(setup, monkeypatch):
