@@ -13,7 +13,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import numpy as np
 
@@ -86,14 +86,47 @@ class SyntheticSet:
 
 
 def check_output_folder(path: str | os.PathLike) -> Path:
-    """The folder ``path`` will be written into; it must exist and take a new file."""
+    """The folder ``path`` will be written into; it must exist and take a new file, ``path``'s
+    temporary file (:func:`write_atomically`) among them."""
     folder = Path(path).parent if str(Path(path).parent) else Path(".")
     if not folder.is_dir():
         raise DataError(f"output folder does not exist: {folder}")
     why = cannot_create_in(folder)
     if why is not None:
         raise DataError(f"output folder is not writable: {folder} ({why})")
+    why = name_too_long(path)
+    if why is not None:
+        raise DataError(why)
     return folder
+
+
+# what a temporary file's name adds to its file's: ".", ".", mkstemp's 8 characters, ".tmp.onnx"
+_TEMP_NAME_EXTRA = 1 + 1 + 8 + len(".tmp.onnx")
+
+
+def name_too_long(path: str | os.PathLike) -> Optional[str]:
+    """Why the folder of ``path`` cannot hold a file of its name and that file's temporary
+    twin, or None where it can (the name's length against the file system's limit)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        limit = os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # not every system reports it
+        limit = 255
+    size = len(os.fsencode(Path(path).name))
+    if size + _TEMP_NAME_EXTRA > limit:
+        return (f"file name too long: {Path(path).name[:32]}… is {size} bytes; {folder} takes names of at most "
+                f"{limit - _TEMP_NAME_EXTRA} here (with room for its temporary file)")
+    return None
+
+
+def same_file(path: str | os.PathLike, others: Mapping[str, Any]) -> Optional[str]:
+    """Which of ``others`` (what each is -> its path; None or a value that is no path is skipped)
+    ``path`` names, the same file by its resolved path (links followed), or None."""
+    target = Path(path).resolve()
+    for what, other in others.items():
+        if isinstance(other, (str, os.PathLike)) and str(other) and Path(other).resolve() == target:
+            return what
+    return None
 
 
 def cannot_create_in(folder: str | os.PathLike) -> Optional[str]:

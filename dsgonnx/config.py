@@ -214,6 +214,13 @@ def _is_int(value) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
+SEED_MAX = 2**32 - 1  # numpy's legacy seeding's bound; torch's generators take it with room for the offsets added
+
+
+def _check_seed(value) -> None:
+    _require(_is_int(value) and 0 <= value <= SEED_MAX, f"`seed` must be an integer from 0 to {SEED_MAX}, got {value}")
+
+
 def _is_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -391,6 +398,7 @@ class SynthConfig(SynthOptions):
                  f"`num_samples` must be at least 1, got {self.num_samples}")
         _require(self.iters is None or (_is_int(self.iters) and self.iters >= 0),
                  f"`iters` must be 0 or more, got {self.iters}")
+        _check_seed(self.seed)
 
     @classmethod
     def from_options(cls, options: SynthOptions, **run) -> "SynthConfig":
@@ -814,6 +822,8 @@ def _calibration_source(calib):
     if isinstance(calib, SynthMethod):
         return calib
     if isinstance(calib, str):
+        _require(calib.strip() != "", f"`calib` is empty: give {', '.join(SynthMethod.values())}, an image folder "
+                                      "or an .npz file")
         return SynthMethod(calib.lower()) if calib.lower() in SynthMethod.values() else Path(calib)
     if isinstance(calib, os.PathLike):
         return Path(calib)
@@ -939,11 +949,14 @@ class QuantConfig:
         _require(self.iters is None or (_is_int(self.iters) and self.iters >= 0),
                  f"`iters` must be 0 or more, got {self.iters}")
         _require(_is_int(self.holdout) and self.holdout >= 0, f"`holdout` must not be negative, got {self.holdout}")
+        _check_seed(self.seed)
         _require(_is_number(self.mixed_budget) and 0 < self.mixed_budget <= 1,
                  f"`mixed_budget` is a share of the weights in (0, 1], got {self.mixed_budget!r}")
         check_thresholds(self.max_drop, self.min_agreement)
         _require(self.validate or (self.max_drop is None and self.min_agreement is None),
                  "a gate (`max_drop`, `min_agreement`) needs the validation, which is off")
+        _require(self.validate or (self.report is None and self.val_data is None),
+                 f"{'`report`' if self.report is not None else '`val_data`'} is for the validation, which is off")
         _require(self.max_drop is None or self.val_data is not None,
                  "`max_drop` needs labelled `val_data` (without it quantize validates on held-out samples, "
                  "unlabelled: gate those on `min_agreement`)")

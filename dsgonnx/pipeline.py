@@ -11,6 +11,7 @@ import os
 import shutil
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Optional
@@ -19,7 +20,7 @@ import numpy as np
 import onnx
 
 from . import __version__, distributed
-from .artifacts import cannot_create_in, check_output_folder, publish
+from .artifacts import cannot_create_in, check_output_folder, publish, same_file
 from .calibration_data import held_out_name, holds_out, load_real_images
 from .config import (DEFAULT_EPSILON, DEFAULT_SLACK_READING, BiasCorrection, Calibrator, PoolRange, QuantConfig,
                      RefineConfig, Rounding, SynthMethod, SynthOptions, SynthStart, ValidateConfig)
@@ -123,22 +124,26 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
     if config.mixed and not (weights.simulated or activations.simulated):
         raise DataError("mixed precision keeps tensors at 8 bits among simulated ones (2, 3, 5, 6 or 7 bits), "
                         f"not at W{weights.bits}A{activations.bits}")
-    output = Path(config.output) if config.output else default_output(loaded.source, config.wbits, config.abits)
+    output = Path(config.output) if config.output is not None else default_output(loaded.source, config.wbits, config.abits)
     _check_output(loaded.source, output, config.force)
     if config.keep_candidates is not None:
         _check_candidates(Path(config.keep_candidates), loaded.source, output, candidate_files(config), config.force)
     if config.qat is not None and config.qat.checkpoint is not None:
-        _check_checkpoint(Path(config.qat.checkpoint), loaded.source, output)
+        _check_checkpoint(Path(config.qat.checkpoint), loaded.source, output, config.qat.resume)
     if config.validate:  # the validation's inputs and report, before any work or output
         from .validation.report import check_report_path
 
-        check_report_path(config.report)
+        check_report_path(config.report, {"the input model": loaded.source, "the output": output,
+                                          "`val_data`": config.val_data, "`calib`": config.calib,
+                                          "`qat.checkpoint`": config.qat and config.qat.checkpoint})
         if config.val_data is not None and not os.path.exists(config.val_data):
             raise DataError(f"`val_data`: data not found: {config.val_data}")
-        if config.val_data is None and config.min_agreement is not None and (
+        wanted = "min_agreement" if config.min_agreement is not None else "report" if config.report else None
+        if config.val_data is None and wanted and (
                 config.holdout == 0 or not (config.synthetic or holds_out(config.calib, config.num_samples,
                                                                           config.holdout))):
-            raise DataError(f"`min_agreement` has nothing to score on: no `val_data`, and {_NOTHING_HELD}")
+            # (without either, quantize says that validation is skipped and goes on)
+            raise DataError(f"`{wanted}` has nothing to score on: no `val_data`, and {_NOTHING_HELD}")
     chw = loaded.input.chw
     if config.refine is not None and config.refine.views > 1 and None not in chw:  # before any image is made
         from .hardware import check_image_memory
@@ -353,6 +358,12 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
                         refined.weights, refined.activations = (rounded.weights if rounded else {}), {}
             with stages("check"):
                 _finish_model(tmp, loaded, bits, calib_info, decisions, calib_images[: fixed or 1])
+            report = None
+            if config.validate:  # the finished file, before it is published: validation data it cannot
+                with stages("validate"):  # be scored on is refused with nothing written or replaced
+                    report = _validate(loaded, tmp, output, config, holdout,
+                                       (*calib_files, *calib_info.get("holdout_files", ())), bits, calib_info,
+                                       refined.report if refined else None)
             publish(tmp, output, replace=config.force)
         finally:
             if tmp.exists():
@@ -361,11 +372,15 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
     result = QuantResult(output=output, bits=bits, calibration=calib_info, decisions=decisions, timings=stages.timings,
                          refine=refined.report if refined else None, refined_weights=refined.weights if refined else {},
                          holdout=holdout, calibration_files=tuple(calib_files),
-                         holdout_files=tuple(calib_info.get("holdout_files", ())))
-    if config.validate:
-        with stages("validate"):
-            result.report = _validate(loaded, output, config, holdout, (*calib_files, *result.holdout_files), bits,
-                                      calib_info, result.refine)
+                         holdout_files=tuple(calib_info.get("holdout_files", ())), report=report)
+    if report is not None:
+        from .validation import check_gate
+        from .validation.report import write_report
+
+        if config.report:
+            write_report(report, config.report)
+        say(report.table())
+        check_gate(report, config.max_drop, config.min_agreement)
     return result
 
 
@@ -385,14 +400,18 @@ def candidate_files(config: QuantConfig) -> dict[str, str]:
     return files
 
 
-def _check_checkpoint(path: Path, model_path: Path, output: Path) -> None:
+def _check_checkpoint(path: Path, model_path: Path, output: Path, resume: bool = False) -> None:
     """Refuse, before any work, a ``qat.checkpoint`` file QAT could not write (it writes it
-    first after ``qat.checkpoint_every`` steps of training)."""
+    first after ``qat.checkpoint_every`` steps of training), or, to ``resume`` from, a file that
+    is no checkpoint (``torch.save`` writes a zip archive), which it would also write over."""
     if path.is_dir():
         raise DataError(f"`qat.checkpoint` {path} is a folder; give a file name")
-    if path.resolve() in (model_path.resolve(), output.resolve()):
-        raise DataError(f"`qat.checkpoint` {path} is the {'input model' if path.resolve() == model_path.resolve() else 'output'}; "
-                        "give another file")
+    clash = same_file(path, {"the input model": model_path, "the output": output})
+    if clash is not None:
+        raise DataError(f"`qat.checkpoint` {path} is {clash}; give another file")
+    if path.is_file() and not zipfile.is_zipfile(path):
+        raise DataError(f"`qat.checkpoint` {path} is not a checkpoint dsgonnx wrote (not torch.save's zip archive), "
+                        f"{'to resume from' if resume else 'and QAT would write over it'}; give another file")
     try:
         check_output_folder(path)
     except DataError as exc:
@@ -409,9 +428,9 @@ def _check_candidates(folder: Path, model_path: Path, output: Path, files: dict[
         raise DataError(f"`keep_candidates` folder is not writable: {existing} ({why})")
     for file in files.values():
         path = folder / file
-        if path.resolve() in (model_path.resolve(), output.resolve()):
-            raise DataError(f"`keep_candidates` would write {path}, which is the "
-                            f"{'input model' if path.resolve() == model_path.resolve() else 'output'}; choose another folder")
+        clash = same_file(path, {"the input model": model_path, "the output": output})
+        if clash is not None:
+            raise DataError(f"`keep_candidates` would write {path}, which is {clash}; choose another folder")
         if path.exists() and not force:
             raise DataError(f"{path} exists; set `force` to overwrite it (or choose another `keep_candidates` folder)")
 
@@ -1010,28 +1029,28 @@ def _learned_kept(refined, dropped: set[str]) -> Optional[dict]:
     return {name: g for name, g in refined.activations.items() if name not in dropped} if refined else None
 
 
-def _validate(loaded: LoadedModel, output: Path, config: QuantConfig, holdout, used_files, bits, calibration,
-              refine=None):
-    """Validate the written model on ``config.val_data`` (``used_files``, calibrated on or held out
-    to decide on, left out), else on the held-out samples (agreement with the float model)."""
-    from .validation import check_gate, validate
+def _validate(loaded: LoadedModel, written: Path, output: Path, config: QuantConfig, holdout, used_files, bits,
+              calibration, refine=None):
+    """Validate the model ``written`` (to be published as ``output``; the report names it and the
+    model file quantized) on ``config.val_data`` (``used_files``, calibrated on or held out to
+    decide on, left out), else on the held-out samples (agreement with the float model). The
+    report is written, shown and gated by the caller, once the model is in place."""
+    from .validation import validate
 
     extra = {"bits": bits, "simulated": bits["simulated"], "calibration": calibration}
     if refine:
         extra[_learning_key(refine)] = refine
     vconfig = ValidateConfig(data=config.val_data, preprocess=config.preprocess, provider=config.provider,
-                             max_drop=config.max_drop, min_agreement=config.min_agreement, report_path=config.report,
-                             extra=extra, exclude_files=frozenset(used_files))
+                             max_drop=config.max_drop, min_agreement=config.min_agreement, extra=extra,
+                             exclude_files=frozenset(used_files))
     if config.val_data is None:
         if holdout is None or not len(holdout):
             say("validate: no `val_data` and no held-out samples; skipped")
             return None
-        report = validate(loaded.original, output, vconfig, images=loaded.in_file_layout(holdout))
+        report = validate(loaded.original, written, vconfig, images=loaded.in_file_layout(holdout))
     else:
-        report = validate(loaded.original, output, vconfig)
-    say(report.table())
-    check_gate(report, config.max_drop, config.min_agreement)
-    return report
+        report = validate(loaded.original, written, vconfig)
+    return replace(report, fp_model=str(loaded.source), q_model=str(output))  # the user's files, not the copies read
 
 
 __all__ = ["QuantResult", "default_output", "quantize"]

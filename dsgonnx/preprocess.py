@@ -96,8 +96,8 @@ class Preprocess:
         # frozen: normalise fields through object.__setattr__, as dataclasses document
         object.__setattr__(self, "mean", _channel_tuple(self.mean, "mean"))
         object.__setattr__(self, "std", _channel_tuple(self.std, "std"))
-        if any(s == 0 for s in self.std):
-            raise DataError(f"std must not contain 0 (got {_fmt(self.std)})")
+        if any(not s > 0 for s in self.std):  # a negative std would turn every image into its negative
+            raise DataError(f"std must be positive (got {_fmt(self.std)})")
         order = str(self.channel_order).upper()
         if order not in CHANNEL_ORDERS:
             raise DataError(f"channel order must be RGB or BGR, got {self.channel_order!r}")

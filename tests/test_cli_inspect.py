@@ -148,6 +148,16 @@ def _bad_models(folder, kept):
     data = model.SerializeToString()
     assert data.count(b"\x1a\x04zzzz") == 1  # field 3 (name), length 4
     (folder / "not_utf8.onnx").write_bytes(data.replace(b"\x1a\x04zzzz", b"\x1a\x04\xff\xfe\xfd\xfc"))
+    # not classifiers: a map per class (was "classes 256") and class indices (was "a binary head")
+    rng = np.random.default_rng(0)
+    spatial = make_model([helper.make_node("Conv", ["x", "w"], ["y"])], [_vi("x", TensorProto.FLOAT, [1, 3, 8, 8])],
+                         [_vi("y", TensorProto.FLOAT, [1, 4, 8, 8])], [("w", rng.standard_normal((4, 3, 1, 1)).astype(np.float32))])
+    onnx.save(spatial, str(folder / "segmenter.onnx"))
+    argmax = make_model([helper.make_node("Conv", ["x", "w"], ["s"]), helper.make_node("GlobalAveragePool", ["s"], ["p"]),
+                         helper.make_node("Flatten", ["p"], ["f"]), helper.make_node("ArgMax", ["f"], ["y"], axis=1)],
+                        [_vi("x", TensorProto.FLOAT, [1, 3, 8, 8])], [_vi("y", TensorProto.INT64, [1, 1])],
+                        [("w", rng.standard_normal((4, 3, 1, 1)).astype(np.float32))])
+    onnx.save(argmax, str(folder / "argmax.onnx"))
 
 
 BAD_INPUTS = [
@@ -171,6 +181,8 @@ BAD_INPUTS = [
     # ONNX Runtime aborted the process on it (a C++ assertion, exit 134, no dsgonnx line)
     ("dilated.onnx", [], "a kernel, dilation, stride or padding does not fit its input"),
     ("dynhw.onnx", [], "dynamic H/W"),
+    ("segmenter.onnx", [], "output 'y' is 1×4×8×8: dsgonnx quantizes classifiers"),
+    ("argmax.onnx", [], "output 'y' is int64"),
     ("kept.onnx", ["--input-shape", "1x3x224"], "--input-shape must look like"),
     ("kept.onnx", ["--input-shape", "1x3x32x32"], "conflicts"),
 ]

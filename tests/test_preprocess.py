@@ -61,7 +61,9 @@ def test_crop_follows_the_model_and_explicit_values_win():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"std": "0,1,1"}, "std must not contain 0"),
+        ({"std": "0,1,1"}, "std must be positive"),
+        ({"std": "-1"}, "std must be positive"),
+        ({"std": "nan"}, "std must be one number or three comma-separated finite numbers"),
         ({"mean": "1,2"}, "mean must be one number or three"),
         ({"mean": "a,b,c"}, "mean must be one number or three"),
         ({"resize": 100, "crop": 224}, "resize 100 is smaller than crop 224"),

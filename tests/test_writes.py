@@ -116,3 +116,79 @@ def test_the_model_file_is_read_once_and_a_replacement_changes_nothing(setup, tm
     ops = {n.op_type for n in onnx.load_from_string(original).graph.node} - {"BatchNormalization"}
     assert {n.op_type for n in written.graph.node} - {"QuantizeLinear", "DequantizeLinear"} <= ops | {"Relu"}
     assert "Add" not in ops and not any(n.op_type == "Add" for n in written.graph.node)  # not the residual net
+
+def _refused(args: list[str], *expected: str) -> None:
+    """``args`` end in exit 2 and one line that names each of ``expected``, no traceback."""
+    result = CliRunner().invoke(cli, args + (["--quiet"] if args[0] != "validate" else []))
+    lines = result.stderr.strip().splitlines()
+    assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("dsgonnx: error:"), result.output
+    assert all(text in lines[0] for text in expected), lines[0]
+
+
+def test_a_report_is_never_written_over_a_model_or_the_data(setup, tmp_path):
+    """--report naming an input (or quantize's output) is refused before any work: it used to
+    replace the file named with the JSON and exit 0."""
+    quantized = tmp_path / "q.onnx"
+    CliRunner().invoke(cli, ["quantize", str(setup["model"]), "--calib", str(setup["calib"]), "--num-samples", "8",
+                             "--no-validate", "-o", str(quantized)])
+    labelled = tmp_path / "val.npz"
+    np.savez(labelled, images=np.load(setup["calib"])["images"], labels=np.arange(8) % 10)
+    files = [setup["model"], quantized, labelled, setup["calib"]]
+    before = {path: path.read_bytes() for path in files}
+    validate = ["validate", str(setup["model"]), str(quantized), "--data", str(labelled), "--report"]
+    _refused(validate + [str(setup["model"])], "is the FP model")
+    _refused(validate + [str(quantized)], "is the quantized model")
+    _refused(validate + [str(labelled)], "is --data")
+    out = tmp_path / "new.onnx"
+    quantize = ["quantize", str(setup["model"]), "--calib", str(setup["calib"]), "--num-samples", "8", "--holdout",
+                "0", "--val-data", str(labelled), "-o", str(out), "--report"]
+    _refused(quantize + [str(setup["model"])], "is the input model")
+    _refused(quantize + [str(out)], "is the output")
+    _refused(quantize + [str(labelled)], "is --val-data")
+    _refused(quantize + [str(setup["calib"])], "is --calib")
+    assert {path: path.read_bytes() for path in files} == before and not out.exists()
+
+
+def test_validation_data_that_cannot_be_scored_leaves_the_output_as_it_was(setup, tmp_path):
+    """quantize validates the finished model before it replaces anything: bad --val-data used to
+    be found after the model was written, over the previous one with --force."""
+    out = tmp_path / "q.onnx"
+    out.write_bytes(b"previous model")
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, images=np.zeros((4, 3, 8, 8), np.float32), labels=np.zeros(4, np.int64))
+    unlabelled = tmp_path / "unlabelled.npz"
+    np.savez(unlabelled, images=np.zeros((4, 3, 16, 16), np.float32))
+    common = ["quantize", str(setup["model"]), "--calib", str(setup["calib"]), "--num-samples", "8", "-o", str(out),
+              "--force"]
+    _refused(common + ["--val-data", str(wrong)], "images have shape (4, 3, 8, 8)")
+    _refused(common + ["--val-data", str(unlabelled), "--max-drop", "1"], "label")
+    assert out.read_bytes() == b"previous model" and sorted(os.listdir(tmp_path)) == ["q.onnx", "unlabelled.npz",
+                                                                                       "wrong.npz"]
+    report = tmp_path / "r.json"
+    _refused(common + ["--report", str(report)], "--report has nothing to score on")  # was: no report, exit 0
+    # data it can score: the model and then the report, naming the output
+    result = CliRunner().invoke(cli, common + ["--num-samples", "4", "--holdout", "4", "--report", str(report)])
+    assert result.exit_code == 0, result.output
+    assert out.read_bytes() != b"previous model" and json.loads(report.read_text())["models"] == {
+        "fp32": str(setup["model"]), "quantized": str(out)}
+
+
+def test_options_that_could_not_act_or_name_no_file_are_one_line(setup, tmp_path):
+    quantize = ["quantize", str(setup["model"]), "--calib", str(setup["calib"]), "--num-samples", "8"]
+    for seed in ("-1", str(2**32)):
+        _refused(quantize + ["--seed", seed, "-o", str(tmp_path / "s.onnx")], "--seed must be an integer from 0 to")
+        _refused(["synthesize", str(setup["model"]), "--seed", seed, "-o", str(tmp_path / "s.npz")], "--seed")
+    long = tmp_path / ("x" * 240 + ".onnx")
+    _refused(quantize + ["-o", str(long)], "file name too long")
+    _refused(["synthesize", str(setup["model"]), "-o", str(tmp_path / ("x" * 240 + ".npz"))], "file name too long")
+    _refused(quantize + ["-o", ""], "--output must be an .onnx file")
+    _refused(["quantize", str(setup["model"]), "--calib", ""], "--calib is empty")  # was: the working folder
+    _refused(["synthesize", str(setup["model"]), "-o", ""], "--output must be a .npz file")
+    _refused(quantize + ["--no-validate", "--report", str(tmp_path / "r.json")], "--report is for the validation")
+    _refused(quantize + ["--no-validate", "--val-data", str(setup["calib"])], "--val-data is for the validation")
+    text = tmp_path / "notes.pt"
+    text.write_text("my notes")
+    _refused(quantize + ["--qat", "--qat-checkpoint", str(text)], "is not a checkpoint dsgonnx wrote",
+             "QAT would write over it")
+    _refused(quantize + ["--qat", "--qat-resume", "--qat-checkpoint", str(text)], "to resume from")
+    assert text.read_text() == "my notes" and sorted(os.listdir(tmp_path)) == ["notes.pt"]

@@ -86,7 +86,7 @@ def synthesize_cmd(model, output, preprocess, preprocess_given, input_shape, pre
                 if not (name in ("normalize_gaps", "jitter") and value is None)}
     config = SynthConfig(preprocess=preprocess, slack=not no_slack, lse=not no_lse, sci=not no_sci,
                          input_prior=not no_input_prior, **settings)
-    out = output or Path(model).with_name(f"{Path(model).stem}.{config.method}.npz")
+    out = output if output is not None else Path(model).with_name(f"{Path(model).stem}.{config.method}.npz")
     result = synthesize(model, config, holdout=holdout, input_shape=input_shape, output=out, preview=preview,
                         force=force)
     if not is_writer():  # under torchrun, rank 0 alone reports

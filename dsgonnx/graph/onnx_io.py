@@ -24,7 +24,7 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import TensorProto, external_data_helper, helper, numpy_helper, shape_inference
 
-from ..errors import InputSpecError, ModelLoadError
+from ..errors import InputSpecError, ModelLoadError, UnsupportedModelError
 from ..inputs import IMAGE_CHANNELS, InputSpec, layout_of, parse_input_shape
 from ..progress import say
 from .layout import channels_first_twin
@@ -109,6 +109,7 @@ def load_model(path: str | os.PathLike, input_shape: Optional[tuple[int, int, in
         except ValueError as exc:
             raise InputSpecError(f"input '{spec.name}' (NHWC) cannot be given a channels-first twin: {exc}") from None
     model = _infer_shapes(_with_input_shape(model, spec), path)
+    _check_scores(model)
     if layout == "NHWC":  # the stages that read a file (ORT's tools) read the twin
         twin = Path(scratch.name) / f"{path.stem}.nchw.onnx"
         _save(model, twin)
@@ -446,6 +447,28 @@ def _check_sizes(model: onnx.ModelProto, path: Path) -> None:
             where = f" ({node.op_type} {node.name!r})" if node is not None else ""
             raise ModelLoadError(f"{path}: tensor {value.name!r}{where} would be {shown}: a kernel, dilation, stride "
                                  "or padding does not fit its input")
+
+
+_SCORE_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+
+
+def _check_scores(model: onnx.ModelProto) -> None:
+    """The first output must be the class scores: floats, one per class (N×C, or with sizes of
+    1 around C: N×C×1×1), not class indices nor a map per class (segmentation, detection)."""
+    if not model.graph.output:
+        raise UnsupportedModelError("the model has no output")
+    output = model.graph.output[0]
+    kind = output.type.tensor_type.elem_type
+    if kind and kind not in _SCORE_TYPES:
+        raise UnsupportedModelError(
+            f"output '{output.name}' is {onnx.TensorProto.DataType.Name(kind).lower()}: dsgonnx quantizes classifiers "
+            "whose first output is the class scores (floats), not class indices or labels")
+    dims = _dims(output)
+    if sum(d is not None and d > 1 for d in dims[1:]) > 1:
+        shape = "×".join("?" if d is None else str(d) for d in dims)
+        raise UnsupportedModelError(
+            f"output '{output.name}' is {shape}: dsgonnx quantizes classifiers, whose first output holds one score "
+            "per class (N×C, or N×C×1×1), not a map of them (segmentation, detection)")
 
 
 def _num_classes(model: onnx.ModelProto) -> Optional[int]:

@@ -395,7 +395,10 @@ def qat_model(model_path: Path, output_path: Path, placement: Placement, images:
 
     def read_checkpoint() -> Optional[dict]:
         """The checkpoint to resume from (rank 0 reads it; every rank gets it), or None."""
-        if not (config.resume and checkpoint is not None and distributed.is_writer() and checkpoint.exists()):
+        if not (config.resume and checkpoint is not None and distributed.is_writer()):
+            return None
+        if not checkpoint.exists():  # the first of repeated runs (README: --qat-resume)
+            say(f"qat: no checkpoint at {checkpoint} yet; training from the start")
             return None
         try:
             state = torch.load(str(checkpoint), map_location="cpu", weights_only=True)

@@ -45,7 +45,8 @@ def validate(
     json.dumps(dict(config.extra), allow_nan=False, default=json_value)  # a caller's bug: fail before any work
     fp_model_path, q_model_path = str(fp_model_path), str(q_model_path)
     data = None if config.data is None else str(config.data)
-    check_report_path(config.report_path)
+    check_report_path(config.report_path, {"the FP model": fp_model_path, "the quantized model": q_model_path,
+                                           "`data`": data, "`class_list`": config.class_list})
     fp, q = open_models(fp_model_path, q_model_path, config.provider, exact=config.exact)
     spec = shared_input(fp.io, q.io)
     quantized = read_quantized_activations(q_model_path) if config.per_tensor else None

@@ -66,9 +66,9 @@ import json
 import math
 import os
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Mapping
 
-from dsgonnx.artifacts import cannot_create_in
+from dsgonnx.artifacts import cannot_create_in, name_too_long, same_file
 from dsgonnx.errors import DsgonnxError
 from dsgonnx.preprocess import Preprocess
 from dsgonnx.validation.metrics import Metrics, finite_or_none
@@ -206,18 +206,25 @@ class ValidationReport:
         return "\n".join(rows)
 
 
-def check_report_path(path: str | None) -> None:
-    """Fail early (before any work) when the report could not be written."""
+def check_report_path(path: str | None, inputs: Mapping[str, Any] = {}) -> None:
+    """Fail early (before any work) when the report could not be written, or would replace one
+    of ``inputs`` (what each is, e.g. "the quantized model" -> its path, None or not a path)."""
     if path is None:
         return
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise DsgonnxError(f"`report_path` {path} is a folder; give a file name")
+    clash = same_file(path, inputs)
+    if clash is not None:
+        raise DsgonnxError(f"`report_path` {path} is {clash}; give another file for the report")
     if not os.path.isdir(folder):
         raise DsgonnxError(f"`report_path`: folder {folder} does not exist")
     why = cannot_create_in(folder)
     if why is not None:
         raise DsgonnxError(f"`report_path`: folder {folder} is not writable ({why})")
+    why = name_too_long(path)
+    if why is not None:
+        raise DsgonnxError(f"`report_path`: {why}")
 
 
 def write_report(report: ValidationReport, path: str) -> None:
