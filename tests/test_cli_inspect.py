@@ -185,6 +185,8 @@ BAD_INPUTS = [
     ("argmax.onnx", [], "output 'y' is int64"),
     ("kept.onnx", ["--input-shape", "1x3x224"], "--input-shape must look like"),
     ("kept.onnx", ["--input-shape", "1x3x32x32"], "conflicts"),
+    # a channels-last shape for a channels-first file: named as typed (was: transposed, "axis 2 ... in NCHW order")
+    ("dynhw.onnx", ["--input-shape", "1x32x32x3"], "--input-shape 1x32x32x3 conflicts with input 'input' (axis 1 is fixed to 3)"),
 ]
 
 

@@ -397,6 +397,9 @@ def metadata_image_size(model: onnx.ModelProto) -> Optional[tuple[str, tuple[int
 
 
 def _looks_nhwc(dims: list[Optional[int]], given: Optional[tuple[int, int, int, int]]) -> bool:
+    """The file's layout where its channels say it; ``given`` decides only where they do not."""
+    if dims[1] in IMAGE_CHANNELS:  # channels first: a channels-last `input_shape` is the user's slip
+        return False
     return layout_of(dims) == "NHWC" or (given is not None and layout_of(given) == "NHWC")
 
 
