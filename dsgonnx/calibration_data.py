@@ -11,6 +11,7 @@ from typing import Optional
 import numpy as np
 
 from .artifacts import SyntheticSet
+from .config import SynthMethod
 from .errors import DataError
 from .inputs import InputSpec
 from .preprocess import Preprocess, check_images, load_image, preprocess_from_preset, read_npz, scan_image_folder
@@ -72,7 +73,8 @@ def load_real_images(source, spec: InputSpec, count: int, preprocess: Preprocess
     if Path(path).suffix.lower() == ".npz":
         data = read_npz(path)
         return _from_array(data.images, spec, count, path, str(data.meta.get("method", "real")), data.holdout, holdout)
-    raise DataError(f"`calib` must be dsg, zeroq, gaussian, an image folder or an .npz file; got {path!r}")
+    raise DataError(f"`calib` must be a synthesis method ({', '.join(SynthMethod.values())}), an image folder or an "
+                    f".npz file; got {path!r}")
 
 
 def holds_out(source, count: int = 0, spare: int = 0) -> bool:
