@@ -124,7 +124,8 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
     if config.mixed and not (weights.simulated or activations.simulated):
         raise DataError("mixed precision keeps tensors at 8 bits among simulated ones (2, 3, 5, 6 or 7 bits), "
                         f"not at W{weights.bits}A{activations.bits}")
-    output = Path(config.output) if config.output is not None else default_output(loaded.source, config.wbits, config.abits)
+    output = (Path(config.output) if config.output is not None
+              else default_output(loaded.source, config.wbits, config.abits))
     _check_output(loaded.source, output, config.force)
     if config.keep_candidates is not None:
         _check_candidates(Path(config.keep_candidates), loaded.source, output, candidate_files(config), config.force)
@@ -134,7 +135,8 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
         from .validation.report import check_report_path
 
         check_report_path(config.report, {"the input model": loaded.source, "the output": output,
-                                          "`val_data`": config.val_data, "`calib`": config.calib,
+                                          "`val_data`": config.val_data,
+                                          "`calib`": config.calib if isinstance(config.calib, Path) else None,
                                           "`qat.checkpoint`": config.qat and config.qat.checkpoint})
         if config.val_data is not None and not os.path.exists(config.val_data):
             raise DataError(f"`val_data`: data not found: {config.val_data}")
