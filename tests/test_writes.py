@@ -117,6 +117,7 @@ def test_the_model_file_is_read_once_and_a_replacement_changes_nothing(setup, tm
     assert {n.op_type for n in written.graph.node} - {"QuantizeLinear", "DequantizeLinear"} <= ops | {"Relu"}
     assert "Add" not in ops and not any(n.op_type == "Add" for n in written.graph.node)  # not the residual net
 
+
 def _refused(args: list[str], *expected: str) -> None:
     """``args`` end in exit 2 and one line that names each of ``expected``, no traceback."""
     result = CliRunner().invoke(cli, args + (["--quiet"] if args[0] != "validate" else []))
