@@ -276,7 +276,7 @@ def refine_model(model_path: Path, output_path: Path, placement: Placement, imag
         if layer.onnx_name in corrected:
             layer.module.correct_for(input_means[layer.onnx_name])
     module = torch_model.module.to(torch_device).float().eval()
-    op_types = {torch_model.module_names[n.name]: n.op_type for n in onnx_model.graph.node if n.name in torch_model.module_names}
+    op_types = _op_types(torch_model)
     by_node = {layer.fx_node: layer for layer in layers}
     acts = {n: module.get_submodule(n.target) for n in module.graph.nodes
             if n.op == "call_module" and isinstance(module.get_submodule(n.target), ActQuant)}
@@ -352,6 +352,12 @@ def refine_model(model_path: Path, output_path: Path, placement: Placement, imag
                         simulation=lambda x: first_output(module, x, run.chunk, torch_device))
 
 
+def _op_types(torch_model) -> dict[str, str]:
+    """Torch submodule name -> the ONNX op type it was converted from."""
+    return {torch_model.module_names[n.name]: n.op_type for n in torch_model.graph.graph.node
+            if n.name in torch_model.module_names}
+
+
 def held_bytes_per_sample(module, units: list[Unit], chw: tuple, device: torch.device, held_out: bool) -> int:
     """Bytes of activations reconstruction holds per sample at its peak: while a unit is
     reconstructed, the images and every tensor later units still read, in the float and the
@@ -407,8 +413,7 @@ def check_memory_before(model, samples: int, held_out: bool, config: RefineConfi
     torch_device = resolve_device(device)
     torch_model = to_torch(model)
     module = torch_model.module.to(torch_device).float().eval()
-    op_types = {torch_model.module_names[n.name]: n.op_type for n in torch_model.graph.graph.node
-                if n.name in torch_model.module_names}
+    op_types = _op_types(torch_model)
     layers = {n for n in module.graph.nodes
               if n.op == "call_module" and op_types.get(str(n.target)) in ("Conv", "Gemm")}
     units = partition(module, layers, join_nodes(module, op_types), config.method, config.block_layers)
