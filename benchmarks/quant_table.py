@@ -190,7 +190,8 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
     import numpy as np
     import torch
 
-    from dsgonnx import QatConfig, QuantConfig, RefineConfig, SynthConfig, SynthOptions, SyntheticSet, ValidateConfig, quantize, synthesize, validate
+    from dsgonnx import (QatConfig, QuantConfig, RefineConfig, SynthConfig, SynthMethod, SynthOptions, SyntheticSet,
+                         ValidateConfig, quantize, synthesize, validate)
     from dsgonnx.config import REFINE_STARTS
     from dsgonnx.graph.onnx_io import load_model
     from dsgonnx.graph.to_torch import resolve_device
@@ -263,8 +264,11 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
                             raise SystemExit(f"row {row!r} needs the model's BN-kept twin; {model} has none here")
                         source = twin if base == "dsg-kept" else model
                         start = time.perf_counter()
-                        # a source's own settings (e.g. dsg-full's low_res 0, dsg-batch-i500's iters) over the profile's
-                        made_as = SynthConfig(**{**(synth or {}), "iters": iters, **SOURCES[base],
+                        # a source's own settings (e.g. dsg-full's low_res 0, dsg-batch-i500's iters) over the
+                        # profile's, which drawn images (gaussian, procedural) do not read
+                        optimised = {} if SynthMethod.parse(SOURCES[base]["method"], "method").drawn else \
+                            {**(synth or {}), "iters": iters}
+                        made_as = SynthConfig(**{**optimised, **SOURCES[base],
                                                  "num_samples": synthetic_samples, "seed": seed, "device": device,
                                                  "preprocess": recipe})
                         cached = _cached_set(cache, source, made_as, held)

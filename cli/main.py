@@ -37,7 +37,7 @@ _COMMANDS = {
 _ALIASES = {"report_path": "report", "report": "report_path", "data": "val_data", "method": "calib",
             "preprocess": "preset", "refine_drop_prob": "refine_drop", "refine_reg_weight": "refine_reg",
             "generator": "synth_generator", "swing": "synth_swing", "slack": "no_slack", "lse": "no_lse",
-            "sci": "no_sci"}
+            "sci": "no_sci", "input_prior": "no_input_prior"}
 _PARAM = re.compile(r"`([A-Za-z_][\w.]*)`")
 
 

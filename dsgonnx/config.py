@@ -354,6 +354,18 @@ class SynthOptions:
     def without_margin_settings(self) -> "SynthOptions":
         return replace(self, epsilon=DEFAULT_EPSILON, slack_reading=DEFAULT_SLACK_READING)
 
+    def unread(self, method: "SynthMethod") -> tuple[list[str], str]:
+        """The options given other values than their defaults that a synthesis by ``method``
+        does not read, and why (the ones with reasons of their own — slack margins, ``lse``,
+        ``sci``, ``generator``, ``swing``, ``start`` — are refused by :meth:`SynthConfig.for_model`)."""
+        if method.drawn:
+            names, why = _OPTIMISATION, "its images are drawn once, not optimised"
+        elif method == SynthMethod.INVERSION:
+            names, why = ("alignment", "normalize_gaps"), "it matches no BN statistics"
+        else:
+            names, why = ("anchor_weight",), "the anchor holds inversion's images to their procedural starts"
+        return [name for name in names if getattr(self, name) != getattr(_NO_OPTIONS, name)], why
+
     def has_margins(self, method: "SynthMethod", alignment: "Alignment") -> bool:
         """Whether a synthesis by ``method`` with ``alignment`` places DSG's slack margins: DSG's
         per-sample alignment with ``slack`` on."""
@@ -361,6 +373,12 @@ class SynthOptions:
 
     def to_dict(self) -> dict:
         return _to_dict(self)
+
+
+_NO_OPTIONS = SynthOptions()
+# what only a synthesis that optimises its images reads (gaussian and procedural images are drawn)
+_OPTIMISATION = ("lr", "ce_weight", "tv_weight", "l2_weight", "anchor_weight", "jitter", "normalize_gaps", "alignment",
+                 "input_prior", "low_res", "low_res_share", "patience", "amp")
 
 
 @dataclass(frozen=True)
@@ -404,9 +422,18 @@ class SynthConfig(SynthOptions):
     def from_options(cls, options: SynthOptions, **run) -> "SynthConfig":
         return cls(**{f.name: getattr(options, f.name) for f in fields(SynthOptions)}, **run)
 
-    def for_model(self, has_bn: bool) -> tuple["SynthConfig", Optional[str]]:
+    def unread(self, method: "SynthMethod") -> tuple[list[str], str]:
+        names, why = super().unread(method)
+        return names + (["iters"] if method.drawn and self.iters else []), why
+
+    def for_model(self, has_bn: bool, drop_unread: bool = False) -> tuple["SynthConfig", Optional[str]]:
         """This config with ``auto`` decided for a model with (or without) BN statistics and
-        the loss weights left unset filled in by method; and why, when ``auto`` decided."""
+        the loss weights left unset filled in by method; and why, when ``auto`` decided.
+
+        An option the method does not read (:meth:`unread`) is refused where the method was
+        given; where ``auto`` decided it (``auto``'s reason then says so), or with ``drop_unread``
+        (``quantize``, whose other readers of the options — the inversion probe, QAT's generator
+        — decide what it refuses or says), it is set back to its default."""
         method, why = self.method, None
         if method == SynthMethod.AUTO:
             method = SynthMethod.DSG if has_bn else BN_FREE_DEFAULT
@@ -421,6 +448,14 @@ class SynthConfig(SynthOptions):
         _require(not self.generator or method.needs_bn,
                  f"`generator` is for the BN-matching methods ({SynthMethod.ZEROQ}, {SynthMethod.DSG}); "
                  f"`method` is {method}" + (f" ({why})" if why else ""))
+        unread, because = self.unread(method)
+        if unread:
+            named = f"{' and '.join(f'`{name}`' for name in unread)} {'changes' if len(unread) == 1 else 'change'} nothing"
+            # given for whatever `auto` would decide (one command for many models): said, not refused
+            _require(drop_unread or why is not None, f"{named} for `method` {method}: {because}")
+            if why is not None and not drop_unread:
+                why += f"; {named} for it ({because})"
+            self = replace(self, **{name: None if name == "iters" else getattr(_NO_OPTIONS, name) for name in unread})
         alignment = self.alignment or Alignment.SAMPLE
         # the ablations switch off a term this run has: slack margins and layerwise enhancement
         # weigh DSG's per-sample terms (batch alignment has one pooled term per layer); SCI is

@@ -174,10 +174,15 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
         f"{activations.quant_type.name}{' simulated' if activations.simulated else ''}"
         f"{', reduce_range: this CPU has no VNNI' if reduce_range else ''})")
 
-    with stages("calibration data"):
-        calib_images, holdout, calib_info, calib_files = _calibration_data(loaded, config)
     learning = "qat" if config.qat is not None else "refine" if config.refine is not None else "rounding"
     checked = config.fallback and (learning != "rounding" or config.weight_rounding() != Rounding.NEAREST)
+    if config.synthetic and config.calib != SynthMethod.AUTO and not config.calib.drawn:
+        # before the synthesis's minutes (drawn images take none; their inversion probe depends on
+        # the held-out samples, so they are checked with them, below)
+        before = {"method": config.calib.value}
+        _check_synthesis_used(config, before, _wanted_probes(config, before, None, learning) if checked else ())
+    with stages("calibration data"):
+        calib_images, holdout, calib_info, calib_files = _calibration_data(loaded, config)
     _check_synthesis_used(config, calib_info, _wanted_probes(config, calib_info, holdout, learning) if checked else ())
     if not distributed.is_writer() and config.qat is None and config.refine is None:
         say(f"quantize: rank {distributed.world().rank} made its share of the calibration images; "
@@ -491,7 +496,8 @@ def _calibration_data(loaded: LoadedModel, config: QuantConfig):
 
         made_as = config.synth_config(config.num_samples + holdout,
                                       depthwise=bool(depthwise_layers(loaded.model, config.exclude)))
-        synthetic = synthesize(loaded, made_as).hold_out(holdout)  # the same split as `dsgonnx synthesize --holdout`
+        # (what the decided method does not read is dropped here; _check_synthesis_used refuses what nothing reads)
+        synthetic = synthesize(loaded, made_as, drop_unread=True).hold_out(holdout)  # the same split as `dsgonnx synthesize --holdout`
         settings = synthetic.meta["config"]
         chosen = {}
         # the alignment synth_config chose for images reconstruction or QAT trains on (the method
@@ -831,7 +837,7 @@ def _independent_probes(loaded: LoadedModel, config: QuantConfig, calib_info: di
                                            num_samples=INVERSION_PROBE_SAMPLES, iters=config.iters,
                                            seed=config.seed + PROBE_FIRST, device=config.device,
                                            preprocess=config.preprocess)
-        images = synthesize(loaded, made_as).images
+        images = synthesize(loaded, made_as, drop_unread=True).images
         probes["inversion images"] = {"images": images, "seconds": round(time.perf_counter() - start, 3)}
     return probes
 
@@ -850,27 +856,45 @@ def _wanted_probes(config: QuantConfig, calib_info: dict, holdout, learning: str
 
 
 def _check_synthesis_used(config: QuantConfig, calib_info: dict, probes: tuple[str, ...]) -> None:
-    """Refuse synthesis options that would change nothing: calibration images from files (or a
-    set made before) are not synthesized, so only the inversion probe (every option but its own
-    alignment, start, generator and swing, and ``iters``) and QAT's generator (``epsilon``,
-    ``slack_reading``) read them."""
-    if config.synthetic:
-        return
-    defaults = SynthOptions()
-    given = [f.name for f in fields(SynthOptions) if getattr(config.synth, f.name) != getattr(defaults, f.name)]
-    read = set()
+    """Refuse synthesis options that would change nothing. Their readers: the calibration
+    synthesis (``calib_info``'s method, decided; what it does not read, :meth:`SynthOptions.unread`,
+    e.g. any optimisation setting of drawn images), the inversion probe (every option but its own
+    alignment, start, generator and swing, and what inversion does not read; and ``iters``) and
+    QAT's generator (``epsilon``, ``slack_reading``). Calibration images from files (or a set made
+    before) are not synthesized. Where ``auto`` decided the method, what nothing reads is said,
+    not refused: the same command may serve models with and without BN statistics."""
+    given = [f.name for f in fields(SynthOptions) if getattr(config.synth, f.name) != getattr(_DEFAULT_SYNTH, f.name)]
+    method = calib_info.get("method")
+    synthesized = SynthMethod(method) if config.synthetic else None
+    read, iters_read = set(), False
+    if synthesized is not None:
+        unread, because = config.synth.unread(synthesized)
+        read |= set(given) - set(unread)
+        iters_read = not synthesized.drawn
     if "inversion" in probes:
-        read |= set(given) - set(_PROBE_OWN) | {"iters"}
-    if config.qat_generator_loss(calib_info.get("method")) == "dsg":
+        read |= set(given) - set(_PROBE_OWN) - set(config.synth.unread(SynthMethod.INVERSION)[0])
+        iters_read = True
+    if config.qat_generator_loss(method) == "dsg":
         read |= set(_QAT_GENERATOR_READS)
     unused = [f"`synth.{name}`" for name in given if name not in read]
-    unused += ["`iters`"] if config.iters is not None and "iters" not in read else []
-    if unused:
-        one = len(unused) == 1
-        raise DataError(f"{', '.join(unused)} {'tunes' if one else 'tune'} synthesis, but the calibration images come "
-                        f"from {calib_info.get('source', 'the data given')} and nothing here would use "
-                        f"{'it' if one else 'them'}: leave {'it' if one else 'them'} out (or calibrate on a "
-                        "synthesis method)")
+    drawn_once = synthesized is not None and synthesized.drawn and config.iters == 0  # (what drawn images are)
+    unused += ["`iters`"] if config.iters is not None and not iters_read and not drawn_once else []
+    if not unused:
+        return
+    one = len(unused) == 1
+    if synthesized is not None:
+        named = f"{' and '.join(unused)} {'changes' if one else 'change'} nothing for `calib` {method}: {because}"
+        if config.calib == SynthMethod.AUTO:  # given for whatever auto would decide (one command for many models)
+            say(f"quantize: {named} (auto: {calib_info.get('method_choice')}); left out")
+            return
+        raise DataError(named)
+    raise DataError(f"{', '.join(unused)} {'tunes' if one else 'tune'} synthesis, but the calibration images come "
+                    f"from {calib_info.get('source', 'the data given')} and nothing here would use "
+                    f"{'it' if one else 'them'}: leave {'it' if one else 'them'} out (or calibrate on a "
+                    "synthesis method)")
+
+
+_DEFAULT_SYNTH = SynthOptions()
 
 
 def _held_name(calib_info: dict) -> str:

@@ -144,6 +144,14 @@ def test_quantize_folded_model_by_default_tells_which_source_and_why(tiny, tmp_p
     calibration = json.loads(report.read_text())["calibration"]
     assert calibration["method"] == "procedural" and calibration["requested"] == "auto"
     assert "no BN statistics" in calibration["method_choice"] and out.exists()
+    # the synthesis settings given for whatever auto decides: procedural images read none of
+    # them, which is said (the same command serves models with BN statistics), not refused
+    out.unlink()
+    result = CliRunner().invoke(cli, ["quantize", str(tiny["folded"]), "--w8a8", "--num-samples", "8", "--iters", "50",
+                                      "--lr", "0.05", "-o", str(out)])
+    assert result.exit_code == 0 and out.exists(), result.output
+    assert ("quantize: --lr and --iters change nothing for --calib procedural: its images are drawn once, not "
+            "optimised (auto: the model carries no BN statistics") in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize("calib", ["dsg", "zeroq"])

@@ -401,3 +401,38 @@ def test_synthesis_options_nothing_would_read_are_refused(setup):
                                                                    seed=PROBE_FIRST, iters=3, lr=0.05)).images
     assert sqnr_db(_logits(setup["model"], inversion), _logits(read.output, inversion)) == pytest.approx(
         check["inversion"][check["kept"]]["sqnr_db"], abs=1e-2), check
+
+
+def test_synthesis_options_the_calibration_method_does_not_read_are_refused(setup, monkeypatch):
+    """With synthesized calibration images the readers are the decided method and the probes:
+    drawn images read no optimisation setting, so ``lr`` given with ``calib`` procedural is
+    refused unless the inversion probe (a learned model checked beside procedural images) reads
+    it; options a BN-matching or inversion synthesis does not read are refused before its minutes."""
+    out = setup["folder"] / "unread.onnx"
+    common = dict(COMMON, output=str(out), num_samples=16, holdout=8)
+    for calib, name, synth in (("gaussian", "alignment", SynthOptions(alignment="batch")),
+                               ("procedural", "lr", SynthOptions(lr=0.05))):
+        with pytest.raises(DataError, match=rf"^`synth.{name}` changes nothing for `calib` {calib}: its images are "
+                                            "drawn once, not optimised$"):
+            quantize(str(setup["model"]), QuantConfig(calib=calib, synth=synth, **common))
+    with pytest.raises(DataError, match=r"^`synth.lr` and `iters` change nothing for `calib` procedural"):  # no probe
+        quantize(str(setup["model"]), QuantConfig(calib="procedural", qat=WRECK, fallback_probes="procedural", iters=3,
+                                                  synth=SynthOptions(lr=0.05), **common))
+    assert not out.exists()
+    read = quantize(str(setup["model"]), QuantConfig(calib="procedural", qat=WRECK, iters=3, synth=SynthOptions(lr=0.05),
+                                                     **common))
+    assert read.calibration["synth"]["lr"] != 0.05  # not the procedural images': the probe's, as its figures show
+    check = read.decisions["qat"]["against_plain"]
+    inversion = synthesize(load_model(setup["model"]), SynthConfig(method="inversion", num_samples=INVERSION_PROBE_SAMPLES,
+                                                                   seed=PROBE_FIRST, iters=3, lr=0.05)).images
+    assert sqnr_db(_logits(setup["model"], inversion), _logits(read.output, inversion)) == pytest.approx(
+        check["inversion"][check["kept"]]["sqnr_db"], abs=1e-2), check
+
+    def made(*args, **kwargs):
+        raise AssertionError("synthesized before the options were checked")
+
+    monkeypatch.setattr("dsgonnx.synth.synthesize", made)
+    with pytest.raises(DataError, match=r"^`synth.alignment` changes nothing for `calib` inversion: it matches no BN"):
+        quantize(str(setup["model"]), QuantConfig(calib="inversion", synth=SynthOptions(alignment="batch"), **common))
+    with pytest.raises(DataError, match=r"^`synth.anchor_weight` changes nothing for `calib` dsg"):
+        quantize(str(setup["model"]), QuantConfig(calib="dsg", synth=SynthOptions(anchor_weight=1.0), **common))

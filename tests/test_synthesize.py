@@ -235,6 +235,40 @@ def test_an_ablation_of_a_term_the_run_does_not_have_is_refused(models):
     assert result.stderr.strip().splitlines() == [result.stderr.strip()] and "--no-lse changes nothing" in result.stderr
 
 
+def test_options_the_method_does_not_read_are_refused(models):
+    """Drawn images (gaussian, procedural) are never optimised, inversion matches no BN
+    statistics, and only inversion has an anchor: an option the given method would not read
+    is a one-line error naming it, not a set made as if it were absent (the alignment, the
+    iterations and the optimiser's settings were ignored for drawn images before)."""
+    drawn = _run(models["kept"], method="procedural")
+    for method in ("procedural", "gaussian"):
+        for given in ({"iters": 5}, {"lr": 0.5}, {"alignment": "batch"}, {"low_res": 8}, {"jitter": False},
+                      {"input_prior": False}):
+            name = next(iter(given))
+            with pytest.raises(DataError, match=rf"^`{name}` changes nothing for `method` {method}: its images are "
+                                                 "drawn once, not optimised$"):
+                _run(models["kept"], method=method, **given)
+    # iters 0 is what drawn images are: accepted, the same images
+    np.testing.assert_array_equal(_run(models["kept"], method="procedural", iters=0).images, drawn.images)
+    with pytest.raises(DataError, match=r"^`alignment` and `normalize_gaps` change nothing for `method` inversion: "
+                                        r"it matches no BN statistics$"):
+        _run(models["kept"], method="inversion", iters=1, alignment="sample", normalize_gaps=True)
+    with pytest.raises(DataError, match=r"^`anchor_weight` changes nothing for `method` dsg"):
+        _run(models["kept"], method="dsg", iters=1, anchor_weight=1.0)
+    # where auto decided (one command for models with and without BN statistics), said, not refused
+    auto = _run(models["folded"], lr=0.5, iters=5)
+    assert auto.meta["method"] == "procedural" and auto.meta["config"]["iters"] == 0, auto.meta
+    assert auto.meta["method_choice"].endswith("; `lr` and `iters` change nothing for it (its images are drawn once, "
+                                               "not optimised)"), auto.meta["method_choice"]
+    np.testing.assert_array_equal(auto.images, _run(models["folded"], method="procedural").images)
+    out = models["folder"] / "unread.npz"
+    result = CliRunner().invoke(cli, ["synthesize", str(models["kept"]), "-o", str(out), "--method", "gaussian",
+                                      "--num-samples", "4", "--no-input-prior", "--iters", "3", "--quiet"])
+    assert result.exit_code == 2 and not out.exists(), result.output
+    assert result.stderr.strip() == ("dsgonnx: error: --no-input-prior and --iters change nothing for --method "
+                                     "gaussian: its images are drawn once, not optimised"), result.stderr
+
+
 def test_the_slack_settings_act_where_dsg_has_margins_and_are_refused_elsewhere(models):
     """``epsilon`` and ``slack_reading`` place DSG's slack margins: with its per-sample alignment
     another ε makes other images; where the run has no margins (zeroq, the batch's alignment,

@@ -141,7 +141,7 @@ def _batch_seed(seed: int, first: int) -> int:
     return seed if first == 0 else int(np.random.SeedSequence([seed, first]).generate_state(1, np.uint64)[0] >> 1)
 
 
-def _prepare(model, config: SynthConfig):
+def _prepare(model, config: SynthConfig, drop_unread: bool = False):
     """(torch twin, config with the method decided, why it was decided, the BN layers it uses)."""
     if isinstance(model, TorchModel):
         torch_model = model
@@ -151,7 +151,7 @@ def _prepare(model, config: SynthConfig):
     loaded = torch_model.loaded
     check_image_memory(config.num_samples, loaded.input.chw)
     layers = find_bn_layers(torch_model)
-    config, why = config.for_model(bool(layers))
+    config, why = config.for_model(bool(layers), drop_unread)
     if why is not None:
         say(f"synthesize: method {config.method} ({why})")
     if config.method.needs_bn and not layers:
@@ -169,11 +169,15 @@ def _prepare(model, config: SynthConfig):
 def synthesize(
     model: str | LoadedModel | TorchModel,
     config: Optional[SynthConfig] = None,
+    *,
+    drop_unread: bool = False,
     **overrides,
 ) -> SyntheticSet:
     """Synthesize calibration images for ``model`` (a path, loaded model or torch twin).
 
-    Raises :class:`NoBatchNormError` for zeroq/dsg on a model without BN statistics.
+    Raises :class:`NoBatchNormError` for zeroq/dsg on a model without BN statistics, and
+    :class:`DataError` for options the method decided does not read, unless ``drop_unread``
+    (:meth:`SynthConfig.for_model`).
     """
     config = replace(config or SynthConfig(), **overrides) if overrides else (config or SynthConfig())
     start = time.perf_counter()
@@ -181,7 +185,7 @@ def synthesize(
     world = distributed.join_device(config.device)
     if world is not None and device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
-    torch_model, config, why, layers = distributed.together(lambda: _prepare(model, config))
+    torch_model, config, why, layers = distributed.together(lambda: _prepare(model, config, drop_unread))
     loaded = torch_model.loaded
     if world is not None:
         distributed.agree("the synthesis settings and the model",
