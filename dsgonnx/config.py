@@ -932,6 +932,9 @@ class QuantConfig:
     force: bool = False
     validate: bool = True
     val_data: Optional[str] = None
+    # the model's class names in output order, one per line: labels a `val_data` folder that holds
+    # a subset of the classes (ValidateConfig.class_list)
+    class_list: Optional[str] = None
     # held-out samples (validation without val_data, the fallback's check): made beside the calibration
     # images when quantize synthesizes; at most this many of a set's `holdout` (--calib set.npz); else
     # this many of the source's images not calibrated on (an image folder or array with enough of them)
@@ -992,6 +995,8 @@ class QuantConfig:
                  "a gate (`max_drop`, `min_agreement`) needs the validation, which is off")
         _require(self.validate or (self.report is None and self.val_data is None),
                  f"{'`report`' if self.report is not None else '`val_data`'} is for the validation, which is off")
+        _require(self.class_list is None or self.val_data is not None,
+                 "`class_list` labels the class folders of `val_data`; give `val_data`")
         _require(self.max_drop is None or self.val_data is not None,
                  "`max_drop` needs labelled `val_data` (without it quantize validates on held-out samples, "
                  "unlabelled: gate those on `min_agreement`)")

@@ -137,9 +137,14 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
         check_report_path(config.report, {"the input model": loaded.source, "the output": output,
                                           "`val_data`": config.val_data,
                                           "`calib`": config.calib if isinstance(config.calib, Path) else None,
+                                          "`class_list`": config.class_list,
                                           "`qat.checkpoint`": config.qat and config.qat.checkpoint})
-        if config.val_data is not None and not os.path.exists(config.val_data):
-            raise DataError(f"`val_data`: data not found: {config.val_data}")
+        if config.val_data is not None:  # what the validation would refuse in it, before the minutes
+            from .validation.core import check_data
+
+            if not os.path.exists(config.val_data):
+                raise DataError(f"`val_data`: data not found: {config.val_data}")
+            check_data(loaded.original, _validate_config(config))
         wanted = "min_agreement" if config.min_agreement is not None else "report" if config.report else None
         if config.val_data is None and wanted and (
                 config.holdout == 0 or not (config.synthetic or holds_out(config.calib, config.num_samples,
@@ -1055,6 +1060,12 @@ def _learned_kept(refined, dropped: set[str]) -> Optional[dict]:
     return {name: g for name, g in refined.activations.items() if name not in dropped} if refined else None
 
 
+def _validate_config(config: QuantConfig, **more) -> ValidateConfig:
+    return ValidateConfig(data=config.val_data, preprocess=config.preprocess, class_list=config.class_list,
+                          provider=config.provider, max_drop=config.max_drop, min_agreement=config.min_agreement,
+                          **more)
+
+
 def _validate(loaded: LoadedModel, written: Path, output: Path, config: QuantConfig, holdout, used_files, bits,
               calibration, refine=None):
     """Validate the model ``written`` (to be published as ``output``; the report names it and the
@@ -1066,9 +1077,7 @@ def _validate(loaded: LoadedModel, written: Path, output: Path, config: QuantCon
     extra = {"bits": bits, "simulated": bits["simulated"], "calibration": calibration}
     if refine:
         extra[_learning_key(refine)] = refine
-    vconfig = ValidateConfig(data=config.val_data, preprocess=config.preprocess, provider=config.provider,
-                             max_drop=config.max_drop, min_agreement=config.min_agreement, extra=extra,
-                             exclude_files=frozenset(used_files))
+    vconfig = _validate_config(config, extra=extra, exclude_files=frozenset(used_files))
     if config.val_data is None:
         if holdout is None or not len(holdout):
             say("validate: no `val_data` and no held-out samples; skipped")

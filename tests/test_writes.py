@@ -174,6 +174,52 @@ def test_validation_data_that_cannot_be_scored_leaves_the_output_as_it_was(setup
         "fp32": str(setup["model"]), "quantized": str(out)}
 
 
+def _class_folders(root, names) -> None:
+    from PIL import Image
+
+    for i, name in enumerate(names):
+        (root / name).mkdir(parents=True)
+        Image.fromarray(np.full((20, 20, 3), 40 * i, np.uint8)).save(root / name / "0.png")
+
+
+def test_validation_data_are_checked_before_any_work(setup, tmp_path, monkeypatch):
+    """What the validation would refuse in --val-data is found before calibration (it was found
+    once the model was made: minutes of synthesis and reconstruction lost), and a folder that
+    holds a subset of the classes is labelled by --classes in quantize as in validate."""
+    out = tmp_path / "q.onnx"
+    common = ["quantize", str(setup["model"]), "--calib", str(setup["calib"]), "--num-samples", "8", "-o", str(out),
+              "--resize", "16", "--crop", "16"]
+    subset = tmp_path / "subset"
+    _class_folders(subset, ["c3", "c7"])
+    names = tmp_path / "classes.txt"
+    names.write_text("\n".join(f"c{i}" for i in range(10)) + "\n")
+    (tmp_path / "nine.txt").write_text("\n".join(f"c{i}" for i in range(9)) + "\n")
+    labels = tmp_path / "labels.npz"
+    np.savez(labels, images=np.zeros((4, 3, 16, 16), np.float32), labels=np.array([0, 1, 2, 10]))
+
+    def calibrated(*args, **kwargs):
+        raise AssertionError("calibrated before the validation data were checked")
+
+    monkeypatch.setattr(dsgonnx.pipeline, "_calibration_data", calibrated)
+    _refused(common + ["--val-data", str(subset)], "has 2 class folders but the models output 10", "--classes")
+    _refused(common + ["--val-data", str(subset), "--classes", str(tmp_path / "nine.txt")],
+             "the class list names 9 classes but the models output 10")
+    _refused(common + ["--val-data", str(subset), "--classes", str(tmp_path / "none.txt")], "cannot read class list")
+    _refused(common + ["--val-data", str(labels)], "label 10 in", "out of range for a model with 10 classes")
+    _refused(common + ["--val-data", str(labels), "--classes", str(names)], "--classes applies to image folders only")
+    _refused(common + ["--classes", str(names)], "--classes labels the class folders of --val-data")
+    _refused(common + ["--val-data", str(subset), "--classes", str(names), "--report", str(names)],
+             "--report", "is --classes")
+    monkeypatch.undo()
+    report = tmp_path / "r.json"
+    result = CliRunner().invoke(cli, common + ["--val-data", str(subset), "--classes", str(names), "--report",
+                                               str(report)])
+    assert result.exit_code == 0 and out.exists(), result.output
+    scored = json.loads(report.read_text())
+    assert scored["num_samples"] == 2 and scored["labelled"] and scored["data"]["num_class_folders"] == 2, scored
+    assert names.read_text().startswith("c0\nc1")
+
+
 def test_options_that_could_not_act_or_name_no_file_are_one_line(setup, tmp_path):
     quantize = ["quantize", str(setup["model"]), "--calib", str(setup["calib"]), "--num-samples", "8"]
     for seed in ("-1", str(2**32)):

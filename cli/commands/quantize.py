@@ -225,6 +225,9 @@ def _given(values: dict, fields: dict) -> dict:
 @device_option("Synthesis and refinement device.")
 @preprocess_options()
 @click.option("--val-data", type=click.Path(), help="Labelled images to validate on (calibration files are left out).")
+@click.option("--classes", "class_list", type=click.Path(),
+              help="Text file: the model's class names in output order, one per line (a --val-data folder with "
+                   "a subset of the classes).")
 @click.option("--holdout", type=click.IntRange(min=0), default=DEFAULT_HOLDOUT, show_default=True,
               help="Samples kept out of calibration, to check learned models (and validate without "
                    "--val-data) on: synthesized beside the calibration images, at most this many of an .npz "

@@ -23,7 +23,7 @@ from dsgonnx.validation.gate import check_thresholds, evaluate_gate
 from dsgonnx.validation.metrics import compare_outputs, num_classes
 from dsgonnx.validation.per_tensor import per_tensor_errors, read_quantized_activations
 from dsgonnx.validation.report import ValidationReport, check_report_path, json_value, write_report
-from dsgonnx.validation.sessions import ModelRunner, open_models, shared_input
+from dsgonnx.validation.sessions import ModelRunner, open_models, read_model_io, shared_input
 
 
 def validate(
@@ -77,6 +77,26 @@ def validate(
     if config.report_path:
         write_report(report, config.report_path)
     return report
+
+
+def check_data(fp_model_path: str, config: ValidateConfig) -> None:
+    """Refuse, before any other work, what :func:`validate` would refuse in ``config.data``
+    compared with the float model alone: a path that is no data, images the model cannot take,
+    class folders or a class list that do not match its classes, labels out of its range, a
+    gate its data cannot serve (``quantize`` calls it before its minutes; an image that cannot
+    be decoded is found when it is read)."""
+    from dsgonnx.runtime import ort_session
+
+    session = ort_session(str(fp_model_path))
+    runner = ModelRunner(read_model_io(str(fp_model_path), session), session)
+    spec = shared_input(runner.io, runner.io)
+    dataset = open_dataset(spec, str(config.data), config.preprocess, config.class_list,
+                           exclude_files=config.exclude_files)
+    check_thresholds(config.max_drop, config.min_agreement, dataset.labels is not None)
+    first = dataset.batch(0, 1)
+    if spec.fixed_batch:
+        first = np.repeat(first, spec.fixed_batch, axis=0)
+    dataset.check_against_classes(num_classes(runner.run(first)[0]))
 
 
 @dataclass
