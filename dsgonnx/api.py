@@ -41,6 +41,7 @@ def synthesize(model, config: Optional[SynthConfig] = None, *, holdout: int = DE
     """
     from . import distributed
     from .graph.onnx_io import load_model
+    from .hardware import check_image_memory
     from .synth import synthesize as run_synthesis
     from .synth.preview import save_grid
 
@@ -61,6 +62,10 @@ def synthesize(model, config: Optional[SynthConfig] = None, *, holdout: int = DE
     if isinstance(model, (str, os.PathLike)):
         path = model
         model = distributed.together(lambda: load_model(path, input_shape))
+    if holdout:  # (the synthesis counts them together, as `num_samples`)
+        chw = getattr(model, "loaded", model).input.chw
+        if None not in chw:
+            check_image_memory(config.num_samples + holdout, chw, ("num_samples", "holdout"))
     result = run_synthesis(model, replace(config, num_samples=config.num_samples + holdout)).hold_out(holdout)
     if distributed.is_writer():  # rank 0 alone writes; every rank holds the whole set
         if output is not None:  # in the layout the model file takes

@@ -147,16 +147,18 @@ MEMORY_SHARE = 0.8
 IMAGE_COPIES = 6
 
 
-def check_image_memory(count: int, chw: tuple[int, int, int], what: str = "num_samples") -> None:
+def check_image_memory(count: int, chw: tuple[int, int, int], what: str | tuple[str, ...] = "num_samples") -> None:
     """Refuse, with the figures, a set of ``count`` float32 images of size ``chw`` that would
     not fit in the memory this machine has available (instead of an allocation error after
-    minutes of work)."""
+    minutes of work); ``what`` names the parameter (or the parameters, summed) that asked for
+    them."""
     from .errors import DataError
 
     need = count * int(chw[0]) * int(chw[1]) * int(chw[2]) * 4 * IMAGE_COPIES
     have = available_memory()
     if have is not None and need > have:
-        raise DataError(f"`{what}` {count} images of {chw[0]}×{chw[1]}×{chw[2]} need about {size_text(need)} of memory "
+        named = " + ".join(f"`{name}`" for name in ((what,) if isinstance(what, str) else what))
+        raise DataError(f"{named} {count} images of {chw[0]}×{chw[1]}×{chw[2]} need about {size_text(need)} of memory "
                         f"while they are made and used; {size_text(have)} is available — ask for fewer")
 
 

@@ -499,6 +499,10 @@ def _calibration_data(loaded: LoadedModel, config: QuantConfig):
     if config.synthetic:
         from .synth import synthesize
 
+        if holdout and None not in loaded.input.chw:  # (the synthesis counts them together, as `num_samples`)
+            from .hardware import check_image_memory
+
+            check_image_memory(config.num_samples + holdout, loaded.input.chw, ("num_samples", "holdout"))
         made_as = config.synth_config(config.num_samples + holdout,
                                       depthwise=bool(depthwise_layers(loaded.model, config.exclude)))
         # (what the decided method does not read is dropped here; _check_synthesis_used refuses what nothing reads)

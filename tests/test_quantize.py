@@ -751,6 +751,13 @@ def test_a_set_too_large_for_memory_is_refused_with_the_figures_before_any_work(
     # 1000 × 3×16×16 float32 × 6 copies = 17.6 MiB > 10 MiB
     assert result.exit_code == 2 and "--num-samples 1000 images of 3×16×16 need about 17.6 MiB" in result.stderr
     assert not out.exists()
+    # the held-out samples are made with them: the error names both (it said --num-samples 1100)
+    result = _cli(setup["model"], "--calib", "gaussian", "--num-samples", "100", "--holdout", "1000", "-o", out)
+    assert result.exit_code == 2 and "--num-samples + --holdout 1100 images of 3×16×16" in result.stderr, result.stderr
+    npz = setup["folder"] / "huge-set.npz"
+    result = CliRunner().invoke(cli, ["synthesize", str(setup["model"]), "--method", "gaussian", "--num-samples", "100",
+                                      "--holdout", "1000", "-o", str(npz), "--quiet"])
+    assert result.exit_code == 2 and "--num-samples + --holdout 1100 images" in result.stderr and not npz.exists()
     assert _cli(setup["model"], "--calib", "gaussian", "--num-samples", "100", "--no-validate", "-o", out,
                 "--force").exit_code == 0  # 1.8 MiB fits
 
