@@ -131,6 +131,31 @@ def test_quantize_real_cifar_model_with_real_calibration(shared, tmp_path):
     assert figures["drop_top1"] <= 5 and figures["agreement"] > 0.9
 
 
+def test_calibration_images_preprocessed_unlike_training_are_said_with_the_figures(shared, tmp_path):
+    """The same 16 CIFAR-10 images, normalised as the model was trained and left at 0-255 (no
+    mean/std): the first BN layer's statistics tell the two apart by four orders of magnitude
+    (0.05 against 7,166 measured), and quantize says so for the second, naming the preprocessing."""
+    model = shared / "models" / "cifar10_resnet20.onnx"
+    common = ["quantize", str(model), "--calib", str(shared / "datasets" / "cifar10-test"), "--num-samples", "16",
+              "--resize", "32", "--crop", "32", "--no-validate"]
+    records = {}
+    for preset in ("imagenet", "none"):
+        out = tmp_path / f"{preset}.onnx"
+        result = CliRunner().invoke(cli, common + ["--preprocess", preset, "-o", str(out)])
+        assert result.exit_code == 0 and out.exists(), result.output
+        records[preset] = (json.loads(result.stdout)["calibration"]["first_bn"], result.stderr)
+    (right, said), (raw, warned) = records["imagenet"], records["none"]
+    assert right["layer"] == raw["layer"] == "/bn1/BatchNormalization"
+    assert right["gap"] < 1 and not right["far"] and "far from what the model was trained on" not in said
+    assert raw["gap"] > 1000 and raw["far"], raw
+    assert f"their mean and std are {raw['gap'] ** 0.5:.0f} running std off" in warned, warned
+    assert "Check --preprocess (mean, std, pixel scale, channel order)" in warned
+    # drawn images (noise, dead leaves) are not measured: they are unlike any training image
+    result = CliRunner().invoke(cli, ["quantize", str(model), "--calib", "gaussian", "--num-samples", "16",
+                                      "--no-validate", "-o", str(tmp_path / "noise.onnx")])
+    assert result.exit_code == 0 and "first_bn" not in json.loads(result.stdout)["calibration"], result.output
+
+
 def test_a_model_onnx_runtime_fails_to_run_is_bad_input_not_an_internal_error(shared, tmp_path):
     """Found by mutation fuzzing: ResNet-20 whose shortcut Pad takes a tensor as its constant
     value loads, passes the checker and shape inference, and fails only when ORT runs it."""

@@ -160,3 +160,34 @@ class BNProbe:
     def __exit__(self, *exc) -> Optional[bool]:
         self.remove()
         return None
+
+
+class _Reached(Exception):
+    """Stops a forward pass at the layer it was run for."""
+
+
+def first_bn_gap(model: TorchModel, images: np.ndarray) -> Optional[tuple[str, float]]:
+    """How far ``images`` sit from what the model's first BN layer (with a variance) saw in
+    training: the per-channel mean and std of its input over all the images, each gap in units
+    of the running std, squared and averaged over channels, the two summed (``(name, gap)``;
+    None without such a layer). The forward pass stops at that layer. Images preprocessed as
+    in training sit well under 1 on the benchmark models; unnormalised pixels thousands."""
+    layer = next((layer for layer in find_bn_layers(model) if layer.has_variance), None)
+    if layer is None:
+        return None
+    seen = []
+
+    def reached(_layer, tensor):
+        seen.append(tensor.detach().float())
+        raise _Reached
+
+    with torch.no_grad(), BNProbe(model, [layer], reached):
+        try:
+            model.module(torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)))
+        except _Reached:
+            pass
+    x = seen[0].transpose(0, 1).reshape(layer.channels, -1).double()
+    std = np.sqrt(layer.running_var.astype(np.float64) + layer.eps)
+    mean_gap = (x.mean(1).numpy() - layer.running_mean) / std
+    std_gap = (x.std(1, unbiased=False).numpy() - std) / std
+    return layer.name, float(np.mean(mean_gap ** 2) + np.mean(std_gap ** 2))
