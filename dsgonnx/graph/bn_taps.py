@@ -186,6 +186,8 @@ def first_bn_gap(model: TorchModel, images: np.ndarray) -> Optional[tuple[str, f
             model.module(torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)))
         except _Reached:
             pass
+    if not seen:  # (a layer the forward pass does not reach)
+        return None
     x = seen[0].transpose(0, 1).reshape(layer.channels, -1).double()
     std = np.sqrt(layer.running_var.astype(np.float64) + layer.eps)
     mean_gap = (x.mean(1).numpy() - layer.running_mean) / std
