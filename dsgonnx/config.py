@@ -354,6 +354,10 @@ class SynthOptions:
     def without_margin_settings(self) -> "SynthOptions":
         return replace(self, epsilon=DEFAULT_EPSILON, slack_reading=DEFAULT_SLACK_READING)
 
+    def given(self) -> list[str]:
+        """The options given other values than their defaults."""
+        return [f.name for f in fields(SynthOptions) if getattr(self, f.name) != getattr(_NO_OPTIONS, f.name)]
+
     def unread(self, method: "SynthMethod") -> tuple[list[str], str]:
         """The options given other values than their defaults that a synthesis by ``method``
         does not read, and why (the ones with reasons of their own — slack margins, ``lse``,
@@ -364,7 +368,8 @@ class SynthOptions:
             names, why = ("alignment", "normalize_gaps"), "it matches no BN statistics"
         else:
             names, why = ("anchor_weight",), "the anchor holds inversion's images to their procedural starts"
-        return [name for name in names if getattr(self, name) != getattr(_NO_OPTIONS, name)], why
+        given = self.given()
+        return [name for name in names if name in given], why
 
     def has_margins(self, method: "SynthMethod", alignment: "Alignment") -> bool:
         """Whether a synthesis by ``method`` with ``alignment`` places DSG's slack margins: DSG's

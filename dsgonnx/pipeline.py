@@ -13,7 +13,7 @@ import shutil
 import tempfile
 import time
 import zipfile
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -914,7 +914,7 @@ def _check_synthesis_used(config: QuantConfig, calib_info: dict, probes: tuple[s
     QAT's generator (``epsilon``, ``slack_reading``). Calibration images from files (or a set made
     before) are not synthesized. Where ``auto`` decided the method, what nothing reads is said,
     not refused: the same command may serve models with and without BN statistics."""
-    given = [f.name for f in fields(SynthOptions) if getattr(config.synth, f.name) != getattr(_DEFAULT_SYNTH, f.name)]
+    given = config.synth.given()
     method = calib_info.get("method")
     synthesized = SynthMethod(method) if config.synthetic else None
     read, iters_read = set(), False
@@ -944,8 +944,6 @@ def _check_synthesis_used(config: QuantConfig, calib_info: dict, probes: tuple[s
                     f"{'it' if one else 'them'}: leave {'it' if one else 'them'} out (or calibrate on a "
                     "synthesis method)")
 
-
-_DEFAULT_SYNTH = SynthOptions()
 
 
 def _held_name(calib_info: dict) -> str:
