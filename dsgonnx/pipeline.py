@@ -189,6 +189,9 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
         _check_synthesis_used(config, before, _wanted_probes(config, before, None, learning) if checked else ())
     with stages("calibration data"):
         calib_images, holdout, calib_info, calib_files = _calibration_data(loaded, config)
+        outside = _box_check(loaded, config, calib_images, calib_info)
+        if outside is not None:
+            calib_info = {**calib_info, "outside_pixel_box": outside}
         preprocessing = _preprocessing_check(loaded, calib_images, calib_info)
         if preprocessing is not None:
             calib_info = {**calib_info, "first_bn": preprocessing}
@@ -502,6 +505,39 @@ _NOTHING_HELD = ("nothing is held out of calibration (`holdout` 0, or calibratio
 # 2,479-10,481 (ResNet-20, MobileNet v1 0.25, EfficientNet-Lite0). 25 is 5 std on average.
 PREPROCESSING_GAP = 25.0
 _PREPROCESSING_PROBE = 32  # images run to the first BN layer
+
+
+# how far past the box preprocessed photos occupy (a share of its width, each side) a calibration
+# value may lie before it counts as outside (resampling overshoots the box by a little), and the
+# share of values outside beyond which quantize says so
+_BOX_MARGIN = 0.05
+_OUTSIDE_SHARE = 0.01
+
+
+def _box_check(loaded: LoadedModel, config: QuantConfig, images: np.ndarray, calib_info: dict) -> Optional[float]:
+    """Where the calibration images come ready-made (an .npz or an array, not an image folder
+    this run preprocessed, nor images it synthesized) and the model's preprocessing is given, the
+    share of their values outside the box photos occupy under it (:meth:`Preprocess.pixel_box`),
+    said when above 1 %: a set made for another preprocessing, or raw pixels, quantizes to ranges
+    the model never sees — on a model without BN statistics, with nothing else to tell."""
+    source, channels = calib_info.get("source"), loaded.input.chw[0]
+    if (config.preprocess is None or source is None or channels is None
+            or (isinstance(source, str) and os.path.isdir(source))):
+        return None
+    low, high = config.preprocess.pixel_box(channels)
+    margin = _BOX_MARGIN * (high - low)
+    values = np.asarray(images, dtype=np.float32)
+    share = float(np.mean((values < low - margin) | (values > high + margin)))
+    if share > _OUTSIDE_SHARE:
+        say(f"calibration: {share:.0%} of the values in {source} lie outside the box photos occupy under the "
+            f"preprocessing given (per channel {_box_text(low)} to {_box_text(high)}); "
+            "calibrated on them, the model's ranges fit inputs it will not see. Check the set was made for this "
+            "`preprocess`")
+    return round(share, 4)
+
+
+def _box_text(bound: np.ndarray) -> str:
+    return "/".join(f"{v:.3g}" for v in np.ravel(bound))
 
 
 def _preprocessing_check(loaded: LoadedModel, images: np.ndarray, calib_info: dict) -> Optional[dict]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
@@ -154,6 +155,42 @@ def test_calibration_images_preprocessed_unlike_training_are_said_with_the_figur
     result = CliRunner().invoke(cli, ["quantize", str(model), "--calib", "gaussian", "--num-samples", "16",
                                       "--no-validate", "-o", str(tmp_path / "noise.onnx")])
     assert result.exit_code == 0 and "first_bn" not in json.loads(result.stdout)["calibration"], result.output
+
+
+def test_a_ready_made_calibration_set_outside_the_given_preprocessing_is_said(shared, tmp_path):
+    """16 CIFAR-10 photos saved as an .npz twice: normalised with ImageNet's mean/std, as
+    `--preprocess imagenet` says, and left at 0-255. Quantize measures the share of values
+    outside the box photos occupy under the preprocessing given, and says so for the second."""
+    from PIL import Image
+
+    folder = shared / "datasets" / "cifar10-test"
+    files = sorted(p for label in sorted(folder.iterdir()) for p in sorted(label.iterdir())[:2])[:16]
+    pixels = np.stack([np.asarray(Image.open(f).convert("RGB"), np.float32) for f in files]).transpose(0, 3, 1, 2)
+    mean = np.array([0.485, 0.456, 0.406], np.float32).reshape(1, 3, 1, 1)
+    std = np.array([0.229, 0.224, 0.225], np.float32).reshape(1, 3, 1, 1)
+    sets = {"normalised": (pixels / 255 - mean) / std, "raw": pixels}
+    model = shared / "models" / "cifar10_resnet20.onnx"
+    records = {}
+    for name, images in sets.items():
+        np.savez(tmp_path / f"{name}.npz", images=images)
+        result = CliRunner().invoke(cli, ["quantize", str(model), "--calib", str(tmp_path / f"{name}.npz"),
+                                          "--preprocess", "imagenet", "--resize", "32", "--crop", "32",
+                                          "--no-validate", "-o", str(tmp_path / f"{name}.onnx")])
+        assert result.exit_code == 0, result.output
+        records[name] = (json.loads(result.stdout)["calibration"], result.stderr)
+    (right, said), (raw, warned) = records["normalised"], records["raw"]
+    assert right["outside_pixel_box"] == 0 and "lie outside the box" not in said
+    # ImageNet's box tops out at 2.64: every raw pixel above 2.8 or so is outside
+    expected = float(np.mean(pixels > 2.8))
+    assert raw["outside_pixel_box"] == pytest.approx(expected, abs=0.02), raw
+    assert f"{raw['outside_pixel_box']:.0%} of the values in {tmp_path / 'raw.npz'} lie outside the box" in warned
+    assert "Check the set was made for this --preprocess" in warned
+    # an image folder is preprocessed by the run itself, and nothing is measured without a preprocessing
+    for calib, extra in ((str(folder), ["--preprocess", "imagenet"]), (str(tmp_path / "raw.npz"), [])):
+        result = CliRunner().invoke(cli, ["quantize", str(model), "--calib", calib, "--num-samples", "16", *extra,
+                                          "--no-validate", "-o", str(tmp_path / "other.onnx"), "--force"])
+        assert result.exit_code == 0, result.output
+        assert "outside_pixel_box" not in json.loads(result.stdout)["calibration"]
 
 
 def test_a_model_onnx_runtime_fails_to_run_is_bad_input_not_an_internal_error(shared, tmp_path):
