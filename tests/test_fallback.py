@@ -184,6 +184,30 @@ def test_a_candidate_replaces_the_one_kept_where_it_wins_somewhere_and_clearly_l
     assert choose_closest(order, [{"plain": fitted, "squant": None, "learned": scaled(fitted, 1)}])[0] == "learned"
 
 
+def test_a_reported_only_probe_decides_nothing():
+    """Held-out noise beside the procedural probe (--calib gaussian): compared and reported, but
+    neither a win nor a clear loss there moves the choice; the procedural images make it."""
+    rng = np.random.default_rng(1)
+    order = ["plain", "squant", "learned"]
+    noise, leaves = _errors(rng), _errors(rng)
+    scaled = lambda errors, db: errors * 10 ** (-db / 10)
+    names = ["held-out synthetic samples", "procedural images"]
+    # as measured on EfficientNet-Lite0 W4A4: SQuant clearly behind plain on the noise and ahead
+    # on the leaves; the learned model far ahead on the noise, a little behind SQuant on the leaves
+    probes = [{"plain": noise, "squant": scaled(noise, -1), "learned": scaled(noise, 9)},
+              {"plain": leaves, "squant": scaled(leaves, 1.5), "learned": scaled(leaves, 1.3)}]
+    kept, steps = choose_closest(order, probes, names)  # both deciding: the noise keeps SQuant out
+    assert kept == "learned" and [s["replaced"] for s in steps] == [False, True], steps
+    kept, steps = choose_closest(order, probes, names, reported_only=(names[0],))
+    assert kept == "squant" and [s["replaced"] for s in steps] == [True, False], steps
+    assert steps[0]["probes"][names[0]]["high"] < 0  # reported: SQuant's clear loss on the noise is there
+    # the leaves alone: a candidate ahead on them is kept, however it does on the noise
+    probes[1]["learned"] = scaled(leaves, 2)
+    probes[0]["learned"] = scaled(noise, -3)
+    assert choose_closest(order, probes, names, reported_only=(names[0],))[0] == "learned"
+    assert choose_closest(order, probes, names)[0] == "plain"
+
+
 def test_the_paired_difference_is_the_difference_of_the_two_models_logit_sqnr():
     rng = np.random.default_rng(1)
     reference = rng.normal(size=(64, 10)).astype(np.float32)
@@ -353,6 +377,11 @@ def test_with_synthetic_images_on_a_network_with_depthwise_convolutions_the_refi
     check = result.decisions["refine"]["against_plain"]
     assert "uncorrected" not in check and "depthwise" in check["left_out"]["uncorrected"], check
     assert check["kept"] in ("plain", "squant", "learned")
+    # the held-out noise is reported; the procedural images decide
+    assert check["reported_only"] == [check["on"]] == ["held-out synthetic samples"], check
+    for step in check["steps"]:
+        leaves = step["probes"]["procedural images"]
+        assert step["replaced"] == (leaves["db"] >= 0 and leaves["high"] >= 0), step
     # left out of the choice, but on disk for the user to score (on a GPU's settings it won on Lite0: README)
     assert sorted(p.name for p in (tmp_path / "cands").iterdir()) == ["plain.onnx", "refined-uncorrected.onnx",
                                                                     "refined.onnx", "squant.onnx"]
@@ -363,7 +392,7 @@ def test_with_synthetic_images_on_a_network_with_depthwise_convolutions_the_refi
     real = quantize(str(model), QuantConfig(output=str(tmp_path / "real.onnx"), calib=images,
                                             refine=RefineConfig(method="brecq", iters=10, batch_size=16), **COMMON))
     check = real.decisions["refine"]["against_plain"]
-    assert "uncorrected" in check and "left_out" not in check, check
+    assert "uncorrected" in check and "left_out" not in check and "reported_only" not in check, check
 
 
 def _biases(path) -> list:
