@@ -1004,8 +1004,8 @@ def _against_plain(learned: Path, plain: dict[str, Path], float_path: Path, hold
     model's ``variants`` (``uncorrected``: the refined layers' biases left as they were) — by
     logit SQNR on up to 64 held-out samples, named ``held_as`` (else calibration images, which
     favour the learned model: it was fitted to them) and on each ``independent`` probe (name ->
-    {"images", "seconds"}, :func:`_independent_probes`). ``noise``: the held-out samples are
-    Gaussian noise, as the calibration images: with an independent probe beside them they are
+    {"images", "seconds"}, :func:`_independent_probes`). ``noise``: the calibration images are
+    Gaussian noise, and so the held-out samples: with an independent probe beside them they are
     reported and decide nothing.
 
     From nearest rounding, each next candidate (``plain``'s others in order, then ``learned``,
@@ -1036,7 +1036,7 @@ def _against_plain(learned: Path, plain: dict[str, Path], float_path: Path, hold
     # reconstructions the procedural images ranked below it (W4A4: 20.56 % top-1 written, SQuant's
     # 25.78) and below nearest rounding (W6A6: 85.44, nearest 86.00); on ResNet-20 and MobileNet
     # v1 0.25 the procedural images alone make the same four choices the two probes made
-    reported_only = (on,) if noise and independent and probe is holdout else ()
+    reported_only = (on,) if noise and independent else ()  # (calibration noise the more: it was fitted to it)
     if reported_only:
         say(f"{label}: the {on} are noise, as the calibration images: reported, the independent images decide")
     kept, steps = choose_closest(order, list(errors.values()), list(errors), reported_only)

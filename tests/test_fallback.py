@@ -382,6 +382,10 @@ def test_with_synthetic_images_on_a_network_with_depthwise_convolutions_the_refi
     for step in check["steps"]:
         leaves = step["probes"]["procedural images"]
         assert step["replaced"] == (leaves["db"] >= 0 and leaves["high"] >= 0), step
+    # nothing held out: the calibration noise itself is what the model was fitted to, reported the same way
+    bare = quantize(str(model), QuantConfig(output=str(tmp_path / "bare.onnx"), calib="gaussian", holdout=0,
+                                            refine=RefineConfig(method="brecq", iters=10, batch_size=16), **COMMON))
+    assert bare.decisions["refine"]["against_plain"]["reported_only"] == ["calibration images"]
     # left out of the choice, but on disk for the user to score (on a GPU's settings it won on Lite0: README)
     assert sorted(p.name for p in (tmp_path / "cands").iterdir()) == ["plain.onnx", "refined-uncorrected.onnx",
                                                                     "refined.onnx", "squant.onnx"]
