@@ -1039,7 +1039,7 @@ def _against_plain(learned: Path, plain: dict[str, Path], float_path: Path, hold
     reported_only = (on,) if noise and independent else ()  # (calibration noise the more: it was fitted to it)
     if reported_only:
         say(f"{label}: the {on} are noise, as the calibration images: reported, the independent images decide")
-    kept, steps = choose_closest(order, list(errors.values()), list(errors), reported_only)
+    kept, steps = choose_closest(order, list(errors.values()), list(errors), reported_only=reported_only)
     names = {**PLAIN_NAMES, **VARIANT_NAMES, "learned": label}
     for where, probe_scores in scores.items():
         say(f"{label}: logit SQNR against the float model on {len(probes[where])} {where}: "

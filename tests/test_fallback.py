@@ -308,7 +308,7 @@ def test_after_refinement_the_model_without_bias_correction_is_a_candidate_and_i
     assert {"plain", "learned", "uncorrected"} <= check.keys() and "uncorrected" in check["procedural"], check
     assert check["uncorrected"]["sqnr_db"] != check["learned"]["sqnr_db"]  # the biases differ, so do the logits
     # made to choose it, quantize writes the refined integers with the refined layers' biases uncorrected
-    monkeypatch.setattr(pipeline, "choose_closest", lambda order, probes, names: ("uncorrected", []))
+    monkeypatch.setattr(pipeline, "choose_closest", lambda order, probes, names, reported_only=(): ("uncorrected", []))
     chosen = quantize(str(setup["model"]), QuantConfig(output=str(folder / "uncorrected.onnx"), **options))
     assert chosen.refine["kept"] == "refined without bias correction"
     written, corrected = _weights(chosen.output), _weights(learned.output)
