@@ -982,7 +982,6 @@ def _check_synthesis_used(config: QuantConfig, calib_info: dict, probes: tuple[s
                     "synthesis method)")
 
 
-
 def _held_name(calib_info: dict) -> str:
     """What the held-out samples are, in the fallback's check and its log lines."""
     return "held-out real images" if calib_info.get("method") == "real" else "held-out synthetic samples"
