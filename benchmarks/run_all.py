@@ -100,13 +100,32 @@ def _versions() -> dict:
             "onnxruntime": onnxruntime.__version__, "numpy": numpy.__version__, "python": sys.version.split()[0]}
 
 
+def _ran_on(results: dict) -> dict:
+    """``{command: machine}`` for the commands of ``results`` whose machine is known: those
+    recorded in ``ran_on``, or a single run's one command (a section merged before 2026-12-06
+    kept one ``machine`` for all its commands, which is known for none of them)."""
+    commands = results.get("commands", [])
+    if "ran_on" in results:
+        return dict(results["ran_on"])
+    return {commands[0]: results["machine"]} if len(commands) == 1 and results.get("machine") else {}
+
+
+def _machines(results: dict) -> list[str]:
+    """Every machine a section's rows ran on, in the order of its commands; a section
+    merged before the commands carried their machine also names the one it recorded."""
+    ran_on = _ran_on(results)
+    unknown = any(command not in ran_on for command in results.get("commands", []))
+    legacy = [results["machine"]] if unknown and results.get("machine") else []
+    return list(dict.fromkeys(legacy + [ran_on[c] for c in results.get("commands", []) if c in ran_on]))
+
+
 def _merged(previous, results: dict) -> dict:
     """A run of some sources only (e.g. the refine rows) adds to the table of the same
     profile and evaluation set, and a run of some bit widths replaces only those cells of a
-    row; otherwise it replaces the table."""
+    row; otherwise it replaces the table. Each command keeps the machine it ran on."""
     if not previous or previous.get("profile") != results.get("profile") or \
             previous.get("eval_images") != results.get("eval_images"):
-        return results
+        return dict(results, ran_on=_ran_on(results))
     rows = dict(previous["rows"])
     for row, new in results["rows"].items():
         old = rows.get(row, {})
@@ -116,6 +135,9 @@ def _merged(previous, results: dict) -> dict:
     results = dict(results, notes=list(dict.fromkeys(previous.get("notes", []) + results.get("notes", []))),
                    wall_seconds=previous.get("wall_seconds", 0) + results.get("wall_seconds", 0),
                    commands=list(dict.fromkeys(previous.get("commands", []) + results.get("commands", []))),
+                   ran_on={**_ran_on(previous), **_ran_on(results)},
+                   # the section's first machine where its earlier commands' are unknown (see _machines)
+                   machine=previous.get("machine") or results.get("machine"),
                    bits=sorted(set(previous["bits"]) | set(results["bits"]), reverse=True))
     order = {row: (list(SOURCES).index(parse_row(row)[0]), len(parse_row(row)[1])) for row in rows}
     results["rows"] = {row: rows[row] for row in sorted(rows, key=lambda row: order[row])}
@@ -242,8 +264,9 @@ def main(argv=None) -> int:
                     folder = Path(args.score) / "models"
                 score_pending(results, folder, str(model), str(data), preprocess_from_preset(preset, **overrides))
                 command = f"python benchmarks/{Path(__file__).name} " + " ".join(argv if argv is not None else sys.argv[1:])
-                results.update(commands=results.get("commands", []) + [command],
-                               scored=f"{platform.platform()} ({_cpu_name()}), {round(time.time() - start)} s")
+                here = f"{platform.platform()} ({_cpu_name()})"
+                results.update(commands=results.get("commands", []) + [command], ran_on={**_ran_on(results), command: here},
+                               scored=f"{here}, {round(time.time() - start)} s")
             all_results[key] = _merged(all_results.get(key), results)
         json_path.write_text(json.dumps(all_results, indent=2))
     for name in filter(None, args.models.split(",")):
@@ -280,7 +303,9 @@ def main(argv=None) -> int:
         "",
         f"Last written {time.strftime('%Y-%m-%d')} on {platform.platform()} ({_cpu_name()}); versions: "
         + ", ".join(f"{k} {v}" for k, v in versions.items()) + ". Each model's section names the commands "
-        "that produced it and the machine they ran on.",
+        "that produced it and the machines they ran on: where those are several, each command its own "
+        "(recorded since 2026-12-06; a section merged before then names the one machine it recorded, "
+        "which other commands of it may not have run on).",
         "",
         "Each row calibrates the same ONNX Runtime quantizer (QDQ, per-channel int8/INT4 weights, "
         "uint8/UINT4 activations, MinMax ranges, last layer kept float) on one source: `real` = "
@@ -337,12 +362,16 @@ def main(argv=None) -> int:
                   + (f" ({results['synth_samples']} in each synthetic set)" if results.get("synth_samples") else "")
                   + f", seeds {results['seeds']}, synthesis on "
                   f"{results['device']}, ONNX Runtime {', '.join(results.get('providers', []))}; "
-                  f"wall time {results.get('wall_seconds', '?')} s on {results.get('machine', '?')}"
+                  f"wall time {results.get('wall_seconds', '?')} s on {' and '.join(_machines(results)) or '?'}"
+                  + (" (each command below names its machine where it was recorded)" if len(_machines(results)) > 1
+                     else "")
                   + (f"; scored on {results['scored']}" if results.get("scored") else "")
                   + ("; the quantized models run as written (`validate --exact`: no fused integer kernels, the "
                      "integer result of a CPU whose kernels cannot saturate)" if results.get("arithmetic") == "exact"
                      else "") + ".", "",
-                  "Commands: " + "; ".join(f"`{c}`" for c in results.get("commands", [])), "",
+                  "Commands: " + "; ".join(f"`{c}`" + (f" (on {_ran_on(results)[c]})" if len(_machines(results)) > 1
+                                                        and c in _ran_on(results) else "")
+                                           for c in results.get("commands", [])), "",
                   *[line for note in results.get("notes", []) for line in (f"Note: {note}", "")],
                   *([f"Rows `…+refine`: the same calibration images, then reconstruction PTQ "
                      f"(`dsgonnx quantize --refine`) with {refined[0]}, starting where quantize without "
