@@ -352,6 +352,9 @@ def main(argv=None) -> int:
     for name, results in sorted(all_results.items(), key=lambda item: item[0].endswith(".folded")):
         profile = results.get("profile", "?")
         synth = results.get("synth") or {}
+        machines, ran_on = _machines(results), _ran_on(results)
+        # each command's machine, where the section's runs used several and it was recorded
+        where = {c: f" (on {ran_on[c]})" for c in ran_on} if len(machines) > 1 else {}
         if name.endswith(".folded") and folded_intro:
             lines += folded_intro
             folded_intro = []
@@ -362,16 +365,13 @@ def main(argv=None) -> int:
                   + (f" ({results['synth_samples']} in each synthetic set)" if results.get("synth_samples") else "")
                   + f", seeds {results['seeds']}, synthesis on "
                   f"{results['device']}, ONNX Runtime {', '.join(results.get('providers', []))}; "
-                  f"wall time {results.get('wall_seconds', '?')} s on {' and '.join(_machines(results)) or '?'}"
-                  + (" (each command below names its machine where it was recorded)" if len(_machines(results)) > 1
-                     else "")
+                  f"wall time {results.get('wall_seconds', '?')} s on {' and '.join(machines) or '?'}"
+                  + (" (each command below names its machine where it was recorded)" if where else "")
                   + (f"; scored on {results['scored']}" if results.get("scored") else "")
                   + ("; the quantized models run as written (`validate --exact`: no fused integer kernels, the "
                      "integer result of a CPU whose kernels cannot saturate)" if results.get("arithmetic") == "exact"
                      else "") + ".", "",
-                  "Commands: " + "; ".join(f"`{c}`" + (f" (on {_ran_on(results)[c]})" if len(_machines(results)) > 1
-                                                        and c in _ran_on(results) else "")
-                                           for c in results.get("commands", [])), "",
+                  "Commands: " + "; ".join(f"`{c}`{where.get(c, '')}" for c in results.get("commands", [])), "",
                   *[line for note in results.get("notes", []) for line in (f"Note: {note}", "")],
                   *([f"Rows `…+refine`: the same calibration images, then reconstruction PTQ "
                      f"(`dsgonnx quantize --refine`) with {refined[0]}, starting where quantize without "
