@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import sys
 import tempfile
 import time
@@ -143,7 +144,45 @@ QAT_VARIANTS = {"sqstart": {"start": "squant"}, "nearstart": {"start": "nearest"
 LSQ_LR = 1e-3
 WSTEP_LR = 1e-3
 PD_WEIGHT = 10.0  # PD-Quant's (its code: KL / λ_r, λ_r = 0.1)
-ONLY_AT = {"mixed": (2, 3, 5, 6, 7), "nofirst": (2, 3, 4, 5, 6, 7)}  # the widths where a variant changes anything
+SIMULATED = (2, 3, 5, 6, 7)  # the widths quantize simulates in 8-bit containers
+# where a variant changes anything, by (weight bits, activation bits): mixed precision acts among
+# simulated widths, the 8-bit first layer where a side is below 8 bits
+ONLY_AT = {"mixed": lambda w, a: w in SIMULATED or a in SIMULATED, "nofirst": lambda w, a: min(w, a) < 8}
+_WIDTHS = re.compile(r"w(\d+)a(\d+)")
+
+
+def parse_bits(spec: str) -> list:
+    """``--bits``: comma-separated widths, each ``B`` (weights and activations at B bits, kept as
+    the int B: a table's keys "8", "6", "4" as before) or ``wWaA`` where they differ (kept as
+    "w4a8"; ``w4a4`` is 4), for the per-side figures that tell the weights' share of a loss
+    from the activations'. Anything else exits with one line."""
+    keys = []
+    for token in filter(None, (t.strip().lower() for t in spec.split(","))):
+        matched = _WIDTHS.fullmatch(token)
+        if not (token.isdigit() or matched):
+            raise SystemExit(f"--bits: {token!r} is neither a width B nor wWaA (e.g. 4 or w4a8)")
+        w, a = (int(token), int(token)) if token.isdigit() else (int(matched[1]), int(matched[2]))
+        keys.append(w if w == a else f"w{w}a{a}")
+    return keys
+
+
+def widths(key) -> tuple[int, int]:
+    """(weight bits, activation bits) of a table's bit-width key (4, "4" or "w4a8")."""
+    if isinstance(key, int) or str(key).isdigit():
+        return int(key), int(key)
+    matched = _WIDTHS.fullmatch(str(key))
+    if matched is None:
+        raise ValueError(f"not a bit-width key: {key!r}")
+    return int(matched[1]), int(matched[2])
+
+
+def is_bits_key(key: str) -> bool:
+    return key.isdigit() or _WIDTHS.fullmatch(key) is not None
+
+
+def bits_label(key) -> str:
+    w, a = widths(key)
+    return f"W{w}A{a}"
 
 
 def parse_row(row: str) -> tuple[str, list[str]]:
@@ -289,13 +328,14 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
                 per_iter += [iter_s] if iter_s else []
                 similarity += [similar] if similar is not None else []
                 for b in bits:
-                    if any(b not in ONLY_AT.get(variant, (b,)) for variant in variants):
+                    wbits, abits = widths(b)
+                    if any(not ONLY_AT[variant](wbits, abits) for variant in variants if variant in ONLY_AT):
                         continue  # mixed precision acts among simulated widths, the 8-bit first layer below 8
-                    out = Path(keep if keep is not None else scratch) / f"{row}-{seed}-w{b}a{b}.onnx"
+                    out = Path(keep if keep is not None else scratch) / f"{row}-{seed}-w{wbits}a{abits}.onnx"
                     if "cands" in variants:
                         settings["keep_candidates"] = str(out.with_name(f"{out.stem}-candidates"))
                     done = quantize(loaded, QuantConfig(
-                        wbits=b, abits=b, calib=calib, num_samples=synthetic_samples, calibrator=row_calibrator,
+                        wbits=wbits, abits=abits, calib=calib, num_samples=synthetic_samples, calibrator=row_calibrator,
                         logits=logits,
                         preprocess=recipe, output=str(out), force=True, validate=False, device=device,
                         seed=seed, refine=(RefineConfig(method=refine_method, **refine_settings) if refine_method else
@@ -312,14 +352,14 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
                     if check is not None:  # quantize's choice between the learned (or SQuant) model and plain rounding
                         kept.setdefault(str(b), []).append({k: check[k] for k in CHECK_KEYS if k in check})
                     if "mixed" in done.decisions:
-                        results.setdefault("mixed", {})[f"{row} W{b}A{b}"] = done.decisions["mixed"]["weight_share_8bit"]
+                        results.setdefault("mixed", {})[f"{row} {bits_label(b)}"] = done.decisions["mixed"]["weight_share_8bit"]
                     if keep is not None:  # scored later, where the labelled images are
                         item = {"row": row, "seed": seed, "bits": b, "model": out.name}
                         if check is not None and "candidates" in check:
                             item.update(check=kept[str(b)][-1], candidates={
                                 name: os.path.relpath(path, keep) for name, path in check["candidates"].items()})
                         results["pending"].append(item)
-                        print(f"{Path(model).name} {row} seed {seed} W{b}A{b}: kept unscored as {out}", file=log,
+                        print(f"{Path(model).name} {row} seed {seed} {bits_label(b)}: kept unscored as {out}", file=log,
                               flush=True)
                         continue
                     report = validate(model, str(out), ValidateConfig(), images=held_images,
@@ -329,7 +369,7 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
                     if check is not None and "candidates" in check:
                         candidates.setdefault(str(b), []).append(
                             _score_candidates(model, check, held_images, held_labels))
-                    print(f"{Path(model).name} {row} seed {seed} W{b}A{b}: top-1 {report['quantized']['top1']:.2f}% "
+                    print(f"{Path(model).name} {row} seed {seed} {bits_label(b)}: top-1 {report['quantized']['top1']:.2f}% "
                           f"(fp32 {report['fp32']['top1']:.2f}%, {report['num_samples']} images)", file=log, flush=True)
             results["rows"][row] = {
                 **_row_figures(runs),
@@ -401,7 +441,7 @@ def score_pending(results: dict, folder, model, data, recipe, max_eval=None, log
             check = dict(item["check"], candidates={name: str(folder / path) for name, path in item["candidates"].items()})
             candidates.setdefault(item["row"], {}).setdefault(str(item["bits"]), []).append(
                 _score_candidates(model, check, held_images, held_labels, exact=True))
-        print(f"{Path(model).name} {item['row']} seed {item['seed']} W{item['bits']}A{item['bits']}: top-1 "
+        print(f"{Path(model).name} {item['row']} seed {item['seed']} {bits_label(item['bits'])}: top-1 "
               f"{report['quantized']['top1']:.2f}% (fp32 {report['fp32']['top1']:.2f}%, {report['num_samples']} images)",
               file=log, flush=True)
     for row, cells in runs.items():
@@ -464,7 +504,7 @@ def candidates_markdown(results: dict) -> str:
                     top1 = f"**{figures['top1']:.2f}**" if figures["top1"] == best else f"{figures['top1']:.2f}"
                     probes = ", ".join(f"{where} {db}" for where, db in figures["probes"].items()) or "–"
                     sqnr = "–" if figures["sqnr_db"] is None else f"{figures['sqnr_db']:.2f}"
-                    lines.append(f"| {source} | W{b}A{b} | {label} | {top1} | {figures['agreement']:.2f} | "
+                    lines.append(f"| {source} | {bits_label(b)} | {label} | {top1} | {figures['agreement']:.2f} | "
                                  f"{sqnr} | {probes} |")
     return "\n".join(lines)
 
@@ -497,7 +537,7 @@ def _cached_set(cache, model, settings, holdout=0):
 def markdown(results: dict) -> str:
     bits = results["bits"]
     fp = results["fp32"]["top1"]
-    lines = ["| calibration | " + " | ".join(f"W{b}A{b} top-1 (drop) · agreement" for b in bits)
+    lines = ["| calibration | " + " | ".join(f"{bits_label(b)} top-1 (drop) · agreement" for b in bits)
              + " | synthesis s | s/iter | sample_similarity |",
              "|---|" + "---|" * (len(bits) + 3)]
     for source, row in results["rows"].items():
@@ -569,7 +609,7 @@ def main(argv=None) -> int:
     parser.add_argument("--preprocess", default="imagenet")
     parser.add_argument("--resize", type=int)
     parser.add_argument("--crop", type=int)
-    parser.add_argument("--bits", default="8,6,4")
+    parser.add_argument("--bits", default="8,6,4", help="widths: B (weights and activations) or wWaA, e.g. 8,6,4,w4a8")
     parser.add_argument("--sources", default=",".join(SOURCES))
     parser.add_argument("--num-samples", type=int, default=100)
     parser.add_argument("--iters", type=int, default=500)
@@ -590,7 +630,7 @@ def main(argv=None) -> int:
     recipe = preprocess_from_preset(args.preprocess, resize=args.resize, crop=args.crop)
     synth = {k: v for k, v in (("lr", args.lr), ("slack_reading", args.slack_reading), ("low_res", args.low_res))
              if v is not None}
-    results = run_table(args.model, args.data, recipe, bits=[int(b) for b in args.bits.split(",")],
+    results = run_table(args.model, args.data, recipe, bits=parse_bits(args.bits),
                         sources=args.sources.split(","), seeds=[int(s) for s in args.seeds.split(",")],
                         num_samples=args.num_samples, iters=args.iters, synth=synth, calibrator=args.calibrator,
                         logits=args.logits, device=args.device, max_eval=args.max_eval, cache=args.calib_cache)

@@ -25,6 +25,9 @@ unscored under ``--out``/models, and ``--score`` scores them back where the data
     python benchmarks/run_all.py --profile cpu
     python benchmarks/run_all.py --profile cpu --models cifar10_resnet20 --seeds 0,1,2
     python benchmarks/run_all.py --profile cpu --models cifar10_resnet20 --bits 6,4 --sources real+refine,dsg+refine
+    python benchmarks/run_all.py --profile cpu --models mobilenet_v1_0.25 --bits w4a8,w8a4 --sources real,dsg
+
+``--bits``: widths B (weights and activations at B bits) or wWaA where they differ (a column W4A8).
 """
 
 from __future__ import annotations
@@ -43,7 +46,8 @@ ROOT = HERE.parent
 SHARED = Path(os.environ.get("DSGONNX_SHARED", ROOT.parent / "shared")).resolve()
 sys.path.insert(0, str(HERE))
 
-from quant_table import SOURCES, VARIANTS, markdown, parse_row, run_table, score_pending  # noqa: E402
+from quant_table import (SOURCES, VARIANTS, bits_label, is_bits_key, markdown, parse_bits, parse_row,  # noqa: E402
+                         run_table, score_pending, widths)
 
 # name -> model path, data, preprocessing (preset, overrides), input size class
 MANIFEST = {
@@ -130,7 +134,7 @@ def _merged(previous, results: dict) -> dict:
     for row, new in results["rows"].items():
         old = rows.get(row, {})
         cells = {key: {**old[key], **value} for key, value in new.items()  # per bit width: top1, agreement, ...
-                 if isinstance(value, dict) and isinstance(old.get(key), dict) and all(k.isdigit() for k in value)}
+                 if isinstance(value, dict) and isinstance(old.get(key), dict) and all(map(is_bits_key, value))}
         rows[row] = {**old, **new, **cells}
     results = dict(results, notes=list(dict.fromkeys(previous.get("notes", []) + results.get("notes", []))),
                    wall_seconds=previous.get("wall_seconds", 0) + results.get("wall_seconds", 0),
@@ -138,7 +142,7 @@ def _merged(previous, results: dict) -> dict:
                    ran_on={**_ran_on(previous), **_ran_on(results)},
                    # the section's first machine where its earlier commands' are unknown (see _machines)
                    machine=previous.get("machine") or results.get("machine"),
-                   bits=sorted(set(previous["bits"]) | set(results["bits"]), reverse=True))
+                   bits=sorted(set(previous["bits"]) | set(results["bits"]), key=widths, reverse=True))
     order = {row: (list(SOURCES).index(parse_row(row)[0]), len(parse_row(row)[1])) for row in rows}
     results["rows"] = {row: rows[row] for row in sorted(rows, key=lambda row: order[row])}
     return results
@@ -204,7 +208,7 @@ def _chart(all_results: dict, path: Path) -> bool:
             ax.bar([j + i * width for j in range(len(bits))], means, width, yerr=stds, label=source,
                    color=colours[source])
         ax.axhline(results["fp32"]["top1"], color="black", linewidth=0.8, linestyle="--", label="FP32")
-        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(bits))], [f"W{b}A{b}" for b in bits])
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(bits))], [bits_label(b) for b in bits])
         ax.set_title(name, fontsize=10)
         ax.set_ylabel("top-1 %")
     handles = {label: handle for ax in axes[0] for handle, label in zip(*ax.get_legend_handles_labels())}
@@ -218,7 +222,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", choices=sorted(PROFILES), default="cpu")
     parser.add_argument("--models", default=",".join(MANIFEST))
-    parser.add_argument("--bits", default="8,6,4")
+    parser.add_argument("--bits", default="8,6,4",
+                        help="widths: B (weights and activations at B bits) or wWaA where they differ, e.g. 8,6,4,w4a8")
     parser.add_argument("--sources", default=",".join(SOURCES),
                         help=f"rows to run: {', '.join(SOURCES)}, each optionally with variants "
                              f"+{', +'.join(VARIANTS)} (e.g. dsg+mixed)")
@@ -279,7 +284,7 @@ def main(argv=None) -> int:
         key = name if args.profile == "cpu" else f"{name}@{args.profile}"
         start = time.time()
         results = run_table(str(model), str(data), preprocess_from_preset(preset, **overrides),
-                            bits=[int(b) for b in args.bits.split(",")], sources=args.sources.split(","),
+                            bits=parse_bits(args.bits), sources=args.sources.split(","),
                             seeds=[int(s) for s in args.seeds.split(",")], num_samples=args.num_samples,
                             iters=profile["iters"], synth=profile.get("synth"), device=args.device,
                             refine=profile.get("refine"), qat=profile.get("qat"), cache=args.calib_cache,

@@ -1,16 +1,23 @@
 """The benchmark of record's bookkeeping: runs merged into one model's section keep the
-machine each command ran on (RESULTS.md names every one), and new cells replace old ones."""
+machine each command ran on (RESULTS.md names every one), and new cells replace old ones;
+bit widths where weights and activations differ (``--bits w4a8``) are quantized as named
+and kept as their own cells."""
+import io
 import sys
 from pathlib import Path
 
+import onnx
+import pytest
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from quant_table import ONLY_AT, bits_label, markdown, parse_bits, run_table, score_pending, widths  # noqa: E402
 from run_all import _machines, _merged  # noqa: E402
 
 
 def _run(command: str, machine: str, rows: dict) -> dict:
-    return {"profile": "cpu", "eval_images": 900, "rows": rows, "bits": sorted({int(b) for r in rows.values()
-                                                                                 for b in r["top1"]}),
-            "commands": [command], "machine": machine, "wall_seconds": 10}
+    bits = sorted(set(parse_bits(",".join(b for r in rows.values() for b in r["top1"]))), key=widths, reverse=True)
+    return {"profile": "cpu", "eval_images": 900, "rows": rows, "bits": bits, "commands": [command],
+            "machine": machine, "wall_seconds": 10}
 
 
 def test_merged_runs_keep_each_commands_machine():
@@ -34,3 +41,41 @@ def test_a_section_merged_before_commands_carried_their_machine_still_names_its_
     merged = _merged(legacy, _run("run B", "Linux (Intel Xeon)", {"real+refine": {"top1": {"8": [71.0, 0.0]}}}))
     assert merged["ran_on"] == {"run B": "Linux (Intel Xeon)"}  # nothing invented for A and A2
     assert _machines(merged) == ["Linux (AMD EPYC)", "Linux (Intel Xeon)"]
+
+
+def test_bit_widths_where_weights_and_activations_differ_are_their_own_keys():
+    assert parse_bits("8, 6,w4a8,W8A4,w4a4") == [8, 6, "w4a8", "w8a4", 4]
+    with pytest.raises(SystemExit, match="'w4'"):
+        parse_bits("8,w4")
+    assert [bits_label(k) for k in (8, "4", "w4a8")] == ["W8A8", "W4A4", "W4A8"]
+    # the variants that act only at some widths, per side
+    assert not ONLY_AT["mixed"](4, 8) and ONLY_AT["mixed"](4, 6) and ONLY_AT["mixed"](8, 6)
+    assert ONLY_AT["nofirst"](8, 4) and not ONLY_AT["nofirst"](8, 8)
+    first = _run("run A", "Linux (AMD EPYC)", {"real": {"top1": {"8": [70.0, 0.0], "4": [20.0, 0.0]}}})
+    second = _run("run B", "Linux (AMD EPYC)", {"real": {"top1": {"w4a8": [40.0, 0.0]}},
+                                                "real+refine": {"top1": {"w8a4": [30.0, 0.0]}}})
+    merged = _merged(_merged(None, first), second)
+    assert merged["rows"]["real"]["top1"] == {"8": [70.0, 0.0], "4": [20.0, 0.0], "w4a8": [40.0, 0.0]}
+    assert merged["bits"] == [8, "w8a4", "w4a8", 4]
+
+
+def test_a_table_quantizes_weights_and_activations_at_their_own_widths(shared, tmp_path):
+    """run_table with --bits w4a8 writes 4-bit weights beside 8-bit activations (the first
+    layer's weights kept at 8 bits), and its scored cell and column are W4A8's."""
+    from dsgonnx.preprocess import preprocess_from_preset
+
+    model, data = shared / "models" / "cifar10_resnet20.onnx", shared / "datasets" / "cifar10-test"
+    recipe = preprocess_from_preset("imagenet", resize=32, crop=32)
+    results = run_table(str(model), str(data), recipe, bits=parse_bits("w4a8"), sources=["real"], num_samples=16,
+                        device="cpu", keep=str(tmp_path), log=io.StringIO())
+    written = onnx.load(str(tmp_path / "real-0-w4a8.onnx"))
+    weights = {i.name for i in written.graph.initializer if len(i.dims) == 4}
+    zero_points = {i.name: i.data_type for i in written.graph.initializer}
+    weight_types = [zero_points[n.input[2]] for n in written.graph.node
+                    if n.op_type == "DequantizeLinear" and n.input[0] in weights]
+    activation_types = {zero_points[n.input[2]] for n in written.graph.node if n.op_type == "QuantizeLinear"}
+    assert weight_types.count(onnx.TensorProto.INT4) == len(weight_types) - 1  # all but the first layer's
+    assert onnx.TensorProto.INT8 in weight_types and activation_types == {onnx.TensorProto.UINT8}
+    scored = score_pending(results, tmp_path, str(model), str(data), recipe, max_eval=64, log=io.StringIO())
+    assert list(scored["rows"]["real"]["top1"]) == ["w4a8"] and 10 < scored["rows"]["real"]["top1"]["w4a8"][0] <= 100
+    assert "| calibration | W4A8 top-1 (drop) · agreement |" in markdown(scored)
