@@ -130,6 +130,9 @@ VARIANTS = {
     "held64": {},  # real rows: HELD_MANY of the files not calibrated on held out (quantize --holdout 64)
     # a synthetic set of LARGE_SET samples (the real calibration, and so the scoring split, unchanged)
     "s256": {},
+    # real rows: a handful of photos, 8/16/32 of the real calibration files (spread over them), with
+    # +held/+held64 that many others of them held out; the images scored stay every row's
+    **{f"few{count}": {} for count in (8, 16, 32)},
 }
 HELD_OUT = 16
 HELD_MANY = 64  # the most held-out samples the fallback uses (dsgonnx.pipeline.FALLBACK_SAMPLES)
@@ -208,6 +211,28 @@ def held_out(loaded, data, recipe, num_samples: int, max_eval=None):
         excluded |= set(rest) - keep
     held = open_dataset(loaded.input, data, recipe, exclude_files=frozenset(excluded))
     return held.batch(0, held.size), held.labels
+
+
+def handful(loaded, data, recipe, num_samples: int, count: int, holdout: int):
+    """``count`` of the ``num_samples`` files a table's real rows calibrate on, spread over them,
+    and ``holdout`` others of them held out (none for 0), as one in-memory set of real images:
+    the images a table scores (:func:`held_out`) are not among them."""
+    from dsgonnx import SyntheticSet
+    from dsgonnx.calibration_data import spread_indices
+    from dsgonnx.preprocess import scan_image_folder
+    from dsgonnx.validation.data import open_dataset
+
+    folder = scan_image_folder(data)
+    calib = [folder.files[i] for i in spread_indices(len(folder.files), num_samples)]
+    if count + holdout > len(calib):
+        raise SystemExit(f"{count} calibration and {holdout} held-out images need more than the {len(calib)} "
+                         "calibration files")
+    images = open_dataset(loaded.input, data, recipe, exclude_files=frozenset(set(folder.files) - set(calib)))
+    images = images.batch(0, images.size)
+    held = spread_indices(len(calib), holdout) if holdout else []
+    rest = [i for i in range(len(calib)) if i not in set(held)]
+    chosen = [rest[i] for i in spread_indices(len(rest), count)]
+    return SyntheticSet(images[chosen], {"method": "real"}, images[held] if holdout else None)
 
 
 def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), seeds=(0,), num_samples=100,
@@ -294,10 +319,18 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
                 raise SystemExit(f"row {row!r}: +held64 holds out real files; synthetic rows hold out with +held")
             if base == "real":  # +held: quantize holds out HELD_OUT of the files not calibrated on (among those scored)
                 settings["holdout"], held = (HELD_MANY if "held64" in variants else held), 0
+            few = [int(v.removeprefix("few")) for v in variants if v.startswith("few")]
+            if few and (base != "real" or len(few) > 1):
+                raise SystemExit(f"row {row!r}: one +fewN, on a real row (N of its calibration files)")
+            if few:
+                synthetic_samples = few[0]
             for seed in (seeds if base != "real" else (0,)):
                 if (base, seed, held, synthetic_samples) not in made:
                     if base == "real":
-                        made[(base, seed, held, synthetic_samples)] = (data, None, None, None)
+                        made[(base, seed, held, synthetic_samples)] = (
+                            (data if not few else
+                             handful(loaded, data, recipe, num_samples, synthetic_samples, settings["holdout"])),
+                            None, None, None)
                     else:
                         if base == "dsg-kept" and twin is None:
                             raise SystemExit(f"row {row!r} needs the model's BN-kept twin; {model} has none here")
@@ -595,6 +628,11 @@ def markdown(results: dict) -> str:
     if any("s256" in row.split("+")[1:] for row in results["rows"]):
         lines.append(f"\nRows `…+s256`: a synthetic set of {LARGE_SET} samples (synthesis seconds for all of them; "
                      f"the real rows' calibration stays at {results['num_samples']} images, and so does the scoring split).")
+    if counts := sorted({v for row in results["rows"] for v in parse_row(row)[1] if v.startswith("few")},
+                        key=lambda v: int(v[3:])):
+        lines.append(f"\nRows `real+{'`, `real+'.join(counts)}`: a handful of photos, that many of the "
+                     f"{results['num_samples']} real calibration files spread over them (with `+held`, {HELD_OUT} "
+                     "others of them held out); the images scored are every row's.")
     lines.append(f"\nFP32 top-1 {fp:.2f}% on {results['eval_images']} held-out images.")
     if scored := candidates_markdown(results):
         lines += ["", "Rows `…+cands`: every model the fallback weighed (`quantize --keep-candidates`), scored on the "

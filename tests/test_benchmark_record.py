@@ -6,11 +6,13 @@ import io
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from quant_table import ONLY_AT, bits_label, markdown, parse_bits, run_table, score_pending, widths  # noqa: E402
+from quant_table import (ONLY_AT, bits_label, handful, held_out, markdown, parse_bits, run_table,  # noqa: E402
+                         score_pending, widths)
 from run_all import _machines, _merged  # noqa: E402
 
 
@@ -79,3 +81,27 @@ def test_a_table_quantizes_weights_and_activations_at_their_own_widths(shared, t
     scored = score_pending(results, tmp_path, str(model), str(data), recipe, max_eval=64, log=io.StringIO())
     assert list(scored["rows"]["real"]["top1"]) == ["w4a8"] and 10 < scored["rows"]["real"]["top1"]["w4a8"][0] <= 100
     assert "| calibration | W4A8 top-1 (drop) · agreement |" in markdown(scored)
+
+
+def test_a_handful_of_photos_comes_from_the_calibration_files_and_is_scored_on_the_rest(shared):
+    """Rows real+fewN calibrate on N of the real rows' calibration files, hold out others of them,
+    and are scored on the same images as every row (none of which they saw)."""
+    from dsgonnx.graph.onnx_io import load_model
+    from dsgonnx.preprocess import preprocess_from_preset
+
+    model, data = shared / "models" / "cifar10_resnet20.onnx", shared / "datasets" / "cifar10-test"
+    recipe = preprocess_from_preset("imagenet", resize=32, crop=32)
+    loaded = load_model(str(model))
+    photos = handful(loaded, str(data), recipe, num_samples=40, count=8, holdout=4)
+    assert photos.images.shape == (8, 3, 32, 32) and photos.holdout.shape == (4, 3, 32, 32)
+    scored, _ = held_out(loaded, str(data), recipe, 40, max_eval=200)
+    seen = np.concatenate([photos.images, photos.holdout]).reshape(12, -1)
+    assert len({row.tobytes() for row in seen}) == 12  # held out apart from the calibrated ones
+    assert not {row.tobytes() for row in seen} & {row.tobytes() for row in scored.reshape(len(scored), -1)}
+    results = run_table(str(model), str(data), recipe, bits=[8], sources=["real+few8+held"], num_samples=40,
+                        device="cpu", max_eval=200, log=io.StringIO())
+    assert 50 < results["rows"]["real+few8+held"]["top1"]["8"][0] <= 100  # ResNet-20 W8A8 on 8 photos
+    assert "Rows `real+few8`: a handful of photos, that many of the 40 real calibration files" in markdown(results)
+    with pytest.raises(SystemExit, match="one \\+fewN, on a real row"):
+        run_table(str(model), str(data), recipe, bits=[8], sources=["gaussian+few8"], num_samples=40,
+                  device="cpu", max_eval=200, log=io.StringIO())
