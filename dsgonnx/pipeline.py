@@ -180,6 +180,9 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
         f"{activations.quant_type.name}{' simulated' if activations.simulated else ''}"
         f"{', reduce_range: this CPU has no VNNI' if reduce_range else ''})")
 
+    if config.synthetic and min(weights.bits, activations.bits) <= 4 and depthwise_layers(loaded.model, config.exclude):
+        # before the synthesis's minutes: the one lever measured to close this gap is not data-free
+        say(f"quantize: {PHOTOS_HINT}")
     learning = "qat" if config.qat is not None else "refine" if config.refine is not None else "rounding"
     checked = config.fallback and (learning != "rounding" or config.weight_rounding() != Rounding.NEAREST)
     if config.synthetic and config.calib != SynthMethod.AUTO and not config.calib.drawn:
@@ -506,6 +509,13 @@ _NOTHING_HELD = ("nothing is held out of calibration (`holdout` 0, or calibratio
 # 2,479-10,481 (ResNet-20, MobileNet v1 0.25, EfficientNet-Lite0). 25 is 5 std on average.
 PREPROCESSING_GAP = 25.0
 _PREPROCESSING_PROBE = 32  # images run to the first BN layer
+
+
+# said where synthetic images calibrate a network with depthwise convolutions at 4 bits or fewer
+# (README, 'A handful of photos': measured on MobileNet v1 0.25/0.75 and EfficientNet-Lite0 W4A4)
+PHOTOS_HINT = ("on networks with depthwise convolutions at 4 bits, synthetic images trail even a handful of "
+               "photos like the model's inputs where measured; with 8 or more at hand, try `calib` with a folder "
+               "of them (README, 'A handful of photos')")
 
 
 # how far past the box preprocessed photos occupy (a share of its width, each side) a calibration

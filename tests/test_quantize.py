@@ -911,3 +911,24 @@ def test_what_follows_a_float_final_conv_stays_float(tmp_path, bits):
     images = np.random.default_rng(0).normal(size=(4, 3, 16, 16)).astype(np.float32)
     probs = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"input": images})[0]
     assert probs.shape == (4, 10) and np.allclose(probs.sum(axis=1), 1, atol=1e-5)
+
+
+def test_synthetic_calibration_of_a_depthwise_network_at_4_bits_points_to_a_handful_of_photos(setup):
+    """Below 5 bits on a network with depthwise convolutions, quantize says (before synthesizing)
+    that a few photos beat synthetic images there; not at 8 bits, not without depthwise
+    convolutions, not when it calibrates on images already."""
+    from zoo import export_tiny_mobile
+
+    mobile = export_tiny_mobile(setup["folder"] / "hint-mobile.onnx")
+    out = setup["folder"] / "hint.onnx"
+    args = ("-o", out, "--num-samples", "4", "--holdout", "0", "--no-validate", "--force")
+    said = "a handful of photos like the model's inputs where measured; with 8 or more at hand, try --calib"
+    hinted = CliRunner().invoke(cli, ["quantize", *map(str, (mobile, "--w4a4", "--calib", "gaussian", *args))])
+    assert hinted.exit_code == 0, hinted.output
+    assert said in hinted.stderr
+    w8a4 = ("--wbits", "8", "--abits", "4")
+    for model, bits, calib in ((mobile, ("--w8a8",), "gaussian"), (mobile, w8a4, "procedural"),
+                               (setup["model"], ("--w4a4",), "gaussian"), (mobile, ("--w4a4",), setup["calib"])):
+        quiet = CliRunner().invoke(cli, ["quantize", *map(str, (model, *bits, "--calib", calib, *args))])
+        assert quiet.exit_code == 0, quiet.output
+        assert (said in quiet.stderr) == (bits[-1] == "4"), (model, bits, calib)  # W8A4 too
