@@ -514,7 +514,7 @@ _PREPROCESSING_PROBE = 32  # images run to the first BN layer
 # said where synthetic images calibrate a network with depthwise convolutions at 4 bits or fewer
 # (README, 'A handful of photos': measured on MobileNet v1 0.25/0.75 and EfficientNet-Lite0 W4A4)
 PHOTOS_HINT = ("on networks with depthwise convolutions at 4 bits, synthetic images trail even a handful of "
-               "photos like the model's inputs where measured; with 8 or more at hand, try `calib` with a folder "
+               "photos like the model's inputs where measured; with 16 or more at hand, try `calib` with a folder "
                "of them (README, 'A handful of photos')")
 
 

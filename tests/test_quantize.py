@@ -922,7 +922,7 @@ def test_synthetic_calibration_of_a_depthwise_network_at_4_bits_points_to_a_hand
     mobile = export_tiny_mobile(setup["folder"] / "hint-mobile.onnx")
     out = setup["folder"] / "hint.onnx"
     args = ("-o", out, "--num-samples", "4", "--holdout", "0", "--no-validate", "--force")
-    said = "a handful of photos like the model's inputs where measured; with 8 or more at hand, try --calib"
+    said = "a handful of photos like the model's inputs where measured; with 16 or more at hand, try --calib"
     hinted = CliRunner().invoke(cli, ["quantize", *map(str, (mobile, "--w4a4", "--calib", "gaussian", *args))])
     assert hinted.exit_code == 0, hinted.output
     assert said in hinted.stderr
