@@ -198,12 +198,10 @@ def parse_row(row: str) -> tuple[str, list[str]]:
 def held_out(loaded, data, recipe, num_samples: int, max_eval=None):
     """The images (and labels) of ``data`` a table scores on: all but the ``num_samples`` files
     quantize's real-data calibration picks from the folder, thinned evenly to ``max_eval``."""
-    from dsgonnx.calibration_data import spread_indices
-    from dsgonnx.preprocess import scan_image_folder
     from dsgonnx.validation.data import open_dataset
 
-    folder = scan_image_folder(data)
-    calib_files = frozenset(folder.files[i] for i in spread_indices(len(folder.files), num_samples))
+    folder, calib = _calibration_files(data, num_samples)
+    calib_files = frozenset(calib)
     excluded = set(calib_files)
     if max_eval:
         rest = [f for f in folder.files if f not in calib_files]
@@ -213,26 +211,35 @@ def held_out(loaded, data, recipe, num_samples: int, max_eval=None):
     return held.batch(0, held.size), held.labels
 
 
+def _calibration_files(data, num_samples: int):
+    """The scanned folder ``data`` and the ``num_samples`` files of it quantize's real-data
+    calibration picks (spread evenly over the sorted files), in folder order."""
+    from dsgonnx.calibration_data import spread_indices
+    from dsgonnx.preprocess import scan_image_folder
+
+    folder = scan_image_folder(data)
+    return folder, [folder.files[i] for i in spread_indices(len(folder.files), num_samples)]
+
+
 def handful(loaded, data, recipe, num_samples: int, count: int, holdout: int):
     """``count`` of the ``num_samples`` files a table's real rows calibrate on, spread over them,
     and ``holdout`` others of them held out (none for 0), as one in-memory set of real images:
     the images a table scores (:func:`held_out`) are not among them."""
+    import numpy as np
+
     from dsgonnx import SyntheticSet
-    from dsgonnx.calibration_data import spread_indices
-    from dsgonnx.preprocess import scan_image_folder
+    from dsgonnx.calibration_data import spread_indices, unused_indices
     from dsgonnx.validation.data import open_dataset
 
-    folder = scan_image_folder(data)
-    calib = [folder.files[i] for i in spread_indices(len(folder.files), num_samples)]
+    folder, calib = _calibration_files(data, num_samples)
     if count + holdout > len(calib):
         raise SystemExit(f"{count} calibration and {holdout} held-out images need more than the {len(calib)} "
                          "calibration files")
     images = open_dataset(loaded.input, data, recipe, exclude_files=frozenset(set(folder.files) - set(calib)))
     images = images.batch(0, images.size)
-    held = spread_indices(len(calib), holdout) if holdout else []
-    rest = [i for i in range(len(calib)) if i not in set(held)]
-    chosen = [rest[i] for i in spread_indices(len(rest), count)]
-    return SyntheticSet(images[chosen], {"method": "real"}, images[held] if holdout else None)
+    held = spread_indices(len(calib), holdout) if holdout else np.arange(0)
+    return SyntheticSet(images[unused_indices(len(calib), held, count)], {"method": "real"},
+                        images[held] if holdout else None)
 
 
 def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), seeds=(0,), num_samples=100,
