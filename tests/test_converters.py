@@ -246,3 +246,29 @@ def test_legacy_opset7_chain():
     model = make_model(nodes, [_vi("x", F, [1, 3, 8, 8])], [_vi("y")], opset=7, ir_version=3,
                        initializers=initializers)
     _ort_vs_torch(model, {"x": _x(1, 3, 8, 8)})
+
+
+def test_node_names_onnx2torch_would_number_alike(tmp_path):
+    """ORT's optimiser names a node ``Gather`` beside an exporter's ``/Gather`` and
+    ``/Gather_1``; onnx2torch numbers the repeat ``Gather_1`` too and lost a node (a ViT's
+    refinement failed: "value ... is used before it is computed"). Every node keeps its own
+    module, found by its ONNX name."""
+    from onnx import save
+
+    from dsgonnx.graph.onnx_io import load_model
+    from dsgonnx.graph.to_torch import to_torch
+
+    nodes = [helper.make_node("Neg", ["x"], ["a"], name="Relu"),
+             helper.make_node("Relu", ["a"], ["b"], name="/Relu"),
+             helper.make_node("Abs", ["b"], ["c"], name="/Relu_1"),
+             helper.make_node("Sigmoid", ["c"], ["s"], name="Relu_1"),
+             helper.make_node("GlobalAveragePool", ["s"], ["p"], name="pool"),
+             helper.make_node("Flatten", ["p"], ["y"], name="flatten")]
+    model = make_model(nodes, [_vi("x", F, [1, 3, 4, 4])], [_vi("y", F, [1, 3])])
+    _ort_vs_torch(model, {"x": _x(1, 3, 4, 4)})
+    save(model, tmp_path / "m.onnx")
+    twin = to_torch(load_model(str(tmp_path / "m.onnx")))
+    assert len(set(twin.module_names.values())) == 6
+    kinds = {name: type(twin.submodule(name)).__name__ for name in ("Relu", "/Relu", "/Relu_1", "Relu_1")}
+    assert kinds["/Relu"] == "ReLU" and kinds["Relu_1"] == "Sigmoid" and "Neg" in kinds["Relu"], kinds
+    assert len(set(kinds.values())) == 4, kinds

@@ -6,6 +6,7 @@ versions it lacks; :func:`check_parity` proves the result against ONNX Runtime.
 
 from __future__ import annotations
 
+import copy
 import inspect
 from dataclasses import dataclass
 from operator import getitem
@@ -83,7 +84,7 @@ def to_torch(loaded: LoadedModel) -> TorchModel:
     except Exception as exc:  # onnx2torch raises bare NotImplementedError/KeyError/...
         raise _conversion_error(graph, exc) from None
     module.eval()  # onnx2torch returns train mode; BN must use its running statistics
-    names = {node.proto.name: unique for unique, node in OnnxGraph(graph.graph).nodes.items()}
+    names = module.meta["module_names"]
     float_params = [p.dtype for p in module.parameters() if p.is_floating_point()]
     float_params += [b.dtype for b in module.buffers() if b.is_floating_point()]
     dtype = torch.float64 if float_params and all(d == torch.float64 for d in float_params) else torch.float32
@@ -106,7 +107,7 @@ def build_module(model: onnx.ModelProto) -> fx.GraphModule:
     del model.graph.input[:]
     model.graph.input.extend(real_inputs)
     opsets = {o.domain: o.version for o in model.opset_import}
-    onnx_graph = OnnxGraph(model.graph)
+    onnx_graph, module_names = onnx_graph_of(model.graph)
     graph, root, buffers = fx.Graph(), nn.Module(), _Initializers()
     root.add_module("initializers", buffers)
     values: dict[str, fx.Node] = {}  # ONNX value name -> fx node producing it
@@ -145,14 +146,43 @@ def build_module(model: onnx.ModelProto) -> fx.GraphModule:
     module = fx.GraphModule(root, graph)
     # which fx node computes each ONNX value (a simulation quantizes tensors by their ONNX names)
     module.meta["onnx_values"] = {name: node.name for name, node in values.items() if node.op != "get_attr"}
+    module.meta["module_names"] = module_names
     return module
+
+
+def onnx_graph_of(graph: onnx.GraphProto) -> tuple[OnnxGraph, dict[str, str]]:
+    """onnx2torch's view of ``graph``, one module name per node, and each ONNX node name's
+    module name. onnx2torch names a module after its node (dots as slashes, the leading
+    slash dropped) and numbers repeats ``_1``, ``_2``, ..., which can be another node's name:
+    ORT's optimiser adds a node ``Gather`` beside an exporter's ``/Gather`` and ``/Gather_1``,
+    two nodes become ``Gather_1`` and the graph loses one. Those nodes are renamed here (in a
+    copy) to a free name; the map keeps their ONNX names."""
+    generated = [OnnxGraph.generate_node_name(node) for node in graph.node]
+    taken, used, renamed = set(generated), set(), {}
+    for index, name in enumerate(generated):
+        unique, count = name, 0
+        while unique in used or (count and unique in taken):
+            count += 1
+            unique = f"{name}_{count}"
+        used.add(unique)
+        if unique != name:
+            renamed[index] = unique
+    original = graph
+    if renamed:
+        graph = copy.deepcopy(graph)
+        for index, unique in renamed.items():
+            node = graph.node[index]
+            node.name = unique[len(node.domain) + 1:] if node.domain else unique
+    onnx_graph = OnnxGraph(graph)
+    assert len(onnx_graph.nodes) == len(graph.node), "one torch module per node"
+    return onnx_graph, {node.name: unique for node, unique in zip(original.node, onnx_graph.nodes)}
 
 
 def _conversion_error(graph: onnx.ModelProto, exc: Exception) -> UnsupportedModelError:
     """Find the node onnx2torch failed on by converting node by node."""
     opset = {o.domain or "": o.version for o in graph.opset_import}
     opset.setdefault("ai.onnx", opset.get("", 1))
-    onnx_graph = OnnxGraph(graph.graph)
+    onnx_graph, _ = onnx_graph_of(graph.graph)
     for node in onnx_graph.nodes.values():
         domain = node.domain or ""
         version = opset.get(domain, opset[""])
