@@ -720,6 +720,22 @@ def test_bad_input_exits_2_and_writes_nothing(setup, bad_inputs, args, message):
     assert setup["model"].read_bytes() == model_bytes
 
 
+def test_a_quantized_model_is_refused_by_name(setup, tmp_path):
+    """Its own output given back (a user's slip) is refused in one line saying so; before, ORT's
+    calibration on real images raised a KeyError and the torch conversion named an
+    unsupported DequantizeLinear."""
+    first = tmp_path / "q.onnx"
+    done = _cli(setup["model"], "-o", first, "--calib", "gaussian", "--num-samples", "4", "--holdout", "0",
+                "--no-validate")
+    assert done.exit_code == 0, done.output
+    for calib in (str(setup["calib"]), "gaussian"):
+        again = _cli(first, "-o", tmp_path / "qq.onnx", "--calib", calib, "--no-validate")
+        assert again.exit_code == 2, again.output
+        (line,) = again.stderr.strip().splitlines()
+        assert "is quantized already" in line and "QuantizeLinear" in line and "give it the float original" in line
+        assert sorted(os.listdir(tmp_path)) == ["q.onnx"]
+
+
 def test_a_model_with_a_fixed_batch_just_works(setup, tmp_path):
     """Batch fixed to 8 in the graph: parity, calibration (4 images, repeated to 8), mixed
     precision's probes (5 held-out samples) and the final check all run whole batches."""

@@ -427,6 +427,7 @@ def bad(tiny):
     onnx.save(tiny_model(hw=(16, 16)), root / "other_input.onnx")
     onnx.save(tiny_model(hw=("H", "W")), root / "dynamic_hw.onnx")
     _write_image_folder(root / "ten", [f"c{i}" for i in range(NUM_CLASSES)], per_class=1)
+    quantize_w8a8(tiny["fp"], root / "w8a8.onnx", tiny_images(n=8, seed=11))
     return root
 
 
@@ -455,6 +456,7 @@ BAD_CASES = {
     "preprocess on npz": (["--data", "{labelled}", "--preprocess", "inception"], None, "does not apply to an .npz"),
     "report folder": (["--data", "{labelled}", "--report", "{root}/no/such/dir/r.json"], None, "does not exist"),
     "classes file": (["--data", "{bad}/ten", "--classes", "{root}/none.txt"], None, "cannot read class list"),
+    "swapped models": (["--data", "{labelled}"], ("{bad}/w8a8.onnx", "{fp}"), "the models look swapped"),
 }
 
 
@@ -470,6 +472,12 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(case, tiny, bad, tmp
     assert_one_line_error(result, 2, fragment)
     assert result.stdout == ""
     assert os.listdir(tmp_path) == []  # no report, no temporary file
+
+
+def test_two_quantized_models_are_compared_as_asked(tiny, bad):
+    """Only a quantized model given first beside a float one is taken for swapped arguments."""
+    result = run_cli(bad / "w8a8.onnx", bad / "w8a8.onnx", "--data", tiny["labelled"], "--min-agreement", "1")
+    assert result.exit_code == 0, result.stdout + result.stderr
 
 
 def test_cuda_provider_runs_on_cuda_or_exits_2(tiny):

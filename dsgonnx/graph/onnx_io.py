@@ -91,6 +91,7 @@ def load_model(path: str | os.PathLike, input_shape: Optional[tuple[int, int, in
     has_external = _load_external_data(model, path)
     _check(model, path)
     _check_values(model, path)
+    _check_float(model, path)
     spec, layout = _image_input(model, input_shape)
     _check_size(spec)
     histogram = dict(sorted(collections.Counter(n.op_type for n in model.graph.node).items()))
@@ -301,6 +302,30 @@ def _check_values(model: onnx.ModelProto, path: Path) -> None:
             if values.size and not np.isfinite(values).all():
                 raise ModelLoadError(f"{path}: initializer {tensor.name!r} holds NaN or Inf values; "
                                      "the model cannot compute meaningful outputs")
+
+
+# ops that hold integer tensors: a model with them was quantized already (ai.onnx's, and the
+# com.microsoft QLinear* ops ORT's QOperator format writes)
+QUANTIZED_OPS = ("QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
+                 "ConvInteger", "MatMulInteger")
+
+
+def quantized_ops(model: onnx.ModelProto) -> str:
+    """What makes ``model`` a quantized model, e.g. "16 DequantizeLinear, 10 QuantizeLinear";
+    "" for a float model."""
+    found = collections.Counter(node.op_type for node in model.graph.node
+                                if node.op_type in QUANTIZED_OPS or node.op_type.startswith("QLinear"))
+    return ", ".join(f"{count} {op}" for op, count in sorted(found.items()))
+
+
+def _check_float(model: onnx.ModelProto, path: Path) -> None:
+    """A quantized model (QDQ or QOperator) is refused by name: dsgonnx quantizes float models,
+    and half of its stages would otherwise fail deep inside (an unsupported DequantizeLinear in
+    the torch conversion, a KeyError in ORT's calibration)."""
+    ops = quantized_ops(model)
+    if ops:
+        raise UnsupportedModelError(f"{path} is quantized already ({ops}): dsgonnx works on float models; give it the "
+                                    "float original (validate scores a quantized model against it)")
 
 
 # an image classifier's input: up to 2048×2048 pixels (dsgonnx keeps calibration sets and a

@@ -18,10 +18,12 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 
 from dsgonnx.config import Provider
 from dsgonnx.errors import DsgonnxError, InputSpecError, ModelLoadError
+from dsgonnx.graph.onnx_io import quantized_ops
 from dsgonnx.inputs import InputSpec, format_dims
 from dsgonnx.runtime import CPU, CUDA, ort_session, run_model
 
@@ -87,6 +89,7 @@ def open_models(fp_path: str, q_path: str, provider: str, exact: bool = False) -
         raise DsgonnxError(f"`provider` must be one of {', '.join(PROVIDER_CHOICES)}, got {provider!r}")
     for path in (fp_path, q_path):
         _check_model_file(path)
+    _check_order(fp_path, q_path)
     fp_session = _session_for_request(fp_path, provider)
     # Same execution path for both: whatever the FP session really got.
     providers = [CUDA, CPU] if CUDA in fp_session.get_providers() else [CPU]
@@ -143,6 +146,22 @@ def _check_model_file(path: str) -> None:
         raise ModelLoadError(f"model file not found: {path}")
     if not os.path.isfile(path):
         raise ModelLoadError(f"not a model file: {path}")
+
+
+def _check_order(fp_path: str, q_path: str) -> None:
+    """A quantized model given as the float one beside a float model given as the quantized one
+    (the arguments swapped) would report every drop with its sign turned: refused. Two
+    quantized models (one width against another) are compared as asked."""
+    ops = {}
+    for path in (fp_path, q_path):
+        try:
+            ops[path] = quantized_ops(onnx.load(path, load_external_data=False))
+        except Exception:  # not a model onnx reads: the session says why
+            return
+    if ops[fp_path] and not ops[q_path]:
+        raise InputSpecError(f"the models look swapped: {fp_path}, given as the float model, is quantized "
+                             f"({ops[fp_path]}) and {q_path}, given as the quantized one, is not; the float model "
+                             "comes first")
 
 
 def _session_for_request(path: str, provider: str) -> ort.InferenceSession:
