@@ -14,7 +14,7 @@ from .artifacts import SyntheticSet
 from .config import SynthMethod
 from .errors import DataError
 from .inputs import InputSpec
-from .preprocess import Preprocess, check_images, load_image, preprocess_from_preset, read_npz, scan_image_folder
+from .preprocess import IMAGE_FILE_CHANNELS, Preprocess, check_images, load_image, preprocess_from_preset, read_npz, scan_image_folder
 
 
 @dataclass
@@ -62,13 +62,17 @@ def load_real_images(source, spec: InputSpec, count: int, preprocess: Preprocess
     if not os.path.exists(path):
         raise DataError(f"calibration data not found: {path}")
     if os.path.isdir(path):
+        channels = spec.chw[0]
+        if channels not in IMAGE_FILE_CHANNELS:
+            raise DataError(f"the model takes {channels} channels and image files give 1 (grey) or 3 (RGB): give "
+                            "`calib` preprocessed images as an .npz")
         folder = scan_image_folder(path)
         recipe = (preprocess or preprocess_from_preset()).for_input_size(spec.shape[2])
         indices = spread_indices(len(folder.files), count)
         chosen = [folder.files[i] for i in indices]
-        images = np.stack([load_image(file, recipe) for file in chosen]).astype(np.float32)
+        images = np.stack([load_image(file, recipe, channels) for file in chosen]).astype(np.float32)
         held_files = tuple(folder.files[i] for i in unused_indices(len(folder.files), indices, holdout))
-        held = np.stack([load_image(file, recipe) for file in held_files]).astype(np.float32) if held_files else None
+        held = np.stack([load_image(file, recipe, channels) for file in held_files]).astype(np.float32) if held_files else None
         return RealImages(images, tuple(chosen), path, holdout=held, holdout_files=held_files)
     if Path(path).suffix.lower() == ".npz":
         data = read_npz(path)

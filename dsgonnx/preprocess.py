@@ -38,6 +38,9 @@ Data sources
   optionally ``labels`` (integer class indices), loaded with ``allow_pickle=False``. A set
   ``dsgonnx synthesize`` wrote may also hold ``holdout``: samples made with ``images`` and
   kept out of calibration, for quantize to check its models on.
+
+Image files feed a model of 3 channels as RGB and a model of 1 channel as grey (PIL's luma);
+other channel counts take an ``.npz``.
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ from dsgonnx.errors import DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 CHANNEL_ORDERS = ("RGB", "BGR")
+IMAGE_FILE_CHANNELS = (1, 3)  # what a decoded image file gives a model: grey or RGB
 
 
 def _channel_tuple(values, what: str) -> tuple[float, ...]:
@@ -130,13 +134,17 @@ class Preprocess:
             raise DataError(f"resize {resize} is smaller than crop {crop}: the crop would not fit")
         return replace(self, crop=crop, resize=resize)
 
-    def apply(self, image) -> np.ndarray:
-        """A PIL image -> float32 array C×H×W (call on a recipe from :meth:`for_input_size`)."""
+    def apply(self, image, channels: int = 3) -> np.ndarray:
+        """A PIL image -> float32 array C×H×W (call on a recipe from :meth:`for_input_size`):
+        RGB for a model of 3 channels, grey (PIL's luma) for one of 1."""
         from PIL import Image
 
         if self.crop is None or self.resize is None:
             raise ValueError("resolve the recipe with for_input_size() before apply()")
-        image = image.convert("RGB")
+        if channels not in IMAGE_FILE_CHANNELS:
+            raise DataError(f"the model takes {channels} channels and image files give 1 (grey) or 3 (RGB): "
+                            "give preprocessed images as an .npz")
+        image = image.convert("RGB" if channels == 3 else "L")
         width, height = image.size
         short, long = sorted((width, height))
         if short != self.resize:
@@ -149,7 +157,7 @@ class Preprocess:
         top = int(round((height - self.crop) / 2.0))
         left = int(round((width - self.crop) / 2.0))
         image = image.crop((left, top, left + self.crop, top + self.crop))
-        pixels = np.asarray(image, dtype=np.float32).transpose(2, 0, 1)  # 3×H×W, 0-255, RGB
+        pixels = np.asarray(image, dtype=np.float32).reshape(self.crop, self.crop, channels).transpose(2, 0, 1)  # C×H×W, 0-255
         return self.normalise(pixels[None])[0]
 
     def _channel_values(self, channels: int) -> tuple[np.ndarray, np.ndarray]:
@@ -248,14 +256,15 @@ def parse_channel_values(text: str, what: str = "value") -> tuple[float, float, 
     return values * 3 if len(values) == 1 else values
 
 
-def load_image(path: str, preprocess: Preprocess) -> np.ndarray:
-    """Decode one image file and preprocess it; any decoding failure names the file."""
+def load_image(path: str, preprocess: Preprocess, channels: int = 3) -> np.ndarray:
+    """Decode one image file and preprocess it for a model of ``channels`` channels (see
+    :meth:`Preprocess.apply`); any decoding failure names the file."""
     from PIL import Image
 
     try:
         with Image.open(path) as image:
             image.load()
-            return preprocess.apply(image)
+            return preprocess.apply(image, channels)
     except DataError as exc:
         raise DataError(f"image {path}: {exc}") from None
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError...

@@ -131,6 +131,20 @@ def test_grayscale_and_rgba_images_become_rgb(tmp_path):
     assert load_image(str(rgba), recipe)[:, 0, 0].tolist() == [1, 2, 3]
 
 
+def test_a_grey_model_gets_the_luma_of_colour_images(tmp_path):
+    """For a model of one channel, image files become grey (PIL's luma, 299/587/114 per
+    thousand), normalised with the recipe's first mean and std; 4 channels are refused."""
+    recipe = preprocess_from_preset("none", mean="10", std="2", crop=4).for_input_size(4)
+    colour = load_image(str(_png(tmp_path / "c.png", (4, 4), (200, 100, 50))), recipe, channels=1)
+    luma = round((200 * 299 + 100 * 587 + 50 * 114) / 1000)
+    assert colour.shape == (1, 4, 4) and colour.dtype == np.float32
+    np.testing.assert_allclose(colour, (luma - 10) / 2, atol=0.5)
+    grey = load_image(str(_png(tmp_path / "g.png", (4, 4), (77, 0, 0), mode="L")), recipe, channels=1)
+    np.testing.assert_array_equal(grey, np.full((1, 4, 4), (77 - 10) / 2, np.float32))
+    with pytest.raises(DataError, match="takes 4 channels and image files give 1 .grey. or 3 .RGB."):
+        load_image(str(tmp_path / "g.png"), recipe, channels=4)
+
+
 def test_unreadable_image_names_the_file(tmp_path):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 definitely not a jpeg")

@@ -37,10 +37,10 @@ NUM_CLASSES = 10
 # --- tiny models ----------------------------------------------------------------------------
 
 
-def tiny_model(hw=(8, 8), batch="N", seed=0, softmax=False, dtype=TensorProto.FLOAT) -> onnx.ModelProto:
+def tiny_model(hw=(8, 8), batch="N", seed=0, softmax=False, dtype=TensorProto.FLOAT, channels=3) -> onnx.ModelProto:
     rng = np.random.default_rng(seed)
     weights = {
-        "W": rng.normal(0, 0.5, (16, 3, 3, 3)),
+        "W": rng.normal(0, 0.5, (16, channels, 3, 3)),
         "b": rng.normal(0, 0.1, 16),
         "G": rng.normal(0, 1, (NUM_CLASSES, 16)),
         "c": rng.normal(0, 0.1, NUM_CLASSES),
@@ -57,7 +57,7 @@ def tiny_model(hw=(8, 8), batch="N", seed=0, softmax=False, dtype=TensorProto.FL
     graph = helper.make_graph(
         nodes,
         "tiny",
-        [helper.make_tensor_value_info("input", dtype, [batch, 3, *hw])],
+        [helper.make_tensor_value_info("input", dtype, [batch, channels, *hw])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, NUM_CLASSES])],
         [numpy_helper.from_array(value.astype(np.float32), name) for name, value in weights.items()],
     )
@@ -337,6 +337,26 @@ def test_image_folder_equals_the_same_images_as_npz(tiny, tmp_path):
         assert getattr(folder_report.metrics, key) == getattr(npz_report.metrics, key), key
     assert folder_report.metrics.sqnr_db == pytest.approx(npz_report.metrics.sqnr_db, rel=1e-5)
     assert folder_report.data["kind"] == "image-folder" and folder_report.data["preprocess"]["crop"] == 8
+
+
+def test_a_grey_model_is_calibrated_and_validated_on_image_files(tmp_path):
+    """A model of one channel (MNIST-like) takes image files as grey: quantize calibrates on a
+    folder of colour images, validate scores on a labelled folder. Before, calibration fed it
+    three channels (an internal error) and validate refused the folder."""
+    from dsgonnx import QuantConfig, quantize
+
+    onnx.save(tiny_model(channels=1), tmp_path / "grey.onnx")
+    _write_image_folder(tmp_path / "calib", ["x"], per_class=8)
+    _write_image_folder(tmp_path / "val", [f"c{i}" for i in range(NUM_CLASSES)], per_class=2)
+    recipe = preprocess_from_preset("none", mean="128", std="64")
+    done = quantize(str(tmp_path / "grey.onnx"), QuantConfig(calib=str(tmp_path / "calib"), preprocess=recipe,
+                                                             output=str(tmp_path / "q.onnx"), validate=False))
+    assert done.calibration["num_samples"] == 8
+    result = run_cli(tmp_path / "grey.onnx", tmp_path / "q.onnx", "--data", tmp_path / "val", "--preprocess", "none",
+                     "--mean", "128", "--std", "64", "--min-agreement", "0.5", "--report", tmp_path / "r.json")
+    assert result.exit_code == 0, result.stdout + result.stderr
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["num_samples"] == 2 * NUM_CLASSES and report["quantized"]["top1"] is not None
 
 
 def test_nhwc_models_get_channels_last_images(tmp_path):

@@ -16,6 +16,7 @@ import numpy as np
 
 from dsgonnx.errors import DataError, InputSpecError
 from dsgonnx.preprocess import (
+    IMAGE_FILE_CHANNELS,
     Preprocess,
     check_images,
     check_labels,
@@ -131,8 +132,9 @@ def _image_dataset(root: str, preprocess: Preprocess, class_names, spec: InputSp
             f"input {spec.describe()} is not an N×3×H×W or N×H×W×3 image: give preprocessed images as an .npz"
         )
     channels = spec.shape[1] if spec.layout == "NCHW" else spec.shape[3]
-    if channels == 1:
-        raise InputSpecError(f"input {spec.describe()} has 1 channel: give preprocessed images as an .npz")
+    if channels not in IMAGE_FILE_CHANNELS:
+        raise InputSpecError(f"input {spec.describe()} has {channels} channels and image files give 1 (grey) or 3 "
+                             "(RGB): give preprocessed images as an .npz")
     recipe = preprocess.for_input_size(spec.image_size)
     folder = scan_image_folder(root, class_names)
     if exclude_files:
@@ -147,9 +149,9 @@ def _image_dataset(root: str, preprocess: Preprocess, class_names, spec: InputSp
         paths = folder.files[start:stop]
         if len(paths) > 1 and DECODE_THREADS > 1:
             with ThreadPoolExecutor(DECODE_THREADS) as pool:
-                arrays = list(pool.map(lambda path: load_image(path, recipe), paths))
+                arrays = list(pool.map(lambda path: load_image(path, recipe, channels), paths))
         else:
-            arrays = [load_image(path, recipe) for path in paths]
+            arrays = [load_image(path, recipe, channels) for path in paths]
         batch = np.stack(arrays)
         if spec.layout == "NHWC":
             batch = batch.transpose(0, 2, 3, 1)
