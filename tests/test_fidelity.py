@@ -14,7 +14,9 @@ Runtime running that file:
    an SQNR at least 5 dB above the quantization's own (ORT's logits against FP32).
 
 After refinement the pipeline itself measures the trained simulation against the written
-model (``decisions["refine"]["fidelity"]``); the same bound holds there.
+model (``decisions["refine"]["fidelity"]``); the same bound holds there, or, where ONNX
+Runtime's own two runs of the file (as written, optimised) agree less than that leaves room
+for, within 4 dB of their agreement.
 """
 
 from __future__ import annotations
@@ -150,11 +152,18 @@ def test_refinement_trains_against_the_exported_model(case, inside):
     figures = result.decisions["refine"]["fidelity"]
     assert figures == result.refine["fidelity"] and figures["samples"] == CALIB
     name = onnx.load(str(out)).graph.output[0].name
-    noise_floor = sqnr_db(_ort(case["path"], case["calib"])[name], _ort(out, case["calib"])[name])
+    exported = _ort(out, case["calib"])[name]
+    noise_floor = sqnr_db(_ort(case["path"], case["calib"])[name], exported)
     # as above: where the file is within 3 dB of the float model (Lite0 W4A4 from SQuant's start,
     # the default: 1.9 dB) top-1 agreement on 16 images is rounding order; the SQNR still binds
     assert figures["agreement"] >= 0.9 or noise_floor < 3, (figures, noise_floor)
-    assert figures["sqnr_db"] >= noise_floor + 5, (figures, noise_floor)
+    # ... up to what rounding order leaves: ORT's own two runs of the file, its graph as written
+    # and its optimised one, agree to 12.9 dB on Lite0 with the correction (an AMD EPYC without
+    # VNNI; the file 5.0 dB from the float model). A computation as exact as the as-written run
+    # but in another order adds a noise as large again (3 dB less); the simulation may lose 1 dB
+    # more, and no more than that where the quantization's own noise leaves more room
+    consistency = sqnr_db(exported, _ort(out, case["calib"], optimised=False)[name])
+    assert figures["sqnr_db"] >= min(noise_floor + 5, consistency - 4), (figures, noise_floor, consistency)
     assert result.refine["unsimulated"] == [] and result.refine["simulated_activations"] == len(
         _activation_dequantizers(onnx.load(str(out))))
 
