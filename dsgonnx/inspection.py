@@ -9,7 +9,7 @@ from typing import Any, Optional
 from .config import SynthConfig
 from .graph.onnx_io import load_model
 from .graph.to_torch import check_parity, to_torch
-from .graph.bn_taps import bn_folded, find_bn_layers
+from .graph.bn_taps import bn_folded, find_bn_layers, stateless_norms
 
 
 def inspect_model(
@@ -22,7 +22,8 @@ def inspect_model(
     Keys: ``file``, ``sha256``, ``opset``, ``ir_version``, ``producer``, ``input``
     {``name``, ``shape`` (batch ``null`` when dynamic), ``dtype``, ``layout``},
     ``outputs``, ``num_classes`` (values per sample), ``head``, ``op_histogram``, ``bn_count``, ``bn_layers``
-    [{``name``, ``channels``, ``eps``, ``kind``: batchnorm | decomposed | decomposed-mean}], ``bn_folded``, ``torch_parity``
+    [{``name``, ``channels``, ``eps``, ``kind``: batchnorm | decomposed | decomposed-mean}], ``bn_folded``,
+    ``other_norms`` (normalisation ops without running statistics, e.g. LayerNormalization), ``torch_parity``
     {``max_abs_diff``, ``tolerance``, ``top1_agreement``, ``samples``, ``worst_output``},
     ``seconds``.
     """
@@ -57,6 +58,7 @@ def inspect_model(
         "bn_count": len(layers),
         "bn_layers": [{"name": l.name, "channels": l.channels, "eps": l.eps, "kind": l.kind} for l in layers],
         "bn_folded": not layers and bn_folded(loaded.model),
+        "other_norms": stateless_norms(loaded.model),
         # what ``quantize`` (``--calib auto``, the default) calibrates on, and why
         "calibration": _calibration_source(bool(layers)),
         "torch_parity": {
@@ -93,6 +95,8 @@ def format_inspection(info: dict[str, Any]) -> str:
                   for layer in info["bn_layers"]]
     elif info["bn_folded"]:
         lines.append("batchnorm    none: Conv layers carry biases, BN was likely folded into Conv (bn_folded)")
+    elif info["other_norms"]:
+        lines.append(f"batchnorm    none: normalised by {', '.join(info['other_norms'])} (no running statistics)")
     else:
         lines.append("batchnorm    none")
     calibration = info["calibration"]

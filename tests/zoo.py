@@ -228,6 +228,41 @@ def export_dynamo(path: Path, *, opset: int = 18, keep_bn: bool = True) -> Path:
     return path
 
 
+class TinyViT(nn.Module):
+    """A vision transformer in miniature: 4×4 patches of 3×16×16, a class token, two pre-norm
+    encoder layers (LayerNorm, attention, GELU), 10 classes. No BatchNorm anywhere."""
+
+    def __init__(self, width: int = 16, classes: int = 10):
+        super().__init__()
+        self.patch = nn.Conv2d(3, width, 4, 4)
+        self.cls = nn.Parameter(torch.randn(1, 1, width))
+        self.pos = nn.Parameter(torch.randn(1, 17, width) * 0.1)
+        layer = nn.TransformerEncoderLayer(width, 2, 2 * width, dropout=0.0, activation="gelu", batch_first=True,
+                                           norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        with torch.no_grad():  # (its layers are copies of one: ORT's optimiser would share their equal weights)
+            for parameter in self.encoder.parameters():
+                parameter.add_(0.1 * torch.randn_like(parameter))
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1) + self.pos
+        return self.head(self.norm(self.encoder(x)[:, 0]))
+
+
+def export_tiny_vit(path: Path, opset: int = 17) -> Path:
+    """TinyViT (seed 0) by the TorchScript exporter: LayerNormalization nodes from opset 17."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(TinyViT().eval(), (_example(),), str(path), dynamo=False, opset_version=opset,
+                          input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}})
+    return path
+
+
 def with_constant_weights(src: Path, dst: Path) -> Path:
     """Move every initializer into a Constant node (some converters emit weights that way)."""
     model = onnx.load(str(src))

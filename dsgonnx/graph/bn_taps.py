@@ -127,11 +127,23 @@ def _with_computed_statistics(model: TorchModel, layers: list[BNLayer], missing)
     return layers + [_layer(node.name, module_name, *captured[node.name], eps) for node, module_name, eps in missing]
 
 
+# normalisations that keep no running statistics (a ViT's or ConvNeXt's LayerNorm, ...)
+STATELESS_NORMS = ("LayerNormalization", "GroupNormalization", "InstanceNormalization", "RMSNormalization",
+                   "SimplifiedLayerNormalization", "SkipLayerNormalization")
+
+
+def stateless_norms(model: onnx.ModelProto) -> list[str]:
+    """The normalisation ops of ``model`` that keep no running statistics, sorted."""
+    return sorted({n.op_type for n in model.graph.node if n.op_type in STATELESS_NORMS})
+
+
 def bn_folded(model: onnx.ModelProto) -> bool:
     """True when the graph has no BN nodes but Conv layers with a bias: the signature of
-    BN folded into Conv (torch.onnx.export's default, ORT's optimiser, quant_pre_process)."""
+    BN folded into Conv (torch.onnx.export's default, ORT's optimiser, quant_pre_process) —
+    unless it normalises otherwise (LayerNorm: a ViT's patch embedding has a bias too)."""
     ops = [n for n in model.graph.node if n.op_type == "BatchNormalization"]
-    return not ops and any(n.op_type == "Conv" and len(n.input) > 2 and n.input[2] for n in model.graph.node)
+    return (not ops and not stateless_norms(model)
+            and any(n.op_type == "Conv" and len(n.input) > 2 and n.input[2] for n in model.graph.node))
 
 
 class BNProbe:

@@ -22,7 +22,7 @@ from .. import distributed
 from ..artifacts import SyntheticSet
 from ..config import Alignment, SynthConfig, SynthMethod, SynthStart
 from ..errors import NoBatchNormError, SynthesisError
-from ..graph.bn_taps import BNLayer, BNProbe, bn_folded, find_bn_layers
+from ..graph.bn_taps import BNLayer, BNProbe, bn_folded, find_bn_layers, stateless_norms
 from ..graph.onnx_io import LoadedModel, load_model
 from ..graph.to_torch import TorchModel, resolve_device, to_torch
 from ..hardware import MEMORY_SHARE, check_image_memory, memory_on
@@ -155,12 +155,16 @@ def _prepare(model, config: SynthConfig, drop_unread: bool = False):
     if why is not None:
         say(f"synthesize: method {config.method} ({why})")
     if config.method.needs_bn and not layers:
-        folded = "BN was folded into the Conv layers" if bn_folded(loaded.model) else "it has no BatchNormalization layers"
+        folded, norms = bn_folded(loaded.model), stateless_norms(loaded.model)
+        why = ("BN was folded into the Conv layers" if folded else
+               f"it normalises with {' and '.join(norms)}, which keeps no running statistics" if norms else
+               "it has no BatchNormalization layers")
         raise NoBatchNormError(
-            f"{loaded.source.name} carries no BatchNorm statistics ({folded}); `method` {config.method} needs them. "
+            f"{loaded.source.name} carries no BatchNorm statistics ({why}); `method` {config.method} needs them. "
             f"Use `method` {SynthMethod.AUTO} (picks a BN-free source), {SynthMethod.PROCEDURAL} or "
-            f"{SynthMethod.INVERSION}, real images, or export the model with BN kept "
-            "(torch.onnx.export(..., training=TrainingMode.PRESERVE, do_constant_folding=False))"
+            f"{SynthMethod.INVERSION}, or real images"
+            + (", or export the model with BN kept (torch.onnx.export(..., training=TrainingMode.PRESERVE, "
+               "do_constant_folding=False))" if folded else "")
         )
     # inversion, procedural and gaussian images ignore BN statistics the model may carry
     return torch_model, config, why, layers if config.method.needs_bn else []

@@ -1,0 +1,43 @@
+"""A network normalised by LayerNorm (a vision transformer in miniature) through the whole
+path: no BN statistics, so synthesis picks a BN-free source; reconstruction converts the
+pre-processed graph, whose node names ORT's optimiser extends, and refines its Conv/Gemm
+layers."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from dsgonnx import QuantConfig, RefineConfig, SynthConfig, inspect, quantize, synthesize
+from dsgonnx.errors import NoBatchNormError
+from zoo import export_tiny_vit
+
+
+@pytest.fixture(scope="module")
+def vit(tmp_path_factory):
+    return export_tiny_vit(tmp_path_factory.mktemp("vit") / "vit.onnx")
+
+
+def test_a_layernorm_network_is_not_taken_for_a_folded_one(vit):
+    info = inspect(str(vit))
+    assert info["bn_count"] == 0 and info["other_norms"] == ["LayerNormalization"]
+    assert info["bn_folded"] is False  # (its patch embedding is a Conv with a bias, as a folded model's)
+    assert info["torch_parity"]["top1_agreement"] == 1.0
+    with pytest.raises(NoBatchNormError, match="normalises with LayerNormalization") as refused:
+        synthesize(str(vit), SynthConfig(method="dsg", num_samples=2, iters=1))
+    assert "export the model with BN kept" not in str(refused.value)
+
+
+def test_w4a4_reconstruction_of_a_vit(vit, tmp_path):
+    """Before, the reconstruction's torch conversion of the pre-processed graph lost a node
+    ('value ... is used before it is computed'): ORT's optimiser had added a node 'Gather'
+    beside the exporter's '/Gather' and '/Gather_1'."""
+    done = quantize(str(vit), QuantConfig(wbits=4, abits=4, num_samples=8, output=str(tmp_path / "q.onnx"),
+                                          refine=RefineConfig(iters=4, batch_size=4), validate=False))
+    assert done.refine["refined_layers"] == ["/patch/Conv", *[f"/encoder/layers.{i}/self_attn/Gemm" for i in (0, 1)]]
+    # (a MatMul's weight is rounded plainly: not refined, and its value in the simulation float)
+    assert sum("MatMul weights are not refined" in s["why"] for s in done.refine["skipped_layers"]) == 6
+    images = np.random.default_rng(0).standard_normal((4, 3, 16, 16)).astype(np.float32)
+    logits = ort.InferenceSession(str(done.output), providers=["CPUExecutionProvider"]).run(None, {"input": images})[0]
+    assert logits.shape == (4, 10) and np.isfinite(logits).all()
