@@ -272,3 +272,21 @@ def test_node_names_onnx2torch_would_number_alike(tmp_path):
     kinds = {name: type(twin.submodule(name)).__name__ for name in ("Relu", "/Relu", "/Relu_1", "Relu_1")}
     assert kinds["/Relu"] == "ReLU" and kinds["Relu_1"] == "Sigmoid" and "Neg" in kinds["Relu"], kinds
     assert len(set(kinds.values())) == 4, kinds
+
+
+@pytest.mark.parametrize("approximate", [None, "none", "tanh"])
+def test_gelu_20(approximate):
+    """The dynamo exporter writes nn.GELU as Gelu-20 (a ConvNeXt or ViT at opset 20 stopped at
+    'unsupported operator Gelu-20')."""
+    attrs = {} if approximate is None else {"approximate": approximate}
+    x = _x(2, 3, 4, 4) * 3
+    _ort_vs_torch(*_unary("Gelu", 20, x, **attrs))
+
+
+def test_gelu_with_an_undefined_approximation_is_refused_by_name():
+    from dsgonnx.graph.to_torch import _conversion_error
+
+    model, _ = _unary("Gelu", 20, _x(1, 3, 4, 4), approximate="erf")
+    register_all()
+    message = str(_conversion_error(model, RuntimeError("x")))
+    assert "Gelu" in message and "approximate='erf'" in message, message
