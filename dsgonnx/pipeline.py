@@ -114,13 +114,16 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
             "(convert the model to float32 first)"
         )
     given = loaded
-    loaded = quantizable(loaded)
+    loaded = quantizable(loaded, any_batch_twin=config.refine is not None or config.qat is not None)
     if loaded is not given:
         say(f"quantize: {loaded.source.name} is worked on as "
             + " and ".join(([] if loaded.file_dtype is None else ["float32 (the written model keeps its float16 input "
                                                                   "and outputs, cast at the edges)"])
                            + ([] if given.opset >= loaded.opset else [f"opset {loaded.opset} (converted from "
-                                                                      f"{given.opset}: quantization needs it)"])))
+                                                                      f"{given.opset}: quantization needs it)"])
+                           + ([] if given.opset < loaded.opset or loaded.file_batch is None else
+                              [f"a twin that takes any batch (the file fixes it at {loaded.file_batch}; the written "
+                               "model does again)"])))
     weights, activations = resolve_bits(config.wbits, config.abits, config.target)
     if config.mixed and not (weights.simulated or activations.simulated):
         raise DataError("mixed precision keeps tensors at 8 bits among simulated ones (2, 3, 5, 6 or 7 bits), "

@@ -6,12 +6,13 @@ layers."""
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 
 from dsgonnx import QuantConfig, RefineConfig, SynthConfig, inspect, quantize, synthesize
 from dsgonnx.errors import NoBatchNormError
-from zoo import export_tiny_vit
+from zoo import export_tiny_convnext, export_tiny_vit
 
 
 @pytest.fixture(scope="module")
@@ -41,3 +42,27 @@ def test_w4a4_reconstruction_of_a_vit(vit, tmp_path):
     images = np.random.default_rng(0).standard_normal((4, 3, 16, 16)).astype(np.float32)
     logits = ort.InferenceSession(str(done.output), providers=["CPUExecutionProvider"]).run(None, {"input": images})[0]
     assert logits.shape == (4, 10) and np.isfinite(logits).all()
+
+
+def test_a_fixed_batch_is_worked_on_through_a_twin_that_takes_any(tmp_path):
+    """Exported without dynamic axes (batch 1), a ConvNeXt's MLP is fused by ORT's
+    pre-processing into Gemms between Reshapes to [batch·H·W, C]; reconstruction's batches of
+    4 stopped with "shape '[16, 16]' is invalid". The batch is checked not to matter inside,
+    the model worked on through a twin that takes any, and the file written fixes it again.
+    A ViT whose class token is expanded to the traced batch keeps its fixed batch."""
+    from dsgonnx.graph.onnx_io import load_model, quantizable
+
+    path = export_tiny_convnext(tmp_path / "convnext.onnx", batch=1)
+    done = quantize(str(path), QuantConfig(wbits=4, abits=4, num_samples=8, output=str(tmp_path / "q.onnx"),
+                                           refine=RefineConfig(iters=2, batch_size=4), validate=False))
+    assert done.decisions["input_batch"].startswith("1, as the file fixes it")
+    written = onnx.load(str(done.output)).graph.input[0]
+    assert [d.dim_value for d in written.type.tensor_type.shape.dim] == [1, 3, 16, 16]
+    image = np.random.default_rng(0).standard_normal((1, 3, 16, 16)).astype(np.float32)
+    logits = ort.InferenceSession(str(done.output), providers=["CPUExecutionProvider"]).run(None, {"input": image})[0]
+    assert logits.shape == (1, 10) and np.isfinite(logits).all()
+
+    vit = load_model(export_tiny_vit(tmp_path / "vit1.onnx", batch=1))
+    assert quantizable(vit, any_batch_twin=True) is vit
+    convnext = load_model(path)
+    assert quantizable(convnext) is convnext  # (without reconstruction or QAT: the file as it is)

@@ -252,14 +252,44 @@ class TinyViT(nn.Module):
         return self.head(self.norm(self.encoder(x)[:, 0]))
 
 
-def export_tiny_vit(path: Path, opset: int = 17) -> Path:
-    """TinyViT (seed 0) by the TorchScript exporter: LayerNormalization nodes from opset 17."""
+def export_tiny_vit(path: Path, opset: int = 17, batch: int | None = None) -> Path:
+    """TinyViT (seed 0) by the TorchScript exporter: LayerNormalization nodes from opset 17;
+    the batch dynamic, or fixed at ``batch`` (as exports without dynamic axes are)."""
+    torch.manual_seed(0)
+    axes = None if batch else {"input": {0: "N"}, "logits": {0: "N"}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(TinyViT().eval(), (_example()[: batch or 2],), str(path), dynamo=False, opset_version=opset,
+                          input_names=["input"], output_names=["logits"], dynamic_axes=axes)
+    return path
+
+
+class TinyConvNeXt(nn.Module):
+    """A ConvNeXt block in miniature: a 4×4 patch stem, a 7×7 depthwise conv, LayerNorm and a
+    GELU MLP over channels last (MatMul + Add on 4-D tensors), a residual, 10 classes."""
+
+    def __init__(self, width: int = 16, classes: int = 10):
+        super().__init__()
+        self.stem = nn.Conv2d(3, width, 4, 4)
+        self.depthwise = nn.Conv2d(width, width, 7, padding=3, groups=width)
+        self.norm = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.mlp(self.norm(self.depthwise(x).permute(0, 2, 3, 1))).permute(0, 3, 1, 2)
+        return self.head((x + y).mean((2, 3)))
+
+
+def export_tiny_convnext(path: Path, batch: int = 1) -> Path:
+    """TinyConvNeXt (seed 0) by the TorchScript exporter at opset 17, the batch fixed at
+    ``batch`` (no dynamic axes, as vendors often export)."""
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(TinyViT().eval(), (_example(),), str(path), dynamo=False, opset_version=opset,
-                          input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}})
+        torch.onnx.export(TinyConvNeXt().eval(), (torch.randn(batch, 3, 16, 16),), str(path), dynamo=False,
+                          opset_version=17, input_names=["input"], output_names=["logits"])
     return path
 
 

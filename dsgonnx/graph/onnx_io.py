@@ -136,26 +136,38 @@ def load_model(path: str | os.PathLike, input_shape: Optional[tuple[int, int, in
 QDQ_OPSET = 13
 
 
-def quantizable(loaded: LoadedModel) -> LoadedModel:
+def quantizable(loaded: LoadedModel, any_batch_twin: bool = False) -> LoadedModel:
     """``loaded`` as ONNX Runtime's quantization tools take it: a float16 file is worked on
     through a float32 twin (``file_dtype`` keeps the file's type, and
     :func:`dsgonnx.graph.normalize.float16_interface` puts it back on the quantized model), and
     an opset below :data:`QDQ_OPSET` is converted to it by ``onnx.version_converter`` (the op
     semantics that changed, e.g. Softmax's axis at 13, are rewritten; ORT's tools would only
     raise the version number), IR version 7, initializers no longer listed as graph inputs.
-    ``loaded`` itself when it needs neither. Raises :class:`UnsupportedModelError` where the
+    ``loaded`` itself when it needs neither. With ``any_batch_twin`` (reconstruction and QAT
+    run batches of their own size through the torch twin of ORT's pre-processed model), a file
+    that fixes its batch is worked on through a twin that takes any where that twin computes
+    each sample as the file does (:func:`_takes_any_batch`): ORT's pre-processing would
+    otherwise write the fixed batch into the graph (a MatMul+Add fused to Gemm between
+    Reshapes to [batch·tokens, C]). Raises :class:`UnsupportedModelError` where the
     conversion fails."""
     from ..errors import UnsupportedModelError
     from .normalize import drop_initializer_inputs, float16_to_float32
 
     half = loaded.input.dtype == np.float16
-    if not half and loaded.opset >= QDQ_OPSET:
+    free = any_batch_twin and loaded.input.fixed_batch is not None and loaded.opset >= QDQ_OPSET
+    if not half and loaded.opset >= QDQ_OPSET and not free:
         return loaded
     batch = loaded.input.shape[0] if loaded.opset < QDQ_OPSET else None
     model = onnx.ModelProto()
     model.CopyFrom(loaded.model)
     if half:
         float16_to_float32(model.graph)
+    if free:
+        if _takes_any_batch(model, loaded.input.name, Path(loaded._scratch.name)):
+            any_batch(model)
+            batch = loaded.input.fixed_batch
+        elif not half:
+            return loaded
     if loaded.opset < QDQ_OPSET:
         try:
             from onnx import version_converter
@@ -183,6 +195,31 @@ def quantizable(loaded: LoadedModel) -> LoadedModel:
                    float16_outputs=tuple(o.name for o in loaded.model.graph.output
                                          if o.type.tensor_type.elem_type == TensorProto.FLOAT16) or loaded.float16_outputs,
                    file_batch=batch if batch is not None else loaded.file_batch)
+
+
+def _takes_any_batch(model: onnx.ModelProto, name: str, folder: Path) -> bool:
+    """Whether ``model`` (its batch fixed), its batch made symbolic, runs one sample more than
+    the batch and gives each of the others what the fixed model gives it: nothing inside
+    depends on the batch (a Reshape to [1, -1] would)."""
+    from ..runtime import ort_session
+
+    dims = [d.dim_value for d in next(i for i in model.graph.input if i.name == name).type.tensor_type.shape.dim]
+    images = np.random.default_rng(0).standard_normal((dims[0] + 1, *dims[1:])).astype(np.float32)
+    twin = onnx.ModelProto()
+    twin.CopyFrom(model)
+    any_batch(twin)
+    outputs = []
+    for kind, graph, batch in (("fixed", model, images[:-1]), ("any", twin, images)):
+        path = folder / f"batch-{kind}.onnx"
+        _save(graph, path)
+        try:
+            outputs.append(ort_session(path).run(None, {name: batch}))
+        except Exception:  # (ORT refuses the other batch: something inside fixes it)
+            return False
+        finally:
+            path.unlink(missing_ok=True)
+    return all(np.shape(any_) == (dims[0] + 1, *np.shape(fixed)[1:]) and np.allclose(
+        any_[:-1], fixed, rtol=1e-4, atol=1e-5 * (float(np.abs(fixed).max()) + 1)) for fixed, any_ in zip(*outputs))
 
 
 def _set_batch(model: onnx.ModelProto, batch: int | str) -> None:
