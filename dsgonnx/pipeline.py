@@ -124,6 +124,12 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
                            + ([] if given.opset < loaded.opset or loaded.file_batch is None else
                               [f"a twin that takes any batch (the file fixes it at {loaded.file_batch}; the written "
                                "model does again)"])))
+    if (config.refine is not None or config.qat is not None) and loaded.input.fixed_batch is not None:
+        raise UnsupportedModelError(
+            f"{given.source.name} fixes its batch at {loaded.input.fixed_batch} inside (with another batch ONNX "
+            "Runtime fails or computes otherwise, e.g. a class token expanded to the traced batch), and `refine` and "
+            "`qat` run batches of their own size: export the model with a dynamic batch axis "
+            "(torch.onnx.export(..., dynamic_axes={'input': {0: 'N'}}))")
     weights, activations = resolve_bits(config.wbits, config.abits, config.target)
     if config.mixed and not (weights.simulated or activations.simulated):
         raise DataError("mixed precision keeps tensors at 8 bits among simulated ones (2, 3, 5, 6 or 7 bits), "

@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 
 from dsgonnx import QuantConfig, RefineConfig, SynthConfig, inspect, quantize, synthesize
-from dsgonnx.errors import NoBatchNormError
+from dsgonnx.errors import NoBatchNormError, UnsupportedModelError
 from zoo import export_tiny_convnext, export_tiny_vit
 
 
@@ -64,5 +64,10 @@ def test_a_fixed_batch_is_worked_on_through_a_twin_that_takes_any(tmp_path):
 
     vit = load_model(export_tiny_vit(tmp_path / "vit1.onnx", batch=1))
     assert quantizable(vit, any_batch_twin=True) is vit
+    # ... and its reconstruction, which stopped with an internal error, is refused before any work
+    with pytest.raises(UnsupportedModelError, match="fixes its batch at 1 inside.*dynamic batch axis"):
+        quantize(str(tmp_path / "vit1.onnx"), QuantConfig(wbits=4, abits=4, num_samples=8, output=str(tmp_path / "v.onnx"),
+                                                         refine=RefineConfig(iters=2, batch_size=4), validate=False))
+    assert not (tmp_path / "v.onnx").exists()
     convnext = load_model(path)
     assert quantizable(convnext) is convnext  # (without reconstruction or QAT: the file as it is)
