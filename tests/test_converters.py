@@ -283,6 +283,11 @@ def test_gelu_20(approximate):
     _ort_vs_torch(*_unary("Gelu", 20, x, **attrs))
 
 
+def test_mish_18():
+    """nn.Mish from the dynamo exporter at opset 18 and later."""
+    _ort_vs_torch(*_unary("Mish", 18, _x(2, 3, 4, 4) * 3))
+
+
 def test_gelu_with_an_undefined_approximation_is_refused_by_name():
     from dsgonnx.graph.to_torch import _conversion_error
 

@@ -1,5 +1,6 @@
-"""Activation ops newer than onnx2torch: Gelu (opset 20; the dynamo exporter writes it for
-``nn.GELU`` from opset 20 on, where earlier exports spelled it with Erf)."""
+"""Activation ops newer than onnx2torch: Gelu (opset 20) and Mish (opset 18), which the dynamo
+exporter writes for ``nn.GELU`` and ``nn.Mish`` from those opsets on (earlier exports spelled
+them with Erf, and with Softplus and Tanh)."""
 
 from __future__ import annotations
 
@@ -18,3 +19,8 @@ def _gelu(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
     if approximate not in ("none", "tanh"):
         raise unsupported(node, f"approximate={approximate!r} (ONNX defines none and tanh)")
     return OperationConverterResult(torch_module=nn.GELU(approximate=approximate), onnx_mapping=onnx_mapping_from_node(node))
+
+
+@register("Mish", (18,))
+def _mish(node: OnnxNode, graph: OnnxGraph) -> OperationConverterResult:
+    return OperationConverterResult(torch_module=nn.Mish(), onnx_mapping=onnx_mapping_from_node(node))
