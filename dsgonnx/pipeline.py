@@ -114,7 +114,8 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
             "(convert the model to float32 first)"
         )
     given = loaded
-    loaded = quantizable(loaded, any_batch_twin=config.refine is not None or config.qat is not None)
+    trains = config.refine is not None or config.qat is not None  # reconstruction or QAT
+    loaded = quantizable(loaded, any_batch_twin=trains)
     if loaded is not given:
         say(f"quantize: {loaded.source.name} is worked on as "
             + " and ".join(([] if loaded.file_dtype is None else ["float32 (the written model keeps its float16 input "
@@ -124,7 +125,7 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
                            + ([] if given.opset < loaded.opset or loaded.file_batch is None else
                               [f"a twin that takes any batch (the file fixes it at {loaded.file_batch}; the written "
                                "model does again)"])))
-    if (config.refine is not None or config.qat is not None) and loaded.input.fixed_batch is not None:
+    if trains and loaded.input.fixed_batch is not None:
         raise UnsupportedModelError(
             f"{given.source.name} fixes its batch at {loaded.input.fixed_batch} inside (with another batch ONNX "
             "Runtime fails or computes otherwise, e.g. a class token expanded to the traced batch), and `refine` and "
@@ -263,7 +264,7 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
             # corrector, made after training, leaves its layers as trained.)
             correct = _BiasCorrector(prepared, None if config.cle else loaded.model, loaded, calib_images, batch,
                                      config.bias_correction)
-        if config.refine is not None or config.qat is not None:
+        if trains:
             with stages(learning):
                 # (under torchrun a rank that fails in training exits: torchrun then stops the others)
                 refined = _refine(prepared, Path(scratch) / "refined.onnx", ranges, weights, activations, calib_images,
