@@ -948,3 +948,37 @@ def test_synthetic_calibration_of_a_depthwise_network_at_4_bits_points_to_a_hand
         quiet = CliRunner().invoke(cli, ["quantize", *map(str, (model, *bits, "--calib", calib, *args))])
         assert quiet.exit_code == 0, quiet.output
         assert (said in quiet.stderr) == (bits[-1] == "4"), (model, bits, calib)  # W8A4 too
+
+
+@pytest.mark.parametrize("symmetric", [False, True], ids=["asymmetric", "symmetric"])
+def test_mse_search_picks_the_candidate_of_least_expected_error(symmetric):
+    """The MSE search, summed by term over all candidates at once, picks the candidate that
+    the error written out bin by bin for each candidate ranks first (the first of equals)."""
+    from onnxruntime.quantization import QuantType
+
+    from dsgonnx.quant.bits import BitSpec
+    from dsgonnx.quant.calibrate import mse_range
+
+    rng = np.random.default_rng(3)
+    spec = BitSpec(4, QuantType.QInt4 if symmetric else QuantType.QUInt4, symmetric)
+    levels, steps = spec.levels[1] - spec.levels[0], 40
+    factors = np.linspace(1 / steps, 1, steps)
+    for values in (rng.standard_t(3, 20000), np.maximum(rng.normal(size=20000), 0) * 3, rng.normal(2, 0.1, 20000)):
+        hist, edges = np.histogram(values, bins=2048)
+        low, high = min(values.min(), 0.0), max(values.max(), 0.0)
+        top = max(abs(low), abs(high))
+        pairs = [(-top * f, top * f) for f in factors] if symmetric else [(low * f, high * g) for f in factors for g in factors]
+        centres = 0.5 * (edges[:-1] + edges[1:])
+
+        def error(lo, hi):
+            step = (hi - lo) / levels
+            per_bin = np.where(centres < lo, (centres - lo) ** 2, np.where(centres > hi, (centres - hi) ** 2, step**2 / 12))
+            return float(per_bin @ hist) if hi > lo else np.inf
+
+        errors = [error(*pair) for pair in pairs]
+        chosen = mse_range(hist, edges, values.min(), values.max(), spec).range_value
+        expected = pairs[int(np.argmin(errors))]
+        assert np.allclose(np.ravel(chosen), expected, rtol=1e-6), (chosen, expected)
+    # nothing but zeros: no candidate has a width, and the observed range is kept
+    zeros, edges = np.histogram(np.zeros(10), bins=2048, range=(0, 0))
+    assert np.ravel(mse_range(zeros, edges, 0.0, 0.0, spec).range_value).tolist() == [0.0, 0.0]

@@ -146,7 +146,14 @@ def mse_range(hist: np.ndarray, edges: np.ndarray, low: float, high: float, spec
 
     Error of a value x for a grid on [a, b] with step Δ: (x − a)² below a, (x − b)² above
     b, and Δ²/12 (uniform rounding) inside. Candidates shrink the observed range: one
-    factor for symmetric grids, a grid of (lower, upper) factors otherwise.
+    factor for symmetric grids, a grid of (lower, upper) factors otherwise; the first of
+    equal errors wins, lower factor before upper.
+
+    The three terms are summed apart: what lies below a depends on a alone and what lies
+    above b on b alone, so each is one (factors × bins) product, and the count inside is
+    what neither holds. 1,600 candidates of a 2048-bin histogram cost two 40 × 2048
+    products, not 1,600 passes over the bins (EfficientNet-Lite0's activations: 5 s on a
+    2-core CPU before).
     """
     centres = 0.5 * (edges[:-1] + edges[1:])
     counts = hist.astype(np.float64)
@@ -155,19 +162,30 @@ def mse_range(hist: np.ndarray, edges: np.ndarray, low: float, high: float, spec
     factors = np.linspace(1.0 / steps, 1.0, steps)
     if spec.symmetric:
         top = max(abs(low), abs(high))
-        candidates = [(-top * f, top * f) for f in factors]
+        los, his = -top * factors, top * factors  # the pairs (los[i], his[i])
     else:
-        candidates = [(low * f, high * g) for f in factors for g in factors]
-    best, best_error = (low, high), np.inf
-    for lo, hi in candidates:
-        if hi - lo <= 0:
-            continue
-        step = (hi - lo) / levels
-        error = np.where(centres < lo, (centres - lo) ** 2, np.where(centres > hi, (centres - hi) ** 2, step * step / 12))
-        total = float(np.dot(counts, error))
-        if total < best_error:
-            best, best_error = (lo, hi), total
-    return TensorData(lowest=np.float32(best[0]), highest=np.float32(best[1]))
+        los, his = low * factors, high * factors  # every pair (los[i], his[j])
+    below = centres[None, :] < los[:, None]  # (candidates, bins)
+    above = centres[None, :] > his[:, None]
+    clipped_low = np.where(below, (centres[None, :] - los[:, None]) ** 2, 0.0) @ counts
+    clipped_high = np.where(above, (centres[None, :] - his[:, None]) ** 2, 0.0) @ counts
+    count_low, count_high = below @ counts, above @ counts
+    if spec.symmetric:
+        width = his - los
+        error = clipped_low + clipped_high + (width / levels) ** 2 / 12 * (counts.sum() - count_low - count_high)
+    else:
+        width = his[None, :] - los[:, None]
+        inside = counts.sum() - count_low[:, None] - count_high[None, :]
+        error = clipped_low[:, None] + clipped_high[None, :] + (width / levels) ** 2 / 12 * inside
+    error = np.where((width > 0) & ~np.isnan(error), error, np.inf).reshape(-1)  # as before: NaN never wins
+    if not np.isfinite(error).any():
+        return TensorData(lowest=np.float32(low), highest=np.float32(high))
+    best = int(np.argmin(error))
+    if spec.symmetric:
+        lo, hi = los[best], his[best]
+    else:
+        lo, hi = los[best // steps], his[best % steps]
+    return TensorData(lowest=np.float32(lo), highest=np.float32(hi))
 
 
 def share_pool_ranges(model: onnx.ModelProto, ranges: TensorsData) -> tuple[TensorsData, list[str]]:
