@@ -11,8 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from click.testing import CliRunner
 
 from dsgonnx import SyntheticSet
+from dsgonnx_cli.main import cli
 from zoo import export_torchscript
 
 BIN = Path(sys.executable).parent
@@ -37,6 +40,18 @@ def _torchrun(*args, timeout=300) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, env=_env(), timeout=timeout)
 
 
+def _alone(*args) -> "click.testing.Result":
+    """``dsgonnx *args`` in this process with one torch thread, as each rank runs: the one
+    process the split runs are compared with (a process of its own would spend as long again
+    importing torch, onnx2torch and ORT as the run takes)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return CliRunner().invoke(cli, [str(a) for a in args])
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _ranked_script(tmp_path: Path, argv_by_rank: str) -> Path:
     """A launcher whose dsgonnx arguments depend on the rank (``argv_by_rank``: Python that
     sets ``argv`` from ``rank``), for launches that go wrong."""
@@ -57,9 +72,8 @@ def test_two_ranks_write_one_set_equal_to_one_process_making_the_same_batches(ti
     assert launched.returncode == 0, launched.stderr[-2000:]
     assert launched.stdout.count('"output"') == 1  # rank 0 alone reports
     one = tmp_path / "one.npz"
-    alone = subprocess.run([str(BIN / "dsgonnx"), "synthesize", str(model), "-o", str(one), *common,
-                            "--batch-size", "6", "--quiet"], capture_output=True, text=True, env=_env())
-    assert alone.returncode == 0, alone.stderr
+    alone = _alone("synthesize", model, "-o", one, *common, "--batch-size", "6", "--quiet")
+    assert alone.exit_code == 0, alone.output
     together, single = SyntheticSet.load(two), SyntheticSet.load(one)
     assert together.images.shape == (8, 3, 16, 16) and together.holdout.shape == (4, 3, 16, 16)
     assert together.meta["ranks"] == 2 and together.meta["holdout"] == 4
@@ -135,13 +149,11 @@ def _split_and_alone(tiny, calib, tmp_path, args: list, first_learning_flag: str
     assert launched.returncode == 0, launched.stderr[-2000:]
     assert launched.stdout.count('"output"') == 1  # rank 0 alone reports and writes
     assert "rank 1 trained on its share of each batch" in launched.stderr
-    alone = subprocess.run([str(BIN / "dsgonnx"), "quantize", str(tiny["kept"]), "-o", str(one), "--calib", str(calib),
-                            *args], capture_output=True, text=True, env=_env())
-    assert alone.returncode == 0, alone.stderr
-    start = subprocess.run([str(BIN / "dsgonnx"), "quantize", str(tiny["kept"]), "-o", str(tmp_path / "plain.onnx"),
-                            "--calib", str(calib), *args[: args.index(first_learning_flag)], "--no-validate", "--device",
-                            "cpu", "--rounding", "nearest"], capture_output=True, text=True, env=_env())
-    assert start.returncode == 0, start.stderr
+    alone = _alone("quantize", tiny["kept"], "-o", one, "--calib", calib, *args)
+    assert alone.exit_code == 0, alone.output
+    start = _alone("quantize", tiny["kept"], "-o", tmp_path / "plain.onnx", "--calib", calib,
+                   *args[: args.index(first_learning_flag)], "--no-validate", "--device", "cpu", "--rounding", "nearest")
+    assert start.exit_code == 0, start.output
     split, whole, plain = _initializers(two), _initializers(one), _initializers(tmp_path / "plain.onnx")
     integers = [name for name in whole if name.endswith("_quantized") and whole[name].dtype != np.int32]
     assert integers and split.keys() == whole.keys()
@@ -181,9 +193,8 @@ def test_qat_under_torchrun_stops_on_its_time_budget_together_and_resumes_from_r
     summary = json.loads(resumed.stdout)["qat"]
     assert summary["resumed_from"] == 0 and summary["steps"] == 12 and summary["stopped"] == "done"
     # resumed where every rank stopped, it ends where one uninterrupted process ends
-    alone = subprocess.run([str(BIN / "dsgonnx"), "quantize", str(tiny["kept"]), "-o", str(tmp_path / "one.onnx"),
-                            "--calib", str(calib), *QAT], capture_output=True, text=True, env=_env())
-    assert alone.returncode == 0, alone.stderr
+    alone = _alone("quantize", tiny["kept"], "-o", tmp_path / "one.onnx", "--calib", calib, *QAT)
+    assert alone.exit_code == 0, alone.output
     written, whole = _initializers(out), _initializers(tmp_path / "one.onnx")
     for name, value in whole.items():
         np.testing.assert_allclose(written[name], value, rtol=1e-3, atol=1e-6, err_msg=name)
