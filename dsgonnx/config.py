@@ -1049,7 +1049,8 @@ class QuantConfig:
     def plain_rounding(self) -> Rounding:
         """The rounding quantize would use without ``refine``/``qat``: what ``--fallback``
         checks a learned model against (besides nearest rounding)."""
-        return replace(self, refine=None, qat=None, keep_candidates=None).weight_rounding()
+        # (without the fallback's own settings, which need a learned model: at W6 there is none)
+        return replace(self, refine=None, qat=None, keep_candidates=None, fallback_probes=None).weight_rounding()
 
     @property
     def synthetic(self) -> bool:

@@ -295,6 +295,18 @@ def test_the_independent_probes_can_be_chosen(setup):
         QuantConfig(fallback_probes="inversion", **{**common, "fallback": False})
 
 
+@pytest.mark.parametrize("bits", [4, 6])
+def test_fallback_probes_go_with_reconstruction_at_any_width(bits):
+    """What reconstruction starts from is the rounding quantize uses without it (nearest at
+    W6, SQuant's at W4); asked for with the fallback's probes given, at W6 it was refused as if
+    no learned model were there to weigh (``--w6a6 --refine brecq --fallback-probes none``)."""
+    from dsgonnx.config import Rounding
+
+    config = QuantConfig(wbits=bits, abits=bits, refine=RefineConfig(), fallback_probes="none")
+    assert config.plain_rounding() == (Rounding.SQUANT if bits == 4 else Rounding.NEAREST)
+    assert config.fallback_probes == ()
+
+
 def test_after_refinement_the_model_without_bias_correction_is_a_candidate_and_is_written_when_chosen(setup,
                                                                                                      monkeypatch):
     import dsgonnx.pipeline as pipeline
