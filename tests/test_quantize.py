@@ -982,3 +982,25 @@ def test_mse_search_picks_the_candidate_of_least_expected_error(symmetric):
     # nothing but zeros: no candidate has a width, and the observed range is kept
     zeros, edges = np.histogram(np.zeros(10), bins=2048, range=(0, 0))
     assert np.ravel(mse_range(zeros, edges, 0.0, 0.0, spec).range_value).tolist() == [0.0, 0.0]
+
+
+def test_entropy_search_is_onnx_runtimes_value_for_value():
+    """The KL search with array operations finds the window ORT's own loops find, on heavy
+    tails, ReLU-like spikes with holes, and narrow bumps, with windows that are no multiple
+    of the merged bins (a remainder) and merged bins of 2 to 24."""
+    from onnxruntime.quantization.calibrate import HistogramCollector
+
+    from dsgonnx.quant.calibrate import _entropy_threshold
+
+    rng = np.random.default_rng(5)
+    for case in range(24):
+        values = (rng.standard_t(1 + case % 4, 3000), np.maximum(rng.normal(size=3000), 0) ** (1 + case % 3),
+                  rng.normal(3, 0.1 + case / 50, 3000))[case % 3]
+        hist, edges = np.histogram(values, bins=128)
+        hist[rng.integers(0, 128, 6)] = 0  # empty bins: q spreads over the non-empty ones
+        quantized = (2, 5, 8, 12, 16, 24)[case % 6]
+        low, high = np.float32(values.min()), np.float32(values.max())
+        ours = _entropy_threshold(hist, edges, low, high, quantized)
+        theirs = HistogramCollector("entropy", False, 128, quantized, None, None).get_entropy_threshold(
+            (hist, edges, low, high, float(max(abs(edges[0]), abs(edges[-1])))), quantized)
+        assert [float(v) for v in ours] == [float(v) for v in theirs], (case, ours, theirs)

@@ -13,7 +13,9 @@ from typing import Optional
 import numpy as np
 import onnx
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod
-from onnxruntime.quantization.calibrate import HistogramCollector, TensorData, TensorsData, create_calibrator
+from onnxruntime.quantization.calibrate import TensorData, TensorsData, create_calibrator
+from onnxruntime.quantization.calibrate import entropy as kl_divergence
+from onnxruntime.quantization.quant_utils import smooth_distribution
 
 from .. import hardware
 from ..config import Calibrator
@@ -135,10 +137,41 @@ def entropy_range(hist: np.ndarray, edges: np.ndarray, low: float, high: float, 
     if low >= 0:
         hist = hist.copy()
         hist[min(int(np.searchsorted(edges, 0.0, side="right")) - 1, hist.size - 1)] = 0
-    threshold = float(max(abs(edges[0]), abs(edges[-1])))
-    search = HistogramCollector("entropy", spec.symmetric, hist.size, merged, None, None)
-    lowest, highest = search.get_entropy_threshold((hist, edges, np.float32(low), np.float32(high), threshold), merged)
+    lowest, highest = _entropy_threshold(hist, edges, np.float32(low), np.float32(high), merged)
     return TensorData(lowest=np.float32(min(float(lowest), 0.0)), highest=np.float32(max(float(highest), 0.0)))
+
+
+def _entropy_threshold(hist: np.ndarray, edges: np.ndarray, low, high, quantized: int) -> tuple:
+    """ONNX Runtime's KL search (``HistogramCollector.get_entropy_threshold``), value for value,
+    with its per-bin Python loops and sums written as array operations: windows of 2i + 1 bins
+    about the middle one, the outliers added to the end bins (p), merged into ``quantized``
+    bins, each spread evenly (truncated to an integer, as ORT does) over the window's non-empty
+    bins of it (q; a remainder of fewer than ``quantized`` bins counts in the last merged bin
+    and is spread nowhere); both smoothed; the first window of least divergence, clamped to the
+    observed range. ORT's loops took ~1 s per tensor at 8 bits on a 2-core CPU."""
+    size = hist.size
+    middle, half = size // 2, quantized // 2
+    divergences = np.zeros(middle - half + 1)
+    windows = []
+    below = np.concatenate([[0], np.cumsum(hist)])  # counts before each bin (integers: exact)
+    for i in range(half, middle + 1):
+        start, end = middle - i, min(middle + i + 1, size)
+        windows.append((edges[start], edges[end]))
+        sliced = hist[start:end]
+        p = sliced.copy()
+        p[0] += below[start]
+        p[-1] += below[size] - below[end]
+        merged = sliced.size // quantized
+        whole = quantized * merged
+        bins = sliced[:whole].reshape(quantized, merged).sum(axis=1)
+        bins[-1] += sliced[whole:].sum()
+        filled = (p[:whole] != 0).reshape(quantized, merged).sum(axis=1)
+        q = np.zeros(p.size, dtype=np.int64)
+        q[:whole] = np.repeat(np.where(filled != 0, bins / np.maximum(filled, 1), 0), merged)
+        p, q = smooth_distribution(p), smooth_distribution(q)
+        divergences[i - half] = np.inf if p is None or q is None else np.array(kl_divergence(p, q), dtype=edges.dtype)
+    lowest, highest = windows[int(np.argmin(divergences))]
+    return (low if lowest < low else lowest), (high if highest > high else highest)
 
 
 def mse_range(hist: np.ndarray, edges: np.ndarray, low: float, high: float, spec: BitSpec, steps: int = 40) -> TensorData:
