@@ -39,6 +39,13 @@ def test_w4a4_reconstruction_of_a_vit(vit, tmp_path):
     assert done.refine["refined_layers"] == ["/patch/Conv", *[f"/encoder/layers.{i}/self_attn/Gemm" for i in (0, 1)]]
     # (a MatMul's weight is rounded plainly: not refined, and its value in the simulation float)
     assert sum("MatMul weights are not refined" in s["why"] for s in done.refine["skipped_layers"]) == 6
+    # what ORT quantizes beside the refined layers, the simulation leaves float, and the report says so
+    # (it said nothing): each MatMul's weight, each LayerNormalization's scale and bias, the bias Adds'
+    # constants, GELU's 0.5 and 1 (the weights' INT4 in ORT's file); the Conv's and Gemms' are simulated
+    left = done.refine["unsimulated"]
+    assert sum(s.startswith("input 1 of") and s.endswith("/MatMul") for s in left) == 6
+    assert sum(s.endswith("/LayerNormalization") for s in left) == 2 * 5
+    assert not any(s.endswith(("/Conv", "/Gemm")) for s in left) and len(left) == 27, left
     images = np.random.default_rng(0).standard_normal((4, 3, 16, 16)).astype(np.float32)
     logits = ort.InferenceSession(str(done.output), providers=["CPUExecutionProvider"]).run(None, {"input": images})[0]
     assert logits.shape == (4, 10) and np.isfinite(logits).all()

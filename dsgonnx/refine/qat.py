@@ -76,7 +76,7 @@ from ..synth.generative import GeneratorTrainer, logits
 from ..validation.metrics import top1_agreement
 from .ranks import Ranks, images_digest, run_digest
 from .reconstruct import RefineResult, _export, _find_layers, _learn_steps
-from .simulate import first_output, insert_activation_quant, layer_module
+from .simulate import first_output, insert_activation_quant, layer_module, unsimulated
 from .views import augment, mix
 
 
@@ -540,7 +540,6 @@ def qat_model(model_path: Path, output_path: Path, placement: Placement, images:
     refined = _export(layers, model_path, output_path, biases=True)
     activations = {name: (float(q.step().detach().cpu()), q.zero_point) for name, q in learned.items()}
     seconds = round(time.perf_counter() - started, 2)
-    unsimulated = [f"activation {name}" for name in missing] + [f"float reader of {n}" for n in placement.float_readers]
     done_steps = step - (resumed_from or 0)
     report = {"method": "qat", "config": config.to_dict(), "device": str(torch_device), "seconds": seconds,
               "steps": step, "stopped": stopped, "resumed_from": resumed_from,
@@ -562,7 +561,7 @@ def qat_model(model_path: Path, output_path: Path, placement: Placement, images:
               "train_loss_start": [round(v, 6) for v in losses[:5]],
               "train_loss": [round(v, 6) for v in losses[-5:]],
               "refined_layers": [layer.onnx_name for layer in layers], "skipped_layers": skipped,
-              "simulated_activations": len(quantizers), "unsimulated": unsimulated,
+              "simulated_activations": len(quantizers), "unsimulated": unsimulated(placement, missing, layers),
               "learned_activation_steps": {name: {"calibrated": quantizers[name].scale, "learned": scale}
                                            for name, (scale, _) in activations.items()}}
     say(f"qat: {stopped} after {step} steps in {seconds:.1f}s; held-out {config.loss} {before:.4g} -> {after:.4g}, "

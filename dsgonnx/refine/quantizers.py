@@ -183,6 +183,11 @@ class QuantLayer(nn.Module):
         """Hold the bias as ORT exports it for an input quantized by ``input_quant``."""
         self._input = (input_quant,)
 
+    @property
+    def bias_quantized(self) -> bool:
+        """Whether the bias is held as ORT exports it (:meth:`quantize_bias_on`)."""
+        return self.inner.bias is not None and bool(self._input)
+
     def correct_for(self, mean: np.ndarray) -> None:
         """Subtract ΔW·E[x] from the bias in the rounding modes (``mean``: E[x] per input
         channel), as bias correction does to the written model (:func:`~dsgonnx.quant.correct.correct_biases`:

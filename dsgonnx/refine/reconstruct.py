@@ -45,7 +45,7 @@ from ..quant.qdq import quantized_weights
 from .blocks import Unit, concat, join_nodes, partition, read_from_outside, run_unit, take, tensors
 from .quantizers import ActQuant, QuantLayer, random_mask, weight_scales
 from .ranks import Ranks, images_digest, run_digest
-from .simulate import first_output, insert_activation_quant, layer_module
+from .simulate import first_output, insert_activation_quant, layer_module, unsimulated
 from .views import with_views
 
 
@@ -334,14 +334,13 @@ def refine_model(model_path: Path, output_path: Path, placement: Placement, imag
     weights = _export(layers, model_path, output_path)
     activations = {name: (float(q.step().detach().cpu()), q.zero_point) for name, q in learned.items()}
     seconds = round(time.perf_counter() - started, 2)
-    unsimulated = [f"activation {name}" for name in missing] + [f"float reader of {n}" for n in placement.float_readers]
     report = {"method": config.method.value, "config": config.to_dict(), "device": str(torch_device),
               "seconds": seconds, "calibration_samples": run.n_train, "ranks": world.size if world is not None else 1,
               "loss_measured_on": "held-out samples" if held is not None else "the calibration samples",
               "held_out_samples": len(rows) - run.n_train if held is not None else 0,
               "refined_layers": [layer.onnx_name for layer in layers], "skipped_layers": skipped,
               "corrected_inside": len(corrected),
-              "simulated_activations": len(quantizers), "unsimulated": unsimulated,
+              "simulated_activations": len(quantizers), "unsimulated": unsimulated(placement, missing, layers),
               "learned_activation_steps": {name: {"calibrated": quantizers[name].scale, "learned": scale}
                                            for name, (scale, _) in activations.items()},
               "units": report_units}

@@ -84,6 +84,18 @@ class Simulation:
         return first_output(self.model.module, images, batch, next(self.model.module.parameters()).device)
 
 
+def unsimulated(placement: Placement, missing: list[str], layers: list) -> list[str]:
+    """What the QDQ model quantizes that a training simulation leaves float: activations its
+    graph lacks (``missing``), tensors some node reads unquantized, and every quantized
+    constant input but the weights of ``layers`` (Conv/Gemm wrapped in a QuantLayer: ``onnx_name``,
+    ``input_name``, ``module``) and their biases where the input is quantized: a MatMul's
+    weight, a LayerNormalization's scale, an Add's constant. Named as :func:`simulate_qdq` names them."""
+    simulated = {(layer.onnx_name, 1) for layer in layers}
+    simulated |= {(layer.onnx_name, 2) for layer in layers if layer.module.bias_quantized}
+    return ([f"activation {name}" for name in missing] + [f"float reader of {n}" for n in placement.float_readers]
+            + [f"input {index} of {node}" for node, index in placement.constants if (node, index) not in simulated])
+
+
 def first_output(module: nn.Module, images: np.ndarray, batch: int, device: torch.device) -> np.ndarray:
     """``module``'s first output for ``images`` in chunks of ``batch``, without grad, as float32."""
     outputs = []
