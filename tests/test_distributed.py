@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from click.testing import CliRunner
+from click.testing import CliRunner, Result
 
 from dsgonnx import SyntheticSet
 from dsgonnx_cli.main import cli
@@ -40,7 +40,7 @@ def _torchrun(*args, timeout=300) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, env=_env(), timeout=timeout)
 
 
-def _alone(*args) -> "click.testing.Result":
+def _alone(*args) -> Result:
     """``dsgonnx *args`` in this process with one torch thread, as each rank runs: the one
     process the split runs are compared with (a process of its own would spend as long again
     importing torch, onnx2torch and ORT as the run takes)."""

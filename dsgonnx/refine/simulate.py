@@ -87,9 +87,9 @@ class Simulation:
 def unsimulated(placement: Placement, missing: list[str], layers: list) -> list[str]:
     """What the QDQ model quantizes that a training simulation leaves float: activations its
     graph lacks (``missing``), tensors some node reads unquantized, and every quantized
-    constant input but the weights of ``layers`` (Conv/Gemm wrapped in a QuantLayer: ``onnx_name``,
-    ``input_name``, ``module``) and their biases where the input is quantized: a MatMul's
-    weight, a LayerNormalization's scale, an Add's constant. Named as :func:`simulate_qdq` names them."""
+    constant input but the weights of ``layers`` (each with its node's ``onnx_name`` and its
+    QuantLayer ``module``) and their biases where the input is quantized: a MatMul's weight, a
+    LayerNormalization's scale, an Add's constant. Named as :func:`simulate_qdq` names them."""
     simulated = {(layer.onnx_name, 1) for layer in layers}
     simulated |= {(layer.onnx_name, 2) for layer in layers if layer.module.bias_quantized}
     return ([f"activation {name}" for name in missing] + [f"float reader of {n}" for n in placement.float_readers]
@@ -114,13 +114,13 @@ def simulate_qdq(float_path: Path, qdq_path: Path) -> Simulation:
     placement = read_placement(onnx.load(str(qdq_path)))
     torch_model = to_torch(load_model(float_path))
     quantizers, missing = insert_activation_quant(torch_model, placement.activations)
-    unsimulated = [f"activation {name}" for name in missing]
+    left_float = [f"activation {name}" for name in missing]
     nodes = {node.name: node for node in torch_model.graph.graph.node}
     for (node_name, index), constant in placement.constants.items():
         node = nodes.get(node_name)
         _, _, layer = layer_module(torch_model.module, torch_model.module_names.get(node_name))
         if node is None or layer is None or node.op_type not in ("Conv", "Gemm") or index not in (1, 2):
-            unsimulated.append(f"input {index} of {node_name}")
+            left_float.append(f"input {index} of {node_name}")
             continue
         values = constant.values
         if node.op_type == "Gemm" and index == 1 and not next((a.i for a in node.attribute if a.name == "transB"), 0):
@@ -131,8 +131,8 @@ def simulate_qdq(float_path: Path, qdq_path: Path) -> Simulation:
                                         f"the converted layer {None if parameter is None else tuple(parameter.shape)}")
         with torch.no_grad():
             parameter.copy_(torch.from_numpy(np.ascontiguousarray(values)))
-    unsimulated += [f"float reader of {name}" for name in placement.float_readers]
-    return Simulation(model=torch_model, placement=placement, quantizers=quantizers, unsimulated=unsimulated)
+    left_float += [f"float reader of {name}" for name in placement.float_readers]
+    return Simulation(model=torch_model, placement=placement, quantizers=quantizers, unsimulated=left_float)
 
 
 def fidelity(simulated: np.ndarray, exported: np.ndarray) -> dict:
