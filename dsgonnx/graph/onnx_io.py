@@ -146,7 +146,7 @@ def quantizable(loaded: LoadedModel, any_batch_twin: bool = False) -> LoadedMode
     ``loaded`` itself when it needs neither. With ``any_batch_twin`` (reconstruction and QAT
     run batches of their own size through the torch twin of ORT's pre-processed model), a file
     that fixes its batch is worked on through a twin that takes any where that twin computes
-    each sample as the file does (:func:`_takes_any_batch`): ORT's pre-processing would
+    each sample as the file does (:func:`_any_batch_twin`): ORT's pre-processing would
     otherwise write the fixed batch into the graph (a MatMul+Add fused to Gemm between
     Reshapes to [batch·tokens, C]). Raises :class:`UnsupportedModelError` where the
     conversion fails."""
@@ -163,9 +163,9 @@ def quantizable(loaded: LoadedModel, any_batch_twin: bool = False) -> LoadedMode
     if half:
         float16_to_float32(model.graph)
     if free:
-        if _takes_any_batch(model, loaded.input.name, Path(loaded._scratch.name)):
-            any_batch(model)
-            batch = loaded.input.fixed_batch
+        twin = _any_batch_twin(model, loaded.input.name, Path(loaded._scratch.name))
+        if twin is not None:
+            model, batch = twin, loaded.input.fixed_batch
         elif not half:
             return loaded
     if loaded.opset < QDQ_OPSET:
@@ -197,10 +197,10 @@ def quantizable(loaded: LoadedModel, any_batch_twin: bool = False) -> LoadedMode
                    file_batch=batch if batch is not None else loaded.file_batch)
 
 
-def _takes_any_batch(model: onnx.ModelProto, name: str, folder: Path) -> bool:
-    """Whether ``model`` (its batch fixed), its batch made symbolic, runs one sample more than
-    the batch and gives each of the others what the fixed model gives it: nothing inside
-    depends on the batch (a Reshape to [1, -1] would)."""
+def _any_batch_twin(model: onnx.ModelProto, name: str, folder: Path) -> Optional[onnx.ModelProto]:
+    """``model`` (its batch fixed) with its batch made symbolic, where that twin runs one sample
+    more than the batch and gives each of the others what the fixed model gives it: nothing
+    inside depends on the batch (a Reshape to [1, -1] would). None otherwise."""
     from ..runtime import ort_session
 
     dims = [d.dim_value for d in next(i for i in model.graph.input if i.name == name).type.tensor_type.shape.dim]
@@ -215,11 +215,12 @@ def _takes_any_batch(model: onnx.ModelProto, name: str, folder: Path) -> bool:
         try:
             outputs.append(ort_session(path).run(None, {name: batch}))
         except Exception:  # (ORT refuses the other batch: something inside fixes it)
-            return False
+            return None
         finally:
             path.unlink(missing_ok=True)
-    return all(np.shape(any_) == (dims[0] + 1, *np.shape(fixed)[1:]) and np.allclose(
+    alike = all(np.shape(any_) == (dims[0] + 1, *np.shape(fixed)[1:]) and np.allclose(
         any_[:-1], fixed, rtol=1e-4, atol=1e-5 * (float(np.abs(fixed).max()) + 1)) for fixed, any_ in zip(*outputs))
+    return twin if alike else None
 
 
 def _set_batch(model: onnx.ModelProto, batch: int | str) -> None:

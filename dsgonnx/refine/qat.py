@@ -76,7 +76,7 @@ from ..synth.generative import GeneratorTrainer, logits
 from ..validation.metrics import top1_agreement
 from .ranks import Ranks, images_digest, run_digest
 from .reconstruct import RefineResult, _export, _find_layers, _learn_steps
-from .simulate import first_output, insert_activation_quant, layer_module, unsimulated
+from .simulate import first_output, insert_activation_quant, layer_inputs, layer_module, unsimulated
 from .views import augment, mix
 
 
@@ -561,7 +561,7 @@ def qat_model(model_path: Path, output_path: Path, placement: Placement, images:
               "train_loss_start": [round(v, 6) for v in losses[:5]],
               "train_loss": [round(v, 6) for v in losses[-5:]],
               "refined_layers": [layer.onnx_name for layer in layers], "skipped_layers": skipped,
-              "simulated_activations": len(quantizers), "unsimulated": unsimulated(placement, missing, layers),
+              "simulated_activations": len(quantizers), "unsimulated": unsimulated(placement, missing, layer_inputs(layers)),
               "learned_activation_steps": {name: {"calibrated": quantizers[name].scale, "learned": scale}
                                            for name, (scale, _) in activations.items()}}
     say(f"qat: {stopped} after {step} steps in {seconds:.1f}s; held-out {config.loss} {before:.4g} -> {after:.4g}, "

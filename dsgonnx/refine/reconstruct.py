@@ -45,7 +45,7 @@ from ..quant.qdq import quantized_weights
 from .blocks import Unit, concat, join_nodes, partition, read_from_outside, run_unit, take, tensors
 from .quantizers import ActQuant, QuantLayer, random_mask, weight_scales
 from .ranks import Ranks, images_digest, run_digest
-from .simulate import first_output, insert_activation_quant, layer_module, unsimulated
+from .simulate import first_output, insert_activation_quant, layer_inputs, layer_module, unsimulated
 from .views import with_views
 
 
@@ -340,7 +340,7 @@ def refine_model(model_path: Path, output_path: Path, placement: Placement, imag
               "held_out_samples": len(rows) - run.n_train if held is not None else 0,
               "refined_layers": [layer.onnx_name for layer in layers], "skipped_layers": skipped,
               "corrected_inside": len(corrected),
-              "simulated_activations": len(quantizers), "unsimulated": unsimulated(placement, missing, layers),
+              "simulated_activations": len(quantizers), "unsimulated": unsimulated(placement, missing, layer_inputs(layers)),
               "learned_activation_steps": {name: {"calibrated": quantizers[name].scale, "learned": scale}
                                            for name, (scale, _) in activations.items()},
               "units": report_units}

@@ -84,16 +84,21 @@ class Simulation:
         return first_output(self.model.module, images, batch, next(self.model.module.parameters()).device)
 
 
-def unsimulated(placement: Placement, missing: list[str], layers: list) -> list[str]:
-    """What the QDQ model quantizes that a training simulation leaves float: activations its
-    graph lacks (``missing``), tensors some node reads unquantized, and every quantized
-    constant input but the weights of ``layers`` (each with its node's ``onnx_name`` and its
-    QuantLayer ``module``) and their biases where the input is quantized: a MatMul's weight, a
-    LayerNormalization's scale, an Add's constant. Named as :func:`simulate_qdq` names them."""
-    simulated = {(layer.onnx_name, 1) for layer in layers}
-    simulated |= {(layer.onnx_name, 2) for layer in layers if layer.module.bias_quantized}
-    return ([f"activation {name}" for name in missing] + [f"float reader of {n}" for n in placement.float_readers]
-            + [f"input {index} of {node}" for node, index in placement.constants if (node, index) not in simulated])
+def unsimulated(placement: Placement, missing: list[str], simulated: set[tuple[str, int]]) -> list[str]:
+    """What the QDQ model quantizes that a simulation leaves float: activations its graph lacks
+    (``missing``), every quantized constant input (node name, input index) not in ``simulated``
+    (a MatMul's weight, a LayerNormalization's scale, an Add's constant, ...), and tensors some
+    node reads unquantized."""
+    return ([f"activation {name}" for name in missing]
+            + [f"input {index} of {node}" for node, index in placement.constants if (node, index) not in simulated]
+            + [f"float reader of {name}" for name in placement.float_readers])
+
+
+def layer_inputs(layers: list) -> set[tuple[str, int]]:
+    """The constant inputs training simulates: each layer's weight (a QuantLayer ``module`` of
+    node ``onnx_name``) and its bias where the input is quantized."""
+    return ({(layer.onnx_name, 1) for layer in layers}
+            | {(layer.onnx_name, 2) for layer in layers if layer.module.bias_quantized})
 
 
 def first_output(module: nn.Module, images: np.ndarray, batch: int, device: torch.device) -> np.ndarray:
@@ -114,13 +119,12 @@ def simulate_qdq(float_path: Path, qdq_path: Path) -> Simulation:
     placement = read_placement(onnx.load(str(qdq_path)))
     torch_model = to_torch(load_model(float_path))
     quantizers, missing = insert_activation_quant(torch_model, placement.activations)
-    left_float = [f"activation {name}" for name in missing]
+    loaded = set()
     nodes = {node.name: node for node in torch_model.graph.graph.node}
     for (node_name, index), constant in placement.constants.items():
         node = nodes.get(node_name)
         _, _, layer = layer_module(torch_model.module, torch_model.module_names.get(node_name))
         if node is None or layer is None or node.op_type not in ("Conv", "Gemm") or index not in (1, 2):
-            left_float.append(f"input {index} of {node_name}")
             continue
         values = constant.values
         if node.op_type == "Gemm" and index == 1 and not next((a.i for a in node.attribute if a.name == "transB"), 0):
@@ -131,8 +135,9 @@ def simulate_qdq(float_path: Path, qdq_path: Path) -> Simulation:
                                         f"the converted layer {None if parameter is None else tuple(parameter.shape)}")
         with torch.no_grad():
             parameter.copy_(torch.from_numpy(np.ascontiguousarray(values)))
-    left_float += [f"float reader of {name}" for name in placement.float_readers]
-    return Simulation(model=torch_model, placement=placement, quantizers=quantizers, unsimulated=left_float)
+        loaded.add((node_name, index))
+    return Simulation(model=torch_model, placement=placement, quantizers=quantizers,
+                      unsimulated=unsimulated(placement, missing, loaded))
 
 
 def fidelity(simulated: np.ndarray, exported: np.ndarray) -> dict:
