@@ -176,6 +176,11 @@ def _gpu_name(results: dict) -> str:
     return f", {torch.cuda.get_device_name()}"
 
 
+# sections other scripts measure, carried into RESULTS.md whenever it is written (name -> the
+# markdown they wrote)
+RECORD_SECTIONS = {"transformers": HERE / "transformer_fidelity.md"}
+
+
 def _cpu_name() -> str:
     from dsgonnx.hardware import cpu_info
 
@@ -420,6 +425,7 @@ def main(argv=None) -> int:
                   markdown(results), ""]
     if chart:
         lines += ["![top-1 by method and bits](results.png)", ""]
+    lines += [path.read_text() for path in RECORD_SECTIONS.values() if path.exists()]
     (out / "RESULTS.md").write_text("\n".join(lines))
     print(f"wrote {out / 'RESULTS.md'} in {time.time() - started:.0f} s", file=sys.stderr)
     return 0

@@ -295,3 +295,21 @@ def test_gelu_with_an_undefined_approximation_is_refused_by_name():
     register_all()
     message = str(_conversion_error(model, RuntimeError("x")))
     assert "Gelu" in message and "approximate='erf'" in message, message
+
+
+@pytest.mark.parametrize("opset", [9, 13])
+def test_matmul_by_a_constant_matrix_is_a_linear_layer(opset):
+    """x·B with B a 2-D initializer (an nn.Linear on a transformer's tokens, exported as MatMul)
+    becomes an nn.Linear of Bᵀ — a layer reconstruction and QAT can refine — on inputs of any
+    rank; a MatMul of two computed tensors, or by a batched constant, stays onnx2torch's."""
+    weight, batched = _x(8, 5), _x(2, 8, 5)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"]), helper.make_node("MatMul", ["x", "b"], ["z"]),
+             helper.make_node("MatMul", ["x", "xt"], ["t"]), helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 2, 1])]
+    model = make_model([nodes[0], nodes[1], nodes[3], nodes[2]], [_vi("x", F, [2, 3, 8])], [_vi("y"), _vi("z"), _vi("t")],
+                       initializers=[("w", weight), ("b", batched)], opset=opset)
+    _ort_vs_torch(model, {"x": _x(2, 3, 8)})
+    module = convert(model)
+    kinds = [type(module.get_submodule(n.target)) for n in module.graph.nodes if n.op == "call_module"]
+    assert kinds.count(torch.nn.Linear) == 1
+    linear = next(m for m in module.modules() if isinstance(m, torch.nn.Linear))
+    assert linear.bias is None and torch.equal(linear.weight, torch.from_numpy(weight.T))

@@ -48,6 +48,12 @@ class TorchModel:
         nodes = {node.name: node for node in self.module.graph.nodes}
         return {name: nodes[node] for name, node in self.module.meta["onnx_values"].items() if node in nodes}
 
+    def constant_nodes(self) -> dict[str, fx.Node]:
+        """ONNX initializer name -> the fx ``get_attr`` node reading it, for the initializers
+        the converters take as inputs (the others are held inside the converted modules)."""
+        nodes = {node.name: node for node in self.module.graph.nodes}
+        return {name: nodes[node] for name, node in self.module.meta["onnx_constants"].items() if node in nodes}
+
 
 @dataclass(frozen=True)
 class ParityResult:
@@ -146,6 +152,8 @@ def build_module(model: onnx.ModelProto) -> fx.GraphModule:
     module = fx.GraphModule(root, graph)
     # which fx node computes each ONNX value (a simulation quantizes tensors by their ONNX names)
     module.meta["onnx_values"] = {name: node.name for name, node in values.items() if node.op != "get_attr"}
+    # ... and which reads each initializer a converter takes as an input (others are held by the modules)
+    module.meta["onnx_constants"] = {name: node.name for name, node in values.items() if node.op == "get_attr"}
     module.meta["module_names"] = module_names
     return module
 

@@ -233,25 +233,25 @@ class WeightSite:
 
     node: onnx.NodeProto
     weight: str  # initializer name
-    axis: Optional[int]  # output-channel axis of the ONNX tensor; None: per-tensor only (MatMul)
+    axis: Optional[int]  # output-channel axis of the ONNX tensor; None: per-tensor only (a batched MatMul)
 
 
 def quantized_weights(model: onnx.ModelProto, exclude: Iterable[str] = ()) -> list[WeightSite]:
     """Every weight ORT's QDQ quantizer quantizes in ``model`` (Conv, ConvTranspose, Gemm and
     MatMul with an initializer as input 1), in graph order, except those of ``exclude``d nodes.
     The one definition: the simulated-bit overrides and reconstruction both use it."""
-    initializers = {t.name for t in model.graph.initializer}
+    ranks = {t.name: len(t.dims) for t in model.graph.initializer}
     exclude = set(exclude)
     sites = []
     for node in model.graph.node:
-        if node.name in exclude or len(node.input) < 2 or node.input[1] not in initializers:
+        if node.name in exclude or len(node.input) < 2 or node.input[1] not in ranks:
             continue
         if node.op_type in _WEIGHT_AXIS:
             axis = _WEIGHT_AXIS[node.op_type]
         elif node.op_type == "Gemm":
             axis = 0 if next((a.i for a in node.attribute if a.name == "transB"), 0) else 1
-        elif node.op_type == "MatMul":
-            axis = None
+        elif node.op_type == "MatMul":  # x·B: B's columns are the outputs (ORT's per-channel axis)
+            axis = 1 if ranks[node.input[1]] == 2 else None
         else:
             continue
         sites.append(WeightSite(node, node.input[1], axis))

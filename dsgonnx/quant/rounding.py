@@ -97,8 +97,8 @@ def squant_model(model_path: Path, output_path: Path, *, exclude: set[str], per_
     initializers = {t.name: t for t in model.graph.initializer}
     grids, flipped, total = {}, 0, 0
     for site in quantized_weights(model, exclude):
-        if site.axis is None or site.weight in grids:  # MatMul (per tensor, no output axis), or shared
-            continue
+        if site.node.op_type == "MatMul" or site.axis is None or site.weight in grids:  # (SQuant was measured
+            continue  # on Conv/Gemm weights: a MatMul's is rounded to nearest), or shared
         weight = numpy_helper.to_array(initializers[site.weight]).astype(np.float64)
         low, high = (weight_ranges or {}).get(site.weight, weight_range)
         moved = np.moveaxis(weight, site.axis, 0)

@@ -31,13 +31,26 @@ class Unit:
     outputs: list[fx.Node] = field(default_factory=list)
 
 
+def constant_nodes(module: fx.GraphModule) -> set[fx.Node]:
+    """fx nodes computed from constants alone (initializers, and what is computed from them
+    only: the simulation's dequantized constants, shape arithmetic on them)."""
+    constant: set[fx.Node] = set()
+    for node in module.graph.nodes:
+        if node.op == "get_attr" or (node.op in ("call_module", "call_function", "call_method")
+                                     and all(a in constant for a in node.all_input_nodes)):
+            constant.add(node)
+    return constant
+
+
 def join_nodes(module: fx.GraphModule, op_types: dict[str, str]) -> set[fx.Node]:
-    """fx nodes whose ONNX op is an Add/Sum of two or more computed tensors."""
+    """fx nodes whose ONNX op is an Add/Sum of two or more computed tensors (a bias Add, whose
+    constant the simulation dequantizes, is not a join)."""
     joins = set()
+    constant = constant_nodes(module)
     for node in module.graph.nodes:
         if node.op != "call_module" or op_types.get(str(node.target)) not in JOIN_OPS:
             continue
-        computed = [a for a in node.all_input_nodes if a.op not in ("get_attr",)]
+        computed = [a for a in node.all_input_nodes if a not in constant]
         if len(computed) >= 2:
             joins.add(node)
     return joins

@@ -2,8 +2,9 @@
 
 The student is the simulation reconstruction trains against (:mod:`.simulate`): the model ORT
 is about to quantize (pre-processed, BN folded), converted to torch, with every tensor the
-exported QDQ model quantizes fake-quantized on its grid. Unlike reconstruction it learns
-end to end: every quantized Conv/Gemm's float weight and bias (through straight-through
+exported QDQ model quantizes fake-quantized on its grid and every other quantized constant on
+its exported values. Unlike reconstruction it learns end to end: every quantized Conv/Gemm's
+(and weight-matrix MatMul's) float weight and bias (through straight-through
 rounding, :class:`~.quantizers.QuantLayer` mode ``train``), each weight's per-channel step and
 each activation grid's step (LSQ, Esser et al. 2020, as the log of the step) are trained
 together to minimise the mean squared difference of the first output's logits from those
@@ -76,7 +77,8 @@ from ..synth.generative import GeneratorTrainer, logits
 from ..validation.metrics import top1_agreement
 from .ranks import Ranks, images_digest, run_digest
 from .reconstruct import RefineResult, _export, _find_layers, _learn_steps
-from .simulate import first_output, insert_activation_quant, layer_inputs, layer_module, unsimulated
+from .simulate import (first_output, insert_activation_quant, insert_constant_quant, layer_inputs, layer_module,
+                       unsimulated)
 from .views import augment, mix
 
 
@@ -319,7 +321,7 @@ def qat_model(model_path: Path, output_path: Path, placement: Placement, images:
     layers, skipped = _find_layers(student_model, onnx_model, placement, exclude, weight_top, per_channel,
                                    True, weight_tops or {})
     if not layers:
-        raise UnsupportedModelError("qat: the model has no Conv/Gemm layer to train")
+        raise UnsupportedModelError("qat: the model has no Conv/Gemm/MatMul layer to train")
     quantizers, missing = insert_activation_quant(student_model, placement.activations)
     if (config.start == "refine") != (start is not None):
         raise ValueError("qat: start 'refine' needs the reconstruction to start from (and only it takes one)")
@@ -327,6 +329,7 @@ def qat_model(model_path: Path, output_path: Path, placement: Placement, images:
     for layer in layers:
         if layer.input_name in quantizers:
             layer.module.quantize_bias_on(quantizers[layer.input_name])
+    _, simulated = insert_constant_quant(student_model, placement, layer_inputs(layers), quantizers)
     learned = _learn_steps(quantizers, placement) if config.act_lr > 0 else {}
     student = student_model.module.to(torch_device).float()
     for parameter in list(student.parameters()) + list(teacher.parameters()):
@@ -561,7 +564,8 @@ def qat_model(model_path: Path, output_path: Path, placement: Placement, images:
               "train_loss_start": [round(v, 6) for v in losses[:5]],
               "train_loss": [round(v, 6) for v in losses[-5:]],
               "refined_layers": [layer.onnx_name for layer in layers], "skipped_layers": skipped,
-              "simulated_activations": len(quantizers), "unsimulated": unsimulated(placement, missing, layer_inputs(layers)),
+              "simulated_activations": len(quantizers),
+              "unsimulated": unsimulated(placement, missing, layer_inputs(layers) | simulated),
               "learned_activation_steps": {name: {"calibrated": quantizers[name].scale, "learned": scale}
                                            for name, (scale, _) in activations.items()}}
     say(f"qat: {stopped} after {step} steps in {seconds:.1f}s; held-out {config.loss} {before:.4g} -> {after:.4g}, "

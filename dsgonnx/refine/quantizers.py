@@ -126,6 +126,40 @@ class ActQuant(nn.Module):
         return xq
 
 
+class ConstQuant(nn.Module):
+    """A constant input as the QDQ model dequantizes it (a MatMul's weight, a
+    LayerNormalization's scale, an Add's constant, ...): ``values`` (the exported integers times
+    their scales) where ``enabled``, else its input, the float constant (reconstruction computes
+    its float targets with it off). Used as a module in front of the reader, or as a
+    parametrization of the tensor a converted module holds (:mod:`.simulate`).
+
+    An int32 bias (a LayerNormalization's, an unrefined Conv's) is on the grid of the input's
+    step times the weight's, which learned activation steps move: after :meth:`on_grid_of` it
+    is rounded from its float value on that grid, as ORT writes it."""
+
+    def __init__(self, values: np.ndarray):
+        super().__init__()
+        self.enabled = True
+        self.register_buffer("values", torch.from_numpy(np.array(values, dtype=np.float32)))
+        self.register_buffer("weight_scales", None)
+        self._input: tuple = ()  # the ActQuant of the reader's input (not a submodule: it lives in the graph)
+
+    def on_grid_of(self, input_quant: "ActQuant", weight_scales: np.ndarray) -> None:
+        self._input = (input_quant,)
+        self.weight_scales = torch.from_numpy(np.array(weight_scales, dtype=np.float32).reshape(-1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        if not self._input:
+            return self.values.to(x.dtype)
+        # ORT: the scale product in float32, the division in float64, dequantized in float32
+        scale = self._input[0].step().detach().to(x.device) * self.weight_scales
+        info = torch.iinfo(torch.int32)
+        integers = torch.round(x.detach().double() / scale.double()).clamp(info.min, info.max)
+        return (integers.float() * scale).to(x.dtype)
+
+
 class QuantLayer(nn.Module):
     """A Conv/Linear with a B-bit weight grid.
 

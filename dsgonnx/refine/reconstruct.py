@@ -4,8 +4,9 @@ Works on the model ONNX Runtime is about to quantize (after its pre-processing, 
 converted to torch, with every tensor the exported QDQ model quantizes fake-quantized on its
 exported grid (:mod:`.simulate`: the model input, layer inputs and outputs, both inputs of
 each residual Add, pooled features, ... as read from a plain QDQ model of the same float
-model). Units (layers or blocks, :mod:`.blocks`) are processed in graph order. Each unit sees
-two streams of its inputs: the float model's (whose unit outputs are the targets) and the
+model), and every other constant it quantizes (a LayerNormalization's scale, an Add's
+constant, ...) on its exported values. Units (layers or blocks, :mod:`.blocks`) are processed
+in graph order. Each unit sees two streams of its inputs: the float model's (whose unit outputs are the targets) and the
 already-quantized prefix's (what the unit will really receive). Its weight roundings are
 learned to minimise
 
@@ -45,7 +46,8 @@ from ..quant.qdq import quantized_weights
 from .blocks import Unit, concat, join_nodes, partition, read_from_outside, run_unit, take, tensors
 from .quantizers import ActQuant, QuantLayer, random_mask, weight_scales
 from .ranks import Ranks, images_digest, run_digest
-from .simulate import first_output, insert_activation_quant, layer_inputs, layer_module, unsimulated
+from .simulate import (first_output, insert_activation_quant, insert_constant_quant, layer_inputs, layer_module,
+                       unsimulated)
 from .views import with_views
 
 
@@ -84,7 +86,7 @@ class _Layer:
 
 def _find_layers(torch_model, onnx_model: onnx.ModelProto, placement: Placement, exclude: set[str], weight_top: int,
                  per_channel: bool, scale_search: bool, weight_tops: dict) -> tuple[list[_Layer], list[dict]]:
-    """Wrap every Conv/Gemm weight ORT will quantize in a QuantLayer (on the grid of
+    """Wrap every Conv/Gemm/MatMul weight ORT will quantize in a QuantLayer (on the grid of
     ``weight_tops[weight]``, else ``weight_top``; its bias on the int32 grid of its input's
     scale); list what is skipped and why."""
     uses: dict[str, int] = {}
@@ -99,8 +101,12 @@ def _find_layers(torch_model, onnx_model: onnx.ModelProto, placement: Placement,
         if node.name in exclude:
             skipped.append({"layer": node.name, "why": "excluded (kept float)"})
             continue
-        if node.op_type not in ("Conv", "Gemm"):
+        if node.op_type not in ("Conv", "Gemm", "MatMul"):
             skipped.append({"layer": node.name, "why": f"{node.op_type} weights are not refined (plain rounding)"})
+            continue
+        if site.axis is None:  # a MatMul by a stack of matrices
+            skipped.append({"layer": node.name, "why": "MatMul by a weight of more than 2 dimensions is not refined "
+                                                       "(plain rounding)"})
             continue
         if uses.get(site.weight, 0) > 1:
             skipped.append({"layer": node.name, "why": "weight shared with another node"})
@@ -111,7 +117,8 @@ def _find_layers(torch_model, onnx_model: onnx.ModelProto, placement: Placement,
             kind = type(module.get_submodule(target)).__name__ if target else "nothing"
             skipped.append({"layer": node.name, "why": f"converted to {kind}, not a Conv/Linear module"})
             continue
-        transposed = node.op_type == "Gemm" and site.axis == 1  # transB=0: ONNX holds the transpose
+        # Gemm with transB=0, MatMul (x·B, an nn.Linear of Bᵀ): ONNX holds the transpose
+        transposed = node.op_type == "MatMul" or (node.op_type == "Gemm" and site.axis == 1)
         onnx_axis = site.axis if per_channel else None
         top = weight_tops.get(site.weight, weight_top)
         scales = weight_scales(inner.weight, top, 0 if per_channel else None, search=scale_search)
@@ -260,13 +267,14 @@ def refine_model(model_path: Path, output_path: Path, placement: Placement, imag
     layers, skipped = _find_layers(torch_model, onnx_model, placement, exclude, weight_top, per_channel, config.scale_search,
                                    weight_tops or {})
     if not layers:
-        raise UnsupportedModelError("refine: the model has no Conv/Gemm layer to refine")
+        raise UnsupportedModelError("refine: the model has no Conv/Gemm/MatMul layer to refine")
     quantizers, missing = insert_activation_quant(torch_model, placement.activations)
-    for quantizer in quantizers.values():
-        quantizer.enabled = False  # each unit turns its own on once its float targets are computed
     for layer in layers:
         if layer.input_name in quantizers:  # ORT quantizes the bias on the input's scale times the weight's
             layer.module.quantize_bias_on(quantizers[layer.input_name])
+    constants, simulated = insert_constant_quant(torch_model, placement, layer_inputs(layers), quantizers)
+    for quantizer in [*quantizers.values(), *(q for qs in constants.values() for q in qs)]:
+        quantizer.enabled = False  # each unit turns its own on once its float targets are computed
     learned = _learn_steps(quantizers, placement) if config.act_lr > 0 else {}
     inside = bool(config.correct_inside)  # None (unresolved): as quantize resolves it without bias correction
     if inside and input_means is None:
@@ -313,14 +321,15 @@ def refine_model(model_path: Path, output_path: Path, placement: Placement, imag
         q_in = [q_env[n] for n in unit.inputs]
         targets = _run_rows(module, unit, fp_in, everything, run.chunk)
         unit_acts = [acts[n] for n in unit.nodes if n in acts]
-        for quantizer in unit_acts:
+        unit_constants = [q for n in unit.nodes for q in constants.get(n, [])]
+        for quantizer in unit_acts + unit_constants:
             quantizer.enabled = True
         if unit.layers:
             tail = None if prediction is None else prediction.after(unit, q_env)
             report_units.append(run.reconstruct(unit, q_in, targets, unit_acts, fp_in, tail))
             q_out = _run_rows(module, unit, q_in, everything, run.chunk)
         else:
-            same = not unit_acts and all(a is b for a, b in zip(fp_in, q_in))
+            same = not unit_acts and not unit_constants and all(a is b for a, b in zip(fp_in, q_in))
             q_out = targets if same else _run_rows(module, unit, q_in, everything, run.chunk)
         for node, fp_value, q_value in zip(unit.outputs, targets, q_out):
             fp_env[node], q_env[node] = fp_value, q_value
@@ -340,7 +349,8 @@ def refine_model(model_path: Path, output_path: Path, placement: Placement, imag
               "held_out_samples": len(rows) - run.n_train if held is not None else 0,
               "refined_layers": [layer.onnx_name for layer in layers], "skipped_layers": skipped,
               "corrected_inside": len(corrected),
-              "simulated_activations": len(quantizers), "unsimulated": unsimulated(placement, missing, layer_inputs(layers)),
+              "simulated_activations": len(quantizers),
+              "unsimulated": unsimulated(placement, missing, layer_inputs(layers) | simulated),
               "learned_activation_steps": {name: {"calibrated": quantizers[name].scale, "learned": scale}
                                            for name, (scale, _) in activations.items()},
               "units": report_units}
@@ -406,7 +416,7 @@ def _check_held_memory(module, units: list[Unit], chw: tuple, samples: int, devi
 def check_memory_before(model, samples: int, held_out: bool, config: RefineConfig, device: str = "auto") -> None:
     """:func:`refine_model`'s memory check, made before the calibration images are: ``model`` (a
     :class:`~dsgonnx.graph.onnx_io.LoadedModel`, the float model quantize starts from) sized
-    by the same one-sample run through the same partition of its torch twin, whose Conv/Gemm
+    by the same one-sample run through the same partition of its torch twin, whose Conv/Gemm/MatMul
     layers not yet wrapped and activations not yet quantized change no tensor's size. So a
     set reconstruction would refuse is refused before the synthesis's minutes, not after."""
     torch_device = resolve_device(device)
@@ -414,7 +424,8 @@ def check_memory_before(model, samples: int, held_out: bool, config: RefineConfi
     module = torch_model.module.to(torch_device).float().eval()
     op_types = _op_types(torch_model)
     layers = {n for n in module.graph.nodes
-              if n.op == "call_module" and op_types.get(str(n.target)) in ("Conv", "Gemm")}
+              if n.op == "call_module" and (op_types.get(str(n.target)) in ("Conv", "Gemm")
+                                            or isinstance(module.get_submodule(n.target), nn.Linear))}
     units = partition(module, layers, join_nodes(module, op_types), config.method, config.block_layers)
     _check_held_memory(module, units, tuple(model.input.chw), samples, torch_device, held_out)
 

@@ -3,7 +3,10 @@
 :func:`insert_activation_quant` puts an :class:`~.quantizers.ActQuant` after every tensor the
 QDQ model quantizes (:func:`dsgonnx.quant.placement.read_placement`: the model input, layer
 inputs and outputs, both inputs of a residual Add, pooled features, ...), on its exported
-grid. Reconstruction trains on that graph, so the loss it minimises is the deployed model's.
+grid, and :func:`insert_constant_quant` makes every other constant input ORT quantizes (a
+MatMul's weight, a LayerNormalization's scale and bias, an Add's constant, a Conv weight left
+unrefined, ...) read its exported values. Reconstruction trains on that graph, so the loss it
+minimises is the deployed model's.
 :func:`simulate_qdq` also loads the exported weights and biases (their integers times their
 scales) into the float model's layers: its logits are the QDQ model's up to the order of
 float additions (ORT's integer kernels round once per output where the simulation rounds
@@ -19,13 +22,15 @@ from typing import Optional
 import numpy as np
 import onnx
 import torch
+from onnx import numpy_helper
 from torch import fx, nn
+from torch.nn.utils import parametrize
 
 from ..errors import UnsupportedModelError
 from ..graph.onnx_io import load_model
 from ..graph.to_torch import TorchModel, to_torch
 from ..quant.placement import Grid, Placement, read_placement
-from .quantizers import ActQuant
+from .quantizers import ActQuant, ConstQuant
 
 LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -68,6 +73,86 @@ def insert_activation_quant(torch_model: TorchModel, grids: dict[str, Grid]) -> 
     module.graph.lint()
     module.recompile()
     return quantizers, missing
+
+
+def _held_tensor(module: nn.Module, values: np.ndarray) -> Optional[tuple[nn.Module, str, bool]]:
+    """(owner, attribute, transposed) of the one parameter or buffer of ``module`` equal to
+    ``values`` (a float initializer the converter took into the module: nn.LayerNorm's weight,
+    a Conv's), or its transpose (a 2-D weight an nn.Linear holds); None unless exactly one."""
+    wanted = torch.from_numpy(np.array(values, dtype=np.float32))
+    found = []
+    for _, owner in module.named_modules():
+        tensors = list(owner.named_parameters(recurse=False)) + list(owner.named_buffers(recurse=False))
+        for attr, tensor in tensors:
+            if tensor is None or not tensor.is_floating_point():
+                continue
+            held = tensor.detach().cpu().float()
+            for transposed, target in ((False, wanted), (True, wanted.T if wanted.dim() == 2 else None)):
+                if target is not None and held.shape == target.shape and torch.equal(held, target):
+                    found.append((owner, attr, transposed))
+                    break
+    return found[0] if len(found) == 1 else None
+
+
+def _const_quant(values: np.ndarray, input_quant: Optional[ActQuant], weight) -> ConstQuant:
+    quant = ConstQuant(values)
+    if input_quant is not None:
+        quant.on_grid_of(input_quant, weight.scales)
+    return quant
+
+
+def insert_constant_quant(torch_model: TorchModel, placement: Placement, skip: set[tuple[str, int]],
+                          activations: dict[str, ActQuant]) -> tuple[dict[fx.Node, list[ConstQuant]], set[tuple[str, int]]]:
+    """Make every quantized constant input of ``placement`` (node name, input index) but those of
+    ``skip`` (the layers simulated otherwise) read its exported values: a :class:`ConstQuant`
+    in front of the reader where the converter takes the constant as an input, else a
+    parametrization of the one equal tensor its module holds. An int32 bias follows the step
+    of the reader's input in ``activations`` (ONNX name -> its ActQuant), which training may
+    learn. Returns the fx node that evaluates each ConstQuant -> them (reconstruction switches
+    them per unit), and the inputs simulated."""
+    module = torch_model.module
+    onnx_nodes = {node.name: node for node in torch_model.graph.graph.node}
+    initializers = {t.name: t for t in torch_model.graph.graph.initializer}
+    getters = torch_model.constant_nodes()
+    calls = {str(node.target): node for node in module.graph.nodes if node.op == "call_module"}
+    owners: dict[fx.Node, list[ConstQuant]] = {}
+    simulated: set[tuple[str, int]] = set()
+    for (node_name, index), constant in placement.constants.items():
+        node = onnx_nodes.get(node_name)
+        target = torch_model.module_names.get(node_name)
+        reader = calls.get(target) if target else None
+        if (node_name, index) in skip or node is None or reader is None or index >= len(node.input):
+            continue
+        name, values = node.input[index], constant.values
+        weight = placement.constants.get((node_name, 1))
+        int32_bias = (index == 2 and constant.low == np.iinfo(np.int32).min and weight is not None
+                      and node.input[0] in activations)
+        getter = getters.get(name)
+        if getter is not None and getter in reader.all_input_nodes:
+            if tuple(module.get_buffer(getter.target).shape) != values.shape:
+                continue
+            quant = _const_quant(values, activations[node.input[0]] if int32_bias else None, weight)
+            attr = f"dsgonnx_constq_{sum(len(q) for q in owners.values())}"
+            module.add_module(attr, quant)
+            with module.graph.inserting_before(reader):
+                evaluator = module.graph.call_module(attr, (getter,))
+            reader.replace_input_with(getter, evaluator)
+        elif name in initializers:
+            held = _held_tensor(module.get_submodule(target), numpy_helper.to_array(initializers[name]))
+            if held is None:
+                continue
+            owner, attr, transposed = held
+            quant = _const_quant(values.T if transposed else values, activations[node.input[0]] if int32_bias else None,
+                                 weight)
+            parametrize.register_parametrization(owner, attr, quant)
+            evaluator = reader
+        else:
+            continue
+        owners.setdefault(evaluator, []).append(quant)
+        simulated.add((node_name, index))
+    module.graph.lint()
+    module.recompile()
+    return owners, simulated
 
 
 @dataclass
@@ -114,8 +199,9 @@ def first_output(module: nn.Module, images: np.ndarray, batch: int, device: torc
 
 def simulate_qdq(float_path: Path, qdq_path: Path) -> Simulation:
     """The simulation of the QDQ model at ``qdq_path`` built on ``float_path``, the float model
-    ORT quantized into it (node names shared): its quantized activations on their grids, and
-    the dequantized weights and biases of its Conv/Gemm layers."""
+    ORT quantized into it (node names shared): its quantized activations on their grids, the
+    dequantized weights and biases of its Conv/Gemm/MatMul layers, and every other quantized constant
+    (:func:`insert_constant_quant`)."""
     placement = read_placement(onnx.load(str(qdq_path)))
     torch_model = to_torch(load_model(float_path))
     quantizers, missing = insert_activation_quant(torch_model, placement.activations)
@@ -124,10 +210,11 @@ def simulate_qdq(float_path: Path, qdq_path: Path) -> Simulation:
     for (node_name, index), constant in placement.constants.items():
         node = nodes.get(node_name)
         _, _, layer = layer_module(torch_model.module, torch_model.module_names.get(node_name))
-        if node is None or layer is None or node.op_type not in ("Conv", "Gemm") or index not in (1, 2):
+        if node is None or layer is None or node.op_type not in ("Conv", "Gemm", "MatMul") or index not in (1, 2):
             continue
         values = constant.values
-        if node.op_type == "Gemm" and index == 1 and not next((a.i for a in node.attribute if a.name == "transB"), 0):
+        if index == 1 and (node.op_type == "MatMul" or node.op_type == "Gemm"
+                           and not next((a.i for a in node.attribute if a.name == "transB"), 0)):
             values = values.T  # ONNX holds the transpose of nn.Linear's weight
         parameter = layer.weight if index == 1 else layer.bias
         if parameter is None or tuple(parameter.shape) != values.shape:
@@ -136,8 +223,9 @@ def simulate_qdq(float_path: Path, qdq_path: Path) -> Simulation:
         with torch.no_grad():
             parameter.copy_(torch.from_numpy(np.ascontiguousarray(values)))
         loaded.add((node_name, index))
+    _, constants = insert_constant_quant(torch_model, placement, loaded, quantizers)
     return Simulation(model=torch_model, placement=placement, quantizers=quantizers,
-                      unsimulated=unsimulated(placement, missing, loaded))
+                      unsimulated=unsimulated(placement, missing, loaded | constants))
 
 
 def fidelity(simulated: np.ndarray, exported: np.ndarray) -> dict:

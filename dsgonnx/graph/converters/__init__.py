@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import importlib
 
-_FAMILIES = ("passthrough", "cast", "reshape", "reduce", "pad", "split", "resize", "legacy", "activation")
+_FAMILIES = ("passthrough", "cast", "reshape", "reduce", "pad", "split", "resize", "legacy", "activation", "linear")
 _registered = False
 
 

@@ -48,15 +48,15 @@ def register(op_type: str, versions: Iterable[int]) -> Callable[[Converter], Con
     return deco
 
 
-def wrap_existing(op_type: str, versions: Iterable[int], handles: Callable[[OnnxNode], bool]):
-    """Use ``converter`` for the nodes ``handles`` accepts and onnx2torch's own for the rest."""
+def wrap_existing(op_type: str, versions: Iterable[int], handles: Callable[[OnnxNode, OnnxGraph], bool]):
+    """Use ``converter`` for the nodes ``handles(node, graph)`` accepts and onnx2torch's own for the rest."""
 
     def deco(converter: Converter) -> Converter:
         for version in versions:
             fallback = existing_converter(op_type, version) if _onnx2torch_has(op_type, version) else None
 
             def dispatch(node, graph, _fallback=fallback):
-                return converter(node, graph) if _fallback is None or handles(node) else _fallback(node, graph)
+                return converter(node, graph) if _fallback is None or handles(node, graph) else _fallback(node, graph)
 
             _OURS[(op_type, version)] = dispatch
         return converter

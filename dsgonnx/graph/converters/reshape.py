@@ -30,7 +30,7 @@ class OnnxReshapeCopyZero(nn.Module, OnnxToTorchModule):
         return torch.reshape(input_tensor, dims)
 
 
-def _allows_zero(node: OnnxNode) -> bool:
+def _allows_zero(node: OnnxNode, graph: OnnxGraph | None = None) -> bool:
     return node.attributes.get("allowzero", 0) == 1
 
 
