@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 from click.testing import CliRunner
 from onnx import numpy_helper
 
@@ -759,3 +760,59 @@ def test_cli_refuses_a_calibration_set_reconstruction_cannot_hold_in_one_line(se
     assert result.exit_code == 2, result.output
     assert "ask for fewer (--num-samples)" in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+class _ShapeAcrossBlocks(torch.nn.Module):
+    """A residual net that reads its first activation's shape once and reshapes to it after the
+    blocks (as exporters write a reused ``x.shape``): a shape tensor crosses the block cuts."""
+
+    def __init__(self):
+        super().__init__()
+        self.c0, self.c1, self.c2 = (torch.nn.Conv2d(c, 8, 3, padding=1) for c in (3, 8, 8))
+        self.fc = torch.nn.Linear(8 * 8 * 8, 10)
+
+    def forward(self, x):
+        y = torch.relu(self.c0(x))
+        shape = y.shape
+        y = y + torch.relu(self.c1(y))
+        y = y + torch.relu(self.c2(y))
+        return self.fc(y.flatten(1).reshape(shape).flatten(1))
+
+
+def test_a_value_without_the_batch_crosses_block_cuts_whole(tmp_path):
+    """A shape tensor computed in one block and read after the next is no activation: taken by
+    rows like one, reconstruction stopped with 'index 4 is out of bounds'. mark_whole finds it
+    by batches of 1 and 2, and it is passed whole."""
+    import warnings
+
+    from dsgonnx.refine.blocks import Whole, concat, take
+
+    torch.manual_seed(0)
+    path = tmp_path / "shape.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_ShapeAcrossBlocks().eval(), torch.randn(2, 3, 8, 8), str(path), input_names=["input"],
+                          output_names=["logits"], dynamic_axes={"input": {0: "N"}, "logits": {0: "N"}},
+                          opset_version=17, dynamo=False)
+    calib = np.random.default_rng(0).standard_normal((8, 3, 8, 8)).astype(np.float32)
+    done = quantize(str(path), QuantConfig(wbits=4, abits=4, calib=calib, num_samples=8, holdout=0, validate=False,
+                                           output=str(tmp_path / "q.onnx"), refine=RefineConfig(iters=4, batch_size=4)))
+    assert [len(unit["layers"]) for unit in done.refine["units"]] == [2, 1]
+    assert done.refine["fidelity"]["sqnr_db"] > 40, done.refine["fidelity"]
+
+    # the value marked: what the first block hands on beside its activation is the shape
+    from dsgonnx.graph.to_torch import to_torch
+    from dsgonnx.refine.blocks import join_nodes, mark_whole, partition
+    from dsgonnx.refine.reconstruct import _op_types
+
+    twin = to_torch(load_model(pre_process(path, tmp_path / "prepared.onnx")))
+    module, op_types = twin.module, _op_types(twin)
+    layers = {n for n in module.graph.nodes if n.op == "call_module" and op_types.get(str(n.target)) in ("Conv", "Gemm")}
+    units = partition(module, layers, join_nodes(module, op_types), "brecq")
+    assert [u.whole for u in units] == [set()] * len(units)  # (not known before the marking)
+    mark_whole(module, units, (3, 8, 8), torch.device("cpu"))
+    whole = [node for unit in units[:-1] for node in unit.whole]
+    assert whole and all(node in units[-1].inputs for node in whole)
+    # ... which take() gives whole and concat() of chunks keeps once
+    assert take(Whole(torch.tensor([4, 8])), torch.arange(3)).tolist() == [4, 8]
+    assert isinstance(concat([Whole(torch.ones(2))] * 2), Whole)

@@ -29,6 +29,35 @@ class Unit:
     layers: list[fx.Node]  # the quantized layers inside, in order
     inputs: list[fx.Node] = field(default_factory=list)
     outputs: list[fx.Node] = field(default_factory=list)
+    whole: set[fx.Node] = field(default_factory=set)  # outputs that do not carry the batch (mark_whole)
+
+
+class Whole:
+    """A value that does not carry the batch (a shape tensor read by a later unit): :func:`take`
+    gives it whole, :func:`concat` of chunks keeps one."""
+
+    def __init__(self, value):
+        self.value = value
+
+
+def mark_whole(module: fx.GraphModule, units: list["Unit"], chw: tuple, device: torch.device) -> None:
+    """Set each unit's ``whole``: the outputs whose leading dimension is not the batch's, found
+    by running batches of 1 and 2 zero samples through the units (a shape tensor computed in one
+    block and read in a later one; taken by rows, it was indexed out of bounds)."""
+    seen: dict[fx.Node, bool] = {}
+    placeholder = next(n for n in module.graph.nodes if n.op == "placeholder")
+    with torch.no_grad():
+        for batch in (1, 2):
+            env = {placeholder: torch.zeros((batch, *chw), device=device)}
+            for unit in units:
+                outputs = run_unit(module, unit, [env[n] for n in unit.inputs])
+                for node, value in zip(unit.outputs, outputs):
+                    parts = tensors(value)
+                    batched = bool(parts) and all(t.dim() > 0 and t.shape[0] == batch for t in parts)
+                    seen[node] = seen.get(node, True) and batched
+                env.update(zip(unit.outputs, outputs))
+    for unit in units:
+        unit.whole = {node for node in unit.outputs if not seen.get(node, True)}
 
 
 def constant_nodes(module: fx.GraphModule) -> set[fx.Node]:
@@ -123,7 +152,9 @@ def run_unit(module: fx.GraphModule, unit: Unit, inputs: list) -> list:
 
 
 def take(value, index):
-    """Rows ``index`` of a tensor, or of every tensor in a tuple/list."""
+    """Rows ``index`` of a tensor, or of every tensor in a tuple/list (a :class:`Whole` value whole)."""
+    if isinstance(value, Whole):
+        return value.value
     if isinstance(value, torch.Tensor):
         return value[index] if value.dim() else value
     if isinstance(value, (tuple, list)):
@@ -133,6 +164,8 @@ def take(value, index):
 
 def concat(parts: list):
     first = parts[0]
+    if isinstance(first, Whole):  # the same in every chunk
+        return first
     if isinstance(first, torch.Tensor):
         return torch.cat(parts) if first.dim() else first
     if isinstance(first, (tuple, list)):

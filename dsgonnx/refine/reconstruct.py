@@ -43,7 +43,7 @@ from ..hardware import check_image_memory
 from ..progress import Progress, say
 from ..quant.placement import Placement
 from ..quant.qdq import quantized_weights
-from .blocks import Unit, concat, join_nodes, partition, read_from_outside, run_unit, take, tensors
+from .blocks import Unit, Whole, concat, join_nodes, mark_whole, partition, read_from_outside, run_unit, take, tensors
 from .quantizers import ActQuant, QuantLayer, random_mask, weight_scales
 from .ranks import Ranks, images_digest, run_digest
 from .simulate import (first_output, insert_activation_quant, insert_constant_quant, layer_inputs, layer_module,
@@ -145,7 +145,8 @@ def _run_rows(module, unit: Unit, inputs: list, rows: slice, batch: int) -> list
     with torch.no_grad():
         for start in range(0, len(index), batch):
             chunk = index[start : start + batch]
-            parts.append(run_unit(module, unit, [take(v, chunk) for v in inputs]))
+            outputs = run_unit(module, unit, [take(v, chunk) for v in inputs])
+            parts.append([Whole(v) if n in unit.whole else v for n, v in zip(unit.outputs, outputs)])
     return [concat([p[i] for p in parts]) for i in range(len(unit.outputs))]
 
 
@@ -297,6 +298,7 @@ def refine_model(model_path: Path, output_path: Path, placement: Placement, imag
     held = torch.from_numpy(np.asarray(eval_images, dtype=np.float32)) if eval_images is not None and len(eval_images) else None
     rows = torch.cat([calib, held]) if held is not None else calib
     _check_held_memory(module, units, tuple(rows.shape[1:]), len(rows), torch_device, held is not None)
+    mark_whole(module, units, tuple(rows.shape[1:]), torch_device)
     world = distributed.world()
     world = world if world is not None and world.size > 1 else None
     if world is not None:  # the same model, grids, settings and images on every rank
