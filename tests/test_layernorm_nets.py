@@ -60,14 +60,12 @@ def test_learned_activation_steps_move_the_int32_biases_they_scale(vit, tmp_path
     """ORT writes a LayerNormalization's bias as int32 on its input's step times its scale's: a
     learned input step moves that grid. The simulation rounds the bias on the step it learns, as
     the file does; held on the calibrated grid, the trained ViT W4A4 was 12.9 dB from the file."""
-    import onnx as _onnx
-
     from dsgonnx.quant.placement import read_placement
 
     done = quantize(str(vit), QuantConfig(wbits=4, abits=4, num_samples=8, output=str(tmp_path / "q.onnx"),
                                           refine=RefineConfig(iters=20, batch_size=4, act_lr=0.05), validate=False))
     steps = done.refine["learned_activation_steps"]
-    placement = read_placement(_onnx.load(str(done.output)))
+    placement = read_placement(onnx.load(str(done.output)))
     norms = [(node, index) for node, index in placement.constants if node.endswith("/LayerNormalization") and index == 2]
     assert len(norms) == 5 and all(placement.constants[key].low == np.iinfo(np.int32).min for key in norms)
     moved = [name for name, step in steps.items() if abs(step["learned"] / step["calibrated"] - 1) > 0.01]
@@ -80,8 +78,8 @@ def test_learned_activation_steps_move_the_int32_biases_they_scale(vit, tmp_path
 def test_the_simulation_of_a_transformer_is_its_exported_model(net, bits, vit, tmp_path):
     """simulate_qdq reads every constant ORT quantizes — the MatMuls' weights, LayerNormalization's
     scale and bias, the bias Adds' and GELU's constants — on its exported values: nothing is left
-    float, and the logits follow ONNX Runtime's well above the quantization's own noise (the
-    MatMul weights alone, read float, put the ViT W4A4 simulation 7 dB from the file)."""
+    float (27 inputs of the ViT were), and the logits follow ONNX Runtime's well above the
+    quantization's own noise."""
     from dsgonnx.quant.qdq import pre_process
     from dsgonnx.refine.simulate import fidelity, simulate_qdq
     from dsgonnx.validation.metrics import sqnr_db
