@@ -104,11 +104,14 @@ def main(argv=None) -> None:
         _record(table, time.time() - started)
 
 
+HEADING = "## transformers (tiny, random weights)"
+
+
 def _record(table: list[str], seconds: float) -> None:
     """Write the section of the benchmark of record and put it in RESULTS.md in place of the old one."""
     versions = ", ".join(f"{k} {v}" for k, v in _versions().items())
     section = "\n".join([
-        "## transformers (tiny, random weights)", "",
+        HEADING, "",
         "Is the trained simulation the written file on networks with MatMul, LayerNormalization and GELU, and "
         "what does refinement move? The tests' tiny ViT and ConvNeXt (tests/zoo.py, random weights), 64 "
         "standard-normal calibration images, 200 reconstruction iterations per unit (`RefineConfig(iters=200, "
@@ -121,7 +124,7 @@ def _record(table: list[str], seconds: float) -> None:
     RECORD_SECTIONS["transformers"].write_text(section)
     results = HERE / "RESULTS.md"
     text = results.read_text()
-    heading = "\n## transformers (tiny, random weights)\n"
+    heading = f"\n{HEADING}\n"
     if heading in text:
         start = text.index(heading)
         end = text.find("\n## ", start + len(heading))

@@ -235,6 +235,12 @@ class WeightSite:
     weight: str  # initializer name
     axis: Optional[int]  # output-channel axis of the ONNX tensor; None: per-tensor only (a batched MatMul)
 
+    @property
+    def transposed(self) -> bool:
+        """Whether the ONNX tensor is the transpose of the torch layer's weight: a Gemm with
+        transB=0 and a MatMul by a matrix (x·B, an nn.Linear of Bᵀ) hold [in, out]."""
+        return self.node.op_type in ("Gemm", "MatMul") and self.axis == 1
+
 
 def quantized_weights(model: onnx.ModelProto, exclude: Iterable[str] = ()) -> list[WeightSite]:
     """Every weight ORT's QDQ quantizer quantizes in ``model`` (Conv, ConvTranspose, Gemm and

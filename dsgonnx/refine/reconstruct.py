@@ -6,9 +6,9 @@ exported grid (:mod:`.simulate`: the model input, layer inputs and outputs, both
 each residual Add, pooled features, ... as read from a plain QDQ model of the same float
 model), and every other constant it quantizes (a LayerNormalization's scale, an Add's
 constant, ...) on its exported values. Units (layers or blocks, :mod:`.blocks`) are processed
-in graph order. Each unit sees two streams of its inputs: the float model's (whose unit outputs are the targets) and the
-already-quantized prefix's (what the unit will really receive). Its weight roundings are
-learned to minimise
+in graph order. Each unit sees two streams of its inputs: the float model's (whose unit
+outputs are the targets) and the already-quantized prefix's (what the unit will really
+receive). Its weight roundings are learned to minimise
 
     ‖unit_q(x_q) − unit_fp(x_fp)‖² + λ · Σ (1 − |2h − 1|^β)
 
@@ -79,7 +79,7 @@ class _Layer:
     weight_name: str
     input_name: str  # the ONNX tensor the layer reads
     onnx_axis: Optional[int]
-    transposed: bool  # ONNX weight is the transpose of the torch one (Gemm transB=0)
+    transposed: bool  # ONNX weight is the transpose of the torch one (WeightSite.transposed)
     fx_node: object
     module: QuantLayer
 
@@ -117,14 +117,13 @@ def _find_layers(torch_model, onnx_model: onnx.ModelProto, placement: Placement,
             kind = type(module.get_submodule(target)).__name__ if target else "nothing"
             skipped.append({"layer": node.name, "why": f"converted to {kind}, not a Conv/Linear module"})
             continue
-        # Gemm with transB=0, MatMul (x·B, an nn.Linear of Bᵀ): ONNX holds the transpose
-        transposed = node.op_type == "MatMul" or (node.op_type == "Gemm" and site.axis == 1)
         onnx_axis = site.axis if per_channel else None
         top = weight_tops.get(site.weight, weight_top)
         scales = weight_scales(inner.weight, top, 0 if per_channel else None, search=scale_search)
         wrapped = QuantLayer(inner, scales, top, 0 if per_channel else None)
         setattr(parent, attr, wrapped)
-        layers.append(_Layer(node.name, site.weight, node.input[0], onnx_axis, transposed, fx_by_target[target], wrapped))
+        layers.append(_Layer(node.name, site.weight, node.input[0], onnx_axis, site.transposed, fx_by_target[target],
+                             wrapped))
     return layers, skipped
 
 

@@ -30,6 +30,7 @@ from ..errors import UnsupportedModelError
 from ..graph.onnx_io import load_model
 from ..graph.to_torch import TorchModel, to_torch
 from ..quant.placement import Grid, Placement, read_placement
+from ..quant.qdq import quantized_weights
 from .quantizers import ActQuant, ConstQuant
 
 LAYER_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
@@ -127,11 +128,12 @@ def insert_constant_quant(torch_model: TorchModel, placement: Placement, skip: s
         weight = placement.constants.get((node_name, 1))
         int32_bias = (index == 2 and constant.low == np.iinfo(np.int32).min and weight is not None
                       and node.input[0] in activations)
+        input_quant = activations[node.input[0]] if int32_bias else None  # (its grid: the input's step)
         getter = getters.get(name)
         if getter is not None and getter in reader.all_input_nodes:
             if tuple(module.get_buffer(getter.target).shape) != values.shape:
                 continue
-            quant = _const_quant(values, activations[node.input[0]] if int32_bias else None, weight)
+            quant = _const_quant(values, input_quant, weight)
             attr = f"dsgonnx_constq_{sum(len(q) for q in owners.values())}"
             module.add_module(attr, quant)
             with module.graph.inserting_before(reader):
@@ -142,8 +144,7 @@ def insert_constant_quant(torch_model: TorchModel, placement: Placement, skip: s
             if held is None:
                 continue
             owner, attr, transposed = held
-            quant = _const_quant(values.T if transposed else values, activations[node.input[0]] if int32_bias else None,
-                                 weight)
+            quant = _const_quant(values.T if transposed else values, input_quant, weight)
             parametrize.register_parametrization(owner, attr, quant)
             evaluator = reader
         else:
@@ -206,16 +207,13 @@ def simulate_qdq(float_path: Path, qdq_path: Path) -> Simulation:
     torch_model = to_torch(load_model(float_path))
     quantizers, missing = insert_activation_quant(torch_model, placement.activations)
     loaded = set()
-    nodes = {node.name: node for node in torch_model.graph.graph.node}
+    sites = {site.node.name: site for site in quantized_weights(torch_model.graph)}
     for (node_name, index), constant in placement.constants.items():
-        node = nodes.get(node_name)
+        site = sites.get(node_name)
         _, _, layer = layer_module(torch_model.module, torch_model.module_names.get(node_name))
-        if node is None or layer is None or node.op_type not in ("Conv", "Gemm", "MatMul") or index not in (1, 2):
+        if site is None or layer is None or site.node.op_type not in ("Conv", "Gemm", "MatMul") or index not in (1, 2):
             continue
-        values = constant.values
-        if index == 1 and (node.op_type == "MatMul" or node.op_type == "Gemm"
-                           and not next((a.i for a in node.attribute if a.name == "transB"), 0)):
-            values = values.T  # ONNX holds the transpose of nn.Linear's weight
+        values = constant.values.T if index == 1 and site.transposed else constant.values
         parameter = layer.weight if index == 1 else layer.bias
         if parameter is None or tuple(parameter.shape) != values.shape:
             raise UnsupportedModelError(f"simulation: {node_name} input {index} has shape {values.shape}, "
