@@ -19,7 +19,8 @@ def inspect_model(
 ) -> dict[str, Any]:
     """Load, convert and parity-check ``path``; return a JSON-ready description.
 
-    Keys: ``file``, ``sha256``, ``opset``, ``ir_version``, ``producer``, ``input``
+    Keys: ``file``, ``sha256``, ``opset``, ``ir_version`` (the file's; ``ir_version_read_as`` where
+    it is newer than ONNX Runtime reads), ``producer``, ``input``
     {``name``, ``shape`` (batch ``null`` when dynamic), ``dtype``, ``layout``},
     ``outputs``, ``num_classes`` (values per sample), ``head``, ``op_histogram``, ``bn_count``, ``bn_layers``
     [{``name``, ``channels``, ``eps``, ``kind``: batchnorm | decomposed | decomposed-mean}], ``bn_folded``,
@@ -40,7 +41,9 @@ def inspect_model(
         "file": str(loaded.source),
         "sha256": loaded.sha256,
         "opset": loaded.opset,
-        "ir_version": loaded.model.ir_version,
+        "ir_version": loaded.file_ir_version or loaded.model.ir_version,
+        # (a file newer than ONNX Runtime reads is worked on at the newest IR it does)
+        **({"ir_version_read_as": loaded.model.ir_version} if loaded.file_ir_version else {}),
         "producer": loaded.producer,
         "input": {
             "name": loaded.input.name,
@@ -78,7 +81,9 @@ def format_inspection(info: dict[str, Any]) -> str:
     parity = info["torch_parity"]
     lines = [
         f"model        {info['file']}",
-        f"opset        {info['opset']} (IR {info['ir_version']}, producer {info['producer'] or 'unknown'})",
+        f"opset        {info['opset']} (IR {info['ir_version']}"
+        + (f", read as IR {info['ir_version_read_as']}" if "ir_version_read_as" in info else "")
+        + f", producer {info['producer'] or 'unknown'})",
         f"input        {info['input']['name']}: {shape} {info['input']['dtype']} {info['input']['layout']}"
         + (" (worked on channels-first; quantized models keep NHWC)" if info["input"]["layout"] == "NHWC" else ""),
         f"classes      {info['num_classes']}{' — a binary head, scored as two classes' if info['num_classes'] == 1 else ''}"

@@ -654,6 +654,9 @@ def _finish_model(path: Path, loaded: LoadedModel, bits: dict, calibration: dict
         fixed_batch_interface(model, loaded.file_batch)
         sample = np.resize(sample, (loaded.file_batch, *sample.shape[1:]))
         decisions["input_batch"] = f"{loaded.file_batch}, as the file fixes it (worked on through a twin that takes any)"
+    if loaded.file_ir_version is not None:
+        decisions["ir_version"] = (f"{model.ir_version}: the file's {loaded.file_ir_version} is newer than ONNX Runtime "
+                                   "reads (the same graph, worked on at the newest version it does)")
     if loaded.file_dtype == np.float16:
         float16_interface(model, loaded.input.name, loaded.float16_outputs)
         decisions["input_type"] = "float16: the file's input and outputs, cast to and from the float32 quantized graph"

@@ -14,9 +14,11 @@ kept quiet (imports onnxruntime, never torch).
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import logging
 import os
+from typing import Optional
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
@@ -46,7 +48,68 @@ def ort_session(path, providers=(CPU,), disabled_optimizers=(), as_written=False
         return ort.InferenceSession(os.fspath(path), options, providers=list(providers),
                                     disabled_optimizers=list(disabled_optimizers))
     except Exception as exc:  # ORT raises its own exception types (Fail, InvalidGraph, ...)
-        raise ModelLoadError(f"cannot load ONNX model {path}: {one_line(exc)}") from None
+        failure = exc
+    # a file of an IR version newer than this ORT reads (onnx's helper writes its own newest):
+    # the same graph, its version number lowered, in memory (the file is not touched)
+    lowered = _at_readable_ir(path)
+    if lowered is not None:
+        try:
+            return ort.InferenceSession(lowered, options, providers=list(providers),
+                                        disabled_optimizers=list(disabled_optimizers))
+        except Exception as exc:
+            failure = exc
+    raise ModelLoadError(f"cannot load ONNX model {path}: {one_line(failure)}") from None
+
+
+@functools.lru_cache(maxsize=None)
+def max_ir_version() -> int:
+    """The newest ONNX IR version this onnxruntime loads (ORT has no call that says): an
+    Identity model tried at each version from onnx's newest down."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    for version in range(onnx.IR_VERSION, 7, -1):  # (opset 13's probe needs IR 7)
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+        model.ir_version = version
+        try:
+            ort.InferenceSession(model.SerializeToString(), options, providers=[CPU])
+            return version
+        except Exception:
+            continue
+    return 7
+
+
+def lower_ir_version(model) -> Optional[int]:
+    """Set ``model``'s IR version to the newest this onnxruntime loads where it is newer; the
+    version it had, or None where it was readable already. The graph is unchanged: a feature
+    of the newer IR that the model uses is for the checker and ORT to refuse."""
+    ceiling = max_ir_version()
+    if model.ir_version <= ceiling:
+        return None
+    version, model.ir_version = model.ir_version, ceiling
+    return version
+
+
+def _at_readable_ir(path) -> Optional[bytes]:
+    """The model at ``path`` serialised at an IR version this onnxruntime loads, or None where
+    its version is not the trouble (or it cannot be read here: the session's error stands)."""
+    import onnx
+
+    try:
+        model = onnx.load(os.fspath(path), load_external_data=False)
+        if model.ir_version <= max_ir_version():
+            return None
+        model = onnx.load(os.fspath(path))
+        lower_ir_version(model)
+        return model.SerializeToString()
+    except Exception:
+        return None
 
 
 def run_model(session, feeds: dict, path, outputs=None) -> list:

@@ -55,6 +55,9 @@ class LoadedModel:
     float16_outputs: tuple[str, ...] = ()
     # the batch the file fixes where ``model`` is a twin that takes any (:func:`quantizable`)
     file_batch: Optional[int] = None
+    # the file's IR version where it is newer than ONNX Runtime reads, and ``model`` and the
+    # private copies carry the newest it does (:func:`load_model`)
+    file_ir_version: Optional[int] = None
     _scratch: Optional[tempfile.TemporaryDirectory] = field(default=None, repr=False, compare=False)
 
     @property
@@ -90,6 +93,7 @@ def load_model(path: str | os.PathLike, input_shape: Optional[tuple[int, int, in
     model, data = _read_proto(path)
     has_external = _load_external_data(model, path)
     _check(model, path)
+    file_ir = _readable_ir(model, path)
     _check_values(model, path)
     _check_float(model, path)
     spec, layout = _image_input(model, input_shape)
@@ -99,7 +103,7 @@ def load_model(path: str | os.PathLike, input_shape: Optional[tuple[int, int, in
     # so a file replaced meanwhile cannot mix two models into one result
     scratch = tempfile.TemporaryDirectory(prefix="dsgonnx-model-")
     original = Path(scratch.name) / path.name
-    if has_external:
+    if has_external or file_ir is not None:
         _save(model, original)
     else:
         original.write_bytes(data)
@@ -129,7 +133,30 @@ def load_model(path: str | os.PathLike, input_shape: Optional[tuple[int, int, in
         producer=" ".join(p for p in (model.producer_name, model.producer_version) if p),
         op_histogram=histogram,
         has_external_data=has_external,
+        file_ir_version=file_ir,
     )
+
+
+def _readable_ir(model: onnx.ModelProto, path: Path) -> Optional[int]:
+    """Where ``model``'s IR version is newer than ONNX Runtime reads (onnx's ``helper.make_model``
+    writes onnx's newest), lower it to the newest ORT does and check the model there; the
+    file's version, or None where it was readable."""
+    import onnxruntime
+
+    from ..runtime import lower_ir_version
+
+    version = lower_ir_version(model)
+    if version is None:
+        return None
+    try:
+        if model.ByteSize() < 2**31 - 1:  # (beyond protobuf's 2 GB the file was checked as it is)
+            onnx.checker.check_model(model)
+    except (onnx.checker.ValidationError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"{path}: IR version {version} is newer than ONNX Runtime {onnxruntime.__version__} reads "
+                             f"(up to {model.ir_version}), and the model does not check at IR {model.ir_version}: "
+                             f"{first}") from None
+    return version
 
 
 # QuantizeLinear/DequantizeLinear take a per-channel axis from opset 13 on
