@@ -61,28 +61,41 @@ def ort_session(path, providers=(CPU,), disabled_optimizers=(), as_written=False
     raise ModelLoadError(f"cannot load ONNX model {path}: {one_line(failure)}") from None
 
 
-@functools.lru_cache(maxsize=None)
-def max_ir_version() -> int:
-    """The newest ONNX IR version this onnxruntime loads (ORT has no call that says): an
-    Identity model tried at each version from onnx's newest down."""
-    import onnx
+def _runs_probe(opset: int, ir_version: int) -> bool:
+    """Whether this onnxruntime loads a one-node (Identity) model of ``opset`` and ``ir_version``."""
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
     graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = ir_version
     options = ort.SessionOptions()
     options.log_severity_level = 4
-    for version in range(onnx.IR_VERSION, 7, -1):  # (opset 13's probe needs IR 7)
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-        model.ir_version = version
-        try:
-            ort.InferenceSession(model.SerializeToString(), options, providers=[CPU])
-            return version
-        except Exception:
-            continue
-    return 7
+    try:
+        ort.InferenceSession(model.SerializeToString(), options, providers=[CPU])
+    except Exception:  # ORT's own exception types
+        return False
+    return True
+
+
+@functools.lru_cache(maxsize=None)
+def max_ir_version() -> int:
+    """The newest ONNX IR version this onnxruntime loads (ORT has no call that says), from
+    onnx's newest down (7: what opset 13, the probe's, needs)."""
+    import onnx
+
+    return next((v for v in range(onnx.IR_VERSION, 7, -1) if _runs_probe(13, v)), 7)
+
+
+@functools.lru_cache(maxsize=None)
+def max_opset() -> int:
+    """The newest ai.onnx opset this onnxruntime runs, from onnx's newest down: onnx's newest
+    may be one still under development, which ORT refuses."""
+    import onnx
+
+    return next((o for o in range(onnx.defs.onnx_opset_version(), 13, -1) if _runs_probe(o, max_ir_version())), 13)
 
 
 def lower_ir_version(model) -> Optional[int]:

@@ -188,3 +188,35 @@ def test_a_file_newer_than_onnxruntime_reads_is_worked_on_at_the_newest_ir_it_do
     report = validate(str(path), str(done.output), images=_images(8)).to_dict()
     assert report["agreement"] >= 0.75 and report["sqnr_db"] > 20, report
     assert path.read_bytes() == written
+
+
+def test_an_opset_newer_than_onnxruntime_runs_is_refused_at_load(tmp_path):
+    """onnx's newest opset can be one still under development, which ONNX Runtime refuses to
+    load: `quantize` synthesized its images and then stopped at calibration (where ORT's tools
+    open their own session) with an internal error. Refused at load, in one line."""
+    from dsgonnx import QuantConfig, quantize
+    from dsgonnx.runtime import max_opset
+
+    newest = max_opset()
+    if newest + 1 > onnx.defs.onnx_opset_version():
+        pytest.skip(f"this onnx has no opset newer than ONNX Runtime runs ({newest})")
+    from onnx import TensorProto, helper
+
+    from zoo import make_model
+
+    rng = np.random.default_rng(0)
+    model = make_model(  # (ops whose schemas hold at any opset: the checker passes it)
+        [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Relu", ["c"], ["r"]),
+         helper.make_node("GlobalAveragePool", ["r"], ["p"]), helper.make_node("Flatten", ["p"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        [("w", rng.standard_normal((4, 3, 3, 3)).astype(np.float32))], opset=newest + 1)
+    path = tmp_path / "newest.onnx"
+    onnx.save(model, str(path))
+    message = f"opset {newest + 1} is newer than ONNX Runtime"
+    with pytest.raises(ModelLoadError, match=message):
+        load_model(path)
+    with pytest.raises(ModelLoadError, match=message):
+        quantize(str(path), QuantConfig(wbits=8, abits=8, num_samples=4, output=str(tmp_path / "q.onnx"),
+                                        validate=False))
+    assert not (tmp_path / "q.onnx").exists()

@@ -94,6 +94,7 @@ def load_model(path: str | os.PathLike, input_shape: Optional[tuple[int, int, in
     has_external = _load_external_data(model, path)
     _check(model, path)
     file_ir = _readable_ir(model, path)
+    _check_opset(model, path)
     _check_values(model, path)
     _check_float(model, path)
     spec, layout = _image_input(model, input_shape)
@@ -157,6 +158,19 @@ def _readable_ir(model: onnx.ModelProto, path: Path) -> Optional[int]:
                              f"(up to {model.ir_version}), and the model does not check at IR {model.ir_version}: "
                              f"{first}") from None
     return version
+
+
+def _check_opset(model: onnx.ModelProto, path: Path) -> None:
+    """An opset newer than ONNX Runtime runs (onnx's newest can be one under development) is
+    refused here: quantize got as far as calibration, after the synthesis, and stopped there."""
+    import onnxruntime
+
+    from ..runtime import max_opset
+
+    opset = opset_of(model)
+    if opset > max_opset():
+        raise ModelLoadError(f"{path}: opset {opset} is newer than ONNX Runtime {onnxruntime.__version__} runs (up to "
+                             f"{max_opset()}); export the model at opset {max_opset()} or lower")
 
 
 # QuantizeLinear/DequantizeLinear take a per-channel axis from opset 13 on
