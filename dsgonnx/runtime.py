@@ -29,13 +29,14 @@ CUDA = "CUDAExecutionProvider"
 KEEP_FLOAT_WEIGHTS = ("WeightBiasQuantization",)
 
 
-def ort_session(path, providers=(CPU,), disabled_optimizers=(), as_written=False):
+def ort_session(path, providers=(CPU,), disabled_optimizers=(), as_written=False, shown_as=None):
     """An ``onnxruntime.InferenceSession`` for ``path``: errors only in ORT's log (its
     per-node placement warnings are noise here); a model ORT cannot load is a one-line
     :class:`~dsgonnx.errors.ModelLoadError`. ``disabled_optimizers``: ORT graph
     transformers not to run (``KEEP_FLOAT_WEIGHTS``). ``as_written``: no graph optimization
     at all, so a QDQ model runs as DequantizeLinear -> float op -> QuantizeLinear, the exact
-    integer result (up to float rounding) whatever int8 kernels this CPU would pick."""
+    integer result (up to float rounding) whatever int8 kernels this CPU would pick.
+    ``shown_as``: the file to name in that error where ``path`` is a private copy of it."""
     import onnxruntime as ort
 
     from .errors import ModelLoadError
@@ -58,7 +59,10 @@ def ort_session(path, providers=(CPU,), disabled_optimizers=(), as_written=False
                                         disabled_optimizers=list(disabled_optimizers))
         except Exception as exc:
             failure = exc
-    raise ModelLoadError(f"cannot load ONNX model {path}: {one_line(failure)}") from None
+    detail = one_line(failure)  # (ORT's message names the file it read)
+    if shown_as is not None:
+        detail = detail.replace(os.fspath(path), os.fspath(shown_as))
+    raise ModelLoadError(f"cannot load ONNX model {shown_as or path}: {detail}") from None
 
 
 def _runs_probe(opset: int, ir_version: int) -> bool:

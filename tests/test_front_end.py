@@ -220,3 +220,17 @@ def test_an_opset_newer_than_onnxruntime_runs_is_refused_at_load(tmp_path):
         quantize(str(path), QuantConfig(wbits=8, abits=8, num_samples=4, output=str(tmp_path / "q.onnx"),
                                         validate=False))
     assert not (tmp_path / "q.onnx").exists()
+
+
+def test_a_session_on_a_private_copy_names_the_users_file(tmp_path):
+    """dsgonnx reads a model once and runs private copies of it (in a temporary folder): ORT's
+    refusal to load one named that copy, twice (dsgonnx's prefix and ORT's own message)."""
+    from dsgonnx.runtime import ort_session
+
+    copy = tmp_path / "dsgonnx-model-x" / "net.onnx"
+    copy.parent.mkdir()
+    copy.write_bytes(b"\x08\x07" + b"\xff" * 64)  # (an IR version field, then bytes ORT cannot parse)
+    with pytest.raises(ModelLoadError) as refused:
+        ort_session(copy, shown_as="models/net.onnx")
+    message = str(refused.value)
+    assert message.startswith("cannot load ONNX model models/net.onnx: ") and str(copy) not in message, message

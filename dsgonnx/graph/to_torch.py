@@ -251,7 +251,7 @@ def run_torch(model: TorchModel, images: np.ndarray, batch: Optional[int] = None
 
 def run_onnxruntime(loaded: LoadedModel, images: np.ndarray, batch: Optional[int] = None) -> list[np.ndarray]:
     """Run the original ONNX file in ONNX Runtime (CPU) on ``images``."""
-    session = ort_session(loaded.path)
+    session = ort_session(loaded.path, shown_as=loaded.source)
     batch = batch or _batch_for(loaded, len(images))
     results = []
     for start in range(0, len(images), batch):
