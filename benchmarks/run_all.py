@@ -401,7 +401,9 @@ def main(argv=None) -> int:
                      "correct after it only (`--refine-correct-after`); rows `…+inwritten` and `…+incalib` simulate "
                      "it with the written correction's means or the calibration images' (`--refine-inside-means`; "
                      "the default `auto` takes the calibration images' with synthetic images since commit "
-                     "724b8ff, the written ones with real images); rows `…+pd` add PD-Quant's prediction difference to "
+                     "724b8ff, the written ones with real images, and since 2026-12-07 the written ones with "
+                     "synthetic images too where the network has no depthwise convolutions: the ResNets' rows without "
+                     "`+incalib` measured before then had the calibration images'); rows `…+pd` add PD-Quant's prediction difference to "
                      "each block's loss (`--refine-prediction-weight 10`, its code's weight, at temperature 4; rows "
                      "`…+pd+pdt1` at temperature 1, `--refine-prediction-temperature 1`).", ""]
                     if (refined := [json.dumps({k: v for k, v in r["refine"].items() if k != "start"})

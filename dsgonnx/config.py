@@ -545,7 +545,8 @@ class RefineConfig:
     ``calibration`` (every layer's input mean over the calibration images: the loss then holds
     no shift the calibration images' own means would cause, and the file is corrected with
     the written means), ``auto`` (the default): ``calibration`` with synthetic calibration
-    images, ``written`` with real ones.
+    images on a network with depthwise convolutions, ``written`` with real ones and with
+    synthetic ones elsewhere (measured: README, 'Bias correction inside the reconstruction').
     ``prediction_weight`` > 0 adds PD-Quant's prediction difference to each unit's loss (Liu
     et al. 2023): that weight times KL(softmax(z_fp / T) ‖ softmax(z / T)), z the model's
     output with the unit's quantized output run through the rest of the network in float
@@ -635,16 +636,18 @@ class RefineConfig:
         iters = self.iters if self.iters is not None else device_defaults(device_type).refine_iters
         return replace(self, iters=iters, drop_prob=self.dropping, input_drop=self.input_dropping)
 
-    def resolved(self, plain: "Rounding", corrected: bool = False, synthetic: bool = False) -> "RefineConfig":
+    def resolved(self, plain: "Rounding", corrected: bool = False, synthetic: bool = False,
+                 depthwise: bool = False) -> "RefineConfig":
         """This config with ``start`` ``auto`` made the rounding ``plain`` (what quantize writes
         without reconstruction, :meth:`QuantConfig.plain_rounding`), ``correct_inside`` None
         made ``corrected`` (whether quantize corrects the biases of the model reconstructed),
-        ``inside_means`` ``auto`` made ``calibration`` for ``synthetic`` calibration images, else
-        ``written``, and ``weight_step_lr`` None made 0 for ``synthetic`` images, else
-        :data:`WEIGHT_STEP_LR`."""
+        ``inside_means`` ``auto`` made ``calibration`` for ``synthetic`` calibration images of a
+        network with ``depthwise`` convolutions, else ``written``, and ``weight_step_lr`` None
+        made 0 for ``synthetic`` images, else :data:`WEIGHT_STEP_LR`."""
         start = _start_from(plain) if self.start == "auto" else self.start
         inside = corrected if self.correct_inside is None else self.correct_inside
-        means = self.inside_means if self.inside_means != "auto" else "calibration" if synthetic else "written"
+        means = (self.inside_means if self.inside_means != "auto" else
+                 "calibration" if synthetic and depthwise else "written")
         steps = self.weight_step_lr if self.weight_step_lr is not None else 0.0 if synthetic else WEIGHT_STEP_LR
         return replace(self, start=start, correct_inside=inside, inside_means=means, weight_step_lr=steps)
 

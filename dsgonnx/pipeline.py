@@ -770,12 +770,12 @@ def _refine(prepared: Path, out: Path, ranges, weights, activations, images, hol
                   device=config.device, seed=config.seed,
                   weight_tops={name: weight_top(weights8, reduce_range) for name in kept})
     synthetic = calib_info.get("method") != "real"
+    depthwise = depthwise_layers(prepared_model, config.exclude)
     if config.qat is not None:
         from .refine.qat import qat_model
 
         # start where quantize without --qat is (and what --fallback weighs it against); distil the
         # layers' outputs too unless the network has depthwise convolutions
-        depthwise = depthwise_layers(prepared_model, config.exclude)
         qat = config.qat.resolved(config.plain_rounding(), bool(depthwise))
         if config.qat.feature_weight is None:
             say(f"qat: feature distillation weight {qat.feature_weight:g} ("
@@ -785,12 +785,12 @@ def _refine(prepared: Path, out: Path, ranges, weights, activations, images, hol
         if qat.start == "refine":  # reconstruct first, on the same images and grids; train from its result
             start = refine_model(prepared, out.with_name(f"start-{out.name}"), placement, images, holdout,
                                  config=(config.refine or RefineConfig()).resolved(config.plain_rounding(), False,
-                                                                                   synthetic),
+                                                                                   synthetic, bool(depthwise)),
                                  **common)
             start.release()
         return qat_model(prepared, out, placement, images, holdout, config=qat,
                          generator=_qat_generator(loaded, config, calib_info), start=start, **common)
-    refine = config.refine.resolved(config.plain_rounding(), corrector is not None, synthetic)
+    refine = config.refine.resolved(config.plain_rounding(), corrector is not None, synthetic, bool(depthwise))
     means = written = None
     if refine.correct_inside:  # the means of the simulated correction, for every layer the QDQ model quantizes
         layers = [site.node.name for site in quantized_weights(prepared_model, exclude)

@@ -31,7 +31,7 @@ from dsgonnx.refine import RefineConfig, refine_model
 from dsgonnx.synth import SynthConfig, synthesize
 from dsgonnx.validation.metrics import mean_kl
 from dsgonnx_cli.main import cli
-from zoo import export_tiny_resnet
+from zoo import export_tiny_mobile, export_tiny_resnet
 
 ITERS = 300
 
@@ -619,10 +619,12 @@ def test_correction_inside_needs_bias_correction_and_no_qat(setup):
     assert len(bad.stderr.strip().splitlines()) == 1 and not (setup["folder"] / "bad.onnx").exists()
 
 
-def test_inside_means_and_weight_steps_follow_the_calibration_images(setup, monkeypatch):
-    """refine.inside_means: ``auto`` with synthetic calibration images simulates the correction
-    with every layer's input mean over those images (``calibration``), while the file is
-    corrected with the written means (here from the BN statistics); ``written`` simulates those.
+def test_inside_means_and_weight_steps_follow_the_calibration_images(setup, monkeypatch, tmp_path):
+    """refine.inside_means: ``calibration`` simulates the correction with every layer's input
+    mean over the calibration images, while the file is corrected with the written means (here
+    from the BN statistics); ``written`` simulates those. ``auto`` takes ``calibration`` for
+    synthetic images of a network with depthwise convolutions, else ``written`` (this ResNet
+    with synthetic images too; measured in README, 'Bias correction inside the reconstruction').
     refine.weight_step_lr None: the weight steps learn with real images only."""
     from dsgonnx.config import WEIGHT_STEP_LR
     import dsgonnx.refine as refine_package
@@ -646,8 +648,8 @@ def test_inside_means_and_weight_steps_follow_the_calibration_images(setup, monk
     common = dict(wbits=4, abits=4, num_samples=64, force=True, validate=False, seed=0, fallback=False)
     results = {}
     # (the plain .npz has no metadata: quantize takes it for real images)
-    for means, calib, expected in (("auto", synthetic, "calibration"), ("auto", str(setup["npz"]), "written"),
-                                   ("written", synthetic, "written")):
+    for means, calib, expected in (("calibration", synthetic, "calibration"), ("auto", synthetic, "written"),
+                                   ("auto", str(setup["npz"]), "written"), ("written", synthetic, "written")):
         key = f"{means}-{expected}"
         results[key] = quantize(str(setup["model"]), QuantConfig(
             output=str(folder / f"means-{key}.onnx"), calib=calib, **common,
@@ -663,6 +665,11 @@ def test_inside_means_and_weight_steps_follow_the_calibration_images(setup, monk
     # either way the file holds the written correction
     written = {key: result.decisions["bias_correction"]["means"] for key, result in results.items()}
     assert len({json.dumps(value, sort_keys=True) for value in written.values()}) == 1, written
+    mobile = export_tiny_mobile(tmp_path / "mobile.onnx")
+    images = synthesize(load_model(mobile), SynthConfig(method="dsg", num_samples=16, iters=5, seed=0)).images
+    quantize(str(mobile), QuantConfig(output=str(tmp_path / "mobile-q.onnx"), calib=SyntheticSet(images, {"method": "dsg"}),
+                                      **dict(common, num_samples=16), refine=RefineConfig(method="brecq", iters=2)))
+    assert seen["config"].inside_means == "calibration"
     with pytest.raises(DataError, match="`refine.inside_means` must be one of auto, written, calibration"):
         RefineConfig(inside_means="bn")
 

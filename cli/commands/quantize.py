@@ -128,7 +128,8 @@ def _given(values: dict, fields: dict) -> dict:
 @click.option("--refine-inside-means", type=click.Choice(RefineConfig.INSIDE_MEANS),
               help="E[x] of the correction simulated while reconstructing: the written correction's, or every "
                    "layer's input mean over the calibration images (the file is corrected with the written ones); "
-                   "auto: calibration with synthetic images, written with real ones [default: auto; see README].")
+                   "auto: calibration with synthetic images on a network with depthwise convolutions, else written "
+                   "[default: auto; see README].")
 @click.option("--refine-prediction-weight", type=float, metavar="W",
               help="Add PD-Quant's prediction difference to each block's loss: W times the KL of the softened "
                    "predictions, the block's quantized output run through the rest of the network in float "
