@@ -29,11 +29,11 @@ def choice(enum) -> click.Choice:
     return click.Choice(enum.values(), case_sensitive=False)
 
 
-def preprocess_options(default_preset: bool = False):
+def preprocess_options():
     """--preprocess PRESET, --resize, --crop, --mean, --std, --channel-order, --pixel-scale.
 
-    The command receives ``preprocess``: the recipe, or None when no flag was given
-    (``default_preset``: the imagenet preset then); and ``preprocess_given``: the flags given.
+    The command receives ``preprocess``: the recipe, or None when no flag was given (the
+    library's default then); and ``preprocess_given``: the flags given.
     """
 
     def decorate(func):
@@ -51,7 +51,7 @@ def preprocess_options(default_preset: bool = False):
             overrides = {key: kwargs.pop(key) for key in _RECIPE_KEYS}
             overrides = {key: value for key, value in overrides.items() if value is not None}
             given = (["--preprocess"] if preset else []) + [f"--{key.replace('_', '-')}" for key in overrides]
-            recipe = preprocess_from_preset(preset, **overrides) if given or default_preset else None
+            recipe = preprocess_from_preset(preset, **overrides) if given else None
             return func(*args, preprocess=recipe, preprocess_given=given, **kwargs)
 
         return wrapper

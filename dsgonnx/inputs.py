@@ -100,3 +100,18 @@ class InputSpec:
 
     def describe(self) -> str:
         return f"{self.name} {format_dims(self.shape)} {self.dtype.name}"
+
+
+# image inputs dsgonnx takes besides floats: 8-bit pixels, the model converting them itself
+# (a Cast to float first); worked on through a float32 twin (dsgonnx.graph.onnx_io)
+INTEGER_INPUT_TYPES = (np.dtype(np.uint8),)
+
+
+def as_input_type(images: np.ndarray, dtype) -> np.ndarray:
+    """``images`` as an input of ``dtype`` takes them: for an integer type, rounded to the
+    nearest whole value and clipped into its range (what the pixels of a photo are)."""
+    dtype = np.dtype(dtype)
+    if dtype.kind in "ui":
+        info = np.iinfo(dtype)
+        return np.clip(np.rint(images), info.min, info.max).astype(dtype)
+    return images.astype(dtype, copy=False)

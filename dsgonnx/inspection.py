@@ -49,7 +49,7 @@ def inspect_model(
             "name": loaded.input.name,
             "shape": list(loaded.input.shape) if loaded.layout == "NCHW" else
             [loaded.input.shape[i] for i in (0, 2, 3, 1)],
-            "dtype": str(loaded.input.dtype),
+            "dtype": str(loaded.file_dtype if loaded.file_dtype is not None else loaded.input.dtype),
             "layout": loaded.layout,
         },
         "outputs": loaded.output_names,

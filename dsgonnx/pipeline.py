@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 import numpy as np
 import onnx
+from onnx import helper
 
 from . import __version__, distributed
 from .artifacts import cannot_create_in, check_output_folder, publish, same_file
@@ -29,6 +30,7 @@ from .errors import DataError, DsgonnxError, ModelLoadError, UnsupportedModelErr
 from .graph.layout import channels_last_input
 from .graph.normalize import float16_interface
 from .graph.onnx_io import LoadedModel, fixed_batch_interface, load_model, quantizable
+from .preprocess import for_input_type
 from .progress import say
 from .quant.bits import resolve_bits, tag
 from .quant.calibrate import compute_ranges, share_pool_ranges
@@ -113,12 +115,17 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
             f"quantize takes float32 and float16 models; input '{loaded.input.name}' is {loaded.input.dtype} "
             "(convert the model to float32 first)"
         )
+    if loaded.takes_pixels:
+        # pixels the model normalises itself: 0-255 as they are (a recipe that changes them is refused)
+        config = replace(config, preprocess=for_input_type(config.preprocess, loaded.file_dtype, loaded.input.name))
+        say(f"quantize: input '{loaded.input.name}' takes {loaded.file_dtype.name} pixels: worked on as float32 ones "
+            "(the written model keeps the uint8 input, cast to float32 in front)")
     given = loaded
     trains = config.refine is not None or config.qat is not None  # reconstruction or QAT
     loaded = quantizable(loaded, any_batch_twin=trains)
     if loaded is not given:
         say(f"quantize: {loaded.source.name} is worked on as "
-            + " and ".join(([] if loaded.file_dtype is None else ["float32 (the written model keeps its float16 input "
+            + " and ".join(([] if given.input.dtype != np.float16 else ["float32 (the written model keeps its float16 input "
                                                                   "and outputs, cast at the edges)"])
                            + ([] if given.opset >= loaded.opset else [f"opset {loaded.opset} (converted from "
                                                                       f"{given.opset}: quantization needs it)"])
@@ -660,6 +667,9 @@ def _finish_model(path: Path, loaded: LoadedModel, bits: dict, calibration: dict
     if loaded.file_dtype == np.float16:
         float16_interface(model, loaded.input.name, loaded.float16_outputs)
         decisions["input_type"] = "float16: the file's input and outputs, cast to and from the float32 quantized graph"
+    elif loaded.file_dtype is not None:
+        float16_interface(model, loaded.input.name, (), input_type=helper.np_dtype_to_tensor_dtype(loaded.file_dtype))
+        decisions["input_type"] = f"{loaded.file_dtype.name}: the file's input, cast to float32 in front of the quantized graph"
     meta = {"dsgonnx.version": __version__, "dsgonnx.source_sha256": loaded.sha256,
             "dsgonnx.bits": json.dumps(bits), "dsgonnx.simulated": str(bits["simulated"]).lower(),
             "dsgonnx.calibration": json.dumps({k: calibration[k] for k in ("method", "num_samples", "iters")}),
@@ -1203,7 +1213,10 @@ def _validate(loaded: LoadedModel, written: Path, output: Path, config: QuantCon
         if holdout is None or not len(holdout):
             say("validate: no `val_data` and no held-out samples; skipped")
             return None
-        report = validate(loaded.original, written, vconfig, images=loaded.in_file_layout(holdout))
+        images = loaded.in_file_layout(holdout)
+        if loaded.takes_pixels:  # (validation takes floats, and casts them to the input's type)
+            images = images.astype(np.float32)
+        report = validate(loaded.original, written, vconfig, images=images)
     else:
         report = validate(loaded.original, written, vconfig)
     return replace(report, fp_model=str(loaded.source), q_model=str(output))  # the user's files, not the copies read

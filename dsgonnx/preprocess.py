@@ -214,6 +214,22 @@ PRESETS: dict[str, Preprocess] = {
 DEFAULT_PRESET = "imagenet"
 
 
+def for_input_type(preprocess: Preprocess | None, dtype, name: str) -> Preprocess | None:
+    """The recipe for a model whose image input ``name`` is of ``dtype``: ``preprocess`` itself
+    for a float input; for an 8-bit one, whose pixels the model normalises itself, ``none``'s
+    raw 0–255 values where nothing was given, and :class:`DataError` where ``preprocess``
+    would normalise them (its values would not be pixels; cast to 8 bits they are noise)."""
+    if np.dtype(dtype).kind not in "ui":
+        return preprocess
+    if preprocess is None:
+        return PRESETS["none"]
+    if preprocess.pixel_scale != 255 or any(m != 0 for m in preprocess.mean) or any(s != 1 for s in preprocess.std):
+        raise DataError(f"input '{name}' is {np.dtype(dtype).name}: the model takes pixels 0-255 as they are and "
+                        f"normalises them itself, but the preprocessing given ({preprocess.describe()}) changes "
+                        "them: leave it out, or give --preprocess none (with --resize, --crop or --channel-order as needed)")
+    return preprocess
+
+
 def preprocess_from_preset(
     preset: str | None = None,
     *,

@@ -31,6 +31,7 @@ from onnx import numpy_helper
 from .calibration_data import held_out_name, holds_out
 from .config import QuantConfig
 from .errors import DataError, ModelLoadError, UnsupportedModelError
+from .preprocess import for_input_type
 from .progress import Progress, say
 from .runtime import KEEP_FLOAT_WEIGHTS, one_line, ort_session
 
@@ -297,6 +298,8 @@ def analyze(model, config: Optional[QuantConfig] = None, *, data=None, eval_samp
         if path is not None and Path(path).suffix.lower() != suffix:
             raise DataError(f"`{'report' if suffix == '.json' else 'chart'}` must be a {suffix} file, got {path}")
     loaded = quantizable(load_model(model, config.input_shape))  # (a float16 or old-opset file: its float32 twin)
+    if loaded.takes_pixels:  # (uint8 pixels the model normalises itself: 0-255 as they are)
+        config = replace(config, preprocess=for_input_type(config.preprocess, loaded.file_dtype, loaded.input.name))
     if quantized is not None and data is None:
         raise DataError("analyze of a given quantized model needs `data` (images to measure on)")
     if quantized is None and data is None and not config.synthetic and not holds_out(config.calib, config.num_samples,

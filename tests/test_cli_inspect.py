@@ -167,7 +167,7 @@ BAD_INPUTS = [
     ("random.onnx", [], "not a valid ONNX model"),
     ("empty.onnx", [], "not a valid ONNX model"),
     ("two_inputs.onnx", [], "2 inputs ('a', 'b')"),
-    ("tokens.onnx", [], "INT64, not a float image tensor"),
+    ("tokens.onnx", [], "INT64, not a float or uint8 image tensor"),
     ("flat.onnx", [], "rank 2"),
     ("hardmax.onnx", [], "unsupported operator Hardmax-13"),  # (Gelu-20 until dsgonnx converted it)
     ("custom.onnx", [], "Frobnicate"),

@@ -199,6 +199,25 @@ def export_tiny_nhwc(path: Path, dynamic_hw: bool = False) -> Path:
                            input_axes={0: "N", 1: "H", 2: "W"} if dynamic_hw else None)
 
 
+class Pixels(nn.Module):
+    """``net`` behind 8-bit pixels it normalises itself (a Cast, a Sub and a Div first), as
+    exports that take images as they are decoded; channels last with ``nhwc``."""
+
+    def __init__(self, net: nn.Module, nhwc: bool = False):
+        super().__init__()
+        self.net, self.nhwc = net, nhwc
+
+    def forward(self, x):
+        x = x.permute(0, 3, 1, 2) if self.nhwc else x
+        return self.net((x.float() - 127.5) / 64.0)
+
+
+def export_tiny_uint8(path: Path, nhwc: bool = False) -> Path:
+    """TinyResNet behind a uint8 input (N×3×16×16, or N×16×16×3 with ``nhwc``), BN kept."""
+    pixels = torch.randint(0, 256, (2, 3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    return _export_bn_kept(Pixels(tiny_resnet(), nhwc), pixels.permute(0, 2, 3, 1) if nhwc else pixels, path)
+
+
 def _example() -> torch.Tensor:
     return torch.randn(2, 3, 16, 16)
 

@@ -15,7 +15,8 @@ sorted list; the number of folders must equal the model's classes unless
 --classes is given), a flat folder of images (unlabelled), or an .npz with
 'images' (preprocessed, model layout) and optional 'labels'.
 \b
-Without --preprocess the imagenet preset is used.
+Without --preprocess the imagenet preset is used; a model that takes uint8
+pixels gets them 0-255 as they are (it normalises them itself).
 """ + PREPROCESS_HELP
 
 
@@ -23,7 +24,7 @@ Without --preprocess the imagenet preset is used.
 @click.argument("fp_model", type=click.Path(dir_okay=False))
 @click.argument("q_model", type=click.Path(dir_okay=False))
 @click.option("--data", "data", type=click.Path(), help="Image folder (class sub-folders or flat) or .npz file.")
-@preprocess_options(default_preset=True)
+@preprocess_options()
 @click.option("--classes", "class_list", type=click.Path(), help="Text file: the model's class names in output order, one per line.")
 @provider_option
 @click.option("--batch-size", type=int, default=DEFAULT_BATCH_SIZE, show_default=True, help="Samples per inference call.")

@@ -207,7 +207,7 @@ def float16_to_float32(graph: onnx.GraphProto) -> None:
                 float16_to_float32(attr.g)
 
 
-CAST_IN = "dsgonnx_input_to_float32"  # the quantized model's Cast: the file's float16 input -> float32
+CAST_IN = "dsgonnx_input_to_float32"  # the quantized model's Cast: the file's float16 (or uint8) input -> float32
 
 
 def _rename(model: onnx.ModelProto, old: str, new: str) -> None:
@@ -219,15 +219,17 @@ def _rename(model: onnx.ModelProto, old: str, new: str) -> None:
                     names[index] = new
 
 
-def float16_interface(model: onnx.ModelProto, name: str, outputs: Iterable[str]) -> None:
+def float16_interface(model: onnx.ModelProto, name: str, outputs: Iterable[str],
+                      input_type: int = TensorProto.FLOAT16) -> None:
     """Give ``model`` (a float32 twin's quantized model, in place) the file's float16 interface
-    back: its input ``name`` float16, cast to float32 in front of the graph, and the graph
-    ``outputs`` (those the file gives in float16) cast to float16 after it, under the same names."""
+    back: its input ``name`` float16 (or ``input_type``: a uint8 file's pixels), cast to float32
+    in front of the graph, and the graph ``outputs`` (those the file gives in float16) cast to
+    float16 after it, under the same names."""
     outputs = set(outputs)
     inner = f"{name}__float32"
     _rename(model, name, inner)
     model.graph.node.insert(0, helper.make_node("Cast", [name], [inner], name=CAST_IN, to=TensorProto.FLOAT))
-    next(v for v in model.graph.input if v.name == name).type.tensor_type.elem_type = TensorProto.FLOAT16
+    next(v for v in model.graph.input if v.name == name).type.tensor_type.elem_type = input_type
     for output in model.graph.output:
         if output.name not in outputs or output.type.tensor_type.elem_type != TensorProto.FLOAT:
             continue

@@ -2,10 +2,12 @@
 
 ``load_model`` is the single entry point: it reads the file (external data confined to
 the model's folder), runs ``onnx.checker`` and shape inference, finds the one image
-input (4-D float), resolves dynamic dimensions, and counts the classes. The file is read
-once: later stages read private copies in a temporary folder (``LoadedModel.path``,
-``original``), and a channels-last (NHWC) model is worked on through a channels-first twin
-(:mod:`.layout`); ``LoadedModel.file`` stays the user's file, for names and messages.
+input (4-D float, or 8-bit pixels), resolves dynamic dimensions, and counts the classes. The
+file is read once: later stages read private copies in a temporary folder
+(``LoadedModel.path``, ``original``); a channels-last (NHWC) model is worked on through a
+channels-first twin (:mod:`.layout`), and one that takes uint8 pixels through a twin that takes
+them as float32 (:func:`float_input_twin`); ``LoadedModel.file`` stays the user's file, for
+names and messages.
 """
 
 from __future__ import annotations
@@ -25,11 +27,12 @@ from google.protobuf.message import DecodeError
 from onnx import TensorProto, external_data_helper, helper, numpy_helper, shape_inference
 
 from ..errors import InputSpecError, ModelLoadError, UnsupportedModelError
-from ..inputs import IMAGE_CHANNELS, InputSpec, layout_of, parse_input_shape
+from ..inputs import IMAGE_CHANNELS, INTEGER_INPUT_TYPES, InputSpec, as_input_type, layout_of, parse_input_shape
 from ..progress import say
 from .layout import channels_first_twin
 
 _FLOAT_TYPES = {TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.DOUBLE, TensorProto.BFLOAT16}
+_INTEGER_TYPES = {helper.np_dtype_to_tensor_dtype(dtype) for dtype in INTEGER_INPUT_TYPES}
 
 
 @dataclass
@@ -49,8 +52,9 @@ class LoadedModel:
     file: Optional[Path] = None  # the user's file (``path`` is a private copy of what was read, or its twin)
     original: Optional[Path] = None  # a private copy of the bytes read (external data inlined)
     layout: str = "NCHW"  # the file's input layout; ``input`` and ``model`` are always NCHW
-    # the file's input type where ``model`` is a float32 twin of a float16 file (:func:`quantizable`),
-    # and the graph outputs the file gives in float16
+    # the file's input type where ``model`` is a float32 twin of a float16 file (:func:`quantizable`)
+    # or of a uint8 one (:func:`float_input_twin`, at load), and the graph outputs the file gives
+    # in float16
     file_dtype: Optional[np.dtype] = None
     float16_outputs: tuple[str, ...] = ()
     # the batch the file fixes where ``model`` is a twin that takes any (:func:`quantizable`)
@@ -59,6 +63,11 @@ class LoadedModel:
     # private copies carry the newest it does (:func:`load_model`)
     file_ir_version: Optional[int] = None
     _scratch: Optional[tempfile.TemporaryDirectory] = field(default=None, repr=False, compare=False)
+
+    @property
+    def takes_pixels(self) -> bool:
+        """Whether ``model`` is the float32 twin of a file that takes whole (uint8) pixels."""
+        return self.file_dtype is not None and self.file_dtype.kind in "ui"
 
     @property
     def initializer_names(self) -> set[str]:
@@ -72,9 +81,10 @@ class LoadedModel:
 
     def in_file_layout(self, images: np.ndarray) -> np.ndarray:
         """NCHW ``images`` as the file takes them (NHWC for a channels-last model; float16 for a
-        float16 file worked on through a float32 twin)."""
+        float16 file worked on through a float32 twin; rounded to whole uint8 pixels for a
+        uint8 one)."""
         images = np.ascontiguousarray(images.transpose(0, 2, 3, 1)) if self.layout == "NHWC" else images
-        return images.astype(self.file_dtype) if self.file_dtype is not None else images
+        return as_input_type(images, self.file_dtype) if self.file_dtype is not None else images
 
 
 def load_model(path: str | os.PathLike, input_shape: Optional[tuple[int, int, int, int] | str] = None) -> LoadedModel:
@@ -108,7 +118,10 @@ def load_model(path: str | os.PathLike, input_shape: Optional[tuple[int, int, in
         _save(model, original)
     else:
         original.write_bytes(data)
-    twin = None
+    twin = file_dtype = None
+    if spec.dtype in INTEGER_INPUT_TYPES:  # 8-bit pixels: worked on as float32 ones
+        file_dtype, spec = spec.dtype, replace(spec, dtype=np.dtype(np.float32))
+        model = float_input_twin(model, spec.name)
     if layout == "NHWC":
         try:
             model = channels_first_twin(model, spec.name)
@@ -116,9 +129,11 @@ def load_model(path: str | os.PathLike, input_shape: Optional[tuple[int, int, in
             raise InputSpecError(f"input '{spec.name}' (NHWC) cannot be given a channels-first twin: {exc}") from None
     model = _infer_shapes(_with_input_shape(model, spec), path)
     _check_scores(model)
-    if layout == "NHWC":  # the stages that read a file (ORT's tools) read the twin
-        twin = Path(scratch.name) / f"{path.stem}.nchw.onnx"
+    if layout == "NHWC" or file_dtype is not None:  # the stages that read a file (ORT's tools) read the twin
+        twin = Path(scratch.name) / f"{path.stem}.twin.onnx"
         _save(model, twin)
+    if file_dtype is not None:
+        _check_float_twin(original, twin, spec, layout, file_dtype, path)
     return LoadedModel(
         path=twin or original,
         file=path,
@@ -135,7 +150,69 @@ def load_model(path: str | os.PathLike, input_shape: Optional[tuple[int, int, in
         op_histogram=histogram,
         has_external_data=has_external,
         file_ir_version=file_ir,
+        file_dtype=file_dtype,
     )
+
+
+def float_input_twin(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
+    """``model`` with its integer image input ``name`` typed float32 (a copy): the model's own
+    Cast of it to float then casts float to float, so the twin computes on whole pixel values
+    what the file does (:func:`_check_float_twin` runs both), and calibration, synthesis and
+    the torch conversion see an ordinary float model. The inferred types are dropped (tensors
+    computed from the input before its Cast change type too) and inferred again."""
+    twin = onnx.ModelProto()
+    twin.CopyFrom(model)
+    next(v for v in twin.graph.input if v.name == name).type.tensor_type.elem_type = TensorProto.FLOAT
+    del twin.graph.value_info[:]
+    return twin
+
+
+def unit_pixel_twin(loaded: LoadedModel) -> LoadedModel:
+    """``loaded`` (a twin that takes pixels 0-255, :func:`float_input_twin`) taking them as
+    ``u = p / 127.5 - 1`` instead (the ``inception`` preset's values): a Mul and an Add in
+    front of the graph give it ``p = 127.5 u + 127.5``. Synthesis optimises images on the scale
+    of normalised inputs (its step size, priors and noise assume about unit spread); on raw
+    pixels 100 steps would move them a few levels from black. The model and file are private
+    to the returned value (``loaded`` is not touched)."""
+    model = onnx.ModelProto()
+    model.CopyFrom(loaded.model)
+    name, pixels = loaded.input.name, f"{loaded.input.name}__pixels"
+    for node in model.graph.node:
+        for index, value in enumerate(node.input):
+            if value == name:
+                node.input[index] = pixels
+    half = numpy_helper.from_array(np.array(127.5, np.float32), f"{name}__half_range")
+    model.graph.initializer.extend([half])
+    model.graph.node.insert(0, helper.make_node("Add", [f"{name}__scaled", half.name], [pixels], name=f"{name}__to_pixels"))
+    model.graph.node.insert(0, helper.make_node("Mul", [name, half.name], [f"{name}__scaled"], name=f"{name}__scale"))
+    path = Path(loaded._scratch.name) / f"{loaded.source.stem}.unit.onnx"
+    _save(model, path)
+    return replace(loaded, model=model, path=path)
+
+
+def _check_float_twin(original: Path, twin: Path, spec: InputSpec, layout: str, dtype: np.dtype, path: Path) -> None:
+    """The twin gives what the file gives on the same whole pixel values (two random images,
+    in ONNX Runtime), or :class:`InputSpecError`: the graph reads its input as integers
+    before or past its Cast to float (a bit shift, a comparison of integers), which a float
+    input would change or refuse."""
+    from ..runtime import ort_session
+
+    batch = spec.fixed_batch or 2
+    info = np.iinfo(dtype)
+    images = np.random.default_rng(0).integers(info.min, int(info.max) + 1, (batch, *spec.shape[1:])).astype(np.float32)
+    in_file = np.ascontiguousarray(images.transpose(0, 2, 3, 1)) if layout == "NHWC" else images
+    file_out = ort_session(original, shown_as=path).run(None, {spec.name: in_file.astype(dtype)})
+    try:
+        twin_out = ort_session(twin, shown_as=path).run(None, {spec.name: images})
+    except Exception as exc:
+        raise InputSpecError(f"input '{spec.name}' is {dtype.name}, and the model cannot take it as float32 pixels "
+                             f"({str(exc).splitlines()[0]}); dsgonnx works on float models") from None
+    for a, b in zip(file_out, twin_out):
+        if np.shape(a) != np.shape(b) or not np.allclose(np.asarray(a, np.float64), np.asarray(b, np.float64),
+                                                         rtol=1e-4, atol=1e-5 * (float(np.abs(a).max()) + 1)):
+            raise InputSpecError(f"input '{spec.name}' is {dtype.name}, and the model computes otherwise on the same "
+                                 "pixels given as float32 (it computes on them as integers); dsgonnx "
+                                 "works on float models")
 
 
 def _readable_ir(model: onnx.ModelProto, path: Path) -> Optional[int]:
@@ -437,9 +514,9 @@ def _image_input(model: onnx.ModelProto, given: Optional[tuple[int, int, int, in
     value = inputs[0]
     name = value.name
     tensor_type = value.type.tensor_type
-    if not value.type.HasField("tensor_type") or tensor_type.elem_type not in _FLOAT_TYPES:
+    if not value.type.HasField("tensor_type") or tensor_type.elem_type not in _FLOAT_TYPES | _INTEGER_TYPES:
         type_name = TensorProto.DataType.Name(tensor_type.elem_type) if value.type.HasField("tensor_type") else "non-tensor"
-        raise InputSpecError(f"input '{name}' is {type_name}, not a float image tensor")
+        raise InputSpecError(f"input '{name}' is {type_name}, not a float or uint8 image tensor")
     if not tensor_type.HasField("shape"):
         if given is None:
             raise InputSpecError(f"input '{name}' has no shape; give `input_shape` NxCxHxW (e.g. 1x3x224x224)")

@@ -232,8 +232,11 @@ def _flatten_outputs(output) -> list[torch.Tensor]:
 
 
 def random_inputs(loaded: LoadedModel, count: int, seed: int = 0) -> np.ndarray:
-    """Standard-normal NCHW inputs in float32 (the scale of normalised images)."""
+    """Standard-normal NCHW inputs in float32 (the scale of normalised images); whole pixels
+    0-255, uniform, for a model that takes uint8 pixels and normalises them itself."""
     rng = np.random.default_rng(seed)
+    if loaded.takes_pixels:
+        return rng.integers(0, 256, (count, *loaded.input.chw)).astype(np.float32)
     return rng.standard_normal((count, *loaded.input.chw)).astype(np.float32)
 
 

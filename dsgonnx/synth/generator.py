@@ -23,9 +23,10 @@ from ..artifacts import SyntheticSet
 from ..config import Alignment, SynthConfig, SynthMethod, SynthStart
 from ..errors import NoBatchNormError, SynthesisError
 from ..graph.bn_taps import BNLayer, BNProbe, bn_folded, find_bn_layers, stateless_norms
-from ..graph.onnx_io import LoadedModel, load_model
+from ..graph.onnx_io import LoadedModel, load_model, unit_pixel_twin
 from ..graph.to_torch import TorchModel, resolve_device, to_torch
 from ..hardware import MEMORY_SHARE, check_image_memory, memory_on
+from ..preprocess import PRESETS, for_input_type
 from ..progress import Progress, say
 from . import losses
 from .diversity import diversity_metrics
@@ -150,6 +151,11 @@ def _prepare(model, config: SynthConfig, drop_unread: bool = False):
         torch_model = to_torch(loaded)
     loaded = torch_model.loaded
     check_image_memory(config.num_samples, loaded.input.chw)
+    if loaded.takes_pixels:  # uint8 pixels: optimised as u = p / 127.5 - 1 (the file's box, 0-255, in u)
+        raw = for_input_type(config.preprocess, loaded.file_dtype, loaded.input.name)
+        torch_model = to_torch(unit_pixel_twin(loaded))
+        config = replace(config, preprocess=replace(PRESETS["inception"], resize=raw.resize, crop=raw.crop,
+                                                    channel_order=raw.channel_order, crop_fraction=raw.crop_fraction))
     layers = find_bn_layers(torch_model)
     config, why = config.for_model(bool(layers), drop_unread)
     if why is not None:
@@ -262,6 +268,12 @@ def synthesize(
     all_stats = [part[3] for part in done]
     labels = [int(c) for part in done if part[4] is not None for c in part[4]]
     images_np = np.concatenate(images).astype(np.float32)
+    if loaded.takes_pixels:  # back to the file's whole pixels 0-255
+        images_np = np.rint(np.clip(images_np * np.float32(127.5) + np.float32(127.5), 0, 255))
+        unit = config.preprocess  # (the file's geometry, its values in u)
+        config = replace(config, preprocess=replace(PRESETS["none"], resize=unit.resize, crop=unit.crop,
+                                                    channel_order=unit.channel_order, crop_fraction=unit.crop_fraction))
+        box = tuple(torch.from_numpy(bound) for bound in config.preprocess.pixel_box(loaded.input.chw[0]))
     merged_stats = [
         (torch.cat([s[i][0] for s in all_stats]), torch.cat([s[i][1] for s in all_stats])) for i in range(len(layers))
     ] if layers else []

@@ -20,6 +20,7 @@ from dsgonnx.preprocess import (
     Preprocess,
     check_images,
     check_labels,
+    for_input_type,
     load_image,
     preprocess_from_preset,
     read_class_list,
@@ -27,7 +28,7 @@ from dsgonnx.preprocess import (
     scan_image_folder,
 )
 from dsgonnx.progress import say
-from dsgonnx.inputs import InputSpec, format_dims
+from dsgonnx.inputs import InputSpec, as_input_type, format_dims
 
 DECODE_THREADS = min(8, os.cpu_count() or 1)
 
@@ -101,7 +102,8 @@ def open_dataset(
         raise DataError(f"data not found: {data}")
     if os.path.isdir(data):
         names = read_class_list(class_list) if class_list else None
-        return _image_dataset(data, preprocess or preprocess_from_preset(), names, spec, exclude_files)
+        recipe = for_input_type(preprocess, spec.dtype, spec.name) or preprocess_from_preset()
+        return _image_dataset(data, recipe, names, spec, exclude_files)
     if data.lower().endswith(".npz"):
         if class_list:
             raise DataError("`class_list` applies to image folders only, not to an .npz")
@@ -121,7 +123,13 @@ def _array_dataset(kind: str, source: str | None, images: np.ndarray, labels, sp
         want is not None and got != want for got, want in zip(images.shape[1:], spec.shape[1:])
     ):
         raise DataError(f"{where}: images have shape {images.shape}, the models take N×{expected}")
-    images = images.astype(spec.dtype, copy=False)
+    if spec.dtype.kind in "ui":  # whole pixels: values a rounding would change beyond the half are no pixels
+        info = np.iinfo(spec.dtype)
+        low, high = float(images.min()), float(images.max())
+        if low < info.min - 0.5 or high > info.max + 0.5:
+            raise DataError(f"{where}: the models take {spec.dtype.name} pixels {info.min}-{info.max}, and the images "
+                            f"hold values from {low:.4g} to {high:.4g} (preprocessed for a float model?)")
+    images = as_input_type(images, spec.dtype)
     return Dataset(kind, source, len(images), labels, _load=lambda start, stop: images[start:stop])
 
 
@@ -155,7 +163,7 @@ def _image_dataset(root: str, preprocess: Preprocess, class_names, spec: InputSp
         batch = np.stack(arrays)
         if spec.layout == "NHWC":
             batch = batch.transpose(0, 2, 3, 1)
-        return np.ascontiguousarray(batch, dtype=spec.dtype)
+        return np.ascontiguousarray(as_input_type(batch, spec.dtype))
 
     labels = np.asarray(folder.labels, dtype=np.int64) if folder.labelled else None
     kind = "image-folder" if folder.labelled else "image-files"

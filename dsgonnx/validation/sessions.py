@@ -33,6 +33,7 @@ _ORT_DTYPES = {
     "tensor(float)": np.dtype(np.float32),
     "tensor(float16)": np.dtype(np.float16),
     "tensor(double)": np.dtype(np.float64),
+    "tensor(uint8)": np.dtype(np.uint8),  # pixels the model normalises itself
 }
 
 
@@ -108,7 +109,7 @@ def read_model_io(path: str, session: ort.InferenceSession) -> ModelIO:
         raise InputSpecError(f"{path}: the model has no outputs")
     (image,) = inputs
     if image.type not in _ORT_DTYPES:
-        raise InputSpecError(f"{path}: input {image.name!r} is {image.type}; an image input must be float, float16 or double")
+        raise InputSpecError(f"{path}: input {image.name!r} is {image.type}; an image input must be float, float16, double or uint8")
     return ModelIO(
         path=path,
         input_name=image.name,

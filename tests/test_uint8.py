@@ -1,0 +1,122 @@
+"""Models that take 8-bit pixels and normalise them themselves (a Cast to float first).
+
+dsgonnx works on a twin that takes the same pixels as float32, synthesizes on the scale of
+normalised images and hands back whole pixels, and writes the quantized model with the
+file's uint8 input (a Cast in front): every command takes such a model as it is.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper
+from PIL import Image
+
+from dsgonnx import QuantConfig, inspect, quantize, synthesize
+from dsgonnx.errors import InputSpecError
+from dsgonnx.graph.onnx_io import load_model
+from dsgonnx.validation.metrics import sqnr_db
+from dsgonnx_cli.main import cli
+from zoo import export_tiny_uint8, make_model
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("uint8")
+    return {"folder": folder, "nchw": export_tiny_uint8(folder / "pixels.onnx"),
+            "nhwc": export_tiny_uint8(folder / "pixels_nhwc.onnx", nhwc=True)}
+
+
+def _run(path, images):
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: images})[0]
+
+
+def _pixels(count, shape, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (count, *shape)).astype(np.uint8)
+
+
+def test_a_uint8_model_is_worked_on_through_an_exact_float_twin(models):
+    loaded = load_model(models["nchw"])
+    assert loaded.takes_pixels and loaded.input.dtype == np.float32 and loaded.file_dtype == np.uint8
+    pixels = _pixels(4, (3, 16, 16))
+    # the twin takes the same whole pixels as float32 and computes what the file does
+    np.testing.assert_allclose(_run(loaded.path, pixels.astype(np.float32)), _run(models["nchw"], pixels), atol=1e-5)
+    # images for the file are rounded and clipped into uint8
+    given = np.array([[[[-3.0, 0.4]], [[0.6, 254.5]], [[255.7, 300.0]]]], np.float32)
+    assert loaded.in_file_layout(given).dtype == np.uint8
+    assert loaded.in_file_layout(given).ravel().tolist() == [0, 0, 1, 254, 255, 255]
+    info = inspect(models["nhwc"])
+    assert info["input"]["dtype"] == "uint8" and info["input"]["layout"] == "NHWC"
+    assert info["torch_parity"]["top1_agreement"] == 1.0
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_quantize_writes_the_uint8_input_back_and_follows_the_file(models, layout):
+    output = models["folder"] / f"q_{layout}.onnx"
+    result = quantize(str(models[layout]), QuantConfig(wbits=8, abits=8, num_samples=32, iters=30, holdout=16,
+                                                       output=str(output), force=True))
+    written = onnx.load(str(output))
+    assert written.graph.input[0].type.tensor_type.elem_type == TensorProto.UINT8
+    assert written.graph.node[0].op_type == "Cast"
+    assert result.decisions["input_type"].startswith("uint8")
+    shape = (3, 16, 16) if layout == "nchw" else (16, 16, 3)
+    pixels = _pixels(64, shape, seed=1)
+    # the quantized model runs on the file's pixels and follows the float file on them
+    assert sqnr_db(_run(models[layout], pixels), _run(output, pixels)) > 20
+
+
+def test_synthesized_images_are_whole_pixels_spread_over_their_range(models):
+    images = synthesize(str(models["nchw"]), num_samples=8, iters=30, seed=0).images
+    assert images.dtype == np.float32 and images.min() >= 0 and images.max() <= 255
+    assert np.array_equal(images, np.rint(images))
+    # optimised on the scale of normalised images: on raw pixels 30 steps of 0.1 from noise
+    # clipped at 0 would leave them within a few levels of black
+    assert images.std() > 20 and images.mean() > 20
+
+
+def test_validate_takes_the_pixels_as_they_are_and_refuses_a_normalising_recipe(models, tmp_path):
+    for label in range(10):
+        folder = tmp_path / "data" / f"class{label}"
+        folder.mkdir(parents=True)
+        pixels = np.random.default_rng(label).integers(0, 256, (4, 4, 3)).astype(np.uint8)
+        Image.fromarray(pixels).resize((20, 20), Image.BILINEAR).save(folder / "0.png")
+    quantized = models["folder"] / "q_nchw.onnx"
+    if not quantized.exists():
+        quantize(str(models["nchw"]), QuantConfig(num_samples=16, iters=10, output=str(quantized), force=True))
+    args = ["validate", str(models["nchw"]), str(quantized), "--data", str(tmp_path / "data")]
+    result = CliRunner().invoke(cli, args + ["--report", str(tmp_path / "r.json")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["data"]["preprocess"]["pixel_scale"] == 255 and report["data"]["preprocess"]["mean"] == [0, 0, 0]
+    assert report["agreement"] >= 0.8 and report["num_samples"] == 10
+    refused = CliRunner().invoke(cli, args + ["--preprocess", "imagenet"])
+    assert refused.exit_code == 2 and "uint8" in refused.output and "Traceback" not in refused.output
+    assert len(refused.output.strip().splitlines()) == 1
+
+
+def test_a_model_that_reads_its_pixels_as_integers_is_refused(tmp_path):
+    """Integer arithmetic before the Cast (a shift: halved pixels, rounded down) cannot be done
+    on float pixels."""
+    weight = np.random.default_rng(0).standard_normal((4, 3, 3, 3)).astype(np.float32)
+    model = make_model(
+        [helper.make_node("BitShift", ["pixels", "one"], ["shifted"], direction="RIGHT"),
+         helper.make_node("Cast", ["shifted"], ["floats"], to=TensorProto.FLOAT),
+         helper.make_node("Conv", ["floats", "w"], ["conv"]),
+         helper.make_node("GlobalAveragePool", ["conv"], ["pooled"]),
+         helper.make_node("Flatten", ["pooled"], ["scores"])],
+        [helper.make_tensor_value_info("pixels", TensorProto.UINT8, ["N", 3, 8, 8])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 4])],
+        [("one", np.array(1, np.uint8)), ("w", weight)])
+    path = tmp_path / "integers.onnx"
+    onnx.save(model, str(path))
+    with pytest.raises(InputSpecError, match="uint8"):
+        load_model(path)
+    result = CliRunner().invoke(cli, ["inspect", str(path)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1, result.output
