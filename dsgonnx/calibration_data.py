@@ -14,7 +14,8 @@ from .artifacts import SyntheticSet
 from .config import SynthMethod
 from .errors import DataError
 from .inputs import InputSpec
-from .preprocess import IMAGE_FILE_CHANNELS, Preprocess, check_images, load_image, preprocess_from_preset, read_npz, scan_image_folder
+from .preprocess import (IMAGE_FILE_CHANNELS, Preprocess, as_floats, check_images, load_image, preprocess_from_preset,
+                         read_npz, scan_image_folder)
 
 
 @dataclass
@@ -47,17 +48,18 @@ def unused_indices(total: int, chosen: np.ndarray, count: int) -> np.ndarray:
 
 
 def load_real_images(source, spec: InputSpec, count: int, preprocess: Preprocess | None,
-                     holdout: int = 0) -> RealImages:
+                     holdout: int = 0, pixels: bool = False) -> RealImages:
     """Up to ``count`` calibration images from ``source``: a path (image folder or .npz), a
     float NCHW array in the model's input space, or a SyntheticSet. Held out beside them: the
     samples of a set that has some (``dsgonnx synthesize --holdout``), else ``holdout`` more of
     the source's images, spread evenly over those not calibrated on, when it has that many
-    (:func:`unused_indices`; never calibrated on, so the fallback and validation can check on them)."""
+    (:func:`unused_indices`; never calibrated on, so the fallback and validation can check on them).
+    ``pixels`` (a model that takes uint8 pixels): uint8 arrays are taken too, as float32."""
     if isinstance(source, SyntheticSet):
         return _from_array(source.images, spec, count, "SyntheticSet in memory", source.meta.get("method", "real"),
                            source.holdout, holdout)
     if isinstance(source, np.ndarray):
-        return _from_array(source, spec, count, "array in memory", spare=holdout)
+        return _from_array(source, spec, count, "array in memory", spare=holdout, pixels=pixels)
     path = os.fspath(source)
     if not os.path.exists(path):
         raise DataError(f"calibration data not found: {path}")
@@ -75,13 +77,13 @@ def load_real_images(source, spec: InputSpec, count: int, preprocess: Preprocess
         held = np.stack([load_image(file, recipe, channels) for file in held_files]).astype(np.float32) if held_files else None
         return RealImages(images, tuple(chosen), path, holdout=held, holdout_files=held_files)
     if Path(path).suffix.lower() == ".npz":
-        data = read_npz(path)
+        data = read_npz(path, pixels)
         return _from_array(data.images, spec, count, path, str(data.meta.get("method", "real")), data.holdout, holdout)
     raise DataError(f"`calib` must be a synthesis method ({', '.join(SynthMethod.values())}), an image folder or an "
                     f".npz file; got {path!r}")
 
 
-def holds_out(source, count: int = 0, spare: int = 0) -> bool:
+def holds_out(source, count: int = 0, spare: int = 0, pixels: bool = False) -> bool:
     """Whether calibration ``source`` (not a method name) brings held-out samples: a SyntheticSet
     or an .npz with ``holdout``, or (``spare`` > 0) a source with ``spare`` images beside the
     ``count`` calibrated on, which :func:`load_real_images` holds out (an unreadable file is a
@@ -92,7 +94,7 @@ def holds_out(source, count: int = 0, spare: int = 0) -> bool:
     elif isinstance(source, np.ndarray):
         size = len(source)
     elif isinstance(source, (str, os.PathLike)) and Path(source).suffix.lower() == ".npz" and os.path.isfile(source):
-        data = read_npz(source)
+        data = read_npz(source, pixels)
         own, size = data.holdout is not None, len(data.images)
     elif isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
         size = len(scan_image_folder(os.fspath(source)).files)
@@ -105,10 +107,10 @@ def held_out_name(method: str) -> str:
 
 
 def _from_array(images, spec: InputSpec, count: int, source: str, method: str = "real", holdout=None,
-                spare: int = 0) -> RealImages:
+                spare: int = 0, pixels: bool = False) -> RealImages:
     """``count`` of ``images`` (spread) to calibrate on; held out: ``holdout`` (a set's own),
     else ``spare`` of the rows not chosen (:func:`unused_indices`)."""
-    images = _model_input(images, spec, source, "images")
+    images = _model_input(images, spec, source, "images", pixels)
     held = None if holdout is None else np.ascontiguousarray(_model_input(holdout, spec, source, "holdout"), np.float32)
     chosen = spread_indices(len(images), count)
     if held is None and (rows := unused_indices(len(images), chosen, spare)).size:
@@ -116,9 +118,11 @@ def _from_array(images, spec: InputSpec, count: int, source: str, method: str = 
     return RealImages(np.asarray(images[chosen], dtype=np.float32), (), source, method, held)
 
 
-def _model_input(images, spec: InputSpec, source: str, name: str) -> np.ndarray:
-    """``images`` checked and shaped as the model takes them (NCHW)."""
-    check_images(source, images, name)
+def _model_input(images, spec: InputSpec, source: str, name: str, pixels: bool = False) -> np.ndarray:
+    """``images`` checked and shaped as the model takes them (NCHW; uint8 pixels, taken with
+    ``pixels``, as float32)."""
+    check_images(source, images, name, pixels)
+    images = as_floats(images)
     channels, height, width = spec.chw
     if images.ndim == 4 and tuple(images.shape[1:]) == (height, width, channels) != tuple(spec.chw):
         images = images.transpose(0, 3, 1, 2)  # channels last (a set written for an NHWC model): NCHW here

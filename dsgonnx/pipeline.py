@@ -166,7 +166,7 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
         wanted = "min_agreement" if config.min_agreement is not None else "report" if config.report else None
         if config.val_data is None and wanted and (
                 config.holdout == 0 or not (config.synthetic or holds_out(config.calib, config.num_samples,
-                                                                          config.holdout))):
+                                                                          config.holdout, loaded.takes_pixels))):
             # (without either, quantize says that validation is skipped and goes on)
             raise DataError(f"`{wanted}` has nothing to score on: no `val_data`, and {_NOTHING_HELD}")
     chw = loaded.input.chw
@@ -630,7 +630,8 @@ def _calibration_data(loaded: LoadedModel, config: QuantConfig):
                 "seconds": round(time.perf_counter() - start, 3), "device": synthetic.meta["device"],
                 "diversity": synthetic.meta["diversity"], "holdout": holdout, "synth": settings, **chosen}
         return synthetic.images, synthetic.holdout, info, ()
-    real = load_real_images(config.calib, loaded.input, config.num_samples, config.preprocess, holdout)
+    real = load_real_images(config.calib, loaded.input, config.num_samples, config.preprocess, holdout,
+                            pixels=loaded.takes_pixels)
     held = real.holdout[:holdout] if real.holdout is not None and holdout else None
     info = {"method": real.method, "source": real.source, "num_samples": len(real.images), "iters": 0,
             "seconds": round(time.perf_counter() - start, 3), **({"holdout": len(held)} if held is not None else {}),

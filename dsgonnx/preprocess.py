@@ -366,10 +366,11 @@ class NpzData:
     holdout: np.ndarray | None = None
 
 
-def read_npz(path: str | os.PathLike) -> NpzData:
+def read_npz(path: str | os.PathLike, pixels: bool = False) -> NpzData:
     """The one .npz reader: ``images`` (floating, N×…), ``labels`` (integer, N), ``meta`` and
     ``holdout`` (floating, M×… as ``images``), loaded with ``allow_pickle=False``; anything
-    else is a one-line DataError."""
+    else is a one-line DataError. ``pixels`` (a model that takes uint8 pixels): uint8 images
+    are taken too, as float32 values 0-255."""
     import json
 
     path = os.fspath(path)
@@ -392,15 +393,16 @@ def read_npz(path: str | os.PathLike) -> NpzData:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as exc:  # JSONDecodeError is a ValueError
         raise DataError(f"cannot read {path} as .npz: {exc}") from None
-    check_images(path, images)
+    check_images(path, images, pixels=pixels)
     if labels is not None:
         check_labels(path, labels, len(images))
         labels = labels.astype(np.int64)
     if holdout is not None:
-        check_images(path, holdout, "holdout")
+        check_images(path, holdout, "holdout", pixels=pixels)
         if holdout.shape[1:] != images.shape[1:]:
             raise DataError(f"{path}: 'holdout' has shape {holdout.shape}; its samples must be shaped as "
                             f"'images' ({'×'.join(map(str, images.shape[1:]))})")
+    images, holdout = (as_floats(array) if array is not None else None for array in (images, holdout))
     return NpzData(images, labels, meta if isinstance(meta, dict) else {}, holdout)
 
 
@@ -410,8 +412,16 @@ def load_npz(path: str) -> tuple[np.ndarray, np.ndarray | None]:
     return data.images, data.labels
 
 
-def check_images(path: str, images: np.ndarray, name: str = "images") -> None:
-    """Preprocessed images must be a non-empty floating N×… array of finite values."""
+def as_floats(images: np.ndarray) -> np.ndarray:
+    """uint8 pixels (what :func:`check_images` takes with ``pixels``) as float32; floats as they are."""
+    return images.astype(np.float32) if images.dtype == np.uint8 else images
+
+
+def check_images(path: str, images: np.ndarray, name: str = "images", pixels: bool = False) -> None:
+    """Preprocessed images must be a non-empty floating N×… array of finite values (or, with
+    ``pixels``, for a model that takes uint8 pixels, a uint8 one)."""
+    if pixels and isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim >= 2 and len(images):
+        return
     if not isinstance(images, np.ndarray) or not np.issubdtype(images.dtype, np.floating):
         raise DataError(f"{path}: '{name}' must be floating point (already preprocessed), got {getattr(images, 'dtype', type(images).__name__)}")
     if images.ndim < 2 or len(images) == 0:

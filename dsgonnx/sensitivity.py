@@ -302,8 +302,8 @@ def analyze(model, config: Optional[QuantConfig] = None, *, data=None, eval_samp
         config = replace(config, preprocess=for_input_type(config.preprocess, loaded.file_dtype, loaded.input.name))
     if quantized is not None and data is None:
         raise DataError("analyze of a given quantized model needs `data` (images to measure on)")
-    if quantized is None and data is None and not config.synthetic and not holds_out(config.calib, config.num_samples,
-                                                                                       max(config.holdout, 16)):
+    if quantized is None and data is None and not config.synthetic and not holds_out(
+            config.calib, config.num_samples, max(config.holdout, 16), loaded.takes_pixels):
         raise DataError(_NO_SAMPLES)  # before quantizing, which may take long
     with tempfile.TemporaryDirectory(prefix="dsgonnx-analyze-") as scratch:
         scratch = Path(scratch)

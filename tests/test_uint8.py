@@ -22,7 +22,7 @@ from dsgonnx.errors import InputSpecError
 from dsgonnx.graph.onnx_io import load_model
 from dsgonnx.validation.metrics import sqnr_db
 from dsgonnx_cli.main import cli
-from zoo import export_tiny_uint8, make_model
+from zoo import export_tiny_resnet, export_tiny_uint8, make_model
 
 
 @pytest.fixture(scope="module")
@@ -120,3 +120,21 @@ def test_a_model_that_reads_its_pixels_as_integers_is_refused(tmp_path):
     result = CliRunner().invoke(cli, ["inspect", str(path)])
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert len(result.output.strip().splitlines()) == 1, result.output
+
+
+def test_uint8_arrays_calibrate_and_validate_a_uint8_model_only(models, tmp_path):
+    """An .npz of uint8 pixels is what such a model takes: quantize calibrates on it and
+    validate scores on it; a float model still refuses one (its images are preprocessed floats)."""
+    pixels = np.random.default_rng(3).integers(0, 256, (40, 3, 16, 16)).astype(np.uint8)
+    np.savez(tmp_path / "pixels.npz", images=pixels, labels=np.arange(40) % 10)
+    output = tmp_path / "q.onnx"
+    result = quantize(str(models["nchw"]), QuantConfig(calib=str(tmp_path / "pixels.npz"), num_samples=24, holdout=16,
+                                                       output=str(output), force=True))
+    assert result.calibration["method"] == "real" and result.report.to_dict()["num_samples"] == 16
+    args = ["validate", str(models["nchw"]), str(output), "--data", str(tmp_path / "pixels.npz")]
+    scored = CliRunner().invoke(cli, args + ["--report", str(tmp_path / "r.json")])
+    assert scored.exit_code == 0, scored.output
+    assert json.loads((tmp_path / "r.json").read_text())["num_samples"] == 40
+    float_model = export_tiny_resnet(tmp_path / "float.onnx")
+    refused = CliRunner().invoke(cli, ["validate", str(float_model), str(float_model), "--data", str(tmp_path / "pixels.npz")])
+    assert refused.exit_code == 2 and "floating point" in refused.output and "Traceback" not in refused.output

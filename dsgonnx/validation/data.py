@@ -93,7 +93,7 @@ def open_dataset(
     if labels is not None and images is None:
         raise DataError("labels in memory need images in memory")
     if images is not None:
-        check_images("images in memory", images)
+        check_images("images in memory", images, pixels=spec.dtype.kind in "ui")
         if labels is not None:
             check_labels("images in memory", labels, len(images))
             labels = labels.astype(np.int64)
@@ -107,7 +107,7 @@ def open_dataset(
     if data.lower().endswith(".npz"):
         if class_list:
             raise DataError("`class_list` applies to image folders only, not to an .npz")
-        npz = read_npz(data)
+        npz = read_npz(data, pixels=spec.dtype.kind in "ui")
         if npz.labels is None and npz.holdout is not None:  # a synthetic set: its calibration images flatter the model
             say(f"validate: {data} is a set with held-out samples; scoring its {len(npz.holdout)} held-out samples, "
                 f"not the {len(npz.images)} calibration images")
