@@ -1214,10 +1214,7 @@ def _validate(loaded: LoadedModel, written: Path, output: Path, config: QuantCon
         if holdout is None or not len(holdout):
             say("validate: no `val_data` and no held-out samples; skipped")
             return None
-        images = loaded.in_file_layout(holdout)
-        if loaded.takes_pixels:  # (validation takes floats, and casts them to the input's type)
-            images = images.astype(np.float32)
-        report = validate(loaded.original, written, vconfig, images=images)
+        report = validate(loaded.original, written, vconfig, images=loaded.in_file_layout(holdout))
     else:
         report = validate(loaded.original, written, vconfig)
     return replace(report, fp_model=str(loaded.source), q_model=str(output))  # the user's files, not the copies read

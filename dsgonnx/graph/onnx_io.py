@@ -190,6 +190,12 @@ def unit_pixel_twin(loaded: LoadedModel) -> LoadedModel:
     return replace(loaded, model=model, path=path)
 
 
+def from_unit_pixels(images: np.ndarray) -> np.ndarray:
+    """Images a :func:`unit_pixel_twin` takes, as the whole pixels 0-255 the file is given
+    (float32)."""
+    return np.rint(np.clip(images * np.float32(127.5) + np.float32(127.5), 0, 255))
+
+
 def _check_float_twin(original: Path, twin: Path, spec: InputSpec, layout: str, dtype: np.dtype, path: Path) -> None:
     """The twin gives what the file gives on the same whole pixel values (two random images,
     in ONNX Runtime), or :class:`InputSpecError`: the graph reads its input as integers
@@ -208,8 +214,7 @@ def _check_float_twin(original: Path, twin: Path, spec: InputSpec, layout: str, 
         raise InputSpecError(f"input '{spec.name}' is {dtype.name}, and the model cannot take it as float32 pixels "
                              f"({str(exc).splitlines()[0]}); dsgonnx works on float models") from None
     for a, b in zip(file_out, twin_out):
-        if np.shape(a) != np.shape(b) or not np.allclose(np.asarray(a, np.float64), np.asarray(b, np.float64),
-                                                         rtol=1e-4, atol=1e-5 * (float(np.abs(a).max()) + 1)):
+        if not _computes_alike(a, b):
             raise InputSpecError(f"input '{spec.name}' is {dtype.name}, and the model computes otherwise on the same "
                                  "pixels given as float32 (it computes on them as integers); dsgonnx "
                                  "works on float models")
@@ -336,9 +341,16 @@ def _any_batch_twin(model: onnx.ModelProto, name: str, folder: Path) -> Optional
             return None
         finally:
             path.unlink(missing_ok=True)
-    alike = all(np.shape(any_) == (dims[0] + 1, *np.shape(fixed)[1:]) and np.allclose(
-        any_[:-1], fixed, rtol=1e-4, atol=1e-5 * (float(np.abs(fixed).max()) + 1)) for fixed, any_ in zip(*outputs))
+    alike = all(np.shape(any_) == (dims[0] + 1, *np.shape(fixed)[1:]) and _computes_alike(fixed, any_[:-1])
+                for fixed, any_ in zip(*outputs))
     return twin if alike else None
+
+
+def _computes_alike(reference: np.ndarray, twin: np.ndarray) -> bool:
+    """Whether a twin's output is the file's, up to float rounding (the twins' checks)."""
+    return np.shape(reference) == np.shape(twin) and np.allclose(
+        np.asarray(twin, np.float64), np.asarray(reference, np.float64),
+        rtol=1e-4, atol=1e-5 * (float(np.abs(reference).max()) + 1))
 
 
 def _set_batch(model: onnx.ModelProto, batch: int | str) -> None:

@@ -23,7 +23,7 @@ from ..artifacts import SyntheticSet
 from ..config import Alignment, SynthConfig, SynthMethod, SynthStart
 from ..errors import NoBatchNormError, SynthesisError
 from ..graph.bn_taps import BNLayer, BNProbe, bn_folded, find_bn_layers, stateless_norms
-from ..graph.onnx_io import LoadedModel, load_model, unit_pixel_twin
+from ..graph.onnx_io import LoadedModel, from_unit_pixels, load_model, unit_pixel_twin
 from ..graph.to_torch import TorchModel, resolve_device, to_torch
 from ..hardware import MEMORY_SHARE, check_image_memory, memory_on
 from ..preprocess import PRESETS, for_input_type
@@ -195,6 +195,7 @@ def synthesize(
     world = distributed.join_device(config.device)
     if world is not None and device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
+    given = config.preprocess  # (a uint8 model's synthesis runs on another scale: this recipe is restored after)
     torch_model, config, why, layers = distributed.together(lambda: _prepare(model, config, drop_unread))
     loaded = torch_model.loaded
     if world is not None:
@@ -269,10 +270,8 @@ def synthesize(
     labels = [int(c) for part in done if part[4] is not None for c in part[4]]
     images_np = np.concatenate(images).astype(np.float32)
     if loaded.takes_pixels:  # back to the file's whole pixels 0-255
-        images_np = np.rint(np.clip(images_np * np.float32(127.5) + np.float32(127.5), 0, 255))
-        unit = config.preprocess  # (the file's geometry, its values in u)
-        config = replace(config, preprocess=replace(PRESETS["none"], resize=unit.resize, crop=unit.crop,
-                                                    channel_order=unit.channel_order, crop_fraction=unit.crop_fraction))
+        images_np = from_unit_pixels(images_np)
+        config = replace(config, preprocess=for_input_type(given, loaded.file_dtype, loaded.input.name))
         box = tuple(torch.from_numpy(bound) for bound in config.preprocess.pixel_box(loaded.input.chw[0]))
     merged_stats = [
         (torch.cat([s[i][0] for s in all_stats]), torch.cat([s[i][1] for s in all_stats])) for i in range(len(layers))
