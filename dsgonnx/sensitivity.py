@@ -331,8 +331,9 @@ def analyze(model, config: Optional[QuantConfig] = None, *, data=None, eval_samp
             raise UnsupportedModelError(f"{loaded.source.name}: the quantized model has no quantized tensors to analyze")
         floats = float_parts(onnx.load(str(pre_process(loaded.path, scratch / "prepared.onnx"))), qdq)
         if data is not None:
-            dataset = open_dataset(loaded.input, os.fspath(data), config.preprocess,
-                                   exclude_files=frozenset(calibration_files))
+            # (a uint8 model's data as the file takes it: uint8 arrays, whole pixels from image files)
+            spec = replace(loaded.input, dtype=loaded.file_dtype) if loaded.takes_pixels else loaded.input
+            dataset = open_dataset(spec, os.fspath(data), config.preprocess, exclude_files=frozenset(calibration_files))
             rows = np.unique(np.linspace(0, dataset.size - 1, min(eval_samples, dataset.size)).astype(int))
             images = np.concatenate([dataset.batch(i, i + 1) for i in rows]).astype(np.float32)
             labels = dataset.labels[rows] if dataset.labels is not None else None

@@ -13,11 +13,12 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import torch
 from click.testing import CliRunner
 from onnx import TensorProto, helper
 from PIL import Image
 
-from dsgonnx import QuantConfig, inspect, quantize, synthesize
+from dsgonnx import QuantConfig, analyze, inspect, quantize, synthesize
 from dsgonnx.errors import InputSpecError
 from dsgonnx.graph.onnx_io import load_model
 from dsgonnx.validation.metrics import sqnr_db
@@ -80,12 +81,18 @@ def test_synthesized_images_are_whole_pixels_spread_over_their_range(models):
     assert images.std() > 20 and images.mean() > 20
 
 
-def test_validate_takes_the_pixels_as_they_are_and_refuses_a_normalising_recipe(models, tmp_path):
+def _photos(root):
+    """Ten labelled 20×20 images, one per class folder (smooth: resized 4×4 noise)."""
     for label in range(10):
-        folder = tmp_path / "data" / f"class{label}"
+        folder = root / f"class{label}"
         folder.mkdir(parents=True)
         pixels = np.random.default_rng(label).integers(0, 256, (4, 4, 3)).astype(np.uint8)
         Image.fromarray(pixels).resize((20, 20), Image.BILINEAR).save(folder / "0.png")
+    return root
+
+
+def test_validate_takes_the_pixels_as_they_are_and_refuses_a_normalising_recipe(models, tmp_path):
+    _photos(tmp_path / "data")
     quantized = models["folder"] / "q_nchw.onnx"
     if not quantized.exists():
         quantize(str(models["nchw"]), QuantConfig(num_samples=16, iters=10, output=str(quantized), force=True))
@@ -138,3 +145,45 @@ def test_uint8_arrays_calibrate_and_validate_a_uint8_model_only(models, tmp_path
     float_model = export_tiny_resnet(tmp_path / "float.onnx")
     refused = CliRunner().invoke(cli, ["validate", str(float_model), str(float_model), "--data", str(tmp_path / "pixels.npz")])
     assert refused.exit_code == 2 and "floating point" in refused.output and "Traceback" not in refused.output
+
+
+def test_analyze_measures_on_uint8_arrays(models, tmp_path):
+    """analyze --data takes what validate takes for such a model: an .npz of uint8 arrays."""
+    pixels = np.random.default_rng(4).integers(0, 256, (12, 3, 16, 16)).astype(np.uint8)
+    np.savez(tmp_path / "pixels.npz", images=pixels, labels=np.arange(12) % 10)
+    quantized = models["folder"] / "q_nchw.onnx"
+    if not quantized.exists():
+        quantize(str(models["nchw"]), QuantConfig(num_samples=16, iters=10, output=str(quantized), force=True))
+    analysis = analyze(str(models["nchw"]), data=str(tmp_path / "pixels.npz"), quantized=str(quantized))
+    assert analysis.samples["count"] == 12 and analysis.samples["labelled"] and "top1" in analysis.fp32
+    assert analysis.tensors and analysis.full["agreement"] >= 0.5
+
+
+def test_qat_generator_works_on_the_unit_scale_and_hands_the_student_pixels(models):
+    """QAT's generator (--qat-data generator) trains against the unit-pixel twin, as synthesis
+    does (its slack margins are measured on a Gaussian batch on the scale of normalised images,
+    not on near-black pixels 0-3), and hands the student the pixels the file takes."""
+    from dsgonnx.config import QatConfig
+    from dsgonnx.graph.onnx_io import unit_pixel_twin
+    from dsgonnx.graph.to_torch import to_torch
+    from dsgonnx.pipeline import _qat_generator
+    from dsgonnx.synth.generative import GeneratorTrainer
+
+    loaded = load_model(models["nchw"])
+    config = QuantConfig(wbits=4, abits=4, qat=QatConfig(data="generator"))
+    source = _qat_generator(loaded, config, {"method": "dsg"})
+    assert source.unit_pixels and source.describe()["unit_pixels"]
+    cpu = torch.device("cpu")
+    trainer = source.trainer(10, 8, cpu, lr=1e-3, bn_weight=0.1, seed=0)
+    ones = torch.ones(1, 3, 1, 1)
+    unit = GeneratorTrainer(to_torch(unit_pixel_twin(loaded)), 10, 8, cpu, box=(-ones, ones), seed=0,
+                            epsilon=source.epsilon, slack_reading=source.slack_reading)
+    for margin, expected in zip(trainer.margins, unit.margins):
+        torch.testing.assert_close(margin.mean, expected.mean)
+        torch.testing.assert_close(margin.std, expected.std)
+    images, scores = trainer.step(train=False)
+    units, _ = unit.step(train=False)
+    torch.testing.assert_close(images, units * 127.5 + 127.5)
+    assert images.min() >= 0 and images.max() <= 255
+    # the teacher's logits are the file's on the pixels handed out
+    np.testing.assert_allclose(scores.numpy(), _run(loaded.path, images.numpy()), atol=1e-3, rtol=1e-3)

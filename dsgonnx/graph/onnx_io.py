@@ -167,6 +167,9 @@ def float_input_twin(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
     return twin
 
 
+PIXEL_HALF_RANGE = 127.5  # a unit-pixel twin takes u = p / 127.5 - 1 (:func:`unit_pixel_twin`)
+
+
 def unit_pixel_twin(loaded: LoadedModel) -> LoadedModel:
     """``loaded`` (a twin that takes pixels 0-255, :func:`float_input_twin`) taking them as
     ``u = p / 127.5 - 1`` instead (the ``inception`` preset's values): a Mul and an Add in
@@ -181,7 +184,7 @@ def unit_pixel_twin(loaded: LoadedModel) -> LoadedModel:
         for index, value in enumerate(node.input):
             if value == name:
                 node.input[index] = pixels
-    half = numpy_helper.from_array(np.array(127.5, np.float32), f"{name}__half_range")
+    half = numpy_helper.from_array(np.array(PIXEL_HALF_RANGE, np.float32), f"{name}__half_range")
     model.graph.initializer.extend([half])
     model.graph.node.insert(0, helper.make_node("Add", [f"{name}__scaled", half.name], [pixels], name=f"{name}__to_pixels"))
     model.graph.node.insert(0, helper.make_node("Mul", [name, half.name], [f"{name}__scaled"], name=f"{name}__scale"))
@@ -193,7 +196,8 @@ def unit_pixel_twin(loaded: LoadedModel) -> LoadedModel:
 def from_unit_pixels(images: np.ndarray) -> np.ndarray:
     """Images a :func:`unit_pixel_twin` takes, as the whole pixels 0-255 the file is given
     (float32)."""
-    return np.rint(np.clip(images * np.float32(127.5) + np.float32(127.5), 0, 255))
+    half = np.float32(PIXEL_HALF_RANGE)
+    return np.rint(np.clip(images * half + half, 0, 255))
 
 
 def _check_float_twin(original: Path, twin: Path, spec: InputSpec, layout: str, dtype: np.dtype, path: Path) -> None:

@@ -68,7 +68,7 @@ from onnx import numpy_helper
 from .. import distributed
 from ..config import DEFAULT_EPSILON, DEFAULT_SLACK_READING, QatConfig
 from ..errors import DataError, UnsupportedModelError
-from ..graph.onnx_io import LoadedModel, load_model
+from ..graph.onnx_io import PIXEL_HALF_RANGE, LoadedModel, load_model
 from ..graph.to_torch import resolve_device, to_torch
 from ..progress import Progress, say
 from ..quant.correct import conv_shift
@@ -91,17 +91,29 @@ class GeneratorSource:
     """What QAT's generator trains against: the float model with its BN statistics (the
     user's file, before BN is folded), the generator's loss (``dsg`` or ``bns``), the model's
     pixel box ``(low, high)`` each ``(1, C, 1, 1)`` (None: a normalised output) and DSG's
-    slack settings."""
+    slack settings. ``unit_pixels``: ``model`` is the unit-pixel twin of a model that takes
+    pixels 0-255 (:func:`~dsgonnx.graph.onnx_io.unit_pixel_twin`): the generator works on
+    the scale of normalised images, as synthesis does, and hands the student pixels."""
 
     model: LoadedModel
     loss: str = "dsg"
     box: Optional[tuple[np.ndarray, np.ndarray]] = None
     epsilon: float = DEFAULT_EPSILON
     slack_reading: str = DEFAULT_SLACK_READING.value
+    unit_pixels: bool = False
 
     def describe(self) -> dict:
         return {"loss": self.loss, "pixel_box": self.box is not None, "epsilon": self.epsilon,
-                "slack_reading": self.slack_reading}
+                "slack_reading": self.slack_reading, **({"unit_pixels": True} if self.unit_pixels else {})}
+
+    def trainer(self, num_outputs: int, batch_size: int, device: torch.device, *, lr: float, bn_weight: float,
+                seed: int) -> GeneratorTrainer:
+        """A fresh generator and its trainer against this source's model; its batches come out
+        in the input space the quantized student takes."""
+        box = None if self.box is None else tuple(torch.from_numpy(np.asarray(b, np.float32)) for b in self.box)
+        return GeneratorTrainer(to_torch(self.model), num_outputs, batch_size, device, loss=self.loss, lr=lr,
+                                bn_weight=bn_weight, epsilon=self.epsilon, slack_reading=self.slack_reading, box=box,
+                                seed=seed, to_input=(PIXEL_HALF_RANGE, PIXEL_HALF_RANGE) if self.unit_pixels else None)
 
 
 def distillation(student: torch.Tensor, teacher: torch.Tensor, temperature: float, loss: str = "kl") -> torch.Tensor:
@@ -380,12 +392,10 @@ def qat_model(model_path: Path, output_path: Path, placement: Placement, images:
 
     trainer = None
     if generator is not None:
-        box = None if generator.box is None else tuple(torch.from_numpy(np.asarray(b, np.float32)) for b in generator.box)
         mixed = config.data == "mixed"  # half of each batch from the generator, half from the calibration images
-        trainer = GeneratorTrainer(to_torch(generator.model), int(np.prod(teacher_held.shape[1:])),
-                                   max(1, config.batch_size // 2) if mixed else config.batch_size,
-                                   torch_device, loss=generator.loss, lr=config.generator_lr, bn_weight=config.bn_weight,
-                                   epsilon=generator.epsilon, slack_reading=generator.slack_reading, box=box, seed=seed)
+        trainer = generator.trainer(int(np.prod(teacher_held.shape[1:])),
+                                    max(1, config.batch_size // 2) if mixed else config.batch_size,
+                                    torch_device, lr=config.generator_lr, bn_weight=config.bn_weight, seed=seed)
     batches = torch.Generator().manual_seed(seed)
     step = 0
     checkpoint = Path(config.checkpoint) if config.checkpoint else None

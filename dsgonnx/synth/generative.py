@@ -99,13 +99,16 @@ class GeneratorTrainer:
 
     ``loss``: ``dsg`` (slack alignment with ``epsilon``/``slack_reading`` margins measured on a
     Gaussian batch in the pixel box, LSE, SCI) or ``bns`` (GDFQ). ``bn_weight`` weighs the BN
-    term against the cross-entropy (GDFQ: 0.1).
+    term against the cross-entropy (GDFQ: 0.1). ``to_input``: ``(scale, shift)`` the images are
+    handed out with, ``scale·x + shift``, where the student takes another scale than
+    ``teacher`` (a uint8 model's pixels, the teacher its unit-pixel twin).
     """
 
     def __init__(self, teacher: TorchModel, num_classes: int, batch_size: int, device: torch.device, *,
                  loss: str = "dsg", lr: float = 1e-3, bn_weight: float = 0.1, epsilon: float = 0.9,
                  slack_reading: str = "channel-upper",
-                 box: Optional[tuple[torch.Tensor, torch.Tensor]] = None, seed: int = 0):
+                 box: Optional[tuple[torch.Tensor, torch.Tensor]] = None, seed: int = 0,
+                 to_input: Optional[tuple[float, float]] = None):
         if loss not in LOSSES:
             raise ValueError(f"unknown generator loss {loss!r}; choose from {', '.join(LOSSES)}")
         self.layers: list[BNLayer] = find_bn_layers(teacher)
@@ -114,6 +117,7 @@ class GeneratorTrainer:
                                    "generator to train against; use --qat-data calib (QAT then trains on the "
                                    "calibration images)")
         self.teacher, self.device, self.loss, self.bn_weight = teacher, device, loss, bn_weight
+        self.to_input = to_input
         self.num_classes, self.batch_size = max(2, num_classes), batch_size
         self.module = teacher.module.to(device).float().eval()
         for parameter in self.module.parameters():
@@ -206,7 +210,10 @@ class GeneratorTrainer:
                 self.last = {k: float(v.detach()) for k, v in terms.items()}
                 self.steps += 1
         self._inputs = [None] * len(self.layers)
-        return images.detach(), scores.detach()
+        images = images.detach()
+        if self.to_input is not None:  # (the teacher takes another scale than the student: theirs)
+            images = images * self.to_input[0] + self.to_input[1]
+        return images, scores.detach()
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.state_dict(), "optimiser": self.optimiser.state_dict(),
