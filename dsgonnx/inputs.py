@@ -66,6 +66,11 @@ class InputSpec:
         return layout_of(self.shape)
 
     @property
+    def takes_pixels(self) -> bool:
+        """Whether the input takes whole pixels: an integer element type (uint8)."""
+        return self.dtype.kind in "ui"
+
+    @property
     def fixed_batch(self) -> Optional[int]:
         """The batch size the model demands, None for any."""
         return self.shape[0] if self.shape else None

@@ -93,7 +93,7 @@ def open_dataset(
     if labels is not None and images is None:
         raise DataError("labels in memory need images in memory")
     if images is not None:
-        check_images("images in memory", images, pixels=spec.dtype.kind in "ui")
+        check_images("images in memory", images, pixels=spec.takes_pixels)
         if labels is not None:
             check_labels("images in memory", labels, len(images))
             labels = labels.astype(np.int64)
@@ -107,7 +107,7 @@ def open_dataset(
     if data.lower().endswith(".npz"):
         if class_list:
             raise DataError("`class_list` applies to image folders only, not to an .npz")
-        npz = read_npz(data, pixels=spec.dtype.kind in "ui")
+        npz = read_npz(data, pixels=spec.takes_pixels)
         if npz.labels is None and npz.holdout is not None:  # a synthetic set: its calibration images flatter the model
             say(f"validate: {data} is a set with held-out samples; scoring its {len(npz.holdout)} held-out samples, "
                 f"not the {len(npz.images)} calibration images")
@@ -123,7 +123,7 @@ def _array_dataset(kind: str, source: str | None, images: np.ndarray, labels, sp
         want is not None and got != want for got, want in zip(images.shape[1:], spec.shape[1:])
     ):
         raise DataError(f"{where}: images have shape {images.shape}, the models take N×{expected}")
-    if spec.dtype.kind in "ui":  # whole pixels: values a rounding would change beyond the half are no pixels
+    if spec.takes_pixels:  # whole pixels: values a rounding would change beyond the half are no pixels
         info = np.iinfo(spec.dtype)
         low, high = float(images.min()), float(images.max())
         if low < info.min - 0.5 or high > info.max + 0.5:
