@@ -57,7 +57,7 @@ def load_real_images(source, spec: InputSpec, count: int, preprocess: Preprocess
     ``pixels`` (a model that takes uint8 pixels): uint8 arrays are taken too, as float32."""
     if isinstance(source, SyntheticSet):
         return _from_array(source.images, spec, count, "SyntheticSet in memory", source.meta.get("method", "real"),
-                           source.holdout, holdout)
+                           source.holdout, holdout, pixels)
     if isinstance(source, np.ndarray):
         return _from_array(source, spec, count, "array in memory", spare=holdout, pixels=pixels)
     path = os.fspath(source)
@@ -111,7 +111,8 @@ def _from_array(images, spec: InputSpec, count: int, source: str, method: str = 
     """``count`` of ``images`` (spread) to calibrate on; held out: ``holdout`` (a set's own),
     else ``spare`` of the rows not chosen (:func:`unused_indices`)."""
     images = _model_input(images, spec, source, "images", pixels)
-    held = None if holdout is None else np.ascontiguousarray(_model_input(holdout, spec, source, "holdout"), np.float32)
+    held = None if holdout is None else np.ascontiguousarray(_model_input(holdout, spec, source, "holdout", pixels),
+                                                             np.float32)
     chosen = spread_indices(len(images), count)
     if held is None and (rows := unused_indices(len(images), chosen, spare)).size:
         held = np.asarray(images[rows], dtype=np.float32)

@@ -418,8 +418,10 @@ def as_floats(images: np.ndarray) -> np.ndarray:
 
 
 def check_images(path: str, images: np.ndarray, name: str = "images", pixels: bool = False) -> None:
-    """Preprocessed images must be a non-empty floating N×… array of finite values (or, with
-    ``pixels``, for a model that takes uint8 pixels, a uint8 one)."""
+    """Preprocessed images must be a non-empty floating N×… array of finite values. With
+    ``pixels`` (a model that takes uint8 pixels) a uint8 array is taken too, and floating
+    values must be pixels 0-255: values outside (images preprocessed for a float model) or
+    all within 0-1 with fractions (pixels scaled to 0-1, which would round to black) are refused."""
     if pixels and isinstance(images, np.ndarray) and images.dtype == np.uint8 and images.ndim >= 2 and len(images):
         return
     if not isinstance(images, np.ndarray) or not np.issubdtype(images.dtype, np.floating):
@@ -428,6 +430,14 @@ def check_images(path: str, images: np.ndarray, name: str = "images", pixels: bo
         raise DataError(f"{path}: '{name}' must be N×… with N ≥ 1, got shape {images.shape}")
     if not np.isfinite(images).all():
         raise DataError(f"{path}: '{name}' contains NaN or infinite values")
+    if pixels:
+        low, high = float(images.min()), float(images.max())
+        if low < -0.5 or high > 255.5:  # (values a rounding would change beyond the half are no pixels)
+            raise DataError(f"{path}: the model takes uint8 pixels 0-255, and '{name}' holds values from {low:.4g} to "
+                            f"{high:.4g} (preprocessed for a float model?)")
+        if high <= 1 and not np.array_equal(images, np.rint(images)):
+            raise DataError(f"{path}: the model takes uint8 pixels 0-255, and '{name}' holds values from {low:.4g} to "
+                            f"{high:.4g} only (pixels scaled to 0-1? multiply them by 255)")
 
 
 def check_labels(path: str, labels: np.ndarray, count: int) -> None:

@@ -187,3 +187,30 @@ def test_qat_generator_works_on_the_unit_scale_and_hands_the_student_pixels(mode
     assert images.min() >= 0 and images.max() <= 255
     # the teacher's logits are the file's on the pixels handed out
     np.testing.assert_allclose(scores.numpy(), _run(loaded.path, images.numpy()), atol=1e-3, rtol=1e-3)
+
+
+def test_float_arrays_for_a_uint8_model_must_hold_pixels(models, tmp_path):
+    """Float arrays given to such a model are pixels 0-255: images scaled to 0-1 (which would
+    round to black) or normalised for a float model are refused in one line, by quantize's
+    calibration as by validate, and nothing is written; whole pixels as floats are taken."""
+    pixels = np.random.default_rng(5).integers(0, 256, (24, 3, 16, 16)).astype(np.float32)
+    labels = np.arange(24) % 10
+    np.savez(tmp_path / "scaled.npz", images=pixels / 255, labels=labels)
+    np.savez(tmp_path / "normalised.npz", images=(pixels / 255 - 0.45) / 0.225, labels=labels)
+    np.savez(tmp_path / "pixels.npz", images=pixels, labels=labels)
+    quantized = models["folder"] / "q_nchw.onnx"
+    if not quantized.exists():
+        quantize(str(models["nchw"]), QuantConfig(num_samples=16, iters=10, output=str(quantized), force=True))
+    output = tmp_path / "q.onnx"
+    for name, words in (("scaled", "scaled to 0-1"), ("normalised", "preprocessed for a float model")):
+        data = str(tmp_path / f"{name}.npz")
+        for args in (["validate", str(models["nchw"]), str(quantized), "--data", data],
+                     ["quantize", str(models["nchw"]), "--calib", data, "-o", str(output)]):
+            result = CliRunner().invoke(cli, args)
+            assert result.exit_code == 2 and words in result.output, (args[0], name, result.output)
+            errors = [line for line in result.output.splitlines() if "error" in line]
+            assert "Traceback" not in result.output and len(errors) == 1 and words in errors[0]
+    assert not output.exists()
+    scored = CliRunner().invoke(cli, ["validate", str(models["nchw"]), str(quantized), "--data",
+                                      str(tmp_path / "pixels.npz")])
+    assert scored.exit_code == 0, scored.output

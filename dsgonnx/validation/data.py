@@ -123,13 +123,7 @@ def _array_dataset(kind: str, source: str | None, images: np.ndarray, labels, sp
         want is not None and got != want for got, want in zip(images.shape[1:], spec.shape[1:])
     ):
         raise DataError(f"{where}: images have shape {images.shape}, the models take N×{expected}")
-    if spec.takes_pixels:  # whole pixels: values a rounding would change beyond the half are no pixels
-        info = np.iinfo(spec.dtype)
-        low, high = float(images.min()), float(images.max())
-        if low < info.min - 0.5 or high > info.max + 0.5:
-            raise DataError(f"{where}: the models take {spec.dtype.name} pixels {info.min}-{info.max}, and the images "
-                            f"hold values from {low:.4g} to {high:.4g} (preprocessed for a float model?)")
-    images = as_input_type(images, spec.dtype)
+    images = as_input_type(images, spec.dtype)  # (pixels: their values were checked with the array's, check_images)
     return Dataset(kind, source, len(images), labels, _load=lambda start, stop: images[start:stop])
 
 
