@@ -308,6 +308,9 @@ def main(argv=None) -> int:
         return 0
     versions = _versions()
     chart = _chart(all_results, out / "results.png")
+    if not chart and all_results and (out / "results.png").exists():  # (no matplotlib: the last chart drawn stays linked)
+        chart = True
+        print(f"{out / 'results.png'} not redrawn (matplotlib is not installed: pip install -e .[bench])", file=sys.stderr)
     lines = [
         "# Benchmark results",
         "",

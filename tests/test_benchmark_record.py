@@ -105,3 +105,19 @@ def test_a_handful_of_photos_comes_from_the_calibration_files_and_is_scored_on_t
     with pytest.raises(SystemExit, match="one \\+fewN, on a real row"):
         run_table(str(model), str(data), recipe, bits=[8], sources=["gaussian+few8"], num_samples=40,
                   device="cpu", max_eval=200, log=io.StringIO())
+
+
+def test_rerendering_without_matplotlib_keeps_the_chart_last_drawn(tmp_path):
+    """``--models ''`` rewrites RESULTS.md from results.json; without matplotlib it cannot redraw
+    results.png, and a chart drawn before stays linked (it used to drop out of RESULTS.md)."""
+    import json
+
+    from run_all import main
+
+    record = json.loads((Path(__file__).resolve().parents[1] / "benchmarks/results.json").read_text())
+    (tmp_path / "results.json").write_text(json.dumps({"cifar10_resnet20": record["cifar10_resnet20"]}))
+    assert main(["--models", "", "--out", str(tmp_path)]) == 0
+    assert "results.png" not in (tmp_path / "RESULTS.md").read_text()  # no chart at all: no link
+    (tmp_path / "results.png").write_bytes(b"\x89PNG")
+    assert main(["--models", "", "--out", str(tmp_path)]) == 0
+    assert "![top-1 by method and bits](results.png)" in (tmp_path / "RESULTS.md").read_text()
