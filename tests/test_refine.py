@@ -622,7 +622,9 @@ def test_correction_inside_needs_bias_correction_and_no_qat(setup):
 def test_inside_means_and_weight_steps_follow_the_calibration_images(setup, monkeypatch, tmp_path):
     """refine.inside_means: ``calibration`` simulates the correction with every layer's input
     mean over the calibration images, while the file is corrected with the written means (here
-    from the BN statistics); ``written`` simulates those. ``auto`` takes ``calibration`` for
+    from the BN statistics) — but for dead-leaves images (``procedural``, made without the BN
+    statistics) under ``--bias-correction auto``, whose own means the file then holds (the model
+    learned; an explicit mode writes its own); ``written`` simulates the written means. ``auto`` takes ``calibration`` for
     synthetic images of a network with depthwise convolutions, else ``written`` (this ResNet
     with synthetic images too; measured in README, 'Bias correction inside the reconstruction').
     refine.weight_step_lr None: the weight steps learn with real images only."""
@@ -662,9 +664,19 @@ def test_inside_means_and_weight_steps_follow_the_calibration_images(setup, monk
                 np.testing.assert_allclose(seen["means"][name], measured[name], rtol=1e-6, atol=1e-9)
         else:  # the written means come from the BN statistics
             assert sum(not np.allclose(seen["means"][name], measured[name], rtol=1e-3) for name in convs) >= 3
-    # either way the file holds the written correction
-    written = {key: result.decisions["bias_correction"]["means"] for key, result in results.items()}
-    assert len({json.dumps(value, sort_keys=True) for value in written.values()}) == 1, written
+    # either way the file holds the written correction (from the BN statistics) ...
+    written = {key: result.decisions["bias_correction"] for key, result in results.items()}
+    assert len({json.dumps([value["mode"], value["means"]], sort_keys=True) for value in written.values()}) == 1
+    assert all(value["mode"] == "auto" and value["means"]["analytic"] >= 3 for value in written.values()), written
+    # ... but learned with the means of dead-leaves images, the file holds theirs (all measured),
+    # unless a mode is asked for
+    leaves = SyntheticSet(setup["calib"], {"method": "procedural"})
+    for mode, expected in (("auto", "empirical"), ("analytic", "analytic")):
+        result = quantize(str(setup["model"]), QuantConfig(
+            output=str(folder / f"means-leaves-{mode}.onnx"), calib=leaves, **common, bias_correction=mode,
+            refine=RefineConfig(method="brecq", iters=5, inside_means="calibration")))
+        learned = result.decisions["bias_correction"]
+        assert learned["mode"] == expected and (learned["means"]["analytic"] == 0) == (mode == "auto"), learned
     mobile = export_tiny_mobile(tmp_path / "mobile.onnx")
     images = synthesize(load_model(mobile), SynthConfig(method="dsg", num_samples=16, iters=5, seed=0)).images
     quantize(str(mobile), QuantConfig(output=str(tmp_path / "mobile-q.onnx"), calib=SyntheticSet(images, {"method": "dsg"}),
