@@ -771,10 +771,10 @@ def _refine(prepared: Path, out: Path, ranges, weights, activations, images, hol
     correction quantize will write (None: none), which ``refine.correct_inside`` simulates.
     Returns the trained result and the correction to write on it: ``corrector``, or, under
     ``--bias-correction auto`` where the reconstruction simulated the calibration images' means
-    (``refine.inside_means`` ``calibration``) and those are dead-leaves images (``procedural``,
-    made without the BN statistics), a correction with those means: the file is then the model
-    learned. Measured (README, "Bias correction inside the reconstruction"): with procedural
-    images this gained on all three depthwise networks, with DSG's it lost 6.67 points on one."""
+    (``refine.inside_means`` ``calibration``) and those are dead-leaves images (``procedural``),
+    a correction with those means: the file is then the model learned. Measured (README, "Bias
+    correction inside the reconstruction"): with procedural images this gained on all three
+    depthwise networks; with DSG's it lost 6.67 points on one, with Gaussian noise on both tried."""
     from .quant.bits import resolve_bits
     from .quant.placement import placement_of
     from .quant.qdq import excluded_nodes, quantized_weights, weight_top
@@ -817,7 +817,7 @@ def _refine(prepared: Path, out: Path, ranges, weights, activations, images, hol
         means = corrector.means(layers)
         if refine.inside_means == "calibration" and not corrector.measured:  # (measured: these already)
             # learn with each layer's input mean over the calibration images (and write them too
-            # where the images were made without the BN statistics)
+            # where those are dead leaves)
             measured = _BiasCorrector(prepared, None, loaded, images, corrector.batch, BiasCorrection.EMPIRICAL)
             means, written = measured.means(layers), means
             if corrector.mode == BiasCorrection.AUTO and calib_info.get("method") == SynthMethod.PROCEDURAL.value:
