@@ -67,8 +67,8 @@ class InputSpec:
 
     @property
     def takes_pixels(self) -> bool:
-        """Whether the input takes whole pixels: an integer element type (uint8)."""
-        return self.dtype.kind in "ui"
+        """Whether the input takes whole pixels (:func:`is_pixel_type`)."""
+        return is_pixel_type(self.dtype)
 
     @property
     def fixed_batch(self) -> Optional[int]:
@@ -112,11 +112,16 @@ class InputSpec:
 INTEGER_INPUT_TYPES = (np.dtype(np.uint8),)
 
 
+def is_pixel_type(dtype) -> bool:
+    """Whether an image input of ``dtype`` takes whole pixels: an integer element type (uint8)."""
+    return np.dtype(dtype).kind in "ui"
+
+
 def as_input_type(images: np.ndarray, dtype) -> np.ndarray:
     """``images`` as an input of ``dtype`` takes them: for an integer type, rounded to the
     nearest whole value and clipped into its range (what the pixels of a photo are)."""
     dtype = np.dtype(dtype)
-    if dtype.kind in "ui":
+    if is_pixel_type(dtype):
         info = np.iinfo(dtype)
         return np.clip(np.rint(images), info.min, info.max).astype(dtype)
     return images.astype(dtype, copy=False)

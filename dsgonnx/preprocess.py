@@ -53,6 +53,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 
 from dsgonnx.errors import DataError
+from dsgonnx.inputs import is_pixel_type
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 CHANNEL_ORDERS = ("RGB", "BGR")
@@ -219,7 +220,7 @@ def for_input_type(preprocess: Preprocess | None, dtype, name: str) -> Preproces
     for a float input; for an 8-bit one, whose pixels the model normalises itself, ``none``'s
     raw 0–255 values where nothing was given, and :class:`DataError` where ``preprocess``
     would normalise them (its values would not be pixels; cast to 8 bits they are noise)."""
-    if np.dtype(dtype).kind not in "ui":
+    if not is_pixel_type(dtype):
         return preprocess
     if preprocess is None:
         return PRESETS["none"]

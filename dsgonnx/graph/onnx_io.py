@@ -27,7 +27,8 @@ from google.protobuf.message import DecodeError
 from onnx import TensorProto, external_data_helper, helper, numpy_helper, shape_inference
 
 from ..errors import InputSpecError, ModelLoadError, UnsupportedModelError
-from ..inputs import IMAGE_CHANNELS, INTEGER_INPUT_TYPES, InputSpec, as_input_type, layout_of, parse_input_shape
+from ..inputs import (IMAGE_CHANNELS, INTEGER_INPUT_TYPES, InputSpec, as_input_type, is_pixel_type, layout_of,
+                      parse_input_shape)
 from ..progress import say
 from .layout import channels_first_twin
 
@@ -67,7 +68,7 @@ class LoadedModel:
     @property
     def takes_pixels(self) -> bool:
         """Whether ``model`` is the float32 twin of a file that takes whole (uint8) pixels."""
-        return self.file_dtype is not None and self.file_dtype.kind in "ui"
+        return self.file_dtype is not None and is_pixel_type(self.file_dtype)
 
     @property
     def initializer_names(self) -> set[str]:
