@@ -286,6 +286,45 @@ def test_random_mask_draws_each_element_with_the_probability_from_seven_bytes_pe
     assert float(random_mask((100_000,), 0.0001, torch.Generator().manual_seed(0)).float().mean()) > 0  # 1/256
 
 
+@pytest.mark.parametrize("drop", [0.0, 0.5])
+@pytest.mark.parametrize("grid", [(0.0471, 0, 0, 15), (0.0313, 8, 0, 255), (0.02, 0, -7, 7)])
+def test_a_fixed_step_fake_quantizes_as_its_chain_of_autograd_operations_bit_for_bit(drop, grid):
+    """ActQuant on a fixed step runs as one autograd node (reconstruction's hot path on a CPU):
+    its output and its input's gradient are those of the plain operations it replaces, bit for
+    bit — rounding straight through, the gradient zero where the clamp bites, QDrop's kept
+    elements passed as they are — on values at the grid's edges, half steps, beyond the range."""
+    import torch
+
+    from dsgonnx.refine.quantizers import ActQuant, round_ste
+
+    scale, zero, low, high = grid
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 6, 9, 9, generator=generator, dtype=torch.float32) * (high - low) * scale / 2
+    edges = torch.tensor([(low - zero) * scale, (high - zero) * scale, (low - zero - 0.5) * scale,
+                          (high - zero + 0.5) * scale, 2.5 * scale, -1.5 * scale, 0.0, -0.0])
+    x.view(-1)[: edges.numel()] = edges
+    grad = torch.randn(x.shape, generator=generator)
+    quant = ActQuant(scale, zero, low, high).train()
+    quant.start_dropping(drop, torch.Generator().manual_seed(7))
+    fused_in = x.clone().requires_grad_()
+    fused = quant(fused_in)
+    fused.backward(grad)
+    assert fused.grad_fn is not None and type(fused.grad_fn).__name__ == "_FixedStepBackward"
+
+    chain_in = x.clone().requires_grad_()
+    xq = (torch.clamp(round_ste(chain_in / scale) + zero, low, high) - zero) * scale
+    if drop:
+        from dsgonnx.refine.quantizers import random_mask
+
+        xq = torch.where(random_mask(x.shape, drop, torch.Generator().manual_seed(7)), chain_in, xq)
+    xq.backward(grad)
+    assert torch.equal(fused, xq) and torch.equal(fused_in.grad, chain_in.grad)
+    levels = (x / scale).round() + zero
+    ends = (levels <= low) | (levels >= high)
+    assert ends.any() and (~ends).any()  # the clamp bites somewhere, and not everywhere
+    with torch.no_grad():  # evaluation takes the plain operations: the same values
+        assert torch.equal(quant.eval()(x), (torch.clamp(torch.round(x / scale) + zero, low, high) - zero) * scale)
+
 def test_input_drop_mixes_each_blocks_quantized_input_with_the_float_models(setup, monkeypatch):
     """--refine-input-drop p (QDrop's input mixing): while a block learns, each element of its
     input is the float model's with probability p, else the quantized blocks' before it; the

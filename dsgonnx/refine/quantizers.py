@@ -117,13 +117,51 @@ class ActQuant(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
-        scale = self.scale if self.log_step is None else torch.exp(self.log_step).to(x.dtype)
+        keep = (random_mask(x.shape, self.drop_prob, self.generator, x.device)
+                if self.training and self.drop_prob > 0 else None)
+        if self.log_step is None:
+            return _FixedStep.apply(x, self.scale, self.zero_point, self.low, self.high, keep)
+        scale = torch.exp(self.log_step).to(x.dtype)  # learned (LSQ): its gradient through the chain
         q = torch.clamp(round_ste(x / scale) + self.zero_point, self.low, self.high)
         xq = (q - self.zero_point) * scale
-        if self.training and self.drop_prob > 0:
-            keep = random_mask(x.shape, self.drop_prob, self.generator, x.device)
-            return torch.where(keep, x, xq)
-        return xq
+        return xq if keep is None else choose(keep, x, xq)
+
+
+class _FixedStep(torch.autograd.Function):
+    """:class:`ActQuant` on a fixed step, in one node of the graph: the same values forward and
+    the same gradient as its chain of autograd operations (the rounding straight through, zero
+    where the clamp bites or the level is the range's end, as torch's clamp passes it; ``keep``:
+    QDrop's elements left float), up to the sign of a zero. That chain saved a float tensor per
+    clamp and selected with ``torch.where`` on boolean masks, which on a CPU took ten times a
+    multiplication; here the masks are saved as bytes and select by :func:`choose`."""
+
+    @staticmethod
+    def forward(ctx, x, scale: float, zero_point: int, low: int, high: int, keep):
+        levels = torch.round(x / scale).add_(zero_point)
+        inside = (levels > low).logical_and_(levels < high)  # torch's clamp: no gradient on the ends either
+        xq = levels.clamp_(low, high).sub_(zero_point).mul_(scale)
+        ctx.scale = scale
+        ctx.save_for_backward(inside, keep)
+        return xq if keep is None else choose(keep, x, xq)
+
+    @staticmethod
+    def backward(ctx, grad):
+        inside, keep = ctx.saved_tensors
+        # as autograd chains it: × step (the dequantization), the clamp's mask, ÷ step (x / step)
+        through = (grad * ctx.scale).mul_(_as_weights(inside, grad)).div_(ctx.scale)
+        return (through if keep is None else choose(keep, grad, through)), None, None, None, None, None
+
+
+def _as_weights(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A boolean mask as 0/1 in ``like``'s dtype (through its bytes: a tenth of the time of a
+    boolean conversion on a CPU)."""
+    return mask.view(torch.uint8).to(like.dtype)
+
+
+def choose(mask: torch.Tensor, where_true: torch.Tensor, where_false: torch.Tensor) -> torch.Tensor:
+    """``torch.where(mask, where_true, where_false)`` for finite float tensors of one shape, the
+    same values (``lerp`` with weights exactly 0 and 1 returns either end as it is)."""
+    return torch.lerp(where_false, where_true, _as_weights(mask, where_true))
 
 
 class ConstQuant(nn.Module):

@@ -44,7 +44,7 @@ from ..progress import Progress, say
 from ..quant.placement import Placement
 from ..quant.qdq import quantized_weights
 from .blocks import Unit, Whole, concat, join_nodes, mark_whole, partition, read_from_outside, run_unit, take, tensors
-from .quantizers import ActQuant, QuantLayer, random_mask, weight_scales
+from .quantizers import ActQuant, QuantLayer, choose, random_mask, weight_scales
 from .ranks import Ranks, images_digest, run_digest
 from .simulate import (first_output, insert_activation_quant, insert_constant_quant, layer_inputs, layer_module,
                        unsimulated)
@@ -156,8 +156,7 @@ def _mixed(quantized, fp, prob: float, generator: torch.Generator):
     if (not isinstance(quantized, torch.Tensor) or not isinstance(fp, torch.Tensor)
             or not quantized.is_floating_point() or quantized.shape != fp.shape):
         return quantized
-    from_float = random_mask(quantized.shape, prob, generator, quantized.device)
-    return torch.where(from_float, fp, quantized)
+    return choose(random_mask(quantized.shape, prob, generator, quantized.device), fp, quantized)
 
 
 def _beta(step: int, total: int, config: RefineConfig) -> Optional[float]:
