@@ -129,16 +129,17 @@ class ActQuant(nn.Module):
 
 class _FixedStep(torch.autograd.Function):
     """:class:`ActQuant` on a fixed step, in one node of the graph: the same values forward and
-    the same gradient as its chain of autograd operations (the rounding straight through, zero
-    where the clamp bites or the level is the range's end, as torch's clamp passes it; ``keep``:
-    QDrop's elements left float), up to the sign of a zero. That chain saved a float tensor per
+    the same gradient as its chain of autograd operations under torch 2.14 (the rounding straight
+    through, zero where the clamp bites or the level is the range's end — earlier torch releases
+    passed it on the ends, measured no different in the README; here it no longer depends on the
+    release — and ``keep``: QDrop's elements left float), up to the sign of a zero. That chain saved a float tensor per
     clamp and selected with ``torch.where`` on boolean masks, which on a CPU took ten times a
     multiplication; here the masks are saved as bytes and select by :func:`choose`."""
 
     @staticmethod
     def forward(ctx, x, scale: float, zero_point: int, low: int, high: int, keep):
         levels = torch.round(x / scale).add_(zero_point)
-        inside = (levels > low).logical_and_(levels < high)  # torch's clamp: no gradient on the ends either
+        inside = (levels > low).logical_and_(levels < high)  # torch 2.14's clamp: no gradient on the ends either
         xq = levels.clamp_(low, high).sub_(zero_point).mul_(scale)
         ctx.scale = scale
         ctx.save_for_backward(inside, keep)
