@@ -128,18 +128,19 @@ class ActQuant(nn.Module):
 
 
 class _FixedStep(torch.autograd.Function):
-    """:class:`ActQuant` on a fixed step, in one node of the graph: the same values forward and
-    the same gradient as its chain of autograd operations under torch 2.14 (the rounding straight
-    through, zero where the clamp bites or the level is the range's end — earlier torch releases
-    passed it on the ends, measured no different in the README; here it no longer depends on the
-    release — and ``keep``: QDrop's elements left float), up to the sign of a zero. That chain saved a float tensor per
-    clamp and selected with ``torch.where`` on boolean masks, which on a CPU took ten times a
-    multiplication; here the masks are saved as bytes and select by :func:`choose`."""
+    """:class:`ActQuant` on a fixed step as one node of the graph, with the values and the
+    gradient of its chain of operations under torch 2.14 (up to the sign of a zero): the rounding
+    straight through, none where the clamp bites or the level is the range's end (earlier torch
+    releases passed it on the ends, measured no different in the README; here it no longer
+    depends on the release), ``keep``'s elements (QDrop's) passed as they are. The chain saved a
+    float tensor per clamp and selected with ``torch.where`` on boolean masks, ten times a
+    multiplication on a CPU; this saves the masks as bytes and selects with :func:`choose`."""
 
     @staticmethod
     def forward(ctx, x, scale: float, zero_point: int, low: int, high: int, keep):
         levels = torch.round(x / scale).add_(zero_point)
-        inside = (levels > low).logical_and_(levels < high)  # torch 2.14's clamp: no gradient on the ends either
+        # where the gradient passes (torch 2.14's clamp: not on the ends either); none to keep without one
+        inside = (levels > low).logical_and_(levels < high) if ctx.needs_input_grad[0] else None
         xq = levels.clamp_(low, high).sub_(zero_point).mul_(scale)
         ctx.scale = scale
         ctx.save_for_backward(inside, keep)
