@@ -30,7 +30,7 @@ from .errors import DataError, DsgonnxError, ModelLoadError, UnsupportedModelErr
 from .graph.layout import channels_last_input
 from .graph.normalize import float16_interface
 from .graph.onnx_io import LoadedModel, fixed_batch_interface, load_model, quantizable, unit_pixel_twin
-from .preprocess import for_input_type
+from .preprocess import PRESETS, for_input_type
 from .progress import say
 from .quant.bits import resolve_bits, tag
 from .quant.calibrate import compute_ranges, share_pool_ranges
@@ -861,9 +861,9 @@ def _qat_generator(loaded: LoadedModel, config: QuantConfig, calib_info: dict):
     if loss is None:
         return None  # (a model without BN statistics is refused where the generator is built)
     box = None
-    if loaded.takes_pixels:  # on the scale of normalised images, as synthesis (pixels 0-255 are u = -1 to 1)
-        ones = np.ones((1, loaded.input.chw[0], 1, 1), np.float32)
-        return GeneratorSource(model=unit_pixel_twin(loaded), loss=loss, box=(-ones, ones), epsilon=config.synth.epsilon,
+    if loaded.takes_pixels:  # on the unit-pixel twin's scale with its box, as synthesis (inception's: u = -1 to 1)
+        return GeneratorSource(model=unit_pixel_twin(loaded), loss=loss,
+                               box=PRESETS["inception"].pixel_box(loaded.input.chw[0]), epsilon=config.synth.epsilon,
                                slack_reading=config.synth.slack_reading.value, unit_pixels=True)
     if config.preprocess is not None:
         box = config.preprocess.pixel_box(loaded.input.chw[0])
