@@ -25,7 +25,7 @@ from ..errors import NoBatchNormError, SynthesisError
 from ..graph.bn_taps import BNLayer, BNProbe, bn_folded, find_bn_layers, stateless_norms
 from ..graph.onnx_io import LoadedModel, from_unit_pixels, load_model, unit_pixel_twin
 from ..graph.to_torch import TorchModel, resolve_device, to_torch
-from ..hardware import MEMORY_SHARE, check_image_memory, memory_on
+from ..hardware import MEMORY_SHARE, check_image_memory, freed_memory_kept, memory_on
 from ..preprocess import PRESETS, for_input_type
 from ..progress import Progress, say
 from . import losses
@@ -100,9 +100,11 @@ def default_batch_size(config: SynthConfig, loaded: LoadedModel, num_layers: int
 
 # what a synthesis batch costs per image besides the image, in units of the activations one
 # forward pass of it makes (every leaf module's output): the largest marginal cost measured on
-# CPU, peak resident memory between batches of two sizes, was 1.44 (MobileNet v1 0.25 at 224 px;
-# 0.75: 1.15, EfficientNet-Lite0 0.92, ResNet-20 0.77)
-ACTIVATION_COPIES = 1.5
+# CPU, peak resident memory between batches of two sizes (16 and 48 images at 224 px, 64 and 256
+# at 32 px; 3 iterations), was MobileNet v1 0.25's 1.69 with freed memory kept for reuse as
+# synthesis keeps it (hardware.freed_memory_kept), 1.59 without (v1 0.75: 1.21 / 1.18,
+# EfficientNet-Lite0 1.14 / 0.96, ResNet-20 0.88 / 0.86; 1.44 when first measured)
+ACTIVATION_COPIES = 1.75
 
 
 def activation_bytes(module: torch.nn.Module, chw, device, memory_format) -> int:
@@ -260,7 +262,8 @@ def synthesize(
             done.append((first, result.numpy(), layer_losses, stats, run.labels.get(first)))
         return done
 
-    mine = distributed.together(my_batches)
+    with freed_memory_kept() as kept:
+        mine = distributed.together(my_batches)
     everyone = distributed.exchange((mine, run.iter_seconds))
     done = sorted((part for parts, _ in everyone for part in parts), key=lambda part: part[0])
     iter_seconds = [s for _, seconds in everyone for s in seconds]
@@ -298,6 +301,9 @@ def synthesize(
         "ranks": ranks,
         "diversity": diversity,
         "torch": torch.__version__,
+        # whether freed memory was kept for reuse while the images were made, which moves
+        # seconds_per_iter (hardware.freed_memory_kept)
+        "freed_memory_kept": kept,
     }
     say(f"synthesize: {config.num_samples} {config.method} images in {seconds:.1f}s on {device}"
         + (f"; sample_similarity {diversity['sample_similarity']:.4f}, stat_spread {diversity['stat_spread']:.4f}"
