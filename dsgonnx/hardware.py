@@ -176,7 +176,7 @@ _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
 _DEFAULT_TRIM, _DEFAULT_MMAP_MAX = 128 * 1024, 65536
 
 
-def _glibc() -> ctypes.CDLL | None:
+def tunable_malloc() -> ctypes.CDLL | None:
     """The C library where it is glibc and the user left its malloc alone (no ``MALLOC_*``
     settings of theirs, no allocator in ``LD_PRELOAD``), else None."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
@@ -200,20 +200,21 @@ def freed_memory_kept() -> Iterator[bool]:
     from the kernel and unmaps it when freed, so each large tensor torch makes on a CPU is
     first written through a page fault per 4 KB. On this project's 2-core AMD EPYC virtual
     machine an out-of-place clamp of a 42 MB activation took 35 ms that way and 2.5 ms into
-    memory already mapped. Synthesis, which makes the same large tensors every iteration, runs
-    in this block: EfficientNet-Lite0 at the CPU defaults (80 images, 100 iterations) took
-    173 s instead of 272 s, the same images bit for bit, with a peak of 10.2 GB instead of
-    8.6 GB.
+    memory already mapped. Synthesis and reconstruction, which make the same large tensors
+    every iteration, run in this block: the README's main command took 202 s instead of
+    293–300 s (synthesis 189 s instead of 284–288 s, peak 10.2 GB instead of 8.6 GB), and
+    EfficientNet-Lite0's W4A4 reconstruction 143–149 s instead of 186 s (peak 5.0 GB both
+    ways), with the same models byte for byte.
 
     Only for a bounded loop: served from the heap, a block freed between two small ones that
     glibc's per-thread cache holds is never joined to its neighbours, and a loop asking for
     the same large block again (torch asks 64-byte alignment, a little more than the block)
     grows the heap by one block per turn (measured: 256 MiB a turn). Synthesis's mix of sizes
     reuses them: its peak grew 6.25 → 6.44 → 6.55 GB over 3, 10 and 30 iterations of 48
-    images. Nothing changes off Linux/glibc, where the user set glibc's ``MALLOC_MMAP_MAX_``
+    images; reconstruction's did not move. Nothing changes off Linux/glibc, where the user set glibc's ``MALLOC_MMAP_MAX_``
     or ``MALLOC_TRIM_THRESHOLD_``, or where an allocator is preloaded (``LD_PRELOAD``).
     """
-    libc = _glibc()
+    libc = tunable_malloc()
     if libc is None:
         yield False
         return

@@ -19,7 +19,7 @@ from onnx import numpy_helper
 
 from dsgonnx.errors import DataError
 from dsgonnx.graph.onnx_io import load_model
-from dsgonnx.hardware import needs_reduce_range
+from dsgonnx.hardware import needs_reduce_range, tunable_malloc
 from dsgonnx.pipeline import quantize
 from dsgonnx.quant import QuantConfig
 from dsgonnx.quant.bits import resolve_bits
@@ -89,6 +89,7 @@ def test_refinement_lowers_block_error_on_held_out_synthetic_samples(setup, meth
     assert after < 0.97 * before, report["units"]
     assert all(unit["loss_after"] <= unit["loss_before"] * 1.02 for unit in report["units"]), report["units"]
     assert all(unit["rounded_other_way"] > 0 for unit in report["units"])  # it learned, not just nearest
+    assert report["freed_memory_kept"] is (tunable_malloc() is not None)  # (glibc's malloc, left alone)
 
 
 def test_a_squant_start_begins_at_squants_integers_and_learns_from_there(setup):

@@ -39,7 +39,7 @@ from ..config import RefineConfig, RefineMethod
 from ..errors import DataError, UnsupportedModelError
 from ..graph.onnx_io import load_model
 from ..graph.to_torch import resolve_device, to_torch
-from ..hardware import check_image_memory
+from ..hardware import check_image_memory, freed_memory_kept
 from ..progress import Progress, say
 from ..quant.placement import Placement
 from ..quant.qdq import quantized_weights
@@ -316,26 +316,27 @@ def refine_model(model_path: Path, output_path: Path, placement: Placement, imag
     report_units = []  # every QuantLayer starts in "fp" mode until its unit is reached
     done: set = set()
     everything = slice(0, len(rows))
-    for unit in units:
-        fp_in = [fp_env[n] for n in unit.inputs]
-        q_in = [q_env[n] for n in unit.inputs]
-        targets = _run_rows(module, unit, fp_in, everything, run.chunk)
-        unit_acts = [acts[n] for n in unit.nodes if n in acts]
-        unit_constants = [q for n in unit.nodes for q in constants.get(n, [])]
-        for quantizer in unit_acts + unit_constants:
-            quantizer.enabled = True
-        if unit.layers:
-            tail = None if prediction is None else prediction.after(unit, q_env)
-            report_units.append(run.reconstruct(unit, q_in, targets, unit_acts, fp_in, tail))
-            q_out = _run_rows(module, unit, q_in, everything, run.chunk)
-        else:
-            same = not unit_acts and not unit_constants and all(a is b for a, b in zip(fp_in, q_in))
-            q_out = targets if same else _run_rows(module, unit, q_in, everything, run.chunk)
-        for node, fp_value, q_value in zip(unit.outputs, targets, q_out):
-            fp_env[node], q_env[node] = fp_value, q_value
-        done.update(unit.nodes)
-        for env in (fp_env, q_env):
-            _release(env, done)
+    with freed_memory_kept() as kept:  # (the same tensors, unit after unit: see hardware)
+        for unit in units:
+            fp_in = [fp_env[n] for n in unit.inputs]
+            q_in = [q_env[n] for n in unit.inputs]
+            targets = _run_rows(module, unit, fp_in, everything, run.chunk)
+            unit_acts = [acts[n] for n in unit.nodes if n in acts]
+            unit_constants = [q for n in unit.nodes for q in constants.get(n, [])]
+            for quantizer in unit_acts + unit_constants:
+                quantizer.enabled = True
+            if unit.layers:
+                tail = None if prediction is None else prediction.after(unit, q_env)
+                report_units.append(run.reconstruct(unit, q_in, targets, unit_acts, fp_in, tail))
+                q_out = _run_rows(module, unit, q_in, everything, run.chunk)
+            else:
+                same = not unit_acts and not unit_constants and all(a is b for a, b in zip(fp_in, q_in))
+                q_out = targets if same else _run_rows(module, unit, q_in, everything, run.chunk)
+            for node, fp_value, q_value in zip(unit.outputs, targets, q_out):
+                fp_env[node], q_env[node] = fp_value, q_value
+            done.update(unit.nodes)
+            for env in (fp_env, q_env):
+                _release(env, done)
     if written_means is not None:  # the simulation of the file: the correction with the means written
         for layer in layers:
             if layer.onnx_name in corrected and layer.onnx_name in written_means:
@@ -349,6 +350,7 @@ def refine_model(model_path: Path, output_path: Path, placement: Placement, imag
               "held_out_samples": len(rows) - run.n_train if held is not None else 0,
               "refined_layers": [layer.onnx_name for layer in layers], "skipped_layers": skipped,
               "corrected_inside": len(corrected),
+              "freed_memory_kept": kept,
               "simulated_activations": len(quantizers),
               "unsimulated": unsimulated(placement, missing, layer_inputs(layers) | simulated),
               "learned_activation_steps": {name: {"calibrated": quantizers[name].scale, "learned": scale}
