@@ -211,8 +211,9 @@ def freed_memory_kept() -> Iterator[bool]:
     the same large block again (torch asks 64-byte alignment, a little more than the block)
     grows the heap by one block per turn (measured: 256 MiB a turn). Synthesis's mix of sizes
     reuses them: its peak grew 6.25 → 6.44 → 6.55 GB over 3, 10 and 30 iterations of 48
-    images; reconstruction's did not move. Nothing changes off Linux/glibc, where the user set glibc's ``MALLOC_MMAP_MAX_``
-    or ``MALLOC_TRIM_THRESHOLD_``, or where an allocator is preloaded (``LD_PRELOAD``).
+    images; reconstruction's did not move. Nothing changes off Linux/glibc, where the user
+    set glibc's ``MALLOC_MMAP_MAX_`` or ``MALLOC_TRIM_THRESHOLD_``, or where an allocator is
+    preloaded (``LD_PRELOAD``).
     """
     libc = tunable_malloc()
     if libc is None:
