@@ -171,9 +171,13 @@ def size_text(count: int) -> str:
     return f"{count / 2**30:.1f} GiB" if count >= 2**30 else f"{count / 2**20:.1f} MiB"
 
 
-# glibc's mallopt parameters (malloc.h) and their defaults
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
-_DEFAULT_TRIM, _DEFAULT_MMAP_MAX = 128 * 1024, 65536
+# glibc's mallopt parameters (malloc.h); after a block, the limits glibc's own adjustment moves
+# to once a large block has been freed (its mmap threshold's ceiling on 64-bit, trim at twice
+# it): any mallopt stops that adjustment, and left at the start values every block above
+# 128 KiB was mapped afresh each time (20 blocks of 8 MiB written after the block: 41,021 page
+# faults, against 12,328 with these limits and 14,335 in a process without the block)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
+_AFTER_MMAP_THRESHOLD, _AFTER_MMAP_MAX = 32 * 2**20, 65536
 
 
 def tunable_malloc() -> ctypes.CDLL | None:
@@ -193,8 +197,8 @@ def tunable_malloc() -> ctypes.CDLL | None:
 @contextlib.contextmanager
 def freed_memory_kept() -> Iterator[bool]:
     """Within the block, glibc's malloc keeps freed memory in the process for reuse; after it,
-    glibc's default limits again (fixed from then on, where glibc would move its mmap threshold)
-    and the memory kept is given back. Yields whether it applied.
+    the limits glibc moves to by itself once a large block is freed (fixed from then on) and the
+    memory kept is given back. Yields whether it applied.
 
     glibc serves every block above a threshold (which grows to at most 32 MiB) with fresh pages
     from the kernel and unmaps it when freed, so each large tensor torch makes on a CPU is
@@ -223,6 +227,7 @@ def freed_memory_kept() -> Iterator[bool]:
     try:
         yield applied
     finally:
-        libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
-        libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM)
+        libc.mallopt(_M_MMAP_MAX, _AFTER_MMAP_MAX)
+        libc.mallopt(_M_MMAP_THRESHOLD, _AFTER_MMAP_THRESHOLD)
+        libc.mallopt(_M_TRIM_THRESHOLD, 2 * _AFTER_MMAP_THRESHOLD)
         libc.malloc_trim(0)
