@@ -204,20 +204,22 @@ def freed_memory_kept() -> Iterator[bool]:
     from the kernel and unmaps it when freed, so each large tensor torch makes on a CPU is
     first written through a page fault per 4 KB. On this project's 2-core AMD EPYC virtual
     machine an out-of-place clamp of a 42 MB activation took 35 ms that way and 2.5 ms into
-    memory already mapped. Synthesis and reconstruction, which make the same large tensors
-    every iteration, run in this block: the README's main command took 202 s instead of
-    293–300 s (synthesis 189 s instead of 284–288 s, peak 10.2 GB instead of 8.6 GB), and
+    memory already mapped. Synthesis, reconstruction and QAT, which make the same large
+    tensors every iteration, run in this block: the README's main command took 202 s instead
+    of 293–300 s (synthesis 189 s instead of 284–288 s, peak 10.2 GB instead of 8.6 GB),
     EfficientNet-Lite0's W4A4 reconstruction 143–149 s instead of 186 s (peak 5.0 GB both
-    ways), with the same models byte for byte.
+    ways), and its QAT 0.136–0.163 steps/s instead of 0.080–0.083 (peak 13.2 GB instead of
+    10.4–10.6 GB), with the same models byte for byte.
 
     Only for a bounded loop: served from the heap, a block freed between two small ones that
     glibc's per-thread cache holds is never joined to its neighbours, and a loop asking for
     the same large block again (torch asks 64-byte alignment, a little more than the block)
     grows the heap by one block per turn (measured: 256 MiB a turn). Synthesis's mix of sizes
     reuses them: its peak grew 6.25 → 6.44 → 6.55 GB over 3, 10 and 30 iterations of 48
-    images; reconstruction's did not move. Nothing changes off Linux/glibc, where the user
-    set glibc's ``MALLOC_MMAP_MAX_`` or ``MALLOC_TRIM_THRESHOLD_``, or where an allocator is
-    preloaded (``LD_PRELOAD``).
+    images; reconstruction's did not move; QAT's levelled at 11.04 GB from the 62nd of 100
+    Lite0 steps (learned steps as one node: README). Nothing changes off Linux/glibc, where
+    the user set glibc's ``MALLOC_MMAP_MAX_`` or ``MALLOC_TRIM_THRESHOLD_``, or where an
+    allocator is preloaded (``LD_PRELOAD``).
     """
     libc = tunable_malloc()
     if libc is None:

@@ -21,6 +21,7 @@ from dsgonnx import QatConfig, QuantConfig, RefineConfig, Rounding, quantize
 from dsgonnx.config import AUTO_FEATURE_WEIGHT
 from dsgonnx.errors import DataError
 from dsgonnx.graph.onnx_io import load_model
+from dsgonnx.hardware import tunable_malloc
 from dsgonnx.quant.placement import read_placement
 from dsgonnx.synth import SynthConfig, synthesize
 from dsgonnx_cli.main import cli
@@ -64,6 +65,7 @@ def test_training_lowers_the_distillation_loss_and_the_file_is_the_trained_model
     result = _quantize(setup, "trained", QatConfig(iters=150, batch_size=32, lr=1e-3, augment=False))
     report = result.refine
     assert report["method"] == "qat" and report["steps"] == 150 and report["stopped"] == "done"
+    assert report["freed_memory_kept"] is (tunable_malloc() is not None)  # (glibc's malloc, left alone)
     assert report["distillation_after"] < 0.9 * report["distillation_before"], report
     # every grid of the QDQ model was learned: each activation step moved from its calibrated value by
     # far more than float32 rounding (at QAT's step rate of 1e-4 a step whose gradient changes sign

@@ -70,6 +70,7 @@ from ..config import DEFAULT_EPSILON, DEFAULT_SLACK_READING, QatConfig
 from ..errors import DataError, UnsupportedModelError
 from ..graph.onnx_io import PIXEL_HALF_RANGE, LoadedModel, load_model
 from ..graph.to_torch import resolve_device, to_torch
+from ..hardware import freed_memory_kept
 from ..progress import Progress, say
 from ..quant.correct import conv_shift
 from ..quant.placement import Placement
@@ -453,91 +454,94 @@ def qat_model(model_path: Path, output_path: Path, placement: Placement, images:
     def over_budget() -> bool:
         return config.time_budget is not None and time.perf_counter() - train_started > config.time_budget
 
-    warmup = 0
-    if trainer is not None and step == 0 and config.generator_warmup:
-        progress = Progress("qat generator warm-up", config.generator_warmup)
-        while trainer.steps < config.generator_warmup and not over_budget():
-            trainer.step()
-            warmup += 1
-            if trainer.steps % 10 == 0:
-                progress.update(trainer.steps, " ".join(f"{k} {v:.3g}" for k, v in trainer.last.items()))
-        progress.close()
-    progress = Progress("qat", config.iters)
-    taps = FeatureTaps(teacher, layers) if config.feature_weight > 0 else None
+    # the same tensors step after step, like reconstruction's units (hardware.freed_memory_kept)
+    with freed_memory_kept() as kept:
+        warmup = 0
+        if trainer is not None and step == 0 and config.generator_warmup:
+            progress = Progress("qat generator warm-up", config.generator_warmup)
+            while trainer.steps < config.generator_warmup and not over_budget():
+                trainer.step()
+                warmup += 1
+                if trainer.steps % 10 == 0:
+                    progress.update(trainer.steps, " ".join(f"{k} {v:.3g}" for k, v in trainer.last.items()))
+            progress.close()
+        progress = Progress("qat", config.iters)
+        taps = FeatureTaps(teacher, layers) if config.feature_weight > 0 else None
 
-    def save() -> None:
-        if not distributed.is_writer():
-            return
-        _save_checkpoint(checkpoint, {"signature": signature, "step": step,
-                                      "parameters": [p.detach() for p in weights + steps + act_steps],
-                                      "optimiser": optimiser.state_dict(),
-                                      "batches": batches.get_state(),
-                                      **({"generator": trainer.state_dict()} if trainer is not None else {})})
+        def save() -> None:
+            if not distributed.is_writer():
+                return
+            _save_checkpoint(checkpoint, {"signature": signature, "step": step,
+                                          "parameters": [p.detach() for p in weights + steps + act_steps],
+                                          "optimiser": optimiser.state_dict(),
+                                          "batches": batches.get_state(),
+                                          **({"generator": trainer.state_dict()} if trainer is not None else {})})
 
-    while step < config.iters:
-        if ranks is None and over_budget():
-            stopped = "time budget"
-            if checkpoint is not None:  # a later --qat-resume continues where the budget stopped it
-                save()
-            break
-        student.train()
-        drawn_from = batches.get_state() if ranks is not None else None
-        parts = [trainer.step()] if trainer is not None else []
-        if batch > 0:
-            index = torch.randint(len(calib), (batch,), generator=batches)
-            x = calib[index]
-            if config.augment:
-                x = augment(x, batches)
-            x = mix(x, batches, config.mix)
-            if ranks is not None:  # the whole batch drawn and augmented on every rank, each trains on its share
-                x = ranks.share(x)
-            x = x.to(torch_device)
-            with torch.no_grad():
-                if taps is not None:
-                    taps.on = trainer is None  # else the teacher's layers are read below, on the whole batch
-                parts.append((x, logits(teacher(x))))
-        x = torch.cat([part[0] for part in parts]) if len(parts) > 1 else parts[0][0]
-        target = torch.cat([part[1] for part in parts]) if len(parts) > 1 else parts[0][1]
-        if taps is not None:
-            taps.on = True
-            if trainer is not None:  # the generator's images in the batch: the teacher's layers run again on all
-                with torch.no_grad():
-                    teacher(x)
-        loss = distillation(logits(student(x)), target, config.temperature, config.loss)
-        if taps is not None:
-            taps.on = False
-            features = taps.loss()
-            loss = loss + config.feature_weight * features
-        failed = not bool(torch.isfinite(loss))
-        if ranks is not None:
-            loss = loss * ranks.weight(len(x))  # this rank's part of the whole batch's loss
-        optimiser.zero_grad(set_to_none=True)
-        if not failed:
-            loss.backward()
-        value = loss.detach()
-        if ranks is not None:
-            value, failed, stop = ranks.reduce(float(value), failed, over_budget())
-            if stop and not failed:  # this step is not taken: a resumed run draws its batch again
+        while step < config.iters:
+            if ranks is None and over_budget():
                 stopped = "time budget"
-                batches.set_state(drawn_from)
-                if checkpoint is not None:
+                if checkpoint is not None:  # a later --qat-resume continues where the budget stopped it
                     save()
                 break
-        if failed:
-            term = ("feature distillation" if taps is not None and not bool(torch.isfinite(features))
-                    else LOSS_NAMES[config.loss])
-            raise DataError(f"qat: the distillation loss ({term}) became "
-                            f"{float(value) if ranks is None else 'non-finite on a rank'} at step {step + 1}; lower --qat-lr")
-        optimiser.step()
-        step += 1
-        if step % 10 == 0 or step == config.iters:
-            losses.append(float(value))
-            progress.update(step, f"{config.loss} {losses[-1]:.4g}" + (f" ce {trainer.last['cross_entropy']:.3g}"
-                                                             if trainer is not None else "")
-                            + (f" features {float(features.detach()):.4g}" if taps is not None else ""))
-        if checkpoint is not None and (step % config.checkpoint_every == 0 or step == config.iters):
-            save()
-    progress.close()
+            student.train()
+            drawn_from = batches.get_state() if ranks is not None else None
+            parts = [trainer.step()] if trainer is not None else []
+            if batch > 0:
+                index = torch.randint(len(calib), (batch,), generator=batches)
+                x = calib[index]
+                if config.augment:
+                    x = augment(x, batches)
+                x = mix(x, batches, config.mix)
+                if ranks is not None:  # the whole batch drawn and augmented on every rank, each trains on its share
+                    x = ranks.share(x)
+                x = x.to(torch_device)
+                with torch.no_grad():
+                    if taps is not None:
+                        taps.on = trainer is None  # else the teacher's layers are read below, on the whole batch
+                    parts.append((x, logits(teacher(x))))
+            x = torch.cat([part[0] for part in parts]) if len(parts) > 1 else parts[0][0]
+            target = torch.cat([part[1] for part in parts]) if len(parts) > 1 else parts[0][1]
+            if taps is not None:
+                taps.on = True
+                if trainer is not None:  # the generator's images in the batch: the teacher's layers run again on all
+                    with torch.no_grad():
+                        teacher(x)
+            loss = distillation(logits(student(x)), target, config.temperature, config.loss)
+            if taps is not None:
+                taps.on = False
+                features = taps.loss()
+                loss = loss + config.feature_weight * features
+            failed = not bool(torch.isfinite(loss))
+            if ranks is not None:
+                loss = loss * ranks.weight(len(x))  # this rank's part of the whole batch's loss
+            optimiser.zero_grad(set_to_none=True)
+            if not failed:
+                loss.backward()
+            value = loss.detach()
+            if ranks is not None:
+                value, failed, stop = ranks.reduce(float(value), failed, over_budget())
+                if stop and not failed:  # this step is not taken: a resumed run draws its batch again
+                    stopped = "time budget"
+                    batches.set_state(drawn_from)
+                    if checkpoint is not None:
+                        save()
+                    break
+            if failed:
+                term = ("feature distillation" if taps is not None and not bool(torch.isfinite(features))
+                        else LOSS_NAMES[config.loss])
+                raise DataError(f"qat: the distillation loss ({term}) became "
+                                f"{float(value) if ranks is None else 'non-finite on a rank'} at step {step + 1}; "
+                                "lower --qat-lr")
+            optimiser.step()
+            step += 1
+            if step % 10 == 0 or step == config.iters:
+                losses.append(float(value))
+                progress.update(step, f"{config.loss} {losses[-1]:.4g}" + (f" ce {trainer.last['cross_entropy']:.3g}"
+                                                                 if trainer is not None else "")
+                                + (f" features {float(features.detach()):.4g}" if taps is not None else ""))
+            if checkpoint is not None and (step % config.checkpoint_every == 0 or step == config.iters):
+                save()
+        progress.close()
     if taps is not None:
         taps.close()
     if trainer is not None:
@@ -557,6 +561,7 @@ def qat_model(model_path: Path, output_path: Path, placement: Placement, images:
     report = {"method": "qat", "config": config.to_dict(), "device": str(torch_device), "seconds": seconds,
               "steps": step, "stopped": stopped, "resumed_from": resumed_from,
               "steps_per_second": round(done_steps / train_seconds, 3) if train_seconds > 0 and done_steps else None,
+              "freed_memory_kept": kept,
               "calibration_samples": len(calib), "bias_corrected_start": corrected,
               "start": {"rounding": config.start,
                         **({"rounded_other_way": moved[0], "values": moved[1]} if moved is not None else {}),
