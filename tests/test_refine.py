@@ -287,6 +287,20 @@ def test_random_mask_draws_each_element_with_the_probability_from_seven_bytes_pe
     assert float(random_mask((100_000,), 0.0001, torch.Generator().manual_seed(0)).float().mean()) > 0  # 1/256
 
 
+def _activation_and_gradient(grid, seed):
+    """An activation for ``grid`` (scale, zero, low, high) spread over its range and beyond, its
+    first values on the grid's ends, half steps past them, ties and signed zeros; and a gradient."""
+    import torch
+
+    scale, zero, low, high = grid
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(4, 6, 9, 9, generator=generator, dtype=torch.float32) * (high - low) * scale / 2
+    edges = torch.tensor([(low - zero) * scale, (high - zero) * scale, (low - zero - 0.5) * scale,
+                          (high - zero + 0.5) * scale, 2.5 * scale, -1.5 * scale, 0.0, -0.0])
+    x.view(-1)[: edges.numel()] = edges
+    return x, torch.randn(x.shape, generator=generator)
+
+
 @pytest.mark.parametrize("drop", [0.0, 0.5])
 @pytest.mark.parametrize("grid", [(0.0471, 0, 0, 15), (0.0313, 8, 0, 255), (0.02, 0, -7, 7)])
 def test_a_fixed_step_fake_quantizes_as_its_chain_of_autograd_operations_bit_for_bit(drop, grid):
@@ -300,12 +314,7 @@ def test_a_fixed_step_fake_quantizes_as_its_chain_of_autograd_operations_bit_for
     from dsgonnx.refine.quantizers import ActQuant, random_mask, round_ste
 
     scale, zero, low, high = grid
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(4, 6, 9, 9, generator=generator, dtype=torch.float32) * (high - low) * scale / 2
-    edges = torch.tensor([(low - zero) * scale, (high - zero) * scale, (low - zero - 0.5) * scale,
-                          (high - zero + 0.5) * scale, 2.5 * scale, -1.5 * scale, 0.0, -0.0])
-    x.view(-1)[: edges.numel()] = edges
-    grad = torch.randn(x.shape, generator=generator)
+    x, grad = _activation_and_gradient(grid, seed=0)
     quant = ActQuant(scale, zero, low, high).train()
     quant.start_dropping(drop, torch.Generator().manual_seed(7))
     fused_in = x.clone().requires_grad_()
@@ -329,6 +338,51 @@ def test_a_fixed_step_fake_quantizes_as_its_chain_of_autograd_operations_bit_for
         assert torch.equal(fused_in.grad, chain_in.grad)
     with torch.no_grad():  # evaluation takes the plain operations: the same values
         assert torch.equal(quant.eval()(x), (torch.clamp(torch.round(x / scale) + zero, low, high) - zero) * scale)
+
+
+@pytest.mark.parametrize("drop", [0.0, 0.5])
+@pytest.mark.parametrize("grid", [(0.0471, 0, 0, 15), (0.0313, 8, 0, 255), (0.02, 0, -7, 7)])
+def test_a_learned_step_fake_quantizes_as_its_chain_and_sums_the_steps_gradient_once(drop, grid):
+    """ActQuant on a learned step (LSQ: QAT's and reconstruction's activation grids) runs as one
+    autograd node: its output is the chain's bit for bit, its input's gradient that of the fixed
+    step (torch 2.14's clamp, QDrop's kept elements passed as they are), and the step's gradient
+    the chain's sum — g·(round(x/s) − x/s) inside the range, g·(q − zero) where the clamp bites,
+    nothing from kept elements — to float32's summation error, on values at the grid's edges,
+    half steps and beyond the range."""
+    import torch
+
+    from dsgonnx.refine.quantizers import ActQuant, random_mask, round_ste
+
+    scale, zero, low, high = grid
+    x, grad = _activation_and_gradient(grid, seed=1)
+    quant = ActQuant(scale, zero, low, high).train()
+    step = quant.learn_step()
+    quant.start_dropping(drop, torch.Generator().manual_seed(7))
+    fused_in = x.clone().requires_grad_()
+    fused = quant(fused_in)
+    fused.backward(grad)
+    assert type(fused.grad_fn).__name__ == "_LearnedStepBackward"
+
+    keep = random_mask(x.shape, drop, torch.Generator().manual_seed(7)) if drop else torch.zeros(x.shape, dtype=bool)
+    chain_in, chain_step = x.clone().requires_grad_(), step.detach().clone().requires_grad_()
+    s = torch.exp(chain_step)
+    xq = torch.where(keep, chain_in, (torch.clamp(round_ste(chain_in / s) + zero, low, high) - zero) * s)
+    xq.backward(grad)
+    assert torch.equal(fused, xq)
+    v = x / torch.exp(step.detach())
+    levels = v.round() + zero
+    ends = (levels <= low) | (levels >= high)
+    assert ends.any() and (~ends).any()  # the clamp bites somewhere, and not everywhere
+    s = torch.exp(step.detach())
+    assert torch.equal(fused_in.grad, torch.where(keep, grad, torch.where(ends, 0.0, grad * s) / s))
+    # the step's gradient in float64: Σ g·∂xq/∂s over the quantized elements, times s (s = exp θ)
+    slope = torch.where(ends, levels.clamp(low, high) - zero, v.round() - v).double()
+    expected = float((grad.double() * slope)[~keep].sum() * s.double())
+    assert step.grad is not None and float(step.grad) == pytest.approx(expected, rel=1e-5, abs=1e-4)
+    probe = torch.zeros((), requires_grad=True)
+    torch.clamp(probe, 0, 1).backward()
+    if probe.grad == 0:  # this torch's clamp is 2.14's: the chain's step gradient is the same sum
+        assert float(step.grad) == pytest.approx(float(chain_step.grad), rel=1e-5, abs=1e-4)
 
 def test_input_drop_mixes_each_blocks_quantized_input_with_the_float_models(setup, monkeypatch):
     """--refine-input-drop p (QDrop's input mixing): while a block learns, each element of its
