@@ -30,7 +30,7 @@ from .errors import DataError, DsgonnxError, ModelLoadError, UnsupportedModelErr
 from .graph.layout import channels_last_input
 from .graph.normalize import float16_interface
 from .graph.onnx_io import LoadedModel, fixed_batch_interface, load_model, quantizable, unit_pixel_twin
-from .preprocess import PRESETS, for_input_type
+from .preprocess import PRESETS
 from .progress import say
 from .quant.bits import resolve_bits, tag
 from .quant.calibrate import compute_ranges, share_pool_ranges
@@ -117,7 +117,7 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
         )
     if loaded.takes_pixels:
         # pixels the model normalises itself: 0-255 as they are (a recipe that changes them is refused)
-        config = replace(config, preprocess=for_input_type(config.preprocess, loaded.file_dtype, loaded.input.name))
+        config = replace(config, preprocess=loaded.preprocess_for(config.preprocess))
         say(f"quantize: input '{loaded.input.name}' takes {loaded.file_dtype.name} pixels: worked on as float32 ones "
             "(the written model keeps the uint8 input, cast to float32 in front)")
     given = loaded

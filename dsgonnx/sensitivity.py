@@ -31,7 +31,6 @@ from onnx import numpy_helper
 from .calibration_data import held_out_name, holds_out
 from .config import QuantConfig
 from .errors import DataError, ModelLoadError, UnsupportedModelError
-from .preprocess import for_input_type
 from .progress import Progress, say
 from .runtime import KEEP_FLOAT_WEIGHTS, one_line, ort_session
 
@@ -299,7 +298,7 @@ def analyze(model, config: Optional[QuantConfig] = None, *, data=None, eval_samp
             raise DataError(f"`{'report' if suffix == '.json' else 'chart'}` must be a {suffix} file, got {path}")
     loaded = quantizable(load_model(model, config.input_shape))  # (a float16 or old-opset file: its float32 twin)
     if loaded.takes_pixels:  # (uint8 pixels the model normalises itself: 0-255 as they are)
-        config = replace(config, preprocess=for_input_type(config.preprocess, loaded.file_dtype, loaded.input.name))
+        config = replace(config, preprocess=loaded.preprocess_for(config.preprocess))
     if quantized is not None and data is None:
         raise DataError("analyze of a given quantized model needs `data` (images to measure on)")
     if quantized is None and data is None and not config.synthetic and not holds_out(

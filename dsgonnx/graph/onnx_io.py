@@ -29,6 +29,7 @@ from onnx import TensorProto, external_data_helper, helper, numpy_helper, shape_
 from ..errors import InputSpecError, ModelLoadError, UnsupportedModelError
 from ..inputs import (IMAGE_CHANNELS, INTEGER_INPUT_TYPES, InputSpec, as_input_type, is_pixel_type, layout_of,
                       parse_input_shape)
+from ..preprocess import Preprocess, for_input_type
 from ..progress import say
 from .layout import channels_first_twin
 
@@ -69,6 +70,11 @@ class LoadedModel:
     def takes_pixels(self) -> bool:
         """Whether ``model`` is the float32 twin of a file that takes whole (uint8) pixels."""
         return self.file_dtype is not None and is_pixel_type(self.file_dtype)
+
+    def preprocess_for(self, preprocess: Optional[Preprocess]) -> Optional[Preprocess]:
+        """The recipe this model's images take: ``preprocess`` itself, or where the file takes
+        whole pixels the checked recipe for them (:func:`~dsgonnx.preprocess.for_input_type`)."""
+        return for_input_type(preprocess, self.file_dtype, self.input.name) if self.takes_pixels else preprocess
 
     @property
     def initializer_names(self) -> set[str]:

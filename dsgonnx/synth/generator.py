@@ -26,7 +26,7 @@ from ..graph.bn_taps import BNLayer, BNProbe, bn_folded, find_bn_layers, statele
 from ..graph.onnx_io import LoadedModel, from_unit_pixels, load_model, unit_pixel_twin
 from ..graph.to_torch import TorchModel, resolve_device, to_torch
 from ..hardware import MEMORY_SHARE, check_image_memory, freed_memory_kept, memory_on
-from ..preprocess import PRESETS, for_input_type
+from ..preprocess import PRESETS
 from ..progress import Progress, say
 from . import losses
 from .diversity import diversity_metrics
@@ -154,7 +154,7 @@ def _prepare(model, config: SynthConfig, drop_unread: bool = False):
     loaded = torch_model.loaded
     check_image_memory(config.num_samples, loaded.input.chw)
     if loaded.takes_pixels:  # uint8 pixels: optimised as u = p / 127.5 - 1 (the file's box, 0-255, in u)
-        raw = for_input_type(config.preprocess, loaded.file_dtype, loaded.input.name)
+        raw = loaded.preprocess_for(config.preprocess)
         torch_model = to_torch(unit_pixel_twin(loaded))
         config = replace(config, preprocess=replace(PRESETS["inception"], resize=raw.resize, crop=raw.crop,
                                                     channel_order=raw.channel_order, crop_fraction=raw.crop_fraction))
@@ -274,7 +274,7 @@ def synthesize(
     images_np = np.concatenate(images).astype(np.float32)
     if loaded.takes_pixels:  # back to the file's whole pixels 0-255
         images_np = from_unit_pixels(images_np)
-        config = replace(config, preprocess=for_input_type(given, loaded.file_dtype, loaded.input.name))
+        config = replace(config, preprocess=loaded.preprocess_for(given))
         box = tuple(torch.from_numpy(bound) for bound in config.preprocess.pixel_box(loaded.input.chw[0]))
     merged_stats = [
         (torch.cat([s[i][0] for s in all_stats]), torch.cat([s[i][1] for s in all_stats])) for i in range(len(layers))
