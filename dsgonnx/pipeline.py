@@ -28,7 +28,7 @@ from .config import (DEFAULT_EPSILON, DEFAULT_SLACK_READING, BiasCorrection, Cal
                      RefineConfig, Rounding, SynthMethod, SynthOptions, SynthStart, ValidateConfig)
 from .errors import DataError, DsgonnxError, ModelLoadError, UnsupportedModelError
 from .graph.layout import channels_last_input
-from .graph.normalize import float16_interface
+from .graph.normalize import file_interface
 from .graph.onnx_io import LoadedModel, fixed_batch_interface, load_model, quantizable, unit_pixel_twin
 from .preprocess import PRESETS
 from .progress import say
@@ -668,10 +668,10 @@ def _finish_model(path: Path, loaded: LoadedModel, bits: dict, calibration: dict
         decisions["ir_version"] = (f"{model.ir_version}: the file's {loaded.file_ir_version} is newer than ONNX Runtime "
                                    "reads (the same graph, worked on at the newest version it does)")
     if loaded.file_dtype == np.float16:
-        float16_interface(model, loaded.input.name, loaded.float16_outputs)
+        file_interface(model, loaded.input.name, loaded.float16_outputs)
         decisions["input_type"] = "float16: the file's input and outputs, cast to and from the float32 quantized graph"
     elif loaded.file_dtype is not None:
-        float16_interface(model, loaded.input.name, (), input_type=helper.np_dtype_to_tensor_dtype(loaded.file_dtype))
+        file_interface(model, loaded.input.name, (), input_type=helper.np_dtype_to_tensor_dtype(loaded.file_dtype))
         decisions["input_type"] = f"{loaded.file_dtype.name}: the file's input, cast to float32 in front of the quantized graph"
     meta = {"dsgonnx.version": __version__, "dsgonnx.source_sha256": loaded.sha256,
             "dsgonnx.bits": json.dumps(bits), "dsgonnx.simulated": str(bits["simulated"]).lower(),

@@ -9,7 +9,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
 
-from dsgonnx.graph.normalize import float16_interface, float32_interface
+from dsgonnx.graph.normalize import file_interface, float32_interface
 
 
 def _model() -> onnx.ModelProto:
@@ -30,7 +30,7 @@ def _run(model: onnx.ModelProto, x: np.ndarray) -> dict:
 
 def test_the_float16_interface_casts_at_the_edges_and_comes_off_again():
     model = _model()
-    float16_interface(model, "x", ["y", "s"])
+    file_interface(model, "x", ["y", "s"])
     onnx.checker.check_model(model, full_check=True)
     types = {v.name: v.type.tensor_type.elem_type for v in (*model.graph.input, *model.graph.output)}
     assert types == {"x": TensorProto.FLOAT16, "y": TensorProto.FLOAT16, "z": TensorProto.FLOAT, "s": TensorProto.FLOAT16}

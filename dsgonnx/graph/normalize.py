@@ -219,12 +219,12 @@ def _rename(model: onnx.ModelProto, old: str, new: str) -> None:
                     names[index] = new
 
 
-def float16_interface(model: onnx.ModelProto, name: str, outputs: Iterable[str],
-                      input_type: int = TensorProto.FLOAT16) -> None:
-    """Give ``model`` (a float32 twin's quantized model, in place) the file's float16 interface
-    back: its input ``name`` float16 (or ``input_type``: a uint8 file's pixels), cast to float32
-    in front of the graph, and the graph ``outputs`` (those the file gives in float16) cast to
-    float16 after it, under the same names."""
+def file_interface(model: onnx.ModelProto, name: str, outputs: Iterable[str],
+                   input_type: int = TensorProto.FLOAT16) -> None:
+    """Give ``model`` (a float32 twin's quantized model, in place) the file's own interface
+    back: its input ``name`` of ``input_type`` (float16, or a uint8 file's pixels) cast to
+    float32 in front of the graph, and the graph ``outputs`` (those the file gives in float16)
+    cast to float16 after it, under the same names."""
     outputs = set(outputs)
     inner = f"{name}__float32"
     _rename(model, name, inner)
@@ -245,7 +245,7 @@ def float16_interface(model: onnx.ModelProto, name: str, outputs: Iterable[str],
 
 
 def float32_interface(model: onnx.ModelProto, name: str) -> None:
-    """Undo :func:`float16_interface` in place (``model`` then takes and gives float32 arrays)."""
+    """Undo :func:`file_interface` in place (``model`` then takes and gives float32 arrays)."""
     casts = [n for n in model.graph.node if n.name == CAST_IN or (n.op_type == "Cast" and n.name.startswith("dsgonnx_")
                                                                   and n.name.endswith("_to_float16"))]
     for node in casts:

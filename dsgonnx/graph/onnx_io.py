@@ -273,7 +273,7 @@ QDQ_OPSET = 13
 def quantizable(loaded: LoadedModel, any_batch_twin: bool = False) -> LoadedModel:
     """``loaded`` as ONNX Runtime's quantization tools take it: a float16 file is worked on
     through a float32 twin (``file_dtype`` keeps the file's type, and
-    :func:`dsgonnx.graph.normalize.float16_interface` puts it back on the quantized model), and
+    :func:`dsgonnx.graph.normalize.file_interface` puts it back on the quantized model), and
     an opset below :data:`QDQ_OPSET` is converted to it by ``onnx.version_converter`` (the op
     semantics that changed, e.g. Softmax's axis at 13, are rewritten; ORT's tools would only
     raise the version number), IR version 7, initializers no longer listed as graph inputs.
