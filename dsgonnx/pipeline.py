@@ -184,6 +184,10 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
 
         check_memory_before(loaded, config.num_samples * reconstruction.views + config.holdout, config.holdout > 0,
                             reconstruction, config.device)
+    if config.qat is not None and None not in chw:  # QAT's batch too, before the synthesis's minutes
+        from .refine.qat import check_qat_memory
+
+        check_qat_memory(loaded, min(config.qat.batch_size, config.num_samples), config.device)
     below = min(weights.bits, activations.bits) < 8  # where the first layer (and --mixed's tensors) stay at 8 bits
     reduce_range = config.reduce_range
     if reduce_range is None:

@@ -386,3 +386,31 @@ def test_config_and_cli_reject_bad_settings_in_one_line(setup):
                                   "--calib", str(setup["npz"]), "--num-samples", "64", *args])
         assert bad.exit_code == 2 and message in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, bad.stderr
         assert not (setup["folder"] / "bad.onnx").exists()
+
+
+def test_a_batch_whose_training_step_would_not_fit_is_refused_in_one_line_before_training(setup, monkeypatch):
+    """QAT's batch is sized against the memory available before any image is made or trained on:
+    QAT_ACTIVATION_COPIES times one image's activations (every leaf module's output) per image of
+    the batch, within MEMORY_SHARE of what the machine has; just short of it ends in one line,
+    nothing written, and just enough trains."""
+    import dsgonnx.refine.qat as qat
+    from dsgonnx.graph.to_torch import to_torch
+    from dsgonnx.hardware import MEMORY_SHARE
+    from dsgonnx.synth.generator import activation_bytes
+
+    loaded = load_model(setup["model"])
+    per_image = activation_bytes(to_torch(loaded).module.float().eval(), loaded.input.chw, torch.device("cpu"),
+                                 torch.contiguous_format)
+    need = qat.QAT_ACTIVATION_COPIES * per_image * 32  # (64 calibration images: the batch is the 32 asked for)
+    monkeypatch.setattr(qat, "memory_on", lambda device: int(need / MEMORY_SHARE) - 1024)
+    with pytest.raises(DataError, match=r"qat: a batch of 32 images of \S+ needs about .* lower `qat.batch_size`"):
+        _quantize(setup, "too_big", QatConfig(iters=5, batch_size=32))
+    assert not (setup["folder"] / "too_big.onnx").exists()
+    bad = CliRunner().invoke(cli, ["quantize", str(setup["model"]), "--w4a4", "--calib", str(setup["npz"]),
+                                   "--num-samples", "64", "-o", str(setup["folder"] / "too_big.onnx"), "--qat",
+                                   "--qat-iters", "5", "--qat-batch-size", "32", "--quiet"])
+    assert bad.exit_code != 0 and "--qat-batch-size" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1, \
+        bad.stderr
+    assert "Traceback" not in bad.output and not (setup["folder"] / "too_big.onnx").exists()
+    monkeypatch.setattr(qat, "memory_on", lambda device: int(need / MEMORY_SHARE) + 2**20)
+    assert _quantize(setup, "fits", QatConfig(iters=5, batch_size=32)).refine["steps"] == 5
