@@ -297,8 +297,8 @@ def analyze(model, config: Optional[QuantConfig] = None, *, data=None, eval_samp
         if path is not None and Path(path).suffix.lower() != suffix:
             raise DataError(f"`{'report' if suffix == '.json' else 'chart'}` must be a {suffix} file, got {path}")
     loaded = quantizable(load_model(model, config.input_shape))  # (a float16 or old-opset file: its float32 twin)
-    if loaded.takes_pixels:  # (uint8 pixels the model normalises itself: 0-255 as they are)
-        config = replace(config, preprocess=loaded.preprocess_for(config.preprocess))
+    # (uint8 pixels the model normalises itself: 0-255 as they are; other inputs' recipe unchanged)
+    config = replace(config, preprocess=loaded.preprocess_for(config.preprocess))
     if quantized is not None and data is None:
         raise DataError("analyze of a given quantized model needs `data` (images to measure on)")
     if quantized is None and data is None and not config.synthetic and not holds_out(

@@ -147,9 +147,15 @@ class _FixedStep(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         inside, keep = ctx.saved_tensors
-        # as autograd chains it: × step (the dequantization), the clamp's mask, ÷ step (x / step)
-        through = (grad * ctx.scale).mul_(_as_weights(inside, grad)).div_(ctx.scale)
-        return (through if keep is None else choose(keep, grad, through)), None, None, None, None, None
+        return _straight_through(grad, ctx.scale, inside, keep), None, None, None, None, None
+
+
+def _straight_through(grad: torch.Tensor, scale, inside: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
+    """An activation quantizer's input gradient as autograd chains it: × step (the
+    dequantization), the clamp's mask ``inside``, ÷ step (x / step); ``keep``'s elements (QDrop's)
+    passed as they are."""
+    through = (grad * scale).mul_(_as_weights(inside, grad)).div_(scale)
+    return through if keep is None else choose(keep, grad, through)
 
 
 class _LearnedStep(torch.autograd.Function):
@@ -180,10 +186,7 @@ class _LearnedStep(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         scale, inside, keep, slope = ctx.saved_tensors
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            through = (grad * scale).mul_(_as_weights(inside, grad)).div_(scale)
-            grad_x = through if keep is None else choose(keep, grad, through)
+        grad_x = _straight_through(grad, scale, inside, keep) if ctx.needs_input_grad[0] else None
         grad_scale = torch.sum(grad * slope).reshape(scale.shape) if ctx.needs_input_grad[1] else None
         return grad_x, grad_scale, None, None, None, None
 
