@@ -780,6 +780,15 @@ class QatConfig:
         if self.checkpoint is not None:
             object.__setattr__(self, "checkpoint", str(self.checkpoint))
 
+    def batches(self, num_samples: int) -> tuple[int, int]:
+        """(images each training step learns from, how many of them the generator makes) with
+        ``num_samples`` calibration images: ``generator`` makes the whole batch, ``mixed`` half of
+        it (at least one) beside up to the rest from the calibration images, ``calib`` and
+        ``auto`` none (the batch is at most the calibration images)."""
+        made = 0 if self.data in ("calib", "auto") else max(1, self.batch_size // 2) if self.data == "mixed" \
+            else self.batch_size
+        return made + min(self.batch_size - made, num_samples), made
+
     def for_device(self, device_type: str) -> "QatConfig":
         """This config with ``iters`` resolved."""
         return replace(self, iters=self.iters if self.iters is not None else device_defaults(device_type).qat_iters)

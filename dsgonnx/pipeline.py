@@ -187,7 +187,7 @@ def quantize(model: str | os.PathLike | LoadedModel, config: Optional[QuantConfi
     if config.qat is not None and None not in chw:  # QAT's batch too, before the synthesis's minutes
         from .refine.qat import check_qat_memory
 
-        check_qat_memory(loaded, min(config.qat.batch_size, config.num_samples), config.device)
+        check_qat_memory(loaded, *config.qat.batches(config.num_samples), config.device)
     below = min(weights.bits, activations.bits) < 8  # where the first layer (and --mixed's tensors) stay at 8 bits
     reduce_range = config.reduce_range
     if reduce_range is None:

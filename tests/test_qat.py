@@ -414,3 +414,35 @@ def test_a_batch_whose_training_step_would_not_fit_is_refused_in_one_line_before
     assert "Traceback" not in bad.output and not (setup["folder"] / "too_big.onnx").exists()
     monkeypatch.setattr(qat, "memory_on", lambda device: int(need / MEMORY_SHARE) + 2**20)
     assert _quantize(setup, "fits", QatConfig(iters=5, batch_size=32)).refine["steps"] == 5
+
+
+def test_the_generators_step_is_counted_where_qat_trains_on_its_images(setup, monkeypatch):
+    """With qat.data generator the batch is all made, however few calibration images there are,
+    and the generator's step (the model's activations and the generator's own, ACTIVATION_COPIES
+    times) outweighs the training step; with mixed, half is made and the two steps add up to the
+    larger and half the smaller. Just short of either ends in the one line naming the generator."""
+    import dsgonnx.refine.qat as qat
+    from dsgonnx.graph.to_torch import to_torch
+    from dsgonnx.hardware import MEMORY_SHARE
+    from dsgonnx.synth.generative import generator_saved_bytes
+    from dsgonnx.synth.generator import ACTIVATION_COPIES, activation_bytes
+
+    loaded = load_model(setup["model"])
+    chw, cpu = loaded.input.chw, torch.device("cpu")
+    per_image = activation_bytes(to_torch(loaded).module.float().eval(), chw, cpu, torch.contiguous_format)
+    own = generator_saved_bytes(chw, cpu)
+    assert own > 0 and generator_saved_bytes(chw[:1] + tuple(2 * side for side in chw[1:]), cpu) > 3 * own
+    training = qat.QAT_ACTIVATION_COPIES * per_image * 64
+    made = ACTIVATION_COPIES * (per_image + own) * 64
+    assert made > training  # (the generator's step is the larger: the need below is its alone)
+    mixed = max(training, made / 2) + min(training, made / 2) / 2
+    # (generator: 16 calibration images, where they alone would make a batch of 16)
+    for data, need, samples in (("generator", made, 16), ("mixed", mixed, 64)):
+        config = QatConfig(iters=2, batch_size=64, data=data, generator_warmup=0)
+        monkeypatch.setattr(qat, "memory_on", lambda device: int(need / MEMORY_SHARE) - 1024)
+        with pytest.raises(DataError, match=rf"qat: a batch of 64 images of \S+, {64 if data == 'generator' else 32} "
+                                            "of them from the generator .* lower `qat.batch_size`"):
+            _quantize(setup, f"too_big_{data}", config, num_samples=samples)
+        assert not (setup["folder"] / f"too_big_{data}.onnx").exists()
+        monkeypatch.setattr(qat, "memory_on", lambda device: int(need / MEMORY_SHARE) + 2**20)
+        assert _quantize(setup, f"fits_{data}", config, num_samples=samples).refine["steps"] == 2

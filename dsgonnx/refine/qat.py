@@ -74,8 +74,8 @@ from ..hardware import MEMORY_SHARE, freed_memory_kept, memory_on, size_text
 from ..progress import Progress, say
 from ..quant.correct import conv_shift
 from ..quant.placement import Placement
-from ..synth.generative import GeneratorTrainer, logits
-from ..synth.generator import activation_bytes
+from ..synth.generative import GeneratorTrainer, generator_saved_bytes, logits
+from ..synth.generator import ACTIVATION_COPIES, activation_bytes
 from ..validation.metrics import top1_agreement
 from .ranks import Ranks, images_digest, run_digest
 from .reconstruct import RefineResult, _export, _find_layers, _learn_steps
@@ -95,24 +95,46 @@ LOSS_NAMES = {"mse": "mean squared difference from the float model's logits",
 # ResNet-20 1.40 (16 and 100 images); over longer runs the peak grows a little (Lite0 at batch 64
 # levelled after 62 of 100 steps, 1.19 per image over its 3-step fixed part)
 QAT_ACTIVATION_COPIES = 1.5
+# The generator's step (qat.data generator or mixed) is counted as a synthesis batch of the model
+# plus the generator's saved tensors, ACTIVATION_COPIES (1.75) times both. Measured the same way
+# (3 steps, batches of 16 and 48; ResNet-20 64 and 256), with --qat-data generator the peak followed
+# the larger of the two steps (per image, counted / measured: MobileNet v1 0.25 78.3 / 78.0 MB, v1
+# 0.75 136.7 / 137.0, EfficientNet-Lite0 220 / 151, ResNet-20 7.4 / 7.7 without feature distillation
+# and 9.6 with it); with --qat-data mixed, whose two steps take batches of two sizes, it was above
+# the larger by about half the smaller (at 48: v1 0.25 2.34 GB above the run's base against 2.50
+# counted so and 1.88 for the larger alone, v1 0.75 4.82 against 5.29 and 3.65)
 
 
-def check_qat_memory(model: LoadedModel, batch_size: int, device: str = "auto") -> None:
+def check_qat_memory(model: LoadedModel, batch_size: int, generated: int = 0, device: str = "auto") -> None:
     """Refuse, with the figures, a QAT batch whose training step would not fit in
     :data:`~dsgonnx.hardware.MEMORY_SHARE` of the memory available on ``device`` (the GPU's
     free memory, else the machine's), before any image is made: instead of an allocation
-    failure, or the kernel's kill, minutes into training."""
+    failure, or the kernel's kill, minutes into training. ``generated``: how many of the
+    batch's images a generator makes each step (``qat.data`` generator or mixed); its own step,
+    back through the float model to its images, is counted as synthesis counts a batch
+    (:data:`~dsgonnx.synth.generator.ACTIVATION_COPIES` times the model's activations and the
+    generator's saved tensors per image), and the larger of the two steps must fit, with half the
+    smaller beside it where the two take batches of different sizes (``mixed``)."""
     torch_device = resolve_device(device)
     have = memory_on(torch_device)
     if have is None or None in model.input.chw:
         return
     module = to_torch(model).module.to(torch_device).float().eval()
     per_image = activation_bytes(module, model.input.chw, torch_device, torch.contiguous_format)
+    shape = '×'.join(map(str, model.input.chw))
     need = int(QAT_ACTIVATION_COPIES * per_image * batch_size)
+    what = f"a batch of {batch_size} images of {shape} needs about {size_text(need)} of memory for a training step"
+    if generated:
+        own = generator_saved_bytes(model.input.chw, torch_device)
+        step = int(ACTIVATION_COPIES * (per_image + own) * generated)
+        both = max(need, step) + (min(need, step) // 2 if generated < batch_size else 0)
+        what = (f"a batch of {batch_size} images of {shape}, {generated} of them from the generator (its own "
+                f"activations {size_text(own)} an image), needs about {size_text(both)} of memory for the "
+                "generator's step and the training step")
+        need = both
     if need > MEMORY_SHARE * have:
-        raise DataError(f"qat: a batch of {batch_size} images of {'×'.join(map(str, model.input.chw))} needs about "
-                        f"{size_text(need)} of memory for a training step on {torch_device.type}; "
-                        f"{size_text(have)} is available there — lower `qat.batch_size`")
+        raise DataError(f"qat: {what} on {torch_device.type}; {size_text(have)} is available there — "
+                        "lower `qat.batch_size`")
 
 
 @dataclass(frozen=True)
@@ -421,9 +443,7 @@ def qat_model(model_path: Path, output_path: Path, placement: Placement, images:
 
     trainer = None
     if generator is not None:
-        mixed = config.data == "mixed"  # half of each batch from the generator, half from the calibration images
-        trainer = generator.trainer(int(np.prod(teacher_held.shape[1:])),
-                                    max(1, config.batch_size // 2) if mixed else config.batch_size,
+        trainer = generator.trainer(int(np.prod(teacher_held.shape[1:])), config.batches(len(calib))[1],
                                     torch_device, lr=config.generator_lr, bn_weight=config.bn_weight, seed=seed)
     batches = torch.Generator().manual_seed(seed)
     step = 0
