@@ -54,6 +54,12 @@ SOURCES = {
     "dsg-batch-tv": {"method": "dsg", "alignment": "batch", "tv_weight": 0.5},  # and a total-variation prior
     # dsg-batch with the GPU profile's synthesis budget whatever the profile: 500 iterations, all at full size
     "dsg-batch-i500": {"method": "dsg", "alignment": "batch", "low_res": 0, "iters": 500},
+    # dsg-batch-proc against a companion model's BN statistics too (MixMix's feature mixing; `--mix-model`),
+    # the companion a file in the model's own folder: the other MobileNet v1 of ../shared/models
+    "dsg-batch-proc-mix075": {"method": "dsg", "alignment": "batch", "start": "procedural",
+                              "mix_models": ("imagenet_mobilenet_v1_0.75.onnx",)},
+    "dsg-batch-proc-mix025": {"method": "dsg", "alignment": "batch", "start": "procedural",
+                              "mix_models": ("imagenet_mobilenet_v1_0.25.onnx",)},
     "dsg-norm": {"method": "dsg", "normalize_gaps": True},  # DSG with BN gaps in units of the running std
     "dsg-full": {"method": "dsg", "low_res": 0},  # DSG at full resolution throughout (no low-res schedule)
     "dsg-kept": {"method": "dsg"},  # DSG images made on the model's BN-kept twin (``twin=``), for a folded model
@@ -347,7 +353,9 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
                         # profile's, which drawn images (gaussian, procedural) do not read
                         optimised = {} if SynthMethod.parse(SOURCES[base]["method"], "method").drawn else \
                             {**(synth or {}), "iters": iters}
-                        made_as = SynthConfig(**{**optimised, **SOURCES[base],
+                        own = {name: (tuple(str(Path(source).parent / m) for m in value) if name == "mix_models"
+                                      else value) for name, value in SOURCES[base].items()}
+                        made_as = SynthConfig(**{**optimised, **own,
                                                  "num_samples": synthetic_samples, "seed": seed, "device": device,
                                                  "preprocess": recipe})
                         cached = _cached_set(cache, source, made_as, held)
@@ -550,7 +558,7 @@ def candidates_markdown(results: dict) -> str:
 
 
 # SynthConfig fields added after synthetic sets were cached, with the value every such set was made with
-_LATER_FIELDS = {"start": "gaussian", "generator": False, "swing": False}
+_LATER_FIELDS = {"start": "gaussian", "generator": False, "swing": False, "mix_models": ()}
 _LATER_BY_METHOD = ("jitter",)  # left out of the key where they are the method's own default
 
 

@@ -36,7 +36,8 @@ _COMMANDS = {
 # library parameter -> the click parameter that sets it, where the names differ
 _ALIASES = {"report_path": "report", "report": "report_path", "data": "val_data", "method": "calib",
             "preprocess": "preset", "refine_drop_prob": "refine_drop", "refine_reg_weight": "refine_reg",
-            "generator": "synth_generator", "swing": "synth_swing", "slack": "no_slack", "lse": "no_lse",
+            "generator": "synth_generator", "swing": "synth_swing", "mix_models": "synth_mix_models",
+            "slack": "no_slack", "lse": "no_lse",
             "sci": "no_sci", "input_prior": "no_input_prior"}
 _PARAM = re.compile(r"`([A-Za-z_][\w.]*)`")
 

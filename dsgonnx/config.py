@@ -314,6 +314,10 @@ class SynthOptions:
     # every strided Conv sees its input shifted by up to one pixel each step, reflected at the
     # border (Genie's swing convolution: the stride's sampling grid never fixed on the image)
     swing: bool = False
+    # zeroq/dsg: more models that take the same images (same size and preprocessing), run beside
+    # this one each step: the images match every model's BN statistics at once, the loss averaged
+    # over the models (MixMix's feature mixing; graph/merge.py)
+    mix_models: tuple = ()
     patience: int = 100  # ReduceLROnPlateau patience in iterations (ZeroQ: 100)
     low_res: Optional[int] = None
     low_res_share: float = 0.75
@@ -343,6 +347,10 @@ class SynthOptions:
                  f"`jitter` must be true or false, got {self.jitter!r}")
         for name in ("generator", "swing"):
             _require(isinstance(getattr(self, name), bool), f"`{name}` must be true or false, got {getattr(self, name)!r}")
+        _require(not isinstance(self.mix_models, (str, bytes)) and all(isinstance(m, (str, os.PathLike))
+                                                                       for m in self.mix_models),
+                 f"`mix_models` must be a list of model paths, got {self.mix_models!r}")
+        object.__setattr__(self, "mix_models", tuple(str(m) for m in self.mix_models))
         _require(not (self.generator and self.start == SynthStart.PROCEDURAL),
                  "`generator` makes the images from latent vectors; `start` procedural has no meaning with it")
 
@@ -365,7 +373,7 @@ class SynthOptions:
         if method.drawn:
             names, why = _OPTIMISATION, "its images are drawn once, not optimised"
         elif method == SynthMethod.INVERSION:
-            names, why = ("alignment", "normalize_gaps"), "it matches no BN statistics"
+            names, why = ("alignment", "normalize_gaps", "mix_models"), "it matches no BN statistics"
         else:
             names, why = ("anchor_weight",), "the anchor holds inversion's images to their procedural starts"
         given = self.given()
@@ -383,7 +391,7 @@ class SynthOptions:
 _NO_OPTIONS = SynthOptions()
 # what only a synthesis that optimises its images reads (gaussian and procedural images are drawn)
 _OPTIMISATION = ("lr", "ce_weight", "tv_weight", "l2_weight", "anchor_weight", "jitter", "normalize_gaps", "alignment",
-                 "input_prior", "low_res", "low_res_share", "patience", "amp")
+                 "input_prior", "low_res", "low_res_share", "patience", "amp", "mix_models")
 
 
 @dataclass(frozen=True)

@@ -923,7 +923,7 @@ INVERSION_PROBE_SAMPLES = 32
 # the inversion probe's synthesis takes them but for these, its own (_independent_probes; it has
 # no slack margins, nor DSG's per-sample terms) ...
 _PROBE_OWN = {"alignment": None, "start": None, "generator": False, "swing": False, "slack": True, "lse": True,
-              "epsilon": DEFAULT_EPSILON, "slack_reading": DEFAULT_SLACK_READING}
+              "epsilon": DEFAULT_EPSILON, "slack_reading": DEFAULT_SLACK_READING, "mix_models": ()}
 # ... and QAT's generator with DSG's loss reads these (_qat_generator)
 _QAT_GENERATOR_READS = ("epsilon", "slack_reading")
 

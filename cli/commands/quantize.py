@@ -40,7 +40,7 @@ written), 2 bad input (nothing written).
 # flag -> SynthOptions / RefineConfig field, for the flags that tune a nested setting
 _SYNTH_FLAGS = {"lr": "lr", "slack_reading": "slack_reading", "low_res": "low_res", "normalize_gaps": "normalize_gaps",
                 "alignment": "alignment", "ce_weight": "ce_weight", "synth_start": "start",
-                "synth_generator": "generator", "synth_swing": "swing"}
+                "synth_generator": "generator", "synth_swing": "swing", "synth_mix_models": "mix_models"}
 _REFINE_FLAGS = {"refine_iters": "iters", "refine_lr": "lr", "refine_reg": "reg_weight", "refine_drop": "drop_prob",
                  "refine_batch_size": "batch_size", "refine_act_lr": "act_lr",
                  "refine_weight_step_lr": "weight_step_lr", "refine_start": "start",
@@ -66,7 +66,7 @@ def _bits(w8a8, w6a6, w4a4, wbits, abits):
 
 
 def _given(values: dict, fields: dict) -> dict:
-    return {field: values[flag] for flag, field in fields.items() if values[flag] is not None}
+    return {field: values[flag] for flag, field in fields.items() if values[flag] not in (None, ())}
 
 
 @click.command("quantize", epilog=_EPILOG)
@@ -95,6 +95,9 @@ def _given(values: dict, fields: dict) -> dict:
                    "--generator).")
 @click.option("--synth-swing", is_flag=True, default=None,
               help="Synthesis: strided convolutions see shifted inputs (see dsgonnx synthesize --swing).")
+@click.option("--synth-mix-model", "synth_mix_models", type=click.Path(dir_okay=False), multiple=True,
+              help="Synthesis: images also made to match this model's BN statistics (repeatable; see dsgonnx "
+                   "synthesize --mix-model).")
 @click.option("--normalize-gaps/--absolute-gaps", default=None,
               help="Synthesis: BN gaps in units of each channel's running std (see dsgonnx synthesize --help).")
 @click.option("--refine", type=choice(RefineMethod),

@@ -69,6 +69,9 @@ images have; without it only the input prior (mean 0, std 1) shapes them.
 @click.option("--swing", is_flag=True,
               help="Each step, every strided convolution sees its input shifted by up to one pixel, reflected at the "
                    "border (Genie's swing convolution).")
+@click.option("--mix-model", "mix_models", type=click.Path(dir_okay=False), multiple=True,
+              help="zeroq/dsg: another model that takes the same images (same size and preprocessing); the images "
+                   "match its BN statistics too, the loss averaged over the models (MixMix; repeatable).")
 @click.option("--low-res", type=int, help="Resolution schedule: optimise at NxN pixels (below the input size) first, then at full size (0: off).")
 @click.option("--low-res-share", type=float, default=0.75, show_default=True, help="Share of iterations at --low-res.")
 @click.option("--amp", is_flag=True, help="bfloat16 autocast on CUDA (statistics stay float32).")

@@ -146,10 +146,15 @@ def _batch_seed(seed: int, first: int) -> int:
 
 def _prepare(model, config: SynthConfig, drop_unread: bool = False):
     """(torch twin, config with the method decided, why it was decided, the BN layers it uses)."""
-    if isinstance(model, TorchModel):
+    if isinstance(model, TorchModel) and not config.mix_models:
         torch_model = model
     else:
-        loaded = model if isinstance(model, LoadedModel) else load_model(model)
+        loaded = model.loaded if isinstance(model, TorchModel) else \
+            model if isinstance(model, LoadedModel) else load_model(model)
+        if config.mix_models:  # one graph: the model and its companions on the same images
+            from ..graph.merge import with_companions
+
+            loaded = with_companions(loaded, config.mix_models)
         torch_model = to_torch(loaded)
     loaded = torch_model.loaded
     check_image_memory(config.num_samples, loaded.input.chw)
@@ -445,6 +450,7 @@ class _Run:
     autocast: Optional[torch.autocast]
 
     def __post_init__(self):
+        self.models = 1 + len(self.config.mix_models)  # the BN term is their mean (one model's scale)
         self.noise = self.generator  # SCI's reference noise: on the device (see reseed)
         self.iter_seconds: list[float] = []
         self.labels: dict[int, torch.Tensor] = {}  # first sample of a batch -> its target classes
@@ -556,8 +562,8 @@ class _Run:
         def bn(images, output, tap, margins):
             layer_losses = self._layer_losses(tap, margins)
             if config.alignment == Alignment.BATCH:  # one pooled term per layer: no per-sample weights
-                return torch.cat(layer_losses).sum()
-            return losses.combine_layers(torch.stack(layer_losses, dim=1), weights)
+                return torch.cat(layer_losses).sum() / self.models
+            return losses.combine_layers(torch.stack(layer_losses, dim=1), weights) / self.models
 
         terms = [("bn", bn)] if self.layers else []
         if config.input_prior:
@@ -565,7 +571,7 @@ class _Run:
         if (dsg or config.method == SynthMethod.INVERSION) and config.sci and n > 1:
             def sci(images, *_):  # the reference noise drawn where the images are: no host copy per step
                 reference = torch.randn(images.shape, generator=self.noise, device=self.device)
-                return losses.sample_correlation_inhibition(images, reference) / max(1, len(self.layers))
+                return losses.sample_correlation_inhibition(images, reference) * self.models / max(1, len(self.layers))
             terms.append(("sci", sci))
         if config.ce_weight > 0:
             labels = self.labels[first].to(self.device)
