@@ -20,7 +20,8 @@ from dsgonnx.graph.onnx_io import load_model
 from dsgonnx.graph.to_torch import to_torch
 from dsgonnx.synth import SynthConfig, synthesize
 from dsgonnx_cli.main import cli
-from zoo import _export_bn_kept, export_tiny_mobile, export_tiny_resnet, export_tiny_uint8, tiny_resnet
+from zoo import (_export_bn_kept, export_tiny_mobile, export_tiny_resnet, export_tiny_uint8, export_torchscript,
+                 tiny_resnet)
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +63,13 @@ def test_the_merged_graph_is_the_main_model_first_with_every_bn_layer_of_both(mo
     companion = ort.InferenceSession(str(models["mobile"])).run(None, {"input": x})[0]
     np.testing.assert_array_equal(both[0], alone)
     np.testing.assert_array_equal(both[1], companion)
+    # a companion at a newer opset: the model is brought up to it (onnx converts BN up, not down)
+    newer = export_torchscript(models["folder"] / "opset17.onnx", keep_bn=True, opset=17)
+    merged = with_companions(main, [str(newer)])
+    assert [o.version for o in merged.model.opset_import if o.domain in ("", "ai.onnx")] == [17]
+    both = ort.InferenceSession(merged.model.SerializeToString()).run(None, {merged.input.name: x})
+    np.testing.assert_allclose(both[0], alone, rtol=0, atol=1e-5)
+    np.testing.assert_array_equal(both[1], ort.InferenceSession(str(newer)).run(None, {"input": x})[0])
 
 
 def test_images_made_with_a_companion_match_its_statistics_too(models):

@@ -26,37 +26,43 @@ def _opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
+def _at_opset(loaded: LoadedModel, opset: int) -> onnx.ModelProto:
+    if _opset(loaded.model) == opset:
+        return loaded.model
+    try:
+        return version_converter.convert_version(loaded.model, opset)
+    except Exception as error:  # noqa: BLE001 - the converter's own reasons, in one line
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UnsupportedModelError(f"{loaded.source.name} (opset {_opset(loaded.model)}) could not be converted to "
+                                    f"opset {opset}, its companions': {reason}") from None
+
+
 def with_companions(main: LoadedModel, paths: Sequence[str]) -> LoadedModel:
     """``main`` with every model at ``paths`` run beside it on its input (one graph); ``file``,
     ``sha256`` and the input's description stay ``main``'s. One-line errors for a companion
-    that cannot be read, takes other images, or cannot be brought to ``main``'s opset."""
+    that cannot be read or takes other images, and for graphs that cannot all be brought to
+    the newest opset among them."""
     if main.takes_pixels:
         raise UnsupportedModelError(f"{main.source.name} takes whole pixels ({main.file_dtype}); synthesis "
                                     "against companion models needs a model that takes float images")
-    base = main.model
-    opset = _opset(base)
-    nodes, initializers, values = list(base.graph.node), list(base.graph.initializer), list(base.graph.value_info)
-    outputs = list(base.graph.output)
-    image = base.graph.input[0] if base.graph.input[0].name == main.input.name else \
-        next(i for i in base.graph.input if i.name == main.input.name)
-    domains = {o.domain: o.version for o in base.opset_import}
-    for number, path in enumerate(paths, 1):
+    companions = []
+    for path in paths:
         other = load_model(path)
         if other.takes_pixels or other.input.chw != main.input.chw:
             shape = "whole pixels" if other.takes_pixels else "×".join(map(str, other.input.chw))
             raise InputSpecError(f"companion model {other.source.name} takes {shape} images, "
                                  f"{main.source.name} {'×'.join(map(str, main.input.chw))} floats: synthesis "
                                  "against both needs the same images")
-        proto = other.model
-        if _opset(proto) != opset:
-            try:
-                proto = version_converter.convert_version(proto, opset)
-            except Exception as error:  # noqa: BLE001 - the converter's own reasons, in one line
-                raise UnsupportedModelError(f"companion model {other.source.name} (opset {_opset(proto)}) could not "
-                                            f"be converted to {main.source.name}'s opset {opset}: "
-                                            f"{str(error).splitlines()[0] if str(error) else type(error).__name__}"
-                                            ) from None
-        proto = compose.add_prefix(proto, f"mix{number}_")
+        companions.append(other)
+    # every graph at the newest opset among them (onnx converts up, not always down)
+    opset = max(_opset(m.model) for m in (main, *companions))
+    base = _at_opset(main, opset)
+    nodes, initializers, values = list(base.graph.node), list(base.graph.initializer), list(base.graph.value_info)
+    outputs = list(base.graph.output)
+    image = next(i for i in base.graph.input if i.name == main.input.name)
+    domains = {o.domain: o.version for o in base.opset_import}
+    for number, other in enumerate(companions, 1):
+        proto = compose.add_prefix(_at_opset(other, opset), f"mix{number}_")
         own_input = f"mix{number}_{other.input.name}"
         for node in proto.graph.node:
             node.input[:] = [main.input.name if name == own_input else name for name in node.input]
