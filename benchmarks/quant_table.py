@@ -55,11 +55,13 @@ SOURCES = {
     # dsg-batch with the GPU profile's synthesis budget whatever the profile: 500 iterations, all at full size
     "dsg-batch-i500": {"method": "dsg", "alignment": "batch", "low_res": 0, "iters": 500},
     # dsg-batch-proc against a companion model's BN statistics too (MixMix's feature mixing; `--mix-model`),
-    # the companion a file in the model's own folder: the other MobileNet v1 of ../shared/models
+    # the companion a file in the model's own folder (the other MobileNet v1 of ../shared/models), else in models/
     "dsg-batch-proc-mix075": {"method": "dsg", "alignment": "batch", "start": "procedural",
                               "mix_models": ("imagenet_mobilenet_v1_0.75.onnx",)},
     "dsg-batch-proc-mix025": {"method": "dsg", "alignment": "batch", "start": "procedural",
                               "mix_models": ("imagenet_mobilenet_v1_0.25.onnx",)},
+    "dsg-batch-proc-mixlite0": {"method": "dsg", "alignment": "batch", "start": "procedural",
+                                "mix_models": ("efficientnet_lite0.onnx",)},  # (models/, beside MobileNet's files)
     "dsg-norm": {"method": "dsg", "normalize_gaps": True},  # DSG with BN gaps in units of the running std
     "dsg-full": {"method": "dsg", "low_res": 0},  # DSG at full resolution throughout (no low-res schedule)
     "dsg-kept": {"method": "dsg"},  # DSG images made on the model's BN-kept twin (``twin=``), for a folded model
@@ -353,7 +355,7 @@ def run_table(model, data, recipe, *, bits=(8, 6, 4), sources=tuple(SOURCES), se
                         # profile's, which drawn images (gaussian, procedural) do not read
                         optimised = {} if SynthMethod.parse(SOURCES[base]["method"], "method").drawn else \
                             {**(synth or {}), "iters": iters}
-                        own = {name: (tuple(str(Path(source).parent / m) for m in value) if name == "mix_models"
+                        own = {name: (tuple(str(_companion(source, m)) for m in value) if name == "mix_models"
                                       else value) for name, value in SOURCES[base].items()}
                         made_as = SynthConfig(**{**optimised, **own,
                                                  "num_samples": synthetic_samples, "seed": seed, "device": device,
@@ -555,6 +557,13 @@ def candidates_markdown(results: dict) -> str:
                     lines.append(f"| {source} | {bits_label(b)} | {label} | {top1} | {figures['agreement']:.2f} | "
                                  f"{sqnr} | {probes} |")
     return "\n".join(lines)
+
+
+def _companion(model, name: str) -> Path:
+    """A ``mix_models`` companion: the file ``name`` beside ``model``, else in the project's models/
+    (EfficientNet-Lite0's export)."""
+    beside = Path(model).parent / name
+    return beside if beside.exists() else Path(__file__).resolve().parent.parent / "models" / name
 
 
 # SynthConfig fields added after synthetic sets were cached, with the value every such set was made with
