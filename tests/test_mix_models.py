@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -67,6 +68,7 @@ def test_the_merged_graph_is_the_main_model_first_with_every_bn_layer_of_both(mo
     newer = export_torchscript(models["folder"] / "opset17.onnx", keep_bn=True, opset=17)
     merged = with_companions(main, [str(newer)])
     assert [o.version for o in merged.model.opset_import if o.domain in ("", "ai.onnx")] == [17]
+    assert merged.model.ir_version == max(main.model.ir_version, onnx.load(str(newer)).ir_version)
     both = ort.InferenceSession(merged.model.SerializeToString()).run(None, {merged.input.name: x})
     np.testing.assert_allclose(both[0], alone, rtol=0, atol=1e-5)
     np.testing.assert_array_equal(both[1], ort.InferenceSession(str(newer)).run(None, {"input": x})[0])

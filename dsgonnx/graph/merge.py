@@ -74,8 +74,9 @@ def with_companions(main: LoadedModel, paths: Sequence[str]) -> LoadedModel:
             domains.setdefault(o.domain, o.version)
     graph = helper.make_graph(nodes, f"{base.graph.name or 'main'}+{len(paths)}", [image], outputs, initializers,
                               value_info=values)
+    # the newest IR among them (4 at least: the graph lists no weights among its inputs)
     merged = helper.make_model(graph, opset_imports=[helper.make_opsetid(d, v) for d, v in domains.items()],
-                               ir_version=base.ir_version)
+                               ir_version=max(4, *(m.model.ir_version for m in (main, *companions))))
     with tempfile.TemporaryDirectory(prefix="dsgonnx-mix-") as folder:
         file = Path(folder) / main.source.name
         onnx.save(merged, str(file), save_as_external_data=merged.ByteSize() > 2**31 - 2**24)
